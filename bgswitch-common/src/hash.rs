@@ -1,0 +1,100 @@
+//! The flow hash that picks a backend and a canary bucket.
+//!
+//! The same function runs in the XDP program and in userspace (the simulator
+//! and tests), so "which backend would this flow get" has one answer.
+
+use crate::FlowKey;
+
+#[inline(always)]
+const fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// MurmurHash3-style hash of a flow's 5-tuple as received from the client.
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let mut h = seed;
+    h = mix(h, key.src[0]);
+    h = mix(h, key.src[1]);
+    h = mix(h, key.src[2]);
+    h = mix(h, key.src[3]);
+    h = mix(h, key.dst[0]);
+    h = mix(h, key.dst[1]);
+    h = mix(h, key.dst[2]);
+    h = mix(h, key.dst[3]);
+    h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
+    h = mix(h, key.proto as u32);
+    finish(h ^ 40)
+}
+
+/// Seed of the hash that picks a backend within a pool.
+pub const BACKEND_SEED: u32 = 0x6267_7377; // "bgsw"
+/// Seed of the hash that decides the canary share (independent of the backend pick).
+pub const CANARY_SEED: u32 = 0x6361_6e72; // "canr"
+
+/// Maps a hash onto `0..n` without division (multiply-shift), `n >= 1`.
+#[inline(always)]
+pub const fn reduce(hash: u32, n: u32) -> u32 {
+    ((hash as u64 * n as u64) >> 32) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sport: u16) -> FlowKey {
+        FlowKey {
+            src: [u32::from_ne_bytes([198, 18, 0, 2]), 0, 0, 0],
+            dst: [u32::from_ne_bytes([198, 19, 0, 10]), 0, 0, 0],
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn reduce_stays_in_range_and_spreads() {
+        let mut counts = [0u32; 4];
+        for port in 1024..(1024 + 40_000u16) {
+            let i = reduce(flow_hash(&key(port), BACKEND_SEED), 4);
+            assert!(i < 4);
+            counts[i as usize] += 1;
+        }
+        for c in counts {
+            // 10 000 expected each; allow ±5 %.
+            assert!((9_500..=10_500).contains(&c), "{counts:?}");
+        }
+        assert_eq!(reduce(u32::MAX, 1), 0);
+        assert_eq!(reduce(u32::MAX, 64), 63);
+    }
+
+    #[test]
+    fn seeds_are_independent() {
+        // Among flows sent to backend 0, the canary bucket must still spread.
+        let mut below = 0;
+        let mut total = 0;
+        for port in 1024..(1024 + 40_000u16) {
+            let k = key(port);
+            if reduce(flow_hash(&k, BACKEND_SEED), 2) == 0 {
+                total += 1;
+                if flow_hash(&k, CANARY_SEED) % 10_000 < 1_000 {
+                    below += 1;
+                }
+            }
+        }
+        let share = below as f64 / total as f64;
+        assert!((0.08..0.12).contains(&share), "{share}");
+    }
+}

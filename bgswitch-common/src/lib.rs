@@ -1,0 +1,432 @@
+//! Types and pure functions shared by the XDP program (`bgswitch-ebpf`) and the
+//! userspace daemon (`bgswitch`).
+//!
+//! Everything here is `#[repr(C)]`, made of integers and byte arrays only, with
+//! padding spelled out, so both sides agree on every byte of every map.
+//!
+//! # Byte order
+//! Addresses and ports are kept in **network byte order, as raw wire bytes**:
+//! an IPv4 address `198.18.0.1` is stored as the bytes `[198, 18, 0, 1]`, a port
+//! `80` as the bytes `[0, 80]` reinterpreted as a native `u16`. The eBPF side
+//! copies them straight from packets; userspace converts with
+//! [`ipv4_to_addr`], [`port_to_wire`] and friends. Counters and times are native
+//! integers.
+//!
+//! # Layout version
+//! [`LAYOUT_VERSION`] names the shape of every pinned map. The daemon pins its
+//! maps under `<bpffs>/bgswitch/v<LAYOUT_VERSION>/` and refuses to adopt maps
+//! whose key, value or size do not match, so a new daemon never reuses a map of
+//! another shape.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+
+/// Version of the map layout below. Bump on any change to a map's key, value,
+/// type or meaning.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Most services one data plane serves (size of the per-service arrays).
+pub const MAX_SERVICES: u32 = 256;
+/// Most backends in one pool (one colour of one service).
+pub const MAX_BACKENDS: u32 = 64;
+/// Pool slots per service. Two are live (blue's and green's); the others are
+/// where a new version of a pool is written before one 32-bit store selects it.
+pub const POOL_SLOTS: u32 = 4;
+/// Size of the backend array: every slot of every service.
+pub const BACKEND_ENTRIES: u32 = MAX_SERVICES * POOL_SLOTS * MAX_BACKENDS;
+/// Per-backend counter slots: one per configured backend position,
+/// `service * 2 * MAX_BACKENDS + colour * MAX_BACKENDS + index`.
+pub const BACKEND_STAT_ENTRIES: u32 = MAX_SERVICES * 2 * MAX_BACKENDS;
+/// Most interfaces the data plane forwards between.
+pub const MAX_INTERFACES: u32 = 64;
+/// Default size of the flow table (entries; each flow uses two: both directions).
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// Address family tags stored in keys.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Colours, as stored in the control word and flow entries.
+pub const BLUE: u32 = 0;
+pub const GREEN: u32 = 1;
+
+/// Map names, shared so userspace can find, size and pin them.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const CONTROL: &str = "CONTROL";
+    pub const POOL_SIZES: &str = "POOL_SIZES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    /// Every map, in the order they are pinned.
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        CONTROL,
+        POOL_SIZES,
+        BACKENDS,
+        FLOWS,
+        SETTINGS,
+        TX_PORTS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        GLOBAL_STATS,
+    ];
+}
+
+/// The XDP program's name in the object file.
+pub const PROGRAM_NAME: &str = "bgswitch";
+
+/// An IP address of either family: IPv4 uses `words[0]` (wire order) and
+/// leaves the rest zero; IPv6 uses all four words.
+pub type Addr = [u32; 4];
+
+/// Key of the `SERVICES` hash map: a virtual address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Virtual IP (see [`Addr`]).
+    pub addr: Addr,
+    /// Virtual port, wire order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+}
+
+/// Value of the `SERVICES` hash map: the service's index into the per-service
+/// arrays (`CONTROL`, `POOL_SIZES`, `BACKENDS`, `SERVICE_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub id: u32,
+}
+
+/// The per-service control word, one `u32` in the `CONTROL` array.
+///
+/// Everything a packet needs to choose a colour and a pool is in this one word,
+/// so a flip, a pool change or a canary change is a single aligned 32-bit store
+/// that a packet sees either entirely or not at all. Pools are written to a free
+/// slot first; only then does the word point at it.
+///
+/// | bits  | meaning |
+/// |-------|---------|
+/// | 0     | active colour (`BLUE`/`GREEN`) |
+/// | 1-2   | pool slot of blue |
+/// | 3-4   | pool slot of green |
+/// | 5-18  | canary share: new flows to the idle colour, in basis points (0..=10000) |
+/// | 19    | preview prefixes present (consult the preview trie) |
+/// | 31    | service enabled |
+pub mod control {
+    pub const ACTIVE_MASK: u32 = 1;
+    pub const BLUE_SLOT_SHIFT: u32 = 1;
+    pub const GREEN_SLOT_SHIFT: u32 = 3;
+    pub const SLOT_MASK: u32 = 0b11;
+    pub const CANARY_SHIFT: u32 = 5;
+    pub const CANARY_MASK: u32 = 0x3fff;
+    pub const PREVIEW: u32 = 1 << 19;
+    pub const ENABLED: u32 = 1 << 31;
+    /// Basis points in 100 %.
+    pub const CANARY_FULL: u32 = 10_000;
+
+    /// Builds a control word.
+    #[inline(always)]
+    pub const fn encode(active: u32, blue_slot: u32, green_slot: u32, canary_bp: u32) -> u32 {
+        ENABLED
+            | (active & ACTIVE_MASK)
+            | ((blue_slot & SLOT_MASK) << BLUE_SLOT_SHIFT)
+            | ((green_slot & SLOT_MASK) << GREEN_SLOT_SHIFT)
+            | ((canary_bp & CANARY_MASK) << CANARY_SHIFT)
+    }
+    #[inline(always)]
+    pub const fn enabled(word: u32) -> bool {
+        word & ENABLED != 0
+    }
+    #[inline(always)]
+    pub const fn active(word: u32) -> u32 {
+        word & ACTIVE_MASK
+    }
+    /// Pool slot of `colour` (0 blue, 1 green).
+    #[inline(always)]
+    pub const fn slot(word: u32, colour: u32) -> u32 {
+        let shift = if colour == 0 {
+            BLUE_SLOT_SHIFT
+        } else {
+            GREEN_SLOT_SHIFT
+        };
+        (word >> shift) & SLOT_MASK
+    }
+    #[inline(always)]
+    pub const fn canary(word: u32) -> u32 {
+        (word >> CANARY_SHIFT) & CANARY_MASK
+    }
+}
+
+/// One backend in a pool slot of the `BACKENDS` array, at index
+/// `(service * POOL_SLOTS + slot) * MAX_BACKENDS + i`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Wire order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    /// Index into `BACKEND_STATS`.
+    pub stat_id: u32,
+}
+
+/// Key of the `FLOWS` LRU table. A forward entry is keyed by the client's
+/// packet as received (client → VIP); a reverse entry by the backend's reply
+/// as received (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Wire order.
+    pub sport: u16,
+    /// Wire order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Flag bits of [`FlowEntry::flags`].
+pub mod flow_flags {
+    /// This is the reverse (reply) entry of a flow.
+    pub const REVERSE: u8 = 1 << 0;
+    /// The client sent FIN.
+    pub const FIN_CLIENT: u8 = 1 << 1;
+    /// The backend sent FIN.
+    pub const FIN_BACKEND: u8 = 1 << 2;
+    /// Either side sent RST.
+    pub const RST: u8 = 1 << 3;
+    /// The backend answered the SYN (a SYN-ACK went back).
+    pub const ESTABLISHED: u8 = 1 << 4;
+}
+
+/// Value of the `FLOWS` table.
+///
+/// Forward entry: `peer` is the chosen backend. Reverse entry: `peer` is the
+/// virtual address the client used, written back as the reply's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub peer: Addr,
+    /// Wire order.
+    pub peer_port: u16,
+    /// `BLUE` or `GREEN`.
+    pub colour: u8,
+    /// [`flow_flags`].
+    pub flags: u8,
+    /// Service id.
+    pub service: u32,
+    /// Index into `BACKEND_STATS`.
+    pub backend_stat: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction.
+    pub last_seen_ns: u64,
+}
+
+/// The single entry of the `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// A UDP forward entry idle longer than this is chosen afresh.
+    pub udp_idle_ns: u64,
+    /// A TCP SYN whose entry has been idle longer than this is chosen afresh
+    /// (a closed entry — FIN both ways or RST — is always chosen afresh).
+    pub tcp_idle_ns: u64,
+}
+
+/// Per-CPU counters of one colour of one service (`SERVICE_STATS`, index
+/// `service * 2 + colour`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ColourStats {
+    /// Client → backend packets and bytes (as received, L2 included).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows whose colour was chosen on this packet.
+    pub new_flows: u64,
+    /// Backend → client packets and bytes.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// RSTs sent by backends of this colour.
+    pub backend_rsts: u64,
+    /// SYN-ACKs sent by backends of this colour.
+    pub syn_acks: u64,
+    pub _reserved: u64,
+}
+
+/// Per-CPU counters of one backend (`BACKEND_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub _reserved: u64,
+}
+
+/// Indexes of the per-CPU `GLOBAL_STATS` array.
+pub mod global {
+    /// Not IPv4 (ARP, IPv6, …): passed untouched.
+    pub const PASS_NOT_IP: u32 = 0;
+    /// IPv4 but not TCP/UDP to a VIP nor a reply of a known flow: passed untouched.
+    pub const PASS_NOT_SERVICE: u32 = 1;
+    /// Truncated or inconsistent headers: passed untouched.
+    pub const MALFORMED: u32 = 2;
+    /// IPv4 fragments (any with MF set or a non-zero offset): passed untouched.
+    pub const FRAGMENT: u32 = 3;
+    /// VIP packets with TTL <= 1: passed untouched so the stack answers ICMP.
+    pub const TTL_EXCEEDED: u32 = 4;
+    /// VIP packets of a service whose pool is empty: passed untouched.
+    pub const NO_BACKEND: u32 = 5;
+    /// Rewritten packets sent with XDP_TX (egress = ingress).
+    pub const TX: u32 = 6;
+    /// Rewritten packets redirected to another interface.
+    pub const REDIRECT: u32 = 7;
+    /// `bpf_fib_lookup` had no neighbour entry: rewritten packet passed to the stack.
+    pub const FIB_NO_NEIGH: u32 = 8;
+    /// `bpf_fib_lookup` failed otherwise (no route, forwarding disabled, MTU):
+    /// rewritten packet passed to the stack.
+    pub const FIB_OTHER: u32 = 9;
+    /// Egress interface is not one bgswitch attached to: rewritten packet passed
+    /// to the stack.
+    pub const EGRESS_UNKNOWN: u32 = 10;
+    /// A flow entry could not be written (both directions are counted).
+    pub const FLOW_INSERT_FAILED: u32 = 11;
+    /// Rewritten reply packets (backend → client).
+    pub const REPLIES: u32 = 12;
+    /// Forward packets of flows found in the table.
+    pub const FLOW_HITS: u32 = 13;
+    /// Number of counters.
+    pub const COUNT: u32 = 16;
+    /// Names, for status and metrics, indexed like the constants.
+    pub const NAMES: [&str; 14] = [
+        "pass_not_ip",
+        "pass_not_service",
+        "malformed",
+        "fragment",
+        "ttl_exceeded",
+        "no_backend",
+        "xdp_tx",
+        "redirect",
+        "fib_no_neigh",
+        "fib_other",
+        "egress_unknown",
+        "flow_insert_failed",
+        "replies",
+        "flow_hits",
+    ];
+}
+
+/// Converts an IPv4 address given as its four octets into an [`Addr`].
+#[inline(always)]
+pub const fn ipv4_to_addr(octets: [u8; 4]) -> Addr {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// Converts an IPv6 address given as its sixteen octets into an [`Addr`].
+#[inline(always)]
+pub const fn ipv6_to_addr(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The four octets of an IPv4 [`Addr`].
+#[inline(always)]
+pub const fn addr_to_ipv4(addr: &Addr) -> [u8; 4] {
+    addr[0].to_ne_bytes()
+}
+
+/// A host-order port in wire order.
+#[inline(always)]
+pub const fn port_to_wire(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// A wire-order port in host order.
+#[inline(always)]
+pub const fn port_from_wire(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are #[repr(C)], made of integers only, with explicit padding.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for ColourStats {}
+    unsafe impl aya::Pod for BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 4);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowEntry>(), 40);
+        assert_eq!(size_of::<Settings>(), 16);
+        assert_eq!(size_of::<ColourStats>(), 64);
+        assert_eq!(size_of::<BackendStats>(), 48);
+    }
+
+    #[test]
+    fn control_word_round_trips() {
+        for active in [BLUE, GREEN] {
+            for b in 0..POOL_SLOTS {
+                for g in 0..POOL_SLOTS {
+                    for canary in [0, 1, 999, 5000, 10_000] {
+                        let w = control::encode(active, b, g, canary);
+                        assert!(control::enabled(w));
+                        assert_eq!(control::active(w), active);
+                        assert_eq!(control::slot(w, BLUE), b);
+                        assert_eq!(control::slot(w, GREEN), g);
+                        assert_eq!(control::canary(w), canary);
+                        assert_eq!(w & control::PREVIEW, 0);
+                    }
+                }
+            }
+        }
+        assert!(!control::enabled(0));
+    }
+
+    #[test]
+    fn wire_order_helpers() {
+        let a = ipv4_to_addr([198, 18, 0, 1]);
+        assert_eq!(addr_to_ipv4(&a), [198, 18, 0, 1]);
+        assert_eq!(a[0].to_ne_bytes(), [198, 18, 0, 1]);
+        assert_eq!(port_to_wire(80).to_ne_bytes(), [0, 80]);
+        assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
+        assert_eq!(global::NAMES.len() as u32, global::FLOW_HITS + 1);
+    }
+}

@@ -1,0 +1,300 @@
+//! Following and choosing flows: the forward direction (client → VIP, pinned to
+//! a colour and backend on its first packet) and the reverse direction (backend
+//! → client, rewritten back to the VIP).
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use bgswitch_common::{
+    control, flow_flags, global,
+    hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
+    Backend, FlowEntry, FlowKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    maps::{
+        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, SERVICE_STATS, SETTINGS,
+    },
+    nat::{forward, rewrite, Side},
+    parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[inline(always)]
+fn flow_key(f: &Frame) -> FlowKey {
+    FlowKey {
+        src: f.src,
+        dst: f.dst,
+        sport: f.sport,
+        dport: f.dport,
+        proto: f.proto,
+        family: f.family,
+        _pad: [0; 2],
+    }
+}
+
+/// FIN/RST bits of a packet, as flow flags for the given direction.
+#[inline(always)]
+fn close_flags(tcp_flags: u8, fin: u8) -> u8 {
+    let mut out = 0;
+    if tcp_flags & TCP_FIN != 0 {
+        out |= fin;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        out |= flow_flags::RST;
+    }
+    out
+}
+
+#[inline(always)]
+fn closed(flags: u8) -> bool {
+    flags & flow_flags::RST != 0
+        || flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
+            == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
+}
+
+/// Which colour a new flow takes. A canary share sends that many basis points
+/// of new flows (by flow hash) to the idle colour. A non-SYN TCP packet with no
+/// record belongs to a connection older than its record: it goes to the active
+/// colour, never the canary side.
+#[inline(always)]
+fn choose_colour(word: u32, key: &FlowKey, orphan: bool) -> u32 {
+    let active = control::active(word);
+    let canary = control::canary(word);
+    if !orphan && canary != 0 && flow_hash(key, CANARY_SEED) % control::CANARY_FULL < canary {
+        return active ^ 1;
+    }
+    active
+}
+
+/// Client → VIP.
+#[inline(always)]
+pub fn to_backend(ctx: &XdpContext, f: &Frame, service: u32) -> u32 {
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    let Some(word) = CONTROL.get_ptr(service) else {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    };
+    // One 32-bit load of the word userspace stores atomically.
+    // SAFETY: the pointer comes from a successful array lookup.
+    let word = unsafe { core::ptr::read_volatile(word) };
+    if !control::enabled(word) {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = flow_key(f);
+    let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+
+    let mut target: Option<(Backend, u32)> = None;
+    if let Some(e) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: LRU values stay valid for the program's run (RCU); fields are
+        // read and written as whole integers.
+        let entry = unsafe { &mut *e };
+        if entry.flags & flow_flags::REVERSE == 0 && !expired(entry, f, syn, now) {
+            entry.last_seen_ns = now;
+            entry.flags |= close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
+            target = Some((
+                Backend {
+                    addr: entry.peer,
+                    port: entry.peer_port,
+                    family: f.family,
+                    _pad: 0,
+                    stat_id: entry.backend_stat,
+                },
+                entry.colour as u32,
+            ));
+            count(global::FLOW_HITS);
+        }
+    }
+    let new_flow = target.is_none();
+    let (backend, colour) = match target {
+        Some(t) => t,
+        None => {
+            let orphan = f.proto == PROTO_TCP && !syn;
+            let colour = choose_colour(word, &key, orphan);
+            let Some(b) = pick_backend(word, service, colour, &key) else {
+                count(global::NO_BACKEND);
+                return xdp_action::XDP_PASS;
+            };
+            record(f, &key, &b, service, colour, now);
+            (b, colour)
+        }
+    };
+    account(service, colour, backend.stat_id, f.frame_len, new_flow, false);
+    if rewrite(ctx, f, Side::Dst, &backend.addr, backend.port).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    forward(ctx, f)
+}
+
+/// Whether a forward entry no longer decides this packet: an idle UDP flow, or
+/// a TCP SYN after the old connection closed or went idle (port reuse).
+#[inline(always)]
+fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
+    let Some(s) = SETTINGS.get(0) else {
+        return false;
+    };
+    let idle = now.saturating_sub(entry.last_seen_ns);
+    if f.proto == PROTO_UDP {
+        return idle > s.udp_idle_ns;
+    }
+    syn && (closed(entry.flags) || idle > s.tcp_idle_ns)
+}
+
+#[inline(always)]
+fn pick_backend(word: u32, service: u32, colour: u32, key: &FlowKey) -> Option<Backend> {
+    let slot = service * POOL_SLOTS + control::slot(word, colour);
+    let n = *POOL_SIZES.get(slot)?;
+    if n == 0 || n > MAX_BACKENDS {
+        return None;
+    }
+    let i = reduce(flow_hash(key, BACKEND_SEED), n);
+    BACKENDS.get(slot * MAX_BACKENDS + i).copied()
+}
+
+/// Writes both entries of a new flow: forward (client → VIP) and reverse
+/// (backend → client).
+#[inline(always)]
+fn record(f: &Frame, key: &FlowKey, b: &Backend, service: u32, colour: u32, now: u64) {
+    let fwd = FlowEntry {
+        peer: b.addr,
+        peer_port: b.port,
+        colour: colour as u8,
+        flags: close_flags(f.tcp_flags, flow_flags::FIN_CLIENT),
+        service,
+        backend_stat: b.stat_id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let rkey = FlowKey {
+        src: b.addr,
+        dst: f.src,
+        sport: b.port,
+        dport: f.sport,
+        proto: f.proto,
+        family: f.family,
+        _pad: [0; 2],
+    };
+    let rev = FlowEntry {
+        peer: f.dst,
+        peer_port: f.dport,
+        colour: colour as u8,
+        flags: flow_flags::REVERSE,
+        service,
+        backend_stat: b.stat_id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // Reverse first: a reply can only come after the forward packet left.
+    if FLOWS.insert(&rkey, &rev, 0).is_err() {
+        count(global::FLOW_INSERT_FAILED);
+    }
+    if FLOWS.insert(key, &fwd, 0).is_err() {
+        count(global::FLOW_INSERT_FAILED);
+    }
+}
+
+#[inline(always)]
+fn account(service: u32, colour: u32, stat: u32, bytes: u64, new_flow: bool, reply: bool) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+        // SAFETY: per-CPU slot.
+        let s = unsafe { &mut *s };
+        if reply {
+            s.reply_packets += 1;
+            s.reply_bytes += bytes;
+        } else {
+            s.packets += 1;
+            s.bytes += bytes;
+            if new_flow {
+                s.new_flows += 1;
+            }
+        }
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot.
+        let s = unsafe { &mut *s };
+        if reply {
+            s.reply_packets += 1;
+            s.reply_bytes += bytes;
+        } else {
+            s.packets += 1;
+            s.bytes += bytes;
+            if new_flow {
+                s.new_flows += 1;
+            }
+        }
+    }
+}
+
+/// Backend → client: a reply of a flow we forwarded gets the VIP back as its
+/// source. Anything else is not ours and passes untouched.
+#[inline(always)]
+pub fn from_backend(ctx: &XdpContext, f: &Frame) -> u32 {
+    let key = flow_key(f);
+    let Some(e) = FLOWS.get_ptr_mut(&key) else {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: see to_backend.
+    let entry = unsafe { &mut *e };
+    if entry.flags & flow_flags::REVERSE == 0 {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    entry.last_seen_ns = now;
+    let vip = entry.peer;
+    let vport = entry.peer_port;
+    let service = entry.service;
+    let colour = entry.colour as u32;
+    let stat = entry.backend_stat;
+    if f.proto == PROTO_TCP {
+        let flags = f.tcp_flags;
+        if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+            entry.flags |= flow_flags::ESTABLISHED;
+            if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+                // SAFETY: per-CPU slot.
+                unsafe { (*s).syn_acks += 1 };
+            }
+        }
+        let closing = close_flags(flags, flow_flags::FIN_BACKEND);
+        if closing != 0 {
+            entry.flags |= closing;
+            if flags & TCP_RST != 0 {
+                if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+                    // SAFETY: per-CPU slot.
+                    unsafe { (*s).backend_rsts += 1 };
+                }
+            }
+            // Mirror the close on the forward entry, which status counts.
+            let fkey = FlowKey {
+                src: f.dst,
+                dst: vip,
+                sport: f.dport,
+                dport: vport,
+                proto: f.proto,
+                family: f.family,
+                _pad: [0; 2],
+            };
+            if let Some(fe) = FLOWS.get_ptr_mut(&fkey) {
+                // SAFETY: see to_backend.
+                unsafe { (*fe).flags |= closing };
+            }
+        }
+    }
+    account(service, colour, stat, f.frame_len, false, true);
+    count(global::REPLIES);
+    if rewrite(ctx, f, Side::Src, &vip, vport).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    forward(ctx, f)
+}

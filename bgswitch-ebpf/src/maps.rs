@@ -1,0 +1,69 @@
+//! Map declarations. Sizes here are defaults; the daemon sets `FLOWS` from its
+//! config at load time and pins every map under `<bpffs>/bgswitch/v<N>/`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use bgswitch_common::{
+    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey, ServiceKey, ServiceValue,
+    Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, MAX_INTERFACES,
+    MAX_SERVICES, POOL_SLOTS,
+};
+
+/// Virtual address → service id.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// `BPF_F_MMAPABLE`: userspace maps this array and flips with one aligned
+/// 32-bit store (a map update is a memcpy of unspecified width).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Per-service control word (see `bgswitch_common::control`).
+#[map]
+pub static CONTROL: Array<u32> = Array::with_max_entries(MAX_SERVICES, BPF_F_MMAPABLE);
+
+/// Number of backends in each pool slot, index `service * POOL_SLOTS + slot`.
+#[map]
+pub static POOL_SIZES: Array<u32> = Array::with_max_entries(MAX_SERVICES * POOL_SLOTS, 0);
+
+/// Backends of each pool slot, index `(service * POOL_SLOTS + slot) * MAX_BACKENDS + i`.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_ENTRIES, 0);
+
+/// Flow table: forward and reverse entry per flow.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
+
+/// Timeouts, one entry.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Interfaces bgswitch forwards to, keyed by ifindex.
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+
+/// Per-CPU counters per service and colour, index `service * 2 + colour`.
+#[map]
+pub static SERVICE_STATS: PerCpuArray<ColourStats> =
+    PerCpuArray::with_max_entries(MAX_SERVICES * 2, 0);
+
+/// Per-CPU counters per configured backend.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(BACKEND_STAT_ENTRIES, 0);
+
+/// Per-CPU global counters, indexed by `bgswitch_common::global`.
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::COUNT, 0);
+
+/// Adds one to a global counter.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *c += 1 };
+    }
+}

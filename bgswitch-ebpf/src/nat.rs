@@ -1,0 +1,150 @@
+//! Rewriting a parsed frame: the destination towards a backend, or the source
+//! of a reply back to the virtual address, with incremental checksums; and the
+//! forwarding step (FIB lookup, MACs, TTL, XDP_TX or redirect).
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::bpf_fib_lookup,
+    programs::XdpContext,
+    EbpfContext,
+};
+use bgswitch_common::{csum::Delta, global, Addr, PROTO_TCP};
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{count, TX_PORTS},
+    parse::{ptr_at, Frame},
+};
+
+const AF_INET: u8 = 2;
+/// Offset of the checksum in the TCP and UDP headers.
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+
+/// Which address and port of the frame a rewrite replaces.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Destination (client → backend).
+    Dst,
+    /// Source (backend reply → client, source becomes the VIP).
+    Src,
+}
+
+/// Replaces the source or destination address and port, updating the IPv4 and
+/// L4 checksums incrementally. Returns `None` only if a header vanished, which
+/// parse() already ruled out.
+#[inline(always)]
+pub fn rewrite(ctx: &XdpContext, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()> {
+    let ip = f.ip;
+    let (old_addr, old_port) = match side {
+        Side::Dst => (f.dst, f.dport),
+        Side::Src => (f.src, f.sport),
+    };
+    let addr_delta = Delta::ZERO.add32(old_addr[0], addr[0]);
+    // SAFETY: f.ip was bounds-checked by parse(); the packet has not been resized.
+    unsafe {
+        let new = addr[0].to_ne_bytes();
+        match side {
+            Side::Dst => (*ip).dst_addr = new,
+            Side::Src => (*ip).src_addr = new,
+        }
+        let check = addr_delta.apply(u16::from_ne_bytes((*ip).check));
+        (*ip).check = check.to_ne_bytes();
+    }
+    let l4_delta = addr_delta.add16(old_port, port);
+    let port_off = match side {
+        Side::Src => 0,
+        Side::Dst => 2,
+    };
+    let port_ptr: *mut u16 = ptr_at(ctx, f.l4 + port_off)?;
+    if f.proto == PROTO_TCP {
+        let check: *mut u16 = ptr_at(ctx, f.l4 + TCP_CHECK)?;
+        // SAFETY: both bounds-checked by ptr_at; u16 stores are done bytewise-safe
+        // by the BPF backend (packet pointers allow unaligned access on x86/arm64
+        // JITs; the fields here are 2-byte aligned in any case).
+        unsafe {
+            *port_ptr = port;
+            *check = l4_delta.apply(*check);
+        }
+    } else {
+        let check: *mut u16 = ptr_at(ctx, f.l4 + UDP_CHECK)?;
+        // SAFETY: as above.
+        unsafe {
+            *port_ptr = port;
+            *check = l4_delta.apply_udp(*check);
+        }
+    }
+    Some(())
+}
+
+/// Sends a rewritten frame on its way: looks up the route and neighbour of the
+/// new destination; with both known, decrements the TTL, writes the MACs and
+/// transmits (XDP_TX on the ingress interface, else a DevMap redirect). Without
+/// a neighbour, or when the route is not ours to take, the rewritten frame goes
+/// to the stack, which resolves ARP and forwards it (ip_forward is on).
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
+    let ip = f.ip;
+    // SAFETY: zero is a valid bit pattern for this plain C struct.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = f.proto;
+    // SAFETY: f.ip is bounds-checked (parse); reading fields of the header.
+    unsafe {
+        p.__bindgen_anon_1.tot_len = f.tot_len;
+        p.__bindgen_anon_2.tos = (*ip).tos;
+        p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    p.ifindex = ingress;
+    // SAFETY: helper call with a valid context and a params struct of the right size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        count(if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            global::FIB_NO_NEIGH
+        } else {
+            global::FIB_OTHER
+        });
+        return xdp_action::XDP_PASS;
+    }
+    let egress = p.ifindex;
+    if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {
+        count(global::EGRESS_UNKNOWN);
+        return xdp_action::XDP_PASS;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: eth and ip are bounds-checked; ttl > 1 was checked by the caller.
+    unsafe {
+        let ttl_word = ((*ip).ttl, (*ip).proto);
+        let old = u16::from_ne_bytes([ttl_word.0, ttl_word.1]);
+        let new = u16::from_ne_bytes([ttl_word.0 - 1, ttl_word.1]);
+        (*ip).ttl = ttl_word.0 - 1;
+        let check = Delta::ZERO
+            .add16(old, new)
+            .apply(u16::from_ne_bytes((*ip).check));
+        (*ip).check = check.to_ne_bytes();
+        (*eth).dst_addr = p.dmac;
+        (*eth).src_addr = p.smac;
+    }
+    if egress == ingress {
+        count(global::TX);
+        return xdp_action::XDP_TX;
+    }
+    count(global::REDIRECT);
+    TX_PORTS
+        .redirect(egress, xdp_action::XDP_PASS as u64)
+        .unwrap_or(xdp_action::XDP_PASS)
+}

@@ -1,0 +1,548 @@
+//! The daemon's TOML configuration: parsing and validation.
+//!
+//! Pure: reads no files but the one it is given, touches no interfaces. Every
+//! error names the file, the key and the reason. Checks that need the host
+//! (does the interface exist?) live in the daemon, which runs them before it
+//! changes anything.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use bgswitch_common::{DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES};
+use serde::Deserialize;
+
+use crate::{model::Colour, paths};
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub socket: PathBuf,
+    /// Group whose members may use the control socket (besides root).
+    pub socket_group: Option<String>,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub max_flows: u32,
+    pub udp_idle_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// How XDP is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode; fall back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+impl fmt::Display for XdpModeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => bgswitch_common::PROTO_TCP,
+            Self::Udp => bgswitch_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// One service: a virtual address and its two pools.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub blue: Vec<SocketAddr>,
+    pub green: Vec<SocketAddr>,
+}
+
+impl ServiceConfig {
+    pub fn pool(&self, colour: Colour) -> &[SocketAddr] {
+        match colour {
+            Colour::Blue => &self.blue,
+            Colour::Green => &self.green,
+        }
+    }
+}
+
+/// A configuration error: where and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interfaces: Option<Vec<String>>,
+    xdp_mode: Option<String>,
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    state_dir: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    max_flows: Option<i64>,
+    udp_idle_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    vip: Option<String>,
+    protocol: Option<String>,
+    blue: Option<Vec<String>>,
+    green: Option<Vec<String>>,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        key: "(file)".into(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config text; `path` is used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let err = |key: &str, reason: String| ConfigError {
+        file: file.clone(),
+        key: key.to_string(),
+        reason,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let key = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .map(|(l, c)| format!("line {l} column {c}"))
+            .unwrap_or_else(|| "(syntax)".into());
+        err(&key, e.message().to_string())
+    })?;
+
+    let interfaces = raw.interfaces.unwrap_or_default();
+    if interfaces.is_empty() {
+        return Err(err(
+            "interfaces",
+            "must name at least one interface".into(),
+        ));
+    }
+    if interfaces.len() > MAX_INTERFACES as usize {
+        return Err(err(
+            "interfaces",
+            format!("at most {MAX_INTERFACES} interfaces"),
+        ));
+    }
+    let mut seen_if = BTreeSet::new();
+    for (i, name) in interfaces.iter().enumerate() {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            return Err(err(
+                &format!("interfaces[{i}]"),
+                format!("'{name}' is not a valid interface name"),
+            ));
+        }
+        if !seen_if.insert(name) {
+            return Err(err(
+                &format!("interfaces[{i}]"),
+                format!("'{name}' is listed twice"),
+            ));
+        }
+    }
+
+    let xdp_mode = match raw.xdp_mode.as_deref().unwrap_or("auto") {
+        "auto" => XdpModeSetting::Auto,
+        "native" => XdpModeSetting::Native,
+        "generic" => XdpModeSetting::Generic,
+        other => {
+            return Err(err(
+                "xdp_mode",
+                format!("'{other}' is not one of auto, native, generic"),
+            ))
+        }
+    };
+
+    let max_flows = match raw.max_flows {
+        None => DEFAULT_MAX_FLOWS,
+        Some(n) if (1024..=(1 << 26)).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(err(
+                "max_flows",
+                format!("{n} is outside 1024..=67108864"),
+            ))
+        }
+    };
+    let udp_idle_timeout = duration_key(&raw.udp_idle_timeout, "30s", "udp_idle_timeout", &err)?;
+    let tcp_idle_timeout = duration_key(&raw.tcp_idle_timeout, "1h", "tcp_idle_timeout", &err)?;
+
+    if let Some(g) = &raw.socket_group {
+        if g.is_empty() || g.contains([':', '/', ' ', '\0']) {
+            return Err(err("socket_group", format!("'{g}' is not a group name")));
+        }
+    }
+    for (key, p) in [
+        ("socket", &raw.socket),
+        ("state_dir", &raw.state_dir),
+        ("bpffs", &raw.bpffs),
+    ] {
+        if let Some(p) = p {
+            if !p.is_absolute() {
+                return Err(err(key, format!("'{}' must be an absolute path", p.display())));
+            }
+        }
+    }
+
+    if raw.service.len() > MAX_SERVICES as usize {
+        return Err(err(
+            "service",
+            format!("at most {MAX_SERVICES} services"),
+        ));
+    }
+    let mut services = Vec::new();
+    let mut names = BTreeMap::new();
+    let mut vips = BTreeMap::new();
+    let mut backends: BTreeMap<(SocketAddr, Protocol), String> = BTreeMap::new();
+    for (i, s) in raw.service.into_iter().enumerate() {
+        let at = |k: &str| format!("service[{i}].{k}");
+        let name = s.name.ok_or_else(|| err(&at("name"), "is required".into()))?;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(err(
+                &at("name"),
+                format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        let at = |k: &str| format!("service[{i}] ({name}).{k}");
+        if let Some(prev) = names.insert(name.clone(), i) {
+            return Err(err(
+                &at("name"),
+                format!("duplicate service name (also service[{prev}])"),
+            ));
+        }
+        let protocol = match s.protocol.as_deref() {
+            Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            Some(other) => {
+                return Err(err(
+                    &at("protocol"),
+                    format!("'{other}' is not tcp or udp"),
+                ))
+            }
+            None => return Err(err(&at("protocol"), "is required (tcp or udp)".into())),
+        };
+        let vip_text = s.vip.ok_or_else(|| err(&at("vip"), "is required".into()))?;
+        let vip = endpoint(&vip_text).map_err(|r| err(&at("vip"), r))?;
+        if let Some(prev) = vips.insert((vip, protocol), name.clone()) {
+            return Err(err(
+                &at("vip"),
+                format!("{vip}/{protocol} is already the VIP of service '{prev}'"),
+            ));
+        }
+        let mut pools = Vec::new();
+        for (colour, list) in [("blue", s.blue), ("green", s.green)] {
+            let list = list.unwrap_or_default();
+            if list.is_empty() {
+                return Err(err(&at(colour), "pool is empty: give 1 to 64 backends".into()));
+            }
+            if list.len() > MAX_BACKENDS as usize {
+                return Err(err(
+                    &at(colour),
+                    format!("{} backends; at most {MAX_BACKENDS}", list.len()),
+                ));
+            }
+            let mut pool = Vec::new();
+            for (j, b) in list.iter().enumerate() {
+                let key = format!("{}[{j}]", at(colour));
+                let addr = endpoint(b).map_err(|r| err(&key, r))?;
+                if addr.is_ipv4() != vip.is_ipv4() {
+                    return Err(err(
+                        &key,
+                        format!("{addr} is not of the VIP's address family"),
+                    ));
+                }
+                if addr == vip {
+                    return Err(err(&key, "a backend cannot be the VIP itself".into()));
+                }
+                if let Some(prev) = backends.insert((addr, protocol), format!("{name}.{colour}")) {
+                    return Err(err(
+                        &key,
+                        format!(
+                            "{addr}/{protocol} is already a backend of {prev}: replies could \
+                             not be told apart"
+                        ),
+                    ));
+                }
+                pool.push(addr);
+            }
+            pools.push(pool);
+        }
+        let green = pools.pop().unwrap_or_default();
+        let blue = pools.pop().unwrap_or_default();
+        services.push(ServiceConfig {
+            name,
+            vip,
+            protocol,
+            blue,
+            green,
+        });
+    }
+    for s in &services {
+        if !s.vip.is_ipv4() {
+            return Err(err(
+                &format!("service ({}).vip", s.name),
+                "IPv6 services are not supported yet".into(),
+            ));
+        }
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        interfaces,
+        xdp_mode,
+        socket: raw.socket.unwrap_or_else(|| paths::DEFAULT_SOCKET.into()),
+        socket_group: raw.socket_group,
+        state_dir: raw.state_dir.unwrap_or_else(|| paths::DEFAULT_STATE_DIR.into()),
+        bpffs: raw.bpffs.unwrap_or_else(|| paths::DEFAULT_BPFFS.into()),
+        max_flows,
+        udp_idle_timeout,
+        tcp_idle_timeout,
+        services,
+    })
+}
+
+fn duration_key(
+    value: &Option<String>,
+    default: &str,
+    key: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Duration, ConfigError> {
+    let text = value.as_deref().unwrap_or(default);
+    let d = parse_duration(text).map_err(|r| err(key, r))?;
+    if d < Duration::from_secs(1) {
+        return Err(err(key, format!("'{text}' is shorter than 1s")));
+    }
+    Ok(d)
+}
+
+/// Parses "250ms", "1s", "1.5s", "2m", "1h".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("'{text}' has no unit (ms, s, m, h)"))?;
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 250ms, 30s, 5m, 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{text}': unknown unit '{unit}' (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs > 7.0 * 86400.0 {
+        return Err(format!("'{text}' is longer than 7 days"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn endpoint(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not ADDRESS:PORT (e.g. 198.18.1.11:8080)"))?;
+    if addr.port() == 0 {
+        return Err(format!("'{text}': port 0 is not a service port"));
+    }
+    match addr.ip() {
+        IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+            Err(format!("'{text}': {a} cannot be a unicast endpoint"))
+        }
+        IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() => {
+            Err(format!("'{text}': {a} cannot be a unicast endpoint"))
+        }
+        _ => Ok(addr),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interfaces = ["eth0", "eth1"]
+xdp_mode = "native"
+state_dir = "/var/lib/bgswitch"
+udp_idle_timeout = "45s"
+
+[[service]]
+name = "web"
+vip = "198.19.0.10:80"
+protocol = "tcp"
+blue = ["198.18.1.11:8080", "198.18.1.12:8080"]
+green = ["198.18.1.21:8080"]
+"#;
+
+    fn check_err(text: &str, key: &str, reason_part: &str) {
+        let e = parse(Path::new("/etc/bgswitch/bgswitch.toml"), text)
+            .expect_err("config must be refused");
+        assert_eq!(e.file, "/etc/bgswitch/bgswitch.toml");
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.reason.contains(reason_part), "{e}");
+    }
+
+    fn with_service(s: &str) -> String {
+        format!("interfaces = [\"eth0\"]\n[[service]]\n{s}")
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(Path::new("x.toml"), GOOD).unwrap();
+        assert_eq!(c.interfaces, ["eth0", "eth1"]);
+        assert_eq!(c.xdp_mode, XdpModeSetting::Native);
+        assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
+        assert_eq!(c.udp_idle_timeout, Duration::from_secs(45));
+        assert_eq!(c.tcp_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(c.socket, PathBuf::from(paths::DEFAULT_SOCKET));
+        assert_eq!(c.bpffs, PathBuf::from(paths::DEFAULT_BPFFS));
+        assert_eq!(c.services.len(), 1);
+        let s = &c.services[0];
+        assert_eq!(s.vip, "198.19.0.10:80".parse().unwrap());
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(s.blue.len(), 2);
+        assert_eq!(s.green, vec!["198.18.1.21:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        check_err("", "interfaces", "at least one");
+        check_err("interfaces = [\"eth0\", \"eth0\"]", "interfaces[1]", "twice");
+        check_err(
+            "interfaces = [\"eth0\"]\nxdp_mode = \"fast\"",
+            "xdp_mode",
+            "not one of",
+        );
+        check_err(
+            "interfaces = [\"eth0\"]\nmax_flows = 10",
+            "max_flows",
+            "outside",
+        );
+        check_err(
+            "interfaces = [\"eth0\"]\nudp_idle_timeout = \"10\"",
+            "udp_idle_timeout",
+            "no unit",
+        );
+        check_err(
+            "interfaces = [\"eth0\"]\nbogus = 1",
+            "line 2 column 1",
+            "unknown field",
+        );
+        check_err(
+            &with_service("name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\n"),
+            "service[0] (a).green",
+            "empty",
+        );
+        check_err(
+            &with_service("name = \"a\"\nvip = \"1.2.3.4\"\nprotocol = \"tcp\"\n"),
+            "service[0] (a).vip",
+            "ADDRESS:PORT",
+        );
+        check_err(
+            &with_service("name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"sctp\"\n"),
+            "service[0] (a).protocol",
+            "not tcp or udp",
+        );
+        check_err(
+            &with_service(
+                "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.5:80\"]\n",
+            ),
+            "service[0] (a).green[0]",
+            "already a backend of a.blue",
+        );
+        check_err(
+            &with_service(
+                "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n[[service]]\nname = \"b\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.7:80\"]\ngreen = [\"1.2.3.8:80\"]\n",
+            ),
+            "service[1] (b).vip",
+            "already the VIP of service 'a'",
+        );
+        check_err(
+            &with_service("name = \"bad name\"\n"),
+            "service[0].name",
+            "must be",
+        );
+    }
+
+    #[test]
+    fn same_vip_address_with_other_port_or_protocol_is_fine() {
+        let text = with_service(
+            "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n[[service]]\nname = \"b\"\nvip = \"1.2.3.4:80\"\nprotocol = \"udp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n",
+        );
+        let c = parse(Path::new("x"), &text).unwrap();
+        assert_eq!(c.services.len(), 2);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("9999h").is_err());
+    }
+}

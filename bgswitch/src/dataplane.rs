@@ -1,0 +1,940 @@
+//! The only code that talks to aya: load the XDP program, pin and adopt maps,
+//! attach to interfaces through pinned links, write services and pools, flip
+//! with one aligned 32-bit store, and read counters and the flow table.
+//!
+//! Pins live under `<bpffs>/bgswitch/v<LAYOUT_VERSION>/{maps,links}/`. A new
+//! daemon loads the program against the pinned maps (so flows and counters
+//! survive) and swaps its program into the pinned links atomically
+//! (`bpf_link_update`), so a restart never detaches.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    ffi::CString,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use bgswitch_common::{
+    control, flow_flags, global, ipv4_to_addr, ipv6_to_addr, maps as names, port_to_wire,
+    Backend, BackendStats, ColourStats, FlowEntry, FlowKey, ServiceKey, ServiceValue, Settings,
+    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
+    MAX_INTERFACES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
+};
+
+use crate::{config::XdpModeSetting, model::Colour, paths};
+
+/// The XDP object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bgswitch"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// A pool slot that was just deselected is not rewritten for this long, so a
+/// packet that read the old control word on another CPU has long finished.
+const SLOT_QUARANTINE: Duration = Duration::from_millis(20);
+
+/// Errors of the data plane, each naming what failed and on which object.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("this bgswitch binary was built without its XDP program (AYA_BUILD_SKIP); rebuild it")]
+    NoObject,
+    #[error("bpffs at {path}: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+    #[error(
+        "pinned map {path} does not match this bgswitch (expected {expected}, found {found}); \
+         it belongs to another version or configuration. Run `bgswitch detach` to remove the \
+         old pins (this drops open flows), or restore the matching max_flows"
+    )]
+    MapMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("loading the XDP program: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {name}: {op}: {source}")]
+    Map {
+        name: &'static str,
+        op: String,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} missing from the XDP object")]
+    MissingMap(&'static str),
+    #[error("interface {0} does not exist")]
+    UnknownInterface(String),
+    #[error("attaching XDP to {iface} in {mode} mode: {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str, op: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    let op = op.into();
+    move |source| DataplaneError::Map { name, op, source }
+}
+
+/// The XDP mode an interface ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Native,
+    Generic,
+}
+
+impl AttachMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            Self::Native => XdpMode::Driver,
+            Self::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// One attached interface.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    pub mode: AttachMode,
+    /// The program was swapped into a link a previous daemon pinned.
+    pub adopted: bool,
+    /// Native mode was asked for (auto) but refused; why.
+    pub fallback_reason: Option<String>,
+}
+
+/// How to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Pin root (a bpffs mount). `None`: private maps, nothing pinned (tests,
+    /// simulation).
+    pub bpffs: Option<PathBuf>,
+    /// Flow table size in flows (two entries each).
+    pub max_flows: u32,
+}
+
+/// The userspace handle on the running data plane.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    bpffs: Option<PathBuf>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    control: ControlWords,
+    pool_sizes: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    settings: Array<MapData, Settings>,
+    tx_ports: DevMapHash<MapData>,
+    service_stats: PerCpuArray<MapData, ColourStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    global_stats: PerCpuArray<MapData, u64>,
+    links: BTreeMap<String, (Attachment, FdLink)>,
+    /// When each (service, slot) was last deselected.
+    freed: StdHashMap<(u32, u32), Instant>,
+}
+
+/// The expected shape of each map, checked against pins before adopting them.
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 10] {
+    use std::mem::size_of;
+    let sz = |n: usize| n as u32;
+    [
+        (names::SERVICES, MapType::Hash, sz(size_of::<ServiceKey>()), sz(size_of::<ServiceValue>()), MAX_SERVICES, 0),
+        (names::CONTROL, MapType::Array, 4, 4, MAX_SERVICES, BPF_F_MMAPABLE),
+        (names::POOL_SIZES, MapType::Array, 4, 4, MAX_SERVICES * POOL_SLOTS, 0),
+        (names::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), BACKEND_ENTRIES, 0),
+        (names::FLOWS, MapType::LruHash, sz(size_of::<FlowKey>()), sz(size_of::<FlowEntry>()), 2 * max_flows, 0),
+        (names::SETTINGS, MapType::Array, 4, sz(size_of::<Settings>()), 1, 0),
+        (names::TX_PORTS, MapType::DevMapHash, 4, 8, MAX_INTERFACES, 0),
+        (names::SERVICE_STATS, MapType::PerCpuArray, 4, sz(size_of::<ColourStats>()), MAX_SERVICES * 2, 0),
+        (names::BACKEND_STATS, MapType::PerCpuArray, 4, sz(size_of::<BackendStats>()), BACKEND_STAT_ENTRIES, 0),
+        (names::GLOBAL_STATS, MapType::PerCpuArray, 4, 8, global::COUNT, 0),
+    ]
+}
+
+fn describe(t: MapType, k: u32, v: u32, n: u32, flags: u32) -> String {
+    format!("{t:?} key {k} B, value {v} B, {n} entries, flags {flags:#x}")
+}
+
+fn check_shape(info: &MapInfo, path: &Path, want: &(&str, MapType, u32, u32, u32, u32)) -> Result<()> {
+    let (_, t, k, v, n, f) = *want;
+    let found_t = info.map_type().unwrap_or(MapType::Unspecified);
+    if found_t != t
+        || info.key_size() != k
+        || info.value_size() != v
+        || info.max_entries() != n
+        || info.map_flags() & BPF_F_MMAPABLE != f & BPF_F_MMAPABLE
+    {
+        return Err(DataplaneError::MapMismatch {
+            path: path.into(),
+            expected: describe(t, k, v, n, f),
+            found: describe(
+                found_t,
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+                info.map_flags(),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Mounts a bpffs at `path` unless one is there already.
+pub fn ensure_bpffs(path: &Path) -> Result<()> {
+    let bpffs_err = |reason: String| DataplaneError::Bpffs {
+        path: path.into(),
+        reason,
+    };
+    if !path.exists() {
+        std::fs::create_dir_all(path)
+            .map_err(|e| bpffs_err(format!("cannot create the mount point: {e}")))?;
+    }
+    if is_bpffs(path) {
+        return Ok(());
+    }
+    let c = |s: &str| CString::new(s).map_err(|_| bpffs_err("path contains NUL".into()));
+    let target = c(&path.to_string_lossy())?;
+    let fstype = c("bpf")?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(bpffs_err(format!(
+            "not a bpffs and mounting one failed: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    log::info!("mounted a bpffs at {}", path.display());
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct with a valid path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
+    let path = path.to_path_buf();
+    move |source| DataplaneError::Io { op, path, source }
+}
+
+/// The interface index of `name`, if it exists.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// The data plane form of an endpoint.
+pub fn backend_of(addr: SocketAddr, stat_id: u32) -> Backend {
+    let (a, family) = addr_of(addr.ip());
+    Backend {
+        addr: a,
+        port: port_to_wire(addr.port()),
+        family,
+        _pad: 0,
+        stat_id,
+    }
+}
+
+/// The data plane form of an IP address and its family tag.
+pub fn addr_of(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(v4) => (ipv4_to_addr(v4.octets()), FAMILY_IPV4),
+        IpAddr::V6(v6) => (ipv6_to_addr(v6.octets()), FAMILY_IPV6),
+    }
+}
+
+/// The `SERVICES` key of a virtual address.
+pub fn service_key(vip: SocketAddr, proto: u8) -> ServiceKey {
+    let (addr, family) = addr_of(vip.ip());
+    ServiceKey {
+        addr,
+        port: port_to_wire(vip.port()),
+        proto,
+        family,
+    }
+}
+
+/// Index of a configured backend's counters.
+pub const fn backend_stat_id(service: u32, colour: Colour, index: u32) -> u32 {
+    service * 2 * MAX_BACKENDS + colour.index() * MAX_BACKENDS + index
+}
+
+/// The live flows of one colour of one service, counted from the flow table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FlowCounts {
+    /// Forward entries still open: UDP seen within the idle timeout, TCP not
+    /// closed (FIN both ways or RST) and seen within the TCP idle timeout.
+    pub live: u64,
+    /// Forward entries in the table, live or not.
+    pub recorded: u64,
+}
+
+impl Dataplane {
+    /// Loads the XDP program and its maps (adopting pinned maps when a pin
+    /// root is given).
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOWS, 2 * opts.max_flows);
+        if let Some(bpffs) = &opts.bpffs {
+            ensure_bpffs(bpffs)?;
+            for sub in ["maps", "links"] {
+                let d = paths::pin_root(bpffs).join(sub);
+                std::fs::create_dir_all(&d).map_err(io_err("creating", &d))?;
+            }
+            for want in expected_maps(opts.max_flows) {
+                let path = paths::map_pin(bpffs, want.0);
+                if path.exists() {
+                    let info = MapInfo::from_pin(&path).map_err(map_err(want.0, "reading the pin"))?;
+                    check_shape(&info, &path, &want)?;
+                }
+                loader.map_pin_path(want.0, path);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROGRAM_NAME)
+                .ok_or_else(|| DataplaneError::Invalid(format!("no program {PROGRAM_NAME} in the object")))?
+                .try_into()?;
+            prog.load()?;
+        }
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name));
+        let services = HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES, "open"))?;
+        let control_map = take(names::CONTROL)?;
+        let control = match &control_map {
+            Map::Array(data) => ControlWords::map(data.fd().as_fd(), MAX_SERVICES).map_err(|e| DataplaneError::Io {
+                op: "mmap",
+                path: names::CONTROL.into(),
+                source: e,
+            })?,
+            _ => return Err(DataplaneError::Invalid("CONTROL is not an array".into())),
+        };
+        let pool_sizes = Array::try_from(take(names::POOL_SIZES)?).map_err(map_err(names::POOL_SIZES, "open"))?;
+        let backends = Array::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS, "open"))?;
+        let flows = HashMap::try_from(take(names::FLOWS)?).map_err(map_err(names::FLOWS, "open"))?;
+        let settings = Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
+        let tx_ports = DevMapHash::try_from(take(names::TX_PORTS)?).map_err(map_err(names::TX_PORTS, "open"))?;
+        let service_stats =
+            PerCpuArray::try_from(take(names::SERVICE_STATS)?).map_err(map_err(names::SERVICE_STATS, "open"))?;
+        let backend_stats =
+            PerCpuArray::try_from(take(names::BACKEND_STATS)?).map_err(map_err(names::BACKEND_STATS, "open"))?;
+        let global_stats =
+            PerCpuArray::try_from(take(names::GLOBAL_STATS)?).map_err(map_err(names::GLOBAL_STATS, "open"))?;
+        // The mapping holds its own reference to the map; the Map handle may go.
+        drop(control_map);
+        Ok(Self {
+            ebpf,
+            bpffs: opts.bpffs.clone(),
+            services,
+            control,
+            pool_sizes,
+            backends,
+            flows,
+            settings,
+            tx_ports,
+            service_stats,
+            backend_stats,
+            global_stats,
+            links: BTreeMap::new(),
+            freed: StdHashMap::new(),
+        })
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| DataplaneError::Invalid(format!("no program {PROGRAM_NAME}")))?
+            .try_into()?)
+    }
+
+    /// Runs the program once on `frame` through BPF_PROG_TEST_RUN (maps are
+    /// the live ones of this handle). Returns the XDP action and output frame.
+    pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, Duration)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.program()?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out, r.duration))
+    }
+
+    /// Sets the flow timeouts.
+    pub fn set_settings(&mut self, udp_idle: Duration, tcp_idle: Duration) -> Result<()> {
+        let s = Settings {
+            udp_idle_ns: udp_idle.as_nanos() as u64,
+            tcp_idle_ns: tcp_idle.as_nanos() as u64,
+        };
+        self.settings.set(0, s, 0).map_err(map_err(names::SETTINGS, "set"))
+    }
+
+    /// Attaches (or adopts the pinned attachment) on `iface` and adds it to
+    /// the redirect map.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<Attachment> {
+        let index = ifindex(iface).ok_or_else(|| DataplaneError::UnknownInterface(iface.into()))?;
+        let mut fallback_reason = None;
+        let mut adopted = None;
+        if let Some(bpffs) = self.bpffs.clone() {
+            for m in [AttachMode::Native, AttachMode::Generic] {
+                let pin = link_pin_path(&bpffs, iface, m);
+                if !pin.exists() {
+                    continue;
+                }
+                match self.adopt_link(&pin) {
+                    Ok(link) => adopted = Some((m, link)),
+                    Err(e) => {
+                        log::warn!(
+                            "{iface}: pinned XDP link {} is stale ({e}); attaching afresh",
+                            pin.display()
+                        );
+                        let _ = std::fs::remove_file(&pin);
+                    }
+                }
+            }
+        }
+        let (mode, link, was_adopted) = match adopted {
+            Some((m, link)) => (m, link, true),
+            None => {
+                let tries: &[AttachMode] = match mode {
+                    XdpModeSetting::Auto => &[AttachMode::Native, AttachMode::Generic],
+                    XdpModeSetting::Native => &[AttachMode::Native],
+                    XdpModeSetting::Generic => &[AttachMode::Generic],
+                };
+                let mut last = None;
+                let mut got = None;
+                for &m in tries {
+                    let prog = self.program()?;
+                    match prog.attach_to_if_index(index, m.xdp_mode()) {
+                        Ok(id) => {
+                            let link = prog.take_link(id)?;
+                            let fd = FdLink::try_from(link).map_err(|e| DataplaneError::Invalid(format!(
+                                "{iface}: the kernel attached XDP without a bpf_link ({e}); bgswitch needs Linux >= 5.9"
+                            )))?;
+                            got = Some((m, fd));
+                            break;
+                        }
+                        Err(e) => {
+                            if mode == XdpModeSetting::Auto && m == AttachMode::Native {
+                                let reason = format!("native XDP refused: {e}");
+                                log::warn!("{iface}: {reason}; falling back to generic (skb) mode, which is slower");
+                                fallback_reason = Some(reason);
+                            }
+                            last = Some((m, e));
+                        }
+                    }
+                }
+                let Some((m, fd)) = got else {
+                    let (m, source) = last.expect("at least one mode tried");
+                    return Err(DataplaneError::Attach {
+                        iface: iface.into(),
+                        mode: m.as_str(),
+                        source,
+                    });
+                };
+                let link = match &self.bpffs {
+                    Some(bpffs) => {
+                        let pin = link_pin_path(bpffs, iface, m);
+                        let pinned = fd.pin(&pin).map_err(|e| DataplaneError::Io {
+                            op: "pinning the XDP link at",
+                            path: pin.clone(),
+                            source: io::Error::other(e.to_string()),
+                        })?;
+                        FdLink::from(pinned)
+                    }
+                    None => fd,
+                };
+                (m, link, false)
+            }
+        };
+        self.tx_ports
+            .insert(index, index, None, 0)
+            .map_err(|e| DataplaneError::Invalid(format!("adding {iface} to TX_PORTS: {e}")))?;
+        let a = Attachment {
+            interface: iface.into(),
+            ifindex: index,
+            mode,
+            adopted: was_adopted,
+            fallback_reason,
+        };
+        log::info!(
+            "{iface} (ifindex {index}): XDP {} in {} mode",
+            if was_adopted { "adopted" } else { "attached" },
+            mode.as_str()
+        );
+        self.links.insert(iface.into(), (a.clone(), link));
+        Ok(a)
+    }
+
+    /// Swaps this daemon's program into a pinned link (atomic replace).
+    fn adopt_link(&mut self, pin: &Path) -> Result<FdLink> {
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
+        let fd = FdLink::from(pinned);
+        let xdp_link = XdpLink::try_from(fd).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
+        let prog = self.program()?;
+        let id = prog.attach_to_link(xdp_link)?;
+        let link = prog.take_link(id)?;
+        FdLink::try_from(link).map_err(|e| DataplaneError::Invalid(e.to_string()))
+    }
+
+    pub fn attachments(&self) -> Vec<Attachment> {
+        self.links.values().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Removes `iface`'s attachment (and its pin).
+    pub fn detach(&mut self, iface: &str) -> Result<()> {
+        if let Some((a, link)) = self.links.remove(iface) {
+            drop(link);
+            if let Some(bpffs) = &self.bpffs {
+                let pin = link_pin_path(bpffs, iface, a.mode);
+                std::fs::remove_file(&pin).map_err(io_err("unpinning", &pin))?;
+            }
+            let _ = self.tx_ports.remove(a.ifindex);
+        }
+        Ok(())
+    }
+
+    /// The control word of service `id`.
+    pub fn control_word(&self, id: u32) -> u32 {
+        self.control.load(id)
+    }
+
+    /// The backends in a pool slot.
+    fn read_pool(&self, id: u32, slot: u32) -> Result<Vec<Backend>> {
+        let base = id * POOL_SLOTS + slot;
+        let n = self
+            .pool_sizes
+            .get(&base, 0)
+            .map_err(map_err(names::POOL_SIZES, "get"))?;
+        (0..n.min(MAX_BACKENDS))
+            .map(|i| {
+                self.backends
+                    .get(&(base * MAX_BACKENDS + i), 0)
+                    .map_err(map_err(names::BACKENDS, "get"))
+            })
+            .collect()
+    }
+
+    fn write_pool(&mut self, id: u32, slot: u32, pool: &[Backend]) -> Result<()> {
+        let base = id * POOL_SLOTS + slot;
+        for (i, b) in pool.iter().enumerate() {
+            self.backends
+                .set(base * MAX_BACKENDS + i as u32, b, 0)
+                .map_err(map_err(names::BACKENDS, "set"))?;
+        }
+        self.pool_sizes
+            .set(base, pool.len() as u32, 0)
+            .map_err(map_err(names::POOL_SIZES, "set"))
+    }
+
+    /// Makes service `id` serve `key` with these pools and active colour.
+    /// Pools that differ from what the data plane has are written to free
+    /// slots first; then one 32-bit store selects them (and the colour), so a
+    /// packet sees either the old service or the new, never a mix.
+    pub fn write_service(
+        &mut self,
+        id: u32,
+        key: ServiceKey,
+        blue: &[Backend],
+        green: &[Backend],
+        active: Colour,
+    ) -> Result<()> {
+        if id >= MAX_SERVICES {
+            return Err(DataplaneError::Invalid(format!("service id {id} out of range")));
+        }
+        for pool in [blue, green] {
+            if pool.is_empty() || pool.len() > MAX_BACKENDS as usize {
+                return Err(DataplaneError::Invalid(format!(
+                    "a pool must have 1..={MAX_BACKENDS} backends"
+                )));
+            }
+        }
+        let old = self.control.load(id);
+        let mut slots = [u32::MAX; 2];
+        if control::enabled(old) {
+            for c in Colour::BOTH {
+                let s = control::slot(old, c.index());
+                let want = if c == Colour::Blue { blue } else { green };
+                if self.read_pool(id, s)? == want {
+                    slots[c.index() as usize] = s;
+                }
+            }
+        }
+        for c in Colour::BOTH {
+            if slots[c.index() as usize] != u32::MAX {
+                continue;
+            }
+            let in_use: Vec<u32> = if control::enabled(old) {
+                vec![control::slot(old, 0), control::slot(old, 1)]
+            } else {
+                vec![]
+            };
+            let slot = self.free_slot(id, &in_use, &slots);
+            let want = if c == Colour::Blue { blue } else { green };
+            self.write_pool(id, slot, want)?;
+            slots[c.index() as usize] = slot;
+        }
+        let canary = if control::enabled(old) { control::canary(old) } else { 0 };
+        let word = control::encode(active.index(), slots[0], slots[1], canary)
+            | (old & control::PREVIEW);
+        self.control.store(id, word);
+        if control::enabled(old) {
+            for c in 0..2 {
+                let s = control::slot(old, c);
+                if !slots.contains(&s) {
+                    self.freed.insert((id, s), Instant::now());
+                }
+            }
+        }
+        self.services
+            .insert(key, ServiceValue { id }, 0)
+            .map_err(map_err(names::SERVICES, "insert"))
+    }
+
+    /// A slot not selected now nor by the new word, least recently freed;
+    /// waits out the quarantine if it was freed just now.
+    fn free_slot(&self, id: u32, in_use: &[u32], taken: &[u32; 2]) -> u32 {
+        let mut best = None;
+        for s in 0..POOL_SLOTS {
+            if in_use.contains(&s) || taken.contains(&s) {
+                continue;
+            }
+            let freed = self.freed.get(&(id, s)).copied();
+            match (best, freed) {
+                (None, _) => best = Some((s, freed)),
+                (Some((_, Some(b))), Some(f)) if f < b => best = Some((s, freed)),
+                (Some((_, Some(_))), None) => best = Some((s, None)),
+                _ => {}
+            }
+        }
+        let (slot, freed) = best.expect("4 slots, at most 3 excluded");
+        if let Some(f) = freed {
+            let age = f.elapsed();
+            if age < SLOT_QUARANTINE {
+                std::thread::sleep(SLOT_QUARANTINE - age);
+            }
+        }
+        slot
+    }
+
+    /// Flips service `id` to `colour`: one aligned 32-bit store.
+    pub fn set_active(&mut self, id: u32, colour: Colour) -> Result<()> {
+        let old = self.control.load(id);
+        if !control::enabled(old) {
+            return Err(DataplaneError::Invalid(format!("service id {id} is not configured")));
+        }
+        let word = (old & !control::ACTIVE_MASK) | colour.index();
+        self.control.store(id, word);
+        Ok(())
+    }
+
+    /// Stops serving `key` (service `id`).
+    pub fn remove_service(&mut self, id: u32, key: &ServiceKey) -> Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(names::SERVICES, "remove")(e)),
+        }
+        self.control.store(id, 0);
+        Ok(())
+    }
+
+    /// The VIPs the data plane serves now, with their service ids.
+    pub fn service_keys(&self) -> Result<Vec<(ServiceKey, u32)>> {
+        self.services
+            .iter()
+            .map(|r| r.map(|(k, v)| (k, v.id)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SERVICES, "iterate"))
+    }
+
+    /// Counters of one colour of a service, summed over CPUs.
+    pub fn colour_stats(&self, id: u32, colour: Colour) -> Result<ColourStats> {
+        let v = self
+            .service_stats
+            .get(&(id * 2 + colour.index()), 0)
+            .map_err(map_err(names::SERVICE_STATS, "get"))?;
+        Ok(v.iter().fold(ColourStats::default(), |mut a, s| {
+            a.packets += s.packets;
+            a.bytes += s.bytes;
+            a.new_flows += s.new_flows;
+            a.reply_packets += s.reply_packets;
+            a.reply_bytes += s.reply_bytes;
+            a.backend_rsts += s.backend_rsts;
+            a.syn_acks += s.syn_acks;
+            a
+        }))
+    }
+
+    /// Counters of one backend, summed over CPUs.
+    pub fn backend_stats(&self, stat_id: u32) -> Result<BackendStats> {
+        let v = self
+            .backend_stats
+            .get(&stat_id, 0)
+            .map_err(map_err(names::BACKEND_STATS, "get"))?;
+        Ok(v.iter().fold(BackendStats::default(), |mut a, s| {
+            a.packets += s.packets;
+            a.bytes += s.bytes;
+            a.new_flows += s.new_flows;
+            a.reply_packets += s.reply_packets;
+            a.reply_bytes += s.reply_bytes;
+            a
+        }))
+    }
+
+    /// The global counters, summed over CPUs, with their names.
+    pub fn global_stats(&self) -> Result<Vec<(&'static str, u64)>> {
+        global::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let v = self
+                    .global_stats
+                    .get(&(i as u32), 0)
+                    .map_err(map_err(names::GLOBAL_STATS, "get"))?;
+                Ok((*name, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Counts forward flow entries per (service id, colour).
+    pub fn flow_counts(
+        &self,
+        udp_idle: Duration,
+        tcp_idle: Duration,
+    ) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
+        let now = monotonic_ns();
+        let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
+        for item in self.flows.iter() {
+            let (key, e) = match item {
+                Ok(kv) => kv,
+                // An entry evicted between "next key" and "lookup": skip it.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(names::FLOWS, "iterate")(e)),
+            };
+            if e.flags & flow_flags::REVERSE != 0 {
+                continue;
+            }
+            let c = out
+                .entry((e.service, Colour::from_index(e.colour as u32)))
+                .or_default();
+            c.recorded += 1;
+            let idle = now.saturating_sub(e.last_seen_ns);
+            let live = if key.proto == bgswitch_common::PROTO_UDP {
+                idle <= udp_idle.as_nanos() as u64
+            } else {
+                let closed = e.flags & flow_flags::RST != 0
+                    || e.flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
+                        == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND);
+                !closed && idle <= tcp_idle.as_nanos() as u64
+            };
+            if live {
+                c.live += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets every flow of service `id` not on `keep` (both directions), so
+    /// their next packets follow the active colour (`flip --force`). Returns
+    /// how many flows were moved.
+    pub fn flush_flows(&mut self, id: u32, keep: Colour) -> Result<u64> {
+        let mut doomed = Vec::new();
+        for item in self.flows.iter() {
+            match item {
+                Ok((k, e)) => {
+                    if e.service == id && e.colour as u32 != keep.index() {
+                        doomed.push((k, e.flags & flow_flags::REVERSE == 0));
+                    }
+                }
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(names::FLOWS, "iterate")(e)),
+            }
+        }
+        let mut moved = 0;
+        for (k, forward) in doomed {
+            match self.flows.remove(&k) {
+                Ok(()) => moved += u64::from(forward),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::FLOWS, "remove")(e)),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Tears everything down: detaches every interface and removes every
+    /// pin. Traffic to the VIPs stops being switched.
+    pub fn destroy(mut self) -> Result<()> {
+        let ifaces: Vec<String> = self.links.keys().cloned().collect();
+        for i in ifaces {
+            self.detach(&i)?;
+        }
+        if let Some(bpffs) = self.bpffs.take() {
+            remove_pins(&bpffs)?;
+        }
+        Ok(())
+    }
+}
+
+fn link_pin_path(bpffs: &Path, iface: &str, mode: AttachMode) -> PathBuf {
+    paths::link_pin(bpffs, &format!("{}-{iface}", mode.as_str()))
+}
+
+/// Removes every bgswitch pin under `bpffs` (links first, which detaches XDP
+/// from each interface once no process holds the link; then maps).
+pub fn remove_pins(bpffs: &Path) -> Result<()> {
+    let root = bpffs.join(paths::PIN_DIR);
+    if !root.exists() {
+        return Ok(());
+    }
+    let links = paths::pin_root(bpffs).join("links");
+    if let Ok(rd) = std::fs::read_dir(&links) {
+        for e in rd.flatten() {
+            std::fs::remove_file(e.path()).map_err(io_err("unpinning", &e.path()))?;
+        }
+    }
+    std::fs::remove_dir_all(&root).map_err(io_err("removing", &root))
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The `CONTROL` array mapped into this process: flips are single aligned
+/// 32-bit atomic stores into the kernel's memory.
+struct ControlWords {
+    ptr: *mut u8,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics.
+unsafe impl Send for ControlWords {}
+
+/// Array maps lay elements out at a stride of the value size rounded up to 8.
+const CONTROL_STRIDE: usize = 8;
+
+impl ControlWords {
+    fn map(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = (entries as usize * CONTROL_STRIDE).div_ceil(page) * page;
+        // SAFETY: mapping a BPF_F_MMAPABLE array map fd, shared, read-write.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+            entries,
+        })
+    }
+
+    fn word(&self, id: u32) -> &AtomicU32 {
+        assert!(id < self.entries, "service id {id} out of range");
+        // SAFETY: in bounds (checked), 8-byte aligned (page-aligned base, stride 8),
+        // and the mapping lives as long as self.
+        unsafe { &*(self.ptr.add(id as usize * CONTROL_STRIDE) as *const AtomicU32) }
+    }
+
+    fn load(&self, id: u32) -> u32 {
+        self.word(id).load(Ordering::SeqCst)
+    }
+
+    fn store(&self, id: u32, word: u32) {
+        self.word(id).store(word, Ordering::SeqCst);
+    }
+}
+
+impl Drop for ControlWords {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_stat_ids_do_not_collide() {
+        let mut seen = std::collections::HashSet::new();
+        for s in [0, 1, MAX_SERVICES - 1] {
+            for c in Colour::BOTH {
+                for i in [0, MAX_BACKENDS - 1] {
+                    let id = backend_stat_id(s, c, i);
+                    assert!(id < BACKEND_STAT_ENTRIES);
+                    assert!(seen.insert(id));
+                }
+            }
+        }
+    }
+}

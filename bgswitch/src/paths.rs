@@ -1,0 +1,36 @@
+//! Every default path and bpffs name in one place.
+
+/// Default config file.
+pub const DEFAULT_CONFIG: &str = "/etc/bgswitch/bgswitch.toml";
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/bgswitch/bgswitch.sock";
+/// Default state directory (desired state, lock).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bgswitch";
+/// Default bpffs mount point (the pin root).
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+/// Directory under the pin root that holds everything bgswitch pins.
+pub const PIN_DIR: &str = "bgswitch";
+/// The desired-state file in the state directory.
+pub const STATE_FILE: &str = "state.json";
+/// The lock file that keeps a second daemon out.
+pub const LOCK_FILE: &str = "daemon.lock";
+
+use std::path::{Path, PathBuf};
+
+/// `<bpffs>/bgswitch/v<LAYOUT_VERSION>`: pins of this layout version.
+pub fn pin_root(bpffs: &Path) -> PathBuf {
+    bpffs
+        .join(PIN_DIR)
+        .join(format!("v{}", bgswitch_common::LAYOUT_VERSION))
+}
+
+/// Where map `name` is pinned.
+pub fn map_pin(bpffs: &Path, name: &str) -> PathBuf {
+    pin_root(bpffs).join("maps").join(name)
+}
+
+/// Where the XDP link of interface `ifname` is pinned.
+pub fn link_pin(bpffs: &Path, ifname: &str) -> PathBuf {
+    pin_root(bpffs).join("links").join(ifname)
+}
