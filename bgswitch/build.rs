@@ -20,8 +20,7 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
-        std::fs::write(out_dir.join("bgswitch"), [])
-            .context("writing the empty eBPF stub")?;
+        std::fs::write(out_dir.join("bgswitch"), []).context("writing the empty eBPF stub")?;
         return Ok(());
     }
 

@@ -186,11 +186,7 @@ mod tests {
         let v4 = Delta::ZERO.add_addr(&old, &new, 1);
         let v6 = Delta::ZERO.add_addr(&old, &new, 4);
         assert_ne!(v4, v6);
-        let manual = Delta::ZERO
-            .add32(1, 5)
-            .add32(2, 6)
-            .add32(3, 7)
-            .add32(4, 8);
+        let manual = Delta::ZERO.add32(1, 5).add32(2, 6).add32(3, 7).add32(4, 8);
         assert_eq!(v6, manual);
     }
 }

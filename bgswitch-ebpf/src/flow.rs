@@ -10,9 +10,7 @@ use bgswitch_common::{
 };
 
 use crate::{
-    maps::{
-        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, SERVICE_STATS, SETTINGS,
-    },
+    maps::{count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, SERVICE_STATS, SETTINGS},
     nat::{forward, rewrite, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -122,7 +120,14 @@ pub fn to_backend(ctx: &XdpContext, f: &Frame, service: u32) -> u32 {
             (b, colour)
         }
     };
-    account(service, colour, backend.stat_id, f.frame_len, new_flow, false);
+    account(
+        service,
+        colour,
+        backend.stat_id,
+        f.frame_len,
+        new_flow,
+        false,
+    );
     if rewrite(ctx, f, Side::Dst, &backend.addr, backend.port).is_none() {
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;

@@ -13,8 +13,7 @@ use bgswitch_common::{
 
 /// Virtual address → service id.
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// `BPF_F_MMAPABLE`: userspace maps this array and flips with one aligned
 /// 32-bit store (a map update is a memcpy of unspecified width).

@@ -165,10 +165,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let interfaces = raw.interfaces.unwrap_or_default();
     if interfaces.is_empty() {
-        return Err(err(
-            "interfaces",
-            "must name at least one interface".into(),
-        ));
+        return Err(err("interfaces", "must name at least one interface".into()));
     }
     if interfaces.len() > MAX_INTERFACES as usize {
         return Err(err(
@@ -207,12 +204,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let max_flows = match raw.max_flows {
         None => DEFAULT_MAX_FLOWS,
         Some(n) if (1024..=(1 << 26)).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(err(
-                "max_flows",
-                format!("{n} is outside 1024..=67108864"),
-            ))
-        }
+        Some(n) => return Err(err("max_flows", format!("{n} is outside 1024..=67108864"))),
     };
     let udp_idle_timeout = duration_key(&raw.udp_idle_timeout, "30s", "udp_idle_timeout", &err)?;
     let tcp_idle_timeout = duration_key(&raw.tcp_idle_timeout, "1h", "tcp_idle_timeout", &err)?;
@@ -229,16 +221,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     ] {
         if let Some(p) = p {
             if !p.is_absolute() {
-                return Err(err(key, format!("'{}' must be an absolute path", p.display())));
+                return Err(err(
+                    key,
+                    format!("'{}' must be an absolute path", p.display()),
+                ));
             }
         }
     }
 
     if raw.service.len() > MAX_SERVICES as usize {
-        return Err(err(
-            "service",
-            format!("at most {MAX_SERVICES} services"),
-        ));
+        return Err(err("service", format!("at most {MAX_SERVICES} services")));
     }
     let mut services = Vec::new();
     let mut names = BTreeMap::new();
@@ -246,7 +238,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut backends: BTreeMap<(SocketAddr, Protocol), String> = BTreeMap::new();
     for (i, s) in raw.service.into_iter().enumerate() {
         let at = |k: &str| format!("service[{i}].{k}");
-        let name = s.name.ok_or_else(|| err(&at("name"), "is required".into()))?;
+        let name = s
+            .name
+            .ok_or_else(|| err(&at("name"), "is required".into()))?;
         if name.is_empty()
             || name.len() > 64
             || !name
@@ -269,10 +263,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             Some("tcp") => Protocol::Tcp,
             Some("udp") => Protocol::Udp,
             Some(other) => {
-                return Err(err(
-                    &at("protocol"),
-                    format!("'{other}' is not tcp or udp"),
-                ))
+                return Err(err(&at("protocol"), format!("'{other}' is not tcp or udp")))
             }
             None => return Err(err(&at("protocol"), "is required (tcp or udp)".into())),
         };
@@ -288,7 +279,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         for (colour, list) in [("blue", s.blue), ("green", s.green)] {
             let list = list.unwrap_or_default();
             if list.is_empty() {
-                return Err(err(&at(colour), "pool is empty: give 1 to 64 backends".into()));
+                return Err(err(
+                    &at(colour),
+                    "pool is empty: give 1 to 64 backends".into(),
+                ));
             }
             if list.len() > MAX_BACKENDS as usize {
                 return Err(err(
@@ -347,7 +341,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         xdp_mode,
         socket: raw.socket.unwrap_or_else(|| paths::DEFAULT_SOCKET.into()),
         socket_group: raw.socket_group,
-        state_dir: raw.state_dir.unwrap_or_else(|| paths::DEFAULT_STATE_DIR.into()),
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| paths::DEFAULT_STATE_DIR.into()),
         bpffs: raw.bpffs.unwrap_or_else(|| paths::DEFAULT_BPFFS.into()),
         max_flows,
         udp_idle_timeout,
@@ -469,7 +465,11 @@ green = ["198.18.1.21:8080"]
     #[test]
     fn errors_name_file_key_and_reason() {
         check_err("", "interfaces", "at least one");
-        check_err("interfaces = [\"eth0\", \"eth0\"]", "interfaces[1]", "twice");
+        check_err(
+            "interfaces = [\"eth0\", \"eth0\"]",
+            "interfaces[1]",
+            "twice",
+        );
         check_err(
             "interfaces = [\"eth0\"]\nxdp_mode = \"fast\"",
             "xdp_mode",
@@ -491,7 +491,9 @@ green = ["198.18.1.21:8080"]
             "unknown field",
         );
         check_err(
-            &with_service("name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\n"),
+            &with_service(
+                "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\n",
+            ),
             "service[0] (a).green",
             "empty",
         );

@@ -28,10 +28,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use bgswitch_common::{
-    control, flow_flags, global, ipv4_to_addr, ipv6_to_addr, maps as names, port_to_wire,
-    Backend, BackendStats, ColourStats, FlowEntry, FlowKey, ServiceKey, ServiceValue, Settings,
-    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS,
-    MAX_INTERFACES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
+    control, flow_flags, global, ipv4_to_addr, ipv6_to_addr, maps as names, port_to_wire, Backend,
+    BackendStats, ColourStats, FlowEntry, FlowKey, ServiceKey, ServiceValue, Settings,
+    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, MAX_INTERFACES,
+    MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
 };
 
 use crate::{config::XdpModeSetting, model::Colour, paths};
@@ -94,7 +94,10 @@ pub enum DataplaneError {
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
-fn map_err(name: &'static str, op: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+fn map_err(
+    name: &'static str,
+    op: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     let op = op.into();
     move |source| DataplaneError::Map { name, op, source }
 }
@@ -168,24 +171,109 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
-        (names::SERVICES, MapType::Hash, sz(size_of::<ServiceKey>()), sz(size_of::<ServiceValue>()), MAX_SERVICES, 0),
-        (names::CONTROL, MapType::Array, 4, 4, MAX_SERVICES, BPF_F_MMAPABLE),
-        (names::POOL_SIZES, MapType::Array, 4, 4, MAX_SERVICES * POOL_SLOTS, 0),
-        (names::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), BACKEND_ENTRIES, 0),
-        (names::FLOWS, MapType::LruHash, sz(size_of::<FlowKey>()), sz(size_of::<FlowEntry>()), 2 * max_flows, 0),
-        (names::SETTINGS, MapType::Array, 4, sz(size_of::<Settings>()), 1, 0),
-        (names::TX_PORTS, MapType::DevMapHash, 4, 8, MAX_INTERFACES, 0),
-        (names::SERVICE_STATS, MapType::PerCpuArray, 4, sz(size_of::<ColourStats>()), MAX_SERVICES * 2, 0),
-        (names::BACKEND_STATS, MapType::PerCpuArray, 4, sz(size_of::<BackendStats>()), BACKEND_STAT_ENTRIES, 0),
-        (names::GLOBAL_STATS, MapType::PerCpuArray, 4, 8, global::COUNT, 0),
+        (
+            names::SERVICES,
+            MapType::Hash,
+            sz(size_of::<ServiceKey>()),
+            sz(size_of::<ServiceValue>()),
+            MAX_SERVICES,
+            0,
+        ),
+        (
+            names::CONTROL,
+            MapType::Array,
+            4,
+            4,
+            MAX_SERVICES,
+            BPF_F_MMAPABLE,
+        ),
+        (
+            names::POOL_SIZES,
+            MapType::Array,
+            4,
+            4,
+            MAX_SERVICES * POOL_SLOTS,
+            0,
+        ),
+        (
+            names::BACKENDS,
+            MapType::Array,
+            4,
+            sz(size_of::<Backend>()),
+            BACKEND_ENTRIES,
+            0,
+        ),
+        (
+            names::FLOWS,
+            MapType::LruHash,
+            sz(size_of::<FlowKey>()),
+            sz(size_of::<FlowEntry>()),
+            2 * max_flows,
+            0,
+        ),
+        (
+            names::SETTINGS,
+            MapType::Array,
+            4,
+            sz(size_of::<Settings>()),
+            1,
+            0,
+        ),
+        (
+            names::TX_PORTS,
+            MapType::DevMapHash,
+            4,
+            8,
+            MAX_INTERFACES,
+            0,
+        ),
+        (
+            names::SERVICE_STATS,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<ColourStats>()),
+            MAX_SERVICES * 2,
+            0,
+        ),
+        (
+            names::BACKEND_STATS,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<BackendStats>()),
+            BACKEND_STAT_ENTRIES,
+            0,
+        ),
+        (
+            names::GLOBAL_STATS,
+            MapType::PerCpuArray,
+            4,
+            8,
+            global::COUNT,
+            0,
+        ),
     ]
+}
+
+fn map_data(m: &Map) -> Option<&MapData> {
+    match m {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::DevMapHash(d) => Some(d),
+        _ => None,
+    }
 }
 
 fn describe(t: MapType, k: u32, v: u32, n: u32, flags: u32) -> String {
     format!("{t:?} key {k} B, value {v} B, {n} entries, flags {flags:#x}")
 }
 
-fn check_shape(info: &MapInfo, path: &Path, want: &(&str, MapType, u32, u32, u32, u32)) -> Result<()> {
+fn check_shape(
+    info: &MapInfo,
+    path: &Path,
+    want: &(&str, MapType, u32, u32, u32, u32),
+) -> Result<()> {
     let (_, t, k, v, n, f) = *want;
     let found_t = info.map_type().unwrap_or(MapType::Unspecified);
     if found_t != t
@@ -332,7 +420,8 @@ impl Dataplane {
             for want in expected_maps(opts.max_flows) {
                 let path = paths::map_pin(bpffs, want.0);
                 if path.exists() {
-                    let info = MapInfo::from_pin(&path).map_err(map_err(want.0, "reading the pin"))?;
+                    let info =
+                        MapInfo::from_pin(&path).map_err(map_err(want.0, "reading the pin"))?;
                     check_shape(&info, &path, &want)?;
                 }
                 loader.map_pin_path(want.0, path);
@@ -342,32 +431,55 @@ impl Dataplane {
         {
             let prog: &mut Xdp = ebpf
                 .program_mut(PROGRAM_NAME)
-                .ok_or_else(|| DataplaneError::Invalid(format!("no program {PROGRAM_NAME} in the object")))?
+                .ok_or_else(|| {
+                    DataplaneError::Invalid(format!("no program {PROGRAM_NAME} in the object"))
+                })?
                 .try_into()?;
             prog.load()?;
         }
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name));
-        let services = HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES, "open"))?;
+        // The maps we got (pinned or new) must have the shape this code
+        // expects; checked on every load so the table cannot drift.
+        for want in expected_maps(opts.max_flows) {
+            let map = ebpf.map(want.0).ok_or(DataplaneError::MissingMap(want.0))?;
+            let info = map_data(map)
+                .ok_or(DataplaneError::MissingMap(want.0))?
+                .info()
+                .map_err(map_err(want.0, "info"))?;
+            check_shape(&info, Path::new(want.0), &want)?;
+        }
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name));
+        let services =
+            HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES, "open"))?;
         let control_map = take(names::CONTROL)?;
         let control = match &control_map {
-            Map::Array(data) => ControlWords::map(data.fd().as_fd(), MAX_SERVICES).map_err(|e| DataplaneError::Io {
-                op: "mmap",
-                path: names::CONTROL.into(),
-                source: e,
-            })?,
+            Map::Array(data) => {
+                ControlWords::map(data.fd().as_fd(), MAX_SERVICES).map_err(|e| {
+                    DataplaneError::Io {
+                        op: "mmap",
+                        path: names::CONTROL.into(),
+                        source: e,
+                    }
+                })?
+            }
             _ => return Err(DataplaneError::Invalid("CONTROL is not an array".into())),
         };
-        let pool_sizes = Array::try_from(take(names::POOL_SIZES)?).map_err(map_err(names::POOL_SIZES, "open"))?;
-        let backends = Array::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS, "open"))?;
-        let flows = HashMap::try_from(take(names::FLOWS)?).map_err(map_err(names::FLOWS, "open"))?;
-        let settings = Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
-        let tx_ports = DevMapHash::try_from(take(names::TX_PORTS)?).map_err(map_err(names::TX_PORTS, "open"))?;
-        let service_stats =
-            PerCpuArray::try_from(take(names::SERVICE_STATS)?).map_err(map_err(names::SERVICE_STATS, "open"))?;
-        let backend_stats =
-            PerCpuArray::try_from(take(names::BACKEND_STATS)?).map_err(map_err(names::BACKEND_STATS, "open"))?;
-        let global_stats =
-            PerCpuArray::try_from(take(names::GLOBAL_STATS)?).map_err(map_err(names::GLOBAL_STATS, "open"))?;
+        let pool_sizes = Array::try_from(take(names::POOL_SIZES)?)
+            .map_err(map_err(names::POOL_SIZES, "open"))?;
+        let backends =
+            Array::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS, "open"))?;
+        let flows =
+            HashMap::try_from(take(names::FLOWS)?).map_err(map_err(names::FLOWS, "open"))?;
+        let settings =
+            Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
+        let tx_ports = DevMapHash::try_from(take(names::TX_PORTS)?)
+            .map_err(map_err(names::TX_PORTS, "open"))?;
+        let service_stats = PerCpuArray::try_from(take(names::SERVICE_STATS)?)
+            .map_err(map_err(names::SERVICE_STATS, "open"))?;
+        let backend_stats = PerCpuArray::try_from(take(names::BACKEND_STATS)?)
+            .map_err(map_err(names::BACKEND_STATS, "open"))?;
+        let global_stats = PerCpuArray::try_from(take(names::GLOBAL_STATS)?)
+            .map_err(map_err(names::GLOBAL_STATS, "open"))?;
         // The mapping holds its own reference to the map; the Map handle may go.
         drop(control_map);
         Ok(Self {
@@ -398,12 +510,25 @@ impl Dataplane {
 
     /// Runs the program once on `frame` through BPF_PROG_TEST_RUN (maps are
     /// the live ones of this handle). Returns the XDP action and output frame.
-    pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, Duration)> {
+    /// `ingress` sets the receiving interface (ifindex in the caller's network
+    /// namespace); without it the kernel uses loopback.
+    pub fn test_run(
+        &mut self,
+        frame: &[u8],
+        ingress: Option<u32>,
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ingress.unwrap_or(0), 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
         let prog = self.program()?;
         let r = prog.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ingress.is_some().then_some(&ctx[..]),
             repeat,
             ..TestRunOptions::new()
         })?;
@@ -417,7 +542,9 @@ impl Dataplane {
             udp_idle_ns: udp_idle.as_nanos() as u64,
             tcp_idle_ns: tcp_idle.as_nanos() as u64,
         };
-        self.settings.set(0, s, 0).map_err(map_err(names::SETTINGS, "set"))
+        self.settings
+            .set(0, s, 0)
+            .map_err(map_err(names::SETTINGS, "set"))
     }
 
     /// Attaches (or adopts the pinned attachment) on `iface` and adds it to
@@ -498,9 +625,7 @@ impl Dataplane {
                 (m, link, false)
             }
         };
-        self.tx_ports
-            .insert(index, index, None, 0)
-            .map_err(|e| DataplaneError::Invalid(format!("adding {iface} to TX_PORTS: {e}")))?;
+        self.add_tx_port(index)?;
         let a = Attachment {
             interface: iface.into(),
             ifindex: index,
@@ -517,9 +642,17 @@ impl Dataplane {
         Ok(a)
     }
 
+    /// Lets the program redirect to interface `index` (done by `attach`).
+    pub fn add_tx_port(&mut self, index: u32) -> Result<()> {
+        self.tx_ports.insert(index, index, None, 0).map_err(|e| {
+            DataplaneError::Invalid(format!("adding ifindex {index} to TX_PORTS: {e}"))
+        })
+    }
+
     /// Swaps this daemon's program into a pinned link (atomic replace).
     fn adopt_link(&mut self, pin: &Path) -> Result<FdLink> {
-        let pinned = PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
+        let pinned =
+            PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
         let fd = FdLink::from(pinned);
         let xdp_link = XdpLink::try_from(fd).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
         let prog = self.program()?;
@@ -591,7 +724,9 @@ impl Dataplane {
         active: Colour,
     ) -> Result<()> {
         if id >= MAX_SERVICES {
-            return Err(DataplaneError::Invalid(format!("service id {id} out of range")));
+            return Err(DataplaneError::Invalid(format!(
+                "service id {id} out of range"
+            )));
         }
         for pool in [blue, green] {
             if pool.is_empty() || pool.len() > MAX_BACKENDS as usize {
@@ -625,9 +760,13 @@ impl Dataplane {
             self.write_pool(id, slot, want)?;
             slots[c.index() as usize] = slot;
         }
-        let canary = if control::enabled(old) { control::canary(old) } else { 0 };
-        let word = control::encode(active.index(), slots[0], slots[1], canary)
-            | (old & control::PREVIEW);
+        let canary = if control::enabled(old) {
+            control::canary(old)
+        } else {
+            0
+        };
+        let word =
+            control::encode(active.index(), slots[0], slots[1], canary) | (old & control::PREVIEW);
         self.control.store(id, word);
         if control::enabled(old) {
             for c in 0..2 {
@@ -672,7 +811,9 @@ impl Dataplane {
     pub fn set_active(&mut self, id: u32, colour: Colour) -> Result<()> {
         let old = self.control.load(id);
         if !control::enabled(old) {
-            return Err(DataplaneError::Invalid(format!("service id {id} is not configured")));
+            return Err(DataplaneError::Invalid(format!(
+                "service id {id} is not configured"
+            )));
         }
         let word = (old & !control::ACTIVE_MASK) | colour.index();
         self.control.store(id, word);
@@ -686,6 +827,35 @@ impl Dataplane {
             Err(e) => return Err(map_err(names::SERVICES, "remove")(e)),
         }
         self.control.store(id, 0);
+        Ok(())
+    }
+
+    /// Removes only the `SERVICES` entry of `key`.
+    pub fn remove_service_key(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::SERVICES, "remove")(e)),
+        }
+    }
+
+    /// Removes pinned links of interfaces that are not configured (left by an
+    /// earlier daemon with another config), which detaches them.
+    pub fn detach_unknown_pins(&mut self, configured: &[String]) -> Result<()> {
+        let Some(bpffs) = &self.bpffs else {
+            return Ok(());
+        };
+        let dir = paths::pin_root(bpffs).join("links");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let iface = name.split_once('-').map_or(name.as_str(), |(_, i)| i);
+            if !configured.iter().any(|c| c == iface) {
+                log::info!("{iface}: pinned XDP link from an earlier config; detaching");
+                std::fs::remove_file(e.path()).map_err(io_err("unpinning", &e.path()))?;
+            }
+        }
         Ok(())
     }
 

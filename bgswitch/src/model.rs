@@ -133,7 +133,10 @@ pub enum ModelError {
 pub enum FlipOutcome {
     Changed(Change),
     /// Already on the requested colour; nothing changed.
-    Unchanged { active: Colour, generation: u64 },
+    Unchanged {
+        active: Colour,
+        generation: u64,
+    },
 }
 
 impl DesiredState {
@@ -295,7 +298,10 @@ mod tests {
         let FlipOutcome::Changed(c) = s.flip("web", None, &req()).unwrap() else {
             panic!("flip must change")
         };
-        assert_eq!((c.from, c.to, c.generation_before, c.generation), (Colour::Blue, Colour::Green, 1, 2));
+        assert_eq!(
+            (c.from, c.to, c.generation_before, c.generation),
+            (Colour::Blue, Colour::Green, 1, 2)
+        );
         assert_eq!(c.reason.as_deref(), Some("release 42"));
         assert_eq!(
             s.flip("web", Some(Colour::Green), &req()).unwrap(),
@@ -305,7 +311,10 @@ mod tests {
             }
         );
         let r = s.rollback("web", &req()).unwrap();
-        assert_eq!((r.kind, r.from, r.to, r.generation), (ChangeKind::Rollback, Colour::Green, Colour::Blue, 3));
+        assert_eq!(
+            (r.kind, r.from, r.to, r.generation),
+            (ChangeKind::Rollback, Colour::Green, Colour::Blue, 3)
+        );
         // A rollback of the rollback goes forward again.
         let r = s.rollback("web", &req()).unwrap();
         assert_eq!(r.to, Colour::Green);

@@ -86,7 +86,10 @@ impl StateStore {
         if file.version != STATE_VERSION {
             return Err(StateError::Corrupt {
                 path,
-                reason: format!("version {} (this daemon reads {STATE_VERSION})", file.version),
+                reason: format!(
+                    "version {} (this daemon reads {STATE_VERSION})",
+                    file.version
+                ),
             });
         }
         Ok(file.state)

@@ -41,8 +41,8 @@ pub use netns::{
 };
 pub use servers::{HttpServer, UdpEchoServer};
 pub use topology::{
-    cleanup_stale, Backend, Colour, Topology, TopologyOptions, CLIENT_ADDR, LB_BACKEND_ADDR,
-    LB_CLIENT_ADDR, VIP,
+    cleanup_stale, Backend, Colour, TempNetns, Topology, TopologyOptions, CLIENT_ADDR,
+    LB_BACKEND_ADDR, LB_CLIENT_ADDR, VIP,
 };
 
 #[cfg(test)]

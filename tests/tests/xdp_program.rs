@@ -1,0 +1,575 @@
+//! The XDP program on crafted frames through BPF_PROG_TEST_RUN.
+//!
+//! Frames are built and checked with `etherparse`, an implementation
+//! independent of the program's own checksum code. Each test runs in a fresh
+//! network namespace so FIB lookups see a known routing table.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use bgswitch::{
+    dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
+    model::Colour,
+};
+use bgswitch_common::{
+    hash::{flow_hash, reduce, BACKEND_SEED},
+    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
+};
+use bgswitch_tests::{in_netns, ip, TempNetns};
+use etherparse::{IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+const XDP_ABORTED: u32 = 0;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn blue() -> Vec<SocketAddr> {
+    vec![
+        "198.18.1.11:8080".parse().unwrap(),
+        "198.18.1.12:8080".parse().unwrap(),
+    ]
+}
+fn green() -> Vec<SocketAddr> {
+    vec![
+        "198.18.1.21:8080".parse().unwrap(),
+        "198.18.1.22:8080".parse().unwrap(),
+    ]
+}
+
+/// A loaded program with a TCP service on VIP:80 (id 0) and a UDP service on
+/// VIP:53 (id 1).
+struct Fixture {
+    dp: Dataplane,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let mut dp = Dataplane::load(&LoadOptions {
+            bpffs: None,
+            max_flows: 4096,
+        })
+        .expect("load the XDP program (verifier)");
+        dp.set_settings(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+        let pool = |id, c: Colour, addrs: &[SocketAddr]| {
+            addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| backend_of(*a, backend_stat_id(id, c, i as u32)))
+                .collect::<Vec<_>>()
+        };
+        dp.write_service(
+            0,
+            service_key(SocketAddr::V4(SocketAddrV4::new(VIP, 80)), PROTO_TCP),
+            &pool(0, Colour::Blue, &blue()),
+            &pool(0, Colour::Green, &green()),
+            Colour::Blue,
+        )
+        .unwrap();
+        let ublue: Vec<SocketAddr> = vec!["198.18.1.11:5353".parse().unwrap()];
+        let ugreen: Vec<SocketAddr> = vec!["198.18.1.21:5353".parse().unwrap()];
+        dp.write_service(
+            1,
+            service_key(SocketAddr::V4(SocketAddrV4::new(VIP, 53)), PROTO_UDP),
+            &pool(1, Colour::Blue, &ublue),
+            &pool(1, Colour::Green, &ugreen),
+            Colour::Blue,
+        )
+        .unwrap();
+        Fixture { dp }
+    }
+
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (action, out, _) = self.dp.test_run(frame, None, 1).expect("test run");
+        (action, out)
+    }
+}
+
+/// Runs `f` as root inside a fresh network namespace with only `lo`.
+fn in_scratch_ns(f: impl FnOnce(&str) + Send) {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged test: run as root (cargo xtask test)"
+    );
+    let ns = TempNetns::create().expect("create a network namespace");
+    let name = ns.name().to_string();
+    in_netns(&name, || f(&name)).expect("enter the namespace");
+}
+
+#[derive(Clone, Copy)]
+enum L4 {
+    Syn,
+    SynAck,
+    Ack,
+    Fin,
+    Rst,
+    Udp,
+}
+
+fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv4(
+        src.ip().octets(),
+        dst.ip().octets(),
+        ttl,
+    );
+    let mut out = Vec::new();
+    match l4 {
+        L4::Udp => b
+            .udp(src.port(), dst.port())
+            .write(&mut out, payload)
+            .unwrap(),
+        _ => {
+            let t = b.tcp(src.port(), dst.port(), 1000, 65535);
+            let t = match l4 {
+                L4::Syn => t.syn(),
+                L4::SynAck => t.syn().ack(1001),
+                L4::Ack => t.ack(1),
+                L4::Fin => t.fin().ack(1),
+                L4::Rst => t.rst(),
+                L4::Udp => unreachable!(),
+            };
+            t.write(&mut out, payload).unwrap()
+        }
+    }
+    out
+}
+
+fn v4(a: &str) -> SocketAddrV4 {
+    a.parse().unwrap()
+}
+
+/// Checks IPv4 and L4 checksums of `frame` with etherparse; returns
+/// (src, dst, ttl).
+fn verify(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4, u8) {
+    let p = SlicedPacket::from_ethernet(frame).expect("output frame parses");
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4")
+    };
+    let h = ip.header().to_header();
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let (sp, dp) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t.calc_checksum_ipv4(h.source, h.destination).unwrap();
+            assert_eq!(t.checksum(), want, "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() != 0 {
+                let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                assert_eq!(u.checksum(), want, "UDP checksum");
+            }
+            (u.source_port(), u.destination_port())
+        }
+        _ => panic!("no TCP/UDP"),
+    };
+    (
+        SocketAddrV4::new(h.source.into(), sp),
+        SocketAddrV4::new(h.destination.into(), dp),
+        h.time_to_live,
+    )
+}
+
+/// The backend the program must pick for a new flow (same hash as the program).
+fn predicted(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, pool: &[SocketAddr]) -> SocketAddrV4 {
+    let key = FlowKey {
+        src: ipv4_to_addr(src.ip().octets()),
+        dst: ipv4_to_addr(dst.ip().octets()),
+        sport: port_to_wire(src.port()),
+        dport: port_to_wire(dst.port()),
+        proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    match pool[reduce(flow_hash(&key, BACKEND_SEED), pool.len() as u32) as usize] {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!(),
+    }
+}
+
+#[test]
+fn syn_to_vip_is_rewritten_to_the_predicted_blue_backend_byte_for_byte() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let client = SocketAddrV4::new(CLIENT, 40000);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let input = frame(client, vip, L4::Syn, 64, b"");
+        let (action, out) = fx.run(&input);
+        // No route in the scratch namespace: the rewritten frame goes to the stack.
+        assert_eq!(action, XDP_PASS);
+        let backend = predicted(client, vip, PROTO_TCP, &blue());
+        let expected = frame(client, backend, L4::Syn, 64, b"");
+        assert_eq!(
+            out, expected,
+            "exactly the input with the destination rewritten"
+        );
+        assert_eq!(verify(&out), (client, backend, 64));
+        let st = fx.dp.colour_stats(0, Colour::Blue).unwrap();
+        assert_eq!((st.packets, st.new_flows), (1, 1));
+        let g = fx.dp.colour_stats(0, Colour::Green).unwrap();
+        assert_eq!((g.packets, g.new_flows), (0, 0));
+    });
+}
+
+#[test]
+fn replies_are_rewritten_back_to_the_vip_and_unknown_replies_are_not() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let client = SocketAddrV4::new(CLIENT, 40001);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let (_, fwd) = fx.run(&frame(client, vip, L4::Syn, 64, b""));
+        let (_, backend, _) = verify(&fwd);
+        // The backend answers the client directly.
+        let reply = frame(backend, client, L4::SynAck, 64, b"");
+        let (action, out) = fx.run(&reply);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame(vip, client, L4::SynAck, 64, b""));
+        assert_eq!(verify(&out), (vip, client, 64));
+        let st = fx.dp.colour_stats(0, Colour::Blue).unwrap();
+        assert_eq!((st.reply_packets, st.syn_acks), (1, 1));
+        // A packet from the same backend to another client port is no reply of ours.
+        let stranger = frame(backend, SocketAddrV4::new(CLIENT, 40999), L4::Ack, 64, b"x");
+        assert_eq!(fx.run(&stranger), (XDP_PASS, stranger.clone()));
+    });
+}
+
+#[test]
+fn open_flows_stay_on_blue_across_a_flip_while_new_flows_go_green() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let old = SocketAddrV4::new(CLIENT, 41000);
+        let (_, out) = fx.run(&frame(old, vip, L4::Syn, 64, b""));
+        let (_, before, _) = verify(&out);
+        assert!(blue().contains(&SocketAddr::V4(before)));
+
+        fx.dp.set_active(0, Colour::Green).unwrap();
+
+        for l4 in [L4::Ack, L4::Ack, L4::Fin] {
+            let (_, out) = fx.run(&frame(old, vip, l4, 64, b"GET / HTTP/1.1\r\n\r\n"));
+            assert_eq!(verify(&out).1, before, "open flow must keep its backend");
+        }
+        for port in 42000..42020 {
+            let c = SocketAddrV4::new(CLIENT, port);
+            let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+            let dst = verify(&out).1;
+            assert_eq!(dst, predicted(c, vip, PROTO_TCP, &green()));
+        }
+        // And back: rollback sends new flows to blue again, green flows stay.
+        let g = SocketAddrV4::new(CLIENT, 42000);
+        let green_backend = predicted(g, vip, PROTO_TCP, &green());
+        fx.dp.set_active(0, Colour::Blue).unwrap();
+        let (_, out) = fx.run(&frame(g, vip, L4::Ack, 64, b""));
+        assert_eq!(verify(&out).1, green_backend);
+        let st = fx.dp.colour_stats(0, Colour::Green).unwrap();
+        assert_eq!(st.new_flows, 20);
+    });
+}
+
+#[test]
+fn non_syn_without_record_goes_to_the_active_colour_and_is_recorded() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = SocketAddrV4::new(CLIENT, 43000);
+        let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b"data"));
+        let first = verify(&out).1;
+        assert_eq!(first, predicted(c, vip, PROTO_TCP, &green()));
+        fx.dp.set_active(0, Colour::Blue).unwrap();
+        let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b"more"));
+        assert_eq!(verify(&out).1, first, "recorded on its first packet");
+    });
+}
+
+#[test]
+fn a_syn_after_close_chooses_afresh_but_a_retransmitted_syn_does_not() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = SocketAddrV4::new(CLIENT, 44000);
+        let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        let b = verify(&out).1;
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        // Retransmitted SYN of the same, still open connection: same backend.
+        let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, b);
+        // The client resets; the port is reused for a new connection.
+        fx.run(&frame(c, vip, L4::Rst, 64, b""));
+        let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, &green()));
+    });
+}
+
+#[test]
+fn udp_rewrite_keeps_a_zero_checksum_zero_and_fixes_a_real_one() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 53);
+        let c = SocketAddrV4::new(CLIENT, 45000);
+        let backend = v4("198.18.1.11:5353");
+        let input = frame(c, vip, L4::Udp, 64, b"query");
+        let (action, out) = fx.run(&input);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame(c, backend, L4::Udp, 64, b"query"));
+        verify(&out);
+        // Same datagram with the checksum zeroed ("none"): stays zero.
+        let mut zero = frame(SocketAddrV4::new(CLIENT, 45001), vip, L4::Udp, 64, b"q");
+        zero[14 + 20 + 6] = 0;
+        zero[14 + 20 + 7] = 0;
+        let (_, out) = fx.run(&zero);
+        assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+        assert_eq!(&out[30..34], &[198, 18, 1, 11]);
+        // The reply is rewritten back.
+        let (_, out) = fx.run(&frame(backend, c, L4::Udp, 64, b"answer"));
+        assert_eq!(out, frame(vip, c, L4::Udp, 64, b"answer"));
+    });
+}
+
+#[test]
+fn ip_options_are_skipped_by_header_length() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let c = SocketAddrV4::new(CLIENT, 46000);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let build = |dst: SocketAddrV4| {
+            let mut h =
+                Ipv4Header::new(0, 64, IpNumber::TCP, CLIENT.octets(), dst.ip().octets()).unwrap();
+            h.options = [1u8, 1, 1, 0][..].try_into().unwrap();
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ip(etherparse::IpHeaders::Ipv4(h, Default::default()))
+                .tcp(c.port(), dst.port(), 7, 1000)
+                .syn()
+                .write(&mut out, b"")
+                .unwrap();
+            out
+        };
+        let input = build(vip);
+        assert_eq!(input[14] & 0x0f, 6, "IHL 6: four bytes of options");
+        let (_, out) = fx.run(&input);
+        let backend = predicted(c, vip, PROTO_TCP, &blue());
+        assert_eq!(out, build(backend));
+        assert_eq!(verify(&out).1, backend);
+    });
+}
+
+#[test]
+fn everything_that_is_not_a_vip_flow_passes_byte_for_byte() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let c = SocketAddrV4::new(CLIENT, 47000);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let syn = frame(c, vip, L4::Syn, 64, b"");
+        let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+        // ARP request.
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&CLIENT_MAC);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&CLIENT_MAC);
+        arp.extend_from_slice(&CLIENT.octets());
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&VIP.octets());
+        cases.push(("arp".into(), arp));
+        // IPv6 TCP to port 80.
+        let mut v6 = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .ipv6(
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10],
+                64,
+            )
+            .tcp(47000, 80, 1, 100)
+            .syn()
+            .write(&mut v6, b"")
+            .unwrap();
+        cases.push(("ipv6".into(), v6));
+        cases.push((
+            "other port".into(),
+            frame(c, SocketAddrV4::new(VIP, 81), L4::Syn, 64, b""),
+        ));
+        cases.push((
+            "other address".into(),
+            frame(c, v4("198.19.0.11:80"), L4::Syn, 64, b""),
+        ));
+        cases.push((
+            "udp to the tcp service".into(),
+            frame(c, vip, L4::Udp, 64, b"x"),
+        ));
+        cases.push((
+            "tcp to the udp service".into(),
+            frame(c, SocketAddrV4::new(VIP, 53), L4::Syn, 64, b""),
+        ));
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .ipv4(CLIENT.octets(), VIP.octets(), 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut icmp, b"ping")
+            .unwrap();
+        cases.push(("icmp".into(), icmp));
+        cases.push(("ttl 1".into(), frame(c, vip, L4::Syn, 1, b"")));
+        cases.push(("ttl 0".into(), frame(c, vip, L4::Syn, 0, b"")));
+        let mut mf = syn.clone();
+        mf[20] |= 0x20; // more fragments
+        cases.push(("first fragment".into(), mf));
+        let mut off = syn.clone();
+        off[21] = 0x10; // offset 16 * 8
+        cases.push(("non-first fragment".into(), off));
+        let mut ihl = syn.clone();
+        ihl[14] = 0x44;
+        cases.push(("ihl 4".into(), ihl));
+        let mut ver = syn.clone();
+        ver[14] = 0x65;
+        cases.push(("version 6 in an IPv4 frame".into(), ver));
+        let mut long = syn.clone();
+        long[16] = 0x05; // total length 1280+ beyond the frame
+        cases.push(("total length beyond frame".into(), long));
+        let mut doff = syn.clone();
+        doff[14 + 20 + 12] = 0x40; // data offset 4
+        cases.push(("tcp data offset 4".into(), doff));
+        let mut udp_len = frame(c, SocketAddrV4::new(VIP, 53), L4::Udp, 64, b"abc");
+        udp_len[14 + 20 + 4] = 0x10; // udp length beyond the IP payload
+        cases.push(("udp length beyond payload".into(), udp_len));
+        for cut in 0..syn.len() {
+            cases.push((format!("truncated at {cut}"), syn[..cut].to_vec()));
+        }
+        let before = fx.dp.global_stats().unwrap();
+        for (what, input) in &cases {
+            if input.len() < 14 {
+                // The kernel refuses test-run frames shorter than an Ethernet header.
+                continue;
+            }
+            let (action, out) = fx.run(input);
+            assert_eq!(action, XDP_PASS, "{what}");
+            assert_eq!(&out, input, "{what}: must pass untouched");
+        }
+        let after = fx.dp.global_stats().unwrap();
+        let delta = |name: &str| {
+            let get = |v: &Vec<(&str, u64)>| v.iter().find(|(n, _)| *n == name).unwrap().1;
+            get(&after) - get(&before)
+        };
+        assert_eq!(delta("fragment"), 2);
+        assert_eq!(delta("ttl_exceeded"), 2);
+        assert_eq!(delta("pass_not_ip"), 2, "arp and ipv6");
+        assert!(delta("malformed") >= 5 + 39, "{}", delta("malformed"));
+        let st = fx.dp.colour_stats(0, Colour::Blue).unwrap();
+        assert_eq!(
+            st.packets, 0,
+            "no untouched frame may count as service traffic"
+        );
+    });
+}
+
+#[test]
+fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
+    in_scratch_ns(|ns| {
+        // v0 faces the backends (198.18.1.0/24, neighbours known), v1 does not.
+        ip(&[
+            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ])
+        .unwrap();
+        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
+        let neigh = |addr: &str, mac: &str| {
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                "v0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap()
+        };
+        neigh("198.18.1.11", "02:00:00:00:01:11");
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
+        let v1 = bgswitch::dataplane::ifindex("v1").unwrap();
+        let v0_mac = std::fs::read_to_string("/sys/class/net/v0/address");
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        // Find a client port whose flow goes to 198.18.1.11 (neighbour known).
+        let c = (48000..49000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+            .unwrap();
+        let (action, out, _) = fx
+            .dp
+            .test_run(&frame(c, vip, L4::Syn, 64, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_TX, "egress = ingress: XDP_TX");
+        assert_eq!(
+            verify(&out),
+            (c, v4("198.18.1.11:8080"), 63),
+            "TTL decremented"
+        );
+        assert_eq!(
+            &out[0..6],
+            &[2, 0, 0, 0, 1, 0x11],
+            "destination MAC of the neighbour"
+        );
+        // /sys is the host's view in this thread; compare with what ip says instead.
+        let _ = v0_mac;
+        let mac = bgswitch_tests::netns::mac_address(ns, "v0").unwrap();
+        assert_eq!(&out[6..12], &mac, "source MAC of the egress interface");
+
+        // Arriving on v1, leaving on v0: v0 not in TX_PORTS → to the stack, L2 untouched.
+        let c2 = (49000..50000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+            .unwrap();
+        let input = frame(c2, vip, L4::Syn, 64, b"");
+        let (action, out, _) = fx.dp.test_run(&input, Some(v1), 1).unwrap();
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(verify(&out).2, 64, "TTL left to the stack");
+        assert_eq!(&out[0..12], &input[0..12]);
+        // With v0 in TX_PORTS the frame is redirected.
+        fx.dp.add_tx_port(v0).unwrap();
+        let (action, out, _) = fx
+            .dp
+            .test_run(&frame(c2, vip, L4::Ack, 64, b""), Some(v1), 1)
+            .unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(verify(&out).2, 63);
+
+        // No neighbour for 198.18.1.12: rewritten, passed to the stack to resolve.
+        let c3 = (50000..51000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.12:8080"))
+            .unwrap();
+        let input = frame(c3, vip, L4::Syn, 64, b"");
+        let (action, out, _) = fx.dp.test_run(&input, Some(v0), 1).unwrap();
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(verify(&out), (c3, v4("198.18.1.12:8080"), 64));
+        let g = fx.dp.global_stats().unwrap();
+        let get = |n: &str| g.iter().find(|(k, _)| *k == n).unwrap().1;
+        assert_eq!(
+            (
+                get("xdp_tx"),
+                get("redirect"),
+                get("fib_no_neigh"),
+                get("egress_unknown")
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_ne!(action, XDP_ABORTED);
+    });
+}
