@@ -255,6 +255,9 @@ impl Daemon {
                     let done = detach && resp.ok;
                     let _ = reply.send(resp);
                     if done {
+                        // Let the connection task write the answer before
+                        // the runtime (and the task) goes away.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                         break;
                     }
                 }

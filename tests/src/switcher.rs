@@ -1,0 +1,358 @@
+//! Runs the real `bgswitch daemon` inside a topology's load-balancer namespace
+//! and drives it with the real CLI.
+//!
+//! Everything lives under `/run/bgswitch-test/<prefix>/`: a bpffs mounted at
+//! `bpf/` in the host's mount namespace (so pins outlive a killed daemon,
+//! which runs under `ip netns exec` in a mount namespace of its own), the
+//! state directory, the socket, the config and the daemon's log. `Drop` kills
+//! the daemon, detaches (removes the pins), unmounts and deletes the
+//! directory, also when a test panics.
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::topology::{Colour, Topology, LB_BACKEND_IF, LB_CLIENT_IF, VIP};
+
+/// Port of the HTTP service on the VIP and on every backend.
+pub const HTTP_PORT: u16 = 8080;
+/// Port of the UDP echo service on the VIP and on every backend.
+pub const UDP_PORT: u16 = 5353;
+
+/// Where the `bgswitch` binary is: `$BGSWITCH_BIN`, else next to the test
+/// binary's `deps/` directory (`target/<profile>/bgswitch`).
+pub fn bgswitch_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BGSWITCH_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("test binary has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("no profile directory")?;
+    }
+    let bin = dir.join("bgswitch");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it first (`cargo build -p bgswitch`) or set BGSWITCH_BIN; \
+             `cargo xtask test` does both",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The `[[service]]` tables for a topology: an HTTP service and a UDP echo
+/// service on the VIP, each with the topology's blue and green backends.
+pub fn default_services(topo: &Topology) -> String {
+    let pool = |c: Colour, port: u16| {
+        topo.backends()
+            .iter()
+            .filter(|b| b.colour == c)
+            .map(|b| format!("\"{}:{port}\"", b.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP}:{HTTP_PORT}\"\nprotocol = \"tcp\"\nblue = [{}]\ngreen = [{}]\n\n\
+         [[service]]\nname = \"echo\"\nvip = \"{VIP}:{UDP_PORT}\"\nprotocol = \"udp\"\nblue = [{}]\ngreen = [{}]\n",
+        pool(Colour::Blue, HTTP_PORT),
+        pool(Colour::Green, HTTP_PORT),
+        pool(Colour::Blue, UDP_PORT),
+        pool(Colour::Green, UDP_PORT),
+    )
+}
+
+/// The output of one CLI call.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A `bgswitch daemon` running in a topology's lb namespace.
+pub struct Switcher {
+    dir: PathBuf,
+    lb_ns: String,
+    bin: PathBuf,
+    child: Option<Child>,
+    mounted: bool,
+}
+
+impl Switcher {
+    /// Prepares the directory, mounts the bpffs and writes a config with the
+    /// topology's two lb interfaces and `services` (TOML `[[service]]` tables).
+    /// Does not start the daemon.
+    pub fn new(topo: &Topology, services: &str) -> Result<Self> {
+        let bin = bgswitch_bin()?;
+        let dir = PathBuf::from("/run/bgswitch-test").join(topo.prefix());
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("bpf"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let mut s = Self {
+            dir,
+            lb_ns: topo.lb_ns().to_string(),
+            bin,
+            child: None,
+            mounted: false,
+        };
+        mount_bpffs(&s.bpffs())?;
+        s.mounted = true;
+        s.write_config(&s.config_text(services))?;
+        Ok(s)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpf")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("bgswitch.sock")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("bgswitch.toml")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    /// A full config for this switcher with the given services.
+    pub fn config_text(&self, services: &str) -> String {
+        format!(
+            "interfaces = [\"{LB_CLIENT_IF}\", \"{LB_BACKEND_IF}\"]\n\
+             xdp_mode = \"native\"\n\
+             socket = \"{}\"\n\
+             state_dir = \"{}\"\n\
+             bpffs = \"{}\"\n\
+             max_flows = 65536\n\
+             udp_idle_timeout = \"30s\"\n\n{services}",
+            self.socket().display(),
+            self.state_dir().display(),
+            self.bpffs().display(),
+        )
+    }
+
+    pub fn write_config(&self, text: &str) -> Result<()> {
+        fs::write(self.config_path(), text).context("writing the config")
+    }
+
+    /// Starts the daemon and waits until it answers `status`.
+    pub fn start(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("daemon already running");
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lb_ns])
+            .arg(&self.bin)
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning bgswitch daemon")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!(
+                    "daemon exited with {status} while starting:\n{}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(out) = self.cli(&["status"]) {
+                if out.code == 0 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not answer within 20 s:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a daemon expecting it to fail; returns its exit code and log.
+    pub fn start_expect_failure(&self) -> Result<(i32, String)> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lb_ns])
+            .arg(&self.bin)
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// The daemon's pid, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (at most 10 s, then SIGKILL).
+    pub fn stop(&mut self) -> Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(None);
+        };
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s.code());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("daemon ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the daemon to exit by itself (e.g. after `detach`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let Some(c) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = c.try_wait()? {
+                self.child = None;
+                return Ok(s.code());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `bgswitch --socket <ours> ARGS...` (from the host namespace).
+    pub fn cli(&self, args: &[&str]) -> Result<CliOutput> {
+        let out = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running the bgswitch CLI")?;
+        Ok(CliOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs the CLI and fails unless it exits 0.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if out.code != 0 {
+            bail!(
+                "bgswitch {args:?} exited {}: {}{}",
+                out.code,
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// `bgswitch status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let text = self.cli_ok(&["status", "--json"])?;
+        serde_json::from_str(&text).context("status --json is not JSON")
+    }
+
+    /// The last 40 lines of the daemon's log.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The whole daemon log.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Switcher {
+    fn drop(&mut self) {
+        self.kill();
+        // Offline detach: removes the pinned links (detaching XDP) and maps.
+        let _ = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(self.dir.join("no-daemon.sock"))
+            .arg("detach")
+            .arg("--config")
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if self.mounted {
+            if let Ok(c) = CString::new(self.bpffs().as_os_str().as_encoded_bytes()) {
+                // SAFETY: valid path; lazy unmount.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn mount_bpffs(path: &Path) -> Result<()> {
+    let target = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let fstype = CString::new("bpf")?;
+    // SAFETY: valid C strings, no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting a bpffs at {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}

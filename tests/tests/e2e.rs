@@ -1,0 +1,321 @@
+//! End to end: the real daemon and CLI switching real TCP and UDP traffic
+//! between real servers in network namespaces.
+
+use std::{
+    net::SocketAddrV4,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bgswitch_tests::{
+    http_get,
+    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
+    KeepAliveClient, Topology, TopologyOptions, UdpClient, VIP,
+};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged test: run as root (cargo xtask test)"
+    );
+}
+
+fn setup() -> (Topology, Switcher) {
+    require_root();
+    // veth senders hand over TCP/UDP with partial checksums, which XDP cannot
+    // see; real NICs deliver complete ones. Senders compute them in full here.
+    let mut topo = Topology::create(TopologyOptions {
+        tx_csum_off: true,
+        ..TopologyOptions::default()
+    })
+    .expect("topology");
+    topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
+    let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
+    sw.start().expect("daemon starts");
+    (topo, sw)
+}
+
+fn web() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, HTTP_PORT)
+}
+fn echo() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, UDP_PORT)
+}
+
+/// Colour ("blue"/"green") of a response body "colour name\n".
+fn colour(body: &str) -> &str {
+    body.split_whitespace().next().unwrap_or("")
+}
+
+#[test]
+fn flip_moves_new_connections_while_open_ones_finish_on_blue() {
+    let (topo, sw) = setup();
+    let cli = topo.client_ns().to_string();
+    for _ in 0..8 {
+        let r = http_get(&cli, web(), "/").unwrap_or_else(|e| {
+            panic!(
+                "request through the VIP: {e:#}\n{}\n{}",
+                sw.cli(&["status"]).map(|o| o.stdout).unwrap_or_default(),
+                sw.log_tail()
+            )
+        });
+        assert_eq!(colour(&r.body), "blue", "{r:?}\n{}", sw.log_tail());
+    }
+    // A long-lived connection opened before the flip.
+    let mut long = KeepAliveClient::connect(&cli, web()).unwrap();
+    let first = long.get("/").unwrap();
+    assert_eq!(colour(&first.body), "blue");
+
+    let out = sw
+        .cli_ok(&["flip", "web", "--reason", "release 2"])
+        .unwrap();
+    assert!(out.contains("blue → green"), "{out}");
+
+    for i in 0..3 {
+        let r = long.get("/").unwrap();
+        assert_eq!(
+            r.body, first.body,
+            "open connection must stay on its backend (request {i})"
+        );
+    }
+    let mut greens = std::collections::BTreeSet::new();
+    for _ in 0..16 {
+        let r = http_get(&cli, web(), "/").unwrap();
+        assert_eq!(colour(&r.body), "green", "{r:?}");
+        greens.insert(r.backend);
+    }
+    assert_eq!(
+        greens.len(),
+        2,
+        "new flows spread over both green backends: {greens:?}"
+    );
+    // A request that is in flight during the flip completes on blue.
+    let st = sw.status().unwrap();
+    let web_st = &st["services"][0];
+    assert_eq!(web_st["active"], "green");
+    assert_eq!(web_st["colours"][0]["colour"], "blue");
+    assert!(
+        web_st["colours"][0]["live_flows"].as_u64().unwrap() >= 1,
+        "{web_st}"
+    );
+    assert!(web_st["colours"][1]["new_flows"].as_u64().unwrap() >= 16);
+    drop(long);
+
+    let out = sw.cli_ok(&["rollback", "web"]).unwrap();
+    assert!(out.contains("green → blue"), "{out}");
+    let r = http_get(&cli, web(), "/").unwrap();
+    assert_eq!(colour(&r.body), "blue");
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["generation"], 3);
+    assert_eq!(st["services"][0]["last_change"]["kind"], "rollback");
+    let text = sw.cli_ok(&["status", "web"]).unwrap();
+    assert!(text.contains("active: blue"), "{text}");
+    assert!(
+        text.contains("interfaces: lbb (native) lbc (native)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn udp_flows_are_pinned_and_new_ones_follow_the_flip() {
+    let (topo, sw) = setup();
+    let cli = topo.client_ns().to_string();
+    let old = UdpClient::new(&cli).unwrap();
+    let a = old.request(echo(), b"1").unwrap();
+    assert!(a.starts_with("blue "), "{a}\n{}", sw.log_tail());
+    sw.cli_ok(&["flip", "echo", "--to", "green"]).unwrap();
+    let b = old.request(echo(), b"2").unwrap();
+    assert_eq!(
+        a.split(' ').nth(1),
+        b.split(' ').nth(1),
+        "same backend after the flip"
+    );
+    assert!(b.starts_with("blue "), "{b}");
+    let fresh = UdpClient::new(&cli).unwrap();
+    let c = fresh.request(echo(), b"3").unwrap();
+    assert!(c.starts_with("green "), "{c}");
+    // Flipping again to the active colour changes nothing and succeeds.
+    let out = sw.cli_ok(&["flip", "echo", "--to", "green"]).unwrap();
+    assert!(out.contains("already green"), "{out}");
+}
+
+#[test]
+fn daemon_killed_and_restarted_under_load_loses_nothing() {
+    let (topo, mut sw) = setup();
+    let cli = topo.client_ns().to_string();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, ok, failed, wrong, cli) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            wrong.clone(),
+            cli.clone(),
+        );
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match http_get(&cli, web(), "/") {
+                    Ok(r) if colour(&r.body) == "green" => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => wrong.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("request failed: {e:#}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    sw.kill();
+    let during = ok.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        ok.load(Ordering::Relaxed) > during,
+        "traffic flows with no daemon"
+    );
+    sw.start().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let st = sw.status().unwrap();
+    assert_eq!(
+        st["services"][0]["active"], "green",
+        "state kept across SIGKILL"
+    );
+    assert_eq!(st["services"][0]["generation"], 2);
+    assert_eq!(st["interfaces"][0]["adopted"], true, "{st}");
+    assert!(
+        st["services"][0]["colours"][1]["new_flows"]
+            .as_u64()
+            .unwrap()
+            >= ok.load(Ordering::Relaxed),
+        "counters survive the restart: {st}"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no failed request\n{}",
+        sw.log_tail()
+    );
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "no request reached blue");
+    assert!(ok.load(Ordering::Relaxed) > 20);
+    eprintln!("{} requests, none failed", ok.load(Ordering::Relaxed));
+}
+
+#[test]
+fn bad_config_is_refused_and_the_running_state_kept() {
+    let (topo, sw) = setup();
+    let cli = topo.client_ns().to_string();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    let good = std::fs::read_to_string(sw.config_path()).unwrap();
+    for (bad, key) in [
+        (good.replace("\"lbb\"", "\"nosuch0\""), "interfaces[1]"),
+        (
+            good.replace("198.19.0.10:5353", "198.19.0.10:8080")
+                .replace("protocol = \"udp\"", "protocol = \"tcp\""),
+            "service[1] (echo).vip",
+        ),
+        (
+            good.replace(
+                "green = [\"198.18.1.21:8080\", \"198.18.1.22:8080\"]",
+                "green = []",
+            ),
+            "service[0] (web).green",
+        ),
+        (
+            good.replace("198.18.1.11:8080", "198.18.1.300:8080"),
+            "service[0] (web).blue[0]",
+        ),
+        (good.clone() + "\nthis is not toml", "line"),
+    ] {
+        sw.write_config(&bad).unwrap();
+        let out = sw.cli(&["reload"]).unwrap();
+        assert_ne!(out.code, 0, "bad config must be refused: {bad}");
+        assert!(
+            out.stderr.contains(&sw.config_path().display().to_string()),
+            "names the file: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(key),
+            "names the key {key}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("unchanged"), "{}", out.stderr);
+        let r = http_get(&cli, web(), "/").unwrap();
+        assert_eq!(
+            colour(&r.body),
+            "green",
+            "traffic keeps flowing on the running state"
+        );
+    }
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["active"], "green");
+    assert_eq!(st["services"].as_array().unwrap().len(), 2);
+    // A good reload that adds nothing keeps the state too.
+    sw.write_config(&good).unwrap();
+    sw.cli_ok(&["reload"]).unwrap();
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "green");
+}
+
+#[test]
+fn unknown_service_and_bad_requests_get_clear_errors() {
+    let (_topo, sw) = setup();
+    let out = sw.cli(&["flip", "nosuch"]).unwrap();
+    assert_eq!(out.code, 1);
+    assert_eq!(
+        out.stderr.trim(),
+        "bgswitch: error: no service named 'nosuch'"
+    );
+    let out = sw.cli(&["rollback", "web"]).unwrap();
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("no flip to roll back"),
+        "{}",
+        out.stderr
+    );
+    // Raw garbage on the socket: refused, daemon still answers.
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sw.socket()).unwrap();
+    s.write_all(b"{\"cmd\":\"format_disk\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(
+        line.contains("\"ok\":false") && line.contains("malformed request"),
+        "{line}"
+    );
+    assert_eq!(sw.status().unwrap()["services"][0]["generation"], 1);
+    assert!(sw.log().contains("malformed request refused"));
+}
+
+#[test]
+fn detach_removes_programs_and_pins_and_a_second_daemon_is_refused() {
+    let (topo, mut sw) = setup();
+    let (code, err) = sw.start_expect_failure().unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("another bgswitch daemon"), "{err}");
+    sw.cli_ok(&["detach"])
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sw.log_tail()));
+    sw.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(!sw.bpffs().join("bgswitch").exists(), "pins removed");
+    let out = std::process::Command::new("ip")
+        .args(["-n", topo.lb_ns(), "link", "show", "lbc"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("xdp"), "XDP detached: {text}");
+    assert!(
+        http_get(topo.client_ns(), web(), "/").is_err(),
+        "VIP no longer served"
+    );
+}
