@@ -538,6 +538,17 @@ green = ["198.18.1.21:8080"]
     }
 
     #[test]
+    fn the_packaged_example_config_is_valid() {
+        let c = parse(
+            Path::new("packaging/bgswitch.toml"),
+            include_str!("../../packaging/bgswitch.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));

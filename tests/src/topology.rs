@@ -665,6 +665,38 @@ pub fn cleanup_stale(prefix_start: &str) -> Vec<String> {
         .collect()
 }
 
+/// A bare network namespace with only `lo` (up), deleted on drop. Named like
+/// a topology's namespaces so [`cleanup_stale`] also removes leftovers.
+pub struct TempNetns {
+    name: String,
+}
+
+impl TempNetns {
+    /// Creates `bgs{pid}x{n}-tmp`.
+    pub fn create() -> Result<Self> {
+        cleanup_stale(PREFIX_START);
+        let name = format!(
+            "{PREFIX_START}{}x{}-tmp",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TempNetns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -744,37 +776,5 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("at most 9"), "{err}");
-    }
-}
-
-/// A bare network namespace with only `lo` (up), deleted on drop. Named like
-/// a topology's namespaces so [`cleanup_stale`] also removes leftovers.
-pub struct TempNetns {
-    name: String,
-}
-
-impl TempNetns {
-    /// Creates `bgs{pid}x{n}-tmp`.
-    pub fn create() -> Result<Self> {
-        cleanup_stale(PREFIX_START);
-        let name = format!(
-            "{PREFIX_START}{}x{}-tmp",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name])?;
-        let ns = Self { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for TempNetns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
     }
 }

@@ -1,1 +1,287 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! `setup` installs what is missing — Debian packages the tests use, the
+//! nightly toolchain's `rust-src`, and bpf-linker built from crates.io against
+//! the nightly toolchain's own LLVM — into lasting places, idempotently.
+//! `test` and `demo` run `setup` first, so on a fresh machine (as root) they
+//! are the only two commands needed.
+//!
+//! This crate depends on nothing of the project's own, so it compiles before
+//! the BPF toolchain exists.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+/// Where the BPF toolchain goes (bpf-linker and the LLVM symlinks it links
+/// against). Overridable with BGSWITCH_TOOLCHAIN; bgswitch/build.rs reads the same.
+const TOOLCHAIN_DEFAULT: &str = "/opt/bgswitch/toolchain";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages used by the tests and the demo, with a command each provides.
+const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
+
+#[derive(Parser)]
+#[command(about = "bgswitch project tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (packages, rust-src, bpf-linker).
+    Setup,
+    /// Set up, then build the daemon/CLI with its XDP program.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, check formatting and lints, run the whole test suite.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+    /// Set up, build, and show a blue/green switch on a throwaway topology.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let r = match args.task {
+        Task::Setup => setup(),
+        Task::Build { release } => setup().and_then(|()| build(release)),
+        Task::Test { no_lint, rest } => setup().and_then(|()| test(no_lint, &rest)),
+        Task::Demo => setup().and_then(|()| demo()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn toolchain_dir() -> PathBuf {
+    env::var_os("BGSWITCH_TOOLCHAIN")
+        .map_or_else(|| PathBuf::from(TOOLCHAIN_DEFAULT), PathBuf::from)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Runs a command, failing with its name if it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(program: &str) -> bool {
+    env::var_os("PATH").is_some_and(|p| env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+fn is_root() -> bool {
+    // The xtask has no libc dependency; `id -u` answers the same question.
+    output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
+}
+
+fn setup() -> Result<()> {
+    install_packages()?;
+    install_rust_src()?;
+    install_bpf_linker()?;
+    Ok(())
+}
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, cmd)| {
+            !have(cmd)
+                && !Path::new("/usr/sbin").join(cmd).is_file()
+                && !Path::new("/sbin").join(cmd).is_file()
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("packages {missing:?} are missing; run as root so they can be installed");
+    }
+    eprintln!("xtask: installing {missing:?} with apt-get");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn install_rust_src() -> Result<()> {
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]));
+    let sysroot = match sysroot {
+        Ok(s) => PathBuf::from(s.trim()),
+        Err(_) => {
+            eprintln!("xtask: installing the nightly toolchain");
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))?;
+            PathBuf::from(
+                output(
+                    Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]),
+                )?
+                .trim(),
+            )
+        }
+    };
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// Builds bpf-linker from crates.io against nightly's own libLLVM (no system
+/// LLVM, no prebuilt download), unless a working one is already installed.
+fn install_bpf_linker() -> Result<()> {
+    let dir = toolchain_dir();
+    let linker = dir.join("bin").join("bpf-linker");
+    if linker.is_file()
+        && Command::new(&linker)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    let vv = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .ok_or_else(|| anyhow!("cannot read nightly's LLVM version from `rustc -vV`"))?
+        .to_string();
+    let sysroot = PathBuf::from(
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?
+            .trim(),
+    );
+    let libdir = sysroot.join("lib");
+    let lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        })
+        .ok_or_else(|| anyhow!("no libLLVM.so.{major}* in {}", libdir.display()))?;
+    let prefix = dir.join(format!("llvm-{major}"));
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib).with_context(|| format!("creating {}", plib.display()))?;
+    let file_name = lib.file_name().expect("file has a name").to_owned();
+    for name in [std::ffi::OsString::from("libLLVM.so"), file_name] {
+        let link = plib.join(&name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), lib.display()))?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} into {} (about 2 minutes, once)",
+        dir.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .arg("--root")
+        .arg(&dir)
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--package", "bgswitch"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test(no_lint: bool, rest: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the suite attaches XDP programs and creates network namespaces: run it as root");
+    }
+    build(false)?;
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    let bin = workspace_root().join("target/debug/bgswitch");
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "bgswitch-ebpf"])
+        .args(rest)
+        .env("BGSWITCH_BIN", &bin))
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo creates network namespaces and attaches XDP: run it as root");
+    }
+    build(false)?;
+    let bin = workspace_root().join("target/debug/bgswitch");
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "bgswitch-tests",
+            "--bin",
+            "bgswitch-demo",
+        ])
+        .env("BGSWITCH_BIN", &bin))
+}
