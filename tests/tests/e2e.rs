@@ -319,3 +319,63 @@ fn detach_removes_programs_and_pins_and_a_second_daemon_is_refused() {
         "VIP no longer served"
     );
 }
+
+#[test]
+fn sigterm_keeps_xdp_attached_and_a_reboot_comes_back_on_the_saved_colour() {
+    let (topo, mut sw) = setup();
+    let cli = topo.client_ns().to_string();
+    sw.cli_ok(&["flip", "web", "--reason", "go green"]).unwrap();
+    assert_eq!(sw.stop().unwrap(), Some(0), "SIGTERM exits cleanly");
+    for _ in 0..3 {
+        let r = http_get(&cli, web(), "/").expect("XDP keeps switching with the daemon stopped");
+        assert_eq!(colour(&r.body), "green");
+    }
+    // A reboot loses bpffs: remove every pin (which also detaches XDP).
+    let out = sw
+        .cli(&[
+            "detach",
+            "--config",
+            &sw.config_path().display().to_string(),
+        ])
+        .unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("no daemon answered"), "{}", out.stdout);
+    assert!(
+        http_get(&cli, web(), "/").is_err(),
+        "nothing switches the VIP now"
+    );
+    sw.start().unwrap();
+    let st = sw.status().unwrap();
+    assert_eq!(
+        st["services"][0]["active"], "green",
+        "never silently back on blue"
+    );
+    assert_eq!(st["services"][0]["generation"], 2);
+    assert_eq!(st["interfaces"][0]["adopted"], false);
+    let r = http_get(&cli, web(), "/").unwrap();
+    assert_eq!(colour(&r.body), "green");
+}
+
+#[test]
+fn forced_flip_moves_open_flows_too() {
+    let (topo, sw) = setup();
+    let cli = topo.client_ns().to_string();
+    let mut long = KeepAliveClient::connect(&cli, web()).unwrap();
+    assert_eq!(colour(&long.get("/").unwrap().body), "blue");
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["colours"][0]["live_flows"], 1);
+    let out = sw
+        .cli_ok(&["flip", "web", "--force", "--reason", "blue is broken"])
+        .unwrap();
+    assert!(out.contains("moved 1 open flows"), "{out}");
+    // The open connection now reaches a green backend, which does not know it.
+    assert!(
+        long.get("/").is_err(),
+        "a moved connection breaks (that is what --force means)"
+    );
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["colours"][0]["live_flows"], 0, "{st}");
+    assert_eq!(st["services"][0]["last_change"]["forced"], true);
+    let r = http_get(&cli, web(), "/").unwrap();
+    assert_eq!(colour(&r.body), "green");
+}
