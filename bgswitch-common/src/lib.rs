@@ -66,8 +66,9 @@ pub mod maps {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const PREVIEW: &str = "PREVIEW";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
@@ -78,7 +79,21 @@ pub mod maps {
         SERVICE_STATS,
         BACKEND_STATS,
         GLOBAL_STATS,
+        PREVIEW,
     ];
+}
+
+/// Most preview prefixes over all services.
+pub const MAX_PREVIEW_PREFIXES: u32 = 4096;
+
+/// Data of a `PREVIEW` LPM-trie key: the service id (all 32 bits always
+/// match) followed by the source address in wire order. The trie's prefix
+/// length is `32 + CIDR length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PreviewKey {
+    pub service: u32,
+    pub addr: Addr,
 }
 
 /// The XDP program's name in the object file.
@@ -211,8 +226,11 @@ pub mod flow_flags {
     pub const FIN_BACKEND: u8 = 1 << 2;
     /// Either side sent RST.
     pub const RST: u8 = 1 << 3;
-    /// The backend answered the SYN (a SYN-ACK went back).
+    /// The backend answered the SYN (a SYN-ACK went back); set on both entries.
     pub const ESTABLISHED: u8 = 1 << 4;
+    /// The flow was sent to the idle colour because its source is in a
+    /// preview prefix.
+    pub const PREVIEW: u8 = 1 << 5;
 }
 
 /// Value of the `FLOWS` table.
@@ -233,7 +251,8 @@ pub struct FlowEntry {
     pub service: u32,
     /// Index into `BACKEND_STATS`.
     pub backend_stat: u32,
-    pub _pad: u32,
+    /// `bpf_ktime_get_ns() / 1e9` when the flow was recorded (seconds).
+    pub created_s: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction.
     pub last_seen_ns: u64,
 }
@@ -381,6 +400,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ColourStats {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for PreviewKey {}
 }
 
 #[cfg(test)]
@@ -398,6 +418,7 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 16);
         assert_eq!(size_of::<ColourStats>(), 64);
         assert_eq!(size_of::<BackendStats>(), 48);
+        assert_eq!(size_of::<PreviewKey>(), 20);
     }
 
     #[test]

@@ -2,15 +2,21 @@
 //! a colour and backend on its first packet) and the reverse direction (backend
 //! → client, rewritten back to the VIP).
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key as LpmKey,
+    programs::XdpContext,
+};
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, FlowEntry, FlowKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
+    Backend, FlowEntry, FlowKey, PreviewKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    maps::{count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, SERVICE_STATS, SETTINGS},
+    maps::{
+        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, PREVIEW, SERVICE_STATS,
+        SETTINGS,
+    },
     nat::{forward, rewrite, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -48,18 +54,34 @@ fn closed(flags: u8) -> bool {
             == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
 }
 
-/// Which colour a new flow takes. A canary share sends that many basis points
-/// of new flows (by flow hash) to the idle colour. A non-SYN TCP packet with no
-/// record belongs to a connection older than its record: it goes to the active
-/// colour, never the canary side.
+/// Which colour a new flow takes, and whether a preview prefix decided it.
+/// A source in one of the service's preview prefixes goes to the idle colour;
+/// a canary share sends that many basis points of new flows (by flow hash) to
+/// the idle colour. A non-SYN TCP packet with no record belongs to a
+/// connection older than its record: it goes to the active colour.
 #[inline(always)]
-fn choose_colour(word: u32, key: &FlowKey, orphan: bool) -> u32 {
+fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, bool) {
     let active = control::active(word);
-    let canary = control::canary(word);
-    if !orphan && canary != 0 && flow_hash(key, CANARY_SEED) % control::CANARY_FULL < canary {
-        return active ^ 1;
+    if orphan {
+        return (active, false);
     }
-    active
+    if word & control::PREVIEW != 0 {
+        let k = LpmKey::new(
+            32 + 128,
+            PreviewKey {
+                service,
+                addr: key.src,
+            },
+        );
+        if PREVIEW.get(&k).is_some() {
+            return (active ^ 1, true);
+        }
+    }
+    let canary = control::canary(word);
+    if canary != 0 && flow_hash(key, CANARY_SEED) % control::CANARY_FULL < canary {
+        return (active ^ 1, false);
+    }
+    (active, false)
 }
 
 /// Client → VIP.
@@ -111,12 +133,12 @@ pub fn to_backend(ctx: &XdpContext, f: &Frame, service: u32) -> u32 {
         Some(t) => t,
         None => {
             let orphan = f.proto == PROTO_TCP && !syn;
-            let colour = choose_colour(word, &key, orphan);
+            let (colour, preview) = choose_colour(word, service, &key, orphan);
             let Some(b) = pick_backend(word, service, colour, &key) else {
                 count(global::NO_BACKEND);
                 return xdp_action::XDP_PASS;
             };
-            record(f, &key, &b, service, colour, now);
+            record(f, &key, &b, service, colour, preview, now);
             (b, colour)
         }
     };
@@ -163,15 +185,28 @@ fn pick_backend(word: u32, service: u32, colour: u32, key: &FlowKey) -> Option<B
 /// Writes both entries of a new flow: forward (client → VIP) and reverse
 /// (backend → client).
 #[inline(always)]
-fn record(f: &Frame, key: &FlowKey, b: &Backend, service: u32, colour: u32, now: u64) {
+fn record(
+    f: &Frame,
+    key: &FlowKey,
+    b: &Backend,
+    service: u32,
+    colour: u32,
+    preview: bool,
+    now: u64,
+) {
+    let created_s = (now / 1_000_000_000) as u32;
+    let mut flags = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
+    if preview {
+        flags |= flow_flags::PREVIEW;
+    }
     let fwd = FlowEntry {
         peer: b.addr,
         peer_port: b.port,
         colour: colour as u8,
-        flags: close_flags(f.tcp_flags, flow_flags::FIN_CLIENT),
+        flags,
         service,
         backend_stat: b.stat_id,
-        _pad: 0,
+        created_s,
         last_seen_ns: now,
     };
     let rkey = FlowKey {
@@ -190,7 +225,7 @@ fn record(f: &Frame, key: &FlowKey, b: &Backend, service: u32, colour: u32, now:
         flags: flow_flags::REVERSE,
         service,
         backend_stat: b.stat_id,
-        _pad: 0,
+        created_s,
         last_seen_ns: now,
     };
     // Reverse first: a reply can only come after the forward packet left.
@@ -263,23 +298,24 @@ pub fn from_backend(ctx: &XdpContext, f: &Frame) -> u32 {
     let stat = entry.backend_stat;
     if f.proto == PROTO_TCP {
         let flags = f.tcp_flags;
+        let mut mirror = close_flags(flags, flow_flags::FIN_BACKEND);
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
-            entry.flags |= flow_flags::ESTABLISHED;
+            mirror |= flow_flags::ESTABLISHED;
             if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
                 // SAFETY: per-CPU slot.
                 unsafe { (*s).syn_acks += 1 };
             }
         }
-        let closing = close_flags(flags, flow_flags::FIN_BACKEND);
-        if closing != 0 {
-            entry.flags |= closing;
-            if flags & TCP_RST != 0 {
-                if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
-                    // SAFETY: per-CPU slot.
-                    unsafe { (*s).backend_rsts += 1 };
-                }
+        if flags & TCP_RST != 0 {
+            if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+                // SAFETY: per-CPU slot.
+                unsafe { (*s).backend_rsts += 1 };
             }
-            // Mirror the close on the forward entry, which status counts.
+        }
+        if mirror != 0 {
+            entry.flags |= mirror;
+            // Mirror handshake and close on the forward entry, which status
+            // and the error signal read.
             let fkey = FlowKey {
                 src: f.dst,
                 dst: vip,
@@ -291,7 +327,7 @@ pub fn from_backend(ctx: &XdpContext, f: &Frame) -> u32 {
             };
             if let Some(fe) = FLOWS.get_ptr_mut(&fkey) {
                 // SAFETY: see to_backend.
-                unsafe { (*fe).flags |= closing };
+                unsafe { (*fe).flags |= mirror };
             }
         }
     }

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use bgswitch_common::{
-    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey, ServiceKey, ServiceValue,
-    Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, MAX_INTERFACES,
-    MAX_SERVICES, POOL_SLOTS,
+    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey, PreviewKey, ServiceKey,
+    ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS,
+    MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -57,6 +57,12 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 /// Per-CPU global counters, indexed by `bgswitch_common::global`.
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::COUNT, 0);
+
+/// Preview prefixes: (service, source prefix) → 1. New flows from a matching
+/// source go to the idle colour. Consulted only when the service's control
+/// word has the PREVIEW bit.
+#[map]
+pub static PREVIEW: LpmTrie<PreviewKey, u32> = LpmTrie::with_max_entries(MAX_PREVIEW_PREFIXES, 0);
 
 /// Adds one to a global counter.
 #[inline(always)]

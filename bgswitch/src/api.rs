@@ -10,14 +10,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::AttachMode,
-    model::{Change, Colour},
+    health::Health,
+    model::{Change, Colour, Confirm, Watch},
+    state::JournalEntry,
 };
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// A request to the daemon.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// New flows of `service` go to `to` (default: the other colour).
@@ -25,9 +27,49 @@ pub enum Request {
         service: String,
         #[serde(default)]
         to: Option<Colour>,
-        /// Move open flows too.
+        /// Move open flows too, and switch even to an unhealthy pool.
         #[serde(default)]
         force: bool,
+        #[serde(default)]
+        reason: Option<String>,
+        /// Watch the new colour this long (ms) and roll back if it fails.
+        #[serde(default)]
+        watch_ms: Option<u64>,
+        /// With `watch_ms`: errors per new flow that trigger a rollback.
+        #[serde(default)]
+        max_error_rate: Option<f64>,
+        /// Roll back unless `confirm` arrives within this long (ms).
+        #[serde(default)]
+        confirm_within_ms: Option<u64>,
+    },
+    /// Send `percent` of new flows to the idle colour `to` (0 ends it).
+    Shift {
+        service: String,
+        to: Colour,
+        percent: f64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Add, remove or list preview prefixes.
+    Preview {
+        service: String,
+        action: PreviewAction,
+        #[serde(default)]
+        cidr: Option<String>,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Confirm a flip made with a confirmation deadline.
+    Confirm {
+        service: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// The journal of a service.
+    History { service: String },
+    /// Restore the state before the service's last change.
+    Undo {
+        service: String,
         #[serde(default)]
         reason: Option<String>,
     },
@@ -48,8 +90,16 @@ pub enum Request {
     Detach,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreviewAction {
+    Add,
+    Del,
+    List,
+}
+
 /// The daemon's answer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     /// One line saying what went wrong (when `ok` is false).
@@ -62,6 +112,10 @@ pub struct Response {
     pub change: Option<Change>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<JournalEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<Vec<String>>,
 }
 
 impl Response {
@@ -82,7 +136,7 @@ impl Response {
 }
 
 /// Everything `bgswitch status` shows.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub services: Vec<ServiceStatus>,
     pub interfaces: Vec<InterfaceStatus>,
@@ -92,7 +146,7 @@ pub struct Status {
     pub pid: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
@@ -102,6 +156,17 @@ pub struct ServiceStatus {
     pub previous: Option<Colour>,
     pub colours: Vec<ColourStatus>,
     pub last_change: Option<Change>,
+    /// Share of new flows sent to the idle colour, in percent.
+    pub canary_percent: f64,
+    pub preview: Vec<String>,
+    pub watch: Option<Watch>,
+    pub confirm: Option<Confirm>,
+    /// Why the daemon last rolled back by itself, if it did since the last change.
+    pub rolled_back: Option<String>,
+    pub flips: u64,
+    pub rollbacks: u64,
+    /// Whether `[service.health]` checks run.
+    pub health_checks: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +185,14 @@ pub struct ColourStatus {
     pub reply_bytes: u64,
     pub backend_rsts: u64,
     pub syn_acks: u64,
+    /// TCP flows in the table whose SYN got no answer in time.
+    pub unanswered_syns: u64,
+    /// Flows sent here by a preview prefix.
+    pub preview_flows: u64,
+    /// Every backend up (always true without health checks).
+    pub pool_healthy: bool,
+    /// No backend is up: the pool serves with all of them (fail open).
+    pub all_down: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +202,10 @@ pub struct BackendStatus {
     pub bytes: u64,
     pub new_flows: u64,
     pub reply_packets: u64,
+    pub health: Health,
+    pub health_error: Option<String>,
+    /// Receives new flows now.
+    pub serving: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,7 +231,10 @@ mod tests {
                 service: "web".into(),
                 to: Some(Colour::Green),
                 force: false,
-                reason: None
+                reason: None,
+                watch_ms: None,
+                max_error_rate: None,
+                confirm_within_ms: None,
             }
         );
         let text = serde_json::to_string(&r).unwrap();

@@ -12,9 +12,10 @@ use anyhow::{anyhow, Context as _};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    api::{Request, Response, Status},
+    api::{PreviewAction, Request, Response, Status},
     model::Colour,
     paths,
+    state::JournalEntry,
 };
 
 #[derive(Parser, Debug)]
@@ -47,10 +48,68 @@ pub enum Command {
         /// Target colour (default: the one that is not active).
         #[arg(long, value_parser = parse_colour)]
         to: Option<Colour>,
-        /// Also move open flows (they break: their backend changes).
+        /// Also move open flows (they break: their backend changes), and
+        /// switch even to a pool whose health checks fail.
         #[arg(long)]
         force: bool,
         /// Why, for the journal.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Watch the new colour this long (e.g. 5m) and switch back by itself
+        /// if its health checks fail or its error rate passes --max-error-rate.
+        #[arg(long, value_parser = parse_dur)]
+        watch: Option<Duration>,
+        /// With --watch: errors (backend RSTs + unanswered SYNs) per new flow,
+        /// e.g. 0.05, that trigger the automatic rollback.
+        #[arg(long, requires = "watch")]
+        max_error_rate: Option<f64>,
+        /// Switch back unless `bgswitch confirm SERVICE` arrives within this long.
+        #[arg(long, value_parser = parse_dur)]
+        confirm_within: Option<Duration>,
+        /// Return only once the old colour has no live flows (or --timeout passes).
+        #[arg(long)]
+        wait_drained: bool,
+        /// With --wait-drained: give up after this long (non-zero exit).
+        #[arg(long, value_parser = parse_dur, default_value = "10m", requires = "wait_drained")]
+        timeout: Duration,
+    },
+    /// Send PERCENT of new flows to the idle colour (0 ends the split).
+    Shift {
+        service: String,
+        /// The idle colour.
+        #[arg(long, value_parser = parse_colour)]
+        to: Colour,
+        /// 0 to 100, two decimals.
+        #[arg(long)]
+        percent: f64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// New flows from these source prefixes always reach the idle colour.
+    Preview {
+        service: String,
+        #[arg(value_parser = ["add", "del", "list"])]
+        action: String,
+        /// ADDR/LEN, for add and del.
+        cidr: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Confirm a flip made with --confirm-within.
+    Confirm {
+        service: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The journal of every change of SERVICE.
+    History {
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the state before SERVICE's last change.
+    Undo {
+        service: String,
         #[arg(long)]
         reason: Option<String>,
     },
@@ -82,6 +141,10 @@ fn parse_colour(s: &str) -> Result<Colour, String> {
     s.parse()
 }
 
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
+}
+
 /// Sends one request and reads the response.
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
@@ -110,6 +173,7 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
 
 /// Runs a client command; returns the process exit code.
 pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
+    let mut wait: Option<(String, Duration)> = None;
     let (req, json) = match &cli.command {
         Command::Daemon { .. } => unreachable!("handled by main"),
         Command::Flip {
@@ -117,11 +181,83 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             to,
             force,
             reason,
+            watch,
+            max_error_rate,
+            confirm_within,
+            wait_drained,
+            timeout,
+        } => {
+            if let Some(r) = max_error_rate {
+                if !(0.0..=1000.0).contains(r) {
+                    return Err(anyhow!(
+                        "--max-error-rate {r}: must be a non-negative ratio like 0.05"
+                    ));
+                }
+            }
+            if *wait_drained {
+                wait = Some((service.clone(), *timeout));
+            }
+            (
+                Request::Flip {
+                    service: service.clone(),
+                    to: *to,
+                    force: *force,
+                    reason: reason.clone(),
+                    watch_ms: watch.map(|d| d.as_millis() as u64),
+                    max_error_rate: *max_error_rate,
+                    confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
+                },
+                false,
+            )
+        }
+        Command::Shift {
+            service,
+            to,
+            percent,
+            reason,
         } => (
-            Request::Flip {
+            Request::Shift {
                 service: service.clone(),
                 to: *to,
-                force: *force,
+                percent: *percent,
+                reason: reason.clone(),
+            },
+            false,
+        ),
+        Command::Preview {
+            service,
+            action,
+            cidr,
+            reason,
+        } => (
+            Request::Preview {
+                service: service.clone(),
+                action: match action.as_str() {
+                    "add" => PreviewAction::Add,
+                    "del" => PreviewAction::Del,
+                    _ => PreviewAction::List,
+                },
+                cidr: cidr.clone(),
+                reason: reason.clone(),
+            },
+            false,
+        ),
+        Command::Confirm { service, reason } => (
+            Request::Confirm {
+                service: service.clone(),
+                reason: reason.clone(),
+            },
+            false,
+        ),
+        Command::History { service, json } => (
+            Request::History {
+                service: service.clone(),
+            },
+            *json,
+        ),
+        Command::Undo { service, reason } => (
+            Request::Undo {
+                service: service.clone(),
                 reason: reason.clone(),
             },
             false,
@@ -156,13 +292,122 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         return Ok(1);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&resp.status)?);
+        if let Some(h) = &resp.history {
+            println!("{}", serde_json::to_string_pretty(h)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&resp.status)?);
+        }
     } else if let Some(status) = &resp.status {
         print!("{}", render_status(status));
+    } else if let Some(h) = &resp.history {
+        print!("{}", render_history(h));
+    } else if let Some(p) = &resp.preview {
+        for prefix in p {
+            println!("{prefix}");
+        }
     } else if let Some(m) = &resp.message {
         println!("{m}");
     }
+    if let (Some((service, timeout)), Some(change)) = (wait, &resp.change) {
+        return wait_drained(&cli.socket, &service, change.from, timeout);
+    }
     Ok(0)
+}
+
+/// Polls status until `colour` of `service` has no live flows.
+fn wait_drained(
+    socket: &Path,
+    service: &str,
+    colour: Colour,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let start = std::time::Instant::now();
+    loop {
+        let resp = call(
+            socket,
+            &Request::Status {
+                service: Some(service.to_string()),
+            },
+        )?;
+        let live = resp
+            .status
+            .as_ref()
+            .and_then(|s| s.services.first())
+            .and_then(|s| s.colours.iter().find(|c| c.colour == colour))
+            .map(|c| c.live_flows)
+            .ok_or_else(|| anyhow!("no status for {service}"))?;
+        if live == 0 {
+            println!(
+                "{service}: {colour} drained after {:.1}s",
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+        if start.elapsed() >= timeout {
+            eprintln!(
+                "bgswitch: error: {service}: {live} flows still live on {colour} after {timeout:?}"
+            );
+            return Ok(1);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The text form of `history`.
+pub fn render_history(h: &[JournalEntry]) -> String {
+    let mut out = String::new();
+    for e in h {
+        let c = &e.change;
+        let secs = c.at_ms / 1000;
+        out += &format!(
+            "{} gen {}→{} {:<18} {}→{} canary {:.2}% preview [{}] by {}{}{}{}\n",
+            unix_time(secs),
+            c.generation_before,
+            c.generation,
+            c.kind.to_string(),
+            c.from,
+            c.to,
+            f64::from(c.after.canary_bp) / 100.0,
+            c.after.preview.join(","),
+            c.user,
+            if c.forced { " (forced)" } else { "" },
+            c.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default(),
+            if e.outcome == "ok" {
+                String::new()
+            } else {
+                format!(" [{}]", e.outcome)
+            },
+        );
+    }
+    if out.is_empty() {
+        out = "no changes recorded\n".into();
+    }
+    out
+}
+
+/// UTC "YYYY-MM-DD HH:MM:SS" of a Unix time (civil-from-days).
+fn unix_time(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn detach_offline(config: &Path) -> anyhow::Result<i32> {
@@ -190,27 +435,83 @@ pub fn render_status(s: &Status) -> String {
                 .map(|p| format!("  (rollback → {p})"))
                 .unwrap_or_default()
         );
+        if svc.canary_percent > 0.0 {
+            out += &format!(
+                "  canary: {:.2}% of new flows to {}\n",
+                svc.canary_percent,
+                svc.active.other()
+            );
+        }
+        if !svc.preview.is_empty() {
+            out += &format!(
+                "  preview → {}: {}\n",
+                svc.active.other(),
+                svc.preview.join(", ")
+            );
+        }
+        if let Some(w) = &svc.watch {
+            out += &format!(
+                "  watching {} until {} UTC{}\n",
+                w.colour,
+                unix_time(w.until_ms / 1000),
+                w.max_error_rate
+                    .map(|r| format!(", max error rate {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(c) = &svc.confirm {
+            out += &format!(
+                "  WAITING FOR CONFIRMATION of {} until {} UTC (bgswitch confirm {})\n",
+                c.colour,
+                unix_time(c.deadline_ms / 1000),
+                svc.name
+            );
+        }
+        if let Some(r) = &svc.rolled_back {
+            out += &format!("  ROLLED BACK automatically: {r}\n");
+        }
         for c in &svc.colours {
             out += &format!(
-                "  {}{:<6} live flows {:<6} new flows {:<8} packets {:<10} bytes {:<12} replies {}\n",
+                "  {}{:<6} live flows {:<6} new flows {:<8} packets {:<10} bytes {:<12} replies {:<8} RSTs {} unanswered SYNs {}{}\n",
                 if c.active { "*" } else { " " },
                 c.colour.to_string(),
                 c.live_flows,
                 c.new_flows,
                 c.packets,
                 c.bytes,
-                c.reply_packets
+                c.reply_packets,
+                c.backend_rsts,
+                c.unanswered_syns,
+                if c.all_down {
+                    "  NO HEALTHY BACKEND"
+                } else if !c.pool_healthy {
+                    "  (pool not healthy)"
+                } else {
+                    ""
+                }
             );
             for b in &c.backends {
                 out += &format!(
-                    "           {:<24} new flows {:<8} packets {:<10} replies {}\n",
-                    b.address, b.new_flows, b.packets, b.reply_packets
+                    "           {:<24} {:<8} new flows {:<8} packets {:<10} replies {}{}\n",
+                    b.address,
+                    if svc.health_checks {
+                        format!("{:?}", b.health).to_lowercase()
+                    } else {
+                        String::new()
+                    },
+                    b.new_flows,
+                    b.packets,
+                    b.reply_packets,
+                    b.health_error
+                        .as_deref()
+                        .map(|e| format!("  ({e})"))
+                        .unwrap_or_default()
                 );
             }
         }
         if let Some(ch) = &svc.last_change {
             out += &format!(
-                "  last change: {:?} {} → {} by {}{}\n",
+                "  last change: {} {} → {} by {}{}\n",
                 ch.kind,
                 ch.from,
                 ch.to,

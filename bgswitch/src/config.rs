@@ -33,7 +33,29 @@ pub struct Config {
     pub max_flows: u32,
     pub udp_idle_timeout: Duration,
     pub tcp_idle_timeout: Duration,
+    /// Where the Prometheus endpoint listens (`/metrics`); off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
+}
+
+/// Active health checks of a service's backends (`[service.health]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make a backend up.
+    pub rise: u32,
+    /// Consecutive failures that make a backend down.
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connect.
+    Tcp,
+    /// `GET path`; a status in `status` (inclusive) is a success.
+    Http { path: String, status: (u16, u16) },
 }
 
 /// How XDP is attached.
@@ -90,6 +112,7 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub blue: Vec<SocketAddr>,
     pub green: Vec<SocketAddr>,
+    pub health: Option<HealthConfig>,
 }
 
 impl ServiceConfig {
@@ -122,8 +145,21 @@ struct RawConfig {
     max_flows: Option<i64>,
     udp_idle_timeout: Option<String>,
     tcp_idle_timeout: Option<String>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    path: Option<String>,
+    status: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +170,7 @@ struct RawService {
     protocol: Option<String>,
     blue: Option<Vec<String>>,
     green: Option<Vec<String>>,
+    health: Option<RawHealth>,
 }
 
 /// Reads and validates a config file.
@@ -318,12 +355,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         let green = pools.pop().unwrap_or_default();
         let blue = pools.pop().unwrap_or_default();
+        let health = match s.health {
+            None => None,
+            Some(h) => Some(health(h, &|k: &str, r: String| {
+                err(&at(&format!("health.{k}")), r)
+            })?),
+        };
         services.push(ServiceConfig {
             name,
             vip,
             protocol,
             blue,
             green,
+            health,
         });
     }
     for s in &services {
@@ -335,8 +379,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     }
 
+    let metrics_listen = match raw.metrics_listen {
+        None => None,
+        Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
+            err(
+                "metrics_listen",
+                format!("'{t}' is not ADDRESS:PORT (e.g. 127.0.0.1:9477)"),
+            )
+        })?),
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
+        metrics_listen,
         interfaces,
         xdp_mode,
         socket: raw.socket.unwrap_or_else(|| paths::DEFAULT_SOCKET.into()),
@@ -349,6 +404,88 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         udp_idle_timeout,
         tcp_idle_timeout,
         services,
+    })
+}
+
+fn health(
+    h: RawHealth,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<HealthConfig, ConfigError> {
+    let kind = match h.kind.as_deref().unwrap_or("tcp") {
+        "tcp" => {
+            if h.path.is_some() || h.status.is_some() {
+                return Err(err(
+                    "kind",
+                    "path and status apply to kind = \"http\" only".into(),
+                ));
+            }
+            HealthKind::Tcp
+        }
+        "http" => {
+            let path = h.path.unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(err(
+                    "path",
+                    format!("'{path}' must start with / and contain no spaces"),
+                ));
+            }
+            let status_text = h.status.unwrap_or_else(|| "200-399".into());
+            let range = status_text
+                .split_once('-')
+                .map_or((status_text.as_str(), status_text.as_str()), |(a, b)| {
+                    (a, b)
+                });
+            let lo: u16 = range.0.trim().parse().map_err(|_| {
+                err(
+                    "status",
+                    format!("'{status_text}' is not a status or range like 200-399"),
+                )
+            })?;
+            let hi: u16 = range.1.trim().parse().map_err(|_| {
+                err(
+                    "status",
+                    format!("'{status_text}' is not a status or range like 200-399"),
+                )
+            })?;
+            if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+                return Err(err(
+                    "status",
+                    format!("'{status_text}' is not a range within 100-599"),
+                ));
+            }
+            HealthKind::Http {
+                path,
+                status: (lo, hi),
+            }
+        }
+        other => return Err(err("kind", format!("'{other}' is not tcp or http"))),
+    };
+    let dur = |v: &Option<String>, default: &str, key: &str| -> Result<Duration, ConfigError> {
+        let t = v.as_deref().unwrap_or(default);
+        let d = parse_duration(t).map_err(|r| err(key, r))?;
+        if d < Duration::from_millis(10) {
+            return Err(err(key, format!("'{t}' is shorter than 10ms")));
+        }
+        Ok(d)
+    };
+    let interval = dur(&h.interval, "1s", "interval")?;
+    let timeout = dur(&h.timeout, "500ms", "timeout")?;
+    if timeout > interval {
+        return Err(err("timeout", "must not be longer than interval".into()));
+    }
+    let count = |v: Option<i64>, default: u32, key: &str| -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if (1..=100).contains(&n) => Ok(n as u32),
+            Some(n) => Err(err(key, format!("{n} is outside 1..=100"))),
+        }
+    };
+    Ok(HealthConfig {
+        kind,
+        interval,
+        timeout,
+        rise: count(h.rise, 2, "rise")?,
+        fall: count(h.fall, 3, "fall")?,
     })
 }
 
@@ -546,6 +683,56 @@ green = ["198.18.1.21:8080"]
         .unwrap();
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+    }
+
+    #[test]
+    fn health_tables() {
+        let base = "interfaces = [\"eth0\"]\n[[service]]\nname = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n[service.health]\n";
+        let c = parse(Path::new("x"), &format!("{base}kind = \"http\"\npath = \"/healthz\"\ninterval = \"250ms\"\ntimeout = \"100ms\"\nfall = 2\n")).unwrap();
+        let h = c.services[0].health.clone().unwrap();
+        assert_eq!(
+            h.kind,
+            HealthKind::Http {
+                path: "/healthz".into(),
+                status: (200, 399)
+            }
+        );
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_millis(250), Duration::from_millis(100), 2, 2)
+        );
+        let c = parse(Path::new("x"), base).unwrap();
+        assert_eq!(c.services[0].health.as_ref().unwrap().kind, HealthKind::Tcp);
+        check_err(
+            &format!("{base}kind = \"icmp\"\n"),
+            "service[0] (a).health.kind",
+            "not tcp or http",
+        );
+        check_err(
+            &format!("{base}kind = \"http\"\nstatus = \"500-200\"\n"),
+            "service[0] (a).health.status",
+            "range",
+        );
+        check_err(
+            &format!("{base}interval = \"1s\"\ntimeout = \"2s\"\n"),
+            "service[0] (a).health.timeout",
+            "longer",
+        );
+        check_err(
+            &format!("{base}rise = 0\n"),
+            "service[0] (a).health.rise",
+            "outside",
+        );
+        check_err(
+            &format!("{base}path = \"/x\"\n"),
+            "service[0] (a).health.kind",
+            "apply to kind",
+        );
+        check_err(
+            "interfaces = [\"eth0\"]\nmetrics_listen = \"localhost\"\n",
+            "metrics_listen",
+            "ADDRESS:PORT",
+        );
     }
 
     #[test]

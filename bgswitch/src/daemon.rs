@@ -1,70 +1,91 @@
 //! The daemon: one loop over a closed set of events — control requests,
-//! signals — that owns the data plane and the desired state. Connection
-//! tasks only parse and forward requests; every change happens here, in order.
+//! health-probe results, timer ticks, metric scrapes, signals — that owns the
+//! data plane and the desired state. IO tasks ([`crate::server`], probes)
+//! only produce events; every change happens here, in order.
 //!
-//! Order of a change: the new desired state is written to disk first, then the
-//! data plane follows with one 32-bit store. A crash between the two leaves a
-//! state file the next daemon applies at start, so a flip happens whole or
-//! not at all.
+//! Order of a change: the new desired state is written to disk first, then
+//! the journal, then the data plane follows with 32-bit stores. A crash
+//! between them leaves a state file the next daemon applies at start, so a
+//! change happens whole or not at all.
 
 use std::{
     collections::HashMap,
     ffi::CString,
     fs::File,
     io,
+    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
+use bgswitch_common::ColourStats;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
-    signal::unix::{signal, SignalKind},
+    net::UnixListener,
     sync::{mpsc, oneshot},
+    task::JoinHandle,
 };
 
 use crate::{
-    api::{self, BackendStatus, ColourStatus, InterfaceStatus, Request, Response, ServiceStatus},
-    config::{self, Config},
+    api::{
+        self, BackendStatus, ColourStatus, InterfaceStatus, PreviewAction, Request, Response,
+        ServiceStatus,
+    },
+    config::{self, Config, HealthConfig},
     dataplane::{self, backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
-    model::{self, Colour, DesiredState, FlipOutcome},
-    state::StateStore,
+    health::{self, BackendHealth, Health},
+    metrics,
+    model::{self, Colour, DesiredState, FlipGuards, FlipOutcome},
+    server::{self, Peer},
+    state::{JournalEntry, StateStore},
 };
 
-/// How long a client may take to send a request line.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most control connections served at once.
-const MAX_CLIENTS: usize = 64;
-
-/// Who is on the other end of a control connection.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-    pub user: String,
-}
+/// How often watches and confirmation deadlines are checked.
+const TICK: Duration = Duration::from_millis(200);
+/// New flows needed before an error rate is judged.
+const MIN_ERROR_SAMPLE: u64 = 10;
 
 /// Everything the loop reacts to.
-enum Event {
+pub enum Event {
     Request {
         req: Request,
         peer: Peer,
         reply: oneshot::Sender<Response>,
     },
+    Probe {
+        service: String,
+        colour: Colour,
+        index: usize,
+        result: Result<(), String>,
+    },
+    Tick,
+    Scrape {
+        reply: oneshot::Sender<anyhow::Result<String>>,
+    },
     Reload,
     Shutdown(&'static str),
 }
 
-/// The daemon's state: config, desired state, data plane.
+/// Counters at the start of a watch, to judge the error rate since.
+#[derive(Clone, Copy)]
+struct Baseline {
+    stats: ColourStats,
+    /// Kernel monotonic seconds.
+    since_s: u32,
+}
+
+/// The daemon's state: config, desired state, health, data plane.
 pub struct Daemon {
     config: Config,
     store: StateStore,
     state: DesiredState,
     dataplane: Dataplane,
     socket_gid: Option<u32>,
+    health: HashMap<(String, Colour, usize), BackendHealth>,
+    probes: Vec<JoinHandle<()>>,
+    baselines: HashMap<String, Baseline>,
+    tx: Option<mpsc::Sender<Event>>,
     _lock: File,
 }
 
@@ -72,6 +93,10 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn kernel_now_s() -> u32 {
+    (dataplane::monotonic_ns() / 1_000_000_000) as u32
 }
 
 /// Host checks a config must pass before the daemon acts on it.
@@ -101,31 +126,6 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
     Ok(unsafe { (*g).gr_gid })
 }
 
-fn user_name(uid: u32) -> String {
-    // SAFETY: getpwuid returns static storage or null; copied out at once.
-    let p = unsafe { libc::getpwuid(uid) };
-    if p.is_null() {
-        return format!("uid {uid}");
-    }
-    // SAFETY: pw_name of a non-null passwd entry is a valid C string.
-    let name = unsafe { std::ffi::CStr::from_ptr((*p).pw_name) };
-    name.to_string_lossy().into_owned()
-}
-
-/// Supplementary groups of a process, from /proc.
-fn process_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 fn enable_ip_forward() -> anyhow::Result<()> {
     let p = "/proc/sys/net/ipv4/ip_forward";
     let cur = std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?;
@@ -134,6 +134,10 @@ fn enable_ip_forward() -> anyhow::Result<()> {
         log::info!("enabled IPv4 forwarding (net.ipv4.ip_forward=1): rewritten packets without a neighbour entry are forwarded by the stack");
     }
     Ok(())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{d:?}")
 }
 
 impl Daemon {
@@ -166,36 +170,89 @@ impl Daemon {
             state,
             dataplane,
             socket_gid,
+            health: HashMap::new(),
+            probes: Vec::new(),
+            baselines: HashMap::new(),
+            tx: None,
             _lock: lock,
         };
         daemon.apply_config()?;
         Ok(daemon)
     }
 
+    fn health_of(&self, service: &str, colour: Colour, index: usize) -> Health {
+        self.health
+            .get(&(service.to_string(), colour, index))
+            .map_or(Health::Unknown, |h| h.state)
+    }
+
+    /// The backends of a pool that serve new flows, with their counter ids.
+    fn serving_pool(
+        &self,
+        svc: &config::ServiceConfig,
+        id: u32,
+        colour: Colour,
+    ) -> Vec<bgswitch_common::Backend> {
+        let states: Vec<Health> = (0..svc.pool(colour).len())
+            .map(|i| self.health_of(&svc.name, colour, i))
+            .collect();
+        let (serving, _) = health::serving(&states);
+        serving
+            .into_iter()
+            .map(|i| backend_of(svc.pool(colour)[i], backend_stat_id(id, colour, i as u32)))
+            .collect()
+    }
+
+    /// Writes one service (pools by health, colour, canary, preview) to the
+    /// data plane.
+    fn sync_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .with_context(|| format!("service {name} is not configured"))?;
+        let st = self.state.service(name)?.clone();
+        let blue = self.serving_pool(&svc, st.id, Colour::Blue);
+        let green = self.serving_pool(&svc, st.id, Colour::Green);
+        let key = service_key(svc.vip, svc.protocol.number());
+        self.dataplane
+            .write_service(st.id, key, &blue, &green, st.active)?;
+        self.dataplane.set_canary(st.id, st.canary_bp)?;
+        let prefixes = st
+            .preview
+            .iter()
+            .map(|p| model::parse_cidr(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.dataplane.set_preview(st.id, &prefixes)?;
+        Ok(())
+    }
+
     /// Makes the data plane serve the configured services with the desired
-    /// colours, and attach to the configured interfaces only.
+    /// state, and attach to the configured interfaces only.
     fn apply_config(&mut self) -> anyhow::Result<()> {
         self.dataplane
             .set_settings(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)?;
+        let names: Vec<String> = self
+            .config
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
         let mut wanted = HashMap::new();
-        for svc in &self.config.services {
-            let st = self.state.service(&svc.name)?;
-            let pool = |c: Colour| -> Vec<bgswitch_common::Backend> {
-                svc.pool(c)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| backend_of(*a, backend_stat_id(st.id, c, i as u32)))
-                    .collect()
-            };
-            let key = service_key(svc.vip, svc.protocol.number());
-            self.dataplane.write_service(
-                st.id,
-                key,
-                &pool(Colour::Blue),
-                &pool(Colour::Green),
-                st.active,
-            )?;
-            wanted.insert(key, st.id);
+        for name in &names {
+            self.sync_service(name)?;
+            let svc = self
+                .config
+                .services
+                .iter()
+                .find(|s| &s.name == name)
+                .expect("listed");
+            wanted.insert(
+                service_key(svc.vip, svc.protocol.number()),
+                self.state.service(name)?.id,
+            );
         }
         for (key, id) in self.dataplane.service_keys()? {
             if wanted.get(&key) != Some(&id) {
@@ -203,10 +260,11 @@ impl Daemon {
                     self.dataplane.remove_service(id, &key)?;
                 } else {
                     // Same id now serves another VIP: drop only the old key.
-                    let _ = self.dataplane.remove_service_key(&key);
+                    self.dataplane.remove_service_key(&key)?;
                 }
             }
         }
+        self.health.retain(|(s, _, _), _| names.contains(s));
         for iface in self.config.interfaces.clone() {
             if self
                 .dataplane
@@ -235,12 +293,71 @@ impl Daemon {
         Ok(())
     }
 
+    /// (Re)starts one probe task per backend of every service with health checks.
+    fn start_probes(&mut self) {
+        for p in self.probes.drain(..) {
+            p.abort();
+        }
+        let Some(tx) = self.tx.clone() else {
+            return;
+        };
+        let mut n = 0usize;
+        for svc in &self.config.services {
+            let Some(cfg) = svc.health.clone() else {
+                continue;
+            };
+            for colour in Colour::BOTH {
+                for (index, addr) in svc.pool(colour).iter().enumerate() {
+                    n += 1;
+                    self.probes.push(tokio::spawn(probe_loop(
+                        tx.clone(),
+                        svc.name.clone(),
+                        colour,
+                        index,
+                        *addr,
+                        cfg.clone(),
+                        health::jitter(cfg.interval, n),
+                    )));
+                }
+            }
+        }
+        if n > 0 {
+            log::info!("health checks: {n} backends");
+        }
+    }
+
     /// Serves the control socket until a signal or `detach`.
     pub async fn run(mut self) -> anyhow::Result<()> {
         let listener = self.bind_socket()?;
-        let (tx, mut rx) = mpsc::channel::<Event>(256);
-        let acceptor = tokio::spawn(accept_loop(listener, tx.clone(), self.socket_gid));
-        let signals = tokio::spawn(signal_loop(tx.clone()));
+        let (tx, mut rx) = mpsc::channel::<Event>(1024);
+        self.tx = Some(tx.clone());
+        let mut tasks = vec![
+            tokio::spawn(server::accept_loop(listener, tx.clone(), self.socket_gid)),
+            tokio::spawn(async move {
+                let _ = server::signal_loop(tx.clone()).await;
+            }),
+        ];
+        let ticker = self.tx.clone().expect("set above");
+        tasks.push(tokio::spawn(async move {
+            let mut t = tokio::time::interval(TICK);
+            loop {
+                t.tick().await;
+                if ticker.send(Event::Tick).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        if let Some(addr) = self.config.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics_listen {addr}"))?;
+            log::info!("Prometheus metrics on http://{addr}/metrics");
+            tasks.push(tokio::spawn(server::metrics_loop(
+                l,
+                self.tx.clone().expect("set"),
+            )));
+        }
+        self.start_probes();
         log::info!(
             "bgswitch daemon ready: {} services, interfaces {:?}, socket {}",
             self.config.services.len(),
@@ -261,6 +378,16 @@ impl Daemon {
                         break;
                     }
                 }
+                Event::Probe {
+                    service,
+                    colour,
+                    index,
+                    result,
+                } => self.on_probe(&service, colour, index, result),
+                Event::Tick => self.on_tick(),
+                Event::Scrape { reply } => {
+                    let _ = reply.send(self.collect_status(None).map(|s| metrics::render(&s)));
+                }
                 Event::Reload => {
                     let r = self.reload();
                     if !r.ok {
@@ -275,8 +402,9 @@ impl Daemon {
                 }
             }
         }
-        acceptor.abort();
-        signals.abort();
+        for t in tasks.into_iter().chain(self.probes.drain(..)) {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&self.config.socket);
         Ok(())
     }
@@ -305,6 +433,177 @@ impl Daemon {
         Ok(l)
     }
 
+    fn on_probe(
+        &mut self,
+        service: &str,
+        colour: Colour,
+        index: usize,
+        result: Result<(), String>,
+    ) {
+        let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
+            return;
+        };
+        let Some(cfg) = svc.health.clone() else {
+            return;
+        };
+        let Some(addr) = svc.pool(colour).get(index).copied() else {
+            return;
+        };
+        let h = self
+            .health
+            .entry((service.to_string(), colour, index))
+            .or_default();
+        let err = result.as_ref().err().cloned();
+        let Some(new) = h.observe(result, cfg.rise, cfg.fall) else {
+            return;
+        };
+        match new {
+            Health::Down => log::warn!(
+                "{service} {colour} backend {addr} is DOWN after {} failed checks: {}; it gets no new flows",
+                cfg.fall,
+                err.unwrap_or_default()
+            ),
+            _ => log::info!("{service} {colour} backend {addr} is {new:?} after {} good checks", cfg.rise),
+        }
+        let states: Vec<Health> = (0..svc.pool(colour).len())
+            .map(|i| self.health_of(service, colour, i))
+            .collect();
+        if health::serving(&states).1 {
+            log::error!(
+                "{service}: NO healthy backend in the {colour} pool; it keeps serving with all of them"
+            );
+        }
+        if let Err(e) = self.sync_service(service) {
+            log::error!("{service}: updating the pools after a health change failed: {e:#}");
+        }
+    }
+
+    /// Watches and confirmation deadlines.
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        let names: Vec<String> = self.state.services.keys().cloned().collect();
+        for name in names {
+            let Ok(st) = self.state.service(&name).cloned() else {
+                continue;
+            };
+            if let Some(c) = &st.confirm {
+                if now >= c.deadline_ms {
+                    let why = format!(
+                        "not confirmed within the deadline (bgswitch confirm {name}); back to {}",
+                        c.colour.other()
+                    );
+                    self.auto_rollback(&name, &why);
+                    continue;
+                }
+            }
+            let Some(w) = &st.watch else {
+                self.baselines.remove(&name);
+                continue;
+            };
+            if now >= w.until_ms {
+                log::info!("{name}: watch of {} passed; no rollback", w.colour);
+                let mut next = self.state.clone();
+                next.end_watch(&name);
+                if self.store.save(&next).is_ok() {
+                    self.state = next;
+                }
+                self.baselines.remove(&name);
+                continue;
+            }
+            if let Some(why) = self.watch_failure(&name, st.id, w) {
+                self.auto_rollback(&name, &why);
+            }
+        }
+    }
+
+    /// Why the watched colour failed, if it did.
+    fn watch_failure(&mut self, name: &str, id: u32, w: &model::Watch) -> Option<String> {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == name)?
+            .clone();
+        if let Some(cfg) = &svc.health {
+            let down: Vec<String> = svc
+                .pool(w.colour)
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.health_of(name, w.colour, *i) == Health::Down)
+                .map(|(_, a)| a.to_string())
+                .collect();
+            if !down.is_empty() {
+                return Some(format!(
+                    "{} backends failed health checks ({} × {}): {}",
+                    w.colour,
+                    cfg.fall,
+                    ms(cfg.interval),
+                    down.join(", ")
+                ));
+            }
+        }
+        let max = w.max_error_rate?;
+        let stats = self.dataplane.colour_stats(id, w.colour).ok()?;
+        let base = *self.baselines.entry(name.to_string()).or_insert(Baseline {
+            stats,
+            since_s: kernel_now_s(),
+        });
+        let new_flows = stats.new_flows.saturating_sub(base.stats.new_flows);
+        if new_flows < MIN_ERROR_SAMPLE {
+            return None;
+        }
+        let rsts = stats.backend_rsts.saturating_sub(base.stats.backend_rsts);
+        let unanswered = self
+            .dataplane
+            .flow_counts(
+                self.config.udp_idle_timeout,
+                self.config.tcp_idle_timeout,
+                base.since_s,
+            )
+            .ok()?
+            .get(&(id, w.colour))
+            .map_or(0, |c| c.unanswered_since);
+        let rate = (rsts + unanswered) as f64 / new_flows as f64;
+        (rate > max).then(|| {
+            format!(
+                "{} error rate {:.3} > {max} ({rsts} RSTs from backends + {unanswered} unanswered SYNs over {new_flows} new flows)",
+                w.colour, rate
+            )
+        })
+    }
+
+    fn auto_rollback(&mut self, name: &str, why: &str) {
+        let mut next = self.state.clone();
+        match next.auto_rollback(name, why, now_ms()) {
+            Ok(change) => {
+                log::warn!(
+                    "{name}: AUTOMATIC ROLLBACK {} → {}: {why}",
+                    change.from,
+                    change.to
+                );
+                let r = self.commit(name, next, change, false);
+                if !r.ok {
+                    log::error!(
+                        "{name}: automatic rollback failed: {}",
+                        r.error.unwrap_or_default()
+                    );
+                }
+            }
+            Err(e) => {
+                log::error!("{name}: cannot roll back ({e}); clearing the guard");
+                let mut next = self.state.clone();
+                if let Some(s) = next.services.get_mut(name) {
+                    s.watch = None;
+                    s.confirm = None;
+                }
+                if self.store.save(&next).is_ok() {
+                    self.state = next;
+                }
+            }
+        }
+        self.baselines.remove(name);
+    }
+
     fn reload(&mut self) -> Response {
         match self.try_reload() {
             Ok(msg) => {
@@ -324,6 +623,10 @@ impl Daemon {
             ("socket", new.socket == self.config.socket),
             ("socket_group", new.socket_group == self.config.socket_group),
             ("max_flows", new.max_flows == self.config.max_flows),
+            (
+                "metrics_listen",
+                new.metrics_listen == self.config.metrics_listen,
+            ),
         ] {
             if !same {
                 bail!(
@@ -345,6 +648,7 @@ impl Daemon {
             let _ = self.apply_config();
             return Err(e.context("applying the new config failed; restored the old one"));
         }
+        self.start_probes();
         Ok(format!(
             "reloaded {}: {} services ({} added, {} removed)",
             self.config.path.display(),
@@ -362,8 +666,59 @@ impl Daemon {
                 to,
                 force,
                 reason,
-            } => self.flip(&service, to, force, reason, peer),
-            Request::Rollback { service, reason } => self.rollback(&service, reason, peer),
+                watch_ms,
+                max_error_rate,
+                confirm_within_ms,
+            } => self.flip(
+                &service,
+                to,
+                self.request(peer, reason, force),
+                FlipGuards {
+                    watch_ms,
+                    max_error_rate,
+                    confirm_within_ms,
+                },
+            ),
+            Request::Rollback { service, reason } => {
+                let req = self.request(peer, reason, false);
+                self.change(&service, |s| s.rollback(&service, &req))
+            }
+            Request::Shift {
+                service,
+                to,
+                percent,
+                reason,
+            } => {
+                if !(0.0..=100.0).contains(&percent) || !percent.is_finite() {
+                    Response::error(format!("--percent {percent}: must be within 0..=100"))
+                } else {
+                    let bp = (percent * 100.0).round() as u32;
+                    let req = self.request(peer, reason, false);
+                    self.change(&service, |s| s.shift(&service, to, bp, &req))
+                }
+            }
+            Request::Preview {
+                service,
+                action,
+                cidr,
+                reason,
+            } => self.preview(&service, action, cidr, reason, peer),
+            Request::Confirm { service, reason } => {
+                let req = self.request(peer, reason, false);
+                self.change(&service, |s| s.confirm(&service, &req))
+            }
+            Request::History { service } => match self.state.service(&service) {
+                Err(e) => Response::error(e.to_string()),
+                Ok(_) => match self.store.read_journal(Some(&service)) {
+                    Ok(h) => Response {
+                        ok: true,
+                        history: Some(h),
+                        ..Response::default()
+                    },
+                    Err(e) => Response::error(e.to_string()),
+                },
+            },
+            Request::Undo { service, reason } => self.undo(&service, reason, peer),
             Request::Status { service } => self.status(service.as_deref()),
             Request::Reload => self.reload(),
             Request::Detach => self.detach(),
@@ -390,36 +745,158 @@ impl Daemon {
         }
     }
 
+    /// Applies a model change to a copy of the state and commits it.
+    fn change(
+        &mut self,
+        service: &str,
+        f: impl FnOnce(&mut DesiredState) -> Result<model::Change, model::ModelError>,
+    ) -> Response {
+        let mut next = self.state.clone();
+        match f(&mut next) {
+            Err(e) => Response::error(e.to_string()),
+            Ok(change) => self.commit(service, next, change, false),
+        }
+    }
+
+    /// Backends of `colour` that keep a pool from being healthy.
+    fn unhealthy(&self, service: &str, colour: Colour) -> Vec<String> {
+        let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
+            return Vec::new();
+        };
+        if svc.health.is_none() {
+            return Vec::new();
+        }
+        svc.pool(colour)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match self.health_of(service, colour, i) {
+                Health::Up => None,
+                Health::Down => Some(format!("{a} (down)")),
+                Health::Unknown => Some(format!("{a} (not checked yet)")),
+            })
+            .collect()
+    }
+
     fn flip(
         &mut self,
         service: &str,
         to: Option<Colour>,
-        force: bool,
-        reason: Option<String>,
-        peer: &Peer,
+        req: model::Request,
+        guards: FlipGuards,
     ) -> Response {
-        let req = self.request(peer, reason, force);
+        let Ok(st) = self.state.service(service) else {
+            return Response::error(format!("no service named '{service}'"));
+        };
+        let target = to.unwrap_or(st.active.other());
+        if target != st.active {
+            let bad = self.unhealthy(service, target);
+            if !bad.is_empty() && !req.force {
+                let msg = format!(
+                    "refusing to flip {service} to {target}: its pool is not healthy: {}; use --force to override",
+                    bad.join(", ")
+                );
+                self.journal_refusal(service, &req, target, &msg);
+                return Response::error(msg);
+            }
+            if !bad.is_empty() {
+                log::warn!(
+                    "{service}: flip to an unhealthy {target} forced by {}: {}",
+                    req.user,
+                    bad.join(", ")
+                );
+            }
+        }
         let mut next = self.state.clone();
-        match next.flip(service, to, &req) {
+        match next.flip(service, to, &req, &guards) {
             Err(e) => Response::error(e.to_string()),
             Ok(FlipOutcome::Unchanged { active, generation }) => Response::ok(format!(
                 "{service}: already {active} (generation {generation}); nothing changed"
             )),
-            Ok(FlipOutcome::Changed(change)) => self.commit(service, next, change),
+            Ok(FlipOutcome::Changed(change)) => {
+                self.baselines.remove(service);
+                self.commit(service, next, change, true)
+            }
         }
     }
 
-    fn rollback(&mut self, service: &str, reason: Option<String>, peer: &Peer) -> Response {
+    fn journal_refusal(&self, service: &str, req: &model::Request, to: Colour, why: &str) {
+        let Ok(st) = self.state.service(service) else {
+            return;
+        };
+        let entry = JournalEntry {
+            service: service.to_string(),
+            outcome: format!("refused: {why}"),
+            change: model::Change {
+                kind: model::ChangeKind::Flip,
+                generation_before: st.generation,
+                generation: st.generation,
+                from: st.active,
+                to,
+                at_ms: req.at_ms,
+                user: req.user.clone(),
+                reason: req.reason.clone(),
+                forced: req.force,
+                before: st.snapshot(),
+                after: st.snapshot(),
+            },
+        };
+        if let Err(e) = self.store.append_journal(&entry) {
+            log::error!("journal: {e}");
+        }
+    }
+
+    fn preview(
+        &mut self,
+        service: &str,
+        action: PreviewAction,
+        cidr: Option<String>,
+        reason: Option<String>,
+        peer: &Peer,
+    ) -> Response {
         let req = self.request(peer, reason, false);
-        let mut next = self.state.clone();
-        match next.rollback(service, &req) {
-            Err(e) => Response::error(e.to_string()),
-            Ok(change) => self.commit(service, next, change),
+        match (action, cidr) {
+            (PreviewAction::List, _) => match self.state.service(service) {
+                Ok(s) => Response {
+                    ok: true,
+                    preview: Some(s.preview.clone()),
+                    ..Response::default()
+                },
+                Err(e) => Response::error(e.to_string()),
+            },
+            (_, None) => Response::error("preview add/del needs a CIDR"),
+            (PreviewAction::Add, Some(c)) => {
+                self.change(service, |s| s.preview_add(service, &c, &req))
+            }
+            (PreviewAction::Del, Some(c)) => {
+                self.change(service, |s| s.preview_del(service, &c, &req))
+            }
         }
     }
 
-    /// Writes the new desired state, then moves the data plane.
-    fn commit(&mut self, service: &str, next: DesiredState, change: model::Change) -> Response {
+    fn undo(&mut self, service: &str, reason: Option<String>, peer: &Peer) -> Response {
+        let req = self.request(peer, reason, false);
+        let last = match self.store.read_journal(Some(service)) {
+            Ok(j) => j
+                .into_iter()
+                .rev()
+                .find(|e| e.outcome == "ok")
+                .map(|e| e.change),
+            Err(e) => return Response::error(e.to_string()),
+        };
+        let Some(last) = last else {
+            return Response::error(format!("{service} has no change to undo"));
+        };
+        self.change(service, |s| s.undo(service, &last, &req))
+    }
+
+    /// Writes the new desired state and the journal, then moves the data plane.
+    fn commit(
+        &mut self,
+        service: &str,
+        next: DesiredState,
+        change: model::Change,
+        may_move_flows: bool,
+    ) -> Response {
         let id = match next.service(service) {
             Ok(s) => s.id,
             Err(e) => return Response::error(e.to_string()),
@@ -427,23 +904,45 @@ impl Daemon {
         if let Err(e) = self.store.save(&next) {
             return Response::error(format!("{e}; nothing changed"));
         }
-        if let Err(e) = self.dataplane.set_active(id, change.to) {
+        let entry = JournalEntry {
+            service: service.to_string(),
+            outcome: "ok".into(),
+            change: change.clone(),
+        };
+        if let Err(e) = self.store.append_journal(&entry) {
             let _ = self.store.save(&self.state);
-            return Response::error(format!("data plane: {e}; nothing changed"));
+            return Response::error(format!("{e}; nothing changed"));
         }
-        self.state = next;
+        let old = std::mem::replace(&mut self.state, next);
+        if let Err(e) = self.sync_service(service) {
+            self.state = old;
+            let _ = self.store.save(&self.state);
+            let _ = self.sync_service(service);
+            return Response::error(format!("data plane: {e:#}; nothing changed"));
+        }
         let mut moved = String::new();
-        if change.forced {
+        if change.forced && may_move_flows {
             match self.dataplane.flush_flows(id, change.to) {
                 Ok(n) => moved = format!("; moved {n} open flows"),
                 Err(e) => moved = format!("; moving open flows failed: {e}"),
             }
         }
+        let what = match change.kind {
+            model::ChangeKind::Shift => format!(
+                "{:.2}% of new flows to {}",
+                f64::from(change.after.canary_bp) / 100.0,
+                change.to.other()
+            ),
+            model::ChangeKind::PreviewAdd | model::ChangeKind::PreviewDel => {
+                format!("preview prefixes [{}]", change.after.preview.join(", "))
+            }
+            model::ChangeKind::Confirm => format!("{} confirmed", change.to),
+            _ => format!("{} → {}", change.from, change.to),
+        };
         let msg = format!(
-            "{service}: {:?} {} → {} (generation {} → {}){moved}",
-            change.kind, change.from, change.to, change.generation_before, change.generation
-        )
-        .to_lowercase();
+            "{service}: {} {what} (generation {} → {}){moved}",
+            change.kind, change.generation_before, change.generation
+        );
         log::info!(
             "{msg} by {}{}",
             change.user,
@@ -476,9 +975,11 @@ impl Daemon {
         if let Some(name) = only {
             self.state.service(name)?;
         }
-        let flows = self
-            .dataplane
-            .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)?;
+        let flows = self.dataplane.flow_counts(
+            self.config.udp_idle_timeout,
+            self.config.tcp_idle_timeout,
+            0,
+        )?;
         let mut services = Vec::new();
         for svc in &self.config.services {
             if only.is_some_and(|n| n != svc.name) {
@@ -489,17 +990,25 @@ impl Daemon {
             for c in Colour::BOTH {
                 let stats = self.dataplane.colour_stats(st.id, c)?;
                 let fc = flows.get(&(st.id, c)).copied().unwrap_or_default();
+                let states: Vec<Health> = (0..svc.pool(c).len())
+                    .map(|i| self.health_of(&svc.name, c, i))
+                    .collect();
+                let (serving, all_down) = health::serving(&states);
                 let mut backends = Vec::new();
                 for (i, a) in svc.pool(c).iter().enumerate() {
                     let b = self
                         .dataplane
                         .backend_stats(backend_stat_id(st.id, c, i as u32))?;
+                    let h = self.health.get(&(svc.name.clone(), c, i));
                     backends.push(BackendStatus {
                         address: a.to_string(),
                         packets: b.packets,
                         bytes: b.bytes,
                         new_flows: b.new_flows,
                         reply_packets: b.reply_packets,
+                        health: states[i],
+                        health_error: h.and_then(|h| h.last_error.clone()),
+                        serving: serving.contains(&i),
                     });
                 }
                 colours.push(ColourStatus {
@@ -515,6 +1024,10 @@ impl Daemon {
                     reply_bytes: stats.reply_bytes,
                     backend_rsts: stats.backend_rsts,
                     syn_acks: stats.syn_acks,
+                    unanswered_syns: fc.unanswered,
+                    preview_flows: fc.preview,
+                    pool_healthy: self.unhealthy(&svc.name, c).is_empty(),
+                    all_down: svc.health.is_some() && all_down,
                 });
             }
             services.push(ServiceStatus {
@@ -526,6 +1039,14 @@ impl Daemon {
                 previous: st.previous,
                 colours,
                 last_change: st.history.last().cloned(),
+                canary_percent: f64::from(st.canary_bp) / 100.0,
+                preview: st.preview.clone(),
+                watch: st.watch.clone(),
+                confirm: st.confirm.clone(),
+                rolled_back: st.rolled_back.clone(),
+                flips: st.flips,
+                rollbacks: st.rollbacks,
+                health_checks: svc.health.is_some(),
             });
         }
         let interfaces = self
@@ -557,7 +1078,6 @@ impl Daemon {
 
     fn detach(&mut self) -> Response {
         let bpffs = self.config.bpffs.clone();
-        // Detaching consumes the data plane; swap in nothing by tearing down pins.
         let ifaces: Vec<String> = self
             .dataplane
             .attachments()
@@ -583,157 +1103,30 @@ impl Daemon {
     }
 }
 
-async fn signal_loop(tx: mpsc::Sender<Event>) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+/// Probes one backend forever, sending each result to the loop.
+async fn probe_loop(
+    tx: mpsc::Sender<Event>,
+    service: String,
+    colour: Colour,
+    index: usize,
+    addr: SocketAddr,
+    cfg: HealthConfig,
+    offset: Duration,
+) {
+    tokio::time::sleep(offset).await;
+    let mut t = tokio::time::interval(cfg.interval);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let ev = tokio::select! {
-            _ = term.recv() => Event::Shutdown("SIGTERM"),
-            _ = int.recv() => Event::Shutdown("SIGINT"),
-            _ = hup.recv() => Event::Reload,
+        t.tick().await;
+        let result = health::probe(addr, &cfg).await;
+        let ev = Event::Probe {
+            service: service.clone(),
+            colour,
+            index,
+            result,
         };
         if tx.send(ev).await.is_err() {
-            return Ok(());
+            return;
         }
     }
-}
-
-async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Event>, gid: Option<u32>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("control socket accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            log::warn!("control socket: {MAX_CLIENTS} clients already connected; refusing one");
-            let mut s = stream;
-            let _ = write_response(
-                &mut s,
-                &Response::error("too many control connections; try again"),
-            )
-            .await;
-            continue;
-        };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_client(stream, tx, gid).await {
-                log::warn!("control client: {e:#}");
-            }
-            drop(permit);
-        });
-    }
-}
-
-async fn write_response(stream: &mut UnixStream, resp: &Response) -> io::Result<()> {
-    let mut line = serde_json::to_vec(resp).map_err(io::Error::other)?;
-    line.push(b'\n');
-    stream.write_all(&line).await
-}
-
-async fn serve_client(
-    mut stream: UnixStream,
-    tx: mpsc::Sender<Event>,
-    gid: Option<u32>,
-) -> anyhow::Result<()> {
-    let cred = stream.peer_cred()?;
-    let peer = Peer {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid: cred.pid(),
-        user: user_name(cred.uid()),
-    };
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    let allowed = peer.uid == 0
-        || peer.uid == me
-        || gid.is_some_and(|g| {
-            peer.gid == g || peer.pid.is_some_and(|p| process_groups(p).contains(&g))
-        });
-    if !allowed {
-        let _ = write_response(
-            &mut stream,
-            &Response::error("permission denied: not root nor in the socket group"),
-        )
-        .await;
-        return Err(anyhow!(
-            "refused {} (uid {}, pid {:?}): not root nor in the socket group",
-            peer.user,
-            peer.uid,
-            peer.pid
-        ));
-    }
-    let (read, mut write) = stream.split();
-    let mut reader = BufReader::new(read).take(api::MAX_REQUEST_BYTES as u64 + 1);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        reader.set_limit(api::MAX_REQUEST_BYTES as u64 + 1);
-        let n = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line))
-            .await
-        {
-            Err(_) => {
-                return Err(anyhow!(
-                    "{}: no complete request within {REQUEST_TIMEOUT:?}; closing",
-                    peer.user
-                ));
-            }
-            Ok(r) => r?,
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        if line.len() > api::MAX_REQUEST_BYTES || !line.ends_with(b"\n") {
-            let resp = Response::error(format!(
-                "request too long or not newline-terminated (limit {} bytes)",
-                api::MAX_REQUEST_BYTES
-            ));
-            let mut l = serde_json::to_vec(&resp)?;
-            l.push(b'\n');
-            write.write_all(&l).await?;
-            return Err(anyhow!(
-                "{}: oversized or truncated request refused",
-                peer.user
-            ));
-        }
-        let resp = match serde_json::from_slice::<Request>(&line) {
-            Err(e) => {
-                log::warn!(
-                    "{} (pid {:?}): malformed request refused: {e}",
-                    peer.user,
-                    peer.pid
-                );
-                Response::error(format!("malformed request: {e}"))
-            }
-            Ok(req) => {
-                let (reply, rx) = oneshot::channel();
-                if tx
-                    .send(Event::Request {
-                        req,
-                        peer: peer.clone(),
-                        reply,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-                rx.await
-                    .unwrap_or_else(|_| Response::error("daemon is shutting down"))
-            }
-        };
-        let mut l = serde_json::to_vec(&resp)?;
-        l.push(b'\n');
-        write.write_all(&l).await?;
-    }
-}
-
-/// The config path the daemon uses when none is given.
-pub fn default_config() -> PathBuf {
-    PathBuf::from(crate::paths::DEFAULT_CONFIG)
 }

@@ -19,7 +19,10 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, DevMapHash, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -29,9 +32,9 @@ use aya::{
 };
 use bgswitch_common::{
     control, flow_flags, global, ipv4_to_addr, ipv6_to_addr, maps as names, port_to_wire, Backend,
-    BackendStats, ColourStats, FlowEntry, FlowKey, ServiceKey, ServiceValue, Settings,
+    BackendStats, ColourStats, FlowEntry, FlowKey, PreviewKey, ServiceKey, ServiceValue, Settings,
     BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, MAX_INTERFACES,
-    MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
+    MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
 };
 
 use crate::{config::XdpModeSetting, model::Colour, paths};
@@ -161,13 +164,14 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, ColourStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     global_stats: PerCpuArray<MapData, u64>,
+    preview: LpmTrie<MapData, PreviewKey, u32>,
     links: BTreeMap<String, (Attachment, FdLink)>,
     /// When each (service, slot) was last deselected.
     freed: StdHashMap<(u32, u32), Instant>,
 }
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 10] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 11] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -251,6 +255,14 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             global::COUNT,
             0,
         ),
+        (
+            names::PREVIEW,
+            MapType::LpmTrie,
+            4 + sz(size_of::<PreviewKey>()),
+            4,
+            MAX_PREVIEW_PREFIXES,
+            0,
+        ),
     ]
 }
 
@@ -260,7 +272,8 @@ fn map_data(m: &Map) -> Option<&MapData> {
         | Map::HashMap(d)
         | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
-        | Map::DevMapHash(d) => Some(d),
+        | Map::DevMapHash(d)
+        | Map::LpmTrie(d) => Some(d),
         _ => None,
     }
 }
@@ -400,7 +413,16 @@ pub struct FlowCounts {
     pub live: u64,
     /// Forward entries in the table, live or not.
     pub recorded: u64,
+    /// TCP flows whose SYN got no SYN-ACK (nor RST) within the SYN timeout.
+    pub unanswered: u64,
+    /// The same, among flows recorded at or after `since_s`.
+    pub unanswered_since: u64,
+    /// Flows sent to this colour by a preview prefix.
+    pub preview: u64,
 }
+
+/// A TCP SYN unanswered for this long counts as an error.
+pub const SYN_TIMEOUT_S: u64 = 2;
 
 impl Dataplane {
     /// Loads the XDP program and its maps (adopting pinned maps when a pin
@@ -480,6 +502,8 @@ impl Dataplane {
             .map_err(map_err(names::BACKEND_STATS, "open"))?;
         let global_stats = PerCpuArray::try_from(take(names::GLOBAL_STATS)?)
             .map_err(map_err(names::GLOBAL_STATS, "open"))?;
+        let preview =
+            LpmTrie::try_from(take(names::PREVIEW)?).map_err(map_err(names::PREVIEW, "open"))?;
         // The mapping holds its own reference to the map; the Map handle may go.
         drop(control_map);
         Ok(Self {
@@ -495,6 +519,7 @@ impl Dataplane {
             service_stats,
             backend_stats,
             global_stats,
+            preview,
             links: BTreeMap::new(),
             freed: StdHashMap::new(),
         })
@@ -820,6 +845,75 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Sends `basis_points` (0..=10000) of new flows to the idle colour: one
+    /// 32-bit store.
+    pub fn set_canary(&mut self, id: u32, basis_points: u32) -> Result<()> {
+        let old = self.control.load(id);
+        if !control::enabled(old) {
+            return Err(DataplaneError::Invalid(format!(
+                "service id {id} is not configured"
+            )));
+        }
+        if basis_points > control::CANARY_FULL {
+            return Err(DataplaneError::Invalid(format!(
+                "canary share {basis_points} > 10000"
+            )));
+        }
+        let word = (old & !(control::CANARY_MASK << control::CANARY_SHIFT))
+            | (basis_points << control::CANARY_SHIFT);
+        self.control.store(id, word);
+        Ok(())
+    }
+
+    /// Makes new flows of service `id` from these source prefixes go to the
+    /// idle colour (and only these: others of the service are removed).
+    pub fn set_preview(&mut self, id: u32, prefixes: &[(IpAddr, u8)]) -> Result<()> {
+        let old = self.control.load(id);
+        if !control::enabled(old) {
+            return Err(DataplaneError::Invalid(format!(
+                "service id {id} is not configured"
+            )));
+        }
+        let wanted: Vec<LpmKey<PreviewKey>> = prefixes
+            .iter()
+            .map(|(ip, len)| {
+                let (addr, _) = addr_of(*ip);
+                LpmKey::new(32 + u32::from(*len), PreviewKey { service: id, addr })
+            })
+            .collect();
+        for k in &wanted {
+            self.preview
+                .insert(k, 1, 0)
+                .map_err(map_err(names::PREVIEW, "insert"))?;
+        }
+        let stale: Vec<LpmKey<PreviewKey>> = self
+            .preview
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| {
+                k.data().service == id
+                    && !wanted
+                        .iter()
+                        .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+            })
+            .collect();
+        let bit = if wanted.is_empty() {
+            0
+        } else {
+            control::PREVIEW
+        };
+        // Set the bit after adding entries, clear it before removing them.
+        let word = (self.control.load(id) & !control::PREVIEW) | bit;
+        self.control.store(id, word);
+        for k in stale {
+            match self.preview.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::PREVIEW, "remove")(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Stops serving `key` (service `id`).
     pub fn remove_service(&mut self, id: u32, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {
@@ -918,12 +1012,15 @@ impl Dataplane {
     }
 
     /// Counts forward flow entries per (service id, colour).
+    /// `since_s` is a time in kernel monotonic seconds (see [`monotonic_ns`]).
     pub fn flow_counts(
         &self,
         udp_idle: Duration,
         tcp_idle: Duration,
+        since_s: u32,
     ) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
         let now = monotonic_ns();
+        let now_s = now / 1_000_000_000;
         let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
         for item in self.flows.iter() {
             let (key, e) = match item {
@@ -939,6 +1036,18 @@ impl Dataplane {
                 .entry((e.service, Colour::from_index(e.colour as u32)))
                 .or_default();
             c.recorded += 1;
+            if e.flags & flow_flags::PREVIEW != 0 {
+                c.preview += 1;
+            }
+            if key.proto == bgswitch_common::PROTO_TCP
+                && e.flags & (flow_flags::ESTABLISHED | flow_flags::RST) == 0
+                && now_s.saturating_sub(u64::from(e.created_s)) >= SYN_TIMEOUT_S
+            {
+                c.unanswered += 1;
+                if e.created_s >= since_s {
+                    c.unanswered_since += 1;
+                }
+            }
             let idle = now.saturating_sub(e.last_seen_ns);
             let live = if key.proto == bgswitch_common::PROTO_UDP {
                 idle <= udp_idle.as_nanos() as u64

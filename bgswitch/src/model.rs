@@ -1,7 +1,12 @@
 //! The desired state and the rules that change it: colours, generations,
 //! flip and rollback. Pure: no IO, no clocks (callers pass the time in).
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,13 +67,45 @@ impl FromStr for Colour {
 
 /// What kind of change a journal entry records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Flip,
     Rollback,
+    /// The daemon rolled back by itself (watch or confirmation deadline).
+    AutoRollback,
+    Shift,
+    PreviewAdd,
+    PreviewDel,
+    Confirm,
+    Undo,
 }
 
-/// One change of a service's state.
+impl fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Flip => "flip",
+            Self::Rollback => "rollback",
+            Self::AutoRollback => "automatic rollback",
+            Self::Shift => "shift",
+            Self::PreviewAdd => "preview add",
+            Self::PreviewDel => "preview del",
+            Self::Confirm => "confirm",
+            Self::Undo => "undo",
+        })
+    }
+}
+
+/// The part of a service's state a change can alter, before and after.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub active: Option<Colour>,
+    /// Share of new flows sent to the idle colour, in basis points.
+    pub canary_bp: u32,
+    /// Source prefixes whose new flows go to the idle colour.
+    pub preview: Vec<String>,
+}
+
+/// One change of a service's state (also a journal line).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub kind: ChangeKind,
@@ -78,11 +115,15 @@ pub struct Change {
     pub to: Colour,
     /// Unix time in milliseconds.
     pub at_ms: u64,
-    /// Who asked (socket peer credentials).
+    /// Who asked (socket peer credentials, or "bgswitch" for the daemon).
     pub user: String,
     pub reason: Option<String>,
-    /// Open flows were moved too.
+    /// `--force`: open flows were moved and/or a health refusal overridden.
     pub forced: bool,
+    #[serde(default)]
+    pub before: Snapshot,
+    #[serde(default)]
+    pub after: Snapshot,
 }
 
 /// Who asks for a change, when, and why.
@@ -94,8 +135,25 @@ pub struct Request {
     pub at_ms: u64,
 }
 
-/// The durable state of one service.
+/// A watch after a flip: roll back if the new colour fails before `until_ms`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Watch {
+    pub colour: Colour,
+    pub started_ms: u64,
+    pub until_ms: u64,
+    /// Errors (backend RSTs + unanswered SYNs) per new flow that trigger a rollback.
+    pub max_error_rate: Option<f64>,
+}
+
+/// A dead-man's switch: roll back unless confirmed before `deadline_ms`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirm {
+    pub colour: Colour,
+    pub deadline_ms: u64,
+}
+
+/// The durable state of one service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceState {
     /// Index into the data plane's per-service arrays; stable across restarts.
     pub id: u32,
@@ -104,15 +162,30 @@ pub struct ServiceState {
     pub generation: u64,
     /// The colour before the last flip: where `rollback` goes.
     pub previous: Option<Colour>,
+    #[serde(default)]
+    pub canary_bp: u32,
+    #[serde(default)]
+    pub preview: Vec<String>,
+    #[serde(default)]
+    pub watch: Option<Watch>,
+    #[serde(default)]
+    pub confirm: Option<Confirm>,
+    /// Why the daemon last rolled back by itself (cleared by the next change).
+    #[serde(default)]
+    pub rolled_back: Option<String>,
+    #[serde(default)]
+    pub flips: u64,
+    #[serde(default)]
+    pub rollbacks: u64,
     /// The most recent changes, oldest first (at most [`HISTORY_KEPT`]).
     pub history: Vec<Change>,
 }
 
-/// Changes kept per service in the state file.
+/// Changes kept per service in the state file (the journal keeps them all).
 pub const HISTORY_KEPT: usize = 100;
 
 /// Everything the daemon must remember across restarts and reboots.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DesiredState {
     pub services: BTreeMap<String, ServiceState>,
 }
@@ -126,6 +199,8 @@ pub enum ModelError {
     NothingToRollBack(String),
     #[error("no free service slot: at most {0} services")]
     TooManyServices(u32),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The outcome of a flip request.
@@ -137,6 +212,57 @@ pub enum FlipOutcome {
         active: Colour,
         generation: u64,
     },
+}
+
+/// Guards attached to a flip.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FlipGuards {
+    /// Watch for this long (ms) after the flip.
+    pub watch_ms: Option<u64>,
+    pub max_error_rate: Option<f64>,
+    /// Roll back unless confirmed within this long (ms).
+    pub confirm_within_ms: Option<u64>,
+}
+
+/// Most preview prefixes per service.
+pub const MAX_PREVIEW_PER_SERVICE: usize = 64;
+
+/// Parses "ADDR/LEN" (or a bare address) into a normalised prefix: host bits
+/// cleared, e.g. "198.18.0.7/24" → (198.18.0.0, 24).
+pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), ModelError> {
+    let bad = || ModelError::Invalid(format!("'{text}' is not a prefix like 198.18.0.0/24"));
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (text, None),
+    };
+    let ip: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u8 = match len {
+        None => max,
+        Some(l) => l.trim().parse().map_err(|_| bad())?,
+    };
+    if len > max {
+        return Err(bad());
+    }
+    let ip = match ip {
+        IpAddr::V4(v4) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    };
+    Ok((ip, len))
 }
 
 impl DesiredState {
@@ -170,6 +296,13 @@ impl DesiredState {
                     active: Colour::Blue,
                     generation: 1,
                     previous: None,
+                    canary_bp: 0,
+                    preview: Vec::new(),
+                    watch: None,
+                    confirm: None,
+                    rolled_back: None,
+                    flips: 0,
+                    rollbacks: 0,
                     history: Vec::new(),
                 },
             );
@@ -184,58 +317,238 @@ impl DesiredState {
             .ok_or_else(|| ModelError::UnknownService(name.to_string()))
     }
 
-    /// New flows of `name` go to `to` (default: the other colour).
+    fn service_mut(&mut self, name: &str) -> Result<&mut ServiceState, ModelError> {
+        self.services
+            .get_mut(name)
+            .ok_or_else(|| ModelError::UnknownService(name.to_string()))
+    }
+
+    /// New flows of `name` go to `to` (default: the other colour). Ends any
+    /// canary share (its idle colour changes) and earlier guards.
     pub fn flip(
         &mut self,
         name: &str,
         to: Option<Colour>,
         req: &Request,
+        guards: &FlipGuards,
     ) -> Result<FlipOutcome, ModelError> {
-        let s = self
-            .services
-            .get_mut(name)
-            .ok_or_else(|| ModelError::UnknownService(name.to_string()))?;
+        let s = self.service_mut(name)?;
         let to = to.unwrap_or(s.active.other());
-        if to == s.active && !req.force {
+        if to == s.active && !req.force && guards == &FlipGuards::default() {
             return Ok(FlipOutcome::Unchanged {
                 active: s.active,
                 generation: s.generation,
             });
         }
-        Ok(FlipOutcome::Changed(s.apply(ChangeKind::Flip, to, req)))
+        let change = s.apply(ChangeKind::Flip, req, |s| {
+            if to != s.active {
+                s.previous = Some(s.active);
+            }
+            s.active = to;
+            s.canary_bp = 0;
+            s.watch = guards.watch_ms.map(|ms| Watch {
+                colour: to,
+                started_ms: req.at_ms,
+                until_ms: req.at_ms + ms,
+                max_error_rate: guards.max_error_rate,
+            });
+            s.confirm = guards.confirm_within_ms.map(|ms| Confirm {
+                colour: to,
+                deadline_ms: req.at_ms + ms,
+            });
+        });
+        s.flips += 1;
+        Ok(FlipOutcome::Changed(change))
     }
 
     /// Back to the colour before the last flip.
     pub fn rollback(&mut self, name: &str, req: &Request) -> Result<Change, ModelError> {
-        let s = self
-            .services
-            .get_mut(name)
-            .ok_or_else(|| ModelError::UnknownService(name.to_string()))?;
+        self.roll_back(name, req, ChangeKind::Rollback)
+    }
+
+    /// The daemon's own rollback: a watch failed or a confirmation was missed.
+    pub fn auto_rollback(
+        &mut self,
+        name: &str,
+        why: &str,
+        at_ms: u64,
+    ) -> Result<Change, ModelError> {
+        let req = Request {
+            user: "bgswitch".into(),
+            reason: Some(why.to_string()),
+            force: false,
+            at_ms,
+        };
+        let c = self.roll_back(name, &req, ChangeKind::AutoRollback)?;
+        self.service_mut(name)?.rolled_back = Some(why.to_string());
+        Ok(c)
+    }
+
+    fn roll_back(
+        &mut self,
+        name: &str,
+        req: &Request,
+        kind: ChangeKind,
+    ) -> Result<Change, ModelError> {
+        let s = self.service_mut(name)?;
         let to = s
             .previous
             .filter(|p| *p != s.active)
             .ok_or_else(|| ModelError::NothingToRollBack(name.to_string()))?;
-        Ok(s.apply(ChangeKind::Rollback, to, req))
+        let c = s.apply(kind, req, |s| {
+            s.previous = Some(s.active);
+            s.active = to;
+            s.canary_bp = 0;
+            s.watch = None;
+            s.confirm = None;
+        });
+        s.rollbacks += 1;
+        Ok(c)
+    }
+
+    /// Sends `basis_points` of new flows to the idle colour `to`.
+    pub fn shift(
+        &mut self,
+        name: &str,
+        to: Colour,
+        basis_points: u32,
+        req: &Request,
+    ) -> Result<Change, ModelError> {
+        let s = self.service_mut(name)?;
+        if basis_points > control_full() {
+            return Err(ModelError::Invalid(
+                "the share must be within 0..=100 %".into(),
+            ));
+        }
+        if to == s.active && basis_points != 0 {
+            return Err(ModelError::Invalid(format!(
+                "{to} is already active; shift sends part of new flows to the idle colour ({})",
+                to.other()
+            )));
+        }
+        Ok(s.apply(ChangeKind::Shift, req, |s| s.canary_bp = basis_points))
+    }
+
+    /// Adds a preview prefix (new flows from it reach the idle colour).
+    pub fn preview_add(
+        &mut self,
+        name: &str,
+        cidr: &str,
+        req: &Request,
+    ) -> Result<Change, ModelError> {
+        let (ip, len) = parse_cidr(cidr)?;
+        let text = format!("{ip}/{len}");
+        let s = self.service_mut(name)?;
+        if s.preview.contains(&text) {
+            return Err(ModelError::Invalid(format!(
+                "{text} is already a preview prefix of {name}"
+            )));
+        }
+        if s.preview.len() >= MAX_PREVIEW_PER_SERVICE {
+            return Err(ModelError::Invalid(format!(
+                "at most {MAX_PREVIEW_PER_SERVICE} preview prefixes per service"
+            )));
+        }
+        Ok(s.apply(ChangeKind::PreviewAdd, req, |s| s.preview.push(text)))
+    }
+
+    /// Removes a preview prefix.
+    pub fn preview_del(
+        &mut self,
+        name: &str,
+        cidr: &str,
+        req: &Request,
+    ) -> Result<Change, ModelError> {
+        let (ip, len) = parse_cidr(cidr)?;
+        let text = format!("{ip}/{len}");
+        let s = self.service_mut(name)?;
+        if !s.preview.contains(&text) {
+            return Err(ModelError::Invalid(format!(
+                "{text} is not a preview prefix of {name}"
+            )));
+        }
+        Ok(s.apply(ChangeKind::PreviewDel, req, |s| {
+            s.preview.retain(|p| *p != text)
+        }))
+    }
+
+    /// Confirms a flip made with a confirmation deadline.
+    pub fn confirm(&mut self, name: &str, req: &Request) -> Result<Change, ModelError> {
+        let s = self.service_mut(name)?;
+        if s.confirm.is_none() {
+            return Err(ModelError::Invalid(format!(
+                "{name} has no flip waiting for confirmation"
+            )));
+        }
+        Ok(s.apply(ChangeKind::Confirm, req, |s| s.confirm = None))
+    }
+
+    /// Restores the state before `last` (the service's most recent change).
+    pub fn undo(&mut self, name: &str, last: &Change, req: &Request) -> Result<Change, ModelError> {
+        let s = self.service_mut(name)?;
+        let Some(before_active) = last.before.active else {
+            return Err(ModelError::Invalid(
+                "the last change has no recorded state to restore".into(),
+            ));
+        };
+        Ok(s.apply(ChangeKind::Undo, req, |s| {
+            if before_active != s.active {
+                s.previous = Some(s.active);
+            }
+            s.active = before_active;
+            s.canary_bp = last.before.canary_bp;
+            s.preview = last.before.preview.clone();
+            s.watch = None;
+            s.confirm = None;
+        }))
+    }
+
+    /// Ends a watch that passed (no change of traffic; not journalled).
+    pub fn end_watch(&mut self, name: &str) {
+        if let Some(s) = self.services.get_mut(name) {
+            s.watch = None;
+        }
     }
 }
 
+const fn control_full() -> u32 {
+    bgswitch_common::control::CANARY_FULL
+}
+
 impl ServiceState {
-    fn apply(&mut self, kind: ChangeKind, to: Colour, req: &Request) -> Change {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            active: Some(self.active),
+            canary_bp: self.canary_bp,
+            preview: self.preview.clone(),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        kind: ChangeKind,
+        req: &Request,
+        f: impl FnOnce(&mut ServiceState),
+    ) -> Change {
+        let before = self.snapshot();
+        let from = self.active;
+        f(self);
+        if kind != ChangeKind::AutoRollback {
+            self.rolled_back = None;
+        }
         let change = Change {
             kind,
             generation_before: self.generation,
             generation: self.generation + 1,
-            from: self.active,
-            to,
+            from,
+            to: self.active,
             at_ms: req.at_ms,
             user: req.user.clone(),
             reason: req.reason.clone(),
             forced: req.force,
+            before,
+            after: self.snapshot(),
         };
-        if to != self.active {
-            self.previous = Some(self.active);
-        }
-        self.active = to;
         self.generation += 1;
         self.history.push(change.clone());
         if self.history.len() > HISTORY_KEPT {
@@ -295,7 +608,8 @@ mod tests {
             s.rollback("web", &req()),
             Err(ModelError::NothingToRollBack("web".into()))
         );
-        let FlipOutcome::Changed(c) = s.flip("web", None, &req()).unwrap() else {
+        let FlipOutcome::Changed(c) = s.flip("web", None, &req(), &FlipGuards::default()).unwrap()
+        else {
             panic!("flip must change")
         };
         assert_eq!(
@@ -304,7 +618,8 @@ mod tests {
         );
         assert_eq!(c.reason.as_deref(), Some("release 42"));
         assert_eq!(
-            s.flip("web", Some(Colour::Green), &req()).unwrap(),
+            s.flip("web", Some(Colour::Green), &req(), &FlipGuards::default())
+                .unwrap(),
             FlipOutcome::Unchanged {
                 active: Colour::Green,
                 generation: 2
@@ -320,7 +635,7 @@ mod tests {
         assert_eq!(r.to, Colour::Green);
         assert_eq!(s.services["web"].history.len(), 3);
         assert_eq!(
-            s.flip("nope", None, &req()),
+            s.flip("nope", None, &req(), &FlipGuards::default()),
             Err(ModelError::UnknownService("nope".into()))
         );
     }
@@ -331,7 +646,10 @@ mod tests {
         s.reconcile(&cfg(&["web"])).unwrap();
         let mut r = req();
         r.force = true;
-        let FlipOutcome::Changed(c) = s.flip("web", Some(Colour::Blue), &r).unwrap() else {
+        let FlipOutcome::Changed(c) = s
+            .flip("web", Some(Colour::Blue), &r, &FlipGuards::default())
+            .unwrap()
+        else {
             panic!("forced flip must be recorded")
         };
         assert!(c.forced);
@@ -339,11 +657,82 @@ mod tests {
     }
 
     #[test]
+    fn shift_preview_confirm_undo_and_auto_rollback() {
+        let mut s = DesiredState::default();
+        s.reconcile(&cfg(&["web"])).unwrap();
+        assert!(
+            s.shift("web", Colour::Blue, 1000, &req()).is_err(),
+            "blue is active"
+        );
+        assert!(s.shift("web", Colour::Green, 10_001, &req()).is_err());
+        let c = s.shift("web", Colour::Green, 1000, &req()).unwrap();
+        assert_eq!((c.before.canary_bp, c.after.canary_bp), (0, 1000));
+        let c = s.preview_add("web", "198.18.0.7/24", &req()).unwrap();
+        assert_eq!(c.after.preview, ["198.18.0.0/24"]);
+        assert!(
+            s.preview_add("web", "198.18.0.0/24", &req()).is_err(),
+            "duplicate"
+        );
+        assert!(s.preview_add("web", "198.18.0.0/33", &req()).is_err());
+        assert!(s.preview_del("web", "10.0.0.0/8", &req()).is_err());
+        // Undo the preview: back to no prefixes, canary kept.
+        let last = s.services["web"].history.last().cloned().unwrap();
+        s.undo("web", &last, &req()).unwrap();
+        assert!(s.services["web"].preview.is_empty());
+        assert_eq!(s.services["web"].canary_bp, 1000);
+        // A guarded flip ends the canary and records the guards.
+        let g = FlipGuards {
+            watch_ms: Some(5000),
+            max_error_rate: Some(0.1),
+            confirm_within_ms: Some(60_000),
+        };
+        let FlipOutcome::Changed(_) = s.flip("web", None, &req(), &g).unwrap() else {
+            panic!()
+        };
+        let st = &s.services["web"];
+        assert_eq!(st.canary_bp, 0);
+        assert_eq!(st.watch.as_ref().unwrap().until_ms, 6000);
+        assert_eq!(st.confirm.as_ref().unwrap().deadline_ms, 61_000);
+        let c = s.auto_rollback("web", "green failed", 2000).unwrap();
+        assert_eq!(
+            (c.kind, c.to, c.user.as_str()),
+            (ChangeKind::AutoRollback, Colour::Blue, "bgswitch")
+        );
+        let st = &s.services["web"];
+        assert!(st.watch.is_none() && st.confirm.is_none());
+        assert_eq!(st.rolled_back.as_deref(), Some("green failed"));
+        assert_eq!((st.flips, st.rollbacks), (1, 1));
+        assert!(
+            s.confirm("web", &req()).is_err(),
+            "nothing to confirm after the rollback"
+        );
+    }
+
+    #[test]
+    fn cidrs_are_normalised() {
+        assert_eq!(
+            parse_cidr("10.1.2.3/8").unwrap(),
+            ("10.0.0.0".parse().unwrap(), 8)
+        );
+        assert_eq!(
+            parse_cidr("10.1.2.3").unwrap(),
+            ("10.1.2.3".parse().unwrap(), 32)
+        );
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap().1, 0);
+        assert_eq!(
+            parse_cidr("2001:db8::1/32").unwrap(),
+            ("2001:db8::".parse().unwrap(), 32)
+        );
+        assert!(parse_cidr("10.0.0.0/40").is_err());
+        assert!(parse_cidr("nope/8").is_err());
+    }
+
+    #[test]
     fn history_is_bounded() {
         let mut s = DesiredState::default();
         s.reconcile(&cfg(&["web"])).unwrap();
         for _ in 0..(HISTORY_KEPT + 10) {
-            s.flip("web", None, &req()).unwrap();
+            s.flip("web", None, &req(), &FlipGuards::default()).unwrap();
         }
         let st = &s.services["web"];
         assert_eq!(st.history.len(), HISTORY_KEPT);

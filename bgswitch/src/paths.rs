@@ -13,6 +13,8 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 pub const PIN_DIR: &str = "bgswitch";
 /// The desired-state file in the state directory.
 pub const STATE_FILE: &str = "state.json";
+/// The journal of every change, one JSON line each.
+pub const JOURNAL_FILE: &str = "journal.jsonl";
 /// The lock file that keeps a second daemon out.
 pub const LOCK_FILE: &str = "daemon.lock";
 

@@ -11,7 +11,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{model::DesiredState, paths};
+use crate::{
+    model::{Change, DesiredState},
+    paths,
+};
 
 /// Format version of the state file.
 pub const STATE_VERSION: u32 = 1;
@@ -47,6 +50,16 @@ pub enum StateError {
     },
     #[error("another bgswitch daemon holds {path} (pid {pid})")]
     Locked { path: PathBuf, pid: String },
+}
+
+/// One line of the journal: a change (or a refused attempt) of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub service: String,
+    /// "ok", or "refused: …" for an attempt that changed nothing.
+    pub outcome: String,
+    #[serde(flatten)]
+    pub change: Change,
 }
 
 /// The state directory and its files.
@@ -127,6 +140,52 @@ impl StateStore {
         result.map_err(werr)
     }
 
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join(paths::JOURNAL_FILE)
+    }
+
+    /// Appends one entry to the journal (one JSON line, fsynced).
+    pub fn append_journal(&self, entry: &JournalEntry) -> Result<(), StateError> {
+        let path = self.journal_path();
+        let werr = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(entry).map_err(|e| werr(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(&path)
+            .map_err(werr)?;
+        f.write_all(&line).map_err(werr)?;
+        f.sync_data().map_err(werr)
+    }
+
+    /// The journal entries of `service` (all services when `None`), oldest
+    /// first. Unreadable lines are skipped and reported in the log.
+    pub fn read_journal(&self, service: Option<&str>) -> Result<Vec<JournalEntry>, StateError> {
+        let path = self.journal_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<JournalEntry>(line) {
+                Ok(e) if service.is_none_or(|s| s == e.service) => out.push(e),
+                Ok(_) => {}
+                Err(e) => log::warn!("{}:{}: unreadable journal line: {e}", path.display(), i + 1),
+            }
+        }
+        Ok(out)
+    }
+
     /// Takes the daemon lock (an exclusive `flock` held for the process's
     /// life). A second daemon on the same state directory gets `Locked`.
     pub fn lock(&self) -> Result<File, StateError> {
@@ -181,6 +240,16 @@ mod tests {
                 active: Colour::Green,
                 generation: 7,
                 previous: Some(Colour::Blue),
+                canary_bp: 250,
+                preview: vec!["198.18.0.0/24".into()],
+                watch: None,
+                confirm: Some(crate::model::Confirm {
+                    colour: Colour::Green,
+                    deadline_ms: 99,
+                }),
+                rolled_back: None,
+                flips: 1,
+                rollbacks: 0,
                 history: vec![],
             },
         );
@@ -191,6 +260,46 @@ mod tests {
         let e = store.load().unwrap_err();
         assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
         assert!(e.to_string().contains("refusing to start"));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn journal_appends_and_filters() {
+        let d = tmpdir("journal");
+        let store = StateStore::open(&d).unwrap();
+        assert!(store.read_journal(None).unwrap().is_empty());
+        let mut st = DesiredState::default();
+        let cfg = crate::config::parse(
+            Path::new("t"),
+            "interfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"1.1.1.1:1\"\nprotocol=\"tcp\"\nblue=[\"1.1.1.2:1\"]\ngreen=[\"1.1.1.3:1\"]\n[[service]]\nname=\"b\"\nvip=\"1.1.1.1:2\"\nprotocol=\"tcp\"\nblue=[\"1.1.1.2:2\"]\ngreen=[\"1.1.1.3:2\"]\n",
+        )
+        .unwrap();
+        st.reconcile(&cfg).unwrap();
+        let req = crate::model::Request::default();
+        for name in ["a", "b", "a"] {
+            let crate::model::FlipOutcome::Changed(change) =
+                st.flip(name, None, &req, &Default::default()).unwrap()
+            else {
+                panic!()
+            };
+            store
+                .append_journal(&JournalEntry {
+                    service: name.into(),
+                    outcome: "ok".into(),
+                    change,
+                })
+                .unwrap();
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(store.journal_path())
+            .unwrap()
+            .write_all(b"garbage line\n")
+            .unwrap();
+        assert_eq!(store.read_journal(None).unwrap().len(), 3);
+        let a = store.read_journal(Some("a")).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[1].change.generation, 3);
         fs::remove_dir_all(&d).unwrap();
     }
 

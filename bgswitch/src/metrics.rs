@@ -1,0 +1,162 @@
+//! The Prometheus/OpenMetrics exposition of a status snapshot, encoded with
+//! `prometheus-client`. Counters come straight from the kernel's per-CPU
+//! counters, so they are monotonic across daemon restarts (the maps are
+//! pinned) and reset only when the pins are removed.
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use std::sync::atomic::AtomicU64;
+
+use crate::{api::Status, health::Health};
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+struct Families {
+    registry: Registry,
+}
+
+impl Families {
+    fn counter(&mut self, name: &str, help: &str) -> Family<Labels, Counter> {
+        let f = Family::<Labels, Counter>::default();
+        self.registry.register(name, help, f.clone());
+        f
+    }
+    fn gauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge> {
+        let f = Family::<Labels, Gauge>::default();
+        self.registry.register(name, help, f.clone());
+        f
+    }
+    fn gauge_f(&mut self, name: &str, help: &str) -> Family<Labels, Gauge<f64, AtomicU64>> {
+        let f = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        self.registry.register(name, help, f.clone());
+        f
+    }
+}
+
+/// Renders the OpenMetrics text for `status`.
+pub fn render(status: &Status) -> String {
+    let mut f = Families {
+        registry: Registry::default(),
+    };
+    let packets = f.counter(
+        "bgswitch_packets",
+        "Packets switched, by service, colour and direction (to_backend, reply).",
+    );
+    let bytes = f.counter(
+        "bgswitch_bytes",
+        "Bytes switched (frames as received), by service, colour and direction.",
+    );
+    let new_flows = f.counter(
+        "bgswitch_new_flows",
+        "Flows whose colour and backend were chosen, by service and colour.",
+    );
+    let live = f.gauge(
+        "bgswitch_live_flows",
+        "Open flows pinned to a colour, counted in the kernel's flow table.",
+    );
+    let rsts = f.counter(
+        "bgswitch_backend_resets",
+        "TCP RSTs sent by the colour's backends (error signal).",
+    );
+    let unanswered = f.gauge(
+        "bgswitch_unanswered_syns",
+        "TCP flows whose SYN got no SYN-ACK in time, in the flow table (error signal).",
+    );
+    let active = f.gauge(
+        "bgswitch_active_colour",
+        "1 for the service's active colour, 0 for the other.",
+    );
+    let canary = f.gauge_f(
+        "bgswitch_canary_share_ratio",
+        "Share of new flows sent to the idle colour (0-1).",
+    );
+    let healthy = f.gauge(
+        "bgswitch_backend_health",
+        "1 for the backend's current health state (up, down, unknown).",
+    );
+    let backend_flows = f.counter("bgswitch_backend_new_flows", "Flows sent to a backend.");
+    let flips = f.counter("bgswitch_flips", "Flips of the service (manual).");
+    let rollbacks = f.counter(
+        "bgswitch_rollbacks",
+        "Rollbacks of the service (manual and automatic).",
+    );
+    let generation = f.gauge(
+        "bgswitch_generation",
+        "Generation of the service's desired state (bumped by every change).",
+    );
+    let xdp = f.counter(
+        "bgswitch_xdp_events",
+        "Data plane events by kind (passed, malformed, fragments, FIB outcomes, ...).",
+    );
+    let attached = f.gauge(
+        "bgswitch_interface_attached",
+        "1 per interface with the XDP program, by mode.",
+    );
+
+    for s in &status.services {
+        let svc = s.name.as_str();
+        for c in &s.colours {
+            let colour = c.colour.to_string();
+            let l =
+                |dir: &str| labels(&[("service", svc), ("colour", &colour), ("direction", dir)]);
+            packets.get_or_create(&l("to_backend")).inc_by(c.packets);
+            packets.get_or_create(&l("reply")).inc_by(c.reply_packets);
+            bytes.get_or_create(&l("to_backend")).inc_by(c.bytes);
+            bytes.get_or_create(&l("reply")).inc_by(c.reply_bytes);
+            let sc = labels(&[("service", svc), ("colour", &colour)]);
+            new_flows.get_or_create(&sc).inc_by(c.new_flows);
+            live.get_or_create(&sc).set(c.live_flows as i64);
+            rsts.get_or_create(&sc).inc_by(c.backend_rsts);
+            unanswered.get_or_create(&sc).set(c.unanswered_syns as i64);
+            active.get_or_create(&sc).set(i64::from(c.active));
+            for b in &c.backends {
+                for state in [Health::Up, Health::Down, Health::Unknown] {
+                    let name = format!("{state:?}").to_lowercase();
+                    healthy
+                        .get_or_create(&labels(&[
+                            ("service", svc),
+                            ("colour", &colour),
+                            ("backend", &b.address),
+                            ("state", &name),
+                        ]))
+                        .set(i64::from(b.health == state));
+                }
+                backend_flows
+                    .get_or_create(&labels(&[
+                        ("service", svc),
+                        ("colour", &colour),
+                        ("backend", &b.address),
+                    ]))
+                    .inc_by(b.new_flows);
+            }
+        }
+        let sl = labels(&[("service", svc)]);
+        canary.get_or_create(&sl).set(s.canary_percent / 100.0);
+        flips.get_or_create(&sl).inc_by(s.flips);
+        rollbacks.get_or_create(&sl).inc_by(s.rollbacks);
+        generation.get_or_create(&sl).set(s.generation as i64);
+    }
+    for (k, v) in &status.counters {
+        xdp.get_or_create(&labels(&[("event", k)])).inc_by(*v);
+    }
+    for i in &status.interfaces {
+        let mode = format!("{:?}", i.mode).to_lowercase();
+        attached
+            .get_or_create(&labels(&[("interface", &i.name), ("mode", &mode)]))
+            .set(1);
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &f.registry);
+    out
+}

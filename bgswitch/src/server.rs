@@ -1,0 +1,279 @@
+//! The daemon's IO edges: the control socket (peer credentials, framing,
+//! limits), signals, and the Prometheus endpoint. Every request becomes an
+//! [`Event`] for the daemon's loop; nothing here changes state.
+
+use std::{io, time::Duration};
+
+use anyhow::anyhow;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    api::{self, Request, Response},
+    daemon::Event,
+};
+
+/// How long a client may take to send a request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most control connections served at once.
+const MAX_CLIENTS: usize = 64;
+
+/// Who is on the other end of a control connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    pub user: String,
+}
+
+fn user_name(uid: u32) -> String {
+    // SAFETY: getpwuid returns static storage or null; copied out at once.
+    let p = unsafe { libc::getpwuid(uid) };
+    if p.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: pw_name of a non-null passwd entry is a valid C string.
+    let name = unsafe { std::ffi::CStr::from_ptr((*p).pw_name) };
+    name.to_string_lossy().into_owned()
+}
+
+/// Supplementary groups of a process, from /proc.
+fn process_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+pub async fn signal_loop(tx: mpsc::Sender<Event>) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        let ev = tokio::select! {
+            _ = term.recv() => Event::Shutdown("SIGTERM"),
+            _ = int.recv() => Event::Shutdown("SIGINT"),
+            _ = hup.recv() => Event::Reload,
+        };
+        if tx.send(ev).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+pub async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Event>, gid: Option<u32>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            log::warn!("control socket: {MAX_CLIENTS} clients already connected; refusing one");
+            let mut s = stream;
+            let _ = write_response(
+                &mut s,
+                &Response::error("too many control connections; try again"),
+            )
+            .await;
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_client(stream, tx, gid).await {
+                log::warn!("control client: {e:#}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn write_response(stream: &mut UnixStream, resp: &Response) -> io::Result<()> {
+    let mut line = serde_json::to_vec(resp).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn serve_client(
+    mut stream: UnixStream,
+    tx: mpsc::Sender<Event>,
+    gid: Option<u32>,
+) -> anyhow::Result<()> {
+    let cred = stream.peer_cred()?;
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+        user: user_name(cred.uid()),
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let allowed = peer.uid == 0
+        || peer.uid == me
+        || gid.is_some_and(|g| {
+            peer.gid == g || peer.pid.is_some_and(|p| process_groups(p).contains(&g))
+        });
+    if !allowed {
+        let _ = write_response(
+            &mut stream,
+            &Response::error("permission denied: not root nor in the socket group"),
+        )
+        .await;
+        return Err(anyhow!(
+            "refused {} (uid {}, pid {:?}): not root nor in the socket group",
+            peer.user,
+            peer.uid,
+            peer.pid
+        ));
+    }
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::new(read).take(api::MAX_REQUEST_BYTES as u64 + 1);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        reader.set_limit(api::MAX_REQUEST_BYTES as u64 + 1);
+        let n = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line))
+            .await
+        {
+            Err(_) => {
+                return Err(anyhow!(
+                    "{}: no complete request within {REQUEST_TIMEOUT:?}; closing",
+                    peer.user
+                ));
+            }
+            Ok(r) => r?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > api::MAX_REQUEST_BYTES || !line.ends_with(b"\n") {
+            let resp = Response::error(format!(
+                "request too long or not newline-terminated (limit {} bytes)",
+                api::MAX_REQUEST_BYTES
+            ));
+            let mut l = serde_json::to_vec(&resp)?;
+            l.push(b'\n');
+            write.write_all(&l).await?;
+            return Err(anyhow!(
+                "{}: oversized or truncated request refused",
+                peer.user
+            ));
+        }
+        let resp = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => {
+                log::warn!(
+                    "{} (pid {:?}): malformed request refused: {e}",
+                    peer.user,
+                    peer.pid
+                );
+                Response::error(format!("malformed request: {e}"))
+            }
+            Ok(req) => {
+                let (reply, rx) = oneshot::channel();
+                if tx
+                    .send(Event::Request {
+                        req,
+                        peer: peer.clone(),
+                        reply,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                rx.await
+                    .unwrap_or_else(|_| Response::error("daemon is shutting down"))
+            }
+        };
+        let mut l = serde_json::to_vec(&resp)?;
+        l.push(b'\n');
+        write.write_all(&l).await?;
+    }
+}
+
+/// Serves `GET /metrics` on `listener`; the text comes from the daemon loop.
+pub async fn metrics_loop(listener: TcpListener, tx: mpsc::Sender<Event>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(stream, tx).await {
+                log::debug!("metrics client {peer}: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_metrics(mut stream: TcpStream, tx: mpsc::Sender<Event>) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    let read = async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 || buf.len() > 8192 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        io::Result::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timeout"))??;
+    let text = String::from_utf8_lossy(&buf);
+    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = if method != "GET" {
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        )
+    } else if path != "/metrics" && !path.starts_with("/metrics?") {
+        ("404 Not Found", "text/plain", "see /metrics\n".to_string())
+    } else {
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Event::Scrape { reply }).await.is_err() {
+            return Ok(());
+        }
+        match rx.await {
+            Ok(Ok(text)) => (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            Ok(Err(e)) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+            Err(_) => return Ok(()),
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
