@@ -814,7 +814,23 @@ impl Daemon {
             )),
             Ok(FlipOutcome::Changed(change)) => {
                 self.baselines.remove(service);
-                self.commit(service, next, change, true)
+                let id = next.service(service).map(|s| s.id);
+                let resp = self.commit(service, next, change.clone(), true);
+                if resp.ok && guards.watch_ms.is_some() {
+                    // The error rate is judged on flows from this moment on.
+                    if let Some(Ok(stats)) =
+                        id.ok().map(|id| self.dataplane.colour_stats(id, change.to))
+                    {
+                        self.baselines.insert(
+                            service.to_string(),
+                            Baseline {
+                                stats,
+                                since_s: kernel_now_s(),
+                            },
+                        );
+                    }
+                }
+                resp
             }
         }
     }

@@ -573,3 +573,51 @@ fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
         assert_ne!(action, XDP_ABORTED);
     });
 }
+
+#[test]
+fn preview_prefixes_and_canary_share_choose_the_idle_colour_for_new_flows_only() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let inside = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 52000);
+        let outside = SocketAddrV4::new(Ipv4Addr::new(198, 18, 5, 5), 52000);
+        // An open flow from the preview prefix, recorded before the prefix exists.
+        let early = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 52001);
+        let (_, out) = fx.run(&frame(early, vip, L4::Syn, 64, b""));
+        assert!(blue().contains(&SocketAddr::V4(verify(&out).1)));
+        fx.dp
+            .set_preview(0, &[("198.18.0.0".parse().unwrap(), 24)])
+            .unwrap();
+        let (_, out) = fx.run(&frame(inside, vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(inside, vip, PROTO_TCP, &green()));
+        let (_, out) = fx.run(&frame(outside, vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(outside, vip, PROTO_TCP, &blue()));
+        let (_, out) = fx.run(&frame(early, vip, L4::Ack, 64, b""));
+        assert!(
+            blue().contains(&SocketAddr::V4(verify(&out).1)),
+            "open flow keeps its colour"
+        );
+        // Removing the prefix: new flows from it go blue again.
+        fx.dp.set_preview(0, &[]).unwrap();
+        let again = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 52002);
+        let (_, out) = fx.run(&frame(again, vip, L4::Syn, 64, b""));
+        assert!(blue().contains(&SocketAddr::V4(verify(&out).1)));
+
+        // Canary: 100 % sends every new flow to the idle colour, 0 % none.
+        fx.dp.set_canary(0, 10_000).unwrap();
+        for p in 53000..53010 {
+            let c = SocketAddrV4::new(CLIENT, p);
+            let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+            assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, &green()));
+        }
+        fx.dp.set_canary(0, 0).unwrap();
+        let c = SocketAddrV4::new(CLIENT, 53100);
+        let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        assert!(blue().contains(&SocketAddr::V4(verify(&out).1)));
+        // An orphan (non-SYN without record) never takes the canary side.
+        fx.dp.set_canary(0, 10_000).unwrap();
+        let o = SocketAddrV4::new(CLIENT, 53200);
+        let (_, out) = fx.run(&frame(o, vip, L4::Ack, 64, b""));
+        assert!(blue().contains(&SocketAddr::V4(verify(&out).1)));
+    });
+}
