@@ -470,6 +470,33 @@ fn the_metrics_endpoint_serves_the_documented_series() {
     ] {
         assert!(m.contains(series), "missing {series}\n{m}");
     }
+    // Every series the packaged Grafana dashboard queries is served.
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
+    assert!(json["panels"].as_array().unwrap().len() >= 5);
+    let mut names: Vec<&str> = dash
+        .match_indices("bgswitch_")
+        .map(|(i, _)| {
+            let rest = &dash[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 8, "{names:?}");
+    for n in names {
+        assert!(
+            m.contains(&format!("\n{n}{{")) || m.contains(&format!("\n{n} ")),
+            "dashboard queries {n}, which /metrics does not serve"
+        );
+    }
     let nf = http_get(topo.lb_ns(), addr, "/other").unwrap();
     assert_eq!(nf.status, 404);
 }
