@@ -128,6 +128,25 @@ pub enum Command {
     },
     /// Make the daemon re-read its config (a bad config changes nothing).
     Reload,
+    /// Run the frames of a pcap file through the XDP program with the
+    /// configured services and saved state, on private maps (the live flow
+    /// table and counters are not touched): where would each packet go?
+    Simulate {
+        /// Report only this service's frames.
+        service: Option<String>,
+        #[arg(long)]
+        pcap: PathBuf,
+        /// Write the output frames here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = paths::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Pretend the frames arrived on this interface (FIB decisions).
+        #[arg(long)]
+        ingress: Option<String>,
+    },
     /// Remove the XDP programs and every pin (the daemon exits). Traffic to
     /// the VIPs is no longer switched.
     Detach {
@@ -276,6 +295,28 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             *json,
         ),
         Command::Reload => (Request::Reload, false),
+        Command::Simulate {
+            service,
+            pcap,
+            out,
+            json,
+            config,
+            ingress,
+        } => {
+            let outcomes = crate::simulate::run(
+                config,
+                pcap,
+                out.as_deref(),
+                service.as_deref(),
+                ingress.as_deref(),
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&outcomes)?);
+            } else {
+                print!("{}", crate::simulate::render(&outcomes));
+            }
+            return Ok(0);
+        }
         Command::Detach { config } => {
             if !cli.socket.exists() || UnixStream::connect(&cli.socket).is_err() {
                 return detach_offline(config);

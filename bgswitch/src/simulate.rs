@@ -1,0 +1,405 @@
+//! `bgswitch simulate`: "where would this packet go?"
+//!
+//! Runs every frame of a pcap file through the same XDP program with the
+//! configured services and the saved desired state (active colour, canary
+//! share, preview prefixes), using private maps: the live flow table and
+//! counters are never touched. Frames are run in order, so a flow's later
+//! packets follow the choice made on its first one, as on the host.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+
+use crate::{
+    config::Config,
+    dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
+    model::{parse_cidr, Colour, DesiredState},
+};
+
+const LINKTYPE_ETHERNET: u32 = 1;
+/// Largest frame the simulator accepts.
+const MAX_FRAME: usize = 65_535;
+
+/// One frame of a pcap file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PcapFrame {
+    pub ts_sec: u32,
+    pub ts_frac: u32,
+    pub data: Vec<u8>,
+}
+
+/// Reads a classic pcap file (either byte order, micro- or nanosecond
+/// timestamps, Ethernet link type).
+pub fn read_pcap(mut r: impl Read) -> anyhow::Result<(Vec<PcapFrame>, bool)> {
+    let mut hdr = [0u8; 24];
+    r.read_exact(&mut hdr)
+        .context("pcap: file shorter than its header")?;
+    let magic = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let (le, nanos) = match magic {
+        0xa1b2_c3d4 => (true, false),
+        0xa1b2_3c4d => (true, true),
+        0xd4c3_b2a1 => (false, false),
+        0x4d3c_b2a1 => (false, true),
+        _ => bail!("pcap: not a pcap file (magic {magic:#010x}); pcapng is not supported, convert with `tcpdump -r in.pcapng -w out.pcap`"),
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    let link = u32_at(&hdr, 20) & 0x0fff_ffff;
+    if link != LINKTYPE_ETHERNET {
+        bail!("pcap: link type {link} is not Ethernet (1)");
+    }
+    let mut frames = Vec::new();
+    loop {
+        let mut rec = [0u8; 16];
+        match r.read_exact(&mut rec) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e).context("pcap: reading a record header"),
+        }
+        let incl = u32_at(&rec, 8) as usize;
+        if incl > MAX_FRAME {
+            bail!("pcap: record {} claims {incl} bytes", frames.len() + 1);
+        }
+        let mut data = vec![0u8; incl];
+        r.read_exact(&mut data)
+            .with_context(|| format!("pcap: record {} is truncated", frames.len() + 1))?;
+        frames.push(PcapFrame {
+            ts_sec: u32_at(&rec, 0),
+            ts_frac: u32_at(&rec, 4),
+            data,
+        });
+    }
+    Ok((frames, nanos))
+}
+
+/// Writes a classic little-endian pcap file.
+pub fn write_pcap(mut w: impl Write, frames: &[PcapFrame], nanos: bool) -> std::io::Result<()> {
+    let magic: u32 = if nanos { 0xa1b2_3c4d } else { 0xa1b2_c3d4 };
+    w.write_all(&magic.to_le_bytes())?;
+    w.write_all(&2u16.to_le_bytes())?;
+    w.write_all(&4u16.to_le_bytes())?;
+    w.write_all(&0i32.to_le_bytes())?;
+    w.write_all(&0u32.to_le_bytes())?;
+    w.write_all(&(MAX_FRAME as u32).to_le_bytes())?;
+    w.write_all(&LINKTYPE_ETHERNET.to_le_bytes())?;
+    for f in frames {
+        w.write_all(&f.ts_sec.to_le_bytes())?;
+        w.write_all(&f.ts_frac.to_le_bytes())?;
+        w.write_all(&(f.data.len() as u32).to_le_bytes())?;
+        w.write_all(&(f.data.len() as u32).to_le_bytes())?;
+        w.write_all(&f.data)?;
+    }
+    Ok(())
+}
+
+/// The addresses, protocol and TCP flags of an IPv4 TCP/UDP frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Headers {
+    pub src: String,
+    pub dst: String,
+    pub protocol: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tcp_flags: String,
+    pub ttl: u8,
+}
+
+fn headers(f: &[u8]) -> Option<(Headers, SocketAddr, SocketAddr)> {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[14] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let l4 = 14 + ihl;
+    let proto = f[23];
+    if f.len() < l4 + 4 || !(proto == 6 || proto == 17) {
+        return None;
+    }
+    let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]));
+    let port = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
+    let src = SocketAddr::new(ip(26), port(l4));
+    let dst = SocketAddr::new(ip(30), port(l4 + 2));
+    let mut flags = String::new();
+    if proto == 6 && f.len() > l4 + 13 {
+        for (bit, name) in [
+            (0x02, "SYN"),
+            (0x10, "ACK"),
+            (0x01, "FIN"),
+            (0x04, "RST"),
+            (0x08, "PSH"),
+        ] {
+            if f[l4 + 13] & bit != 0 {
+                if !flags.is_empty() {
+                    flags.push(',');
+                }
+                flags.push_str(name);
+            }
+        }
+    }
+    Some((
+        Headers {
+            src: src.to_string(),
+            dst: dst.to_string(),
+            protocol: if proto == 6 { "tcp" } else { "udp" }.into(),
+            tcp_flags: flags,
+            ttl: f[22],
+        },
+        src,
+        dst,
+    ))
+}
+
+/// What happened to one frame.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// 1-based index in the pcap.
+    pub frame: usize,
+    /// XDP action: PASS, TX, REDIRECT, DROP, ABORTED.
+    pub verdict: String,
+    /// to_backend, reply, or untouched.
+    pub direction: String,
+    pub service: Option<String>,
+    pub colour: Option<Colour>,
+    pub backend: Option<String>,
+    #[serde(rename = "in")]
+    pub input: Option<Headers>,
+    #[serde(rename = "out")]
+    pub output: Option<Headers>,
+    pub changed: bool,
+}
+
+fn verdict(action: u32) -> &'static str {
+    match action {
+        0 => "ABORTED",
+        1 => "DROP",
+        2 => "PASS",
+        3 => "TX",
+        4 => "REDIRECT",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Runs `frames` through a private copy of the data plane configured like
+/// the host. `only` restricts the report to one service's frames.
+pub fn simulate(
+    config: &Config,
+    state: &DesiredState,
+    frames: &[PcapFrame],
+    only: Option<&str>,
+    ingress: Option<u32>,
+) -> anyhow::Result<(Vec<Outcome>, Vec<PcapFrame>)> {
+    if let Some(name) = only {
+        state.service(name)?;
+    }
+    let mut dp = Dataplane::load(&LoadOptions {
+        bpffs: None,
+        max_flows: 1024.max(frames.len() as u32),
+    })?;
+    dp.set_settings(config.udp_idle_timeout, config.tcp_idle_timeout)?;
+    // backend address → (service, colour); VIP → service.
+    let mut backends: HashMap<SocketAddr, (String, Colour)> = HashMap::new();
+    let mut vips: HashMap<(SocketAddr, String), String> = HashMap::new();
+    for svc in &config.services {
+        let st = state.service(&svc.name)?;
+        let pool = |c: Colour| {
+            svc.pool(c)
+                .iter()
+                .enumerate()
+                .map(|(i, a)| backend_of(*a, backend_stat_id(st.id, c, i as u32)))
+                .collect::<Vec<_>>()
+        };
+        dp.write_service(
+            st.id,
+            service_key(svc.vip, svc.protocol.number()),
+            &pool(Colour::Blue),
+            &pool(Colour::Green),
+            st.active,
+        )?;
+        dp.set_canary(st.id, st.canary_bp)?;
+        let prefixes = st
+            .preview
+            .iter()
+            .map(|p| parse_cidr(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        dp.set_preview(st.id, &prefixes)?;
+        for c in Colour::BOTH {
+            for a in svc.pool(c) {
+                backends.insert(*a, (svc.name.clone(), c));
+            }
+        }
+        vips.insert((svc.vip, svc.protocol.to_string()), svc.name.clone());
+    }
+    let mut outcomes = Vec::new();
+    let mut out_frames = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        if f.data.len() < 14 {
+            outcomes.push(Outcome {
+                frame: i + 1,
+                verdict: "PASS".into(),
+                direction: "untouched".into(),
+                service: None,
+                colour: None,
+                backend: None,
+                input: None,
+                output: None,
+                changed: false,
+            });
+            out_frames.push(f.clone());
+            continue;
+        }
+        let (action, out, _) = dp.test_run(&f.data, ingress, 1)?;
+        let input = headers(&f.data);
+        let output = headers(&out);
+        let changed = out != f.data;
+        let mut o = Outcome {
+            frame: i + 1,
+            verdict: verdict(action).into(),
+            direction: "untouched".into(),
+            service: None,
+            colour: None,
+            backend: None,
+            input: input.as_ref().map(|h| h.0.clone()),
+            output: output.as_ref().map(|h| h.0.clone()),
+            changed,
+        };
+        if let (Some((ih, isrc, idst)), Some((_, _, odst))) = (&input, &output) {
+            if changed {
+                if let Some(svc) = vips.get(&(*idst, ih.protocol.clone())) {
+                    o.direction = "to_backend".into();
+                    o.service = Some(svc.clone());
+                    o.backend = Some(odst.to_string());
+                    o.colour = backends.get(odst).map(|(_, c)| *c);
+                } else if let Some((svc, c)) = backends.get(isrc) {
+                    o.direction = "reply".into();
+                    o.service = Some(svc.clone());
+                    o.colour = Some(*c);
+                    o.backend = Some(isrc.to_string());
+                }
+            }
+        }
+        out_frames.push(PcapFrame {
+            ts_sec: f.ts_sec,
+            ts_frac: f.ts_frac,
+            data: out,
+        });
+        if only.is_none_or(|n| o.service.as_deref() == Some(n)) {
+            outcomes.push(o);
+        }
+    }
+    Ok((outcomes, out_frames))
+}
+
+/// The text report of a simulation.
+pub fn render(outcomes: &[Outcome]) -> String {
+    let mut s = String::new();
+    for o in outcomes {
+        let input = o
+            .input
+            .as_ref()
+            .map(|h| {
+                format!(
+                    "{} → {} {}{}",
+                    h.src,
+                    h.dst,
+                    h.protocol,
+                    if h.tcp_flags.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", h.tcp_flags)
+                    }
+                )
+            })
+            .unwrap_or_else(|| "not IPv4 TCP/UDP".into());
+        let what = match o.direction.as_str() {
+            "to_backend" => format!(
+                "{} {} → backend {}",
+                o.service.as_deref().unwrap_or("?"),
+                o.colour.map_or("?".to_string(), |c| c.to_string()),
+                o.backend.as_deref().unwrap_or("?")
+            ),
+            "reply" => format!(
+                "reply from {} {} backend {}, source rewritten to {}",
+                o.service.as_deref().unwrap_or("?"),
+                o.colour.map_or("?".to_string(), |c| c.to_string()),
+                o.backend.as_deref().unwrap_or("?"),
+                o.output.as_ref().map_or("?", |h| h.src.as_str())
+            ),
+            _ => "untouched".into(),
+        };
+        s += &format!("#{:<5} {:<8} {input}: {what}\n", o.frame, o.verdict);
+    }
+    s
+}
+
+/// Loads the config and state, reads the pcap, simulates, writes `out`.
+pub fn run(
+    config_path: &Path,
+    pcap: &Path,
+    out: Option<&Path>,
+    only: Option<&str>,
+    ingress: Option<&str>,
+) -> anyhow::Result<Vec<Outcome>> {
+    let config = crate::config::load(config_path)?;
+    let store = crate::state::StateStore::open(&config.state_dir)?;
+    let mut state = store.load()?;
+    state.reconcile(&config)?;
+    let ingress = match ingress {
+        None => None,
+        Some(name) => Some(
+            crate::dataplane::ifindex(name)
+                .with_context(|| format!("--ingress: no interface {name}"))?,
+        ),
+    };
+    let file = std::fs::File::open(pcap).with_context(|| format!("opening {}", pcap.display()))?;
+    let (frames, nanos) =
+        read_pcap(std::io::BufReader::new(file)).with_context(|| pcap.display().to_string())?;
+    let (outcomes, out_frames) = simulate(&config, &state, &frames, only, ingress)?;
+    if let Some(p) = out {
+        let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+        write_pcap(std::io::BufWriter::new(f), &out_frames, nanos)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcap_round_trip_and_errors() {
+        let frames = vec![
+            PcapFrame {
+                ts_sec: 1,
+                ts_frac: 2,
+                data: vec![1, 2, 3],
+            },
+            PcapFrame {
+                ts_sec: 3,
+                ts_frac: 4,
+                data: vec![0; 60],
+            },
+        ];
+        let mut buf = Vec::new();
+        write_pcap(&mut buf, &frames, true).unwrap();
+        let (back, nanos) = read_pcap(&buf[..]).unwrap();
+        assert!(nanos);
+        assert_eq!(back, frames);
+        assert!(read_pcap(&b"garbage garbage garbage!"[..])
+            .unwrap_err()
+            .to_string()
+            .contains("not a pcap"));
+        let cut = &buf[..buf.len() - 10];
+        assert!(format!("{:#}", read_pcap(cut).unwrap_err()).contains("truncated"));
+    }
+}
