@@ -86,6 +86,7 @@ pub struct Daemon {
     probes: Vec<JoinHandle<()>>,
     baselines: HashMap<String, Baseline>,
     tx: Option<mpsc::Sender<Event>>,
+    ticks: u64,
     _lock: File,
 }
 
@@ -174,6 +175,7 @@ impl Daemon {
             probes: Vec::new(),
             baselines: HashMap::new(),
             tx: None,
+            ticks: 0,
             _lock: lock,
         };
         daemon.apply_config()?;
@@ -478,8 +480,14 @@ impl Daemon {
         }
     }
 
-    /// Watches and confirmation deadlines.
+    /// Watches and confirmation deadlines; every second, the interfaces.
     fn on_tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks % 5 == 0 {
+            for (level, note) in self.dataplane.check_interfaces() {
+                log::log!(level, "{note}");
+            }
+        }
         let now = now_ms();
         let names: Vec<String> = self.state.services.keys().cloned().collect();
         for name in names {

@@ -12,7 +12,7 @@ use std::{
     ffi::CString,
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -166,6 +166,8 @@ pub struct Dataplane {
     global_stats: PerCpuArray<MapData, u64>,
     preview: LpmTrie<MapData, PreviewKey, u32>,
     links: BTreeMap<String, (Attachment, FdLink)>,
+    /// The mode each interface was asked for, and its last seen link state.
+    watched: BTreeMap<String, (XdpModeSetting, Option<bool>)>,
     /// When each (service, slot) was last deselected.
     freed: StdHashMap<(u32, u32), Instant>,
 }
@@ -521,6 +523,7 @@ impl Dataplane {
             global_stats,
             preview,
             links: BTreeMap::new(),
+            watched: BTreeMap::new(),
             freed: StdHashMap::new(),
         })
     }
@@ -575,6 +578,7 @@ impl Dataplane {
     /// Attaches (or adopts the pinned attachment) on `iface` and adds it to
     /// the redirect map.
     pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<Attachment> {
+        let mode_setting = mode;
         let index = ifindex(iface).ok_or_else(|| DataplaneError::UnknownInterface(iface.into()))?;
         let mut fallback_reason = None;
         let mut adopted = None;
@@ -664,7 +668,78 @@ impl Dataplane {
             mode.as_str()
         );
         self.links.insert(iface.into(), (a.clone(), link));
+        self.watched
+            .insert(iface.into(), (mode_setting, oper_up(iface)));
         Ok(a)
+    }
+
+    /// Checks every attached interface: one deleted and re-created (new
+    /// ifindex) or whose link went defunct gets the program attached again;
+    /// a vanished one is reported; link down/up is reported with whether XDP
+    /// is still attached. Returns what it saw, for the log.
+    pub fn check_interfaces(&mut self) -> Vec<(log::Level, String)> {
+        let mut notes = Vec::new();
+        let names: Vec<String> = self.watched.keys().cloned().collect();
+        for name in names {
+            let (setting, last_up) = self.watched[&name];
+            let current = ifindex(&name);
+            let Some((att, _)) = self.links.get(&name) else {
+                // Vanished earlier; attach again once it is back.
+                if current.is_some() {
+                    match self.attach(&name, setting) {
+                        Ok(a) => notes.push((
+                            log::Level::Warn,
+                            format!(
+                                "{name} is back (ifindex {}): XDP attached again in {} mode",
+                                a.ifindex,
+                                a.mode.as_str()
+                            ),
+                        )),
+                        Err(e) => notes.push((
+                            log::Level::Error,
+                            format!("{name} is back but attaching XDP failed: {e}"),
+                        )),
+                    }
+                }
+                continue;
+            };
+            let (old_index, mode) = (att.ifindex, att.mode);
+            let defunct = self
+                .bpffs
+                .as_ref()
+                .and_then(|b| link_ifindex(&link_pin_path(b, &name, mode)).ok())
+                .is_some_and(|i| i != old_index);
+            if current == Some(old_index) && !defunct {
+                let up = oper_up(&name);
+                if up != last_up {
+                    if let Some(w) = self.watched.get_mut(&name) {
+                        w.1 = up;
+                    }
+                    match up {
+                        Some(false) => notes.push((log::Level::Warn, format!("{name}: link is down"))),
+                        Some(true) => notes.push((log::Level::Info, format!("{name}: link is up again; XDP still attached (ifindex {old_index}, {} mode)", mode.as_str()))),
+                        None => {}
+                    }
+                }
+                continue;
+            }
+            // Gone, replaced, or the link lost its device: drop the old attachment.
+            if let Some((a, link)) = self.links.remove(&name) {
+                drop(link);
+                if let Some(b) = &self.bpffs {
+                    let _ = std::fs::remove_file(link_pin_path(b, &name, a.mode));
+                }
+                let _ = self.tx_ports.remove(a.ifindex);
+            }
+            match current {
+                None => notes.push((log::Level::Warn, format!("{name} (ifindex {old_index}) disappeared; XDP will be attached again when it returns"))),
+                Some(i) => match self.attach(&name, setting) {
+                    Ok(a) => notes.push((log::Level::Warn, format!("{name} was re-created (ifindex {old_index} → {i}): XDP attached again in {} mode", a.mode.as_str()))),
+                    Err(e) => notes.push((log::Level::Error, format!("{name} was re-created but attaching XDP failed: {e}"))),
+                },
+            }
+        }
+        notes
     }
 
     /// Lets the program redirect to interface `index` (done by `attach`).
@@ -692,6 +767,7 @@ impl Dataplane {
 
     /// Removes `iface`'s attachment (and its pin).
     pub fn detach(&mut self, iface: &str) -> Result<()> {
+        self.watched.remove(iface);
         if let Some((a, link)) = self.links.remove(iface) {
             drop(link);
             if let Some(bpffs) = &self.bpffs {
@@ -1103,6 +1179,58 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Whether `iface`'s operational state is up (`None` if unknown).
+fn oper_up(iface: &str) -> Option<bool> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{iface}/operstate")).ok()?;
+    match s.trim() {
+        "up" | "unknown" => Some(true),
+        "down" | "lowerlayerdown" | "notpresent" | "dormant" => Some(false),
+        _ => None,
+    }
+}
+
+/// The interface index a pinned XDP link is attached to (0 once its device
+/// is gone), read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD.
+fn link_ifindex(pin: &Path) -> io::Result<u32> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let path = CString::new(pin.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zeroed attr whose first field points at a valid C string.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by the kernel and is owned here.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, (pad), then the union; xdp.ifindex at 16.
+    let mut info = [0u8; 256];
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: bpf(2) writing at most info.len() bytes into info.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u32::from_ne_bytes([info[16], info[17], info[18], info[19]]))
 }
 
 fn link_pin_path(bpffs: &Path, iface: &str, mode: AttachMode) -> PathBuf {

@@ -1,0 +1,346 @@
+//! Faults with traffic flowing: interfaces deleted and re-created or flapped,
+//! a full or read-only state directory, foreign maps at the pin paths, pins
+//! removed by hand, and the daemon killed in the middle of flips.
+
+use std::{
+    ffi::CString,
+    net::SocketAddrV4,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bgswitch_tests::{
+    http_get, ip,
+    netns::ns_exec,
+    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
+    Topology, TopologyOptions, VIP,
+};
+
+fn setup() -> (Topology, Switcher) {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged test: run as root (cargo xtask test)"
+    );
+    let mut topo = Topology::create(TopologyOptions {
+        tx_csum_off: true,
+        ..TopologyOptions::default()
+    })
+    .expect("topology");
+    topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
+    let sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
+    (topo, sw)
+}
+
+fn web() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, HTTP_PORT)
+}
+
+fn colour(body: &str) -> String {
+    body.split_whitespace().next().unwrap_or("").to_string()
+}
+
+fn wait_log(sw: &Switcher, needle: &str, within: Duration) {
+    let start = Instant::now();
+    while !sw.log().contains(needle) {
+        if start.elapsed() > within {
+            let st = sw.cli(&["status"]);
+            panic!(
+                "log never said {needle:?}:\n{}\nstatus: {st:?}",
+                sw.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn get_ok(topo: &Topology) -> String {
+    let r = http_get(topo.client_ns(), web(), "/").expect("request through the VIP");
+    colour(&r.body)
+}
+
+#[test]
+fn a_flapped_or_recreated_interface_is_noticed_and_xdp_attached_again() {
+    let (topo, mut sw) = setup();
+    sw.start().unwrap();
+    assert_eq!(get_ok(&topo), "blue");
+    let lb = topo.lb_ns().to_string();
+    let cli = topo.client_ns().to_string();
+
+    ip(&["-n", &lb, "link", "set", "lbb", "down"]).unwrap();
+    wait_log(&sw, "lbb: link is down", Duration::from_secs(3));
+    ip(&["-n", &lb, "link", "set", "lbb", "up"]).unwrap();
+    wait_log(
+        &sw,
+        "lbb: link is up again; XDP still attached",
+        Duration::from_secs(3),
+    );
+    let start = Instant::now();
+    while let Err(e) = http_get(&cli, web(), "/") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "traffic did not resume after the flap: {e:#}\n{}",
+            sw.cli(&["status"]).map(|o| o.stdout).unwrap_or_default()
+        );
+    }
+    eprintln!(
+        "traffic resumed {:?} after the link came up",
+        start.elapsed()
+    );
+
+    let old = sw.status().unwrap()["interfaces"].clone();
+    // Delete the client-facing veth (both ends) and build it again.
+    ip(&["-n", &lb, "link", "del", "lbc"]).unwrap();
+    wait_log(
+        &sw,
+        "disappeared; XDP will be attached again",
+        Duration::from_secs(3),
+    );
+    ip(&[
+        "-n", &lb, "link", "add", "lbc", "type", "veth", "peer", "name", "c0", "netns", &cli,
+    ])
+    .unwrap();
+    ip(&["-n", &lb, "addr", "add", "198.18.0.1/24", "dev", "lbc"]).unwrap();
+    ip(&["-n", &cli, "addr", "add", "198.18.0.2/24", "dev", "c0"]).unwrap();
+    ip(&["-n", &lb, "link", "set", "lbc", "up"]).unwrap();
+    ip(&["-n", &cli, "link", "set", "c0", "up"]).unwrap();
+    ip(&[
+        "-n",
+        &cli,
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.0.1",
+    ])
+    .unwrap();
+    ns_exec(&cli, "ethtool", &["-K", "c0", "gro", "on", "tx", "off"]).unwrap();
+    wait_log(&sw, "lbc is back", Duration::from_secs(3));
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http_get(&cli, web(), "/") {
+            assert_eq!(colour(&r.body), "blue");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "no traffic after re-attach:\n{}",
+            sw.log_tail()
+        );
+    }
+    let new = sw.status().unwrap()["interfaces"].clone();
+    let idx = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "lbc")
+            .map(|i| i["ifindex"].as_u64().unwrap())
+    };
+    assert_ne!(idx(&old), idx(&new), "status shows the new interface");
+    assert!(idx(&new).is_some());
+}
+
+/// Unmounts a tmpfs lazily when dropped.
+struct Mount(CString);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // SAFETY: valid path.
+        unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn mount_tmpfs(path: &std::path::Path, opts: &str) -> Mount {
+    std::fs::create_dir_all(path).unwrap();
+    let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let t = CString::new("tmpfs").unwrap();
+    let o = CString::new(opts).unwrap();
+    // SAFETY: valid C strings.
+    let rc = unsafe { libc::mount(t.as_ptr(), p.as_ptr(), t.as_ptr(), 0, o.as_ptr().cast()) };
+    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+    Mount(p)
+}
+
+#[test]
+fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
+    let (topo, mut sw) = setup();
+    let state = sw.state_dir();
+    let m = mount_tmpfs(&state, "size=64k");
+    sw.start().unwrap();
+    let journal = state.join("journal.jsonl");
+    // Fill the file system.
+    let filler = state.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 64 * 1024]);
+    let before = std::fs::read(state.join("state.json")).unwrap();
+    let out = sw.cli(&["flip", "web", "--reason", "disk full"]).unwrap();
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("No space left") && out.stderr.contains("nothing changed"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read(state.join("state.json")).unwrap(),
+        before,
+        "state file intact"
+    );
+    assert!(!journal.exists() || std::fs::read_to_string(&journal).unwrap().is_empty());
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "blue");
+    assert_eq!(get_ok(&topo), "blue", "data plane unchanged");
+    std::fs::remove_file(&filler).unwrap();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    assert_eq!(get_ok(&topo), "green");
+
+    // Unwritable: the temporary file cannot be created (a directory is in
+    // its way; root ignores permission bits).
+    let tmp = state.join("state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = sw.cli(&["rollback", "web"]).unwrap();
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("nothing changed"), "{}", out.stderr);
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "green");
+    assert_eq!(get_ok(&topo), "green");
+    std::fs::remove_dir(&tmp).unwrap();
+    sw.cli_ok(&["rollback", "web"]).unwrap();
+    assert_eq!(get_ok(&topo), "blue");
+    sw.kill();
+    drop(sw);
+    drop(m);
+}
+
+/// Creates a small array map and pins it at `path` (raw bpf(2)).
+fn pin_foreign_map(path: &std::path::Path) {
+    let mut attr = [0u32; 32];
+    attr[0] = 2; // BPF_MAP_TYPE_ARRAY
+    attr[1] = 4; // key size
+    attr[2] = 4; // value size
+    attr[3] = 1; // max entries
+                 // SAFETY: BPF_MAP_CREATE with a zeroed attr.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128) };
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u64; 16];
+    pin[0] = c.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN with a valid path and fd.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), 128) };
+    assert_eq!(rc, 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: closing the fd we created.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn foreign_or_removed_pins_are_refused_or_rebuilt_and_the_colour_kept() {
+    let (topo, mut sw) = setup();
+    sw.start().unwrap();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.kill();
+    let flows = sw.bpffs().join("bgswitch/v1/maps/FLOWS");
+    std::fs::remove_file(&flows).unwrap();
+    pin_foreign_map(&flows);
+    let (code, err) = sw.start_expect_failure().unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("does not match this bgswitch") && err.contains("bgswitch detach"),
+        "{err}"
+    );
+    // The old program still switches, on the maps it holds.
+    assert_eq!(get_ok(&topo), "green");
+    // Remove the foreign pin by hand: the next daemon builds the map afresh.
+    std::fs::remove_file(&flows).unwrap();
+    sw.start().unwrap();
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "green");
+    assert_eq!(get_ok(&topo), "green");
+    // Every pin removed by hand while running: a restart rebuilds, colour kept.
+    std::fs::remove_dir_all(sw.bpffs().join("bgswitch")).unwrap();
+    sw.kill();
+    sw.start().unwrap();
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["active"], "green");
+    assert_eq!(st["interfaces"][0]["adopted"], false);
+    assert_eq!(get_ok(&topo), "green");
+}
+
+#[test]
+fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_not() {
+    let (topo, mut sw) = setup();
+    sw.start().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, ok, failed, cli) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            topo.client_ns().to_string(),
+        );
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match http_get(&cli, web(), "/") {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("request failed: {e:#}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    let bin = bgswitch_tests::switcher::bgswitch_bin().unwrap();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut outcomes = Vec::new();
+    for round in 0..8 {
+        let before = sw.status().unwrap()["services"][0]["active"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut flip = std::process::Command::new(&bin)
+            .arg("--socket")
+            .arg(sw.socket())
+            .args(["flip", "web", "--reason", &format!("round {round}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_micros(seed % 4000));
+        sw.kill();
+        let _ = flip.wait();
+        sw.start().unwrap();
+        let st = sw.status().unwrap();
+        let after = st["services"][0]["active"].as_str().unwrap().to_string();
+        // Whole or not at all: the saved colour is the one traffic follows.
+        for _ in 0..3 {
+            assert_eq!(
+                get_ok(&topo),
+                after,
+                "round {round}: data plane and saved state disagree"
+            );
+        }
+        outcomes.push(if after == before {
+            "not applied"
+        } else {
+            "applied"
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    eprintln!(
+        "kill outcomes: {outcomes:?}; {} requests ok",
+        ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed\n{}",
+        sw.log_tail()
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50);
+}
