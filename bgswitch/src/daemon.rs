@@ -46,6 +46,16 @@ const TICK: Duration = Duration::from_millis(200);
 /// New flows needed before an error rate is judged.
 const MIN_ERROR_SAMPLE: u64 = 10;
 
+/// Fault injection (tests only): `BGSWITCH_FAULT_DELAY_COMMIT_MS` makes every
+/// change wait this long after its state file and journal line are written and
+/// before the data plane moves.
+static FAULT_DELAY_COMMIT: std::sync::LazyLock<Option<Duration>> = std::sync::LazyLock::new(|| {
+    std::env::var("BGSWITCH_FAULT_DELAY_COMMIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+});
+
 /// Everything the loop reacts to.
 pub enum Event {
     Request {
@@ -936,6 +946,11 @@ impl Daemon {
         if let Err(e) = self.store.append_journal(&entry) {
             let _ = self.store.save(&self.state);
             return Response::error(format!("{e}; nothing changed"));
+        }
+        if let Some(d) = *FAULT_DELAY_COMMIT {
+            // Fault injection for tests: widen the window between the durable
+            // write and the data plane, where a crash must not split a change.
+            std::thread::sleep(d);
         }
         let old = std::mem::replace(&mut self.state, next);
         if let Err(e) = self.sync_service(service) {

@@ -149,6 +149,12 @@ impl Switcher {
 
     /// Starts the daemon and waits until it answers `status`.
     pub fn start(&mut self) -> Result<()> {
+        self.start_with_env(&[])
+    }
+
+    /// Like [`Switcher::start`], with extra environment for the daemon
+    /// (e.g. fault injection).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         if self.child.is_some() {
             bail!("daemon already running");
         }
@@ -163,6 +169,7 @@ impl Switcher {
             .arg("--config")
             .arg(self.config_path())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -294,7 +294,7 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
     let bin = bgswitch_tests::switcher::bgswitch_bin().unwrap();
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut outcomes = Vec::new();
-    for round in 0..8 {
+    for round in 0..10 {
         let before = sw.status().unwrap()["services"][0]["active"]
             .as_str()
             .unwrap()
@@ -310,7 +310,7 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        std::thread::sleep(Duration::from_micros(seed % 4000));
+        std::thread::sleep(Duration::from_micros(seed % 15_000));
         sw.kill();
         let _ = flip.wait();
         sw.start().unwrap();
@@ -330,6 +330,50 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
             "applied"
         });
     }
+    // The decisive window, made wide on purpose: the state file says the new
+    // colour, the data plane has not moved yet. The next daemon must finish
+    // the flip.
+    let st = sw.status().unwrap();
+    let before = st["services"][0]["active"].as_str().unwrap().to_string();
+    let generation = st["services"][0]["generation"].as_u64().unwrap();
+    sw.kill();
+    sw.start_with_env(&[("BGSWITCH_FAULT_DELAY_COMMIT_MS", "1500")])
+        .unwrap();
+    let mut flip = std::process::Command::new(&bin)
+        .arg("--socket")
+        .arg(sw.socket())
+        .args(["flip", "web"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let saved = sw.state_dir().join("state.json");
+    let want = format!("\"generation\": {}", generation + 1);
+    let t = Instant::now();
+    while !std::fs::read_to_string(&saved).unwrap().contains(&want) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the state file never changed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(get_ok(&topo), before, "the data plane has not moved yet");
+    sw.kill();
+    let _ = flip.wait();
+    sw.start().unwrap();
+    let after = sw.status().unwrap()["services"][0]["active"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(
+        after, before,
+        "the saved flip is completed by the next daemon"
+    );
+    for _ in 0..3 {
+        assert_eq!(get_ok(&topo), after);
+    }
+    outcomes.push("killed between state file and data plane: completed at restart");
+
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
     eprintln!(
