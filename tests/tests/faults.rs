@@ -388,3 +388,69 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
     );
     assert!(ok.load(Ordering::Relaxed) > 50);
 }
+
+#[test]
+fn a_dead_backend_fails_only_its_own_connections_and_new_flows_avoid_it() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged test: run as root (cargo xtask test)"
+    );
+    let mut topo = Topology::create(TopologyOptions {
+        tx_csum_off: true,
+        ..TopologyOptions::default()
+    })
+    .unwrap();
+    topo.start_servers(HTTP_PORT, UDP_PORT).unwrap();
+    let services = default_services(&topo).replacen(
+        "\n\n[[service]]\nname = \"echo\"",
+        "\n[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 2\n\n[[service]]\nname = \"echo\"",
+        1,
+    );
+    let mut sw = Switcher::new(&topo, &services).unwrap();
+    sw.start().unwrap();
+    let cli = topo.client_ns().to_string();
+    // Keep-alive connections spread over both blue backends.
+    let mut conns = Vec::new();
+    for _ in 0..12 {
+        let mut c = bgswitch_tests::KeepAliveClient::connect(&cli, web()).unwrap();
+        let who = c.get("/").unwrap().backend;
+        conns.push((c, who));
+    }
+    assert!(conns.iter().any(|(_, w)| w == "b1") && conns.iter().any(|(_, w)| w == "b2"));
+    topo.stop_server("b1").unwrap();
+    let start = Instant::now();
+    loop {
+        let st = sw.status().unwrap();
+        if st["services"][0]["colours"][0]["backends"][0]["health"] == "down" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "b1 never marked down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (c, who) in &mut conns {
+        let r = c.get("/");
+        if who == "b1" {
+            assert!(r.is_err(), "b1's connections fail, as they would anywhere");
+        } else {
+            assert_eq!(
+                r.unwrap().backend,
+                "b2",
+                "b2's connections are not disturbed"
+            );
+        }
+    }
+    for _ in 0..20 {
+        let r = http_get(&cli, web(), "/").unwrap();
+        assert_eq!(r.backend, "b2", "new flows avoid the dead backend");
+    }
+    assert!(
+        sw.log().contains("198.18.1.11:8080 is DOWN"),
+        "{}",
+        sw.log_tail()
+    );
+}
