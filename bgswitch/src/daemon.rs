@@ -493,7 +493,7 @@ impl Daemon {
     /// Watches and confirmation deadlines; every second, the interfaces.
     fn on_tick(&mut self) {
         self.ticks += 1;
-        if self.ticks % 5 == 0 {
+        if self.ticks.is_multiple_of(5) {
             for (level, note) in self.dataplane.check_interfaces() {
                 log::log!(level, "{note}");
             }
@@ -562,7 +562,7 @@ impl Daemon {
         }
         let max = w.max_error_rate?;
         // The error rate reads the flow table: judge it once a second.
-        if self.ticks % 5 != 0 {
+        if !self.ticks.is_multiple_of(5) {
             return None;
         }
         let stats = self.dataplane.colour_stats(id, w.colour).ok()?;
