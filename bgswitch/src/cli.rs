@@ -176,13 +176,15 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // The daemon may refuse (and close) before reading our request: then the
+    // write fails, but its reason is waiting to be read.
+    let written = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    reader
-        .read_line(&mut answer)
-        .context("reading the daemon's answer")?;
+    let read = reader.read_line(&mut answer);
     if answer.is_empty() {
+        written.context("sending the request to the daemon")?;
+        read.context("reading the daemon's answer")?;
         return Err(anyhow!(
             "the daemon closed the connection without answering"
         ));

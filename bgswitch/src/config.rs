@@ -197,7 +197,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .map(|s| line_col(text, s.start))
             .map(|(l, c)| format!("line {l} column {c}"))
             .unwrap_or_else(|| "(syntax)".into());
-        err(&key, e.message().to_string())
+        let msg = e.message().trim();
+        let reason = if msg.is_empty() {
+            "invalid TOML here (a key without a value, an unclosed string or array, or a \
+             stray control character)"
+                .to_string()
+        } else {
+            msg.to_string()
+        };
+        err(&key, reason)
     })?;
 
     let interfaces = raw.interfaces.unwrap_or_default();
@@ -212,7 +220,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     let mut seen_if = BTreeSet::new();
     for (i, name) in interfaces.iter().enumerate() {
-        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        // The kernel's rules (dev_valid_name): 1-15 bytes, not "." or "..",
+        // no '/', ':' or whitespace.
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
             return Err(err(
                 &format!("interfaces[{i}]"),
                 format!("'{name}' is not a valid interface name"),
@@ -370,12 +387,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             health,
         });
     }
-    for s in &services {
+    for (i, s) in services.iter().enumerate() {
         if !s.vip.is_ipv4() {
             return Err(err(
-                &format!("service ({}).vip", s.name),
+                &format!("service[{i}] ({}).vip", s.name),
                 "IPv6 services are not supported yet".into(),
             ));
+        }
+        for (colour, pool) in [("blue", &s.blue), ("green", &s.green)] {
+            for (j, b) in pool.iter().enumerate() {
+                if let Some(other) = vips.get(&(*b, s.protocol)) {
+                    return Err(err(
+                        &format!("service[{i}] ({}).{colour}[{j}]", s.name),
+                        format!(
+                            "{b}/{} is the VIP of service '{other}', not a backend",
+                            s.protocol
+                        ),
+                    ));
+                }
+            }
         }
     }
 
@@ -662,6 +692,29 @@ green = ["198.18.1.21:8080"]
             &with_service("name = \"bad name\"\n"),
             "service[0].name",
             "must be",
+        );
+    }
+
+    #[test]
+    fn a_backend_may_not_be_another_services_vip_nor_an_invalid_interface() {
+        check_err(
+            &with_service(
+                "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.9:80\"]\ngreen = [\"1.2.3.6:80\"]\n[[service]]\nname = \"b\"\nvip = \"1.2.3.9:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.7:80\"]\ngreen = [\"1.2.3.8:80\"]\n",
+            ),
+            "service[0] (a).blue[0]",
+            "is the VIP of service 'b'",
+        );
+        for bad in ["eth0:1", "a b", "..", "a\\tb"] {
+            check_err(
+                &format!("interfaces = [\"{bad}\"]"),
+                "interfaces[0]",
+                "not a valid interface name",
+            );
+        }
+        check_err(
+            "interfaces = [\"eth0\"]\nname =",
+            "line 2 column 7",
+            "invalid TOML",
         );
     }
 

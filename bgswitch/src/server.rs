@@ -106,7 +106,23 @@ pub async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Event>, gid: O
 async fn write_response(stream: &mut UnixStream, resp: &Response) -> io::Result<()> {
     let mut line = serde_json::to_vec(resp).map_err(io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line).await
+    write_bounded(stream, &line).await
+}
+
+/// Writes with the same patience as reads: a client that stops reading is
+/// cut off like one that stops writing, so it cannot hold a slot forever.
+async fn write_bounded(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> io::Result<()> {
+    tokio::time::timeout(REQUEST_TIMEOUT, w.write_all(bytes))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client did not read its answer in time",
+            )
+        })?
 }
 
 async fn serve_client(
@@ -168,7 +184,7 @@ async fn serve_client(
             ));
             let mut l = serde_json::to_vec(&resp)?;
             l.push(b'\n');
-            write.write_all(&l).await?;
+            write_bounded(&mut write, &l).await?;
             return Err(anyhow!(
                 "{}: oversized or truncated request refused",
                 peer.user
@@ -202,7 +218,7 @@ async fn serve_client(
         };
         let mut l = serde_json::to_vec(&resp)?;
         l.push(b'\n');
-        write.write_all(&l).await?;
+        write_bounded(&mut write, &l).await?;
     }
 }
 

@@ -31,6 +31,7 @@ pub mod clients;
 mod http;
 pub mod netns;
 pub mod servers;
+pub mod soak;
 pub mod switcher;
 pub mod topology;
 
