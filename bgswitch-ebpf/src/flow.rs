@@ -2,20 +2,18 @@
 //! a colour and backend on its first packet) and the reverse direction (backend
 //! → client, rewritten back to the VIP).
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key as LpmKey,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::XdpContext};
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, FlowEntry, FlowKey, PreviewKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
+    Backend, FlowEntry, FlowKey, PreviewKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use crate::{
     maps::{
-        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, PREVIEW, SERVICE_STATS,
-        SETTINGS,
+        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, PREVIEW, SERVICES,
+        SERVICE_STATS, SETTINGS,
     },
     nat::{forward, rewrite, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -84,9 +82,57 @@ fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, 
     (active, false)
 }
 
-/// Client → VIP.
+/// The packet's path after parsing: the flow table first (one hash lookup
+/// for every packet of an established flow, either direction), then the
+/// services for the first packet of a flow. Anything else passes untouched.
 #[inline(always)]
-pub fn to_backend(ctx: &XdpContext, f: &Frame, service: u32) -> u32 {
+pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
+    let key = flow_key(f);
+    if let Some(e) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: LRU values stay valid for the program's run (RCU); fields are
+        // read and written as whole integers.
+        let entry = unsafe { &mut *e };
+        if entry.flags & flow_flags::REVERSE != 0 {
+            return from_backend(ctx, f, entry);
+        }
+        return to_backend(ctx, f, &key, entry.service, Some(entry));
+    }
+    let skey = ServiceKey {
+        addr: f.dst,
+        port: f.dport,
+        proto: f.proto,
+        family: f.family,
+    };
+    // SAFETY: the value is a plain Copy integer read once.
+    match unsafe { SERVICES.get(&skey) } {
+        Some(svc) => to_backend(ctx, f, &key, svc.id, None),
+        None => {
+            count(global::PASS_NOT_SERVICE);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// `bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC at tick resolution, plenty for
+/// idle timeouts and cheaper than the precise clock.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper 160, bpf_ktime_get_coarse_ns (Linux 5.11), no arguments.
+    unsafe {
+        let f: unsafe extern "C" fn() -> u64 = core::mem::transmute(160usize);
+        f()
+    }
+}
+
+/// Client → VIP, with the flow's record if it has one.
+#[inline(always)]
+fn to_backend(
+    ctx: &XdpContext,
+    f: &Frame,
+    key: &FlowKey,
+    service: u32,
+    entry: Option<&mut FlowEntry>,
+) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
         return xdp_action::XDP_PASS;
@@ -99,22 +145,24 @@ pub fn to_backend(ctx: &XdpContext, f: &Frame, service: u32) -> u32 {
     // SAFETY: the pointer comes from a successful array lookup.
     let word = unsafe { core::ptr::read_volatile(word) };
     if !control::enabled(word) {
+        // A removed service: its flows are not ours any more.
         count(global::PASS_NOT_SERVICE);
         return xdp_action::XDP_PASS;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = flow_key(f);
+    let now = now_ns();
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
     let mut target: Option<(Backend, u32)> = None;
-    if let Some(e) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: LRU values stay valid for the program's run (RCU); fields are
-        // read and written as whole integers.
-        let entry = unsafe { &mut *e };
-        if entry.flags & flow_flags::REVERSE == 0 && !expired(entry, f, syn, now) {
-            entry.last_seen_ns = now;
-            entry.flags |= close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
+    if let Some(entry) = entry {
+        if !expired(entry, f, syn, now) {
+            // Refresh the idle clock at most every ~16 ms (fewer dirty lines).
+            if now.wrapping_sub(entry.last_seen_ns) > (1 << 24) {
+                entry.last_seen_ns = now;
+            }
+            let closing = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
+            if closing != 0 {
+                entry.flags |= closing;
+            }
             target = Some((
                 Backend {
                     addr: entry.peer,
@@ -132,13 +180,26 @@ pub fn to_backend(ctx: &XdpContext, f: &Frame, service: u32) -> u32 {
     let (backend, colour) = match target {
         Some(t) => t,
         None => {
+            // A client whose own address and port are a VIP (spoofed) would
+            // get a reverse entry that VIP traffic could hit: not ours.
+            let own = ServiceKey {
+                addr: f.src,
+                port: f.sport,
+                proto: f.proto,
+                family: f.family,
+            };
+            // SAFETY: only presence is read.
+            if unsafe { SERVICES.get(&own) }.is_some() {
+                count(global::PASS_NOT_SERVICE);
+                return xdp_action::XDP_PASS;
+            }
             let orphan = f.proto == PROTO_TCP && !syn;
-            let (colour, preview) = choose_colour(word, service, &key, orphan);
-            let Some(b) = pick_backend(word, service, colour, &key) else {
+            let (colour, preview) = choose_colour(word, service, key, orphan);
+            let Some(b) = pick_backend(word, service, colour, key) else {
                 count(global::NO_BACKEND);
                 return xdp_action::XDP_PASS;
             };
-            record(f, &key, &b, service, colour, preview, now);
+            record(f, key, &b, service, colour, preview, now);
             (b, colour)
         }
     };
@@ -270,27 +331,17 @@ fn account(service: u32, colour: u32, stat: u32, bytes: u64, new_flow: bool, rep
 }
 
 /// Backend → client: a reply of a flow we forwarded gets the VIP back as its
-/// source. Anything else is not ours and passes untouched.
+/// source.
 #[inline(always)]
-pub fn from_backend(ctx: &XdpContext, f: &Frame) -> u32 {
-    let key = flow_key(f);
-    let Some(e) = FLOWS.get_ptr_mut(&key) else {
-        count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: see to_backend.
-    let entry = unsafe { &mut *e };
-    if entry.flags & flow_flags::REVERSE == 0 {
-        count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
-    }
+fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
         return xdp_action::XDP_PASS;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    entry.last_seen_ns = now;
+    let now = now_ns();
+    if now.wrapping_sub(entry.last_seen_ns) > (1 << 24) {
+        entry.last_seen_ns = now;
+    }
     let vip = entry.peer;
     let vport = entry.peer_port;
     let service = entry.service;

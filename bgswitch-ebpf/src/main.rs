@@ -13,10 +13,10 @@ mod nat;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use bgswitch_common::{global, ServiceKey};
+use bgswitch_common::global;
 
 use crate::{
-    maps::{count, SERVICES},
+    maps::count,
     parse::{parse, Skip},
 };
 
@@ -34,17 +34,7 @@ pub fn bgswitch(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    let key = ServiceKey {
-        addr: frame.dst,
-        port: frame.dport,
-        proto: frame.proto,
-        family: frame.family,
-    };
-    // SAFETY: the value is a plain Copy integer read once.
-    if let Some(svc) = unsafe { SERVICES.get(&key) } {
-        return flow::to_backend(&ctx, &frame, svc.id);
-    }
-    flow::from_backend(&ctx, &frame)
+    flow::handle(&ctx, &frame)
 }
 
 #[cfg(not(test))]

@@ -20,6 +20,7 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 /// Offset of the checksum in the TCP and UDP headers.
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
@@ -88,8 +89,20 @@ pub fn rewrite(ctx: &XdpContext, f: &Frame, side: Side, addr: &Addr, port: u16) 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
     let ip = f.ip;
-    // SAFETY: zero is a valid bit pattern for this plain C struct.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    // Zeroed with eight explicit stores: `mem::zeroed()` of 64 bytes becomes a
+    // call to a byte-at-a-time memset on this target (~60 ns per packet).
+    let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
+    let w = raw.as_mut_ptr().cast::<u64>();
+    // SAFETY: FibParams is 64 bytes of plain integers; every byte is written
+    // (volatile, so the stores are not merged back into a memset call), and
+    // zero is a valid value for all of them.
+    // Used in place (moving it out would copy, and the copy is a memset again).
+    let p: &mut FibParams = unsafe {
+        for i in 0..8 {
+            core::ptr::write_volatile(w.add(i), 0);
+        }
+        &mut *raw.as_mut_ptr()
+    };
     p.family = AF_INET;
     p.l4_protocol = f.proto;
     // SAFETY: f.ip is bounds-checked (parse); reading fields of the header.
@@ -105,7 +118,7 @@ pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p as *mut FibParams,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
@@ -136,8 +149,12 @@ pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
             .add16(old, new)
             .apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
-        (*eth).dst_addr = p.dmac;
-        (*eth).src_addr = p.smac;
+        // Byte stores: an array assignment becomes a memmove call here.
+        let mac = eth.cast::<u8>();
+        for i in 0..6 {
+            core::ptr::write_volatile(mac.add(i), p.dmac[i]);
+            core::ptr::write_volatile(mac.add(6 + i), p.smac[i]);
+        }
     }
     if egress == ingress {
         count(global::TX);

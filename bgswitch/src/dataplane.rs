@@ -997,6 +997,8 @@ impl Dataplane {
             Err(e) => return Err(map_err(names::SERVICES, "remove")(e)),
         }
         self.control.store(id, 0);
+        // The id may serve another VIP later; its old flows must not follow.
+        self.flush_service(id)?;
         Ok(())
     }
 
@@ -1144,11 +1146,20 @@ impl Dataplane {
     /// their next packets follow the active colour (`flip --force`). Returns
     /// how many flows were moved.
     pub fn flush_flows(&mut self, id: u32, keep: Colour) -> Result<u64> {
+        self.flush(id, Some(keep))
+    }
+
+    /// Forgets every flow of service `id` (both colours, both directions).
+    pub fn flush_service(&mut self, id: u32) -> Result<u64> {
+        self.flush(id, None)
+    }
+
+    fn flush(&mut self, id: u32, keep: Option<Colour>) -> Result<u64> {
         let mut doomed = Vec::new();
         for item in self.flows.iter() {
             match item {
                 Ok((k, e)) => {
-                    if e.service == id && e.colour as u32 != keep.index() {
+                    if e.service == id && keep.is_none_or(|k| e.colour as u32 != k.index()) {
                         doomed.push((k, e.flags & flow_flags::REVERSE == 0));
                     }
                 }

@@ -615,6 +615,11 @@ impl Model {
             dport: p.dport,
             proto: p.proto,
         };
+        // The program consults the flow table first: a reverse entry decides
+        // (none can have a VIP:port as its destination, see forward()).
+        if self.flows.get(&key).is_some_and(|e| e.reverse) {
+            return self.reply(p, key);
+        }
         let svc = self
             .svcs
             .iter()
@@ -643,6 +648,16 @@ impl Model {
                     new_flow: false,
                 };
             }
+        }
+        // A client whose own address:port is a VIP (spoofed) is never
+        // recorded: its reverse entry could shadow VIP traffic.
+        if p.src == VIP
+            && self
+                .svcs
+                .iter()
+                .any(|s| p.sport == s.port && p.proto == s.proto)
+        {
+            return Outcome::Pass("a new flow from a VIP's own address and port");
         }
         let colour = self.active[svc];
         let backend = predicted(&key, &self.svcs[svc].pools[colour]);
