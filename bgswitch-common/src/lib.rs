@@ -199,9 +199,8 @@ pub struct Backend {
     pub stat_id: u32,
 }
 
-/// Key of the `FLOWS` LRU table. A forward entry is keyed by the client's
-/// packet as received (client → VIP); a reverse entry by the backend's reply
-/// as received (backend → client).
+/// A flow's 5-tuple in either family, as received: the input of the flow
+/// hash ([`hash::flow_hash`]). Not stored in any map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -214,6 +213,25 @@ pub struct FlowKey {
     pub proto: u8,
     pub family: u8,
     pub _pad: [u8; 2],
+}
+
+/// Key of the `FLOWS` LRU table, which holds IPv4 flows (IPv6 flows get a
+/// table of their own, so neither pays for the other's address size). A
+/// forward entry is keyed by the client's packet as received (client → VIP);
+/// a reverse entry by the backend's reply as received (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey4 {
+    /// Wire order.
+    pub src: u32,
+    /// Wire order.
+    pub dst: u32,
+    /// Wire order.
+    pub sport: u16,
+    /// Wire order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Flag bits of [`FlowEntry::flags`].
@@ -233,14 +251,17 @@ pub mod flow_flags {
     pub const PREVIEW: u8 = 1 << 5;
 }
 
-/// Value of the `FLOWS` table.
+/// Value of the `FLOWS` table (IPv4).
 ///
 /// Forward entry: `peer` is the chosen backend. Reverse entry: `peer` is the
 /// virtual address the client used, written back as the reply's source.
+/// 32 bytes: with the 16-byte key and the kernel's 48-byte element header,
+/// both directions of a flow take 224 bytes of kernel memory with buckets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    pub peer: Addr,
+    /// IPv4 address, wire order.
+    pub peer: u32,
     /// Wire order.
     pub peer_port: u16,
     /// `BLUE` or `GREEN`.
@@ -253,6 +274,7 @@ pub struct FlowEntry {
     pub backend_stat: u32,
     /// `bpf_ktime_get_ns() / 1e9` when the flow was recorded (seconds).
     pub created_s: u32,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction.
     pub last_seen_ns: u64,
 }
@@ -396,6 +418,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ColourStats {}
@@ -414,7 +437,8 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 4);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowEntry>(), 40);
+        assert_eq!(size_of::<FlowEntry>(), 32);
+        assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<Settings>(), 16);
         assert_eq!(size_of::<ColourStats>(), 64);
         assert_eq!(size_of::<BackendStats>(), 48);

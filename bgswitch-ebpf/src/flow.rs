@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::Xd
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, FlowEntry, FlowKey, PreviewKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP,
+    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP,
     PROTO_UDP,
 };
 
@@ -18,6 +18,19 @@ use crate::{
     nat::{forward, rewrite, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+/// The `FLOWS` key of a 5-tuple (IPv4: the first address word).
+#[inline(always)]
+fn key4(k: &FlowKey) -> FlowKey4 {
+    FlowKey4 {
+        src: k.src[0],
+        dst: k.dst[0],
+        sport: k.sport,
+        dport: k.dport,
+        proto: k.proto,
+        _pad: [0; 3],
+    }
+}
 
 #[inline(always)]
 fn flow_key(f: &Frame) -> FlowKey {
@@ -88,7 +101,7 @@ fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     let key = flow_key(f);
-    if let Some(e) = FLOWS.get_ptr_mut(&key) {
+    if let Some(e) = FLOWS.get_ptr_mut(&key4(&key)) {
         // SAFETY: LRU values stay valid for the program's run (RCU); fields are
         // read and written as whole integers.
         let entry = unsafe { &mut *e };
@@ -165,7 +178,7 @@ fn to_backend(
             }
             target = Some((
                 Backend {
-                    addr: entry.peer,
+                    addr: [entry.peer, 0, 0, 0],
                     port: entry.peer_port,
                     family: f.family,
                     _pad: 0,
@@ -261,39 +274,40 @@ fn record(
         flags |= flow_flags::PREVIEW;
     }
     let fwd = FlowEntry {
-        peer: b.addr,
+        peer: b.addr[0],
         peer_port: b.port,
         colour: colour as u8,
         flags,
         service,
         backend_stat: b.stat_id,
         created_s,
+        _pad: 0,
         last_seen_ns: now,
     };
-    let rkey = FlowKey {
-        src: b.addr,
-        dst: f.src,
+    let rkey = FlowKey4 {
+        src: b.addr[0],
+        dst: f.src[0],
         sport: b.port,
         dport: f.sport,
         proto: f.proto,
-        family: f.family,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     let rev = FlowEntry {
-        peer: f.dst,
+        peer: f.dst[0],
         peer_port: f.dport,
         colour: colour as u8,
         flags: flow_flags::REVERSE,
         service,
         backend_stat: b.stat_id,
         created_s,
+        _pad: 0,
         last_seen_ns: now,
     };
     // Reverse first: a reply can only come after the forward packet left.
     if FLOWS.insert(&rkey, &rev, 0).is_err() {
         count(global::FLOW_INSERT_FAILED);
     }
-    if FLOWS.insert(key, &fwd, 0).is_err() {
+    if FLOWS.insert(&key4(key), &fwd, 0).is_err() {
         count(global::FLOW_INSERT_FAILED);
     }
 }
@@ -342,7 +356,7 @@ fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
     if now.wrapping_sub(entry.last_seen_ns) > (1 << 24) {
         entry.last_seen_ns = now;
     }
-    let vip = entry.peer;
+    let vip = [entry.peer, 0, 0, 0];
     let vport = entry.peer_port;
     let service = entry.service;
     let colour = entry.colour as u32;
@@ -367,14 +381,13 @@ fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
             entry.flags |= mirror;
             // Mirror handshake and close on the forward entry, which status
             // and the error signal read.
-            let fkey = FlowKey {
-                src: f.dst,
-                dst: vip,
+            let fkey = FlowKey4 {
+                src: f.dst[0],
+                dst: vip[0],
                 sport: f.dport,
                 dport: vport,
                 proto: f.proto,
-                family: f.family,
-                _pad: [0; 2],
+                _pad: [0; 3],
             };
             if let Some(fe) = FLOWS.get_ptr_mut(&fkey) {
                 // SAFETY: see to_backend.

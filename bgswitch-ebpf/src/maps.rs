@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use bgswitch_common::{
-    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey, PreviewKey, ServiceKey,
+    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ServiceKey,
     ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS,
     MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
 };
@@ -31,9 +31,9 @@ pub static POOL_SIZES: Array<u32> = Array::with_max_entries(MAX_SERVICES * POOL_
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_ENTRIES, 0);
 
-/// Flow table: forward and reverse entry per flow.
+/// IPv4 flow table: forward and reverse entry per flow.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
     LruHashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
 
 /// Timeouts, one entry.

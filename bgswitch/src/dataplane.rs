@@ -32,7 +32,7 @@ use aya::{
 };
 use bgswitch_common::{
     control, flow_flags, global, ipv4_to_addr, ipv6_to_addr, maps as names, port_to_wire, Backend,
-    BackendStats, ColourStats, FlowEntry, FlowKey, PreviewKey, ServiceKey, ServiceValue, Settings,
+    BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ServiceKey, ServiceValue, Settings,
     BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, MAX_INTERFACES,
     MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
 };
@@ -158,7 +158,7 @@ pub struct Dataplane {
     control: ControlWords,
     pool_sizes: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flows: HashMap<MapData, FlowKey4, FlowEntry>,
     settings: Array<MapData, Settings>,
     tx_ports: DevMapHash<MapData>,
     service_stats: PerCpuArray<MapData, ColourStats>,
@@ -212,7 +212,7 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
         (
             names::FLOWS,
             MapType::LruHash,
-            sz(size_of::<FlowKey>()),
+            sz(size_of::<FlowKey4>()),
             sz(size_of::<FlowEntry>()),
             2 * max_flows,
             0,
