@@ -6,8 +6,8 @@ use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::Xd
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP,
-    PROTO_UDP,
+    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
