@@ -957,7 +957,7 @@ impl Daemon {
             std::thread::sleep(d);
         }
         let old = std::mem::replace(&mut self.state, next);
-        if let Err(e) = self.sync_service(service) {
+        if let Err(e) = self.move_dataplane(service, id, &change) {
             self.state = old;
             let _ = self.store.save(&self.state);
             let _ = self.sync_service(service);
@@ -1001,6 +1001,27 @@ impl Daemon {
             change: Some(change),
             ..Response::default()
         }
+    }
+
+    /// The data plane side of a change: only what the change altered, so a
+    /// flip is the one 32-bit store it promises (plus nothing).
+    fn move_dataplane(
+        &mut self,
+        service: &str,
+        id: u32,
+        change: &model::Change,
+    ) -> anyhow::Result<()> {
+        let (b, a) = (&change.before, &change.after);
+        if b.preview != a.preview {
+            return self.sync_service(service);
+        }
+        if b.active != a.active || change.forced {
+            self.dataplane.set_active(id, change.to)?;
+        }
+        if b.canary_bp != a.canary_bp {
+            self.dataplane.set_canary(id, a.canary_bp)?;
+        }
+        Ok(())
     }
 
     fn status(&self, only: Option<&str>) -> Response {
