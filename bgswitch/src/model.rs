@@ -182,7 +182,7 @@ pub struct ServiceState {
 }
 
 /// Changes kept per service in the state file (the journal keeps them all).
-pub const HISTORY_KEPT: usize = 100;
+pub const HISTORY_KEPT: usize = 16;
 
 /// Everything the daemon must remember across restarts and reboots.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
