@@ -231,7 +231,10 @@ pub struct FlowKey4 {
     /// Wire order.
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Padding as a byte and a half-word: a 3-byte array would be zeroed by a
+    // memset call in the BPF program.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// Flag bits of [`FlowEntry::flags`].

@@ -28,7 +28,8 @@ fn key4(k: &FlowKey) -> FlowKey4 {
         sport: k.sport,
         dport: k.dport,
         proto: k.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
@@ -290,7 +291,8 @@ fn record(
         sport: b.port,
         dport: f.sport,
         proto: f.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let rev = FlowEntry {
         peer: f.dst[0],
@@ -387,7 +389,8 @@ fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
                 sport: f.dport,
                 dport: vport,
                 proto: f.proto,
-                _pad: [0; 3],
+                _pad0: 0,
+                _pad1: 0,
             };
             if let Some(fe) = FLOWS.get_ptr_mut(&fkey) {
                 // SAFETY: see to_backend.
