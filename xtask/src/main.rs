@@ -52,6 +52,24 @@ enum Task {
     },
     /// Set up, build, and show a blue/green switch on a throwaway topology.
     Demo,
+    /// Set up, build (release) and run the benchmarks: writes bench/RESULTS.md
+    /// and bench/results.json. `--quick`: correctness counters and gross
+    /// ratios only (what `test` runs), results under target/bench-quick.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Set up, build, and run the long proof runs: thousands of flips under
+    /// HTTP and UDP load, and millions of hostile frames. Writes the pass
+    /// table to target/soak/SOAK.md.
+    Soak {
+        /// Flips of each service under load (the suite's short run does 60).
+        #[arg(long, default_value_t = 1000)]
+        flips: u32,
+        /// Generated and mutated frames through the XDP program.
+        #[arg(long, default_value_t = 3_000_000)]
+        frames: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +79,8 @@ fn main() -> ExitCode {
         Task::Build { release } => setup().and_then(|()| build(release)),
         Task::Test { no_lint, rest } => setup().and_then(|()| test(no_lint, &rest)),
         Task::Demo => setup().and_then(|()| demo()),
+        Task::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Task::Soak { flips, frames } => setup().and_then(|()| soak(flips, frames)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -265,7 +285,8 @@ fn test(no_lint: bool, rest: &[String]) -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--exclude", "bgswitch-ebpf"])
         .args(rest)
-        .env("BGSWITCH_BIN", &bin))
+        .env("BGSWITCH_BIN", &bin))?;
+    bench(true)
 }
 
 fn demo() -> Result<()> {
@@ -284,4 +305,115 @@ fn demo() -> Result<()> {
             "bgswitch-demo",
         ])
         .env("BGSWITCH_BIN", &bin))
+}
+
+/// Packages the benchmarks use (nftables DNAT, HAProxy and wrk for the
+/// comparisons), with a command each provides; installed only when missing.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("nftables", "nft"),
+    ("haproxy", "haproxy"),
+    ("wrk", "wrk"),
+    ("ethtool", "ethtool"),
+];
+
+/// `cargo xtask bench [--quick]`: the benchmark suite (crate `bench`). Full:
+/// release builds, every part, bench/RESULTS.md and bench/results.json.
+/// Quick (run by `test`): debug builds, correctness counters and gross ratios
+/// only, never absolute times; results under target/bench-quick.
+fn bench(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks attach XDP programs and create network namespaces: run them as root");
+    }
+    let wanted: &[(&str, &str)] = if quick {
+        &BENCH_PACKAGES[..1]
+    } else {
+        BENCH_PACKAGES
+    };
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, cmd)| {
+            !have(cmd)
+                && !Path::new("/usr/sbin").join(cmd).is_file()
+                && !Path::new("/sbin").join(cmd).is_file()
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {missing:?} with apt-get (benchmarks)");
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let root = workspace_root();
+    let profile = if quick { "debug" } else { "release" };
+    let mut b = cargo();
+    b.args([
+        "build",
+        "--package",
+        "bgswitch",
+        "--package",
+        "bgswitch-bench",
+    ]);
+    if !quick {
+        b.arg("--release");
+    }
+    run(&mut b)?;
+    let out = if quick {
+        root.join("target/bench-quick")
+    } else {
+        root.join("bench")
+    };
+    let mut c = Command::new(root.join("target").join(profile).join("bgswitch-bench"));
+    c.current_dir(&root).arg("--out").arg(&out).env(
+        "BGSWITCH_BIN",
+        root.join("target").join(profile).join("bgswitch"),
+    );
+    if quick {
+        c.arg("--quick");
+    }
+    run(&mut c)
+}
+
+/// `cargo xtask soak`: the long versions of the flip-under-load and hostile
+/// frame tests, with their output kept in target/soak/.
+fn soak(flips: u32, frames: u64) -> Result<()> {
+    if !is_root() {
+        bail!("the soak attaches XDP programs and creates network namespaces: run it as root");
+    }
+    build(false)?;
+    let dir = workspace_root().join("target/soak");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bin = workspace_root().join("target/debug/bgswitch");
+    let out = cargo()
+        .args(["test", "--package", "bgswitch-tests"])
+        .args(["--test", "flip_under_load", "--test", "xdp_fuzz"])
+        .args(["--", "--nocapture", "--test-threads", "1"])
+        .env("BGSWITCH_BIN", &bin)
+        .env("BGSWITCH_SOAK_FLIPS", flips.to_string())
+        .env("BGSWITCH_FUZZ_FRAMES", frames.to_string())
+        .output()
+        .context("running the soak")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = format!(
+        "# bgswitch soak\n\n`cargo xtask soak --flips {flips} --frames {frames}`: {}\n\n```text\n{}\n```\n",
+        if out.status.success() { "PASSED" } else { "FAILED" },
+        text.lines()
+            .filter(|l| !l.starts_with("warning: bgswitch@"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let path = dir.join("SOAK.md");
+    std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
+    println!("{text}");
+    println!("xtask: soak report in {}", path.display());
+    if !out.status.success() {
+        bail!("the soak failed; see {}", path.display());
+    }
+    Ok(())
 }

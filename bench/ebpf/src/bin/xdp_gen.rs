@@ -1,0 +1,135 @@
+//! A packet generator for BPF_PROG_TEST_RUN in live-frames mode
+//! (`BPF_F_TEST_XDP_LIVE_FRAMES`): every run writes a complete
+//! Ethernet/IPv4/UDP frame — every header field, since recycled pages keep what
+//! the last program (or the last hop) wrote — for the next flow of a cycle of
+//! `flows`, and transmits it with XDP_TX on the interface given as the test
+//! run's ingress. The UDP checksum is 0 (none, valid for IPv4), so no receiver
+//! pays for verifying one a NIC would have verified.
+// The program exists for the BPF target only; a host build (`cargo test
+// --workspace`) gets an empty binary.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        macros::{map, xdp},
+        maps::{Array, PerCpuArray},
+        programs::XdpContext,
+    };
+    use bgswitch_bench_ebpf::{GenConfig, PORT_BITS, PORT_MASK};
+
+    #[map]
+    static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
+
+    /// Per CPU: [0] the next flow, [1] frames generated.
+    #[map]
+    static GEN_STATE: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+
+    const ETH_LEN: usize = 14;
+    const IP_LEN: usize = 20;
+    const UDP_LEN: usize = 8;
+    const HDRS: usize = ETH_LEN + IP_LEN + UDP_LEN;
+
+    #[inline(always)]
+    fn fold(mut sum: u32) -> u16 {
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        !(sum as u16)
+    }
+
+    #[xdp]
+    pub fn xdp_gen(ctx: XdpContext) -> u32 {
+        let data = ctx.data();
+        let end = ctx.data_end();
+        if data + HDRS > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        let Some(cfg) = GEN_CONFIG.get(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let Some(next) = GEN_STATE.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: per-CPU slot, only this CPU touches it while we run.
+        let flow = unsafe { *next };
+        let following = flow + 1;
+        // SAFETY: as above.
+        unsafe { *next = if following >= cfg.flows { 0 } else { following } };
+        if let Some(sent) = GEN_STATE.get_ptr_mut(1) {
+            // SAFETY: as above.
+            unsafe { *sent = (*sent).wrapping_add(1) };
+        }
+
+        let frame_len = (end - data) as u32;
+        let ip_total = (frame_len - ETH_LEN as u32) as u16;
+        let udp_len = ip_total - IP_LEN as u16;
+        let src_ip = u32::from_be_bytes(cfg.src_ip).wrapping_add(flow >> PORT_BITS);
+        let sport = cfg.src_port_base.wrapping_add((flow & PORT_MASK) as u16);
+        let dst_ip = u32::from_be_bytes(cfg.dst_ip);
+
+        // IPv4 header checksum over the ten 16-bit words (id 0, DF, TTL 64, UDP).
+        let sum = 0x4500u32
+            + ip_total as u32
+            + 0x4000
+            + 0x4011
+            + (src_ip >> 16)
+            + (src_ip & 0xffff)
+            + (dst_ip >> 16)
+            + (dst_ip & 0xffff);
+        let check = fold(sum);
+
+        let p = data as *mut u8;
+        // SAFETY: the frame holds at least HDRS bytes (checked above); every
+        // write below lies within them.
+        unsafe {
+            let w = |off: usize, b: &[u8]| {
+                for (i, v) in b.iter().enumerate() {
+                    *p.add(off + i) = *v;
+                }
+            };
+            w(0, &cfg.dst_mac);
+            w(6, &cfg.src_mac);
+            w(12, &[0x08, 0x00]);
+            let ip_len = ip_total.to_be_bytes();
+            let ck = check.to_be_bytes();
+            let s = src_ip.to_be_bytes();
+            let d = dst_ip.to_be_bytes();
+            w(
+                ETH_LEN,
+                &[
+                    0x45, 0, ip_len[0], ip_len[1], 0, 0, 0x40, 0, 64, 17, ck[0], ck[1], s[0], s[1],
+                    s[2], s[3], d[0], d[1], d[2], d[3],
+                ],
+            );
+            let sp = sport.to_be_bytes();
+            let ul = udp_len.to_be_bytes();
+            w(
+                ETH_LEN + IP_LEN,
+                &[
+                    sp[0],
+                    sp[1],
+                    cfg.dst_port[0],
+                    cfg.dst_port[1],
+                    ul[0],
+                    ul[1],
+                    0,
+                    0,
+                ],
+            );
+        }
+        xdp_action::XDP_TX
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}

@@ -1,0 +1,42 @@
+//! XDP programs of the benchmark suite (one object per `src/bin/*.rs`), built
+//! for `bpfel-unknown-none` by `bench/build.rs` through aya-build:
+//!
+//! * `xdp_pass` — returns XDP_PASS: the baseline program cost is measured
+//!   against.
+//! * `xdp_gen` — a packet generator for BPF_PROG_TEST_RUN in live-frames mode:
+//!   writes a whole Ethernet/IPv4/UDP frame for flow `n % flows` and XDP_TXes
+//!   it.
+//! * `xdp_sink` — counts frames and bytes per CPU and drops them: the receiver.
+//!
+//! This library holds the layout both sides share.
+#![no_std]
+
+/// Configuration of `xdp_gen` (its `GEN_CONFIG` array, entry 0). Addresses and
+/// ports are wire-order bytes; counts are native integers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenConfig {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// Source address of flow 0; flow `f` uses `src_ip + (f >> PORT_BITS)`.
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    /// Destination port, wire order.
+    pub dst_port: [u8; 2],
+    /// Source port of flow 0 (host order); flow `f` uses
+    /// `src_port_base + (f & PORT_MASK)`.
+    pub src_port_base: u16,
+    /// Number of distinct flows (>= 1).
+    pub flows: u32,
+    pub _pad: u32,
+}
+
+/// Flows per source address: 2^15 source ports each.
+pub const PORT_BITS: u32 = 15;
+pub const PORT_MASK: u32 = (1 << PORT_BITS) - 1;
+
+/// Indexes of the per-CPU `SINK_STATS` array of `xdp_sink`.
+pub const SINK_PACKETS: u32 = 0;
+pub const SINK_BYTES: u32 = 1;
+/// Frames that are not IPv4/UDP (not counted as delivered).
+pub const SINK_OTHER: u32 = 2;

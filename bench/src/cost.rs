@@ -1,0 +1,913 @@
+//! Part 1 (program cost) and the program-cost and memory half of part 5
+//! (scale), through BPF_PROG_TEST_RUN.
+//!
+//! Method: the bgswitch program (loaded by `bgswitch::dataplane`, maps
+//! private) and the `xdp_pass` baseline run on the same frames with the same
+//! ingress interface, on one pinned CPU, in interleaved rounds (the case order
+//! rotates every round). Each round yields, per case, the median over several
+//! calls of the kernel's per-run time; the reported cost is the per-round
+//! difference to the baseline, as a median with min–max over rounds.
+//!
+//! `repeat > 1` reruns the program on the frame the previous run rewrote, so
+//! services are configured with an identity rewrite (backend = VIP); with
+//! routes and permanent neighbours in a scratch namespace every packet takes
+//! the full path (lookup, rewrite, FIB lookup, TTL and MACs, redirect). The TTL
+//! starts at 255 and `repeat` stays below 250, so no run hits the TTL check.
+//!
+//! New flows cannot be repeated (the first run records the flow), so a SYN
+//! with a fresh 5-tuple runs once per call (repeat = 1), as do an established
+//! packet and the baseline in the same rounds. A single run per call is cold
+//! (the syscall has just disturbed caches and predictors), so the reported
+//! new-flow cost is the established packet's warm cost (repeat N) plus what a
+//! new flow adds over an established packet when both run cold.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use aya::{
+    maps::{loaded_maps, HashMap, Map, MapData, MapInfo},
+    programs::{TestRun as _, TestRunOptions, Xdp, XdpMode},
+    Ebpf,
+};
+use bgswitch::{
+    config::XdpModeSetting,
+    dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
+    model::Colour,
+};
+use bgswitch_common::{maps as names, FlowEntry, FlowKey4, PROTO_TCP, PROTO_UDP};
+use bgswitch_tests::{in_netns, ip_ns, TempNetns};
+use serde_json::{json, Value};
+
+use crate::{
+    frames::{frame, verify, L4},
+    objects,
+    stats::{median, Summary},
+    sys,
+};
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// Next hop towards the VIP (= the identity "backend") and to the client.
+const NEXT_HOP: &str = "198.18.1.2";
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+const FRAME_LEN: usize = 64;
+
+/// How much to measure.
+#[derive(Clone, Debug)]
+pub struct CostOptions {
+    pub rounds: usize,
+    /// Calls per case per round with `repeat`.
+    pub calls: usize,
+    pub repeat: u32,
+    /// Calls per round of the repeat = 1 cases.
+    pub single_calls: usize,
+    /// Flow table size of part 1's data plane.
+    pub max_flows: u32,
+    /// Flow table size of the scale run, and the fill levels measured.
+    pub scale_max_flows: u32,
+    pub fill_levels: Vec<u32>,
+    pub scale_rounds: usize,
+    pub scale_single_calls: usize,
+    pub cpu: usize,
+}
+
+impl CostOptions {
+    pub fn full(cpu: usize) -> Self {
+        let max = 1 << 20;
+        Self {
+            rounds: 31,
+            calls: 15,
+            repeat: 200,
+            single_calls: 401,
+            max_flows: 262_144,
+            scale_max_flows: max,
+            fill_levels: vec![1, 1_000, 10_000, 100_000, 500_000, 1_000_000, max],
+            scale_rounds: 7,
+            scale_single_calls: 801,
+            cpu,
+        }
+    }
+    pub fn quick(cpu: usize) -> Self {
+        Self {
+            rounds: 3,
+            calls: 3,
+            repeat: 50,
+            single_calls: 21,
+            max_flows: 4096,
+            scale_max_flows: 4096,
+            fill_levels: vec![1, 4096],
+            scale_rounds: 1,
+            scale_single_calls: 21,
+            cpu,
+        }
+    }
+}
+
+/// A scratch namespace with two veths: v0 faces clients (198.18.0.1/24, the
+/// client's neighbour known), v1 faces the next hop towards the VIP
+/// (198.18.1.1/24, neighbour known); forwarding on.
+pub struct Bed {
+    ns: TempNetns,
+    pub v0: u32,
+    pub v1: u32,
+}
+
+impl Bed {
+    pub fn create() -> Result<Bed> {
+        let ns = TempNetns::create()?;
+        let n = ns.name().to_string();
+        let ipn = |args: &[&str]| ip_ns(&n, args);
+        ipn(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])?;
+        ipn(&["addr", "add", "198.18.0.1/24", "dev", "v0"])?;
+        ipn(&["addr", "add", "198.18.1.1/24", "dev", "v1"])?;
+        ipn(&["link", "set", "v0", "up"])?;
+        ipn(&["link", "set", "v1", "up"])?;
+        ipn(&[
+            "neigh",
+            "replace",
+            &CLIENT.to_string(),
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "v0",
+            "nud",
+            "permanent",
+        ])?;
+        ipn(&[
+            "neigh",
+            "replace",
+            NEXT_HOP,
+            "lladdr",
+            "02:00:00:00:01:02",
+            "dev",
+            "v1",
+            "nud",
+            "permanent",
+        ])?;
+        ipn(&[
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            NEXT_HOP,
+            "dev",
+            "v1",
+        ])?;
+        ipn(&[
+            "route",
+            "add",
+            "198.18.64.0/18",
+            "via",
+            "198.18.0.2",
+            "dev",
+            "v0",
+        ])?;
+        sys::ns_sysctl(&n, "net.ipv4.ip_forward", "1")?;
+        let v0 = bgswitch_tests::netns::ifindex(&n, "v0")?;
+        let v1 = bgswitch_tests::netns::ifindex(&n, "v1")?;
+        Ok(Bed { ns, v0, v1 })
+    }
+    pub fn name(&self) -> &str {
+        self.ns.name()
+    }
+}
+
+/// The baseline program.
+pub struct PassProgram {
+    ebpf: Ebpf,
+}
+
+/// `struct xdp_md` for BPF_PROG_TEST_RUN: data, data_end, data_meta,
+/// ingress_ifindex, rx_queue_index, egress_ifindex.
+pub fn xdp_ctx(len: usize, ingress: u32) -> Vec<u8> {
+    [0u32, len as u32, 0, ingress, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect()
+}
+
+impl PassProgram {
+    pub fn load() -> Result<Self> {
+        objects::check()?;
+        let mut ebpf = Ebpf::load(objects::XDP_PASS).context("loading xdp_pass")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("xdp_pass")
+            .context("no xdp_pass program")?
+            .try_into()?;
+        prog.load().context("verifying xdp_pass")?;
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches the baseline to `iface` (in the calling thread's namespace).
+    pub fn attach(&mut self, iface: &str) -> Result<()> {
+        self.program()
+            .attach(iface, XdpMode::Driver)
+            .with_context(|| format!("attaching xdp_pass to {iface}"))?;
+        Ok(())
+    }
+
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut("xdp_pass")
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load")
+    }
+
+    pub fn run(&mut self, frame: &[u8], ingress: u32, repeat: u32) -> Result<(u32, Duration)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let ctx = xdp_ctx(frame.len(), ingress);
+        let r = self.program().test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::new()
+        })?;
+        Ok((r.return_value, r.duration))
+    }
+}
+
+/// Ids of the maps named `name` loaded now.
+fn map_ids(name: &str) -> HashSet<u32> {
+    loaded_maps()
+        .flatten()
+        .filter(|m| m.name_as_str() == Some(name))
+        .map(|m| m.id())
+        .collect()
+}
+
+/// The map named `name` with `max_entries` that is not in `before`: the one a
+/// data plane loaded just now created.
+fn new_map(name: &str, max_entries: u32, before: &HashSet<u32>) -> Option<MapInfo> {
+    loaded_maps()
+        .flatten()
+        .filter(|m| m.name_as_str() == Some(name))
+        .filter(|m| m.max_entries() == max_entries && !before.contains(&m.id()))
+        .max_by_key(|m| m.id())
+}
+
+/// The kernel's accounting of a map's memory (`memlock` in fdinfo).
+fn memlock(info: &MapInfo) -> Option<u64> {
+    let fd = info.fd().ok()?;
+    sys::fdinfo_memlock(fd.as_fd().as_raw_fd())
+}
+
+/// Number of entries (both directions) in the FLOWS map with this id.
+fn count_entries(id: u32) -> Result<u64> {
+    let data = MapData::from_id(id).context("opening FLOWS by id")?;
+    let map: HashMap<MapData, FlowKey4, FlowEntry> =
+        HashMap::try_from(Map::LruHashMap(data)).context("FLOWS as a hash map")?;
+    Ok(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// A data plane with identity services: TCP VIP:80 and UDP VIP:53, each
+/// colour's only backend being the VIP itself.
+pub struct Loaded {
+    pub dp: Dataplane,
+    /// Kernel memory of the FLOWS map and of all of the program's maps.
+    pub flows_memlock: Option<u64>,
+    pub flows_id: Option<u32>,
+}
+
+pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
+    let before = map_ids(names::FLOWS);
+    let mut dp = Dataplane::load(&LoadOptions {
+        bpffs: None,
+        max_flows,
+    })
+    .context("loading the bgswitch XDP program")?;
+    let flows = new_map(names::FLOWS, 2 * max_flows, &before);
+    let flows_memlock = flows.as_ref().and_then(memlock);
+    let flows_id = flows.as_ref().map(MapInfo::id);
+    dp.set_settings(Duration::from_secs(30), Duration::from_secs(3600))?;
+    for (id, port, proto) in [(0, TCP_PORT, PROTO_TCP), (1, UDP_PORT, PROTO_UDP)] {
+        let vip = SocketAddr::V4(SocketAddrV4::new(VIP, port));
+        let pool = |c: Colour| vec![backend_of(vip, backend_stat_id(id, c, 0))];
+        dp.write_service(
+            id,
+            service_key(vip, proto),
+            &pool(Colour::Blue),
+            &pool(Colour::Green),
+            Colour::Blue,
+        )?;
+    }
+    dp.add_tx_port(bed.v0)?;
+    dp.add_tx_port(bed.v1)?;
+    Ok(Loaded {
+        dp,
+        flows_memlock,
+        flows_id,
+    })
+}
+
+/// Attaches both programs in the bed (bgswitch on v0, the baseline on v1; no
+/// traffic flows there). BPF_PROG_TEST_RUN puts the program it runs into the
+/// XDP dispatcher and takes it out again afterwards; for a program not already
+/// there that rebuilds the dispatcher image and waits for an RCU grace period
+/// (~20 ms per call here). An attached program stays in the dispatcher, so each
+/// call costs microseconds and the timed loop is the same.
+pub fn keep_in_dispatcher(dp: &mut Dataplane, pass: &mut PassProgram) -> Result<()> {
+    dp.attach("v0", XdpModeSetting::Native)
+        .context("attaching bgswitch to v0")?;
+    pass.attach("v1")
+}
+
+fn global(dp: &Dataplane, name: &str) -> u64 {
+    dp.global_stats()
+        .ok()
+        .and_then(|g| g.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+        .unwrap_or(0)
+}
+
+/// Source of the i-th distinct client flow of a block.
+fn client(block: u8, i: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(198, 18, 64 + block, (i >> 15) as u8),
+        1024 + (i & 0x7fff) as u16,
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Case {
+    Pass,
+    PassSingle,
+    NewFresh,
+    EstablishedSingle,
+    Established,
+    Udp,
+    Reply,
+    NonVip,
+}
+
+impl Case {
+    fn key(self) -> &'static str {
+        match self {
+            Case::Pass => "xdp_pass",
+            Case::PassSingle => "xdp_pass_repeat1",
+            Case::NewFresh => "new_tcp_flow_cold",
+            Case::EstablishedSingle => "established_tcp_cold",
+            Case::Established => "established_tcp",
+            Case::Udp => "udp",
+            Case::Reply => "backend_reply",
+            Case::NonVip => "non_vip",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Case::Pass => "XDP_PASS baseline (repeat N)",
+            Case::PassSingle => "XDP_PASS baseline (repeat 1)",
+            Case::NewFresh => "new TCP flow (SYN, fresh 5-tuple), cold: repeat 1",
+            Case::EstablishedSingle => "established TCP packet, cold: repeat 1",
+            Case::Established => "established TCP packet",
+            Case::Udp => "UDP packet (established flow)",
+            Case::Reply => "backend reply",
+            Case::NonVip => "non-VIP packet",
+        }
+    }
+    fn single(self) -> bool {
+        matches!(
+            self,
+            Case::PassSingle | Case::NewFresh | Case::EstablishedSingle
+        )
+    }
+}
+
+/// One correctness check run before measuring.
+fn check(checks: &mut Vec<Value>, name: &str, ok: bool, detail: String) {
+    checks.push(json!({"check": name, "ok": ok, "detail": detail}));
+}
+
+/// Runs part 1. Returns its JSON section.
+pub fn program_cost(opts: &CostOptions) -> Result<Value> {
+    let bed = Bed::create()?;
+    let ns = bed.name().to_string();
+    let r = in_netns(&ns, || -> Result<Value> {
+        sys::pin_thread(opts.cpu)?;
+        let mut pass = PassProgram::load()?;
+        let mut l = load_identity(&bed, opts.max_flows)?;
+        let dp = &mut l.dp;
+        keep_in_dispatcher(dp, &mut pass)?;
+        let (v0, v1) = (bed.v0, bed.v1);
+        let vip80 = SocketAddrV4::new(VIP, TCP_PORT);
+        let vip53 = SocketAddrV4::new(VIP, UDP_PORT);
+        let est_client = SocketAddrV4::new(CLIENT, 40001);
+        let syn_client = SocketAddrV4::new(CLIENT, 40000);
+        let udp_client = SocketAddrV4::new(CLIENT, 40002);
+        let syn = frame(syn_client, vip80, L4::Syn, 255, FRAME_LEN);
+        let est_open = frame(est_client, vip80, L4::Syn, 255, FRAME_LEN);
+        let est = frame(est_client, vip80, L4::Ack, 255, FRAME_LEN);
+        let udp = frame(udp_client, vip53, L4::Udp, 255, FRAME_LEN);
+        let reply = frame(vip80, est_client, L4::Ack, 255, FRAME_LEN);
+        let nonvip = frame(
+            SocketAddrV4::new(CLIENT, 40003),
+            "198.18.1.99:80".parse()?,
+            L4::Ack,
+            255,
+            FRAME_LEN,
+        );
+
+        // Correctness first, with repeat = 1.
+        let mut checks = Vec::new();
+        let g = |dp: &Dataplane, n: &str| global(dp, n);
+        let (a, out, _) = dp.test_run(&est_open, Some(v0), 1)?;
+        check(
+            &mut checks,
+            "SYN to the VIP is redirected, identity-rewritten, TTL-1, checksums valid",
+            a == XDP_REDIRECT && verify(&out) == Some((est_client, vip80, 254)),
+            format!("action {a}, {:?}", verify(&out)),
+        );
+        let before = (
+            g(dp, "flow_hits"),
+            g(dp, "replies"),
+            g(dp, "pass_not_service"),
+        );
+        let (a, out, _) = dp.test_run(&est, Some(v0), 1)?;
+        check(
+            &mut checks,
+            "established ACK follows its record (flow_hits +1) and is redirected",
+            a == XDP_REDIRECT
+                && verify(&out) == Some((est_client, vip80, 254))
+                && g(dp, "flow_hits") == before.0 + 1,
+            format!(
+                "action {a}, flow_hits {} -> {}",
+                before.0,
+                g(dp, "flow_hits")
+            ),
+        );
+        let (a, out, _) = dp.test_run(&reply, Some(v1), 1)?;
+        check(
+            &mut checks,
+            "backend reply is rewritten back (replies +1) and redirected",
+            a == XDP_REDIRECT
+                && verify(&out) == Some((vip80, est_client, 254))
+                && g(dp, "replies") == before.1 + 1,
+            format!("action {a}, replies {} -> {}", before.1, g(dp, "replies")),
+        );
+        let (a, out, _) = dp.test_run(&udp, Some(v0), 1)?;
+        check(
+            &mut checks,
+            "UDP to the VIP is redirected",
+            a == XDP_REDIRECT && verify(&out) == Some((udp_client, vip53, 254)),
+            format!("action {a}"),
+        );
+        let (a, out, _) = dp.test_run(&nonvip, Some(v0), 1)?;
+        check(
+            &mut checks,
+            "non-VIP packet passes byte for byte (pass_not_service +1)",
+            a == XDP_PASS && out == nonvip && g(dp, "pass_not_service") == before.2 + 1,
+            format!("action {a}"),
+        );
+        let nf = dp.colour_stats(0, Colour::Blue)?.new_flows;
+        let (a, out, _) = dp.test_run(&syn, Some(v0), 1)?;
+        let nf2 = dp.colour_stats(0, Colour::Blue)?.new_flows;
+        check(
+            &mut checks,
+            "SYN of a fresh 5-tuple records a new flow (new_flows +1) and is redirected",
+            a == XDP_REDIRECT && nf2 - nf == 1 && verify(&out) == Some((syn_client, vip80, 254)),
+            format!("action {a}, new_flows +{}", nf2 - nf),
+        );
+        let (a, out, _) = dp.test_run(&est, Some(v0), opts.repeat)?;
+        check(
+            &mut checks,
+            "repeat N forwards every run (TTL 255 - N after N runs)",
+            a == XDP_REDIRECT && verify(&out).map(|v| v.2) == Some(255 - opts.repeat as u8),
+            format!("action {a}, TTL {:?}", verify(&out).map(|v| v.2)),
+        );
+        let hits = g(dp, "flow_hits");
+        let (a, _, _) = dp.test_run(&est, Some(v0), opts.repeat)?;
+        check(
+            &mut checks,
+            "repeated established ACK hits its record on every run",
+            a == XDP_REDIRECT && g(dp, "flow_hits") - hits == u64::from(opts.repeat),
+            format!("flow_hits +{}", g(dp, "flow_hits") - hits),
+        );
+        let (a, _) = pass.run(&est, v0, opts.repeat)?;
+        check(
+            &mut checks,
+            "baseline returns XDP_PASS",
+            a == XDP_PASS,
+            format!("action {a}"),
+        );
+        let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != true).collect();
+        if !failed.is_empty() {
+            bail!("program-cost correctness checks failed: {failed:?}");
+        }
+
+        // Measurement.
+        let cases = [
+            Case::Pass,
+            Case::PassSingle,
+            Case::NewFresh,
+            Case::EstablishedSingle,
+            Case::Established,
+            Case::Udp,
+            Case::Reply,
+            Case::NonVip,
+        ];
+        let mut per_round: BTreeMap<Case, Vec<f64>> = BTreeMap::new();
+        let mut fresh = 0u32;
+        let started = Instant::now();
+        for round in 0..opts.rounds {
+            for k in 0..cases.len() {
+                let case = cases[(k + round) % cases.len()];
+                let n = if case.single() {
+                    opts.single_calls
+                } else {
+                    opts.calls
+                };
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let ns = match case {
+                        Case::Pass => pass.run(&est, v0, opts.repeat)?.1,
+                        Case::PassSingle => {
+                            // The same frame shape as NewFresh, built the same way.
+                            let f = frame(client(0, fresh), vip80, L4::Syn, 255, FRAME_LEN);
+                            pass.run(&f, v0, 1)?.1
+                        }
+                        Case::NewFresh => {
+                            fresh += 1;
+                            let f = frame(client(0, fresh), vip80, L4::Syn, 255, FRAME_LEN);
+                            dp.test_run(&f, Some(v0), 1)?.2
+                        }
+                        Case::EstablishedSingle => dp.test_run(&est, Some(v0), 1)?.2,
+                        Case::Established => dp.test_run(&est, Some(v0), opts.repeat)?.2,
+                        Case::Udp => dp.test_run(&udp, Some(v0), opts.repeat)?.2,
+                        Case::Reply => dp.test_run(&reply, Some(v1), opts.repeat)?.2,
+                        Case::NonVip => dp.test_run(&nonvip, Some(v0), opts.repeat)?.2,
+                    };
+                    v.push(ns.as_nanos() as f64);
+                }
+                per_round.entry(case).or_default().push(median(&v));
+            }
+        }
+        let elapsed = started.elapsed();
+        let nf_total = dp.colour_stats(0, Colour::Blue)?.new_flows;
+
+        let mut rows = Vec::new();
+        for &case in &cases[2..] {
+            let base = if case.single() {
+                Case::PassSingle
+            } else {
+                Case::Pass
+            };
+            let diffs: Vec<f64> = per_round[&case]
+                .iter()
+                .zip(&per_round[&base])
+                .map(|(c, b)| c - b)
+                .collect();
+            let d = Summary::of(&diffs);
+            let abs = Summary::of(&per_round[&case]);
+            rows.push(json!({
+                "case": case.key(),
+                "label": case.label(),
+                "repeat": if case.single() { 1 } else { opts.repeat },
+                "absolute_ns": abs,
+                "over_baseline_ns": d,
+                "program_only_mpps": if d.median > 0.0 { 1000.0 / d.median } else { f64::INFINITY },
+            }));
+        }
+        // The new flow, warm: the established packet's warm cost plus what a
+        // new flow adds over it when both run cold (per round).
+        let new_warm: Vec<f64> = (0..opts.rounds)
+            .map(|i| {
+                per_round[&Case::Established][i] - per_round[&Case::Pass][i]
+                    + per_round[&Case::NewFresh][i]
+                    - per_round[&Case::EstablishedSingle][i]
+            })
+            .collect();
+        let d = Summary::of(&new_warm);
+        rows.insert(
+            0,
+            json!({
+                "case": "new_tcp_flow",
+                "label": "new TCP flow (SYN, fresh 5-tuple): established (repeat N) + (new − established, both repeat 1)",
+                "repeat": opts.repeat,
+                "absolute_ns": Value::Null,
+                "over_baseline_ns": d,
+                "program_only_mpps": if d.median > 0.0 { 1000.0 / d.median } else { f64::INFINITY },
+            }),
+        );
+        Ok(json!({
+            "status": "measured",
+            "method": "BPF_PROG_TEST_RUN on one pinned CPU; per round and case the median of several calls; cost = per-round difference to xdp_pass (same frame, same ingress, same repeat); median (min–max) over rounds; identity rewrite (backend = VIP) so repeat > 1 re-runs the full forwarding path",
+            "cpu": opts.cpu,
+            "rounds": opts.rounds,
+            "calls_per_round": opts.calls,
+            "repeat": opts.repeat,
+            "single_calls_per_round": opts.single_calls,
+            "frame_bytes": FRAME_LEN,
+            "max_flows": opts.max_flows,
+            "baseline_ns": {
+                "repeat_n": Summary::of(&per_round[&Case::Pass]),
+                "repeat_1": Summary::of(&per_round[&Case::PassSingle]),
+            },
+            "cases": rows,
+            "checks": checks,
+            "new_flows_recorded": nf_total,
+            "elapsed_s": elapsed.as_secs_f64(),
+        }))
+    })??;
+    drop(bed);
+    Ok(r)
+}
+
+/// Part 5, program-cost and memory half: the cost of an established packet
+/// (hot: one flow repeated; spread: a random recorded flow per call) and of a
+/// new flow as the table fills from 1 flow to its maximum; kernel memory per
+/// flow from the kernel's own accounting of the FLOWS map.
+pub fn scale(opts: &CostOptions) -> Result<Value> {
+    let bed = Bed::create()?;
+    let ns = bed.name().to_string();
+    let r = in_netns(&ns, || -> Result<Value> {
+        sys::pin_thread(opts.cpu)?;
+        let mut pass = PassProgram::load()?;
+        // Memory: two table sizes, to separate per-flow from fixed cost.
+        let small_flows = 65_536u32.min(opts.scale_max_flows / 2).max(1024);
+        let small = load_identity(&bed, small_flows)?;
+        let small_memlock = small.flows_memlock;
+        drop(small);
+        let avail_before = sys::meminfo("MemAvailable");
+        let mut l = load_identity(&bed, opts.scale_max_flows)?;
+        let avail_after = sys::meminfo("MemAvailable");
+        let big_memlock = l.flows_memlock;
+        let dp = &mut l.dp;
+        keep_in_dispatcher(dp, &mut pass)?;
+        let v0 = bed.v0;
+        let vip80 = SocketAddrV4::new(VIP, TCP_PORT);
+        let key_value = std::mem::size_of::<FlowKey4>() + std::mem::size_of::<FlowEntry>();
+
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut filled = 0u32;
+        let mut fresh = 0u32;
+        let mut levels = Vec::new();
+        let fill_started = Instant::now();
+        for &level in &opts.fill_levels {
+            let level = level.min(opts.scale_max_flows);
+            while filled < level {
+                let f = frame(client(1, filled), vip80, L4::Syn, 255, FRAME_LEN);
+                dp.test_run(&f, Some(v0), 1)?;
+                filled += 1;
+            }
+            let hot = frame(client(1, 0), vip80, L4::Ack, 255, FRAME_LEN);
+            let mut r_pass = Vec::new();
+            let mut r_hot = Vec::new();
+            let mut r_pass1 = Vec::new();
+            let mut r_spread = Vec::new();
+            let mut r_new = Vec::new();
+            let hits0 = global(dp, "flow_hits");
+            let mut spread_calls = 0u64;
+            for _ in 0..opts.scale_rounds {
+                let mut a = Vec::new();
+                let mut b = Vec::new();
+                for _ in 0..opts.calls {
+                    a.push(pass.run(&hot, v0, opts.repeat)?.1.as_nanos() as f64);
+                    b.push(dp.test_run(&hot, Some(v0), opts.repeat)?.2.as_nanos() as f64);
+                }
+                r_pass.push(median(&a));
+                r_hot.push(median(&b));
+                let mut p1 = Vec::new();
+                let mut s1 = Vec::new();
+                let mut n1 = Vec::new();
+                for _ in 0..opts.scale_single_calls {
+                    let i = (next() % u64::from(filled)) as u32;
+                    let f = frame(client(1, i), vip80, L4::Ack, 255, FRAME_LEN);
+                    p1.push(pass.run(&f, v0, 1)?.1.as_nanos() as f64);
+                    s1.push(dp.test_run(&f, Some(v0), 1)?.2.as_nanos() as f64);
+                    spread_calls += 1;
+                }
+                for _ in 0..opts.scale_single_calls / 4 {
+                    fresh += 1;
+                    let f = frame(client(2, fresh), vip80, L4::Syn, 255, FRAME_LEN);
+                    n1.push(dp.test_run(&f, Some(v0), 1)?.2.as_nanos() as f64);
+                }
+                r_pass1.push(median(&p1));
+                r_spread.push(median(&s1));
+                r_new.push(median(&n1));
+            }
+            let hits = global(dp, "flow_hits") - hits0;
+            let hot_hits = (opts.scale_rounds * opts.calls) as u64 * u64::from(opts.repeat);
+            let spread_hit_ratio =
+                (hits.saturating_sub(hot_hits)) as f64 / spread_calls.max(1) as f64;
+            let diff = |x: &[f64], y: &[f64]| -> Vec<f64> {
+                x.iter().zip(y).map(|(a, b)| a - b).collect()
+            };
+            levels.push(json!({
+                "flows": level,
+                "established_hot_ns": Summary::of(&diff(&r_hot, &r_pass)),
+                "established_spread_ns": Summary::of(&diff(&r_spread, &r_pass1)),
+                "new_flow_ns": Summary::of(&diff(&r_new, &r_pass1)),
+                "spread_hit_ratio": spread_hit_ratio.min(1.0),
+            }));
+            eprintln!(
+                "bench: scale: {level} flows measured ({:.0} s since start)",
+                fill_started.elapsed().as_secs_f64()
+            );
+        }
+        let entries = l.flows_id.map(count_entries).transpose()?;
+        let per_flow_slope = match (small_memlock, big_memlock) {
+            (Some(s), Some(b)) if opts.scale_max_flows > small_flows => {
+                Some((b - s) as f64 / f64::from(opts.scale_max_flows - small_flows))
+            }
+            _ => None,
+        };
+        let meminfo_delta = match (avail_before, avail_after) {
+            (Some(b), Some(a)) if b > a => Some((b - a) as f64 / f64::from(opts.scale_max_flows)),
+            _ => None,
+        };
+        Ok(json!({
+            "status": "measured",
+            "method": "one data plane with FLOWS sized for scale_max_flows; filled with SYNs of distinct 5-tuples through BPF_PROG_TEST_RUN; at each level: hot = one recorded flow, repeat N, minus xdp_pass repeat N; spread = a random recorded flow per call, repeat 1, minus xdp_pass repeat 1 (cache-cold lookups); new = a fresh 5-tuple per call (evicts when full); median (min–max) over rounds",
+            "scale_max_flows": opts.scale_max_flows,
+            "levels": levels,
+            "flow_entries_after_fill": entries,
+            "flows_recorded_after_fill": entries.map(|e| e / 2),
+            "memory": {
+                "flow_key_plus_entry_bytes": key_value,
+                "entries_per_flow": 2,
+                "flows_map_memlock_bytes": big_memlock,
+                "flows_map_memlock_bytes_small": small_memlock,
+                "small_max_flows": small_flows,
+                "bytes_per_flow_memlock": big_memlock.map(|b| b as f64 / f64::from(opts.scale_max_flows)),
+                "bytes_per_flow_slope": per_flow_slope,
+                "bytes_per_flow_memavailable_delta": meminfo_delta,
+            },
+            "elapsed_s": fill_started.elapsed().as_secs_f64(),
+        }))
+    })??;
+    drop(bed);
+    Ok(r)
+}
+
+/// Fails unless part 1's correctness checks all passed (quick mode).
+pub fn assert_checks(section: &Value) -> Result<()> {
+    let checks = section["checks"].as_array().context("no checks")?;
+    ensure!(!checks.is_empty(), "no checks ran");
+    for c in checks {
+        ensure!(c["ok"] == true, "check failed: {c}");
+    }
+    Ok(())
+}
+
+/// Runs one case in a loop for `seconds` on the bench CPU (to profile it with
+/// `perf record -C <cpu>`). Returns runs and mean ns per run.
+pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64, f64)> {
+    let bed = Bed::create()?;
+    let ns = bed.name().to_string();
+    let r = in_netns(&ns, || -> Result<(u64, f64)> {
+        sys::pin_thread(cpu)?;
+        let mut pass = PassProgram::load()?;
+        let mut l = load_identity(&bed, max_flows)?;
+        let dp = &mut l.dp;
+        keep_in_dispatcher(dp, &mut pass)?;
+        let vip80 = SocketAddrV4::new(VIP, TCP_PORT);
+        let c = SocketAddrV4::new(CLIENT, 40001);
+        dp.test_run(&frame(c, vip80, L4::Syn, 255, FRAME_LEN), Some(bed.v0), 1)?;
+        let (f, ingress) = match case {
+            "established" | "pass" => (frame(c, vip80, L4::Ack, 255, FRAME_LEN), bed.v0),
+            "reply" => (frame(vip80, c, L4::Ack, 255, FRAME_LEN), bed.v1),
+            "nonvip" => (
+                frame(c, "198.18.1.99:80".parse()?, L4::Ack, 255, FRAME_LEN),
+                bed.v0,
+            ),
+            "syn" => (frame(c, vip80, L4::Syn, 255, FRAME_LEN), bed.v0),
+            other => bail!("unknown case {other}"),
+        };
+        let end = Instant::now() + Duration::from_secs_f64(seconds);
+        let (mut runs, mut total) = (0u64, 0f64);
+        while Instant::now() < end {
+            let d = if case == "pass" {
+                pass.run(&f, ingress, 200)?.1
+            } else {
+                dp.test_run(&f, Some(ingress), 200)?.2
+            };
+            runs += 200;
+            total += d.as_nanos() as f64 * 200.0;
+        }
+        Ok((runs, total / runs.max(1) as f64))
+    })??;
+    drop(bed);
+    Ok(r)
+}
+
+/// Component costs: micro-programs (`xdp_parts`) doing one thing bgswitch's
+/// fast path does, as it does it and as a proposal would, priced against
+/// XDP_PASS with a large repeat (none of them changes the next run's input).
+pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
+    const PARTS: [(&str, &str); 11] = [
+        ("part_ktime", "bpf_ktime_get_ns()"),
+        ("part_ktime_coarse", "bpf_ktime_get_coarse_ns() (tick resolution)"),
+        ("part_hash20", "hash map lookup, 20-byte key, hit (like SERVICES)"),
+        ("part_lru40", "LRU hash lookup, 40-byte key, hit (like FLOWS)"),
+        ("part_lru16", "LRU hash lookup, 16-byte key, hit (an IPv4-only flow key)"),
+        ("part_lru40_update", "LRU hash update of an existing 40-byte key (a new flow writes two entries)"),
+        ("part_fib_zeroed", "bpf_fib_lookup, parameters zeroed with core::mem::zeroed() (a call to the byte-loop memset) — as nat.rs does"),
+        ("part_fib_words", "bpf_fib_lookup, parameters zeroed with sixteen 4-byte stores"),
+        ("part_fib_direct", "bpf_fib_lookup with BPF_FIB_LOOKUP_DIRECT, parameters zeroed with stores"),
+        ("part_devmap_check_redirect", "DevMapHash lookup, then redirect through it — as nat.rs does"),
+        ("part_devmap_redirect", "DevMapHash redirect alone"),
+    ];
+    let bed = Bed::create()?;
+    let ns = bed.name().to_string();
+    let r = in_netns(&ns, || -> Result<Value> {
+        sys::pin_thread(cpu)?;
+        let mut pass = PassProgram::load()?;
+        let mut parts = Ebpf::load(objects::XDP_PARTS).context("loading xdp_parts")?;
+        for (name, _) in PARTS {
+            let p: &mut Xdp = parts
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            p.load().with_context(|| format!("verifying {name}"))?;
+        }
+        let f = frame(
+            SocketAddrV4::new(CLIENT, 40001),
+            SocketAddrV4::new(VIP, TCP_PORT),
+            L4::Ack,
+            64,
+            FRAME_LEN,
+        );
+        {
+            let mut h: HashMap<_, [u8; 20], u32> =
+                HashMap::try_from(parts.map_mut("HASH20").context("HASH20")?)?;
+            h.insert(<[u8; 20]>::try_from(&f[14..34])?, 1, 0)?;
+            let mut l: HashMap<_, [u8; 40], [u8; 40]> =
+                HashMap::try_from(parts.map_mut("LRU40").context("LRU40")?)?;
+            l.insert(<[u8; 40]>::try_from(&f[14..54])?, [1; 40], 0)?;
+            let mut l: HashMap<_, [u8; 16], [u8; 40]> =
+                HashMap::try_from(parts.map_mut("LRU16").context("LRU16")?)?;
+            l.insert(<[u8; 16]>::try_from(&f[14..30])?, [1; 40], 0)?;
+            let mut d: aya::maps::DevMapHash<_> =
+                aya::maps::DevMapHash::try_from(parts.map_mut("PORTS").context("PORTS")?)?;
+            d.insert(bed.v0 + 1, bed.v1, None, 0)?;
+        }
+        let ctx = xdp_ctx(f.len(), bed.v0);
+        let mut run_part = |name: &str| -> Result<f64> {
+            let p: &mut Xdp = parts.program_mut(name).context("program")?.try_into()?;
+            let mut out = vec![0u8; f.len() + 256];
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(&f),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..TestRunOptions::new()
+            })?;
+            ensure!(
+                r.return_value == XDP_PASS || r.return_value == XDP_REDIRECT,
+                "{name} returned {}",
+                r.return_value
+            );
+            Ok(r.duration.as_nanos() as f64)
+        };
+        let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut base = Vec::new();
+        for round in 0..rounds {
+            for k in 0..=PARTS.len() {
+                let i = (k + round) % (PARTS.len() + 1);
+                let mut v = Vec::new();
+                for _ in 0..3 {
+                    v.push(if i == PARTS.len() {
+                        pass.run(&f, bed.v0, repeat)?.1.as_nanos() as f64
+                    } else {
+                        run_part(PARTS[i].0)?
+                    });
+                }
+                if i == PARTS.len() {
+                    base.push(median(&v));
+                } else {
+                    per.entry(PARTS[i].0).or_default().push(median(&v));
+                }
+            }
+        }
+        let rows: Vec<Value> = PARTS
+            .iter()
+            .map(|(name, label)| {
+                let d: Vec<f64> = per[name].iter().zip(&base).map(|(a, b)| a - b).collect();
+                json!({"part": name, "label": label, "over_baseline_ns": Summary::of(&d)})
+            })
+            .collect();
+        Ok(json!({
+            "status": "measured",
+            "method": format!("micro-programs in bench/ebpf/src/bin/xdp_parts.rs on the 64-byte established-ACK frame, ingress v0 of the part-1 namespace (routes and neighbours as there); repeat {repeat}, 3 calls per round, {rounds} interleaved rounds; median (min–max) over rounds of the difference to XDP_PASS"),
+            "baseline_ns": Summary::of(&base),
+            "components": rows,
+        }))
+    })??;
+    drop(bed);
+    Ok(r)
+}

@@ -1,0 +1,97 @@
+//! Test frames built with etherparse (an implementation independent of the
+//! XDP program's own checksum code).
+
+use std::net::SocketAddrV4;
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Syn,
+    Ack,
+    Udp,
+}
+
+/// A frame from `src` to `dst`, padded with payload to `len` bytes when it is
+/// shorter (64 B frames by default).
+pub fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ttl: u8, len: usize) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv4(
+        src.ip().octets(),
+        dst.ip().octets(),
+        ttl,
+    );
+    let hdr = 14 + 20 + if l4 == L4::Udp { 8 } else { 20 };
+    let payload = vec![0x5a; len.saturating_sub(hdr)];
+    let mut out = Vec::with_capacity(len.max(hdr));
+    match l4 {
+        L4::Udp => b
+            .udp(src.port(), dst.port())
+            .write(&mut out, &payload)
+            .expect("UDP frame"),
+        L4::Syn => b
+            .tcp(src.port(), dst.port(), 1000, 65535)
+            .syn()
+            .write(&mut out, &payload)
+            .expect("TCP frame"),
+        L4::Ack => b
+            .tcp(src.port(), dst.port(), 1000, 65535)
+            .ack(1)
+            .write(&mut out, &payload)
+            .expect("TCP frame"),
+    }
+    out
+}
+
+/// Source, destination and TTL of a frame whose IPv4 and L4 checksums are
+/// correct; None if it does not parse or a checksum is wrong.
+pub fn verify(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, u8)> {
+    let p = SlicedPacket::from_ethernet(frame).ok()?;
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        return None;
+    };
+    let h = ip.header().to_header();
+    if h.header_checksum != h.calc_header_checksum() {
+        return None;
+    }
+    let (sp, dp) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            if t.checksum() != t.calc_checksum_ipv4(h.source, h.destination).ok()? {
+                return None;
+            }
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if u.checksum() != 0
+                && u.checksum() != u.to_header().calc_checksum_ipv4(&h, u.payload()).ok()?
+            {
+                return None;
+            }
+            (u.source_port(), u.destination_port())
+        }
+        _ => return None,
+    };
+    Some((
+        SocketAddrV4::new(h.source.into(), sp),
+        SocketAddrV4::new(h.destination.into(), dp),
+        h.time_to_live,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_64_bytes_and_verify() {
+        let a: SocketAddrV4 = "198.18.0.2:1000".parse().unwrap();
+        let b: SocketAddrV4 = "198.19.0.10:80".parse().unwrap();
+        for l4 in [L4::Syn, L4::Ack, L4::Udp] {
+            let f = frame(a, b, l4, 64, 64);
+            assert_eq!(f.len(), 64);
+            assert_eq!(verify(&f), Some((a, b, 64)));
+        }
+    }
+}

@@ -1,0 +1,800 @@
+//! Part 2 (forwarding rate on one core) and the forwarding half of part 5.
+//!
+//! Three namespaces: `gen` —g0/l0— `lb` —l1/s0— `sink`. The generator is the
+//! project's own XDP program (`xdp_gen`) run through BPF_PROG_TEST_RUN in
+//! live-frames mode on one pinned CPU, with g0 as its ingress: every frame is
+//! written whole and XDP_TXed out of g0, so it arrives on l0 in the load
+//! balancer. The receiver is `xdp_sink` on s0 (counts, drops); the floor puts
+//! the sink on l0 instead. Softirq processing of every hop runs on the
+//! generator's CPU (veth schedules the peer's NAPI locally), so a run measures
+//! one core doing generator + load balancer + receiver; the floor is the
+//! generator + receiver alone.
+//!
+//! Configurations: floor; bgswitch (XDP on l0 and l1, redirect l0 → l1) with
+//! 1, 10 000 and 1 000 000 flows; plain kernel forwarding (ip_forward, no XDP
+//! on l0, GRO on so l0 takes XDP frames); nftables DNAT (prerouting dnat to
+//! the sink) with 1 and 10 000 flows. Frames: 64 B Ethernet+IPv4+UDP, UDP
+//! checksum 0. Each round runs every configuration once (the order rotates),
+//! counting generated frames (the run's `repeat`) and frames delivered to the
+//! sink; rates are delivered frames over the run's wall time.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use aya::{
+    maps::{Array, PerCpuArray, PerCpuValues},
+    programs::{xdp::XdpLinkId, TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    Ebpf, Pod,
+};
+use bgswitch::{
+    config::XdpModeSetting,
+    dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
+    model::Colour,
+};
+use bgswitch_bench_ebpf::{GenConfig, SINK_PACKETS};
+use bgswitch_common::PROTO_UDP;
+use bgswitch_tests::{in_netns, ip_ns, netns::netns_path, TempNetns};
+use serde_json::{json, Value};
+
+use crate::{
+    cost::xdp_ctx,
+    objects,
+    stats::{median, Summary},
+    sys,
+    systems::spawn_in,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const SINK_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const PORT: u16 = 5353;
+const FRAME_LEN: usize = 64;
+/// Sources of generated flows: 198.18.16.0 + (flow >> 15), ports 1024 + (flow & 0x7fff).
+const SRC_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
+const SRC_PORT_BASE: u16 = 1024;
+
+#[derive(Clone, Copy)]
+#[allow(dead_code)] // read by the kernel
+struct GenCfg(GenConfig);
+// SAFETY: repr(C), integers and byte arrays only, no implicit padding.
+unsafe impl Pod for GenCfg {}
+
+#[derive(Clone, Debug)]
+pub struct FwdOptions {
+    pub rounds: usize,
+    /// Frames per run.
+    pub frames: u32,
+    pub batch: u32,
+    pub cpu: usize,
+    /// Flow-table size of the part-2 data plane (the daemon's default), and
+    /// of the one for flow counts above it.
+    pub max_flows: u32,
+    pub big_max_flows: u32,
+    /// bgswitch flow counts of part 2.
+    pub bg_flows: Vec<u32>,
+    pub nft_flows: Vec<u32>,
+    pub kernel_flows: u32,
+    /// Part 5: flows through a table of `scale_max_flows` (empty: skip).
+    pub scale_max_flows: u32,
+    pub scale_flows: Vec<u32>,
+    pub floor: bool,
+    /// Also run bgswitch with a new flow in every packet.
+    pub new_flows: bool,
+    /// Frames of the paced loss check per configuration.
+    pub paced_frames: u32,
+}
+
+impl FwdOptions {
+    /// Every configuration, in round order, and part 5's after them.
+    fn configs(&self) -> Vec<Config> {
+        let mut v = Vec::new();
+        if self.floor {
+            v.push(Config::Floor);
+        }
+        v.extend(self.bg_flows.iter().map(|&n| Config::Bgswitch(n)));
+        if self.new_flows {
+            v.push(Config::NewFlows);
+        }
+        v.push(Config::Kernel(self.kernel_flows));
+        if sys::have("nft").is_some() {
+            v.extend(self.nft_flows.iter().map(|&n| Config::Nft(n)));
+        }
+        v.extend(self.scale_flows.iter().map(|&n| Config::Scale(n)));
+        v
+    }
+
+    pub fn full(cpu: usize) -> Self {
+        Self {
+            rounds: 7,
+            frames: 2_000_000,
+            batch: 64,
+            cpu,
+            max_flows: bgswitch_common::DEFAULT_MAX_FLOWS,
+            big_max_flows: 1 << 21,
+            bg_flows: vec![1, 10_000, 1_000_000],
+            nft_flows: vec![1, 10_000],
+            kernel_flows: 10_000,
+            scale_max_flows: 1 << 20,
+            scale_flows: vec![1, 10_000, 100_000, 500_000, 1_000_000, 1 << 20],
+            floor: true,
+            new_flows: true,
+            paced_frames: 500_000,
+        }
+    }
+    pub fn quick(cpu: usize) -> Self {
+        Self {
+            rounds: 3,
+            frames: 200_000,
+            batch: 64,
+            cpu,
+            max_flows: bgswitch_common::DEFAULT_MAX_FLOWS,
+            big_max_flows: 1 << 21,
+            bg_flows: vec![10_000],
+            nft_flows: vec![10_000],
+            kernel_flows: 10_000,
+            scale_max_flows: 0,
+            scale_flows: vec![],
+            floor: false,
+            new_flows: false,
+            paced_frames: 200_000,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    Floor,
+    Bgswitch(u32),
+    Kernel(u32),
+    Nft(u32),
+    /// Part 5: the scale data plane.
+    Scale(u32),
+    /// bgswitch with a new flow in every packet (the table full, evicting).
+    NewFlows,
+}
+
+fn flows(n: u32) -> String {
+    if n == 1 {
+        "1 flow".into()
+    } else {
+        format!("{n} flows")
+    }
+}
+
+impl Config {
+    fn key(self) -> String {
+        match self {
+            Config::Floor => "generator_to_drop_floor".into(),
+            Config::Bgswitch(n) => format!("bgswitch_{n}_flows"),
+            Config::Kernel(n) => format!("kernel_forwarding_{n}_flows"),
+            Config::Nft(n) => format!("nftables_dnat_{n}_flows"),
+            Config::Scale(n) => format!("bgswitch_full_table_{n}_flows"),
+            Config::NewFlows => "bgswitch_new_flow_every_packet".into(),
+        }
+    }
+    fn label(self) -> String {
+        match self {
+            Config::Floor => "generator → drop (floor)".into(),
+            Config::Bgswitch(n) | Config::Scale(n) => format!("bgswitch, {}", flows(n)),
+            Config::Kernel(n) => format!("plain kernel forwarding, {}", flows(n)),
+            Config::Nft(n) => format!("nftables DNAT, {}", flows(n)),
+            Config::NewFlows => "bgswitch, a new flow in every packet".into(),
+        }
+    }
+    /// Flow-table size (max_flows) of the data plane this configuration
+    /// uses; 0 for none.
+    fn table(self, o: &FwdOptions) -> u32 {
+        match self {
+            Config::Bgswitch(n) if n <= o.max_flows => o.max_flows,
+            Config::Bgswitch(_) => o.big_max_flows,
+            Config::Scale(_) => o.scale_max_flows,
+            // Its own data plane (evicting all the time), half the default size.
+            Config::NewFlows => o.max_flows / 2,
+            _ => 0,
+        }
+    }
+    fn flows(self) -> u32 {
+        match self {
+            Config::Floor => 1,
+            Config::Bgswitch(n) | Config::Kernel(n) | Config::Nft(n) | Config::Scale(n) => n,
+            // Longer than any run: every frame of a run is a flow of its own.
+            Config::NewFlows => u32::MAX,
+        }
+    }
+}
+
+/// The namespaces and programs.
+/// Fields drop in order: programs and links first, namespaces last.
+struct Rig {
+    g0: u32,
+    l0_mac: [u8; 6],
+    g0_mac: [u8; 6],
+    genp: Ebpf,
+    sinkp: Ebpf,
+    /// Sink program links: (namespace is lb, l0) for the floor, (sink, s0).
+    floor_link: Option<XdpLinkId>,
+    /// Data planes by flow-table size.
+    dps: BTreeMap<u32, Dataplane>,
+    /// The table size of the data plane attached to l0/l1 now (0: none).
+    attached: u32,
+    nft_on: bool,
+    lb_file: File,
+    opts: FwdOptions,
+    gen: TempNetns,
+    lb: TempNetns,
+    /// Kept for its Drop (deletes the namespace).
+    _sink: TempNetns,
+}
+
+fn xdp<'a>(e: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    Ok(e.program_mut(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()?)
+}
+
+impl Rig {
+    fn create(opts: &FwdOptions) -> Result<Rig> {
+        objects::check()?;
+        let gen = TempNetns::create()?;
+        let lb = TempNetns::create()?;
+        let sink = TempNetns::create()?;
+        let (g, l, s) = (
+            gen.name().to_string(),
+            lb.name().to_string(),
+            sink.name().to_string(),
+        );
+        ip_ns(
+            &g,
+            &[
+                "link", "add", "g0", "type", "veth", "peer", "name", "l0", "netns", &l,
+            ],
+        )?;
+        ip_ns(
+            &l,
+            &[
+                "link", "add", "l1", "type", "veth", "peer", "name", "s0", "netns", &s,
+            ],
+        )?;
+        ip_ns(&g, &["addr", "add", "198.18.0.2/24", "dev", "g0"])?;
+        ip_ns(&l, &["addr", "add", "198.18.0.1/24", "dev", "l0"])?;
+        ip_ns(&l, &["addr", "add", "198.18.1.1/24", "dev", "l1"])?;
+        ip_ns(
+            &s,
+            &["addr", "add", &format!("{SINK_ADDR}/24"), "dev", "s0"],
+        )?;
+        for (ns, i) in [(&g, "g0"), (&l, "l0"), (&l, "l1"), (&s, "s0")] {
+            ip_ns(ns, &["link", "set", i, "up"])?;
+        }
+        let mac = |ns: &str, i: &str| bgswitch_tests::netns::mac_address(ns, i);
+        let (g0_mac, l0_mac, s0_mac) = (mac(&g, "g0")?, mac(&l, "l0")?, mac(&s, "s0")?);
+        let fmt_mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        ip_ns(
+            &l,
+            &[
+                "neigh",
+                "replace",
+                &SINK_ADDR.to_string(),
+                "lladdr",
+                &fmt_mac(s0_mac),
+                "dev",
+                "l1",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip_ns(
+            &l,
+            &[
+                "neigh",
+                "replace",
+                "198.18.0.2",
+                "lladdr",
+                &fmt_mac(g0_mac),
+                "dev",
+                "l0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip_ns(
+            &l,
+            &[
+                "route",
+                "add",
+                "198.18.16.0/20",
+                "via",
+                "198.18.0.2",
+                "dev",
+                "l0",
+            ],
+        )?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.l0.rp_filter", "0"),
+            ("net.ipv4.conf.l1.rp_filter", "0"),
+        ] {
+            sys::ns_sysctl(&l, k, v)?;
+        }
+        // l0 takes frames from g0's XDP_TX without an XDP program of its own
+        // (kernel and nftables paths) only with GRO (NAPI) on.
+        sys::ns_run(&l, "ethtool", &["-K", "l0", "gro", "on"])?;
+        let g0 = bgswitch_tests::netns::ifindex(&g, "g0")?;
+
+        let mut genp = Ebpf::load(objects::XDP_GEN).context("loading xdp_gen")?;
+        xdp(&mut genp, "xdp_gen")?
+            .load()
+            .context("verifying xdp_gen")?;
+        // Keep the generator in the XDP dispatcher: BPF_PROG_TEST_RUN of a
+        // program that is not attached anywhere rebuilds the dispatcher and
+        // waits for an RCU grace period (~20 ms) on every call. d0/d1 carry
+        // no traffic (IPv6 off, so not even neighbour discovery).
+        ip_ns(
+            &g,
+            &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+        )?;
+        for d in ["d0", "d1"] {
+            sys::ns_sysctl(&g, &format!("net.ipv6.conf.{d}.disable_ipv6"), "1")?;
+            ip_ns(&g, &["link", "set", d, "up"])?;
+        }
+        in_netns(&g, || {
+            xdp(&mut genp, "xdp_gen")?
+                .attach("d0", XdpMode::Driver)
+                .context("attaching xdp_gen to the idle d0")
+        })??;
+        let mut sinkp = Ebpf::load(objects::XDP_SINK).context("loading xdp_sink")?;
+        xdp(&mut sinkp, "xdp_sink")?
+            .load()
+            .context("verifying xdp_sink")?;
+        in_netns(&s, || {
+            xdp(&mut sinkp, "xdp_sink")?
+                .attach("s0", XdpMode::Driver)
+                .context("attaching xdp_sink to s0")
+        })??;
+
+        let load_bg = |max_flows: u32| -> Result<Dataplane> {
+            let mut dp = Dataplane::load(&LoadOptions {
+                bpffs: None,
+                max_flows,
+            })?;
+            // Long idle timeout: a flow idle between rounds must not be re-chosen.
+            dp.set_settings(Duration::from_secs(3600), Duration::from_secs(3600))?;
+            let vip = SocketAddr::V4(SocketAddrV4::new(VIP, PORT));
+            let b = SocketAddr::V4(SocketAddrV4::new(SINK_ADDR, PORT));
+            dp.write_service(
+                0,
+                service_key(vip, PROTO_UDP),
+                &[backend_of(b, backend_stat_id(0, Colour::Blue, 0))],
+                &[backend_of(b, backend_stat_id(0, Colour::Green, 0))],
+                Colour::Blue,
+            )?;
+            Ok(dp)
+        };
+        let mut dps = BTreeMap::new();
+        for c in opts.configs() {
+            let t = c.table(opts);
+            if t != 0 && !dps.contains_key(&t) {
+                dps.insert(t, load_bg(t)?);
+            }
+        }
+        let lb_file = File::open(netns_path(&l)?)?;
+        Ok(Rig {
+            gen,
+            lb,
+            _sink: sink,
+            g0,
+            l0_mac,
+            g0_mac,
+            genp,
+            sinkp,
+            floor_link: None,
+            dps,
+            attached: 0,
+            nft_on: false,
+            lb_file,
+            opts: opts.clone(),
+        })
+    }
+
+    fn lb_name(&self) -> String {
+        self.lb.name().to_string()
+    }
+
+    /// Puts the load balancer in the state `c` needs.
+    fn set(&mut self, c: Config) -> Result<()> {
+        let want_attached = c.table(&self.opts);
+        let lb = self.lb_name();
+        let want_floor = c == Config::Floor;
+        if !want_floor {
+            if let Some(id) = self.floor_link.take() {
+                xdp(&mut self.sinkp, "xdp_sink")?.detach(id)?;
+            }
+        }
+        if self.attached != want_attached {
+            let which = self.attached;
+            if which != 0 {
+                let dp = self.dps.get_mut(&which).context("no data plane")?;
+                in_netns(&lb, || -> Result<()> {
+                    dp.detach("l0")?;
+                    dp.detach("l1")?;
+                    Ok(())
+                })??;
+            }
+            self.attached = 0;
+            if want_attached != 0 {
+                let dp = self.dps.get_mut(&want_attached).context("no data plane")?;
+                in_netns(&lb, || -> Result<()> {
+                    dp.attach("l0", XdpModeSetting::Native)?;
+                    dp.attach("l1", XdpModeSetting::Native)?;
+                    Ok(())
+                })??;
+                self.attached = want_attached;
+            }
+        }
+        if want_floor && self.floor_link.is_none() {
+            let sinkp = &mut self.sinkp;
+            let id = in_netns(&lb, || {
+                xdp(sinkp, "xdp_sink")?
+                    .attach("l0", XdpMode::Driver)
+                    .context("attaching xdp_sink to l0")
+            })??;
+            self.floor_link = Some(id);
+        }
+        let want_nft = matches!(c, Config::Nft(_));
+        if want_nft != self.nft_on {
+            let text = if want_nft {
+                format!(
+                    "table ip bgfwd {{\n\
+                     \tchain pre {{ type nat hook prerouting priority dstnat; policy accept;\n\
+                     \t\tip daddr {VIP} udp dport {PORT} dnat to {SINK_ADDR}\n\t}}\n\
+                     \tchain post {{ type nat hook postrouting priority srcnat; policy accept; }}\n}}\n"
+                )
+            } else {
+                "delete table ip bgfwd\n".to_string()
+            };
+            self.nft(&text)?;
+            self.nft_on = want_nft;
+        }
+        Ok(())
+    }
+
+    fn nft(&self, text: &str) -> Result<()> {
+        let nft = sys::have("nft").context("nft is not installed")?;
+        let path = std::env::temp_dir().join(format!("bgswitch-bench-{}.nft", std::process::id()));
+        std::fs::write(&path, text)?;
+        let out = spawn_in(
+            &self.lb_file,
+            Command::new(nft)
+                .arg("-f")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )?
+        .wait_with_output()?;
+        let _ = std::fs::remove_file(&path);
+        ensure!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    fn delivered(&self) -> Result<u64> {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.sinkp.map("SINK_STATS").context("no SINK_STATS")?)?;
+        Ok(m.get(&SINK_PACKETS, 0)?.iter().sum())
+    }
+
+    /// Configures the generator for `c` and resets its flow cursor.
+    fn configure_gen(&mut self, c: Config) -> Result<()> {
+        let dst = match c {
+            Config::Kernel(_) => SINK_ADDR,
+            _ => VIP,
+        };
+        let cfg = GenConfig {
+            dst_mac: self.l0_mac,
+            src_mac: self.g0_mac,
+            src_ip: SRC_BASE.octets(),
+            dst_ip: dst.octets(),
+            dst_port: PORT.to_be_bytes(),
+            src_port_base: SRC_PORT_BASE,
+            flows: c.flows().max(1),
+            _pad: 0,
+        };
+        let mut a: Array<_, GenCfg> =
+            Array::try_from(self.genp.map_mut("GEN_CONFIG").context("no GEN_CONFIG")?)?;
+        a.set(0, GenCfg(cfg), 0)?;
+        let mut st: PerCpuArray<_, u32> =
+            PerCpuArray::try_from(self.genp.map_mut("GEN_STATE").context("no GEN_STATE")?)?;
+        let n = st.get(&0, 0)?.len();
+        st.set(0, PerCpuValues::try_from(vec![0u32; n])?, 0)?;
+        Ok(())
+    }
+
+    /// One generator run of `frames` on `cpu`: (frames generated, delivered,
+    /// wall time).
+    /// `frames` in calls of at most `chunk` frames (a small chunk paces the
+    /// generator: each call returns only after the softirq work its frames
+    /// caused, unless the kernel deferred it to ksoftirqd).
+    fn run(
+        &mut self,
+        frames: u32,
+        chunk: u32,
+        batch: u32,
+        cpu: usize,
+    ) -> Result<(u64, u64, Duration)> {
+        let before = self.delivered()?;
+        let g = self.gen.name().to_string();
+        let g0 = self.g0;
+        let genp = &mut self.genp;
+        let (sent, wall) = in_netns(&g, || -> Result<(u64, Duration)> {
+            sys::pin_thread(cpu)?;
+            let data = vec![0u8; FRAME_LEN];
+            let ctx = xdp_ctx(FRAME_LEN, g0);
+            let prog = xdp(genp, "xdp_gen")?;
+            let t = Instant::now();
+            let mut sent = 0u32;
+            while sent < frames {
+                let n = chunk.min(frames - sent);
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(&data),
+                        ctx_in: Some(&ctx),
+                        repeat: n,
+                        attrs: TestRunAttrs::new().xdp_live_frames(batch.min(n)),
+                        ..TestRunOptions::new()
+                    })
+                    .context("live-frames test run")?;
+                ensure!(
+                    r.return_value == 0,
+                    "generator run returned {}",
+                    r.return_value
+                );
+                sent += n;
+            }
+            Ok((u64::from(frames), t.elapsed()))
+        })??;
+        // Frames still in flight finish within microseconds.
+        std::thread::sleep(Duration::from_millis(20));
+        let delivered = self.delivered()? - before;
+        Ok((sent, delivered, wall))
+    }
+
+    fn bg_global(&self, which: u32, name: &str) -> u64 {
+        self.dps
+            .get(&which)
+            .and_then(|d| d.global_stats().ok())
+            .and_then(|g| g.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+            .unwrap_or(0)
+    }
+}
+
+struct Sample {
+    rate_mpps: f64,
+    sent: u64,
+    delivered: u64,
+    hit_ratio: Option<f64>,
+}
+
+fn run_config(rig: &mut Rig, c: Config, frames: u32, opts: &FwdOptions) -> Result<Sample> {
+    run_config_chunked(rig, c, frames, frames, opts)
+}
+
+fn run_config_chunked(
+    rig: &mut Rig,
+    c: Config,
+    frames: u32,
+    chunk: u32,
+    opts: &FwdOptions,
+) -> Result<Sample> {
+    rig.set(c)?;
+    rig.configure_gen(c)?;
+    let which = rig.attached;
+    let hits0 = rig.bg_global(which, "flow_hits");
+    let redir0 = rig.bg_global(which, "redirect");
+    let (sent, delivered, wall) = rig.run(frames, chunk, opts.batch, opts.cpu)?;
+    let hits = rig.bg_global(which, "flow_hits") - hits0;
+    let redir = rig.bg_global(which, "redirect") - redir0;
+    Ok(Sample {
+        rate_mpps: delivered as f64 / wall.as_secs_f64() / 1e6,
+        sent,
+        delivered,
+        hit_ratio: (which != 0).then(|| hits as f64 / redir.max(1) as f64),
+    })
+}
+
+/// Runs part 2 (and, with `scale_max_flows`, part 5's forwarding half).
+pub fn run(opts: &FwdOptions) -> Result<Value> {
+    if sys::have("ethtool").is_none() {
+        bail!("ethtool is not installed");
+    }
+    let mut rig = Rig::create(opts)?;
+    let all = opts.configs();
+    let (scale, configs): (Vec<Config>, Vec<Config>) =
+        all.into_iter().partition(|c| matches!(c, Config::Scale(_)));
+
+    // Warm-up: every flow seen (bgswitch tables and conntrack filled), caches warm.
+    for &c in configs.iter().chain(&scale) {
+        let frames = if c == Config::NewFlows {
+            opts.frames / 4
+        } else {
+            c.flows().saturating_mul(2).max(opts.frames / 4)
+        };
+        run_config(&mut rig, c, frames, opts)
+            .with_context(|| format!("warming up {}", c.label()))?;
+    }
+    let mut samples: BTreeMap<Config, Vec<Sample>> = BTreeMap::new();
+    let started = Instant::now();
+    for round in 0..opts.rounds {
+        for k in 0..configs.len() {
+            let c = configs[(k + round) % configs.len()];
+            let s = run_config(&mut rig, c, opts.frames, opts)?;
+            samples.entry(c).or_default().push(s);
+        }
+        eprintln!(
+            "bench: forwarding: round {} of {} done",
+            round + 1,
+            opts.rounds
+        );
+    }
+    // The scale table after the main rounds (its fills are large).
+    for round in 0..if scale.is_empty() {
+        0
+    } else {
+        opts.rounds.min(3)
+    } {
+        for &c in &scale {
+            let s = run_config(&mut rig, c, opts.frames, opts)?;
+            samples.entry(c).or_default().push(s);
+        }
+        eprintln!("bench: forwarding: scale round {} done", round + 1);
+    }
+    // Loss with a paced generator (calls of one batch): frames the receiver
+    // path could absorb, so any loss is the path's own.
+    let mut paced = Vec::new();
+    for &c in configs.iter().filter(|c| !matches!(c, Config::Floor)) {
+        let s = run_config_chunked(&mut rig, c, opts.paced_frames, opts.batch, opts)?;
+        paced.push(json!({
+            "config": c.key(),
+            "sent": s.sent,
+            "delivered": s.delivered,
+            "lost": s.sent.saturating_sub(s.delivered),
+        }));
+    }
+    rig.set(Config::Kernel(1))?;
+    let elapsed = started.elapsed();
+
+    let rate = |c: Config| -> Option<f64> {
+        samples
+            .get(&c)
+            .map(|v| median(&v.iter().map(|s| s.rate_mpps).collect::<Vec<_>>()))
+    };
+    let floor = rate(Config::Floor);
+    let nft10k = rate(Config::Nft(10_000))
+        .or_else(|| opts.nft_flows.last().and_then(|&n| rate(Config::Nft(n))));
+    let mut rows = Vec::new();
+    for (c, v) in &samples {
+        let rates: Vec<f64> = v.iter().map(|s| s.rate_mpps).collect();
+        let sent: u64 = v.iter().map(|s| s.sent).sum();
+        let delivered: u64 = v.iter().map(|s| s.delivered).sum();
+        let m = median(&rates);
+        let hit = v.iter().filter_map(|s| s.hit_ratio).collect::<Vec<_>>();
+        rows.push(json!({
+            "config": c.key(),
+            "label": c.label(),
+            "flows": c.flows(),
+            "table_max_flows": (c.table(opts) != 0).then(|| c.table(opts)),
+            "mpps": Summary::of(&rates),
+            "ns_per_packet": if m > 0.0 { 1000.0 / m } else { f64::INFINITY },
+            "lb_ns_per_packet_over_floor": floor.filter(|_| m > 0.0).map(|f| 1000.0 / m - 1000.0 / f),
+            "ratio_to_nftables_dnat": nft10k.map(|n| m / n),
+            "ratio_to_floor": floor.map(|f| m / f),
+            "sent": sent,
+            "delivered": delivered,
+            "lost": sent.saturating_sub(delivered),
+            "loss_ratio": 1.0 - delivered as f64 / sent.max(1) as f64,
+            "flow_hit_ratio": (!hit.is_empty()).then(|| median(&hit)),
+        }));
+    }
+    Ok(json!({
+        "status": "measured",
+        "method": "xdp_gen in BPF_PROG_TEST_RUN live-frames mode on one pinned CPU (g0 XDP_TX → l0); xdp_sink counts at s0 (floor: at l0); rate = frames delivered to the sink / wall time of the run; interleaved rounds with rotating order; median (min–max) over rounds",
+        "frame_bytes": FRAME_LEN,
+        "frames_per_run": opts.frames,
+        "batch": opts.batch,
+        "rounds": opts.rounds,
+        "cpu": opts.cpu,
+        "udp_checksum": 0,
+        "bgswitch_udp_idle_timeout_s": 3600,
+        "configs": rows,
+        "paced": paced,
+        "paced_method": format!("each configuration once more with {} frames sent in calls of one batch ({} frames), so the generator cannot outrun the receiving path; loss here is the path's own", opts.paced_frames, opts.batch),
+        "elapsed_s": elapsed.as_secs_f64(),
+    }))
+}
+
+/// Quick mode: bgswitch faster than nftables DNAT with the same flows, and
+/// no loss on bgswitch's path.
+pub fn assert_gross(section: &Value) -> Result<()> {
+    let rows = section["configs"].as_array().context("no configs")?;
+    let find = |prefix: &str| {
+        rows.iter()
+            .find(|r| r["config"].as_str().is_some_and(|k| k.starts_with(prefix)))
+    };
+    let bg = find("bgswitch_").context("no bgswitch run")?;
+    let nft = find("nftables_dnat_").context("no nftables run (nft missing?)")?;
+    let (b, n) = (
+        bg["mpps"]["median"].as_f64().unwrap_or(0.0),
+        nft["mpps"]["median"].as_f64().unwrap_or(f64::MAX),
+    );
+    ensure!(
+        b > n,
+        "bgswitch ({b:.3} Mpps) is not faster than nftables DNAT ({n:.3} Mpps)"
+    );
+    let paced = section["paced"]
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|r| {
+                r["config"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("bgswitch_"))
+            })
+        })
+        .context("no paced bgswitch run")?;
+    ensure!(
+        paced["lost"] == 0 && paced["sent"].as_u64().unwrap_or(0) > 0,
+        "bgswitch lost frames with a paced generator: {paced}"
+    );
+    ensure!(
+        bg["delivered"].as_u64().unwrap_or(0) > 0,
+        "nothing delivered: {bg}"
+    );
+    Ok(())
+}
+
+/// Profiling aid: runs one configuration (`floor`, `bgswitch:N`, `kernel:N`,
+/// `nft:N`) repeatedly for `seconds` (warmed up first); returns the median
+/// rate in Mpps.
+pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
+    let (kind, n) = spec.split_once(':').unwrap_or((spec, "1"));
+    let n: u32 = n.parse().context("flows")?;
+    let c = match kind {
+        "floor" => Config::Floor,
+        "bgswitch" => Config::Bgswitch(n),
+        "kernel" => Config::Kernel(n),
+        "nft" => Config::Nft(n),
+        "new" => Config::NewFlows,
+        other => bail!("unknown configuration {other}"),
+    };
+    let mut opts = FwdOptions::quick(cpu);
+    opts.bg_flows = vec![];
+    opts.nft_flows = vec![];
+    if let Config::Bgswitch(n) = c {
+        opts.bg_flows = vec![n];
+    }
+    if let Config::Nft(n) = c {
+        opts.nft_flows = vec![n];
+    }
+    opts.new_flows = c == Config::NewFlows;
+    opts.frames = 1_000_000;
+    let mut rig = Rig::create(&opts)?;
+    run_config(&mut rig, c, n.saturating_mul(2).max(opts.frames), &opts)?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut rates = Vec::new();
+    while Instant::now() < end {
+        rates.push(run_config(&mut rig, c, opts.frames, &opts)?.rate_mpps);
+    }
+    Ok(median(&rates))
+}

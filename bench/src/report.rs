@@ -1,0 +1,741 @@
+//! Targets and RESULTS.md, both computed from the results JSON.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+/// What the profiles showed, what was tried, and the proposals (text kept
+/// here so RESULTS.md and results.json carry it; the numbers it refers to are
+/// in the tables below it).
+pub const PROFILE: &str = r#"## Where the time goes, what was tried, proposals
+
+**Profiles** (taken on the data plane of commit 9d96570, before any of the proposals below).
+`perf record -e cpu-clock -C 1` while `bgswitch-bench --spin established` (the part-1 loop) or
+`--spin-fwd bgswitch:N` (the part-2 path) ran, and the program as the kernel translated it
+(`bpftool prog dump xlated … linum`), showed:
+
+- The established path makes eight helper or map calls: `SERVICES` hash lookup, `CONTROL`,
+  `bpf_ktime_get_ns`, `FLOWS` LRU lookup, `SETTINGS`, per-CPU counters (inlined),
+  `bpf_fib_lookup`, then a `TX_PORTS` DevMapHash lookup and `bpf_redirect_map`. The component
+  table in part 1 prices each one on this machine, in this run.
+- `core::mem::zeroed()` of the 64-byte `bpf_fib_lookup` parameters (nat.rs `forward`) compiles to
+  a BPF-to-BPF call into aya-ebpf's byte-at-a-time `memset` (64 iterations): 6.6 % of all CPU
+  samples of the 1-flow forwarding profile, {part_fib_zeroed - part_fib_words} ns per packet in this run
+  (`part_fib_zeroed` − `part_fib_words` below). `(*eth).dst_addr = p.dmac` and `src_addr` likewise call a byte-loop
+  `memmove` twice (1.6 % of samples).
+- `bpf_fib_lookup` is the largest single cost ({part_fib_words} ns in this run: `fib_table_lookup`,
+  next-hop and neighbour lookups, MTU check).
+- With 10 000 or more flows, `lookup_nulls_elem_raw` (the hash-bucket walk of `FLOWS`) takes
+  34–41 % of all CPU samples: the bucket array (2 × max_flows entries rounded up to a power of
+  two, 16 B each: 8 MiB at the default 262 144 flows, 64 MiB at 2^21) and the preallocated 128-B
+  elements are spread over vmalloc memory, so each lookup of a random flow misses cache and TLB
+  (nested paging in this VM). This, not the number of flows as such, is why part 2's rate drops
+  from 1 flow to 10 000 and why part 5's random-flow cost rises with the table. The kernel
+  sizes the bucket array to the entries rounded up to a power of two, so a full table has about
+  one entry per bucket; new entries go to the head of their bucket, and an old flow behind them
+  pays a key comparison each — part 5's hot cost rising near 1 000 000 flows.
+- BPF_PROG_TEST_RUN of a program that is not attached anywhere rebuilds the XDP dispatcher image
+  and waits for an RCU grace period on every call (~20 ms here, `bpf_dispatcher_change_prog` in
+  the profile). The bench therefore keeps the measured programs attached to an idle veth in its
+  scratch namespace; the timed loop is unchanged, calls cost microseconds.
+
+**What was tried (bench side; the data plane was not changed).** Identity rewrite with TTL 255
+and repeat 200 so every timed run takes the full forwarding path (lookup, rewrite, FIB, TTL,
+MACs, redirect), checked with repeat 1 first; new flows (which cannot repeat: the first run records the flow) as
+a fresh 5-tuple per call, cold, set against an established packet run the same way; a first
+version re-ran one SYN with `tcp_idle_timeout` = 1 ns so every run re-chose the flow, which
+stopped working once the data plane stamped flows with the coarse clock; hot versus random-flow
+lookups;
+component micro-programs (`bench/ebpf/src/bin/xdp_parts.rs`) for each helper, as bgswitch does
+it and as the proposals would; table sizes (part 2 uses the daemon's default table for 1 and
+10 000 flows and a 2^21-flow table for 1 000 000; part 5 one 2^20-flow table for all levels).
+
+**Proposals** (each with the saving the component table supports). 1–3 were adopted in commit
+1a13acf ("Data plane: flow table first, cheaper FIB setup and MAC writes, coarse clock") and 4 in
+d2fa341 ("IPv4 flow table with a 16-byte key and 32-byte value"); the part-1 and part-2 tables
+measure the commit named at the top, the component table prices each step alone.
+
+1. Build the `bpf_fib_lookup` parameters without `core::mem::zeroed()` (field-by-field
+   initialisation covering every union, or sixteen 4-byte stores) and write the MACs with 4- and
+   2-byte stores: about −{part_fib_zeroed - part_fib_words} ns per forwarded packet, no change in behaviour.
+2. Look up `FLOWS` before `SERVICES`: established forward packets and replies then need one hash
+   lookup instead of two (about −{part_hash20} ns); a miss falls through to `SERVICES` as today. The entry
+   carries its service id, so the control word (enabled bit) can still be checked — a removed
+   service (word 0) keeps being refused.
+3. Stamp `last_seen_ns` with `bpf_ktime_get_coarse_ns()` (tick resolution, a few ms of error on
+   idle timeouts of seconds to hours): about −{part_ktime - part_ktime_coarse} ns per packet.
+4. An IPv4-specific flow key (16 B instead of 40 B; IPv6 in its own map when it comes): a lookup
+   about {part_lru40 - part_lru16} ns cheaper here, and 240 B instead of 288 B of kernel memory per flow
+   (48-B element header + key + value, + 16-B bucket, per entry, × 2); with `FlowEntry` at 32 B
+   as well, 224 B (part 5 measures the table as built).
+5. Cache the FIB result per backend (egress ifindex and both MACs, validated by a generation the
+   daemon bumps on netlink route and neighbour changes) and skip `bpf_fib_lookup` for established
+   flows: about −{part_fib_words} ns. This changes how quickly a route or neighbour change reaches open flows,
+   so it is the lead's call.
+6. Size `max_flows` to the expected working set, and say so in the README: a table far larger
+   than the live flows costs a cache and TLB miss per packet. Consider `BPF_F_NO_COMMON_LRU`
+   (per-CPU LRU lists) before measuring new-flow rates on several cores.
+
+A new flow costs far more in the forwarding pipeline than in BPF_PROG_TEST_RUN: the LRU table
+is full in steady state (entries are not deleted when a connection closes, they age out by
+eviction), so every new flow evicts, and part 2's "a new flow in every packet" row shows what a
+stream of new flows (a SYN flood, or heavy churn) costs per core.
+
+With 1–4 in place the established packet costs {established} ns over XDP_PASS in this run (part 1);
+most of what remains is the `FLOWS` lookup and `bpf_fib_lookup`, and 5 would take off about
+{part_fib_words} ns more. The 30-ns target is about the cost of one
+hash-map lookup on this machine (`part_hash20`: {part_hash20} ns; PLATFORM.md: 30–35 ns), so no design
+that does a per-packet hash lookup plus a rewrite and a redirect can meet it; the 80-ns new-flow target is below the cost of
+the two LRU inserts a new flow needs (`part_lru40_update`, {part_lru40_update} ns each here). These targets
+should be revisited rather than chased.
+
+**Flip.** A flip is a whole process (about {bgswitch_version_ms} ms to spawn a `bgswitch` that does
+nothing, in this run), the durable writes (`state.json` written whole — it keeps the last 100
+changes with before/after snapshots — then fsync, rename, directory fsync, journal append and
+fdatasync: about {durable_write_ms} ms on this machine, whose `/run` is on the ext4 root disk, not a
+tmpfs), and the daemon's work in between; a profile of the daemon during flips is dominated by
+malloc/free (serialising the state) and the virtio disk kicks of the fsyncs. Under client load
+the two CPUs are shared with the prober, the keep-alive clients and the servers. Proposal: keep
+the history in the journal only (append-only, already fsynced) and `state.json` to the current
+state, so each flip serialises and rewrites a few hundred bytes instead of the last 100 changes;
+the order of durable writes, and so "state before data plane", stays as it is."#;
+
+fn f(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn num(v: &Value, d: usize) -> String {
+    match v.as_f64() {
+        Some(x) if x.is_finite() => format!("{x:.d$}"),
+        Some(_) => "∞".into(),
+        None => match v.as_u64() {
+            Some(u) => u.to_string(),
+            None => "—".into(),
+        },
+    }
+}
+
+/// `median (min–max)` of a Summary object.
+fn summ(v: &Value, d: usize) -> String {
+    if v.get("median").is_none() {
+        return "—".into();
+    }
+    format!(
+        "{} ({}–{})",
+        num(&v["median"], d),
+        num(&v["min"], d),
+        num(&v["max"], d)
+    )
+}
+
+fn status(v: &Value) -> Option<String> {
+    match v.get("status").and_then(Value::as_str) {
+        Some("measured") => None,
+        Some(s) => Some(s.to_string()),
+        None if v.is_null() => Some("not measured: this part was not run".into()),
+        None => None,
+    }
+}
+
+fn case<'a>(r: &'a Value, key: &str) -> &'a Value {
+    r["program_cost"]["cases"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["case"] == key))
+        .unwrap_or(&Value::Null)
+}
+
+fn fwd<'a>(r: &'a Value, key: &str) -> &'a Value {
+    r["forwarding"]["configs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["config"] == key))
+        .unwrap_or(&Value::Null)
+}
+
+fn target(
+    name: &str,
+    want: &str,
+    value: Option<f64>,
+    unit: &str,
+    met: Option<bool>,
+    note: &str,
+) -> Value {
+    json!({"target": name, "wanted": want, "value": value, "unit": unit, "met": met, "note": note})
+}
+
+/// The issue's targets, each with the measured value and whether it is met
+/// (`met: null` when not measured).
+pub fn targets(r: &Value) -> Vec<Value> {
+    let mut t = Vec::new();
+    let est = f(&case(r, "established_tcp")["over_baseline_ns"]["median"]);
+    t.push(target(
+        "established-flow program cost over XDP_PASS",
+        "≤ 30 ns",
+        est,
+        "ns",
+        est.map(|v| v <= 30.0),
+        "part 1",
+    ));
+    let new = f(&case(r, "new_tcp_flow")["over_baseline_ns"]["median"]);
+    let fresh = f(&case(r, "new_tcp_flow_cold")["over_baseline_ns"]["median"]);
+    t.push(target(
+        "new-flow program cost over XDP_PASS",
+        "≤ 80 ns",
+        new,
+        "ns",
+        new.map(|v| v <= 80.0),
+        &format!(
+            "part 1, warm estimate (established, repeat N, + what a new flow adds when both run cold); measured cold (repeat 1): {} ns; in the forwarding pipeline (part 2) a new flow in every packet costs {} ns/packet more than one established flow",
+            fresh.map_or("—".into(), |v| format!("{v:.0}")),
+            f(&fwd(r, "bgswitch_new_flow_every_packet")["ns_per_packet"])
+                .zip(f(&fwd(r, "bgswitch_1_flows")["ns_per_packet"]))
+                .map_or("—".into(), |(a, b)| format!("{:.0}", a - b))
+        ),
+    ));
+    let bg10k = fwd(r, "bgswitch_10000_flows");
+    let rn = f(&bg10k["ratio_to_nftables_dnat"]);
+    t.push(target(
+        "forwarding rate vs nftables DNAT, 10 000 flows",
+        "≥ 4×",
+        rn,
+        "×",
+        rn.map(|v| v >= 4.0),
+        "part 2",
+    ));
+    let rf = f(&bg10k["ratio_to_floor"]);
+    t.push(target(
+        "forwarding rate vs generator-to-drop floor, 10 000 flows",
+        "≥ 60 %",
+        rf.map(|v| v * 100.0),
+        "%",
+        rf.map(|v| v >= 0.6),
+        "part 2",
+    ));
+    let b = &r["flip"]["systems"]["bgswitch"];
+    let cmd = f(&b["command_ms"]["median"]);
+    t.push(target(
+        "`bgswitch flip`, whole process, median",
+        "< 5 ms",
+        cmd,
+        "ms",
+        cmd.map(|v| v < 5.0),
+        &format!(
+            "part 4, {} flips under client load; without load: {} ms",
+            b["flips"],
+            num(&b["without_load"]["command_ms"]["median"], 2)
+        ),
+    ));
+    let failed = b["failed_requests"].as_u64().map(|v| v as f64);
+    t.push(target(
+        "failed requests during the flips",
+        "0",
+        failed,
+        "requests",
+        failed.map(|v| v == 0.0),
+        "part 4",
+    ));
+    let at = |key: &str, max: bool| -> Option<f64> {
+        let levels = r["scale_cost"]["levels"].as_array()?;
+        let l = if max {
+            levels
+                .iter()
+                .rev()
+                .find(|l| l["flows"].as_u64().is_some_and(|n| n >= 1_000_000))?
+        } else {
+            levels.iter().find(|l| l["flows"].as_u64() == Some(1))?
+        };
+        f(&l[key]["median"])
+    };
+    let change = |key: &str| {
+        at(key, false)
+            .zip(at(key, true))
+            .map(|(a, b)| (b / a - 1.0) * 100.0)
+    };
+    let flat = change("established_spread_ns");
+    let hot = change("established_hot_ns");
+    t.push(target(
+        "program cost flat from 1 to 1 000 000 flows (established, random recorded flow per run)",
+        "within 15 %",
+        flat,
+        "% change",
+        flat.map(|v| v.abs() <= 15.0),
+        &format!(
+            "part 5; the same flow every run (hot caches): {} %",
+            hot.map_or("—".into(), |v| format!("{v:+.0}"))
+        ),
+    ));
+    let r1 = f(&fwd(r, "bgswitch_1_flows")["mpps"]["median"]);
+    let r1m = f(&fwd(r, "bgswitch_1000000_flows")["mpps"]["median"]);
+    let fflat = r1.zip(r1m).map(|(a, b)| (b / a - 1.0) * 100.0);
+    t.push(target(
+        "forwarding rate flat from 1 to 1 000 000 flows",
+        "within 15 %",
+        fflat,
+        "% change",
+        fflat.map(|v| v.abs() <= 15.0),
+        "part 2",
+    ));
+    let mem = f(&r["scale_cost"]["memory"]["bytes_per_flow_slope"]);
+    t.push(target(
+        "kernel memory per flow, both directions",
+        "≤ 256 B",
+        mem,
+        "B",
+        mem.map(|v| v <= 256.0),
+        "part 5, FLOWS map, kernel's own accounting",
+    ));
+    t
+}
+
+fn met(v: &Value) -> &'static str {
+    match v.as_bool() {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+/// RESULTS.md.
+pub fn markdown(all: &Value) -> String {
+    let r = &all["results"];
+    let m = &all["meta"];
+    let mut s = String::new();
+    let w = &mut s;
+    let _ = writeln!(w, "# bgswitch benchmark results\n");
+    let _ = writeln!(
+        w,
+        "Written by `cargo xtask bench{}` ({}); the same numbers are in `results.json` next to \
+         this file. Machine: {}, {} CPUs, {} GiB, Linux {}; commit {}. Run took {:.0} s.\n",
+        if m["quick"] == true {
+            " --quick` — quick mode: correctness counters and gross ratios only; do not read the times"
+        } else {
+            ""
+        },
+        m["date"].as_str().unwrap_or("?"),
+        m["machine"]["cpu_model"].as_str().unwrap_or("?"),
+        m["machine"]["cpus"],
+        m["machine"]["memory_gib"],
+        m["machine"]["kernel"].as_str().unwrap_or("?"),
+        m["commit"].as_str().unwrap_or("?"),
+        m["elapsed_s"].as_f64().unwrap_or(0.0),
+    );
+    let _ = writeln!(
+        w,
+        "This is a 2-CPU virtual machine shared with other work; figures vary ±30 % from run to \
+         run. Every comparison below is made within this one run (interleaved rounds, pinned CPU, \
+         medians with min–max over rounds); never compare absolute numbers across runs or \
+         machines. The bgswitch binary measured: `{}`.\n",
+        m["bgswitch_bin"].as_str().unwrap_or("?")
+    );
+
+    let _ = writeln!(w, "## Targets\n");
+    let _ = writeln!(w, "| target | wanted | measured | | where |");
+    let _ = writeln!(w, "|---|---|---|---|---|");
+    for t in all["targets"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} {} | {} | {} |",
+            t["target"].as_str().unwrap_or(""),
+            t["wanted"].as_str().unwrap_or(""),
+            num(&t["value"], 1),
+            t["unit"].as_str().unwrap_or(""),
+            met(&t["met"]),
+            t["note"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(w);
+    if let Some(p) = all["profile_text"].as_str() {
+        let _ = writeln!(w, "{}\n", fill_profile(p, r));
+    }
+
+    // Part 1.
+    let p1 = &r["program_cost"];
+    let _ = writeln!(w, "## 1. Program cost (BPF_PROG_TEST_RUN)\n");
+    if let Some(st) = status(p1) {
+        let _ = writeln!(w, "{st}\n");
+    } else {
+        let _ = writeln!(
+            w,
+            "{}. CPU {}, {} rounds; per round {} calls of repeat {} (repeat-1 cases: {} calls). \
+             Baseline XDP_PASS: {} ns per run at repeat {}, {} ns at repeat 1.\n",
+            p1["method"].as_str().unwrap_or(""),
+            p1["cpu"],
+            p1["rounds"],
+            p1["calls_per_round"],
+            p1["repeat"],
+            p1["single_calls_per_round"],
+            summ(&p1["baseline_ns"]["repeat_n"], 1),
+            p1["repeat"],
+            summ(&p1["baseline_ns"]["repeat_1"], 1),
+        );
+        let _ = writeln!(
+            w,
+            "| packet | over XDP_PASS, ns | absolute, ns | program-only Mpps |"
+        );
+        let _ = writeln!(w, "|---|---|---|---|");
+        for c in p1["cases"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} |",
+                c["label"].as_str().unwrap_or(""),
+                summ(&c["over_baseline_ns"], 1),
+                summ(&c["absolute_ns"], 1),
+                num(&c["program_only_mpps"], 2)
+            );
+        }
+        let _ = writeln!(w, "\nProgram-only Mpps = 1000 / (ns over baseline): the rate one core could sustain if the program were all it did. \
+            Repeat-1 figures are cold runs (each call enters the kernel afresh; caches and branch predictors are disturbed): \
+            compare the established packet here (repeat {}) with the same packet at repeat 1 in part 5's 1-flow row.\n", p1["repeat"]);
+        let _ = writeln!(
+            w,
+            "Correctness checks before measuring (repeat 1 unless stated):\n"
+        );
+        for c in p1["checks"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                w,
+                "- {} {} ({})",
+                if c["ok"] == true { "✔" } else { "✘" },
+                c["check"].as_str().unwrap_or(""),
+                c["detail"].as_str().unwrap_or("")
+            );
+        }
+        let _ = writeln!(w);
+    }
+    if let Some(c) = r.get("components") {
+        if let Some(st) = status(c) {
+            let _ = writeln!(w, "Component costs: {st}\n");
+        } else {
+            let _ = writeln!(w, "### Where the time goes: component costs\n");
+            let _ = writeln!(w, "{}\n", c["method"].as_str().unwrap_or(""));
+            let _ = writeln!(w, "| component | ns over XDP_PASS |");
+            let _ = writeln!(w, "|---|---|");
+            for x in c["components"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} |",
+                    x["label"].as_str().unwrap_or(""),
+                    summ(&x["over_baseline_ns"], 1)
+                );
+            }
+            let _ = writeln!(w);
+        }
+    }
+
+    // Part 2.
+    let p2 = &r["forwarding"];
+    let _ = writeln!(
+        w,
+        "## 2. Forwarding rate, one core, veth + namespaces, 64-byte frames\n"
+    );
+    if let Some(st) = status(p2) {
+        let _ = writeln!(w, "{st}\n");
+    } else {
+        let _ = writeln!(
+            w,
+            "{}. {} frames per run, batch {}, {} rounds, CPU {}; UDP checksum 0 (no receiver pays for \
+             verifying a checksum a NIC would have verified); bgswitch's UDP idle timeout set to 1 h \
+             so flows stay recorded between rounds. \"lb ns/pkt over floor\" = ns per packet minus \
+             the floor's: what the load balancer adds.\n",
+            p2["method"].as_str().unwrap_or(""),
+            p2["frames_per_run"], p2["batch"], p2["rounds"], p2["cpu"]
+        );
+        let _ = writeln!(w, "| configuration | flow table (max_flows) | Mpps | ns/pkt | lb ns/pkt over floor | × nftables DNAT (10k) | of floor | sent | delivered | lost | flow hits |");
+        let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for c in p2["configs"].as_array().into_iter().flatten() {
+            if c["config"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("bgswitch_full_table"))
+            {
+                continue;
+            }
+            fwd_row(w, c);
+        }
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "Loss in the table above happens when the kernel defers softirq work to ksoftirqd on the \
+             generator's CPU (under contention from other work) while the generator keeps filling a \
+             veth ring. Paced check: {}.\n",
+            p2["paced_method"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(w, "| configuration | sent | delivered | lost |");
+        let _ = writeln!(w, "|---|---|---|---|");
+        for c in p2["paced"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} |",
+                c["config"].as_str().unwrap_or(""),
+                num(&c["sent"], 0),
+                num(&c["delivered"], 0),
+                num(&c["lost"], 0)
+            );
+        }
+        let _ = writeln!(w);
+    }
+
+    // Part 3.
+    let p3 = &r["http"];
+    let _ = writeln!(w, "## 3. TCP/HTTP through the VIP\n");
+    if let Some(st) = status(p3).filter(|_| p3.get("systems").is_none()) {
+        let _ = writeln!(w, "{st}\n");
+    } else {
+        let _ = writeln!(
+            w,
+            "{} Backends: {}.\n",
+            p3["method"].as_str().unwrap_or(""),
+            p3["backends"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(
+            w,
+            "Veth offload caveat: {}\n",
+            p3["veth_offload_caveat"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(
+            w,
+            "| system | mode | requests/s | p50 ms | p99 ms | requests | errors |"
+        );
+        let _ = writeln!(w, "|---|---|---|---|---|---|---|");
+        for k in ["bgswitch", "nftables_dnat", "haproxy_tcp"] {
+            let s = &p3["systems"][k];
+            if let Some(st) = status(s) {
+                let _ = writeln!(w, "| {k} | — | {st} | | | | |");
+                continue;
+            }
+            for (mode, label) in [
+                ("keepalive", "keep-alive"),
+                ("new_connection_per_request", "new connection per request"),
+            ] {
+                let x = &s[mode];
+                let _ = writeln!(
+                    w,
+                    "| {k} | {label} | {} | {} | {} | {} | {} |",
+                    summ(&x["requests_per_second"], 0),
+                    num(&x["p50_ms"], 3),
+                    num(&x["p99_ms"], 3),
+                    num(&x["requests"], 0),
+                    num(&x["errors"], 0)
+                );
+            }
+        }
+        let _ = writeln!(w);
+    }
+
+    // Part 4.
+    let p4 = &r["flip"];
+    let _ = writeln!(w, "## 4. Flip\n");
+    if let Some(st) = status(p4).filter(|_| p4.get("systems").is_none()) {
+        let _ = writeln!(w, "{st}\n");
+    } else {
+        let _ = writeln!(w, "{}. \"Applied\": invocation to the new state in place — bgswitch: the control word seen changed in the mapped `CONTROL` array (polled every ~10 µs); HAProxy: the runtime API's answer; nftables: `nft -f` exiting (its commit is synchronous). \"First new flow\": invocation to the start of the first new connection the new colour answered (resolution: the probe interval). The nftables and HAProxy commands run in the load balancer's namespace by `setns` in the child (no `ip netns exec`); HAProxy's switch is one process sending one runtime-API line (`set server … state ready` for the new colour, then `maint` for the old).\n",
+            p4["method"].as_str().unwrap_or(""));
+        let _ = writeln!(w, "| system | command, ms | applied, ms | first new flow on new colour, ms | probe interval, ms | failed requests / total | new flows on old colour after return |");
+        let _ = writeln!(w, "|---|---|---|---|---|---|---|");
+        for k in ["bgswitch", "nftables_dnat", "haproxy_tcp"] {
+            let s = &p4["systems"][k];
+            if let Some(st) = status(s) {
+                let _ = writeln!(w, "| {k} | {st} | | | | | |");
+                continue;
+            }
+            let total =
+                s["probes"].as_u64().unwrap_or(0) + s["keepalive_requests"].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                w,
+                "| {k} | {} | {} | {} | {} | {} / {total} | {} |",
+                summ(&s["command_ms"], 2),
+                summ(&s["applied_ms"], 2),
+                summ(&s["first_new_flow_on_new_colour_ms"], 2),
+                num(&s["probe_interval_ms_median"], 2),
+                num(&s["failed_requests"], 0),
+                num(&s["new_flows_on_old_colour_after_command_returned"], 0)
+            );
+            if let Some(e) = s["first_error"].as_str() {
+                let _ = writeln!(w, "| | first error: {e} | | | | | |");
+            }
+        }
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "The same commands with no client load (5 ms apart): what a command costs by itself. \
+             For scale, spawn to exit of `/bin/true` takes {} ms here and of `bgswitch --version` {} ms (medians).\n",
+            num(&p4["process_spawn_ms"]["true_ms"], 2),
+            num(&p4["process_spawn_ms"]["bgswitch_version_ms"], 2)
+        );
+        let _ = writeln!(w, "| system | command, ms | applied, ms |");
+        let _ = writeln!(w, "|---|---|---|");
+        for k in ["bgswitch", "nftables_dnat", "haproxy_tcp"] {
+            let s = &p4["systems"][k]["without_load"];
+            if s.is_null() {
+                continue;
+            }
+            let _ = writeln!(
+                w,
+                "| {k} | {} | {} |",
+                summ(&s["command_ms"], 2),
+                summ(&s["applied_ms"], 2)
+            );
+        }
+        let _ = writeln!(w);
+    }
+
+    // Part 5.
+    let _ = writeln!(w, "## 5. Scale\n");
+    let sc = &r["scale_cost"];
+    if let Some(st) = status(sc) {
+        let _ = writeln!(w, "Program cost and memory: {st}\n");
+    } else {
+        let mem = &sc["memory"];
+        let _ = writeln!(w, "### Memory per flow\n");
+        let _ = writeln!(
+            w,
+            "The flow table is an LRU hash with one entry per direction ({} B key + value per entry). \
+             The kernel accounts {} B for a table of {} flows and {} B for {} flows: **{} B per flow** \
+             (slope), {} B per flow including fixed parts. The drop in MemAvailable when the large \
+             table was created gives {} B per flow (noisy: the machine is shared). LRU maps are \
+             preallocated: this memory is taken at load, whatever the number of live flows.\n",
+            mem["flow_key_plus_entry_bytes"],
+            num(&mem["flows_map_memlock_bytes"], 0), sc["scale_max_flows"],
+            num(&mem["flows_map_memlock_bytes_small"], 0), mem["small_max_flows"],
+            num(&mem["bytes_per_flow_slope"], 1),
+            num(&mem["bytes_per_flow_memlock"], 1),
+            num(&mem["bytes_per_flow_memavailable_delta"], 0),
+        );
+        let _ = writeln!(w, "### Program cost as the table fills\n");
+        let _ = writeln!(w, "{} Table: {} flows (max_flows). After filling, {} flows were recorded (an LRU map starts evicting somewhat before it is full).\n",
+            sc["method"].as_str().unwrap_or(""), sc["scale_max_flows"], num(&sc["flows_recorded_after_fill"], 0));
+        let _ = writeln!(w, "| flows in table | established, hot (ns over XDP_PASS) | established, random flow (ns over XDP_PASS, repeat 1) | new flow (ns over XDP_PASS, repeat 1) | random-flow hit ratio |");
+        let _ = writeln!(w, "|---|---|---|---|---|");
+        for l in sc["levels"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} |",
+                l["flows"],
+                summ(&l["established_hot_ns"], 1),
+                summ(&l["established_spread_ns"], 1),
+                summ(&l["new_flow_ns"], 1),
+                num(&l["spread_hit_ratio"], 3)
+            );
+        }
+        let _ = writeln!(w);
+    }
+    if status(p2).is_none() {
+        let _ = writeln!(w, "### Forwarding rate as the table fills\n");
+        let _ = writeln!(w, "One data plane whose table holds {} flows, the generator cycling through N flows (same method as part 2, fewer rounds).\n",
+            p2["configs"].as_array().and_then(|a| a.iter().find(|c| c["config"].as_str().is_some_and(|k| k.starts_with("bgswitch_full_table")))).map_or("—".into(), |c| num(&c["table_max_flows"], 0)));
+        let _ = writeln!(w, "| configuration | flow table (max_flows) | Mpps | ns/pkt | lb ns/pkt over floor | × nftables DNAT (10k) | of floor | sent | delivered | lost | flow hits |");
+        let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for c in p2["configs"].as_array().into_iter().flatten() {
+            if c["config"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("bgswitch_full_table"))
+            {
+                fwd_row(w, c);
+            }
+        }
+        let _ = writeln!(w);
+    }
+    let d = &r["daemon"];
+    let _ = writeln!(w, "### Daemon\n");
+    if d.is_null() {
+        let _ = writeln!(w, "not measured: this part was not run\n");
+    } else {
+        let _ = writeln!(w, "{}.\n", d["method"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            w,
+            "| state | resident memory | CPU (% of one core) | notes |"
+        );
+        let _ = writeln!(w, "|---|---|---|---|");
+        for (k, label) in [
+            ("idle", "idle"),
+            ("health_checks_256_backends", "health-checking 256 backends"),
+        ] {
+            let x = &d[k];
+            if let Some(st) = status(x) {
+                let _ = writeln!(w, "| {label} | {st} | | |");
+                continue;
+            }
+            let rss = x["rss_bytes"]
+                .as_f64()
+                .map_or("—".into(), |b| format!("{:.1} MiB", b / 1048576.0));
+            let mut note = x["config"].as_str().unwrap_or("").to_string();
+            if let Some(p) = x["health_probes_per_second"].as_f64() {
+                let _ = write!(note, "; {p:.0} probes/s answered");
+            }
+            let _ = writeln!(
+                w,
+                "| {label} | {rss} | {} | {note} |",
+                num(&x["cpu_percent_of_one_core"], 2)
+            );
+        }
+        let _ = writeln!(w);
+    }
+    if let Some(n) = all["notes"].as_str() {
+        let _ = writeln!(w, "{n}\n");
+    }
+    s
+}
+
+/// Replaces `{name}` placeholders in the profile text with figures from this
+/// run's component table (ns over XDP_PASS), `{a - b}` with a difference.
+fn fill_profile(text: &str, r: &Value) -> String {
+    let comp = |name: &str| -> Option<f64> {
+        r["components"]["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["part"] == name)?["over_baseline_ns"]["median"]
+            .as_f64()
+    };
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let Some(j) = rest[i..].find('}') else {
+            break;
+        };
+        let key = &rest[i + 1..i + j];
+        let v = match key.split_once(" - ") {
+            Some((a, b)) => comp(a).zip(comp(b)).map(|(a, b)| a - b),
+            None if key == "established" => {
+                f(&case(r, "established_tcp")["over_baseline_ns"]["median"])
+            }
+            None if key == "bgswitch_version_ms" || key == "durable_write_ms" => {
+                two_decimals(&r["flip"]["process_spawn_ms"][key])
+            }
+            None => comp(key),
+        };
+        out.push_str(&v.map_or("?".into(), |v| {
+            if v.fract() != 0.0 && v.abs() < 100.0 {
+                format!("{v:.1}")
+            } else {
+                format!("{v:.0}")
+            }
+        }));
+        rest = &rest[i + j + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A figure with two decimals for the profile text (rounded to whole ns
+/// otherwise).
+fn two_decimals(v: &Value) -> Option<f64> {
+    v.as_f64().map(|x| (x * 100.0).round() / 100.0)
+}
+
+fn fwd_row(w: &mut String, c: &Value) {
+    let _ = writeln!(
+        w,
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        c["label"].as_str().unwrap_or(""),
+        num(&c["table_max_flows"], 0),
+        summ(&c["mpps"], 3),
+        num(&c["ns_per_packet"], 0),
+        num(&c["lb_ns_per_packet_over_floor"], 0),
+        num(&c["ratio_to_nftables_dnat"], 2),
+        c["ratio_to_floor"]
+            .as_f64()
+            .map_or("—".into(), |v| format!("{:.0} %", v * 100.0)),
+        num(&c["sent"], 0),
+        num(&c["delivered"], 0),
+        num(&c["lost"], 0),
+        num(&c["flow_hit_ratio"], 3),
+    );
+}
