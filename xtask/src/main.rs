@@ -149,7 +149,13 @@ fn setup() -> Result<()> {
 }
 
 fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    ensure_packages(PACKAGES)
+}
+
+/// Installs with apt-get those of `packages` (name, a command it provides)
+/// whose command is missing; nothing when all are there.
+fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, cmd)| {
             !have(cmd)
@@ -329,23 +335,7 @@ fn bench(quick: bool) -> Result<()> {
     } else {
         BENCH_PACKAGES
     };
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(_, cmd)| {
-            !have(cmd)
-                && !Path::new("/usr/sbin").join(cmd).is_file()
-                && !Path::new("/sbin").join(cmd).is_file()
-        })
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("xtask: installing {missing:?} with apt-get (benchmarks)");
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    ensure_packages(wanted)?;
     let root = workspace_root();
     let profile = if quick { "debug" } else { "release" };
     let mut b = cargo();
