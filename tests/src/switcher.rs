@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::topology::{Colour, Topology, LB_BACKEND_IF, LB_CLIENT_IF, VIP};
+use crate::topology::{Colour, Topology, TopologyOptions, LB_BACKEND_IF, LB_CLIENT_IF, VIP};
 
 /// Port of the HTTP service on the VIP and on every backend.
 pub const HTTP_PORT: u16 = 8080;
@@ -66,6 +66,31 @@ pub fn default_services(topo: &Topology) -> String {
         pool(Colour::Blue, UDP_PORT),
         pool(Colour::Green, UDP_PORT),
     )
+}
+
+/// Fails the calling test unless it runs as root: privileged tests run for
+/// real (in CI too) and are never skipped.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged test: run as root (cargo xtask test)"
+    );
+}
+
+/// The test bed the switching tests and the demo use: the default topology
+/// (two blue and two green backends) with HTTP and UDP servers on every
+/// backend. Senders compute full checksums: a veth hands TCP/UDP over with
+/// partial ones, which an XDP program cannot see (real NICs deliver complete
+/// ones).
+pub fn served_topology() -> Result<Topology> {
+    let mut topo = Topology::create(TopologyOptions {
+        tx_csum_off: true,
+        ..TopologyOptions::default()
+    })?;
+    topo.start_servers(HTTP_PORT, UDP_PORT)?;
+    Ok(topo)
 }
 
 /// The output of one CLI call.

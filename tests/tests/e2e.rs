@@ -12,29 +12,13 @@ use std::{
 
 use bgswitch_tests::{
     http_get,
-    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
-    KeepAliveClient, Topology, TopologyOptions, UdpClient, VIP,
+    switcher::{default_services, require_root, served_topology, Switcher, HTTP_PORT, UDP_PORT},
+    KeepAliveClient, Topology, UdpClient, VIP,
 };
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (cargo xtask test)"
-    );
-}
 
 fn setup() -> (Topology, Switcher) {
     require_root();
-    // veth senders hand over TCP/UDP with partial checksums, which XDP cannot
-    // see; real NICs deliver complete ones. Senders compute them in full here.
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .expect("topology");
-    topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
+    let topo = served_topology().expect("topology with servers");
     let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
     sw.start().expect("daemon starts");
     (topo, sw)

@@ -15,23 +15,13 @@ use std::{
 use bgswitch_tests::{
     http_get, ip,
     netns::ns_exec,
-    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
-    Topology, TopologyOptions, VIP,
+    switcher::{default_services, require_root, served_topology, Switcher, HTTP_PORT},
+    Topology, VIP,
 };
 
 fn setup() -> (Topology, Switcher) {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (cargo xtask test)"
-    );
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .expect("topology");
-    topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
+    require_root();
+    let topo = served_topology().expect("topology with servers");
     let sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
     (topo, sw)
 }
@@ -391,18 +381,8 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
 
 #[test]
 fn a_dead_backend_fails_only_its_own_connections_and_new_flows_avoid_it() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (cargo xtask test)"
-    );
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .unwrap();
-    topo.start_servers(HTTP_PORT, UDP_PORT).unwrap();
+    require_root();
+    let mut topo = served_topology().expect("topology with servers");
     let services = default_services(&topo).replacen(
         "\n\n[[service]]\nname = \"echo\"",
         "\n[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 2\n\n[[service]]\nname = \"echo\"",

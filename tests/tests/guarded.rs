@@ -10,31 +10,17 @@ use std::{
 
 use bgswitch_tests::{
     http_get,
-    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
-    KeepAliveClient, Topology, TopologyOptions, VIP,
+    switcher::{default_services, require_root, served_topology, Switcher, HTTP_PORT},
+    KeepAliveClient, Topology, VIP,
 };
 
 const HEALTH: &str = "[service.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n";
 const METRICS: &str = "127.0.0.1:9477";
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (cargo xtask test)"
-    );
-}
-
 /// A topology with servers and a daemon; `health` adds HTTP checks to "web".
 fn setup(health: bool) -> (Topology, Switcher) {
     require_root();
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .expect("topology");
-    topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
+    let topo = served_topology().expect("topology with servers");
     let mut services = format!(
         "metrics_listen = \"{METRICS}\"\n\n{}",
         default_services(&topo)

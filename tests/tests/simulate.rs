@@ -5,8 +5,8 @@ use std::net::SocketAddrV4;
 
 use bgswitch::simulate::{read_pcap, write_pcap, PcapFrame};
 use bgswitch_tests::{
-    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
-    Topology, TopologyOptions, VIP,
+    switcher::{default_services, require_root, served_topology, Switcher, HTTP_PORT},
+    VIP,
 };
 use etherparse::PacketBuilder;
 
@@ -26,18 +26,8 @@ fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, ack: bool) -> Vec<u8> {
 
 #[test]
 fn simulate_reports_colour_and_backend_and_touches_nothing_live() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root"
-    );
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .unwrap();
-    topo.start_servers(HTTP_PORT, UDP_PORT).unwrap();
+    require_root();
+    let topo = served_topology().expect("topology with servers");
     let mut sw = Switcher::new(&topo, &default_services(&topo)).unwrap();
     sw.start().unwrap();
     sw.cli_ok(&["flip", "web"]).unwrap();

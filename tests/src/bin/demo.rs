@@ -12,8 +12,8 @@ use std::{
 use anyhow::{bail, Result};
 use bgswitch_tests::{
     http_get,
-    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
-    KeepAliveClient, Topology, TopologyOptions, VIP,
+    switcher::{default_services, served_topology, Switcher, HTTP_PORT},
+    KeepAliveClient, VIP,
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -62,11 +62,7 @@ fn main() {
 
 fn run() -> Result<()> {
     step("Building the topology: client, load balancer, 2 blue + 2 green backends (network namespaces)")?;
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })?;
-    topo.start_servers(HTTP_PORT, UDP_PORT)?;
+    let topo = served_topology()?;
     for b in topo.backends() {
         println!(
             "  {} ({}) serves HTTP on {}:{HTTP_PORT}",
