@@ -116,6 +116,7 @@ impl Switcher {
     /// Does not start the daemon.
     pub fn new(topo: &Topology, services: &str) -> Result<Self> {
         let bin = bgswitch_bin()?;
+        remove_stale_dirs();
         let dir = PathBuf::from("/run/bgswitch-test").join(topo.prefix());
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("bpf"))
@@ -363,6 +364,26 @@ impl Drop for Switcher {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes what switchers of dead test processes left under
+/// /run/bgswitch-test (a test killed before its Drop ran).
+fn remove_stale_dirs() {
+    let Ok(rd) = fs::read_dir("/run/bgswitch-test") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dead =
+            crate::topology::prefix_pid(&name).is_some_and(|pid| !crate::topology::pid_alive(pid));
+        if dead {
+            if let Ok(c) = CString::new(e.path().join("bpf").as_os_str().as_encoded_bytes()) {
+                // SAFETY: valid path; lazy unmount of a leftover bpffs.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 

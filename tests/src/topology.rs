@@ -629,7 +629,7 @@ fn ethtool(ns: &str, ifname: &str, settings: &[&str]) -> Result<()> {
 }
 
 /// Extracts the creating pid from a namespace name `bgs{pid}x{n}-...`.
-fn prefix_pid(name: &str) -> Option<u32> {
+pub(crate) fn prefix_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(PREFIX_START)?;
     let (pid, rest) = rest.split_once('x')?;
     let counter = rest.split('-').next()?;
@@ -640,7 +640,7 @@ fn prefix_pid(name: &str) -> Option<u32> {
 }
 
 /// Whether a process with this pid exists.
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
