@@ -77,12 +77,22 @@ pub enum Event {
     Shutdown(&'static str),
 }
 
-/// Counters at the start of a watch, to judge the error rate since.
-#[derive(Clone, Copy)]
+/// Counters at the start of a watch, to judge the error rate since, and the
+/// new-flow count sampled once a second (to know which flows are older than
+/// the SYN timeout).
+#[derive(Clone)]
 struct Baseline {
     stats: ColourStats,
-    /// Kernel monotonic seconds.
-    since_s: u32,
+    samples: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+impl Baseline {
+    fn new(stats: ColourStats) -> Self {
+        Self {
+            stats,
+            samples: std::collections::VecDeque::new(),
+        }
+    }
 }
 
 /// The daemon's state: config, desired state, health, data plane.
@@ -104,10 +114,6 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn kernel_now_s() -> u32 {
-    (dataplane::monotonic_ns() / 1_000_000_000) as u32
 }
 
 /// Host checks a config must pass before the daemon acts on it.
@@ -561,30 +567,38 @@ impl Daemon {
             }
         }
         let max = w.max_error_rate?;
-        // The error rate reads the flow table: judge it once a second.
+        // Judged once a second.
         if !self.ticks.is_multiple_of(5) {
             return None;
         }
         let stats = self.dataplane.colour_stats(id, w.colour).ok()?;
-        let base = *self.baselines.entry(name.to_string()).or_insert(Baseline {
-            stats,
-            since_s: kernel_now_s(),
-        });
+        let tcp = svc.protocol == config::Protocol::Tcp;
+        let base = self
+            .baselines
+            .entry(name.to_string())
+            .or_insert_with(|| Baseline::new(stats));
+        let now = std::time::Instant::now();
+        base.samples.push_back((now, stats.new_flows));
+        let syn_timeout = Duration::from_secs(dataplane::SYN_TIMEOUT_S);
+        while base.samples.len() > 2 && now - base.samples[1].0 >= syn_timeout {
+            base.samples.pop_front();
+        }
         let new_flows = stats.new_flows.saturating_sub(base.stats.new_flows);
         if new_flows < MIN_ERROR_SAMPLE {
             return None;
         }
         let rsts = stats.backend_rsts.saturating_sub(base.stats.backend_rsts);
-        let unanswered = self
-            .dataplane
-            .flow_counts(
-                self.config.udp_idle_timeout,
-                self.config.tcp_idle_timeout,
-                base.since_s,
-            )
-            .ok()?
-            .get(&(id, w.colour))
-            .map_or(0, |c| c.unanswered_since);
+        // Unanswered SYNs from the kernel's counters, without scanning the flow
+        // table: flows chosen at least the SYN timeout ago, minus the SYN-ACKs
+        // and RSTs their backends sent. Conservative: an RST on an established
+        // connection or a retransmitted SYN-ACK only lowers the estimate.
+        let unanswered = match base.samples.front() {
+            Some((at, old_new)) if tcp && now - *at >= syn_timeout => old_new
+                .saturating_sub(base.stats.new_flows)
+                .saturating_sub(stats.syn_acks.saturating_sub(base.stats.syn_acks))
+                .saturating_sub(rsts),
+            _ => 0,
+        };
         let rate = (rsts + unanswered) as f64 / new_flows as f64;
         (rate > max).then(|| {
             format!(
@@ -843,13 +857,8 @@ impl Daemon {
                     if let Some(Ok(stats)) =
                         id.ok().map(|id| self.dataplane.colour_stats(id, change.to))
                     {
-                        self.baselines.insert(
-                            service.to_string(),
-                            Baseline {
-                                stats,
-                                since_s: kernel_now_s(),
-                            },
-                        );
+                        self.baselines
+                            .insert(service.to_string(), Baseline::new(stats));
                     }
                 }
                 resp
@@ -1039,11 +1048,9 @@ impl Daemon {
         if let Some(name) = only {
             self.state.service(name)?;
         }
-        let flows = self.dataplane.flow_counts(
-            self.config.udp_idle_timeout,
-            self.config.tcp_idle_timeout,
-            0,
-        )?;
+        let flows = self
+            .dataplane
+            .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)?;
         let mut services = Vec::new();
         for svc in &self.config.services {
             if only.is_some_and(|n| n != svc.name) {

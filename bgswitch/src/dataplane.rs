@@ -417,8 +417,6 @@ pub struct FlowCounts {
     pub recorded: u64,
     /// TCP flows whose SYN got no SYN-ACK (nor RST) within the SYN timeout.
     pub unanswered: u64,
-    /// The same, among flows recorded at or after `since_s`.
-    pub unanswered_since: u64,
     /// Flows sent to this colour by a preview prefix.
     pub preview: u64,
 }
@@ -1090,12 +1088,10 @@ impl Dataplane {
     }
 
     /// Counts forward flow entries per (service id, colour).
-    /// `since_s` is a time in kernel monotonic seconds (see [`monotonic_ns`]).
     pub fn flow_counts(
         &self,
         udp_idle: Duration,
         tcp_idle: Duration,
-        since_s: u32,
     ) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
         let now = monotonic_ns();
         let now_s = now / 1_000_000_000;
@@ -1122,9 +1118,6 @@ impl Dataplane {
                 && now_s.saturating_sub(u64::from(e.created_s)) >= SYN_TIMEOUT_S
             {
                 c.unanswered += 1;
-                if e.created_s >= since_s {
-                    c.unanswered_since += 1;
-                }
             }
             let idle = now.saturating_sub(e.last_seen_ns);
             let live = if key.proto == bgswitch_common::PROTO_UDP {

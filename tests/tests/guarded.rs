@@ -213,6 +213,43 @@ fn a_watched_flip_rolls_back_on_the_kernel_error_signal() {
 }
 
 #[test]
+fn a_watched_flip_rolls_back_when_green_silently_drops_connections() {
+    // Green's links are down: SYNs vanish, nobody answers (no RST either).
+    let (topo, sw) = setup(false);
+    for b in topo.backends().iter().filter(|b| b.name.starts_with('g')) {
+        bgswitch_tests::ip(&["-n", &b.ns, "link", "set", "eth0", "down"]).unwrap();
+    }
+    sw.cli_ok(&["flip", "web", "--watch", "30s", "--max-error-rate", "0.5"])
+        .unwrap();
+    let cli = topo.client_ns().to_string();
+    // Twelve connection attempts at once; each times out on its own.
+    let attempts: Vec<_> = (0..12)
+        .map(|_| {
+            let cli = cli.clone();
+            std::thread::spawn(move || http_get(&cli, web(), "/").is_err())
+        })
+        .collect();
+    let failed = attempts
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|failed| *failed)
+        .count();
+    assert_eq!(failed, 12, "green answers nothing");
+    let st = wait_for(
+        &sw,
+        Duration::from_secs(6),
+        "rollback on unanswered SYNs",
+        |st| st["services"][0]["active"] == "blue",
+    );
+    let why = st["services"][0]["rolled_back"].as_str().unwrap();
+    assert!(
+        why.contains("unanswered SYNs") && why.contains("0 RSTs"),
+        "{why}"
+    );
+    assert_eq!(colour(&http_get(&cli, web(), "/").unwrap().body), "blue");
+}
+
+#[test]
 fn confirm_within_rolls_back_unless_confirmed_even_across_restarts() {
     let (topo, mut sw) = setup(false);
     // Not confirmed: back to blue after the deadline.
