@@ -159,6 +159,8 @@ pub struct Dataplane {
     pool_sizes: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey4, FlowEntry>,
+    /// The same map, for batch reads (aya 0.14 has no batch API).
+    flows_fd: std::os::fd::OwnedFd,
     settings: Array<MapData, Settings>,
     tx_ports: DevMapHash<MapData>,
     service_stats: PerCpuArray<MapData, ColourStats>,
@@ -490,8 +492,21 @@ impl Dataplane {
             .map_err(map_err(names::POOL_SIZES, "open"))?;
         let backends =
             Array::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS, "open"))?;
-        let flows =
-            HashMap::try_from(take(names::FLOWS)?).map_err(map_err(names::FLOWS, "open"))?;
+        let flows_map = take(names::FLOWS)?;
+        let flows_fd = match &flows_map {
+            Map::LruHashMap(d) => {
+                d.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| DataplaneError::Io {
+                        op: "duplicating the fd of",
+                        path: names::FLOWS.into(),
+                        source: e,
+                    })?
+            }
+            _ => return Err(DataplaneError::Invalid("FLOWS is not an LRU hash".into())),
+        };
+        let flows = HashMap::try_from(flows_map).map_err(map_err(names::FLOWS, "open"))?;
         let settings =
             Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
         let tx_ports = DevMapHash::try_from(take(names::TX_PORTS)?)
@@ -514,6 +529,7 @@ impl Dataplane {
             pool_sizes,
             backends,
             flows,
+            flows_fd,
             settings,
             tx_ports,
             service_stats,
@@ -1096,13 +1112,7 @@ impl Dataplane {
         let now = monotonic_ns();
         let now_s = now / 1_000_000_000;
         let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
-        for item in self.flows.iter() {
-            let (key, e) = match item {
-                Ok(kv) => kv,
-                // An entry evicted between "next key" and "lookup": skip it.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_err(names::FLOWS, "iterate")(e)),
-            };
+        for (key, e) in self.flow_entries()? {
             if e.flags & flow_flags::REVERSE != 0 {
                 continue;
             }
@@ -1135,6 +1145,32 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Every entry of the flow table: read in batches (BPF_MAP_LOOKUP_BATCH,
+    /// thousands of entries per syscall), or entry by entry where the kernel
+    /// refuses batches.
+    fn flow_entries(&self) -> Result<Vec<(FlowKey4, FlowEntry)>> {
+        match lookup_batch::<FlowKey4, FlowEntry>(self.flows_fd.as_fd()) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
+                let mut v = Vec::new();
+                for item in self.flows.iter() {
+                    match item {
+                        Ok(kv) => v.push(kv),
+                        // Evicted between "next key" and "lookup": skip it.
+                        Err(aya::maps::MapError::KeyNotFound) => continue,
+                        Err(e) => return Err(map_err(names::FLOWS, "iterate")(e)),
+                    }
+                }
+                Ok(v)
+            }
+            Err(e) => Err(DataplaneError::Io {
+                op: "BPF_MAP_LOOKUP_BATCH on",
+                path: names::FLOWS.into(),
+                source: e,
+            }),
+        }
+    }
+
     /// Forgets every flow of service `id` not on `keep` (both directions), so
     /// their next packets follow the active colour (`flip --force`). Returns
     /// how many flows were moved.
@@ -1149,15 +1185,9 @@ impl Dataplane {
 
     fn flush(&mut self, id: u32, keep: Option<Colour>) -> Result<u64> {
         let mut doomed = Vec::new();
-        for item in self.flows.iter() {
-            match item {
-                Ok((k, e)) => {
-                    if e.service == id && keep.is_none_or(|k| e.colour as u32 != k.index()) {
-                        doomed.push((k, e.flags & flow_flags::REVERSE == 0));
-                    }
-                }
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_err(names::FLOWS, "iterate")(e)),
+        for (k, e) in self.flow_entries()? {
+            if e.service == id && keep.is_none_or(|k| e.colour as u32 != k.index()) {
+                doomed.push((k, e.flags & flow_flags::REVERSE == 0));
             }
         }
         let mut moved = 0;
@@ -1255,6 +1285,59 @@ pub fn remove_pins(bpffs: &Path) -> Result<()> {
         }
     }
     std::fs::remove_dir_all(&root).map_err(io_err("removing", &root))
+}
+
+/// Reads a whole hash map with BPF_MAP_LOOKUP_BATCH (Linux 5.6).
+fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let mut chunk = 4096usize;
+    let mut out = Vec::new();
+    let mut token = [0u64; 2];
+    let mut first = true;
+    loop {
+        let mut keys = vec![K::default(); chunk];
+        let mut values = vec![V::default(); chunk];
+        let mut next = [0u64; 2];
+        // union bpf_attr, batch: in_batch, out_batch, keys, values, count,
+        // map_fd, elem_flags, flags.
+        let mut attr = [0u64; 8];
+        attr[0] = if first { 0 } else { token.as_ptr() as u64 };
+        attr[1] = next.as_mut_ptr() as u64;
+        attr[2] = keys.as_mut_ptr() as u64;
+        attr[3] = values.as_mut_ptr() as u64;
+        attr[4] = chunk as u64 | (u64::from(fd.as_raw_fd() as u32) << 32);
+        // SAFETY: the kernel writes at most `count` keys and values into
+        // buffers of that many elements, and the batch token into `next`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        let got = (attr[4] & 0xffff_ffff) as usize;
+        match &err {
+            Some(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
+                // A bucket holds more entries than the buffer: grow it.
+                chunk *= 4;
+                continue;
+            }
+            Some(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                return Err(io::Error::new(e.kind(), e.to_string()));
+            }
+            _ => {}
+        }
+        out.extend(keys.into_iter().zip(values).take(got));
+        if err.is_some() {
+            return Ok(out); // ENOENT: that was the last batch.
+        }
+        token = next;
+        first = false;
+    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.

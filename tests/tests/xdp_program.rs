@@ -621,3 +621,25 @@ fn preview_prefixes_and_canary_share_choose_the_idle_colour_for_new_flows_only()
         assert!(blue().contains(&SocketAddr::V4(verify(&out).1)));
     });
 }
+
+#[test]
+fn flow_counts_read_the_whole_table_in_batches() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        // 3000 flows = 6000 entries: more than one 4096-entry batch.
+        for p in 0..3000u16 {
+            let c = SocketAddrV4::new(CLIENT, 20000 + p);
+            fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        }
+        let day = std::time::Duration::from_secs(86_400);
+        let counts = fx.dp.flow_counts(day, day).unwrap();
+        let blue = counts[&(0, Colour::Blue)];
+        assert_eq!(blue.recorded, 3000);
+        assert_eq!(blue.live, 3000);
+        assert!(!counts.contains_key(&(0, Colour::Green)));
+        // Flushing uses the same reader.
+        assert_eq!(fx.dp.flush_flows(0, Colour::Green).unwrap(), 3000);
+        assert!(fx.dp.flow_counts(day, day).unwrap().is_empty());
+    });
+}
