@@ -128,7 +128,8 @@ impl Switcher {
             child: None,
             mounted: false,
         };
-        mount_bpffs(&s.bpffs())?;
+        // The daemon's own mounting code, run in the host's mount namespace.
+        bgswitch::dataplane::ensure_bpffs(&s.bpffs())?;
         s.mounted = true;
         s.write_config(&s.config_text(services))?;
         Ok(s)
@@ -385,27 +386,4 @@ fn remove_stale_dirs() {
             let _ = fs::remove_dir_all(e.path());
         }
     }
-}
-
-fn mount_bpffs(path: &Path) -> Result<()> {
-    let target = CString::new(path.as_os_str().as_encoded_bytes())?;
-    let fstype = CString::new("bpf")?;
-    // SAFETY: valid C strings, no data.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "mounting a bpffs at {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }

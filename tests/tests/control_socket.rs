@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bgswitch_tests::rng::Rng;
 use bgswitch_tests::{
     switcher::{bgswitch_bin, default_services, Switcher, HTTP_PORT, UDP_PORT},
     Topology, TopologyOptions,
@@ -139,26 +140,6 @@ fn response(line: &str) -> (bool, String) {
     (ok, err)
 }
 
-/// xorshift64*, seeded: the same bytes every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (((self.next() >> 32) * n as u64) >> 32) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// Whether the daemon's own parser would take `line` as a request that may
 /// change state (of a configured service, or the daemon itself): such lines
 /// are never sent. Returns the command otherwise (None: not a request).
@@ -180,24 +161,24 @@ fn harmless(line: &[u8]) -> Result<Option<String>, ()> {
 /// Byte-level mutations of a request line (no newline inside).
 fn mutate(rng: &mut Rng, template: &[u8]) -> Vec<u8> {
     let mut v = template.to_vec();
-    for _ in 0..1 + rng.below(4) {
-        let at = rng.below(v.len().max(1));
-        match rng.below(7) {
-            0 if !v.is_empty() => v[at] ^= 1 << rng.below(8),
+    for _ in 0..1 + rng.index(4) {
+        let at = rng.index(v.len().max(1));
+        match rng.index(7) {
+            0 if !v.is_empty() => v[at] ^= 1 << rng.index(8),
             1 if !v.is_empty() => {
                 v.remove(at);
             }
-            2 => v.insert(at.min(v.len()), rng.next() as u8),
+            2 => v.insert(at.min(v.len()), rng.next_u64() as u8),
             3 => {
                 let tokens: [&[u8]; 10] = [
                     b"\"", b"{", b"}", b"[", b"]", b":", b",", b"null", b"\\u0000", b"1e999",
                 ];
-                let t = tokens[rng.below(tokens.len())];
+                let t = tokens[rng.index(tokens.len())];
                 let at = at.min(v.len());
                 v.splice(at..at, t.iter().copied());
             }
             4 if v.len() > 2 => {
-                let end = at + rng.below(v.len() - at);
+                let end = at + rng.index(v.len() - at);
                 let chunk = v[at..end].to_vec();
                 v.splice(end..end, chunk);
             }
@@ -220,16 +201,16 @@ fn mutate(rng: &mut Rng, template: &[u8]) -> Vec<u8> {
 fn garbage_mutated_unknown_oversized_and_truncated_requests_are_refused_and_change_nothing() {
     let (_topo, sw) = setup("");
     let before = snapshot(&sw);
-    let mut rng = Rng(0x6267_7377_c0de_0001);
+    let mut rng = Rng::from_state(0x6267_7377_c0de_0001);
     let started = Instant::now();
 
     // 1. Random bytes, 300 connections: one answer per line (and one for a
     //    trailing unterminated piece), every one a refusal with a reason.
     let mut random_answers = 0;
     for _ in 0..300 {
-        let n = 1 + rng.below(2048);
+        let n = 1 + rng.index(2048);
         let mut data = rng.bytes(n);
-        if rng.below(2) == 0 {
+        if rng.index(2) == 0 {
             data.push(b'\n');
         }
         if data.split(|b| *b == b'\n').any(|l| harmless(l) != Ok(None)) {
@@ -273,8 +254,8 @@ fn garbage_mutated_unknown_oversized_and_truncated_requests_are_refused_and_chan
         let mut batch = Vec::new();
         let mut cmds = Vec::new();
         while cmds.len() < 20 {
-            let t = templates[rng.below(templates.len())];
-            let line = if rng.below(100) < 15 {
+            let t = templates[rng.index(templates.len())];
+            let line = if rng.index(100) < 15 {
                 t.to_vec()
             } else {
                 mutate(&mut rng, t)
