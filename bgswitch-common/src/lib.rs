@@ -24,7 +24,7 @@ pub mod hash;
 
 /// Version of the map layout below. Bump on any change to a map's key, value,
 /// type or meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Most services one data plane serves (size of the per-service arrays).
 pub const MAX_SERVICES: u32 = 256;
@@ -38,6 +38,8 @@ pub const BACKEND_ENTRIES: u32 = MAX_SERVICES * POOL_SLOTS * MAX_BACKENDS;
 /// Per-backend counter slots: one per configured backend position,
 /// `service * 2 * MAX_BACKENDS + colour * MAX_BACKENDS + index`.
 pub const BACKEND_STAT_ENTRIES: u32 = MAX_SERVICES * 2 * MAX_BACKENDS;
+// Flow entries keep a backend's counter slot in 16 bits.
+const _: () = assert!(BACKEND_STAT_ENTRIES <= 1 << 16);
 /// Most interfaces the data plane forwards between.
 pub const MAX_INTERFACES: u32 = 64;
 /// Default size of the flow table (entries; each flow uses two: both directions).
@@ -258,8 +260,16 @@ pub mod flow_flags {
 ///
 /// Forward entry: `peer` is the chosen backend. Reverse entry: `peer` is the
 /// virtual address the client used, written back as the reply's source.
-/// 32 bytes: with the 16-byte key and the kernel's 48-byte element header,
-/// both directions of a flow take 224 bytes of kernel memory with buckets.
+///
+/// Each entry also keeps the next hop of its direction (`nh_*`): what
+/// `bpf_fib_lookup` answered for this flow's rewritten packets, so established
+/// packets skip the lookup. The answer is used for packets no longer than
+/// `nh_len` until `last_seen_ns` is next refreshed (at most
+/// [`LAST_SEEN_STEP_NS`] later); that packet looks it up again, so a route,
+/// neighbour or MTU change reaches every open flow within ~17 ms.
+///
+/// 48 bytes: with the 16-byte key and the kernel's 48-byte element header,
+/// both directions of a flow take 256 bytes of kernel memory with buckets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -273,14 +283,30 @@ pub struct FlowEntry {
     pub flags: u8,
     /// Service id.
     pub service: u32,
-    /// Index into `BACKEND_STATS`.
-    pub backend_stat: u32,
-    /// `bpf_ktime_get_ns() / 1e9` when the flow was recorded (seconds).
+    /// `bpf_ktime_get_coarse_ns() / 1e9` when the flow was recorded (seconds).
     pub created_s: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet in
+    /// this direction, refreshed at most every [`LAST_SEEN_STEP_NS`].
     pub last_seen_ns: u64,
+    /// Egress ifindex of the cached next hop (the ingress one means XDP_TX);
+    /// 0: none cached.
+    pub nh_ifindex: u32,
+    /// Destination MAC of the next hop.
+    pub nh_dmac: [u8; 6],
+    /// Source MAC (the egress interface's).
+    pub nh_smac: [u8; 6],
+    /// IPv4 total length of the packet the next hop was looked up for: longer
+    /// packets look it up again (the MTU check).
+    pub nh_len: u16,
+    /// Index into `BACKEND_STATS`.
+    pub backend_stat: u16,
+    pub _pad: u32,
 }
+
+/// Most nanoseconds a flow's `last_seen_ns` lags its last packet (it is
+/// written at most this often, to dirty fewer cache lines); also how long a
+/// cached next hop is used.
+pub const LAST_SEEN_STEP_NS: u64 = 1 << 24;
 
 /// The single entry of the `SETTINGS` array.
 #[repr(C)]
@@ -357,10 +383,15 @@ pub mod global {
     pub const REPLIES: u32 = 12;
     /// Forward packets of flows found in the table.
     pub const FLOW_HITS: u32 = 13;
+    /// `bpf_fib_lookup` calls: a flow's first packet in each direction, then
+    /// about one per ~17 ms of its traffic, and packets longer than the one
+    /// its next hop was looked up for. Far fewer than packets when the
+    /// next-hop cache in the flow entries works.
+    pub const FIB_LOOKUPS: u32 = 14;
     /// Number of counters.
     pub const COUNT: u32 = 16;
     /// Names, for status and metrics, indexed like the constants.
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 15] = [
         "pass_not_ip",
         "pass_not_service",
         "malformed",
@@ -375,6 +406,7 @@ pub mod global {
         "flow_insert_failed",
         "replies",
         "flow_hits",
+        "fib_lookups",
     ];
 }
 
@@ -440,7 +472,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 4);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowEntry>(), 32);
+        assert_eq!(size_of::<FlowEntry>(), 48);
         assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<Settings>(), 16);
         assert_eq!(size_of::<ColourStats>(), 64);
@@ -475,6 +507,6 @@ mod tests {
         assert_eq!(a[0].to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(port_to_wire(80).to_ne_bytes(), [0, 80]);
         assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
-        assert_eq!(global::NAMES.len() as u32, global::FLOW_HITS + 1);
+        assert_eq!(global::NAMES.len() as u32, global::FIB_LOOKUPS + 1);
     }
 }

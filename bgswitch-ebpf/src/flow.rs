@@ -6,8 +6,8 @@ use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::Xd
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS,
-    PROTO_TCP, PROTO_UDP,
+    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, LAST_SEEN_STEP_NS, MAX_BACKENDS,
+    POOL_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -15,7 +15,7 @@ use crate::{
         count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, PREVIEW, SERVICES,
         SERVICE_STATS, SETTINGS,
     },
-    nat::{forward, rewrite, Side},
+    nat::{resolve, rewrite, transmit, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -166,70 +166,120 @@ fn to_backend(
     let now = now_ns();
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
-    let mut target: Option<(Backend, u32)> = None;
     if let Some(entry) = entry {
         if !expired(entry, f, syn, now) {
-            // Refresh the idle clock at most every ~16 ms (fewer dirty lines).
-            if now.wrapping_sub(entry.last_seen_ns) > (1 << 24) {
+            let refresh = now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_STEP_NS;
+            if refresh {
                 entry.last_seen_ns = now;
             }
             let closing = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
             if closing != 0 {
                 entry.flags |= closing;
             }
-            target = Some((
-                Backend {
-                    addr: [entry.peer, 0, 0, 0],
-                    port: entry.peer_port,
-                    family: f.family,
-                    _pad: 0,
-                    stat_id: entry.backend_stat,
-                },
-                entry.colour as u32,
-            ));
             count(global::FLOW_HITS);
-        }
-    }
-    let new_flow = target.is_none();
-    let (backend, colour) = match target {
-        Some(t) => t,
-        None => {
-            // A client whose own address and port are a VIP (spoofed) would
-            // get a reverse entry that VIP traffic could hit: not ours.
-            let own = ServiceKey {
-                addr: f.src,
-                port: f.sport,
-                proto: f.proto,
-                family: f.family,
-            };
-            // SAFETY: only presence is read.
-            if unsafe { SERVICES.get(&own) }.is_some() {
-                count(global::PASS_NOT_SERVICE);
+            account(
+                service,
+                entry.colour as u32,
+                entry.backend_stat as u32,
+                f.frame_len,
+                false,
+                false,
+            );
+            if rewrite(ctx, f, Side::Dst, &[entry.peer, 0, 0, 0], entry.peer_port).is_none() {
+                count(global::MALFORMED);
                 return xdp_action::XDP_PASS;
             }
-            let orphan = f.proto == PROTO_TCP && !syn;
-            let (colour, preview) = choose_colour(word, service, key, orphan);
-            let Some(b) = pick_backend(word, service, colour, key) else {
-                count(global::NO_BACKEND);
-                return xdp_action::XDP_PASS;
-            };
-            record(f, key, &b, service, colour, preview, now);
-            (b, colour)
+            return send(ctx, f, entry, refresh);
         }
+    }
+
+    // A client whose own address and port are a VIP (spoofed) would get a
+    // reverse entry that VIP traffic could hit: not ours.
+    let own = ServiceKey {
+        addr: f.src,
+        port: f.sport,
+        proto: f.proto,
+        family: f.family,
     };
-    account(
-        service,
-        colour,
-        backend.stat_id,
-        f.frame_len,
-        new_flow,
-        false,
-    );
-    if rewrite(ctx, f, Side::Dst, &backend.addr, backend.port).is_none() {
+    // SAFETY: only presence is read.
+    if unsafe { SERVICES.get(&own) }.is_some() {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
+    let orphan = f.proto == PROTO_TCP && !syn;
+    let (colour, preview) = choose_colour(word, service, key, orphan);
+    let Some(b) = pick_backend(word, service, colour, key) else {
+        count(global::NO_BACKEND);
+        return xdp_action::XDP_PASS;
+    };
+    account(service, colour, b.stat_id, f.frame_len, true, false);
+    if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
     }
-    forward(ctx, f)
+    let mut flags = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
+    if preview {
+        flags |= flow_flags::PREVIEW;
+    }
+    let mut fwd = new_entry(b.addr[0], b.port, colour, flags, service, b.stat_id, now);
+    // The next hop is looked up before the flow is recorded, so the forward
+    // entry is written once, with it; the frame leaves only after we return.
+    let action = send(ctx, f, &mut fwd, true);
+    record(f, key, &b, &fwd);
+    action
+}
+
+/// Forwards a rewritten packet through the entry's cached next hop, or looks
+/// the next hop up (and keeps it in the entry) when there is none, when it is
+/// due for a refresh, or when the packet is longer than the one it was looked
+/// up for (the MTU check).
+#[inline(always)]
+fn send(ctx: &XdpContext, f: &Frame, e: &mut FlowEntry, refresh: bool) -> u32 {
+    if !refresh && e.nh_ifindex != 0 && f.tot_len <= e.nh_len {
+        return transmit(ctx, f, e.nh_ifindex, &e.nh_dmac, &e.nh_smac);
+    }
+    let Some(hop) = resolve(ctx, f) else {
+        e.nh_ifindex = 0;
+        return xdp_action::XDP_PASS;
+    };
+    // Byte stores: an array assignment may become a memcpy call here.
+    for i in 0..6 {
+        // SAFETY: in-bounds writes to fields of a valid entry.
+        unsafe {
+            core::ptr::write_volatile(&mut e.nh_dmac[i], hop.dmac[i]);
+            core::ptr::write_volatile(&mut e.nh_smac[i], hop.smac[i]);
+        }
+    }
+    e.nh_len = f.tot_len;
+    e.nh_ifindex = hop.ifindex;
+    transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac)
+}
+
+#[inline(always)]
+fn new_entry(
+    peer: u32,
+    peer_port: u16,
+    colour: u32,
+    flags: u8,
+    service: u32,
+    stat: u32,
+    now: u64,
+) -> FlowEntry {
+    FlowEntry {
+        peer,
+        peer_port,
+        colour: colour as u8,
+        flags,
+        service,
+        created_s: (now / 1_000_000_000) as u32,
+        last_seen_ns: now,
+        nh_ifindex: 0,
+        nh_dmac: [0; 6],
+        nh_smac: [0; 6],
+        nh_len: 0,
+        backend_stat: stat as u16,
+        _pad: 0,
+    }
 }
 
 /// Whether a forward entry no longer decides this packet: an idle UDP flow, or
@@ -258,33 +308,9 @@ fn pick_backend(word: u32, service: u32, colour: u32, key: &FlowKey) -> Option<B
 }
 
 /// Writes both entries of a new flow: forward (client → VIP) and reverse
-/// (backend → client).
+/// (backend → client, whose next hop its first reply looks up).
 #[inline(always)]
-fn record(
-    f: &Frame,
-    key: &FlowKey,
-    b: &Backend,
-    service: u32,
-    colour: u32,
-    preview: bool,
-    now: u64,
-) {
-    let created_s = (now / 1_000_000_000) as u32;
-    let mut flags = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
-    if preview {
-        flags |= flow_flags::PREVIEW;
-    }
-    let fwd = FlowEntry {
-        peer: b.addr[0],
-        peer_port: b.port,
-        colour: colour as u8,
-        flags,
-        service,
-        backend_stat: b.stat_id,
-        created_s,
-        _pad: 0,
-        last_seen_ns: now,
-    };
+fn record(f: &Frame, key: &FlowKey, b: &Backend, fwd: &FlowEntry) {
     let rkey = FlowKey4 {
         src: b.addr[0],
         dst: f.src[0],
@@ -294,22 +320,20 @@ fn record(
         _pad0: 0,
         _pad1: 0,
     };
-    let rev = FlowEntry {
-        peer: f.dst[0],
-        peer_port: f.dport,
-        colour: colour as u8,
-        flags: flow_flags::REVERSE,
-        service,
-        backend_stat: b.stat_id,
-        created_s,
-        _pad: 0,
-        last_seen_ns: now,
-    };
+    let rev = new_entry(
+        f.dst[0],
+        f.dport,
+        fwd.colour as u32,
+        flow_flags::REVERSE,
+        fwd.service,
+        fwd.backend_stat as u32,
+        fwd.last_seen_ns,
+    );
     // Reverse first: a reply can only come after the forward packet left.
     if FLOWS.insert(&rkey, &rev, 0).is_err() {
         count(global::FLOW_INSERT_FAILED);
     }
-    if FLOWS.insert(&key4(key), &fwd, 0).is_err() {
+    if FLOWS.insert(&key4(key), fwd, 0).is_err() {
         count(global::FLOW_INSERT_FAILED);
     }
 }
@@ -355,14 +379,15 @@ fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let now = now_ns();
-    if now.wrapping_sub(entry.last_seen_ns) > (1 << 24) {
+    let refresh = now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_STEP_NS;
+    if refresh {
         entry.last_seen_ns = now;
     }
     let vip = [entry.peer, 0, 0, 0];
     let vport = entry.peer_port;
     let service = entry.service;
     let colour = entry.colour as u32;
-    let stat = entry.backend_stat;
+    let stat = entry.backend_stat as u32;
     if f.proto == PROTO_TCP {
         let flags = f.tcp_flags;
         let mut mirror = close_flags(flags, flow_flags::FIN_BACKEND);
@@ -404,5 +429,5 @@ fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
     }
-    forward(ctx, f)
+    send(ctx, f, entry, refresh)
 }

@@ -81,13 +81,20 @@ pub fn rewrite(ctx: &XdpContext, f: &Frame, side: Side, addr: &Addr, port: u16) 
     Some(())
 }
 
-/// Sends a rewritten frame on its way: looks up the route and neighbour of the
-/// new destination; with both known, decrements the TTL, writes the MACs and
-/// transmits (XDP_TX on the ingress interface, else a DevMap redirect). Without
-/// a neighbour, or when the route is not ours to take, the rewritten frame goes
-/// to the stack, which resolves ARP and forwards it (ip_forward is on).
+/// Where a rewritten frame goes next: the egress interface and both MACs,
+/// as `bpf_fib_lookup` answered them.
+pub struct Hop {
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+/// Looks up the route and neighbour of the frame's (rewritten) destination.
+/// `None` (counted) when the frame should go to the stack instead: no
+/// neighbour entry yet (the stack resolves ARP and forwards, ip_forward is
+/// on), no route, the MTU, or an egress interface bgswitch is not attached to.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
+pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
     let ip = f.ip;
     // Zeroed with sixteen explicit stores: `mem::zeroed()` of 64 bytes becomes a
     // call to a byte-at-a-time memset on this target (~60 ns per packet).
@@ -116,6 +123,7 @@ pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
     }
     let ingress = ctx.ingress_ifindex() as u32;
     p.ifindex = ingress;
+    count(global::FIB_LOOKUPS);
     // SAFETY: helper call with a valid context and a params struct of the right size.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -131,13 +139,26 @@ pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
         } else {
             global::FIB_OTHER
         });
-        return xdp_action::XDP_PASS;
+        return None;
     }
     let egress = p.ifindex;
     if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {
         count(global::EGRESS_UNKNOWN);
-        return xdp_action::XDP_PASS;
+        return None;
     }
+    Some(Hop {
+        ifindex: egress,
+        dmac: p.dmac,
+        smac: p.smac,
+    })
+}
+
+/// Sends a rewritten frame to a resolved next hop: decrements the TTL, writes
+/// the MACs and transmits (XDP_TX back out of the ingress interface, else a
+/// DevMap redirect). The caller checked TTL > 1.
+#[inline(always)]
+pub fn transmit(ctx: &XdpContext, f: &Frame, egress: u32, dmac: &[u8; 6], smac: &[u8; 6]) -> u32 {
+    let ip = f.ip;
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
@@ -154,11 +175,11 @@ pub fn forward(ctx: &XdpContext, f: &Frame) -> u32 {
         // Byte stores: an array assignment becomes a memmove call here.
         let mac = eth.cast::<u8>();
         for i in 0..6 {
-            core::ptr::write_volatile(mac.add(i), p.dmac[i]);
-            core::ptr::write_volatile(mac.add(6 + i), p.smac[i]);
+            core::ptr::write_volatile(mac.add(i), dmac[i]);
+            core::ptr::write_volatile(mac.add(6 + i), smac[i]);
         }
     }
-    if egress == ingress {
+    if egress == ctx.ingress_ifindex() as u32 {
         count(global::TX);
         return xdp_action::XDP_TX;
     }

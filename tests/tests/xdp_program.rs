@@ -4,7 +4,10 @@
 //! independent of the program's own checksum code. Each test runs in a fresh
 //! network namespace so FIB lookups see a known routing table.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::{Duration, Instant},
+};
 
 use bgswitch::{
     dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
@@ -12,7 +15,7 @@ use bgswitch::{
 };
 use bgswitch_common::{
     hash::{flow_hash, reduce, BACKEND_SEED},
-    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
+    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, LAST_SEEN_STEP_NS, PROTO_TCP, PROTO_UDP,
 };
 use bgswitch_tests::{in_netns, ip, TempNetns};
 use etherparse::{IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -571,6 +574,105 @@ fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
             (1, 1, 1, 1)
         );
         assert_ne!(action, XDP_ABORTED);
+    });
+}
+
+#[test]
+fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
+    in_scratch_ns(|ns| {
+        ip(&[
+            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ])
+        .unwrap();
+        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
+        let neigh = |mac: &str| {
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                "198.18.1.11",
+                "lladdr",
+                mac,
+                "dev",
+                "v0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap()
+        };
+        neigh("02:00:00:00:01:11");
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = (48000..49000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+            .unwrap();
+        let lookups = |fx: &Fixture| {
+            let g = fx.dp.global_stats().unwrap();
+            g.iter().find(|(k, _)| *k == "fib_lookups").unwrap().1
+        };
+        let (action, out, _) = fx
+            .dp
+            .test_run(&frame(c, vip, L4::Syn, 64, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, 0x11]);
+        assert_eq!(
+            lookups(&fx),
+            1,
+            "the flow's first packet looks up its next hop"
+        );
+
+        // Established packets use the hop kept in the flow entry: one lookup
+        // per ~16.8 ms of traffic at most (bounded by the time taken here).
+        let started = Instant::now();
+        for _ in 0..200 {
+            let (action, out, _) = fx
+                .dp
+                .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v0), 1)
+                .unwrap();
+            assert_eq!(action, XDP_TX);
+            assert_eq!(verify(&out), (c, v4("198.18.1.11:8080"), 63));
+            assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, 0x11]);
+        }
+        let refreshes = started.elapsed().as_nanos() as u64 / LAST_SEEN_STEP_NS + 1;
+        let extra = lookups(&fx) - 1;
+        assert!(
+            extra <= refreshes,
+            "200 established packets made {extra} lookups (allowed: {refreshes})"
+        );
+
+        // A neighbour change reaches the open flow within one refresh step.
+        neigh("02:00:00:00:02:22");
+        std::thread::sleep(Duration::from_nanos(2 * LAST_SEEN_STEP_NS));
+        let (action, out, _) = fx
+            .dp
+            .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 2, 0x22], "the new neighbour MAC");
+
+        // A packet longer than the one the hop was looked up for is looked up
+        // again, so the MTU check is never skipped: over the MTU, it goes to
+        // the stack (which sends the ICMP "fragmentation needed").
+        ip(&["-n", ns, "link", "set", "v0", "mtu", "1000"]).unwrap();
+        let before = lookups(&fx);
+        let big = frame(c, vip, L4::Ack, 64, &[0u8; 1200]);
+        let (action, out, _) = fx.dp.test_run(&big, Some(v0), 1).unwrap();
+        assert_eq!(action, XDP_PASS, "over the egress MTU: to the stack");
+        assert_eq!(verify(&out).2, 64, "TTL left to the stack");
+        assert_eq!(lookups(&fx), before + 1);
+        // A small packet still fits and is transmitted.
+        let (action, _, _) = fx
+            .dp
+            .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_TX);
     });
 }
 
