@@ -809,13 +809,16 @@ pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64
 /// fast path does, as it does it and as a proposal would, priced against
 /// XDP_PASS with a large repeat (none of them changes the next run's input).
 pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
-    const PARTS: [(&str, &str); 11] = [
+    const PARTS: [(&str, &str); 14] = [
         ("part_ktime", "bpf_ktime_get_ns()"),
+        ("part_jiffies", "bpf_jiffies64() (tick resolution; inlined by the verifier)"),
         ("part_ktime_coarse", "bpf_ktime_get_coarse_ns() (tick resolution)"),
         ("part_hash20", "hash map lookup, 20-byte key, hit (like SERVICES)"),
         ("part_lru40", "LRU hash lookup, 40-byte key, hit (like FLOWS)"),
         ("part_lru16", "LRU hash lookup, 16-byte key, hit (an IPv4-only flow key)"),
         ("part_lru40_update", "LRU hash update of an existing 40-byte key (a new flow writes two entries)"),
+        ("part_lru16_update", "LRU hash update of an existing 16-byte key, 48-byte value (FLOWS as it is)"),
+        ("part_lru16_update_pcpu", "the same with per-CPU LRU lists (BPF_F_NO_COMMON_LRU)"),
         ("part_fib_zeroed", "bpf_fib_lookup, parameters zeroed with core::mem::zeroed() (a call to the byte-loop memset) — as nat.rs does"),
         ("part_fib_words", "bpf_fib_lookup, parameters zeroed with sixteen 4-byte stores"),
         ("part_fib_direct", "bpf_fib_lookup with BPF_FIB_LOOKUP_DIRECT, parameters zeroed with stores"),
@@ -852,6 +855,11 @@ pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
             let mut l: HashMap<_, [u8; 16], [u8; 40]> =
                 HashMap::try_from(parts.map_mut("LRU16").context("LRU16")?)?;
             l.insert(<[u8; 16]>::try_from(&f[14..30])?, [1; 40], 0)?;
+            for m in ["LRU16_48", "LRU16_48_PCPU"] {
+                let mut l: HashMap<_, [u8; 16], [u8; 48]> =
+                    HashMap::try_from(parts.map_mut(m).context("LRU16_48")?)?;
+                l.insert(<[u8; 16]>::try_from(&f[14..30])?, [1; 48], 0)?;
+            }
             let mut d: aya::maps::DevMapHash<_> =
                 aya::maps::DevMapHash::try_from(parts.map_mut("PORTS").context("PORTS")?)?;
             d.insert(bed.v0 + 1, bed.v1, None, 0)?;

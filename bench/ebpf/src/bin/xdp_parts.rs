@@ -31,6 +31,13 @@ mod program {
     /// 16-byte keys (an IPv4-only 5-tuple), 40-byte values.
     #[map]
     static LRU16: LruHashMap<[u8; 16], [u8; 40]> = LruHashMap::with_max_entries(65536, 0);
+    /// Like FLOWS now: 16-byte keys, 48-byte values.
+    #[map]
+    static LRU16_48: LruHashMap<[u8; 16], [u8; 48]> = LruHashMap::with_max_entries(65536, 0);
+    /// The same with BPF_F_NO_COMMON_LRU (per-CPU LRU lists).
+    #[map]
+    static LRU16_48_PCPU: LruHashMap<[u8; 16], [u8; 48]> =
+        LruHashMap::with_max_entries(65536, 1 << 1);
     #[map]
     static PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 
@@ -66,6 +73,14 @@ mod program {
     pub fn part_ktime(_ctx: XdpContext) -> u32 {
         // SAFETY: no preconditions.
         keep(unsafe { bpf_ktime_get_ns() });
+        xdp_action::XDP_PASS
+    }
+
+    /// jiffies (tick resolution; the verifier inlines it on 64-bit JITs).
+    #[xdp]
+    pub fn part_jiffies(_ctx: XdpContext) -> u32 {
+        // SAFETY: no preconditions.
+        keep(unsafe { aya_ebpf::helpers::bpf_jiffies64() });
         xdp_action::XDP_PASS
     }
 
@@ -200,6 +215,27 @@ mod program {
         if let Some(k) = key::<40>(&ctx) {
             let v = [2u8; 40];
             keep(LRU40.insert(&k, &v, 0).map_or(1, |_| 0));
+        }
+        xdp_action::XDP_PASS
+    }
+
+    /// Update of an existing 16-byte key with a 48-byte value (as a new flow
+    /// writes its entries), common LRU lists.
+    #[xdp]
+    pub fn part_lru16_update(ctx: XdpContext) -> u32 {
+        if let Some(k) = key::<16>(&ctx) {
+            let v = [2u8; 48];
+            keep(LRU16_48.insert(&k, &v, 0).map_or(1, |_| 0));
+        }
+        xdp_action::XDP_PASS
+    }
+
+    /// The same with per-CPU LRU lists (BPF_F_NO_COMMON_LRU).
+    #[xdp]
+    pub fn part_lru16_update_pcpu(ctx: XdpContext) -> u32 {
+        if let Some(k) = key::<16>(&ctx) {
+            let v = [2u8; 48];
+            keep(LRU16_48_PCPU.insert(&k, &v, 0).map_or(1, |_| 0));
         }
         xdp_action::XDP_PASS
     }
