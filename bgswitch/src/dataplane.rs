@@ -614,6 +614,9 @@ impl Dataplane {
                 }
             }
         }
+        if adopted.is_none() {
+            adopted = self.adopt_older_layout(iface)?;
+        }
         let (mode, link, was_adopted) = match adopted {
             Some((m, link)) => (m, link, true),
             None => {
@@ -764,6 +767,58 @@ impl Dataplane {
     }
 
     /// Swaps this daemon's program into a pinned link (atomic replace).
+    /// An XDP link pinned by a daemon of an older map layout
+    /// (`<bpffs>/bgswitch/v<N>/links/`) holds the interface: this program is
+    /// swapped into it (no detach, no gap in forwarding) and the pin moved
+    /// here. The old layout's flows are not carried over (their maps have
+    /// another shape): open connections are chosen afresh, which is logged.
+    /// The old layout's directory goes once it holds no more links.
+    fn adopt_older_layout(&mut self, iface: &str) -> Result<Option<(AttachMode, FdLink)>> {
+        let Some(bpffs) = self.bpffs.clone() else {
+            return Ok(None);
+        };
+        let current = paths::pin_root(&bpffs);
+        let Ok(dirs) = std::fs::read_dir(bpffs.join(paths::PIN_DIR)) else {
+            return Ok(None);
+        };
+        for dir in dirs.flatten() {
+            let old_root = dir.path();
+            let name = dir.file_name().to_string_lossy().into_owned();
+            if old_root == current || !name.starts_with('v') {
+                continue;
+            }
+            for m in [AttachMode::Native, AttachMode::Generic] {
+                let old_pin = old_root
+                    .join("links")
+                    .join(format!("{}-{iface}", m.as_str()));
+                if !old_pin.exists() {
+                    continue;
+                }
+                let link = match self.adopt_link(&old_pin) {
+                    Ok(link) => link,
+                    Err(e) => {
+                        log::warn!(
+                            "{iface}: XDP link {} of layout {name} is stale ({e}); attaching afresh",
+                            old_pin.display()
+                        );
+                        let _ = std::fs::remove_file(&old_pin);
+                        continue;
+                    }
+                };
+                let new_pin = link_pin_path(&bpffs, iface, m);
+                std::fs::rename(&old_pin, &new_pin)
+                    .map_err(io_err("moving the link pin to", &new_pin))?;
+                log::warn!(
+                    "{iface}: took over the XDP link of map layout {name} (now v{}); flows recorded by the old layout are not carried over",
+                    bgswitch_common::LAYOUT_VERSION
+                );
+                remove_layout_if_unused(&old_root);
+                return Ok(Some((m, link)));
+            }
+        }
+        Ok(None)
+    }
+
     fn adopt_link(&mut self, pin: &Path) -> Result<FdLink> {
         let pinned =
             PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
@@ -1269,6 +1324,23 @@ fn link_ifindex(pin: &Path) -> io::Result<u32> {
 
 fn link_pin_path(bpffs: &Path, iface: &str, mode: AttachMode) -> PathBuf {
     paths::link_pin(bpffs, &format!("{}-{iface}", mode.as_str()))
+}
+
+/// Removes an older layout's pin directory (its maps) once no XDP link of it
+/// is left pinned.
+fn remove_layout_if_unused(old_root: &Path) {
+    let links_left = std::fs::read_dir(old_root.join("links"))
+        .map(|d| d.flatten().count())
+        .unwrap_or(0);
+    if links_left == 0 {
+        match std::fs::remove_dir_all(old_root) {
+            Ok(()) => log::info!(
+                "removed the pins of an older map layout at {}",
+                old_root.display()
+            ),
+            Err(e) => log::warn!("could not remove {}: {e}", old_root.display()),
+        }
+    }
 }
 
 /// Removes every bgswitch pin under `bpffs` (links first, which detaches XDP

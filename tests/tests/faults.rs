@@ -228,7 +228,10 @@ fn foreign_or_removed_pins_are_refused_or_rebuilt_and_the_colour_kept() {
     sw.start().unwrap();
     sw.cli_ok(&["flip", "web"]).unwrap();
     sw.kill();
-    let flows = sw.bpffs().join("bgswitch/v1/maps/FLOWS");
+    let flows = sw.bpffs().join(format!(
+        "bgswitch/v{}/maps/FLOWS",
+        bgswitch_common::LAYOUT_VERSION
+    ));
     std::fs::remove_file(&flows).unwrap();
     pin_foreign_map(&flows);
     let (code, err) = sw.start_expect_failure().unwrap();
@@ -252,6 +255,34 @@ fn foreign_or_removed_pins_are_refused_or_rebuilt_and_the_colour_kept() {
     assert_eq!(st["services"][0]["active"], "green");
     assert_eq!(st["interfaces"][0]["adopted"], false);
     assert_eq!(get_ok(&topo), "green");
+}
+
+#[test]
+fn a_daemon_of_a_new_map_layout_takes_over_the_links_of_an_older_one() {
+    let (topo, mut sw) = setup();
+    sw.start().unwrap();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.kill();
+    // Make the pins look like an older layout's: same links, older directory.
+    let root = sw.bpffs().join("bgswitch");
+    let current = root.join(format!("v{}", bgswitch_common::LAYOUT_VERSION));
+    let older = root.join("v0");
+    std::fs::rename(&current, &older).unwrap();
+    // The old program keeps forwarding while no daemon runs.
+    assert_eq!(get_ok(&topo), "green");
+    sw.start().unwrap();
+    wait_log(
+        &sw,
+        "took over the XDP link of map layout v0",
+        Duration::from_secs(5),
+    );
+    assert!(!older.exists(), "the older layout's pins are removed");
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["active"], "green");
+    assert_eq!(st["interfaces"][0]["adopted"], true, "{st}");
+    assert_eq!(get_ok(&topo), "green");
+    sw.cli_ok(&["rollback", "web"]).unwrap();
+    assert_eq!(get_ok(&topo), "blue", "the new program switches");
 }
 
 #[test]
