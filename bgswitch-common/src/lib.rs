@@ -69,7 +69,9 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const PREVIEW: &str = "PREVIEW";
-    /// Every map, in the order they are pinned.
+    /// The clock program's output (not pinned: private to each load).
+    pub const CLOCK: &str = "CLOCK";
+    /// Every pinned map, in the order they are pinned.
     pub const ALL: [&str; 11] = [
         SERVICES,
         CONTROL,
@@ -264,9 +266,14 @@ pub mod flow_flags {
 /// Each entry also keeps the next hop of its direction (`nh_*`): what
 /// `bpf_fib_lookup` answered for this flow's rewritten packets, so established
 /// packets skip the lookup. The answer is used for packets no longer than
-/// `nh_len` until `last_seen_ns` is next refreshed (at most
-/// [`LAST_SEEN_STEP_NS`] later); that packet looks it up again, so a route,
-/// neighbour or MTU change reaches every open flow within ~17 ms.
+/// `nh_len` until `last_seen` is next refreshed (more than
+/// [`LAST_SEEN_STEP`] ticks later); that packet looks it up again, so a
+/// route, neighbour or MTU change reaches every open flow within three ticks
+/// (3 ms at HZ=1000, 12 ms at 250, 30 ms at 100).
+///
+/// Times are kernel ticks (`jiffies`, which the verifier inlines: ~2 ns
+/// against ~16 ns for the coarse clock helper); userspace converts with the
+/// tick rate it measures at load.
 ///
 /// 48 bytes: with the 16-byte key and the kernel's 48-byte element header,
 /// both directions of a flow take 256 bytes of kernel memory with buckets.
@@ -283,11 +290,12 @@ pub struct FlowEntry {
     pub flags: u8,
     /// Service id.
     pub service: u32,
-    /// `bpf_ktime_get_coarse_ns() / 1e9` when the flow was recorded (seconds).
-    pub created_s: u32,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet in
-    /// this direction, refreshed at most every [`LAST_SEEN_STEP_NS`].
-    pub last_seen_ns: u64,
+    /// Low 32 bits of `jiffies` when the flow was recorded (ages are taken
+    /// with wrapping arithmetic).
+    pub created: u32,
+    /// `jiffies` of the last packet in this direction, refreshed once it is
+    /// more than [`LAST_SEEN_STEP`] ticks old.
+    pub last_seen: u64,
     /// Egress ifindex of the cached next hop (the ingress one means XDP_TX);
     /// 0: none cached.
     pub nh_ifindex: u32,
@@ -303,21 +311,26 @@ pub struct FlowEntry {
     pub _pad: u32,
 }
 
-/// Most nanoseconds a flow's `last_seen_ns` lags its last packet (it is
-/// written at most this often, to dirty fewer cache lines); also how long a
-/// cached next hop is used.
-pub const LAST_SEEN_STEP_NS: u64 = 1 << 24;
+/// A flow's `last_seen` is rewritten (and its next hop looked up again) once
+/// it is more than this many ticks old: fewer dirty cache lines per packet.
+pub const LAST_SEEN_STEP: u64 = 2;
 
-/// The single entry of the `SETTINGS` array.
+/// The single entry of the `SETTINGS` array. Times in kernel ticks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
     /// A UDP forward entry idle longer than this is chosen afresh.
-    pub udp_idle_ns: u64,
+    pub udp_idle: u64,
     /// A TCP SYN whose entry has been idle longer than this is chosen afresh
     /// (a closed entry — FIN both ways or RST — is always chosen afresh).
-    pub tcp_idle_ns: u64,
+    pub tcp_idle: u64,
 }
+
+/// The clock program (a socket filter run through BPF_PROG_TEST_RUN by the
+/// daemon): writes `jiffies` and `bpf_ktime_get_ns()` into [`maps::CLOCK`],
+/// read side by side, so userspace can measure the tick rate and read the
+/// data plane's clock.
+pub const CLOCK_PROGRAM_NAME: &str = "bgswitch_clock";
 
 /// Per-CPU counters of one colour of one service (`SERVICE_STATS`, index
 /// `service * 2 + colour`).

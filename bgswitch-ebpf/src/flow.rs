@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::Xd
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, LAST_SEEN_STEP_NS, MAX_BACKENDS,
+    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, LAST_SEEN_STEP, MAX_BACKENDS,
     POOL_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 
@@ -127,15 +127,12 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     }
 }
 
-/// `bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC at tick resolution, plenty for
-/// idle timeouts and cheaper than the precise clock.
+/// `jiffies`: kernel ticks, plenty for idle timeouts; the verifier inlines
+/// the helper into one load (the clock helpers are calls).
 #[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: helper 160, bpf_ktime_get_coarse_ns (Linux 5.11), no arguments.
-    unsafe {
-        let f: unsafe extern "C" fn() -> u64 = core::mem::transmute(160usize);
-        f()
-    }
+pub fn now() -> u64 {
+    // SAFETY: no arguments, no preconditions.
+    unsafe { aya_ebpf::helpers::bpf_jiffies64() }
 }
 
 /// Client → VIP, with the flow's record if it has one.
@@ -163,14 +160,14 @@ fn to_backend(
         count(global::PASS_NOT_SERVICE);
         return xdp_action::XDP_PASS;
     }
-    let now = now_ns();
+    let now = now();
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
     if let Some(entry) = entry {
         if !expired(entry, f, syn, now) {
-            let refresh = now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_STEP_NS;
+            let refresh = now.wrapping_sub(entry.last_seen) > LAST_SEEN_STEP;
             if refresh {
-                entry.last_seen_ns = now;
+                entry.last_seen = now;
             }
             let closing = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
             if closing != 0 {
@@ -271,8 +268,8 @@ fn new_entry(
         colour: colour as u8,
         flags,
         service,
-        created_s: (now / 1_000_000_000) as u32,
-        last_seen_ns: now,
+        created: now as u32,
+        last_seen: now,
         nh_ifindex: 0,
         nh_dmac: [0; 6],
         nh_smac: [0; 6],
@@ -289,11 +286,11 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
     let Some(s) = SETTINGS.get(0) else {
         return false;
     };
-    let idle = now.saturating_sub(entry.last_seen_ns);
+    let idle = now.saturating_sub(entry.last_seen);
     if f.proto == PROTO_UDP {
-        return idle > s.udp_idle_ns;
+        return idle > s.udp_idle;
     }
-    syn && (closed(entry.flags) || idle > s.tcp_idle_ns)
+    syn && (closed(entry.flags) || idle > s.tcp_idle)
 }
 
 #[inline(always)]
@@ -327,7 +324,7 @@ fn record(f: &Frame, key: &FlowKey, b: &Backend, fwd: &FlowEntry) {
         flow_flags::REVERSE,
         fwd.service,
         fwd.backend_stat as u32,
-        fwd.last_seen_ns,
+        fwd.last_seen,
     );
     // Reverse first: a reply can only come after the forward packet left.
     if FLOWS.insert(&rkey, &rev, 0).is_err() {
@@ -378,10 +375,10 @@ fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
         count(global::TTL_EXCEEDED);
         return xdp_action::XDP_PASS;
     }
-    let now = now_ns();
-    let refresh = now.wrapping_sub(entry.last_seen_ns) > LAST_SEEN_STEP_NS;
+    let now = now();
+    let refresh = now.wrapping_sub(entry.last_seen) > LAST_SEEN_STEP;
     if refresh {
-        entry.last_seen_ns = now;
+        entry.last_seen = now;
     }
     let vip = [entry.peer, 0, 0, 0];
     let vport = entry.peer_port;

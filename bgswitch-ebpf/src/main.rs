@@ -12,7 +12,12 @@ mod maps;
 mod nat;
 mod parse;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    macros::{socket_filter, xdp},
+    programs::{SkBuffContext, XdpContext},
+};
 use bgswitch_common::global;
 
 use crate::{
@@ -35,6 +40,24 @@ pub fn bgswitch(ctx: XdpContext) -> u32 {
         }
     };
     flow::handle(&ctx, &frame)
+}
+
+/// The data plane's clock, for userspace: `jiffies` and CLOCK_MONOTONIC side
+/// by side in `CLOCK` (run through BPF_PROG_TEST_RUN, never attached). The
+/// daemon measures the tick rate from two ticks and converts flow times.
+#[socket_filter]
+pub fn bgswitch_clock(_ctx: SkBuffContext) -> i64 {
+    // SAFETY: no arguments, no preconditions.
+    let (j, ns) = unsafe { (bpf_jiffies64(), bpf_ktime_get_ns()) };
+    if let Some(p) = maps::CLOCK.get_ptr_mut(0) {
+        // SAFETY: array slot of this map.
+        unsafe { *p = j };
+    }
+    if let Some(p) = maps::CLOCK.get_ptr_mut(1) {
+        // SAFETY: as above.
+        unsafe { *p = ns };
+    }
+    0
 }
 
 #[cfg(not(test))]

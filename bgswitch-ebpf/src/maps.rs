@@ -64,6 +64,10 @@ pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global
 #[map]
 pub static PREVIEW: LpmTrie<PreviewKey, u32> = LpmTrie::with_max_entries(MAX_PREVIEW_PREFIXES, 0);
 
+/// The clock program's output: `[jiffies, bpf_ktime_get_ns()]`.
+#[map]
+pub static CLOCK: Array<u64> = Array::with_max_entries(2, 0);
+
 /// Adds one to a global counter.
 #[inline(always)]
 pub fn count(index: u32) {

@@ -172,6 +172,112 @@ pub struct Dataplane {
     watched: BTreeMap<String, (XdpModeSetting, Option<bool>)>,
     /// When each (service, slot) was last deselected.
     freed: StdHashMap<(u32, u32), Instant>,
+    /// The data plane's clock (kernel ticks).
+    clock: Clock,
+}
+
+/// The data plane's clock: flow times are kernel ticks (`jiffies`), which
+/// the XDP program reads for ~2 ns. The clock program reads `jiffies` and
+/// CLOCK_MONOTONIC side by side; the tick rate is measured at load from two
+/// tick edges (a few ticks of busy polling, at most ~30 ms).
+struct Clock {
+    out: Array<MapData, u64>,
+    hz: u64,
+}
+
+impl Clock {
+    fn load(ebpf: &mut Ebpf) -> Result<Self> {
+        let program: &mut aya::programs::SocketFilter = ebpf
+            .program_mut(bgswitch_common::CLOCK_PROGRAM_NAME)
+            .ok_or_else(|| {
+                DataplaneError::Invalid(format!(
+                    "no program {} in the object",
+                    bgswitch_common::CLOCK_PROGRAM_NAME
+                ))
+            })?
+            .try_into()?;
+        program.load()?;
+        let out = Array::try_from(
+            ebpf.take_map(names::CLOCK)
+                .ok_or(DataplaneError::MissingMap(names::CLOCK))?,
+        )
+        .map_err(map_err(names::CLOCK, "open"))?;
+        let mut clock = Self { out, hz: 0 };
+        clock.hz = clock.measure_hz(ebpf)?;
+        Ok(clock)
+    }
+
+    /// `(jiffies, CLOCK_MONOTONIC ns)`, read together in the kernel.
+    fn sample(&self, ebpf: &Ebpf) -> Result<(u64, u64)> {
+        let program: &aya::programs::SocketFilter = ebpf
+            .program(bgswitch_common::CLOCK_PROGRAM_NAME)
+            .ok_or(DataplaneError::Invalid("the clock program is gone".into()))?
+            .try_into()?;
+        let frame = [0u8; 64];
+        program.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            repeat: 1,
+            ..TestRunOptions::new()
+        })?;
+        let j = self.out.get(&0, 0).map_err(map_err(names::CLOCK, "get"))?;
+        let ns = self.out.get(&1, 0).map_err(map_err(names::CLOCK, "get"))?;
+        Ok((j, ns))
+    }
+
+    /// Ticks per second: the time between tick edges at least 40 ms apart,
+    /// snapped to the nearest rate the kernel can be built with when within
+    /// 2 % of it (virtual machines deliver ticks with some jitter).
+    fn measure_hz(&self, ebpf: &Ebpf) -> Result<u64> {
+        const CONFIG_HZ: [u64; 14] = [
+            24, 32, 48, 64, 100, 128, 200, 250, 256, 300, 500, 1000, 1024, 1200,
+        ];
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let next_edge = |after: u64| -> Result<(u64, u64)> {
+            loop {
+                let (j, ns) = self.sample(ebpf)?;
+                if j > after {
+                    return Ok((j, ns));
+                }
+                if Instant::now() > deadline {
+                    return Err(DataplaneError::Invalid(
+                        "the kernel tick (jiffies) did not advance within 2 s".into(),
+                    ));
+                }
+            }
+        };
+        let (j0, _) = self.sample(ebpf)?;
+        let (j1, t1) = next_edge(j0)?;
+        let (mut j2, mut t2) = next_edge(j1 + 1)?;
+        while t2 - t1 < 40_000_000 {
+            (j2, t2) = next_edge(j2)?;
+        }
+        let measured = (j2 - j1) as f64 * 1e9 / (t2 - t1) as f64;
+        let nearest = CONFIG_HZ
+            .iter()
+            .copied()
+            .min_by(|a, b| {
+                (*a as f64 - measured)
+                    .abs()
+                    .total_cmp(&(*b as f64 - measured).abs())
+            })
+            .unwrap_or(1000);
+        let hz = if (nearest as f64 - measured).abs() <= 0.02 * nearest as f64 {
+            nearest
+        } else {
+            measured.round() as u64
+        };
+        if !(10..=10_000).contains(&hz) {
+            return Err(DataplaneError::Invalid(format!(
+                "measured a kernel tick rate of {measured:.1} Hz, which cannot be right"
+            )));
+        }
+        Ok(hz)
+    }
+
+    /// A duration in ticks, rounded up.
+    fn ticks(&self, d: Duration) -> u64 {
+        (d.as_nanos() * u128::from(self.hz)).div_ceil(1_000_000_000) as u64
+    }
 }
 
 /// The expected shape of each map, checked against pins before adopting them.
@@ -521,6 +627,7 @@ impl Dataplane {
             LpmTrie::try_from(take(names::PREVIEW)?).map_err(map_err(names::PREVIEW, "open"))?;
         // The mapping holds its own reference to the map; the Map handle may go.
         drop(control_map);
+        let clock = Clock::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
             bpffs: opts.bpffs.clone(),
@@ -539,6 +646,7 @@ impl Dataplane {
             links: BTreeMap::new(),
             watched: BTreeMap::new(),
             freed: StdHashMap::new(),
+            clock,
         })
     }
 
@@ -578,11 +686,21 @@ impl Dataplane {
         Ok((r.return_value, out, r.duration))
     }
 
+    /// The kernel's tick rate (HZ), as measured at load.
+    pub fn hz(&self) -> u64 {
+        self.clock.hz
+    }
+
+    /// The data plane's clock now (`jiffies`).
+    pub fn jiffies(&self) -> Result<u64> {
+        Ok(self.clock.sample(&self.ebpf)?.0)
+    }
+
     /// Sets the flow timeouts.
     pub fn set_settings(&mut self, udp_idle: Duration, tcp_idle: Duration) -> Result<()> {
         let s = Settings {
-            udp_idle_ns: udp_idle.as_nanos() as u64,
-            tcp_idle_ns: tcp_idle.as_nanos() as u64,
+            udp_idle: self.clock.ticks(udp_idle),
+            tcp_idle: self.clock.ticks(tcp_idle),
         };
         self.settings
             .set(0, s, 0)
@@ -1164,8 +1282,9 @@ impl Dataplane {
         udp_idle: Duration,
         tcp_idle: Duration,
     ) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
-        let now = monotonic_ns();
-        let now_s = now / 1_000_000_000;
+        let now = self.jiffies()?;
+        let (udp_idle, tcp_idle) = (self.clock.ticks(udp_idle), self.clock.ticks(tcp_idle));
+        let syn_timeout = SYN_TIMEOUT_S * self.clock.hz;
         let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
         for (key, e) in self.flow_entries()? {
             if e.flags & flow_flags::REVERSE != 0 {
@@ -1180,18 +1299,18 @@ impl Dataplane {
             }
             if key.proto == bgswitch_common::PROTO_TCP
                 && e.flags & (flow_flags::ESTABLISHED | flow_flags::RST) == 0
-                && now_s.saturating_sub(u64::from(e.created_s)) >= SYN_TIMEOUT_S
+                && u64::from((now as u32).wrapping_sub(e.created)) >= syn_timeout
             {
                 c.unanswered += 1;
             }
-            let idle = now.saturating_sub(e.last_seen_ns);
+            let idle = now.saturating_sub(e.last_seen);
             let live = if key.proto == bgswitch_common::PROTO_UDP {
-                idle <= udp_idle.as_nanos() as u64
+                idle <= udp_idle
             } else {
                 let closed = e.flags & flow_flags::RST != 0
                     || e.flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
                         == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND);
-                !closed && idle <= tcp_idle.as_nanos() as u64
+                !closed && idle <= tcp_idle
             };
             if live {
                 c.live += 1;

@@ -15,7 +15,7 @@ use bgswitch::{
 };
 use bgswitch_common::{
     hash::{flow_hash, reduce, BACKEND_SEED},
-    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, LAST_SEEN_STEP_NS, PROTO_TCP, PROTO_UDP,
+    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, LAST_SEEN_STEP, PROTO_TCP, PROTO_UDP,
 };
 use bgswitch_tests::{in_netns, ip, TempNetns};
 use etherparse::{IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -313,6 +313,54 @@ fn a_syn_after_close_chooses_afresh_but_a_retransmitted_syn_does_not() {
         fx.run(&frame(c, vip, L4::Rst, 64, b""));
         let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
         assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, &green()));
+    });
+}
+
+#[test]
+fn idle_flows_expire_on_the_data_planes_tick_clock() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        // The tick rate is measured at load; the clock advances at that rate.
+        let hz = fx.dp.hz();
+        assert!([100, 250, 300, 1000].contains(&hz), "HZ {hz}");
+        let (j0, t0) = (fx.dp.jiffies().unwrap(), Instant::now());
+        std::thread::sleep(Duration::from_millis(200));
+        let (j1, dt) = (fx.dp.jiffies().unwrap(), t0.elapsed());
+        let expect = dt.as_secs_f64() * hz as f64;
+        assert!(
+            ((j1 - j0) as f64 - expect).abs() <= 2.0,
+            "{} ticks in {dt:?} at {hz} Hz",
+            j1 - j0
+        );
+
+        let idle = Duration::from_millis(100);
+        fx.dp.set_settings(idle, idle).unwrap();
+        let udp_vip = SocketAddrV4::new(VIP, 53);
+        let tcp_vip = SocketAddrV4::new(VIP, 80);
+        let u = SocketAddrV4::new(CLIENT, 47000);
+        let t = SocketAddrV4::new(CLIENT, 47001);
+        let (_, out) = fx.run(&frame(u, udp_vip, L4::Udp, 64, b"a"));
+        assert_eq!(verify(&out).1, v4("198.18.1.11:5353"));
+        let (_, out) = fx.run(&frame(t, tcp_vip, L4::Syn, 64, b""));
+        let tcp_blue = verify(&out).1;
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        fx.dp.set_active(1, Colour::Green).unwrap();
+        let live = |fx: &Fixture, id: u32| {
+            fx.dp.flow_counts(idle, idle).unwrap()[&(id, Colour::Blue)].live
+        };
+        assert_eq!((live(&fx, 0), live(&fx, 1)), (1, 1));
+        // Within the timeout both stay on blue.
+        let (_, out) = fx.run(&frame(u, udp_vip, L4::Udp, 64, b"b"));
+        assert_eq!(verify(&out).1, v4("198.18.1.11:5353"));
+        // Idle past the timeout: not live any more; the next datagram, and a
+        // SYN reusing the TCP 5-tuple, are chosen afresh (green).
+        std::thread::sleep(idle * 3);
+        assert_eq!((live(&fx, 0), live(&fx, 1)), (0, 0));
+        let (_, out) = fx.run(&frame(u, udp_vip, L4::Udp, 64, b"c"));
+        assert_eq!(verify(&out).1, v4("198.18.1.21:5353"));
+        let (_, out) = fx.run(&frame(t, tcp_vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(t, tcp_vip, PROTO_TCP, &green()));
+        assert_ne!(verify(&out).1, tcp_blue);
     });
 }
 
@@ -629,7 +677,9 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
         );
 
         // Established packets use the hop kept in the flow entry: one lookup
-        // per ~16.8 ms of traffic at most (bounded by the time taken here).
+        // per LAST_SEEN_STEP + 1 ticks of traffic at most (bounded by the
+        // time taken here).
+        let tick_ns = 1_000_000_000 / fx.dp.hz();
         let started = Instant::now();
         for _ in 0..200 {
             let (action, out, _) = fx
@@ -640,7 +690,8 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
             assert_eq!(verify(&out), (c, v4("198.18.1.11:8080"), 63));
             assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, 0x11]);
         }
-        let refreshes = started.elapsed().as_nanos() as u64 / LAST_SEEN_STEP_NS + 1;
+        let ticks = started.elapsed().as_nanos() as u64 / tick_ns + 1;
+        let refreshes = ticks / (LAST_SEEN_STEP + 1) + 1;
         let extra = lookups(&fx) - 1;
         assert!(
             extra <= refreshes,
@@ -649,7 +700,7 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
 
         // A neighbour change reaches the open flow within one refresh step.
         neigh("02:00:00:00:02:22");
-        std::thread::sleep(Duration::from_nanos(2 * LAST_SEEN_STEP_NS));
+        std::thread::sleep(Duration::from_nanos((LAST_SEEN_STEP + 2) * tick_ns));
         let (action, out, _) = fx
             .dp
             .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v0), 1)
