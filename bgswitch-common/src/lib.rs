@@ -69,10 +69,14 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const PREVIEW: &str = "PREVIEW";
+    /// The flow-cache generation (one u64, mmapped by userspace).
+    pub const FLOW_GEN: &str = "FLOW_GEN";
     /// The clock program's output (not pinned: private to each load).
     pub const CLOCK: &str = "CLOCK";
+    /// Per-CPU flow cache (not pinned: rebuilt empty by each load).
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
     /// Every pinned map, in the order they are pinned.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
@@ -84,6 +88,7 @@ pub mod maps {
         BACKEND_STATS,
         GLOBAL_STATS,
         PREVIEW,
+        FLOW_GEN,
     ];
 }
 
@@ -265,11 +270,12 @@ pub mod flow_flags {
 ///
 /// Each entry also keeps the next hop of its direction (`nh_*`): what
 /// `bpf_fib_lookup` answered for this flow's rewritten packets, so established
-/// packets skip the lookup. The answer is used for packets no longer than
-/// `nh_len` until `last_seen` is next refreshed (more than
-/// [`LAST_SEEN_STEP`] ticks later); that packet looks it up again, so a
-/// route, neighbour or MTU change reaches every open flow within three ticks
-/// (3 ms at HZ=1000, 12 ms at 250, 30 ms at 100).
+/// packets skip the lookup. The answer is used while `nh_gen` is the current
+/// generation (`FLOW_GEN`, which the daemon bumps on every route, neighbour,
+/// address, rule or link change it hears of over netlink, and when it
+/// changes the interfaces), for packets no longer than `nh_len`, and until
+/// `last_seen` is next refreshed ([`Settings::refresh`]; the safety net when
+/// no daemon runs).
 ///
 /// Times are kernel ticks (`jiffies`, which the verifier inlines: ~2 ns
 /// against ~16 ns for the coarse clock helper); userspace converts with the
@@ -294,26 +300,82 @@ pub struct FlowEntry {
     /// with wrapping arithmetic).
     pub created: u32,
     /// `jiffies` of the last packet in this direction, refreshed once it is
-    /// more than [`LAST_SEEN_STEP`] ticks old.
+    /// more than [`Settings::refresh`] ticks old.
     pub last_seen: u64,
     /// Egress ifindex of the cached next hop (the ingress one means XDP_TX);
     /// 0: none cached.
     pub nh_ifindex: u32,
-    /// Destination MAC of the next hop.
+    /// Destination MAC of the next hop (offset 28: 4-byte aligned, which the
+    /// program's MAC stores rely on).
     pub nh_dmac: [u8; 6],
-    /// Source MAC (the egress interface's).
+    /// Source MAC (the egress interface's; offset 34, 2 mod 4).
     pub nh_smac: [u8; 6],
     /// IPv4 total length of the packet the next hop was looked up for: longer
     /// packets look it up again (the MTU check).
     pub nh_len: u16,
     /// Index into `BACKEND_STATS`.
     pub backend_stat: u16,
-    pub _pad: u32,
+    /// Low 32 bits of `FLOW_GEN` when the next hop was looked up.
+    pub nh_gen: u32,
 }
 
-/// A flow's `last_seen` is rewritten (and its next hop looked up again) once
-/// it is more than this many ticks old: fewer dirty cache lines per packet.
-pub const LAST_SEEN_STEP: u64 = 2;
+/// One slot of the per-CPU `FLOW_CACHE`: a copy of a flow entry's decision
+/// for one direction, keyed by the packet's 5-tuple, so the established
+/// packets of a flow skip the `FLOWS` hash lookup (an inlined array read
+/// instead of a helper call, a hash and a bucket walk).
+///
+/// A slot is used only while all of these hold, else the packet takes the
+/// `FLOWS` path, which refills the slot:
+/// - `key` is the packet's 5-tuple and `gen` the low 32 bits of the
+///   `FLOW_GEN` counter (bumped by userspace after it deletes entries, and
+///   on route, neighbour and interface changes);
+/// - the entry's `last_seen` is at most [`Settings::refresh`] ticks old, i.e.
+///   the `FLOWS` path would neither refresh it nor look the next hop up
+///   again;
+/// - the packet carries no SYN, FIN or RST (those update the entry), has
+///   TTL > 1 and is no longer than `nh_len`.
+///
+/// So a packet takes the same decision with or without the cache. One
+/// exception, by design: when a closed connection's 5-tuple is reused, a
+/// slot on *another* CPU may still hold the old decision for up to
+/// [`Settings::refresh`] ticks; it would matter only if one 5-tuple's packets
+/// arrived on two CPUs (RSS keeps a 5-tuple on one receive queue). Entries
+/// replaced after idling are never in a valid slot (older than the step).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    pub key: FlowKey4,
+    pub gen: u32,
+    /// Low 32 bits of the entry's `last_seen`.
+    pub last_seen: u32,
+    pub peer: u32,
+    pub peer_port: u16,
+    pub colour: u8,
+    /// [`flow_flags::REVERSE`] or 0.
+    pub flags: u8,
+    pub service: u32,
+    pub nh_ifindex: u32,
+    /// Offset 40 (4-byte aligned), like [`FlowEntry::nh_dmac`].
+    pub nh_dmac: [u8; 6],
+    /// Offset 46 (2 mod 4).
+    pub nh_smac: [u8; 6],
+    pub nh_len: u16,
+    pub backend_stat: u16,
+    pub _pad: u64,
+}
+
+/// Slots of the per-CPU flow cache (a power of two): 64 bytes each, 4 MiB
+/// per CPU.
+pub const FLOW_CACHE_SLOTS: u32 = 1 << 16;
+
+/// The flow-cache slot of a 5-tuple: the key's words folded and multiplied
+/// (Fibonacci hashing). Collisions only cost a `FLOWS` lookup.
+#[inline(always)]
+pub const fn cache_slot(k: &FlowKey4) -> u32 {
+    let x =
+        k.src ^ k.dst.rotate_left(16) ^ ((k.sport as u32) << 16 | k.dport as u32) ^ k.proto as u32;
+    x.wrapping_mul(0x9e37_79b1) >> (32 - FLOW_CACHE_SLOTS.trailing_zeros())
+}
 
 /// The single entry of the `SETTINGS` array. Times in kernel ticks.
 #[repr(C)]
@@ -324,7 +386,14 @@ pub struct Settings {
     /// A TCP SYN whose entry has been idle longer than this is chosen afresh
     /// (a closed entry — FIN both ways or RST — is always chosen afresh).
     pub tcp_idle: u64,
+    /// A flow's `last_seen` is rewritten, and its next hop looked up again,
+    /// once it is more than this old; per-CPU cache slots are used only
+    /// while it is not. Idle timeouts are at least one tick longer.
+    pub refresh: u64,
 }
+
+/// What the daemon sets [`Settings::refresh`] to.
+pub const REFRESH_MS: u64 = 100;
 
 /// The clock program (a socket filter run through BPF_PROG_TEST_RUN by the
 /// daemon): writes `jiffies` and `bpf_ktime_get_ns()` into [`maps::CLOCK`],
@@ -401,10 +470,13 @@ pub mod global {
     /// its next hop was looked up for. Far fewer than packets when the
     /// next-hop cache in the flow entries works.
     pub const FIB_LOOKUPS: u32 = 14;
+    /// Per-CPU flow-cache slots written (by packets that took the `FLOWS`
+    /// path); the other rewritten packets were served from the cache.
+    pub const FLOW_CACHE_FILLS: u32 = 15;
     /// Number of counters.
     pub const COUNT: u32 = 16;
     /// Names, for status and metrics, indexed like the constants.
-    pub const NAMES: [&str; 15] = [
+    pub const NAMES: [&str; 16] = [
         "pass_not_ip",
         "pass_not_service",
         "malformed",
@@ -420,6 +492,7 @@ pub mod global {
         "replies",
         "flow_hits",
         "fib_lookups",
+        "flow_cache_fills",
     ];
 }
 
@@ -472,6 +545,7 @@ mod pod {
     unsafe impl aya::Pod for ColourStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for PreviewKey {}
+    unsafe impl aya::Pod for CachedFlow {}
 }
 
 #[cfg(test)]
@@ -487,10 +561,17 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowEntry>(), 48);
         assert_eq!(size_of::<FlowKey4>(), 16);
-        assert_eq!(size_of::<Settings>(), 16);
+        assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<ColourStats>(), 64);
         assert_eq!(size_of::<BackendStats>(), 48);
         assert_eq!(size_of::<PreviewKey>(), 20);
+        assert_eq!(size_of::<CachedFlow>(), 64);
+        // The program's MAC stores load each dmac as u32 + u16 and each smac
+        // as u16 + u32.
+        assert_eq!(core::mem::offset_of!(FlowEntry, nh_dmac) % 4, 0);
+        assert_eq!(core::mem::offset_of!(FlowEntry, nh_smac) % 4, 2);
+        assert_eq!(core::mem::offset_of!(CachedFlow, nh_dmac) % 4, 0);
+        assert_eq!(core::mem::offset_of!(CachedFlow, nh_smac) % 4, 2);
     }
 
     #[test]
@@ -520,6 +601,7 @@ mod tests {
         assert_eq!(a[0].to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(port_to_wire(80).to_ne_bytes(), [0, 80]);
         assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
-        assert_eq!(global::NAMES.len() as u32, global::FIB_LOOKUPS + 1);
+        assert_eq!(global::NAMES.len() as u32, global::FLOW_CACHE_FILLS + 1);
+        assert!(global::NAMES.len() as u32 <= global::COUNT);
     }
 }

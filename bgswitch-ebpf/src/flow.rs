@@ -4,16 +4,16 @@
 
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::XdpContext};
 use bgswitch_common::{
-    control, flow_flags, global,
+    cache_slot, control, flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, LAST_SEEN_STEP, MAX_BACKENDS,
+    Backend, CachedFlow, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, MAX_BACKENDS,
     POOL_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     maps::{
-        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, POOL_SIZES, PREVIEW, SERVICES,
-        SERVICE_STATS, SETTINGS,
+        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE, FLOW_GEN, POOL_SIZES, PREVIEW,
+        SERVICES, SERVICE_STATS, SETTINGS,
     },
     nat::{resolve, rewrite, transmit, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -96,20 +96,47 @@ fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, 
     (active, false)
 }
 
-/// The packet's path after parsing: the flow table first (one hash lookup
-/// for every packet of an established flow, either direction), then the
-/// services for the first packet of a flow. Anything else passes untouched.
+/// Where a packet's flow-cache slot is, and what it needs to be valid.
+pub struct Cache {
+    slot: Option<*mut CachedFlow>,
+    key: FlowKey4,
+    gen: u32,
+    /// `Settings::refresh` (0 without settings: nothing is fresh).
+    refresh: u64,
+}
+
+/// The packet's path after parsing: this CPU's flow cache first (an inlined
+/// array read: established packets of a cached flow need no hash lookup),
+/// then the flow table (one hash lookup, either direction), then the services
+/// for the first packet of a flow. Anything else passes untouched.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     let key = flow_key(f);
-    if let Some(e) = FLOWS.get_ptr_mut(&key4(&key)) {
+    let k4 = key4(&key);
+    let now = now();
+    let cache = Cache {
+        slot: FLOW_CACHE.get_ptr_mut(cache_slot(&k4)),
+        key: k4,
+        gen: flow_gen(),
+        refresh: SETTINGS.get(0).map_or(0, |s| s.refresh),
+    };
+    if let Some(c) = cache.slot {
+        // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
+        let c = unsafe { &*c };
+        if cache_hit(c, &cache, f, now) {
+            if let Some(action) = cached(ctx, f, c) {
+                return action;
+            }
+        }
+    }
+    if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {
         // SAFETY: LRU values stay valid for the program's run (RCU); fields are
         // read and written as whole integers.
         let entry = unsafe { &mut *e };
         if entry.flags & flow_flags::REVERSE != 0 {
-            return from_backend(ctx, f, entry);
+            return from_backend(ctx, f, entry, now, &cache);
         }
-        return to_backend(ctx, f, &key, entry.service, Some(entry));
+        return to_backend(ctx, f, &key, entry.service, Some(entry), now, &cache);
     }
     let skey = ServiceKey {
         addr: f.dst,
@@ -119,12 +146,131 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     };
     // SAFETY: the value is a plain Copy integer read once.
     match unsafe { SERVICES.get(&skey) } {
-        Some(svc) => to_backend(ctx, f, &key, svc.id, None),
+        Some(svc) => to_backend(ctx, f, &key, svc.id, None, now, &cache),
         None => {
             count(global::PASS_NOT_SERVICE);
             xdp_action::XDP_PASS
         }
     }
+}
+
+/// The flow-cache generation (see `bgswitch_common::CachedFlow`).
+#[inline(always)]
+fn flow_gen() -> u32 {
+    match FLOW_GEN.get_ptr(0) {
+        // SAFETY: an aligned load of an array slot (the low half is enough).
+        Some(p) => unsafe { core::ptr::read_volatile(p) as u32 },
+        None => 0,
+    }
+}
+
+/// Whether the packet can take the slot's decision: the rules of
+/// `bgswitch_common::CachedFlow`.
+#[inline(always)]
+fn cache_hit(c: &CachedFlow, cache: &Cache, f: &Frame, now: u64) -> bool {
+    let k = &cache.key;
+    c.key.src == k.src
+        && c.key.dst == k.dst
+        && c.key.sport == k.sport
+        && c.key.dport == k.dport
+        && c.key.proto == k.proto
+        && c.gen == cache.gen
+        && c.nh_ifindex != 0
+        && u64::from((now as u32).wrapping_sub(c.last_seen)) <= cache.refresh
+        && f.tot_len <= c.nh_len
+        && f.ttl > 1
+        && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+}
+
+/// A cached flow's packet: what `to_backend` or `from_backend` would do for
+/// it with the entry unchanged. `None`: the service is disabled (the slow path
+/// says so and counts it).
+#[inline(always)]
+fn cached(ctx: &XdpContext, f: &Frame, c: &CachedFlow) -> Option<u32> {
+    let (side, addr, port) = if c.flags & flow_flags::REVERSE == 0 {
+        let word = CONTROL.get_ptr(c.service)?;
+        // SAFETY: one 32-bit load of an array slot.
+        if !control::enabled(unsafe { core::ptr::read_volatile(word) }) {
+            return None;
+        }
+        count(global::FLOW_HITS);
+        account(
+            c.service,
+            c.colour as u32,
+            c.backend_stat as u32,
+            f.frame_len,
+            false,
+            false,
+        );
+        (Side::Dst, c.peer, c.peer_port)
+    } else {
+        account(
+            c.service,
+            c.colour as u32,
+            c.backend_stat as u32,
+            f.frame_len,
+            false,
+            true,
+        );
+        count(global::REPLIES);
+        (Side::Src, c.peer, c.peer_port)
+    };
+    if rewrite(ctx, f, side, &[addr, 0, 0, 0], port).is_none() {
+        count(global::MALFORMED);
+        return Some(xdp_action::XDP_PASS);
+    }
+    Some(transmit(ctx, f, c.nh_ifindex, &c.nh_dmac, &c.nh_smac))
+}
+
+/// Copies an entry's decision (as it is after this packet) into this CPU's
+/// cache slot, if it has a next hop to use.
+#[inline(always)]
+fn fill(cache: &Cache, e: &FlowEntry) {
+    let Some(c) = cache.slot else {
+        return;
+    };
+    if e.nh_ifindex == 0 || e.nh_gen != cache.gen {
+        // No next hop to cache (the frame went to the stack): the slot must
+        // not keep serving an older decision for this flow, which this
+        // packet may just have replaced (a SYN reusing a closed flow's
+        // 5-tuple that is too long for the MTU, say).
+        // SAFETY: this CPU's slot.
+        let c = unsafe { &mut *c };
+        if c.key.src == cache.key.src
+            && c.key.dst == cache.key.dst
+            && c.key.sport == cache.key.sport
+            && c.key.dport == cache.key.dport
+            && c.key.proto == cache.key.proto
+        {
+            c.nh_ifindex = 0;
+        }
+        return;
+    }
+    count(global::FLOW_CACHE_FILLS);
+    // SAFETY: this CPU's slot; every field written as a whole integer.
+    let c = unsafe { &mut *c };
+    c.key.src = cache.key.src;
+    c.key.dst = cache.key.dst;
+    c.key.sport = cache.key.sport;
+    c.key.dport = cache.key.dport;
+    c.key.proto = cache.key.proto;
+    c.gen = cache.gen;
+    c.last_seen = e.last_seen as u32;
+    c.peer = e.peer;
+    c.peer_port = e.peer_port;
+    c.colour = e.colour;
+    c.flags = e.flags & flow_flags::REVERSE;
+    c.service = e.service;
+    c.nh_ifindex = e.nh_ifindex;
+    for i in 0..6 {
+        // SAFETY: in-bounds writes (byte stores: no memcpy call).
+        unsafe {
+            core::ptr::write_volatile(&mut c.nh_dmac[i], e.nh_dmac[i]);
+            core::ptr::write_volatile(&mut c.nh_smac[i], e.nh_smac[i]);
+        }
+    }
+    c.nh_len = e.nh_len;
+    c.backend_stat = e.backend_stat;
 }
 
 /// `jiffies`: kernel ticks, plenty for idle timeouts; the verifier inlines
@@ -143,6 +289,8 @@ fn to_backend(
     key: &FlowKey,
     service: u32,
     entry: Option<&mut FlowEntry>,
+    now: u64,
+    cache: &Cache,
 ) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
@@ -160,12 +308,10 @@ fn to_backend(
         count(global::PASS_NOT_SERVICE);
         return xdp_action::XDP_PASS;
     }
-    let now = now();
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-
     if let Some(entry) = entry {
         if !expired(entry, f, syn, now) {
-            let refresh = now.wrapping_sub(entry.last_seen) > LAST_SEEN_STEP;
+            let refresh = now.wrapping_sub(entry.last_seen) > cache.refresh;
             if refresh {
                 entry.last_seen = now;
             }
@@ -186,7 +332,9 @@ fn to_backend(
                 count(global::MALFORMED);
                 return xdp_action::XDP_PASS;
             }
-            return send(ctx, f, entry, refresh);
+            let action = send(ctx, f, entry, refresh, cache.gen);
+            fill(cache, entry);
+            return action;
         }
     }
 
@@ -221,8 +369,14 @@ fn to_backend(
     let mut fwd = new_entry(b.addr[0], b.port, colour, flags, service, b.stat_id, now);
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
-    let action = send(ctx, f, &mut fwd, true);
+    let action = send(ctx, f, &mut fwd, true, cache.gen);
     record(f, key, &b, &fwd);
+    // A replaced entry (port reuse after close or idle) needs no
+    // invalidation elsewhere: after idle, every CPU's slot of the flow is
+    // older than the refresh; after a close, slots on other CPUs would
+    // matter only if one 5-tuple's packets came in on two CPUs within the
+    // refresh of the new SYN (RSS keeps a 5-tuple on one queue).
+    fill(cache, &fwd);
     action
 }
 
@@ -231,8 +385,8 @@ fn to_backend(
 /// due for a refresh, or when the packet is longer than the one it was looked
 /// up for (the MTU check).
 #[inline(always)]
-fn send(ctx: &XdpContext, f: &Frame, e: &mut FlowEntry, refresh: bool) -> u32 {
-    if !refresh && e.nh_ifindex != 0 && f.tot_len <= e.nh_len {
+fn send(ctx: &XdpContext, f: &Frame, e: &mut FlowEntry, refresh: bool, gen: u32) -> u32 {
+    if !refresh && e.nh_ifindex != 0 && e.nh_gen == gen && f.tot_len <= e.nh_len {
         return transmit(ctx, f, e.nh_ifindex, &e.nh_dmac, &e.nh_smac);
     }
     let Some(hop) = resolve(ctx, f) else {
@@ -248,6 +402,7 @@ fn send(ctx: &XdpContext, f: &Frame, e: &mut FlowEntry, refresh: bool) -> u32 {
         }
     }
     e.nh_len = f.tot_len;
+    e.nh_gen = gen;
     e.nh_ifindex = hop.ifindex;
     transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac)
 }
@@ -275,7 +430,7 @@ fn new_entry(
         nh_smac: [0; 6],
         nh_len: 0,
         backend_stat: stat as u16,
-        _pad: 0,
+        nh_gen: 0,
     }
 }
 
@@ -370,13 +525,18 @@ fn account(service: u32, colour: u32, stat: u32, bytes: u64, new_flow: bool, rep
 /// Backend → client: a reply of a flow we forwarded gets the VIP back as its
 /// source.
 #[inline(always)]
-fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
+fn from_backend(
+    ctx: &XdpContext,
+    f: &Frame,
+    entry: &mut FlowEntry,
+    now: u64,
+    cache: &Cache,
+) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
         return xdp_action::XDP_PASS;
     }
-    let now = now();
-    let refresh = now.wrapping_sub(entry.last_seen) > LAST_SEEN_STEP;
+    let refresh = now.wrapping_sub(entry.last_seen) > cache.refresh;
     if refresh {
         entry.last_seen = now;
     }
@@ -426,5 +586,7 @@ fn from_backend(ctx: &XdpContext, f: &Frame, entry: &mut FlowEntry) -> u32 {
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
     }
-    send(ctx, f, entry, refresh)
+    let action = send(ctx, f, entry, refresh, cache.gen);
+    fill(cache, entry);
+    action
 }

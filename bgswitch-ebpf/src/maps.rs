@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use bgswitch_common::{
-    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ServiceKey,
-    ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS,
-    MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
+    global, Backend, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowKey4, PreviewKey,
+    ServiceKey, ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS,
+    FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -22,6 +22,15 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Per-service control word (see `bgswitch_common::control`).
 #[map]
 pub static CONTROL: Array<u32> = Array::with_max_entries(MAX_SERVICES, BPF_F_MMAPABLE);
+
+/// The flow-cache generation (see `bgswitch_common::CachedFlow`), bumped by
+/// userspace (its only writer) through its mapping.
+#[map]
+pub static FLOW_GEN: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Per-CPU flow cache (see `bgswitch_common::CachedFlow`).
+#[map]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// Number of backends in each pool slot, index `service * POOL_SLOTS + slot`.
 #[map]

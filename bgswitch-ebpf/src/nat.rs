@@ -83,9 +83,12 @@ pub fn rewrite(ctx: &XdpContext, f: &Frame, side: Side, addr: &Addr, port: u16) 
 
 /// Where a rewritten frame goes next: the egress interface and both MACs,
 /// as `bpf_fib_lookup` answered them.
+#[repr(C)]
 pub struct Hop {
     pub ifindex: u32,
+    /// At offset 4: 4-byte aligned (see `transmit`).
     pub dmac: [u8; 6],
+    /// At offset 10: 2 mod 4.
     pub smac: [u8; 6],
 }
 
@@ -172,12 +175,19 @@ pub fn transmit(ctx: &XdpContext, f: &Frame, egress: u32, dmac: &[u8; 6], smac: 
             .add16(old, new)
             .apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
-        // Byte stores: an array assignment becomes a memmove call here.
+        // Four loads and four stores (an array assignment becomes a memmove
+        // call here). Every `dmac` starts 4-byte aligned and every `smac` at
+        // 2 mod 4 (FlowEntry, CachedFlow and Hop are laid out so), like the
+        // destination and source MACs of the frame (XDP data is aligned).
+        let d0 = core::ptr::read_volatile(dmac.as_ptr().cast::<u32>());
+        let d1 = core::ptr::read_volatile(dmac.as_ptr().add(4).cast::<u16>());
+        let s0 = core::ptr::read_volatile(smac.as_ptr().cast::<u16>());
+        let s1 = core::ptr::read_volatile(smac.as_ptr().add(2).cast::<u32>());
         let mac = eth.cast::<u8>();
-        for i in 0..6 {
-            core::ptr::write_volatile(mac.add(i), dmac[i]);
-            core::ptr::write_volatile(mac.add(6 + i), smac[i]);
-        }
+        core::ptr::write_volatile(mac.cast::<u32>(), d0);
+        core::ptr::write_volatile(mac.add(4).cast::<u16>(), d1);
+        core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
+        core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
     }
     if egress == ctx.ingress_ifindex() as u32 {
         count(global::TX);

@@ -181,6 +181,20 @@ impl Daemon {
             bpffs: Some(config.bpffs.clone()),
             max_flows: config.max_flows,
         })?;
+        log::info!(
+            "data plane clock: HZ {}; flows refresh their next hop every {} ticks",
+            dataplane.hz(),
+            dataplane.refresh_ticks()
+        );
+        match dataplane.watch_kernel_changes() {
+            Ok(()) => log::info!(
+                "watching route, neighbour and link changes (netlink): open flows look their next hop up again at once"
+            ),
+            Err(e) => log::warn!(
+                "cannot watch route and neighbour changes ({e}): open flows pick them up within {} ms",
+                bgswitch_common::REFRESH_MS
+            ),
+        }
         let mut daemon = Self {
             config,
             store,

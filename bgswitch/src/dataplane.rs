@@ -37,7 +37,7 @@ use bgswitch_common::{
     MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
 };
 
-use crate::{config::XdpModeSetting, model::Colour, paths};
+use crate::{config::XdpModeSetting, model::Colour, netlink, paths};
 
 /// The XDP object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bgswitch"));
@@ -174,6 +174,8 @@ pub struct Dataplane {
     freed: StdHashMap<(u32, u32), Instant>,
     /// The data plane's clock (kernel ticks).
     clock: Clock,
+    /// The mapped `FLOW_GEN` counter (shared with the netlink watcher).
+    flow_gen: std::sync::Arc<GenCounter>,
 }
 
 /// The data plane's clock: flow times are kernel ticks (`jiffies`), which
@@ -281,7 +283,7 @@ impl Clock {
 }
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 11] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 12] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -373,6 +375,7 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             MAX_PREVIEW_PREFIXES,
             0,
         ),
+        (names::FLOW_GEN, MapType::Array, 4, 8, 1, BPF_F_MMAPABLE),
     ]
 }
 
@@ -627,6 +630,19 @@ impl Dataplane {
             LpmTrie::try_from(take(names::PREVIEW)?).map_err(map_err(names::PREVIEW, "open"))?;
         // The mapping holds its own reference to the map; the Map handle may go.
         drop(control_map);
+        let flow_gen_map = take(names::FLOW_GEN)?;
+        let flow_gen = match &flow_gen_map {
+            Map::Array(data) => {
+                ControlWords::map(data.fd().as_fd(), 1).map_err(|e| DataplaneError::Io {
+                    op: "mmap",
+                    path: names::FLOW_GEN.into(),
+                    source: e,
+                })?
+            }
+            _ => return Err(DataplaneError::Invalid("FLOW_GEN is not an array".into())),
+        };
+        let flow_gen = std::sync::Arc::new(GenCounter(flow_gen));
+        drop(flow_gen_map);
         let clock = Clock::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -647,6 +663,7 @@ impl Dataplane {
             watched: BTreeMap::new(),
             freed: StdHashMap::new(),
             clock,
+            flow_gen,
         })
     }
 
@@ -686,6 +703,14 @@ impl Dataplane {
         Ok((r.return_value, out, r.duration))
     }
 
+    /// The refresh of flow entries and next hops, in ticks (see
+    /// `Settings::refresh`).
+    pub fn refresh_ticks(&self) -> u64 {
+        self.clock
+            .ticks(Duration::from_millis(bgswitch_common::REFRESH_MS))
+            .max(1)
+    }
+
     /// The kernel's tick rate (HZ), as measured at load.
     pub fn hz(&self) -> u64 {
         self.clock.hz
@@ -698,9 +723,13 @@ impl Dataplane {
 
     /// Sets the flow timeouts.
     pub fn set_settings(&mut self, udp_idle: Duration, tcp_idle: Duration) -> Result<()> {
+        let refresh = self.refresh_ticks();
+        // At least one tick longer than the refresh: a flow the per-CPU
+        // cache serves (last seen at most `refresh` ago) is never idle.
         let s = Settings {
-            udp_idle: self.clock.ticks(udp_idle),
-            tcp_idle: self.clock.ticks(tcp_idle),
+            udp_idle: self.clock.ticks(udp_idle).max(refresh + 1),
+            tcp_idle: self.clock.ticks(tcp_idle).max(refresh + 1),
+            refresh,
         };
         self.settings
             .set(0, s, 0)
@@ -865,6 +894,8 @@ impl Dataplane {
                     let _ = std::fs::remove_file(link_pin_path(b, &name, a.mode));
                 }
                 let _ = self.tx_ports.remove(a.ifindex);
+                self.bump_flow_gen();
+                self.bump_flow_gen();
             }
             match current {
                 None => notes.push((log::Level::Warn, format!("{name} (ifindex {old_index}) disappeared; XDP will be attached again when it returns"))),
@@ -881,10 +912,12 @@ impl Dataplane {
     pub fn add_tx_port(&mut self, index: u32) -> Result<()> {
         self.tx_ports.insert(index, index, None, 0).map_err(|e| {
             DataplaneError::Invalid(format!("adding ifindex {index} to TX_PORTS: {e}"))
-        })
+        })?;
+        // Next hops looked up while it was missing went to the stack.
+        self.bump_flow_gen();
+        Ok(())
     }
 
-    /// Swaps this daemon's program into a pinned link (atomic replace).
     /// An XDP link pinned by a daemon of an older map layout
     /// (`<bpffs>/bgswitch/v<N>/links/`) holds the interface: this program is
     /// swapped into it (no detach, no gap in forwarding) and the pin moved
@@ -937,6 +970,7 @@ impl Dataplane {
         Ok(None)
     }
 
+    /// Swaps this daemon's program into a pinned link (atomic replace).
     fn adopt_link(&mut self, pin: &Path) -> Result<FdLink> {
         let pinned =
             PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
@@ -962,6 +996,7 @@ impl Dataplane {
                 std::fs::remove_file(&pin).map_err(io_err("unpinning", &pin))?;
             }
             let _ = self.tx_ports.remove(a.ifindex);
+            self.bump_flow_gen();
         }
         Ok(())
     }
@@ -1365,14 +1400,72 @@ impl Dataplane {
             }
         }
         let mut moved = 0;
+        let mut result = Ok(());
         for (k, forward) in doomed {
             match self.flows.remove(&k) {
                 Ok(()) => moved += u64::from(forward),
                 Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(names::FLOWS, "remove")(e)),
+                Err(e) => {
+                    result = Err(map_err(names::FLOWS, "remove")(e));
+                    break;
+                }
             }
         }
-        Ok(moved)
+        // After the deletions: per-CPU cache slots of deleted flows stop
+        // being used (a CPU that reads the new generation no longer finds
+        // the entries).
+        if moved > 0 || result.is_err() {
+            self.bump_flow_gen();
+        }
+        result.map(|()| moved)
+    }
+
+    /// Invalidates every CPU's flow cache and every flow's cached next hop
+    /// (see `bgswitch_common::CachedFlow`).
+    pub fn bump_flow_gen(&self) {
+        self.flow_gen.bump();
+    }
+
+    /// The current `FLOW_GEN` value.
+    pub fn flow_gen(&self) -> u64 {
+        self.flow_gen.get()
+    }
+
+    /// Starts a thread that listens to the kernel's route, neighbour,
+    /// address, rule and link notifications (netlink, in the caller's
+    /// network namespace) and bumps `FLOW_GEN` on each, so open flows look
+    /// their next hop up again at once instead of at their next refresh.
+    /// Bursts are folded: at most one bump per 10 ms after the first. The
+    /// thread ends after this data plane is dropped.
+    pub fn watch_kernel_changes(&self) -> io::Result<()> {
+        let sock = netlink::RouteEvents::open()?;
+        let gen = std::sync::Arc::downgrade(&self.flow_gen);
+        std::thread::Builder::new()
+            .name("bgswitch-netlink".into())
+            .spawn(move || loop {
+                match sock.wait(Duration::from_secs(1)) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let Some(g) = gen.upgrade() else { return };
+                        g.bump();
+                        drop(g);
+                        std::thread::sleep(Duration::from_millis(10));
+                        if sock.drain() {
+                            if let Some(g) = gen.upgrade() {
+                                g.bump();
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("netlink route events: {e}; next hops refresh on their own");
+                        return;
+                    }
+                }
+                if gen.strong_count() == 0 {
+                    return;
+                }
+            })?;
+        Ok(())
     }
 
     /// Tears everything down: detaches every interface and removes every
@@ -1595,6 +1688,31 @@ impl ControlWords {
 
     fn store(&self, id: u32, word: u32) {
         self.word(id).store(word, Ordering::SeqCst);
+    }
+}
+
+/// The mapped `FLOW_GEN` counter: one u64 that only userspace writes.
+struct GenCounter(ControlWords);
+
+// SAFETY: the mapping is only accessed through atomics, and unmapped once
+// (on drop of the last owner).
+unsafe impl Send for GenCounter {}
+// SAFETY: as above.
+unsafe impl Sync for GenCounter {}
+
+impl GenCounter {
+    fn word(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: slot 0 of a mapping of at least one page, 8-byte aligned
+        // (page-aligned base); the value is a u64.
+        unsafe { &*(self.0.ptr as *const std::sync::atomic::AtomicU64) }
+    }
+
+    fn bump(&self) {
+        self.word().fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> u64 {
+        self.word().load(Ordering::SeqCst)
     }
 }
 

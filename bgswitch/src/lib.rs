@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod paths;
 pub mod server;
 pub mod simulate;

@@ -15,7 +15,7 @@ use bgswitch::{
 };
 use bgswitch_common::{
     hash::{flow_hash, reduce, BACKEND_SEED},
-    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, LAST_SEEN_STEP, PROTO_TCP, PROTO_UDP,
+    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
 };
 use bgswitch_tests::{in_netns, ip, TempNetns};
 use etherparse::{IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -677,9 +677,10 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
         );
 
         // Established packets use the hop kept in the flow entry: one lookup
-        // per LAST_SEEN_STEP + 1 ticks of traffic at most (bounded by the
-        // time taken here).
+        // per refresh + 1 ticks of traffic at most (bounded by the time
+        // taken here).
         let tick_ns = 1_000_000_000 / fx.dp.hz();
+        let refresh = fx.dp.refresh_ticks();
         let started = Instant::now();
         for _ in 0..200 {
             let (action, out, _) = fx
@@ -691,16 +692,17 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
             assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, 0x11]);
         }
         let ticks = started.elapsed().as_nanos() as u64 / tick_ns + 1;
-        let refreshes = ticks / (LAST_SEEN_STEP + 1) + 1;
+        let refreshes = ticks / (refresh + 1) + 1;
         let extra = lookups(&fx) - 1;
         assert!(
             extra <= refreshes,
             "200 established packets made {extra} lookups (allowed: {refreshes})"
         );
 
-        // A neighbour change reaches the open flow within one refresh step.
+        // Without a netlink watcher, a neighbour change reaches the open
+        // flow at its next refresh.
         neigh("02:00:00:00:02:22");
-        std::thread::sleep(Duration::from_nanos((LAST_SEEN_STEP + 2) * tick_ns));
+        std::thread::sleep(Duration::from_nanos((refresh + 2) * tick_ns));
         let (action, out, _) = fx
             .dp
             .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v0), 1)
@@ -724,6 +726,209 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
             .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v0), 1)
             .unwrap();
         assert_eq!(action, XDP_TX);
+    });
+}
+
+#[test]
+fn route_and_neighbour_changes_reach_open_flows_at_once_through_netlink() {
+    in_scratch_ns(|ns| {
+        ip(&[
+            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ])
+        .unwrap();
+        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
+        let neigh = |mac: &str| {
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                "198.18.1.11",
+                "lladdr",
+                mac,
+                "dev",
+                "v0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap()
+        };
+        neigh("02:00:00:00:01:11");
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
+        let mut fx = Fixture::new();
+        fx.dp.watch_kernel_changes().unwrap();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = (48000..49000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+            .unwrap();
+        let mac_of = |fx: &mut Fixture, l4: L4| {
+            let (action, out, _) = fx
+                .dp
+                .test_run(&frame(c, vip, l4, 64, b""), Some(v0), 1)
+                .unwrap();
+            assert_eq!(action, XDP_TX);
+            out[0..6].to_vec()
+        };
+        assert_eq!(mac_of(&mut fx, L4::Syn), [2, 0, 0, 0, 1, 0x11]);
+        assert_eq!(mac_of(&mut fx, L4::Ack), [2, 0, 0, 0, 1, 0x11]);
+        // The change is heard over netlink and bumps the generation; the very
+        // next packet looks the next hop up again (well before its refresh).
+        let gen = fx.dp.flow_gen();
+        let changed = Instant::now();
+        neigh("02:00:00:00:02:22");
+        while fx.dp.flow_gen() == gen {
+            assert!(
+                changed.elapsed() < Duration::from_secs(2),
+                "no netlink event"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let seen = changed.elapsed();
+        assert_eq!(mac_of(&mut fx, L4::Ack), [2, 0, 0, 0, 2, 0x22]);
+        println!(
+            "neighbour change reached the open flow {seen:?} after `ip neigh replace` (refresh: {} ms)",
+            bgswitch_common::REFRESH_MS
+        );
+        // A route change too: with the route gone, the flow's packets go to
+        // the stack at once.
+        let gen = fx.dp.flow_gen();
+        ip(&["-n", ns, "addr", "del", "198.18.1.1/24", "dev", "v0"]).unwrap();
+        while fx.dp.flow_gen() == gen {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (action, _, _) = fx
+            .dp
+            .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_PASS, "no route: to the stack");
+    });
+}
+
+#[test]
+fn established_packets_come_from_the_per_cpu_cache_and_a_flush_reaches_them() {
+    in_scratch_ns(|ns| {
+        ip(&[
+            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ])
+        .unwrap();
+        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
+        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
+        for (addr, mac) in [
+            ("198.18.1.11", "02:00:00:00:01:11"),
+            ("198.18.1.12", "02:00:00:00:01:12"),
+            ("198.18.1.21", "02:00:00:00:01:21"),
+            ("198.18.1.22", "02:00:00:00:01:22"),
+        ] {
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                "v0",
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
+        let mut fx = Fixture::new();
+        let tick_ns = 1_000_000_000 / fx.dp.hz();
+        let refresh = fx.dp.refresh_ticks();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let counter = |fx: &Fixture, name: &str| {
+            let g = fx.dp.global_stats().unwrap();
+            g.iter().find(|(k, _)| *k == name).unwrap().1
+        };
+        let send = |fx: &mut Fixture, c: SocketAddrV4, l4: L4| {
+            let (action, out, _) = fx
+                .dp
+                .test_run(&frame(c, vip, l4, 64, b""), Some(v0), 1)
+                .unwrap();
+            assert_eq!(action, XDP_TX);
+            verify(&out).1
+        };
+        // The SYN fills this CPU's slot; the ACKs after it are served from it
+        // (only a refresh every `refresh` + 1 ticks takes FLOWS again),
+        // with the same decision and counters.
+        let c = SocketAddrV4::new(CLIENT, 41000);
+        let blue_backend = send(&mut fx, c, L4::Syn);
+        assert_eq!(blue_backend, predicted(c, vip, PROTO_TCP, &blue()));
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        let fills = counter(&fx, "flow_cache_fills");
+        let hits = counter(&fx, "flow_hits");
+        let started = Instant::now();
+        for _ in 0..200 {
+            assert_eq!(
+                send(&mut fx, c, L4::Ack),
+                blue_backend,
+                "open flow stays on blue"
+            );
+        }
+        let ticks = started.elapsed().as_nanos() as u64 / tick_ns + 1;
+        let refills = counter(&fx, "flow_cache_fills") - fills;
+        assert!(
+            refills <= ticks / (refresh + 1) + 1,
+            "200 packets took the FLOWS path {refills} times in {ticks} ticks"
+        );
+        assert_eq!(counter(&fx, "flow_hits") - hits, 200);
+
+        // Flushing blue's flows (what a drain timeout does) reaches a flow
+        // whose slot is fresh: its next packet is an orphan and goes to the
+        // active colour, green.
+        let mut fresh = false;
+        for port in 41001..41011 {
+            let c = SocketAddrV4::new(CLIENT, port);
+            assert_eq!(
+                send(&mut fx, c, L4::Syn),
+                predicted(c, vip, PROTO_TCP, &green())
+            );
+            fx.dp.set_active(0, Colour::Blue).unwrap();
+            let t = Instant::now();
+            send(&mut fx, c, L4::Ack);
+            assert!(fx.dp.flush_flows(0, Colour::Blue).unwrap() >= 1);
+            let after = send(&mut fx, c, L4::Ack);
+            fresh |= (t.elapsed().as_nanos() as u64) < tick_ns;
+            assert_eq!(
+                after,
+                predicted(c, vip, PROTO_TCP, &blue()),
+                "a flushed flow is not served from a stale cache slot"
+            );
+            if fresh {
+                break;
+            }
+        }
+        assert!(fresh, "never ran a flush within one tick of a cache fill");
+
+        // A closed flow's 5-tuple reused by a SYN that cannot be forwarded
+        // (longer than the MTU: to the stack) is still chosen afresh, and
+        // its cached slot stops serving the old decision.
+        let c = SocketAddrV4::new(CLIENT, 41100);
+        let old = send(&mut fx, c, L4::Syn);
+        assert_eq!(old, predicted(c, vip, PROTO_TCP, &blue()));
+        send(&mut fx, c, L4::Ack);
+        send(&mut fx, c, L4::Rst);
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        ip(&["-n", ns, "link", "set", "v0", "mtu", "1000"]).unwrap();
+        let (action, _, _) = fx
+            .dp
+            .test_run(&frame(c, vip, L4::Syn, 64, &[0u8; 1200]), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_PASS, "over the MTU: to the stack");
+        assert_eq!(
+            send(&mut fx, c, L4::Ack),
+            predicted(c, vip, PROTO_TCP, &green()),
+            "the reused 5-tuple follows its new record, not the cached old one"
+        );
     });
 }
 
