@@ -55,6 +55,28 @@ impl Delta {
         d
     }
 
+    /// Adds the IPv4 TTL decrement: the 16-bit word (TTL, protocol), read in
+    /// memory order on a little-endian host, drops by exactly one whatever
+    /// the TTL (> 0), so its `~old + new` is the constant `0xfffe`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn ttl_decrement(self) -> Delta {
+        Delta(self.0 + 0xfffe)
+    }
+
+    /// The delta folded to 16 bits (the same delta for [`Delta::apply`]),
+    /// to be kept and reused with [`Delta::from_folded`].
+    #[inline(always)]
+    pub const fn folded(self) -> u16 {
+        fold(self.0)
+    }
+
+    /// A delta kept with [`Delta::folded`].
+    #[inline(always)]
+    pub const fn from_folded(v: u16) -> Delta {
+        Delta(v as u64)
+    }
+
     /// Returns `check` updated by this delta: `~(~check + Σ(~m + m'))`.
     #[inline(always)]
     pub const fn apply(self, check: u16) -> u16 {
@@ -90,6 +112,26 @@ pub const fn fold(sum: u64) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn ttl_decrement_and_folded_deltas_equal_the_long_way() {
+        for ttl in [2u8, 3, 64, 128, 255] {
+            for proto in [6u8, 17] {
+                for check in [0u16, 1, 0x1234, 0xfffe, 0xffff] {
+                    let old = u16::from_ne_bytes([ttl, proto]);
+                    let new = u16::from_ne_bytes([ttl - 1, proto]);
+                    let long = Delta::ZERO.add32(0x0a0b_0c0d, 0x1122_3344).add16(old, new);
+                    let short = Delta::ZERO.add32(0x0a0b_0c0d, 0x1122_3344).ttl_decrement();
+                    assert_eq!(long.apply(check), short.apply(check));
+                    assert_eq!(
+                        Delta::from_folded(short.folded()).apply(check),
+                        short.apply(check)
+                    );
+                }
+            }
+        }
+    }
 
     /// A straightforward full checksum over big-endian 16-bit words, written
     /// independently of the incremental code.

@@ -361,7 +361,14 @@ pub struct CachedFlow {
     pub nh_smac: [u8; 6],
     pub nh_len: u16,
     pub backend_stat: u16,
-    pub _pad: u64,
+    /// The IPv4 checksum change of this direction's rewrite and TTL
+    /// decrement, folded ([`csum::Delta::folded`]): the same for every
+    /// packet of the flow.
+    pub ip_delta: u16,
+    /// The TCP/UDP checksum change (address through the pseudo-header, and
+    /// port), folded.
+    pub l4_delta: u16,
+    pub _pad: u32,
 }
 
 /// Slots of the per-CPU flow cache (a power of two): 64 bytes each, 4 MiB

@@ -4,7 +4,9 @@
 
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::XdpContext};
 use bgswitch_common::{
-    cache_slot, control, flow_flags, global,
+    cache_slot, control,
+    csum::Delta,
+    flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
     Backend, CachedFlow, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, MAX_BACKENDS,
     POOL_SLOTS, PROTO_TCP, PROTO_UDP,
@@ -15,7 +17,7 @@ use crate::{
         count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE, FLOW_GEN, POOL_SIZES, PREVIEW,
         SERVICES, SERVICE_STATS, SETTINGS,
     },
-    nat::{resolve, rewrite, transmit, Side},
+    nat::{resolve, rewrite, rewrite_cached, transmit, transmit_l2, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -215,11 +217,11 @@ fn cached(ctx: &XdpContext, f: &Frame, c: &CachedFlow) -> Option<u32> {
         count(global::REPLIES);
         (Side::Src, c.peer, c.peer_port)
     };
-    if rewrite(ctx, f, side, &[addr, 0, 0, 0], port).is_none() {
+    if rewrite_cached(ctx, f, side, addr, port, c.ip_delta, c.l4_delta).is_none() {
         count(global::MALFORMED);
         return Some(xdp_action::XDP_PASS);
     }
-    Some(transmit(ctx, f, c.nh_ifindex, &c.nh_dmac, &c.nh_smac))
+    Some(transmit_l2(ctx, c.nh_ifindex, &c.nh_dmac, &c.nh_smac))
 }
 
 /// Copies an entry's decision (as it is after this packet) into this CPU's
@@ -271,6 +273,15 @@ fn fill(cache: &Cache, e: &FlowEntry) {
     }
     c.nh_len = e.nh_len;
     c.backend_stat = e.backend_stat;
+    // What this direction's rewrite changes, for every packet alike.
+    let (old_addr, old_port) = if e.flags & flow_flags::REVERSE == 0 {
+        (cache.key.dst, cache.key.dport)
+    } else {
+        (cache.key.src, cache.key.sport)
+    };
+    let addr = Delta::ZERO.add32(old_addr, e.peer);
+    c.ip_delta = addr.ttl_decrement().folded();
+    c.l4_delta = addr.add16(old_port, e.peer_port).folded();
 }
 
 /// `jiffies`: kernel ticks, plenty for idle timeouts; the verifier inlines

@@ -26,6 +26,7 @@ use crate::{
 };
 
 #[xdp]
+#[inline(always)]
 pub fn bgswitch(ctx: XdpContext) -> u32 {
     let frame = match parse(&ctx) {
         Ok(f) => f,

@@ -162,10 +162,7 @@ pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
 #[inline(always)]
 pub fn transmit(ctx: &XdpContext, f: &Frame, egress: u32, dmac: &[u8; 6], smac: &[u8; 6]) -> u32 {
     let ip = f.ip;
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: eth and ip are bounds-checked; ttl > 1 was checked by the caller.
+    // SAFETY: ip is bounds-checked; ttl > 1 was checked by the caller.
     unsafe {
         let ttl_word = ((*ip).ttl, (*ip).proto);
         let old = u16::from_ne_bytes([ttl_word.0, ttl_word.1]);
@@ -175,6 +172,69 @@ pub fn transmit(ctx: &XdpContext, f: &Frame, egress: u32, dmac: &[u8; 6], smac: 
             .add16(old, new)
             .apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
+    }
+    transmit_l2(ctx, egress, dmac, smac)
+}
+
+/// The cached path's rewrite: the address and port of `side`, the TTL, and
+/// both checksums from the flow's precomputed deltas (see
+/// `bgswitch_common::CachedFlow`). The caller checked TTL > 1.
+#[inline(always)]
+pub fn rewrite_cached(
+    ctx: &XdpContext,
+    f: &Frame,
+    side: Side,
+    addr: u32,
+    port: u16,
+    ip_delta: u16,
+    l4_delta: u16,
+) -> Option<()> {
+    let ip = f.ip.cast::<u8>();
+    // SAFETY: f.ip was bounds-checked by parse(); ttl > 1 (caller). Whole-
+    // word stores (the header's byte arrays would be written byte by byte).
+    unsafe {
+        let addr_off = match side {
+            Side::Dst => 16,
+            Side::Src => 12,
+        };
+        core::ptr::write_volatile(ip.add(addr_off).cast::<u32>(), addr);
+        *ip.add(8) -= 1;
+        let check = ip.add(10).cast::<u16>();
+        let c = Delta::from_folded(ip_delta).apply(core::ptr::read_volatile(check));
+        core::ptr::write_volatile(check, c);
+    }
+    let port_off = match side {
+        Side::Src => 0,
+        Side::Dst => 2,
+    };
+    let port_ptr: *mut u16 = ptr_at(ctx, f.l4 + port_off)?;
+    let l4 = Delta::from_folded(l4_delta);
+    if f.proto == PROTO_TCP {
+        let check: *mut u16 = ptr_at(ctx, f.l4 + TCP_CHECK)?;
+        // SAFETY: both bounds-checked by ptr_at.
+        unsafe {
+            *port_ptr = port;
+            *check = l4.apply(*check);
+        }
+    } else {
+        let check: *mut u16 = ptr_at(ctx, f.l4 + UDP_CHECK)?;
+        // SAFETY: as above.
+        unsafe {
+            *port_ptr = port;
+            *check = l4.apply_udp(*check);
+        }
+    }
+    Some(())
+}
+
+/// Writes the MACs of a resolved next hop and transmits.
+#[inline(always)]
+pub fn transmit_l2(ctx: &XdpContext, egress: u32, dmac: &[u8; 6], smac: &[u8; 6]) -> u32 {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: eth is bounds-checked.
+    unsafe {
         // Four loads and four stores (an array assignment becomes a memmove
         // call here). Every `dmac` starts 4-byte aligned and every `smac` at
         // 2 mod 4 (FlowEntry, CachedFlow and Hop are laid out so), like the

@@ -59,9 +59,24 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// A 16-bit field at `off` bytes past `p`, as it lies in memory. One load:
+/// the fields' arrays are byte arrays, which the BPF backend would read byte
+/// by byte and reassemble.
+///
+/// SAFETY: `p + off .. p + off + 2` lies inside a bounds-checked header.
 #[inline(always)]
-fn ne16(b: [u8; 2]) -> u16 {
-    u16::from_ne_bytes(b)
+unsafe fn load16(p: *const u8, off: usize) -> u16 {
+    // Packet fields may sit at any 2-byte offset; the verifier allows such
+    // loads on the 64-bit JITs (x86-64, arm64) and so do the CPUs.
+    core::ptr::read_volatile(p.add(off).cast::<u16>())
+}
+
+/// A 32-bit field at `off` bytes past `p`, as it lies in memory (one load).
+///
+/// SAFETY: as for [`load16`].
+#[inline(always)]
+unsafe fn load32(p: *const u8, off: usize) -> u32 {
+    core::ptr::read_volatile(p.add(off).cast::<u32>())
 }
 
 /// Parses Ethernet + IPv4 + TCP/UDP. Every length the headers claim is checked
@@ -84,13 +99,16 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
     if ihl < Ipv4Hdr::LEN {
         return Err(Skip::Malformed);
     }
-    let tot_len = u16::from_be_bytes(iph.tot_len) as usize;
+    let ipb: *const u8 = ip.cast();
+    // SAFETY: inside the 20-byte header checked above.
+    let tot_len = u16::from_be(unsafe { load16(ipb, 2) }) as usize;
     let frame_len = ctx.data_end() - ctx.data();
     if tot_len < ihl || ip_off + tot_len > frame_len {
         return Err(Skip::Malformed);
     }
     // MF set or a non-zero offset: a fragment. The reserved bit is left alone.
-    if u16::from_be_bytes(iph.frags) & 0x3fff != 0 {
+    // SAFETY: inside the header.
+    if u16::from_be(unsafe { load16(ipb, 6) }) & 0x3fff != 0 {
         return Err(Skip::Fragment);
     }
     let proto = iph.proto;
@@ -99,25 +117,25 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
     let (sport, dport, tcp_flags) = match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
-            // SAFETY: bounds checked by ptr_at.
-            let t = unsafe { &*tcp };
             let raw: *const u8 = tcp.cast();
             // SAFETY: byte 12 and 13 lie inside the 20-byte header checked above.
             let (doff, flags) = unsafe { (((*raw.add(12)) >> 4) as usize * 4, *raw.add(13)) };
             if doff < TcpHdr::LEN || doff > l4_len {
                 return Err(Skip::Malformed);
             }
-            (ne16(t.source), ne16(t.dest), flags)
+            // SAFETY: inside the checked 20-byte header.
+            unsafe { (load16(raw, 0), load16(raw, 2), flags) }
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
-            // SAFETY: bounds checked by ptr_at.
-            let u = unsafe { &*udp };
-            let ulen = u16::from_be_bytes(u.len) as usize;
+            let raw: *const u8 = udp.cast();
+            // SAFETY: inside the 8-byte header checked by ptr_at.
+            let ulen = u16::from_be(unsafe { load16(raw, 4) }) as usize;
             if ulen < UdpHdr::LEN || ulen > l4_len {
                 return Err(Skip::Malformed);
             }
-            (ne16(u.src), ne16(u.dst), 0)
+            // SAFETY: as above.
+            unsafe { (load16(raw, 0), load16(raw, 2), 0) }
         }
         _ => return Err(Skip::NotTcpUdp),
     };
@@ -126,8 +144,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
         l4,
         proto,
         family: FAMILY_IPV4,
-        src: [u32::from_ne_bytes(iph.src_addr), 0, 0, 0],
-        dst: [u32::from_ne_bytes(iph.dst_addr), 0, 0, 0],
+        // SAFETY: inside the header.
+        src: [unsafe { load32(ipb, 12) }, 0, 0, 0],
+        // SAFETY: inside the header.
+        dst: [unsafe { load32(ipb, 16) }, 0, 0, 0],
         sport,
         dport,
         tcp_flags,
