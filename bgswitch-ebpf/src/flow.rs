@@ -189,39 +189,38 @@ fn cache_hit(c: &CachedFlow, cache: &Cache, f: &Frame, now: u64) -> bool {
 /// says so and counts it).
 #[inline(always)]
 fn cached(ctx: &XdpContext, f: &Frame, c: &CachedFlow) -> Option<u32> {
-    let (side, addr, port) = if c.flags & flow_flags::REVERSE == 0 {
+    let reverse = c.flags & flow_flags::REVERSE != 0;
+    if !reverse {
         let word = CONTROL.get_ptr(c.service)?;
         // SAFETY: one 32-bit load of an array slot.
         if !control::enabled(unsafe { core::ptr::read_volatile(word) }) {
             return None;
         }
-        count(global::FLOW_HITS);
-        account(
-            c.service,
-            c.colour as u32,
-            c.backend_stat as u32,
-            f.frame_len,
-            false,
-            false,
-        );
-        (Side::Dst, c.peer, c.peer_port)
+    }
+    account(
+        c.service,
+        c.colour as u32,
+        c.backend_stat as u32,
+        f.frame_len,
+        false,
+        reverse,
+    );
+    let (side, hit) = if reverse {
+        (Side::Src, global::REPLIES)
     } else {
-        account(
-            c.service,
-            c.colour as u32,
-            c.backend_stat as u32,
-            f.frame_len,
-            false,
-            true,
-        );
-        count(global::REPLIES);
-        (Side::Src, c.peer, c.peer_port)
+        (Side::Dst, global::FLOW_HITS)
     };
-    if rewrite_cached(ctx, f, side, addr, port, c.ip_delta, c.l4_delta).is_none() {
+    if rewrite_cached(ctx, f, side, c.peer, c.peer_port, c.ip_delta, c.l4_delta).is_none() {
         count(global::MALFORMED);
         return Some(xdp_action::XDP_PASS);
     }
-    Some(transmit_l2(ctx, c.nh_ifindex, &c.nh_dmac, &c.nh_smac))
+    Some(transmit_l2(
+        ctx,
+        c.nh_ifindex,
+        &c.nh_dmac,
+        &c.nh_smac,
+        Some(hit),
+    ))
 }
 
 /// Copies an entry's decision (as it is after this packet) into this CPU's

@@ -65,7 +65,8 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 
 /// Per-CPU global counters, indexed by `bgswitch_common::global`.
 #[map]
-pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::COUNT, 0);
+pub static GLOBAL_STATS: PerCpuArray<[u64; global::COUNT as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Preview prefixes: (service, source prefix) → 1. New flows from a matching
 /// source go to the idle colour. Consulted only when the service's control
@@ -80,8 +81,29 @@ pub static CLOCK: Array<u64> = Array::with_max_entries(2, 0);
 /// Adds one to a global counter.
 #[inline(always)]
 pub fn count(index: u32) {
-    if let Some(c) = GLOBAL_STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        unsafe { *c += 1 };
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run; the
+        // index is one of the `global` constants (< COUNT).
+        unsafe {
+            if let Some(v) = (*c).get_mut(index as usize) {
+                *v += 1;
+            }
+        }
+    }
+}
+
+/// Adds one to two global counters with one lookup (the cached path's).
+#[inline(always)]
+pub fn count2(a: u32, b: u32) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(0) {
+        // SAFETY: as for `count`.
+        unsafe {
+            if let Some(v) = (*c).get_mut(a as usize) {
+                *v += 1;
+            }
+            if let Some(v) = (*c).get_mut(b as usize) {
+                *v += 1;
+            }
+        }
     }
 }

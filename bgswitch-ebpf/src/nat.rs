@@ -15,7 +15,7 @@ use bgswitch_common::{csum::Delta, global, Addr, PROTO_TCP};
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{count, TX_PORTS},
+    maps::{count, count2, TX_PORTS},
     parse::{ptr_at, Frame},
 };
 
@@ -173,7 +173,7 @@ pub fn transmit(ctx: &XdpContext, f: &Frame, egress: u32, dmac: &[u8; 6], smac: 
             .apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
     }
-    transmit_l2(ctx, egress, dmac, smac)
+    transmit_l2(ctx, egress, dmac, smac, None)
 }
 
 /// The cached path's rewrite: the address and port of `side`, the TTL, and
@@ -227,9 +227,16 @@ pub fn rewrite_cached(
     Some(())
 }
 
-/// Writes the MACs of a resolved next hop and transmits.
+/// Writes the MACs of a resolved next hop and transmits; counts TX or
+/// REDIRECT, and `also` with the same counter lookup.
 #[inline(always)]
-pub fn transmit_l2(ctx: &XdpContext, egress: u32, dmac: &[u8; 6], smac: &[u8; 6]) -> u32 {
+pub fn transmit_l2(
+    ctx: &XdpContext,
+    egress: u32,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+    also: Option<u32>,
+) -> u32 {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
@@ -249,11 +256,15 @@ pub fn transmit_l2(ctx: &XdpContext, egress: u32, dmac: &[u8; 6], smac: &[u8; 6]
         core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
         core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
     }
-    if egress == ctx.ingress_ifindex() as u32 {
-        count(global::TX);
+    let tx = egress == ctx.ingress_ifindex() as u32;
+    let what = if tx { global::TX } else { global::REDIRECT };
+    match also {
+        Some(a) => count2(what, a),
+        None => count(what),
+    }
+    if tx {
         return xdp_action::XDP_TX;
     }
-    count(global::REDIRECT);
     TX_PORTS
         .redirect(egress, xdp_action::XDP_PASS as u64)
         .unwrap_or(xdp_action::XDP_PASS)
