@@ -113,8 +113,15 @@ pub struct Cache {
 /// for the first packet of a flow. Anything else passes untouched.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
-    let key = flow_key(f);
-    let k4 = key4(&key);
+    let k4 = FlowKey4 {
+        src: f.src[0],
+        dst: f.dst[0],
+        sport: f.sport,
+        dport: f.dport,
+        proto: f.proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
     let now = now();
     let cache = Cache {
         slot: FLOW_CACHE.get_ptr_mut(cache_slot(&k4)),
@@ -131,6 +138,8 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
             }
         }
     }
+    // The slow path: the whole 5-tuple (the flow hash's input) from here on.
+    let key = flow_key(f);
     if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {
         // SAFETY: LRU values stay valid for the program's run (RCU); fields are
         // read and written as whole integers.
