@@ -286,7 +286,7 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
         max_flows,
     })
     .context("loading the bgswitch XDP program")?;
-    let flows = new_map(names::FLOWS, 2 * max_flows, &before);
+    let flows = new_map(names::FLOWS, max_flows, &before);
     let flows_memlock = flows.as_ref().and_then(memlock);
     let flows_id = flows.as_ref().map(MapInfo::id);
     dp.set_settings(Duration::from_secs(30), Duration::from_secs(3600))?;
@@ -736,10 +736,10 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
             "scale_max_flows": opts.scale_max_flows,
             "levels": levels,
             "flow_entries_after_fill": entries,
-            "flows_recorded_after_fill": entries.map(|e| e / 2),
+            "flows_recorded_after_fill": entries,
             "memory": {
                 "flow_key_plus_entry_bytes": key_value,
-                "entries_per_flow": 2,
+                "entries_per_flow": 1,
                 "flows_map_memlock_bytes": big_memlock,
                 "flows_map_memlock_bytes_small": small_memlock,
                 "small_max_flows": small_flows,

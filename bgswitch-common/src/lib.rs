@@ -71,12 +71,14 @@ pub mod maps {
     pub const PREVIEW: &str = "PREVIEW";
     /// The flow-cache generation (one u64, mmapped by userspace).
     pub const FLOW_GEN: &str = "FLOW_GEN";
+    /// Backend address → the service whose VIP its replies get back.
+    pub const REPLY_SOURCES: &str = "REPLY_SOURCES";
     /// The clock program's output (not pinned: private to each load).
     pub const CLOCK: &str = "CLOCK";
     /// Per-CPU flow cache (not pinned: rebuilt empty by each load).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     /// Every pinned map, in the order they are pinned.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
@@ -89,6 +91,7 @@ pub mod maps {
         GLOBAL_STATS,
         PREVIEW,
         FLOW_GEN,
+        REPLY_SOURCES,
     ];
 }
 
@@ -225,9 +228,9 @@ pub struct FlowKey {
 }
 
 /// Key of the `FLOWS` LRU table, which holds IPv4 flows (IPv6 flows get a
-/// table of their own, so neither pays for the other's address size). A
-/// forward entry is keyed by the client's packet as received (client → VIP);
-/// a reverse entry by the backend's reply as received (backend → client).
+/// table of their own, so neither pays for the other's address size): the
+/// client's packet as received (client → VIP). Also the key of a
+/// `FLOW_CACHE` slot, for either direction's packets as received.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey4 {
@@ -248,7 +251,7 @@ pub struct FlowKey4 {
 
 /// Flag bits of [`FlowEntry::flags`].
 pub mod flow_flags {
-    /// This is the reverse (reply) entry of a flow.
+    /// A `FLOW_CACHE` slot of the reply direction (flow entries never have it).
     pub const REVERSE: u8 = 1 << 0;
     /// The client sent FIN.
     pub const FIN_CLIENT: u8 = 1 << 1;
@@ -256,37 +259,37 @@ pub mod flow_flags {
     pub const FIN_BACKEND: u8 = 1 << 2;
     /// Either side sent RST.
     pub const RST: u8 = 1 << 3;
-    /// The backend answered the SYN (a SYN-ACK went back); set on both entries.
+    /// The backend answered the SYN (a SYN-ACK went back).
     pub const ESTABLISHED: u8 = 1 << 4;
     /// The flow was sent to the idle colour because its source is in a
     /// preview prefix.
     pub const PREVIEW: u8 = 1 << 5;
 }
 
-/// Value of the `FLOWS` table (IPv4).
+/// Value of the `FLOWS` table (IPv4): one entry per flow, keyed by the
+/// client's packet as received (client → VIP). A backend's reply finds it
+/// through `REPLY_SOURCES` (backend → VIP and port) and is taken as the
+/// flow's only if the entry's `peer` is that backend.
 ///
-/// Forward entry: `peer` is the chosen backend. Reverse entry: `peer` is the
-/// virtual address the client used, written back as the reply's source.
-///
-/// Each entry also keeps the next hop of its direction (`nh_*`): what
-/// `bpf_fib_lookup` answered for this flow's rewritten packets, so established
-/// packets skip the lookup. The answer is used while `nh_gen` is the current
-/// generation (`FLOW_GEN`, which the daemon bumps on every route, neighbour,
-/// address, rule or link change it hears of over netlink, and when it
-/// changes the interfaces), for packets no longer than `nh_len`, and until
-/// `last_seen` is next refreshed ([`Settings::refresh`]; the safety net when
-/// no daemon runs).
+/// Each entry also keeps the next hop of each direction (`nh_*` towards the
+/// backend, `rnh_*` towards the client): what `bpf_fib_lookup` answered, so
+/// established packets skip the lookup. An answer is used while its
+/// generation is current (`FLOW_GEN`, which the daemon bumps on every route,
+/// neighbour, address, rule or link change it hears of over netlink, and
+/// when it changes the interfaces), for packets no longer than the one it was
+/// looked up for, and until it is older than [`Settings::refresh`] (the
+/// safety net when no daemon runs).
 ///
 /// Times are kernel ticks (`jiffies`, which the verifier inlines: ~2 ns
 /// against ~16 ns for the coarse clock helper); userspace converts with the
 /// tick rate it measures at load.
 ///
-/// 48 bytes: with the 16-byte key and the kernel's 48-byte element header,
-/// both directions of a flow take 256 bytes of kernel memory with buckets.
+/// 80 bytes: with the 16-byte key, the kernel's 48-byte element header and
+/// a 16-byte bucket, a flow takes 160 bytes of kernel memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// IPv4 address, wire order.
+    /// The backend's IPv4 address, wire order.
     pub peer: u32,
     /// Wire order.
     pub peer_port: u16,
@@ -299,11 +302,11 @@ pub struct FlowEntry {
     /// Low 32 bits of `jiffies` when the flow was recorded (ages are taken
     /// with wrapping arithmetic).
     pub created: u32,
-    /// `jiffies` of the last packet in this direction, refreshed once it is
-    /// more than [`Settings::refresh`] ticks old.
+    /// `jiffies` of the last packet either way, refreshed once it is more
+    /// than [`Settings::refresh`] ticks old.
     pub last_seen: u64,
-    /// Egress ifindex of the cached next hop (the ingress one means XDP_TX);
-    /// 0: none cached.
+    /// Egress ifindex of the cached next hop towards the backend (the ingress
+    /// one means XDP_TX); 0: none cached.
     pub nh_ifindex: u32,
     /// Destination MAC of the next hop (offset 28: 4-byte aligned, which the
     /// program's MAC stores rely on).
@@ -317,6 +320,34 @@ pub struct FlowEntry {
     pub backend_stat: u16,
     /// Low 32 bits of `FLOW_GEN` when the next hop was looked up.
     pub nh_gen: u32,
+    /// The cached next hop of replies (towards the client), as above.
+    pub rnh_ifindex: u32,
+    /// Offset 52 (4-byte aligned).
+    pub rnh_dmac: [u8; 6],
+    /// Offset 58 (2 mod 4).
+    pub rnh_smac: [u8; 6],
+    pub rnh_len: u16,
+    pub _pad: u16,
+    pub rnh_gen: u32,
+    /// Low 32 bits of `jiffies` when the reply next hop was looked up.
+    pub rnh_at: u32,
+    /// Low 32 bits of `jiffies` when the next hop towards the backend was
+    /// looked up.
+    pub nh_at: u32,
+}
+
+/// Value of `REPLY_SOURCES`, keyed by a backend as a [`ServiceKey`]
+/// (address, port, protocol, family): the VIP and port its replies get back
+/// as their source, and the service. A backend address:port belongs to one
+/// service (the config refuses anything else).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplySource {
+    pub vip: Addr,
+    /// Wire order.
+    pub vport: u16,
+    pub _pad: u16,
+    pub service: u32,
 }
 
 /// One slot of the per-CPU `FLOW_CACHE`: a copy of a flow entry's decision
@@ -553,6 +584,7 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for PreviewKey {}
     unsafe impl aya::Pod for CachedFlow {}
+    unsafe impl aya::Pod for ReplySource {}
 }
 
 #[cfg(test)]
@@ -566,7 +598,8 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 4);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowEntry>(), 48);
+        assert_eq!(size_of::<FlowEntry>(), 80);
+        assert_eq!(size_of::<ReplySource>(), 24);
         assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<ColourStats>(), 64);
@@ -577,6 +610,8 @@ mod tests {
         // as u16 + u32.
         assert_eq!(core::mem::offset_of!(FlowEntry, nh_dmac) % 4, 0);
         assert_eq!(core::mem::offset_of!(FlowEntry, nh_smac) % 4, 2);
+        assert_eq!(core::mem::offset_of!(FlowEntry, rnh_dmac) % 4, 0);
+        assert_eq!(core::mem::offset_of!(FlowEntry, rnh_smac) % 4, 2);
         assert_eq!(core::mem::offset_of!(CachedFlow, nh_dmac) % 4, 0);
         assert_eq!(core::mem::offset_of!(CachedFlow, nh_smac) % 4, 2);
     }

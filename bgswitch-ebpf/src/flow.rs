@@ -15,7 +15,7 @@ use bgswitch_common::{
 use crate::{
     maps::{
         count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE, FLOW_GEN, POOL_SIZES, PREVIEW,
-        SERVICES, SERVICE_STATS, SETTINGS,
+        REPLY_SOURCES, SERVICES, SERVICE_STATS, SETTINGS,
     },
     nat::{resolve, rewrite, rewrite_cached, transmit, transmit_l2, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -144,9 +144,6 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         // SAFETY: LRU values stay valid for the program's run (RCU); fields are
         // read and written as whole integers.
         let entry = unsafe { &mut *e };
-        if entry.flags & flow_flags::REVERSE != 0 {
-            return from_backend(ctx, f, entry, now, &cache);
-        }
         return to_backend(ctx, f, &key, entry.service, Some(entry), now, &cache);
     }
     let skey = ServiceKey {
@@ -156,13 +153,39 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         family: f.family,
     };
     // SAFETY: the value is a plain Copy integer read once.
-    match unsafe { SERVICES.get(&skey) } {
-        Some(svc) => to_backend(ctx, f, &key, svc.id, None, now, &cache),
-        None => {
-            count(global::PASS_NOT_SERVICE);
-            xdp_action::XDP_PASS
+    if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+        return to_backend(ctx, f, &key, svc.id, None, now, &cache);
+    }
+    // A backend's reply: its flow is the one from the client to the VIP the
+    // backend serves, if that flow is pinned to this backend.
+    let from = ServiceKey {
+        addr: f.src,
+        port: f.sport,
+        proto: f.proto,
+        family: f.family,
+    };
+    // SAFETY: plain Copy values read once.
+    if let Some(rs) = unsafe { REPLY_SOURCES.get(&from) } {
+        let (vip, vport) = (rs.vip[0], rs.vport);
+        let fkey = FlowKey4 {
+            src: f.dst[0],
+            dst: vip,
+            sport: f.dport,
+            dport: vport,
+            proto: f.proto,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        if let Some(e) = FLOWS.get_ptr_mut(&fkey) {
+            // SAFETY: as above.
+            let entry = unsafe { &mut *e };
+            if entry.peer == f.src[0] && entry.peer_port == f.sport {
+                return from_backend(ctx, f, entry, vip, vport, now, &cache);
+            }
         }
     }
+    count(global::PASS_NOT_SERVICE);
+    xdp_action::XDP_PASS
 }
 
 /// The flow-cache generation (see `bgswitch_common::CachedFlow`).
@@ -232,20 +255,58 @@ fn cached(ctx: &XdpContext, f: &Frame, c: &CachedFlow) -> Option<u32> {
     ))
 }
 
-/// Copies an entry's decision (as it is after this packet) into this CPU's
-/// cache slot, if it has a next hop to use.
+/// Which direction of a flow a cache slot serves.
+#[derive(Clone, Copy)]
+enum Dir {
+    /// Client → VIP: rewritten to the entry's backend.
+    Forward,
+    /// Backend → client: rewritten back to the VIP.
+    Reply { vip: u32, vport: u16 },
+}
+
+/// The older of two low-32-bit tick stamps.
 #[inline(always)]
-fn fill(cache: &Cache, e: &FlowEntry) {
+fn older(a: u32, b: u32) -> u32 {
+    if (a.wrapping_sub(b) as i32) < 0 {
+        a
+    } else {
+        b
+    }
+}
+
+/// Copies an entry's decision for one direction (as it is after this packet)
+/// into this CPU's cache slot, if it has a next hop to use; clears the slot
+/// of this 5-tuple otherwise.
+#[inline(always)]
+fn fill(cache: &Cache, e: &FlowEntry, dir: Dir) {
     let Some(c) = cache.slot else {
         return;
     };
-    if e.nh_ifindex == 0 || e.nh_gen != cache.gen {
+    // SAFETY: this CPU's slot; every field written as a whole integer.
+    let c = unsafe { &mut *c };
+    let (ifindex, dmac, smac, len, gen, at) = match dir {
+        Dir::Forward => (
+            e.nh_ifindex,
+            &e.nh_dmac,
+            &e.nh_smac,
+            e.nh_len,
+            e.nh_gen,
+            e.nh_at,
+        ),
+        Dir::Reply { .. } => (
+            e.rnh_ifindex,
+            &e.rnh_dmac,
+            &e.rnh_smac,
+            e.rnh_len,
+            e.rnh_gen,
+            e.rnh_at,
+        ),
+    };
+    if ifindex == 0 || gen != cache.gen {
         // No next hop to cache (the frame went to the stack): the slot must
         // not keep serving an older decision for this flow, which this
         // packet may just have replaced (a SYN reusing a closed flow's
         // 5-tuple that is too long for the MTU, say).
-        // SAFETY: this CPU's slot.
-        let c = unsafe { &mut *c };
         if c.key.src == cache.key.src
             && c.key.dst == cache.key.dst
             && c.key.sport == cache.key.sport
@@ -257,39 +318,44 @@ fn fill(cache: &Cache, e: &FlowEntry) {
         return;
     }
     count(global::FLOW_CACHE_FILLS);
-    // SAFETY: this CPU's slot; every field written as a whole integer.
-    let c = unsafe { &mut *c };
+    let (peer, peer_port, flags, old_addr, old_port) = match dir {
+        Dir::Forward => (e.peer, e.peer_port, 0, cache.key.dst, cache.key.dport),
+        Dir::Reply { vip, vport } => (
+            vip,
+            vport,
+            flow_flags::REVERSE,
+            cache.key.src,
+            cache.key.sport,
+        ),
+    };
     c.key.src = cache.key.src;
     c.key.dst = cache.key.dst;
     c.key.sport = cache.key.sport;
     c.key.dport = cache.key.dport;
     c.key.proto = cache.key.proto;
     c.gen = cache.gen;
-    c.last_seen = e.last_seen as u32;
-    c.peer = e.peer;
-    c.peer_port = e.peer_port;
+    // Fresh while neither the entry's last-seen stamp nor this direction's
+    // next hop is due for its refresh.
+    c.last_seen = older(e.last_seen as u32, at);
+    c.peer = peer;
+    c.peer_port = peer_port;
     c.colour = e.colour;
-    c.flags = e.flags & flow_flags::REVERSE;
+    c.flags = flags;
     c.service = e.service;
-    c.nh_ifindex = e.nh_ifindex;
+    c.nh_ifindex = ifindex;
     for i in 0..6 {
         // SAFETY: in-bounds writes (byte stores: no memcpy call).
         unsafe {
-            core::ptr::write_volatile(&mut c.nh_dmac[i], e.nh_dmac[i]);
-            core::ptr::write_volatile(&mut c.nh_smac[i], e.nh_smac[i]);
+            core::ptr::write_volatile(&mut c.nh_dmac[i], dmac[i]);
+            core::ptr::write_volatile(&mut c.nh_smac[i], smac[i]);
         }
     }
-    c.nh_len = e.nh_len;
+    c.nh_len = len;
     c.backend_stat = e.backend_stat;
     // What this direction's rewrite changes, for every packet alike.
-    let (old_addr, old_port) = if e.flags & flow_flags::REVERSE == 0 {
-        (cache.key.dst, cache.key.dport)
-    } else {
-        (cache.key.src, cache.key.sport)
-    };
-    let addr = Delta::ZERO.add32(old_addr, e.peer);
+    let addr = Delta::ZERO.add32(old_addr, peer);
     c.ip_delta = addr.ttl_decrement().folded();
-    c.l4_delta = addr.add16(old_port, e.peer_port).folded();
+    c.l4_delta = addr.add16(old_port, peer_port).folded();
 }
 
 /// `jiffies`: kernel ticks, plenty for idle timeouts; the verifier inlines
@@ -328,10 +394,13 @@ fn to_backend(
         return xdp_action::XDP_PASS;
     }
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // The backend of an entry this packet replaces (port reuse after close
+    // or idle).
+    let mut replaced: Option<(u32, u16)> = None;
     if let Some(entry) = entry {
+        replaced = Some((entry.peer, entry.peer_port));
         if !expired(entry, f, syn, now) {
-            let refresh = now.wrapping_sub(entry.last_seen) > cache.refresh;
-            if refresh {
+            if now.wrapping_sub(entry.last_seen) > cache.refresh {
                 entry.last_seen = now;
             }
             let closing = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
@@ -351,8 +420,8 @@ fn to_backend(
                 count(global::MALFORMED);
                 return xdp_action::XDP_PASS;
             }
-            let action = send(ctx, f, entry, refresh, cache.gen);
-            fill(cache, entry);
+            let action = send(ctx, f, Nh::forward(entry), now, cache);
+            fill(cache, entry, Dir::Forward);
             return action;
         }
     }
@@ -388,41 +457,115 @@ fn to_backend(
     let mut fwd = new_entry(b.addr[0], b.port, colour, flags, service, b.stat_id, now);
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
-    let action = send(ctx, f, &mut fwd, true, cache.gen);
-    record(f, key, &b, &fwd);
+    let action = send(ctx, f, Nh::forward(&mut fwd), now, cache);
+    record(key, &fwd);
     // A replaced entry (port reuse after close or idle) needs no
     // invalidation elsewhere: after idle, every CPU's slot of the flow is
     // older than the refresh; after a close, slots on other CPUs would
     // matter only if one 5-tuple's packets came in on two CPUs within the
-    // refresh of the new SYN (RSS keeps a 5-tuple on one queue).
-    fill(cache, &fwd);
+    // refresh of the new SYN (RSS keeps a 5-tuple on one queue). The old
+    // backend's reply slot is cleared below (on this CPU).
+    fill(cache, &fwd, Dir::Forward);
+    if let Some((old, old_port)) = replaced {
+        if (old, old_port) != (b.addr[0], b.port) {
+            // The old backend's late packets are no replies of the new flow:
+            // this CPU's slot of them goes (other CPUs' slots age out within
+            // the refresh).
+            forget(&FlowKey4 {
+                src: old,
+                dst: f.src[0],
+                sport: old_port,
+                dport: f.sport,
+                proto: f.proto,
+                _pad0: 0,
+                _pad1: 0,
+            });
+        }
+    }
     action
 }
 
-/// Forwards a rewritten packet through the entry's cached next hop, or looks
-/// the next hop up (and keeps it in the entry) when there is none, when it is
-/// due for a refresh, or when the packet is longer than the one it was looked
-/// up for (the MTU check).
+/// Clears this CPU's cache slot of `key`, if it holds it.
 #[inline(always)]
-fn send(ctx: &XdpContext, f: &Frame, e: &mut FlowEntry, refresh: bool, gen: u32) -> u32 {
-    if !refresh && e.nh_ifindex != 0 && e.nh_gen == gen && f.tot_len <= e.nh_len {
-        return transmit(ctx, f, e.nh_ifindex, &e.nh_dmac, &e.nh_smac);
+fn forget(key: &FlowKey4) {
+    if let Some(c) = FLOW_CACHE.get_ptr_mut(cache_slot(key)) {
+        // SAFETY: this CPU's slot.
+        let c = unsafe { &mut *c };
+        if c.key.src == key.src
+            && c.key.dst == key.dst
+            && c.key.sport == key.sport
+            && c.key.dport == key.dport
+            && c.key.proto == key.proto
+        {
+            c.nh_ifindex = 0;
+        }
+    }
+}
+
+/// One direction's cached next hop inside a flow entry.
+pub struct Nh<'a> {
+    ifindex: &'a mut u32,
+    dmac: &'a mut [u8; 6],
+    smac: &'a mut [u8; 6],
+    len: &'a mut u16,
+    gen: &'a mut u32,
+    at: &'a mut u32,
+}
+
+impl<'a> Nh<'a> {
+    /// Towards the backend.
+    #[inline(always)]
+    fn forward(e: &'a mut FlowEntry) -> Self {
+        Nh {
+            ifindex: &mut e.nh_ifindex,
+            dmac: &mut e.nh_dmac,
+            smac: &mut e.nh_smac,
+            len: &mut e.nh_len,
+            gen: &mut e.nh_gen,
+            at: &mut e.nh_at,
+        }
+    }
+
+    /// Towards the client.
+    #[inline(always)]
+    fn reply(e: &'a mut FlowEntry) -> Self {
+        Nh {
+            ifindex: &mut e.rnh_ifindex,
+            dmac: &mut e.rnh_dmac,
+            smac: &mut e.rnh_smac,
+            len: &mut e.rnh_len,
+            gen: &mut e.rnh_gen,
+            at: &mut e.rnh_at,
+        }
+    }
+}
+
+/// Forwards a rewritten packet through a cached next hop, or looks the next
+/// hop up (and keeps it) when there is none, when its generation is old, when
+/// it is older than the refresh, or when the packet is longer than the one
+/// it was looked up for (the MTU check).
+#[inline(always)]
+fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, cache: &Cache) -> u32 {
+    let fresh = u64::from((now as u32).wrapping_sub(*nh.at)) <= cache.refresh;
+    if fresh && *nh.ifindex != 0 && *nh.gen == cache.gen && f.tot_len <= *nh.len {
+        return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac);
     }
     let Some(hop) = resolve(ctx, f) else {
-        e.nh_ifindex = 0;
+        *nh.ifindex = 0;
         return xdp_action::XDP_PASS;
     };
     // Byte stores: an array assignment may become a memcpy call here.
     for i in 0..6 {
         // SAFETY: in-bounds writes to fields of a valid entry.
         unsafe {
-            core::ptr::write_volatile(&mut e.nh_dmac[i], hop.dmac[i]);
-            core::ptr::write_volatile(&mut e.nh_smac[i], hop.smac[i]);
+            core::ptr::write_volatile(&mut nh.dmac[i], hop.dmac[i]);
+            core::ptr::write_volatile(&mut nh.smac[i], hop.smac[i]);
         }
     }
-    e.nh_len = f.tot_len;
-    e.nh_gen = gen;
-    e.nh_ifindex = hop.ifindex;
+    *nh.len = f.tot_len;
+    *nh.gen = cache.gen;
+    *nh.at = now as u32;
+    *nh.ifindex = hop.ifindex;
     transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac)
 }
 
@@ -450,6 +593,14 @@ fn new_entry(
         nh_len: 0,
         backend_stat: stat as u16,
         nh_gen: 0,
+        rnh_ifindex: 0,
+        rnh_dmac: [0; 6],
+        rnh_smac: [0; 6],
+        rnh_len: 0,
+        _pad: 0,
+        rnh_gen: 0,
+        rnh_at: 0,
+        nh_at: 0,
     }
 }
 
@@ -478,32 +629,9 @@ fn pick_backend(word: u32, service: u32, colour: u32, key: &FlowKey) -> Option<B
     BACKENDS.get(slot * MAX_BACKENDS + i).copied()
 }
 
-/// Writes both entries of a new flow: forward (client → VIP) and reverse
-/// (backend → client, whose next hop its first reply looks up).
+/// Writes a new flow's entry (replies find it through `REPLY_SOURCES`).
 #[inline(always)]
-fn record(f: &Frame, key: &FlowKey, b: &Backend, fwd: &FlowEntry) {
-    let rkey = FlowKey4 {
-        src: b.addr[0],
-        dst: f.src[0],
-        sport: b.port,
-        dport: f.sport,
-        proto: f.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    let rev = new_entry(
-        f.dst[0],
-        f.dport,
-        fwd.colour as u32,
-        flow_flags::REVERSE,
-        fwd.service,
-        fwd.backend_stat as u32,
-        fwd.last_seen,
-    );
-    // Reverse first: a reply can only come after the forward packet left.
-    if FLOWS.insert(&rkey, &rev, 0).is_err() {
-        count(global::FLOW_INSERT_FAILED);
-    }
+fn record(key: &FlowKey, fwd: &FlowEntry) {
     if FLOWS.insert(&key4(key), fwd, 0).is_err() {
         count(global::FLOW_INSERT_FAILED);
     }
@@ -548,6 +676,8 @@ fn from_backend(
     ctx: &XdpContext,
     f: &Frame,
     entry: &mut FlowEntry,
+    vip: u32,
+    vport: u16,
     now: u64,
     cache: &Cache,
 ) -> u32 {
@@ -555,17 +685,16 @@ fn from_backend(
         count(global::TTL_EXCEEDED);
         return xdp_action::XDP_PASS;
     }
-    let refresh = now.wrapping_sub(entry.last_seen) > cache.refresh;
-    if refresh {
+    if now.wrapping_sub(entry.last_seen) > cache.refresh {
         entry.last_seen = now;
     }
-    let vip = [entry.peer, 0, 0, 0];
-    let vport = entry.peer_port;
     let service = entry.service;
     let colour = entry.colour as u32;
     let stat = entry.backend_stat as u32;
     if f.proto == PROTO_TCP {
         let flags = f.tcp_flags;
+        // Handshake and close, which status, the error signal and port reuse
+        // read.
         let mut mirror = close_flags(flags, flow_flags::FIN_BACKEND);
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
             mirror |= flow_flags::ESTABLISHED;
@@ -582,30 +711,15 @@ fn from_backend(
         }
         if mirror != 0 {
             entry.flags |= mirror;
-            // Mirror handshake and close on the forward entry, which status
-            // and the error signal read.
-            let fkey = FlowKey4 {
-                src: f.dst[0],
-                dst: vip[0],
-                sport: f.dport,
-                dport: vport,
-                proto: f.proto,
-                _pad0: 0,
-                _pad1: 0,
-            };
-            if let Some(fe) = FLOWS.get_ptr_mut(&fkey) {
-                // SAFETY: see to_backend.
-                unsafe { (*fe).flags |= mirror };
-            }
         }
     }
     account(service, colour, stat, f.frame_len, false, true);
     count(global::REPLIES);
-    if rewrite(ctx, f, Side::Src, &vip, vport).is_none() {
+    if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
     }
-    let action = send(ctx, f, entry, refresh, cache.gen);
-    fill(cache, entry);
+    let action = send(ctx, f, Nh::reply(entry), now, cache);
+    fill(cache, entry, Dir::Reply { vip, vport });
     action
 }

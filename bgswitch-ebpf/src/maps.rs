@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use bgswitch_common::{
     global, Backend, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowKey4, PreviewKey,
-    ServiceKey, ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS,
-    FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
+    ReplySource, ServiceKey, ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES,
+    DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
+    POOL_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -40,10 +41,15 @@ pub static POOL_SIZES: Array<u32> = Array::with_max_entries(MAX_SERVICES * POOL_
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_ENTRIES, 0);
 
-/// IPv4 flow table: forward and reverse entry per flow.
+/// IPv4 flow table: one entry per flow, keyed client → VIP.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
-    LruHashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Backend (as a `ServiceKey`) → the VIP and port its replies get back.
+#[map]
+pub static REPLY_SOURCES: HashMap<ServiceKey, ReplySource> =
+    HashMap::with_max_entries(BACKEND_STAT_ENTRIES, 0);
 
 /// Timeouts, one entry.
 #[map]

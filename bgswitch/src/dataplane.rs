@@ -32,9 +32,9 @@ use aya::{
 };
 use bgswitch_common::{
     control, flow_flags, global, ipv4_to_addr, ipv6_to_addr, maps as names, port_to_wire, Backend,
-    BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ServiceKey, ServiceValue, Settings,
-    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6, MAX_BACKENDS, MAX_INTERFACES,
-    MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
+    BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ReplySource, ServiceKey,
+    ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6,
+    MAX_BACKENDS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
 };
 
 use crate::{config::XdpModeSetting, model::Colour, netlink, paths};
@@ -167,6 +167,7 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     global_stats: PerCpuArray<MapData, [u64; global::COUNT as usize]>,
     preview: LpmTrie<MapData, PreviewKey, u32>,
+    reply_sources: HashMap<MapData, ServiceKey, ReplySource>,
     links: BTreeMap<String, (Attachment, FdLink)>,
     /// The mode each interface was asked for, and its last seen link state.
     watched: BTreeMap<String, (XdpModeSetting, Option<bool>)>,
@@ -291,7 +292,7 @@ impl Clock {
 }
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 12] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 13] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -332,7 +333,7 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             MapType::LruHash,
             sz(size_of::<FlowKey4>()),
             sz(size_of::<FlowEntry>()),
-            2 * max_flows,
+            max_flows,
             0,
         ),
         (
@@ -384,6 +385,14 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             0,
         ),
         (names::FLOW_GEN, MapType::Array, 4, 8, 1, BPF_F_MMAPABLE),
+        (
+            names::REPLY_SOURCES,
+            MapType::Hash,
+            sz(size_of::<ServiceKey>()),
+            sz(size_of::<ReplySource>()),
+            BACKEND_STAT_ENTRIES,
+            0,
+        ),
     ]
 }
 
@@ -551,7 +560,7 @@ impl Dataplane {
             return Err(DataplaneError::NoObject);
         }
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::FLOWS, 2 * opts.max_flows);
+        loader.map_max_entries(names::FLOWS, opts.max_flows);
         if let Some(bpffs) = &opts.bpffs {
             ensure_bpffs(bpffs)?;
             for sub in ["maps", "links"] {
@@ -638,6 +647,8 @@ impl Dataplane {
             LpmTrie::try_from(take(names::PREVIEW)?).map_err(map_err(names::PREVIEW, "open"))?;
         // The mapping holds its own reference to the map; the Map handle may go.
         drop(control_map);
+        let reply_sources = HashMap::try_from(take(names::REPLY_SOURCES)?)
+            .map_err(map_err(names::REPLY_SOURCES, "open"))?;
         let flow_gen_map = take(names::FLOW_GEN)?;
         let flow_gen = match &flow_gen_map {
             Map::Array(data) => {
@@ -667,6 +678,7 @@ impl Dataplane {
             backend_stats,
             global_stats,
             preview,
+            reply_sources,
             links: BTreeMap::new(),
             watched: BTreeMap::new(),
             freed: StdHashMap::new(),
@@ -1107,6 +1119,26 @@ impl Dataplane {
                 }
             }
         }
+        // Replies of every backend written here find their VIP. Entries of
+        // backends that leave the pools stay (their open flows drain) until
+        // the service goes.
+        let source = ReplySource {
+            vip: key.addr,
+            vport: key.port,
+            _pad: 0,
+            service: id,
+        };
+        for b in blue.iter().chain(green) {
+            let from = ServiceKey {
+                addr: b.addr,
+                port: b.port,
+                proto: key.proto,
+                family: b.family,
+            };
+            self.reply_sources
+                .insert(from, source, 0)
+                .map_err(map_err(names::REPLY_SOURCES, "insert"))?;
+        }
         self.services
             .insert(key, ServiceValue { id }, 0)
             .map_err(map_err(names::SERVICES, "insert"))
@@ -1229,6 +1261,19 @@ impl Dataplane {
         self.control.store(id, 0);
         // The id may serve another VIP later; its old flows must not follow.
         self.flush_service(id)?;
+        let gone: Vec<ServiceKey> = self
+            .reply_sources
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.service == id)
+            .map(|(k, _)| k)
+            .collect();
+        for k in gone {
+            match self.reply_sources.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::REPLY_SOURCES, "remove")(e)),
+            }
+        }
         Ok(())
     }
 
@@ -1328,9 +1373,6 @@ impl Dataplane {
         let syn_timeout = SYN_TIMEOUT_S * self.clock.hz;
         let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
         for (key, e) in self.flow_entries()? {
-            if e.flags & flow_flags::REVERSE != 0 {
-                continue;
-            }
             let c = out
                 .entry((e.service, Colour::from_index(e.colour as u32)))
                 .or_default();
@@ -1402,14 +1444,14 @@ impl Dataplane {
         let mut doomed = Vec::new();
         for (k, e) in self.flow_entries()? {
             if e.service == id && keep.is_none_or(|k| e.colour as u32 != k.index()) {
-                doomed.push((k, e.flags & flow_flags::REVERSE == 0));
+                doomed.push(k);
             }
         }
         let mut moved = 0;
         let mut result = Ok(());
-        for (k, forward) in doomed {
+        for k in doomed {
             match self.flows.remove(&k) {
-                Ok(()) => moved += u64::from(forward),
+                Ok(()) => moved += 1,
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => {
                     result = Err(map_err(names::FLOWS, "remove")(e));

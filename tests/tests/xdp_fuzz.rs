@@ -483,7 +483,6 @@ struct Key {
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
-    reverse: bool,
     peer: Endpoint,
     colour: usize,
     flags: u8,
@@ -572,10 +571,10 @@ impl Model {
             dport: p.dport,
             proto: p.proto,
         };
-        // The program consults the flow table first: a reverse entry decides
-        // (none can have a VIP:port as its destination, see forward()).
-        if self.flows.get(&key).is_some_and(|e| e.reverse) {
-            return self.reply(p, key);
+        // The program consults the flow table first (client → VIP keys only),
+        // then the services, then the backends whose replies it rewrites.
+        if let Some(svc) = self.flows.get(&key).map(|e| e.svc) {
+            return self.forward(p, key, svc);
         }
         let svc = self
             .svcs
@@ -583,7 +582,7 @@ impl Model {
             .position(|s| p.dst == VIP && p.dport == s.port && p.proto == s.proto);
         match svc {
             Some(svc) => self.forward(p, key, svc),
-            None => self.reply(p, key),
+            None => self.reply(p),
         }
     }
 
@@ -594,7 +593,7 @@ impl Model {
         let syn = p.proto == PROTO_TCP && p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if let Some(e) = self.flows.get_mut(&key) {
             let expired = p.proto == PROTO_TCP && syn && closed(e.flags);
-            if !e.reverse && !expired {
+            if !expired {
                 e.flags |= close_flags(p.flags, flow_flags::FIN_CLIENT);
                 let (svc, colour, backend) = (e.svc, e.colour, e.peer);
                 self.counts.entry((svc, colour)).or_default().0 += 1;
@@ -607,7 +606,7 @@ impl Model {
             }
         }
         // A client whose own address:port is a VIP (spoofed) is never
-        // recorded: its reverse entry could shadow VIP traffic.
+        // recorded: replies to it would be VIP traffic.
         if p.src == VIP
             && self
                 .svcs
@@ -618,28 +617,9 @@ impl Model {
         }
         let colour = self.active[svc];
         let backend = predicted(&key, &self.svcs[svc].pools[colour]);
-        let rkey = Key {
-            src: backend.0,
-            dst: p.src,
-            sport: backend.1,
-            dport: p.sport,
-            proto: p.proto,
-        };
-        let vip = (VIP, self.svcs[svc].port);
-        self.flows.insert(
-            rkey,
-            Entry {
-                reverse: true,
-                peer: vip,
-                colour,
-                flags: flow_flags::REVERSE,
-                svc,
-            },
-        );
         self.flows.insert(
             key,
             Entry {
-                reverse: false,
                 peer: backend,
                 colour,
                 flags: close_flags(p.flags, flow_flags::FIN_CLIENT),
@@ -658,38 +638,51 @@ impl Model {
         }
     }
 
-    fn reply(&mut self, p: &Parsed, key: Key) -> Outcome {
-        let Some(e) = self.flows.get_mut(&key) else {
+    /// A backend's packet: a reply of the flow from its destination to the
+    /// VIP of the service the backend belongs to, if that flow is pinned to
+    /// this backend.
+    fn reply(&mut self, p: &Parsed) -> Outcome {
+        let from = (p.src, p.sport);
+        let Some(port) = self
+            .svcs
+            .iter()
+            .find(|s| s.proto == p.proto && s.pools.iter().any(|pool| pool.contains(&from)))
+            .map(|s| s.port)
+        else {
             return Outcome::Pass("neither a VIP nor a reply of a flow");
         };
-        if !e.reverse {
+        let fkey = Key {
+            src: p.dst,
+            dst: VIP,
+            sport: p.dport,
+            dport: port,
+            proto: p.proto,
+        };
+        let Some(e) = self.flows.get_mut(&fkey) else {
             return Outcome::Pass("neither a VIP nor a reply of a flow");
+        };
+        if e.peer != from {
+            return Outcome::Pass(
+                "a backend's packet to a client whose flow is on another backend",
+            );
         }
         if p.ttl <= 1 {
             return Outcome::Pass("TTL <= 1 on a reply");
         }
-        let (svc, colour, vip) = (e.svc, e.colour, e.peer);
         if p.proto == PROTO_TCP {
             let mut mirror = close_flags(p.flags, flow_flags::FIN_BACKEND);
             if p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
                 mirror |= flow_flags::ESTABLISHED;
             }
-            if mirror != 0 {
-                e.flags |= mirror;
-                let fkey = Key {
-                    src: p.dst,
-                    dst: vip.0,
-                    sport: p.dport,
-                    dport: vip.1,
-                    proto: p.proto,
-                };
-                if let Some(fe) = self.flows.get_mut(&fkey) {
-                    fe.flags |= mirror;
-                }
-            }
+            e.flags |= mirror;
         }
+        let (svc, colour) = (e.svc, e.colour);
         self.counts.entry((svc, colour)).or_default().2 += 1;
-        Outcome::Reply { svc, colour, vip }
+        Outcome::Reply {
+            svc,
+            colour,
+            vip: (VIP, port),
+        }
     }
 }
 
@@ -801,8 +794,8 @@ fn generate(rng: &mut Rng, model: &Model) -> Generated {
         44..=67 if !model.recorded.is_empty() => {
             let k = *rng.pick(&model.recorded);
             let backend = match model.flows.get(&k) {
-                Some(e) if !e.reverse => e.peer,
-                _ => *rng.pick(&svcs[0].pools[0]),
+                Some(e) => e.peer,
+                None => *rng.pick(&svcs[0].pools[0]),
             };
             let mut s = Spec::new(backend, (k.src, k.sport), k.proto);
             decorate(rng, &mut s);
@@ -1412,8 +1405,12 @@ fn check_counters(dp: &Dataplane, model: &Model, stats: &mut Stats) {
 }
 
 /// One worker: its own namespace and program, `frames` random frames.
-fn fuzz_worker(seed: u64, frames: u64, with_fib: bool) -> Stats {
+fn fuzz_worker(seed: u64, frames: u64, with_fib: bool, cpu: usize) -> Stats {
     in_scratch_ns(|ns| {
+        // One CPU, so one per-CPU flow cache: the model predicts exactly
+        // (the cache is per CPU, and a thread that moved would see another
+        // CPU's slots, which the data plane only promises to age out).
+        pin_to_cpu(cpu);
         let fib = with_fib.then(|| fib_setup(ns));
         let mut rng = rng_for(seed);
         let mut stats = Stats::default();
@@ -1456,6 +1453,22 @@ fn fuzz_worker(seed: u64, frames: u64, with_fib: bool) -> Stats {
     })
 }
 
+/// Pins the calling thread to `cpu` (modulo the CPUs there are).
+fn pin_to_cpu(cpu: usize) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET within its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % n, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
     let v = v.trim().replace('_', "");
@@ -1479,7 +1492,7 @@ fn hostile_frames_never_abort_and_every_rewrite_is_exact() {
         .into_iter()
         .map(|(i, fib)| {
             let n = frames / 2 + (frames % 2) * (1 - i);
-            std::thread::spawn(move || fuzz_worker(seed.wrapping_add(i), n, fib))
+            std::thread::spawn(move || fuzz_worker(seed.wrapping_add(i), n, fib, i as usize))
         })
         .collect();
     let mut total = Stats::default();

@@ -816,6 +816,8 @@ fn established_packets_come_from_the_per_cpu_cache_and_a_flush_reaches_them() {
         ])
         .unwrap();
         ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
+        // Clients too, so replies leave with XDP_TX and are cached as well.
+        ip(&["-n", ns, "addr", "add", "198.18.0.1/24", "dev", "v0"]).unwrap();
         ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
         ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
         for (addr, mac) in [
@@ -823,6 +825,7 @@ fn established_packets_come_from_the_per_cpu_cache_and_a_flush_reaches_them() {
             ("198.18.1.12", "02:00:00:00:01:12"),
             ("198.18.1.21", "02:00:00:00:01:21"),
             ("198.18.1.22", "02:00:00:00:01:22"),
+            ("198.18.0.2", "02:00:00:00:00:02"),
         ] {
             ip(&[
                 "-n",
@@ -929,6 +932,52 @@ fn established_packets_come_from_the_per_cpu_cache_and_a_flush_reaches_them() {
             predicted(c, vip, PROTO_TCP, &green()),
             "the reused 5-tuple follows its new record, not the cached old one"
         );
+        ip(&["-n", ns, "link", "set", "v0", "mtu", "1500"]).unwrap();
+
+        // Replies are cached too; once the flow's 5-tuple is reused on another
+        // backend, the old backend's late packets are not rewritten any more.
+        let reply = |fx: &mut Fixture, from: SocketAddrV4, to: SocketAddrV4, l4: L4| {
+            fx.dp
+                .test_run(&frame(from, to, l4, 64, b""), Some(v0), 1)
+                .unwrap()
+        };
+        fx.dp.set_active(0, Colour::Blue).unwrap();
+        let c = (41200..42000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| {
+                predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080")
+                    && predicted(*c, vip, PROTO_TCP, &green()) == v4("198.18.1.21:8080")
+            })
+            .unwrap();
+        let (b1, b2) = (v4("198.18.1.11:8080"), v4("198.18.1.21:8080"));
+        assert_eq!(send(&mut fx, c, L4::Syn), b1);
+        let (action, out, _) = reply(&mut fx, b1, c, L4::SynAck);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(verify(&out).0, vip, "reply rewritten to the VIP");
+        let fills = counter(&fx, "flow_cache_fills");
+        let (action, out, _) = reply(&mut fx, b1, c, L4::Ack);
+        assert_eq!((action, verify(&out).0), (XDP_TX, vip));
+        assert_eq!(
+            counter(&fx, "flow_cache_fills"),
+            fills,
+            "served from the cache"
+        );
+        send(&mut fx, c, L4::Rst);
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        assert_eq!(
+            send(&mut fx, c, L4::Syn),
+            b2,
+            "the reused 5-tuple goes green"
+        );
+        let late = frame(b1, c, L4::Ack, 64, b"");
+        let (action, out, _) = fx.dp.test_run(&late, Some(v0), 1).unwrap();
+        assert_eq!(
+            action, XDP_PASS,
+            "the old backend's late packet is not the new flow's reply"
+        );
+        assert_eq!(out, late, "and passes untouched");
+        let (action, out, _) = reply(&mut fx, b2, c, L4::SynAck);
+        assert_eq!((action, verify(&out).0), (XDP_TX, vip));
     });
 }
 
