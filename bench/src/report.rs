@@ -7,87 +7,87 @@ use serde_json::{json, Value};
 /// What the profiles showed, what was tried, and the proposals (text kept
 /// here so RESULTS.md and results.json carry it; the numbers it refers to are
 /// in the tables below it).
-pub const PROFILE: &str = r#"## Where the time goes, what was tried, proposals
+pub const PROFILE: &str = r#"## Where the time goes, what was done, what is left
 
-**Profiles** (taken on the data plane of commit 9d96570, before any of the proposals below).
-`perf record -e cpu-clock -C 1` while `bgswitch-bench --spin established` (the part-1 loop) or
-`--spin-fwd bgswitch:N` (the part-2 path) ran, and the program as the kernel translated it
-(`bpftool prog dump xlated … linum`), showed:
+**The established path now** (this round's commits, from 0a07a23 on; measured in the tables below): parse
+(word loads) → this CPU's `FLOW_CACHE` slot (an array read the verifier inlines; key, generation
+and age checked) → the service's control word (enabled) → four per-CPU counters → rewrite with
+the flow's precomputed checksum deltas → MACs (four stores) → `bpf_redirect_map` (or XDP_TX).
+No hash-map lookup, no `bpf_fib_lookup`, no clock helper. In the program as the kernel
+translated it (`bpftool prog dump xlated`), parsing is about 90 BPF instructions, each counter
+update an inlined per-CPU lookup of 15–20, and the only helper call left on the path is the
+redirect ({part_devmap_redirect} ns alone in the component table).
 
-- The established path makes eight helper or map calls: `SERVICES` hash lookup, `CONTROL`,
-  `bpf_ktime_get_ns`, `FLOWS` LRU lookup, `SETTINGS`, per-CPU counters (inlined),
-  `bpf_fib_lookup`, then a `TX_PORTS` DevMapHash lookup and `bpf_redirect_map`. The component
-  table in part 1 prices each one on this machine, in this run.
-- `core::mem::zeroed()` of the 64-byte `bpf_fib_lookup` parameters (nat.rs `forward`) compiles to
-  a BPF-to-BPF call into aya-ebpf's byte-at-a-time `memset` (64 iterations): 6.6 % of all CPU
-  samples of the 1-flow forwarding profile, {part_fib_zeroed - part_fib_words} ns per packet in this run
-  (`part_fib_zeroed` − `part_fib_words` below). `(*eth).dst_addr = p.dmac` and `src_addr` likewise call a byte-loop
-  `memmove` twice (1.6 % of samples).
-- `bpf_fib_lookup` is the largest single cost ({part_fib_words} ns in this run: `fib_table_lookup`,
-  next-hop and neighbour lookups, MTU check).
-- With 10 000 or more flows, `lookup_nulls_elem_raw` (the hash-bucket walk of `FLOWS`) takes
-  34–41 % of all CPU samples: the bucket array (2 × max_flows entries rounded up to a power of
-  two, 16 B each: 8 MiB at the default 262 144 flows, 64 MiB at 2^21) and the preallocated 128-B
-  elements are spread over vmalloc memory, so each lookup of a random flow misses cache and TLB
-  (nested paging in this VM). This, not the number of flows as such, is why part 2's rate drops
-  from 1 flow to 10 000 and why part 5's random-flow cost rises with the table. The kernel
-  sizes the bucket array to the entries rounded up to a power of two, so a full table has about
-  one entry per bucket; new entries go to the head of their bucket, and an old flow behind them
-  pays a key comparison each — part 5's hot cost rising near 1 000 000 flows.
-- BPF_PROG_TEST_RUN of a program that is not attached anywhere rebuilds the XDP dispatcher image
-  and waits for an RCU grace period on every call (~20 ms here, `bpf_dispatcher_change_prog` in
-  the profile). The bench therefore keeps the measured programs attached to an idle veth in its
-  scratch namespace; the timed loop is unchanged, calls cost microseconds.
+**What was done in this round**, each priced by the component table of this run:
 
-**What was tried (bench side; the data plane was not changed).** Identity rewrite with TTL 255
-and repeat 200 so every timed run takes the full forwarding path (lookup, rewrite, FIB, TTL,
-MACs, redirect), checked with repeat 1 first; new flows (which cannot repeat: the first run records the flow) as
-a fresh 5-tuple per call, cold, set against an established packet run the same way; a first
-version re-ran one SYN with `tcp_idle_timeout` = 1 ns so every run re-chose the flow, which
-stopped working once the data plane stamped flows with the coarse clock; hot versus random-flow
-lookups;
-component micro-programs (`bench/ebpf/src/bin/xdp_parts.rs`) for each helper, as bgswitch does
-it and as the proposals would; table sizes (part 2 uses the daemon's default table for 1 and
-10 000 flows and a 2^21-flow table for 1 000 000; part 5 one 2^20-flow table for all levels).
+1. **Next hop kept per flow** (the previous round's proposal 5): the flow entry keeps what
+   `bpf_fib_lookup` answered (egress, both MACs, the packet length it allowed), so established
+   packets skip it: −{part_fib_words} ns. It is looked up again when the daemon bumps `FLOW_GEN` — on
+   every route, rule, address, neighbour or link notification it hears over netlink (folded to
+   at most one bump per 10 ms after the first), on interface changes and after deleting flows —
+   when the flow's 100-ms refresh comes (the safety net without a daemon), and for any packet
+   longer than the one it was looked up for (the MTU check is never skipped). Tests: a neighbour
+   change reaches an open flow right after the netlink event; an over-MTU packet goes to the
+   stack.
+2. **Clock in kernel ticks**: `bpf_jiffies64` is inlined by the verifier ({part_jiffies} ns against
+   {part_ktime_coarse} ns for `bpf_ktime_get_coarse_ns`); the daemon measures HZ from two tick edges at load
+   with a small socket-filter program and converts timeouts and ages.
+3. **Per-CPU flow cache** in front of `FLOWS`: 65 536 slots of 64 B per CPU holding a copy of a flow
+   direction's decision; a hit replaces the LRU lookup ({part_lru16} ns) with an inlined array read. A
+   slot is used only while the entry would not change (no SYN/FIN/RST, `last_seen` within the
+   refresh, current generation, TTL > 1, length within the cached next hop's), so decisions are
+   the same with or without it; the hostile-frame property test (400 000 frames in the suite,
+   3 000 000 in a soak, half of them with a FIB so the cache is used) checks every rewrite
+   against an independent model, and found one bug on the way (a SYN reusing a closed flow's
+   5-tuple that went to the stack left a stale slot; fixed, with a regression test).
+4. Checksum deltas of a flow's rewrite (address, port, TTL) precomputed in its slot; header
+   fields read and written as whole words instead of byte arrays; the entry function inlined;
+   the cached path updates its two global counters with one per-CPU lookup.
+5. **One flow entry instead of two** (the proposal of the first draft of this round): replies
+   no longer have an entry of their own. A reply's source names its service in
+   `REPLY_SOURCES` (the config already refuses a backend address:port in two services), which
+   gives the VIP and so the flow's key; the reply is rewritten only if that flow is pinned to
+   this backend. A new flow makes one LRU insert instead of two (about −{part_lru16_update} ns), and
+   a flow takes 160 B of kernel memory instead of 256 (the entry carries both directions' next
+   hops). Replies that miss the per-CPU cache make three lookups instead of one; they miss it
+   once per refresh.
 
-**Proposals** (each with the saving the component table supports). 1–3 were adopted in commit
-1a13acf ("Data plane: flow table first, cheaper FIB setup and MAC writes, coarse clock") and 4 in
-d2fa341 ("IPv4 flow table with a 16-byte key and 32-byte value"); the part-1 and part-2 tables
-measure the commit named at the top, the component table prices each step alone.
+Measured but not adopted: `BPF_F_NO_COMMON_LRU` makes an LRU update slower here
+({part_lru16_update_pcpu} ns against {part_lru16_update} ns).
 
-1. Build the `bpf_fib_lookup` parameters without `core::mem::zeroed()` (field-by-field
-   initialisation covering every union, or sixteen 4-byte stores) and write the MACs with 4- and
-   2-byte stores: about −{part_fib_zeroed - part_fib_words} ns per forwarded packet, no change in behaviour.
-2. Look up `FLOWS` before `SERVICES`: established forward packets and replies then need one hash
-   lookup instead of two (about −{part_hash20} ns); a miss falls through to `SERVICES` as today. The entry
-   carries its service id, so the control word (enabled bit) can still be checked — a removed
-   service (word 0) keeps being refused.
-3. Stamp `last_seen_ns` with `bpf_ktime_get_coarse_ns()` (tick resolution, a few ms of error on
-   idle timeouts of seconds to hours): about −{part_ktime - part_ktime_coarse} ns per packet.
-4. An IPv4-specific flow key (16 B instead of 40 B; IPv6 in its own map when it comes): a lookup
-   about {part_lru40 - part_lru16} ns cheaper here, and 240 B instead of 288 B of kernel memory per flow
-   (48-B element header + key + value, + 16-B bucket, per entry, × 2); with `FlowEntry` at 32 B
-   as well, 224 B (part 5 measures the table as built).
-5. Cache the FIB result per backend (egress ifindex and both MACs, validated by a generation the
-   daemon bumps on netlink route and neighbour changes) and skip `bpf_fib_lookup` for established
-   flows: about −{part_fib_words} ns. This changes how quickly a route or neighbour change reaches open flows,
-   so it is the lead's call.
-6. Size `max_flows` to the expected working set, and say so in the README: a table far larger
-   than the live flows costs a cache and TLB miss per packet. Consider `BPF_F_NO_COMMON_LRU`
-   (per-CPU LRU lists) before measuring new-flow rates on several cores.
+The previous round (on the data plane of commit 9d96570) removed a byte-loop `memset` of the FIB
+parameters ({part_fib_zeroed - part_fib_words} ns), looked up `FLOWS` before `SERVICES`, and shrank
+the flow key to 16 B (IPv4 in its own table).
 
-A new flow costs far more in the forwarding pipeline than in BPF_PROG_TEST_RUN: the LRU table
-is full in steady state (entries are not deleted when a connection closes, they age out by
-eviction), so every new flow evicts, and part 2's "a new flow in every packet" row shows what a
-stream of new flows (a SYN flood, or heavy churn) costs per core.
+**New flows.** A new flow makes one LRU insert ({part_lru16_update} ns here), two `SERVICES` lookups
+(the VIP, and the spoofing guard on the source; {part_hash20} ns each) and one `bpf_fib_lookup`
+({part_fib_words} ns): the 80-ns target is below the cost of the insert alone and is not reachable
+with a kernel LRU table. The table is full in steady state (entries age out by eviction), so in
+the forwarding pipeline every new flow also evicts; part 2's "a new flow in every packet" row is
+what a SYN flood or heavy churn costs per core. What would go further: a flow table of our own
+in an array map (inlined reads and writes, no helper call; eviction and concurrent writers
+handled by the program), and a cheaper spoofing guard (a bitmap of VIP addresses in front of the
+`SERVICES` lookup).
 
-With 1–4 in place the established packet costs {established} ns over XDP_PASS in this run (part 1);
-most of what remains is the `FLOWS` lookup and `bpf_fib_lookup`, and 5 would take off about
-{part_fib_words} ns more. The 30-ns target is about the cost of one
-hash-map lookup on this machine (`part_hash20`: {part_hash20} ns; PLATFORM.md: 30–35 ns), so no design
-that does a per-packet hash lookup plus a rewrite and a redirect can meet it; the 80-ns new-flow target is below the cost of
-the two LRU inserts a new flow needs (`part_lru40_update`, {part_lru40_update} ns each here). These targets
-should be revisited rather than chased.
+**Many flows.** With 10 000 flows the per-CPU cache holds them all, but its slots, like the
+`FLOWS` buckets, are spread over memory that misses the CPU caches and (in this VM, with nested
+paging) the TLB; beyond 65 536 flows per CPU most packets take the `FLOWS` path and refill a
+slot. Cost is therefore not flat from 1 to 1 000 000 flows (part 5); the bucket walk of a large
+`FLOWS` table (`lookup_nulls_elem_raw`, 34–41 % of CPU samples with 10 000 or more flows in the
+previous round's profile) is the dominant cost at that end. Size `max_flows` to the expected
+working set: a table far larger than the live flows costs misses on every new lookup.
+
+**Memory.** `FLOWS` takes 160 B of kernel memory per flow (one 80-B value with its key,
+element header and bucket; part 5 measures it); the per-CPU cache adds a fixed 4 MiB per
+possible CPU, whatever the number of flows.
+
+**Measuring.** BPF_PROG_TEST_RUN of a program that is not attached anywhere rebuilds the XDP
+dispatcher image and waits for an RCU grace period on every call (~20 ms here), so the bench
+keeps the measured programs attached to an idle veth in its scratch namespace. Identity rewrite
+with TTL 255 and repeat 200 makes every timed run take the full path (checked with repeat 1
+first); new flows use a fresh 5-tuple per call, cold. This machine is shared: the same binary
+measured 32 ns and 57 ns for the established packet in two runs an hour apart; compare within
+one run only.
 
 **Flip.** A flip is a whole process (about {bgswitch_version_ms} ms to spawn a `bgswitch` that does
 nothing, in this run), the durable writes (`state.json` written whole — it keeps the last 100
