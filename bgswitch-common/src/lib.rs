@@ -73,12 +73,14 @@ pub mod maps {
     pub const FLOW_GEN: &str = "FLOW_GEN";
     /// Backend address → the service whose VIP its replies get back.
     pub const REPLY_SOURCES: &str = "REPLY_SOURCES";
+    /// Bitmaps of VIP and backend addresses (mmapped by userspace).
+    pub const ADDR_FILTER: &str = "ADDR_FILTER";
     /// The clock program's output (not pinned: private to each load).
     pub const CLOCK: &str = "CLOCK";
     /// Per-CPU flow cache (not pinned: rebuilt empty by each load).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     /// Every pinned map, in the order they are pinned.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
@@ -92,6 +94,7 @@ pub mod maps {
         PREVIEW,
         FLOW_GEN,
         REPLY_SOURCES,
+        ADDR_FILTER,
     ];
 }
 
@@ -400,6 +403,24 @@ pub struct CachedFlow {
     /// port), folded.
     pub l4_delta: u16,
     pub _pad: u32,
+}
+
+/// Words of each bitmap in `ADDR_FILTER`: words `0..ADDR_FILTER_WORDS`
+/// hold the VIP addresses, the next `ADDR_FILTER_WORDS` the backend
+/// addresses (65 536 bits each, indexed by [`addr_bit`]). A clear bit means
+/// "certainly not one": the program skips the flow-table and `SERVICES`
+/// lookups for a destination that is no VIP, and the `REPLY_SOURCES` lookup
+/// for a source that is no backend. A bit stays set while the address may
+/// have flows (userspace clears bits only when it rebuilds the bitmaps from
+/// the services and reply sources there are).
+pub const ADDR_FILTER_WORDS: u32 = 1024;
+
+/// The bit of an address in an `ADDR_FILTER` bitmap: (word, mask).
+#[inline(always)]
+pub const fn addr_bit(addr: &Addr) -> (u32, u64) {
+    let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    let h = x.wrapping_mul(0x9e37_79b1) >> 16;
+    (h >> 6, 1u64 << (h & 63))
 }
 
 /// Slots of the per-CPU flow cache (a power of two): 64 bytes each, 4 MiB

@@ -4,18 +4,18 @@
 
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::XdpContext};
 use bgswitch_common::{
-    cache_slot, control,
+    addr_bit, cache_slot, control,
     csum::Delta,
     flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Backend, CachedFlow, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey, MAX_BACKENDS,
-    POOL_SLOTS, PROTO_TCP, PROTO_UDP,
+    Addr, Backend, CachedFlow, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey,
+    ADDR_FILTER_WORDS, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     maps::{
-        count, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE, FLOW_GEN, POOL_SIZES, PREVIEW,
-        REPLY_SOURCES, SERVICES, SERVICE_STATS, SETTINGS,
+        count, ADDR_FILTER, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE, FLOW_GEN,
+        POOL_SIZES, PREVIEW, REPLY_SOURCES, SERVICES, SERVICE_STATS, SETTINGS,
     },
     nat::{resolve, rewrite, rewrite_cached, transmit, transmit_l2, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -140,21 +140,29 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     }
     // The slow path: the whole 5-tuple (the flow hash's input) from here on.
     let key = flow_key(f);
-    if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {
-        // SAFETY: LRU values stay valid for the program's run (RCU); fields are
-        // read and written as whole integers.
-        let entry = unsafe { &mut *e };
-        return to_backend(ctx, f, &key, entry.service, Some(entry), now, &cache);
+    // Flows are keyed client → VIP: only a VIP destination can have one, or
+    // start one.
+    if maybe(0, &f.dst) {
+        if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {
+            // SAFETY: LRU values stay valid for the program's run (RCU);
+            // fields are read and written as whole integers.
+            let entry = unsafe { &mut *e };
+            return to_backend(ctx, f, &key, entry.service, Some(entry), now, &cache);
+        }
+        let skey = ServiceKey {
+            addr: f.dst,
+            port: f.dport,
+            proto: f.proto,
+            family: f.family,
+        };
+        // SAFETY: the value is a plain Copy integer read once.
+        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+            return to_backend(ctx, f, &key, svc.id, None, now, &cache);
+        }
     }
-    let skey = ServiceKey {
-        addr: f.dst,
-        port: f.dport,
-        proto: f.proto,
-        family: f.family,
-    };
-    // SAFETY: the value is a plain Copy integer read once.
-    if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-        return to_backend(ctx, f, &key, svc.id, None, now, &cache);
+    if !maybe(ADDR_FILTER_WORDS, &f.src) {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
     }
     // A backend's reply: its flow is the one from the client to the VIP the
     // backend serves, if that flow is pinned to this backend.
@@ -186,6 +194,18 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     }
     count(global::PASS_NOT_SERVICE);
     xdp_action::XDP_PASS
+}
+
+/// Whether `addr` may be in the `ADDR_FILTER` bitmap starting at word
+/// `base` (VIPs at 0, backends at `ADDR_FILTER_WORDS`).
+#[inline(always)]
+fn maybe(base: u32, addr: &Addr) -> bool {
+    let (word, mask) = addr_bit(addr);
+    match ADDR_FILTER.get_ptr(base + word) {
+        // SAFETY: an aligned 64-bit load of an array slot.
+        Some(w) => (unsafe { core::ptr::read_volatile(w) }) & mask != 0,
+        None => true,
+    }
 }
 
 /// The flow-cache generation (see `bgswitch_common::CachedFlow`).

@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use bgswitch_common::{
     global, Backend, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowKey4, PreviewKey,
-    ReplySource, ServiceKey, ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES,
-    DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
-    POOL_SLOTS,
+    ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES,
+    BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES,
+    MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -45,6 +45,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_ENTRIES, 0
 #[map]
 pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`).
+#[map]
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, BPF_F_MMAPABLE);
 
 /// Backend (as a `ServiceKey`) → the VIP and port its replies get back.
 #[map]

@@ -33,8 +33,9 @@ use aya::{
 use bgswitch_common::{
     control, flow_flags, global, ipv4_to_addr, ipv6_to_addr, maps as names, port_to_wire, Backend,
     BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ReplySource, ServiceKey,
-    ServiceValue, Settings, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4, FAMILY_IPV6,
-    MAX_BACKENDS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, PROGRAM_NAME,
+    ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4,
+    FAMILY_IPV6, MAX_BACKENDS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
+    PROGRAM_NAME,
 };
 
 use crate::{config::XdpModeSetting, model::Colour, netlink, paths};
@@ -175,6 +176,8 @@ pub struct Dataplane {
     freed: StdHashMap<(u32, u32), Instant>,
     /// The data plane's clock (kernel ticks).
     clock: Clock,
+    /// The mapped `ADDR_FILTER` bitmaps.
+    addr_filter: ControlWords,
     /// The mapped `FLOW_GEN` counter (shared with the netlink watcher).
     flow_gen: std::sync::Arc<GenCounter>,
 }
@@ -292,7 +295,7 @@ impl Clock {
 }
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 13] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 14] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -392,6 +395,14 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             sz(size_of::<ReplySource>()),
             BACKEND_STAT_ENTRIES,
             0,
+        ),
+        (
+            names::ADDR_FILTER,
+            MapType::Array,
+            4,
+            8,
+            2 * ADDR_FILTER_WORDS,
+            BPF_F_MMAPABLE,
         ),
     ]
 }
@@ -649,6 +660,21 @@ impl Dataplane {
         drop(control_map);
         let reply_sources = HashMap::try_from(take(names::REPLY_SOURCES)?)
             .map_err(map_err(names::REPLY_SOURCES, "open"))?;
+        let filter_map = take(names::ADDR_FILTER)?;
+        let addr_filter = match &filter_map {
+            Map::Array(data) => ControlWords::map(data.fd().as_fd(), 2 * ADDR_FILTER_WORDS)
+                .map_err(|e| DataplaneError::Io {
+                    op: "mmap",
+                    path: names::ADDR_FILTER.into(),
+                    source: e,
+                })?,
+            _ => {
+                return Err(DataplaneError::Invalid(
+                    "ADDR_FILTER is not an array".into(),
+                ))
+            }
+        };
+        drop(filter_map);
         let flow_gen_map = take(names::FLOW_GEN)?;
         let flow_gen = match &flow_gen_map {
             Map::Array(data) => {
@@ -683,6 +709,7 @@ impl Dataplane {
             watched: BTreeMap::new(),
             freed: StdHashMap::new(),
             clock,
+            addr_filter,
             flow_gen,
         })
     }
@@ -1119,6 +1146,12 @@ impl Dataplane {
                 }
             }
         }
+        // The address bitmaps first: a clear bit makes the program skip the
+        // lookups below.
+        self.filter_add(0, &key.addr);
+        for b in blue.iter().chain(green) {
+            self.filter_add(ADDR_FILTER_WORDS, &b.addr);
+        }
         // Replies of every backend written here find their VIP. Entries of
         // backends that leave the pools stay (their open flows drain) until
         // the service goes.
@@ -1274,7 +1307,35 @@ impl Dataplane {
                 Err(e) => return Err(map_err(names::REPLY_SOURCES, "remove")(e)),
             }
         }
+        self.rebuild_filter();
         Ok(())
+    }
+
+    /// Sets `addr`'s bit in the `ADDR_FILTER` bitmap at word `base`.
+    fn filter_add(&self, base: u32, addr: &bgswitch_common::Addr) {
+        let (word, mask) = bgswitch_common::addr_bit(addr);
+        self.addr_filter
+            .word64(base + word)
+            .fetch_or(mask, Ordering::SeqCst);
+    }
+
+    /// Recomputes both bitmaps from the services and reply sources there are
+    /// (after a service went, with its flows): each word is stored whole,
+    /// and a bit still needed is set before and after, so no packet ever
+    /// sees it clear.
+    fn rebuild_filter(&self) {
+        let mut bits = vec![0u64; 2 * ADDR_FILTER_WORDS as usize];
+        for k in self.services.keys().flatten() {
+            let (w, m) = bgswitch_common::addr_bit(&k.addr);
+            bits[w as usize] |= m;
+        }
+        for k in self.reply_sources.keys().flatten() {
+            let (w, m) = bgswitch_common::addr_bit(&k.addr);
+            bits[(ADDR_FILTER_WORDS + w) as usize] |= m;
+        }
+        for (i, b) in bits.into_iter().enumerate() {
+            self.addr_filter.word64(i as u32).store(b, Ordering::SeqCst);
+        }
     }
 
     /// Removes only the `SERVICES` entry of `key`.
@@ -1732,6 +1793,16 @@ impl ControlWords {
 
     fn load(&self, id: u32) -> u32 {
         self.word(id).load(Ordering::SeqCst)
+    }
+
+    /// Slot `id` of an array of u64 values.
+    fn word64(&self, id: u32) -> &std::sync::atomic::AtomicU64 {
+        assert!(id < self.entries, "word {id} out of range");
+        // SAFETY: in bounds (checked), 8-byte aligned (page-aligned base,
+        // stride 8), and the mapping lives as long as self.
+        unsafe {
+            &*(self.ptr.add(id as usize * CONTROL_STRIDE) as *const std::sync::atomic::AtomicU64)
+        }
     }
 
     fn store(&self, id: u32, word: u32) {

@@ -249,6 +249,58 @@ fn replies_are_rewritten_back_to_the_vip_and_unknown_replies_are_not() {
 }
 
 #[test]
+fn removing_a_service_keeps_the_other_services_flows_and_replies() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        // A third service on another VIP, with its own backends.
+        let vip2 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 20), 80);
+        let b2: SocketAddr = "198.18.1.31:8080".parse().unwrap();
+        let g2: SocketAddr = "198.18.1.41:8080".parse().unwrap();
+        fx.dp
+            .write_service(
+                2,
+                service_key(SocketAddr::V4(vip2), PROTO_TCP),
+                &[backend_of(b2, backend_stat_id(2, Colour::Blue, 0))],
+                &[backend_of(g2, backend_stat_id(2, Colour::Green, 0))],
+                Colour::Blue,
+            )
+            .unwrap();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = SocketAddrV4::new(CLIENT, 40100);
+        let (_, out) = fx.run(&frame(c, vip2, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, v4("198.18.1.31:8080"));
+        let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        let b0 = verify(&out).1;
+        // Service 0 (VIP .10) goes; its flows with it.
+        fx.dp
+            .remove_service(0, &service_key(SocketAddr::V4(vip), PROTO_TCP))
+            .unwrap();
+        let late = frame(c, vip, L4::Ack, 64, b"");
+        assert_eq!(
+            fx.run(&late),
+            (XDP_PASS, late.clone()),
+            "a removed VIP passes"
+        );
+        let late_reply = frame(b0, c, L4::Ack, 64, b"");
+        assert_eq!(fx.run(&late_reply), (XDP_PASS, late_reply.clone()));
+        // The other VIP's flow and its replies carry on.
+        let (_, out) = fx.run(&frame(c, vip2, L4::Ack, 64, b"x"));
+        assert_eq!(verify(&out).1, v4("198.18.1.31:8080"));
+        let (action, out) = fx.run(&frame(v4("198.18.1.31:8080"), c, L4::Ack, 64, b"y"));
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(
+            out,
+            frame(vip2, c, L4::Ack, 64, b"y"),
+            "reply rewritten to VIP .20"
+        );
+        // And the UDP service on the removed VIP's address keeps working.
+        let u = SocketAddrV4::new(CLIENT, 40101);
+        let (_, out) = fx.run(&frame(u, SocketAddrV4::new(VIP, 53), L4::Udp, 64, b"q"));
+        assert_eq!(verify(&out).1, v4("198.18.1.11:5353"));
+    });
+}
+
+#[test]
 fn open_flows_stay_on_blue_across_a_flip_while_new_flows_go_green() {
     in_scratch_ns(|_| {
         let mut fx = Fixture::new();
