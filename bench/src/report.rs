@@ -52,6 +52,10 @@ redirect ({part_devmap_redirect} ns alone in the component table).
    hops). Replies that miss the per-CPU cache make three lookups instead of one; they miss it
    once per refresh.
 
+6. **Address bitmaps** in front of the slow path: a packet whose destination is no VIP and whose
+   source is no backend (the host's own traffic) skips the flow-table, `SERVICES` and
+   `REPLY_SOURCES` lookups after one inlined array read each (the non-VIP row of part 1).
+
 Measured but not adopted: `BPF_F_NO_COMMON_LRU` makes an LRU update slower here
 ({part_lru16_update_pcpu} ns against {part_lru16_update} ns).
 

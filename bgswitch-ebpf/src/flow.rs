@@ -454,8 +454,9 @@ fn to_backend(
         proto: f.proto,
         family: f.family,
     };
-    // SAFETY: only presence is read.
-    if unsafe { SERVICES.get(&own) }.is_some() {
+    // SAFETY: only presence is read. Looked up only if the source address
+    // may be a VIP at all.
+    if maybe(0, &f.src) && unsafe { SERVICES.get(&own) }.is_some() {
         count(global::PASS_NOT_SERVICE);
         return xdp_action::XDP_PASS;
     }
