@@ -30,7 +30,7 @@ redirect ({part_devmap_redirect} ns alone in the component table).
    change reaches an open flow right after the netlink event; an over-MTU packet goes to the
    stack.
 2. **Clock in kernel ticks**: `bpf_jiffies64` is inlined by the verifier ({part_jiffies} ns against
-   {part_ktime_coarse} ns for `bpf_ktime_get_coarse_ns`); the daemon measures HZ from two tick edges at load
+   {part_ktime_coarse} ns for `bpf_ktime_get_coarse_ns`); the daemon measures HZ at load from two (jiffies, monotonic) pairs 250 ms apart
    with a small socket-filter program and converts timeouts and ages.
 3. **Per-CPU flow cache** in front of `FLOWS`: 65 536 slots of 64 B per CPU holding a copy of a flow
    direction's decision; a hit replaces the LRU lookup ({part_lru16} ns) with an inlined array read. A

@@ -55,28 +55,30 @@ pub fn rewrite(ctx: &XdpContext, f: &Frame, side: Side, addr: &Addr, port: u16) 
         let check = addr_delta.apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
     }
-    let l4_delta = addr_delta.add16(old_port, port);
+    rewrite_l4(ctx, f, side, port, addr_delta.add16(old_port, port))
+}
+
+/// Writes the port of `side` and applies `delta` (address through the
+/// pseudo-header, and port) to the TCP or UDP checksum; a UDP checksum of 0
+/// stays 0.
+#[inline(always)]
+fn rewrite_l4(ctx: &XdpContext, f: &Frame, side: Side, port: u16, delta: Delta) -> Option<()> {
     let port_off = match side {
         Side::Src => 0,
         Side::Dst => 2,
     };
     let port_ptr: *mut u16 = ptr_at(ctx, f.l4 + port_off)?;
-    if f.proto == PROTO_TCP {
-        let check: *mut u16 = ptr_at(ctx, f.l4 + TCP_CHECK)?;
-        // SAFETY: both bounds-checked by ptr_at; u16 stores are done bytewise-safe
-        // by the BPF backend (packet pointers allow unaligned access on x86/arm64
-        // JITs; the fields here are 2-byte aligned in any case).
-        unsafe {
-            *port_ptr = port;
-            *check = l4_delta.apply(*check);
-        }
-    } else {
-        let check: *mut u16 = ptr_at(ctx, f.l4 + UDP_CHECK)?;
-        // SAFETY: as above.
-        unsafe {
-            *port_ptr = port;
-            *check = l4_delta.apply_udp(*check);
-        }
+    let tcp = f.proto == PROTO_TCP;
+    let check: *mut u16 = ptr_at(ctx, f.l4 + if tcp { TCP_CHECK } else { UDP_CHECK })?;
+    // SAFETY: both bounds-checked by ptr_at (2-byte aligned fields; packet
+    // pointers allow such stores on the 64-bit JITs).
+    unsafe {
+        *port_ptr = port;
+        *check = if tcp {
+            delta.apply(*check)
+        } else {
+            delta.apply_udp(*check)
+        };
     }
     Some(())
 }
@@ -203,28 +205,7 @@ pub fn rewrite_cached(
         let c = Delta::from_folded(ip_delta).apply(core::ptr::read_volatile(check));
         core::ptr::write_volatile(check, c);
     }
-    let port_off = match side {
-        Side::Src => 0,
-        Side::Dst => 2,
-    };
-    let port_ptr: *mut u16 = ptr_at(ctx, f.l4 + port_off)?;
-    let l4 = Delta::from_folded(l4_delta);
-    if f.proto == PROTO_TCP {
-        let check: *mut u16 = ptr_at(ctx, f.l4 + TCP_CHECK)?;
-        // SAFETY: both bounds-checked by ptr_at.
-        unsafe {
-            *port_ptr = port;
-            *check = l4.apply(*check);
-        }
-    } else {
-        let check: *mut u16 = ptr_at(ctx, f.l4 + UDP_CHECK)?;
-        // SAFETY: as above.
-        unsafe {
-            *port_ptr = port;
-            *check = l4.apply_udp(*check);
-        }
-    }
-    Some(())
+    rewrite_l4(ctx, f, side, port, Delta::from_folded(l4_delta))
 }
 
 /// Writes the MACs of a resolved next hop and transmits; counts TX or

@@ -184,8 +184,8 @@ pub struct Dataplane {
 
 /// The data plane's clock: flow times are kernel ticks (`jiffies`), which
 /// the XDP program reads for ~2 ns. The clock program reads `jiffies` and
-/// CLOCK_MONOTONIC side by side; the tick rate is measured at load from two
-/// tick edges (a few ticks of busy polling, at most ~30 ms).
+/// CLOCK_MONOTONIC side by side; the tick rate is measured from two such
+/// readings 250 ms apart, once per process.
 struct Clock {
     out: Array<MapData, u64>,
     hz: u64,
@@ -230,42 +230,29 @@ impl Clock {
         Ok((j, ns))
     }
 
-    /// Ticks per second: the median time between consecutive tick edges
-    /// (normalised by the ticks each edge advanced) over a dozen edges,
-    /// snapped to the nearest rate the kernel can be built with when within
-    /// 5 % of it. The median ignores ticks a busy or virtual machine
-    /// delivered late (each late tick lengthens one interval and shortens
-    /// the next).
+    /// Ticks per second. Each sample reads `jiffies` and CLOCK_MONOTONIC in
+    /// one program run, so a pair is consistent whatever the scheduler does
+    /// to this thread; two pairs 250 ms apart give the rate to about one
+    /// tick in 25 (at HZ 100), snapped to the nearest rate the kernel can
+    /// be built with when within 3 % of it. Measured once per process (the
+    /// rate is fixed at boot).
     fn measure_hz(&self, ebpf: &Ebpf) -> Result<u64> {
+        static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        if let Some(hz) = HZ.get() {
+            return Ok(*hz);
+        }
         const CONFIG_HZ: [u64; 14] = [
             24, 32, 48, 64, 100, 128, 200, 250, 256, 300, 500, 1000, 1024, 1200,
         ];
-        const EDGES: usize = 12;
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let (mut last_j, _) = self.sample(ebpf)?;
-        let mut edges: Vec<(u64, u64)> = Vec::with_capacity(EDGES + 1);
-        while edges.len() <= EDGES {
-            let (j, ns) = self.sample(ebpf)?;
-            if j != last_j {
-                edges.push((j, ns));
-                last_j = j;
-            }
-            if Instant::now() > deadline {
-                break;
-            }
-        }
-        if edges.len() < 3 {
+        let (j0, t0) = self.sample(ebpf)?;
+        std::thread::sleep(Duration::from_millis(250));
+        let (j1, t1) = self.sample(ebpf)?;
+        if j1 <= j0 || t1 <= t0 {
             return Err(DataplaneError::Invalid(
-                "the kernel tick (jiffies) did not advance within 2 s".into(),
+                "the kernel tick (jiffies) did not advance in 250 ms".into(),
             ));
         }
-        // The first edge's interval is unknown (polling began mid-tick).
-        let mut periods: Vec<f64> = edges
-            .windows(2)
-            .map(|w| (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0) as f64)
-            .collect();
-        periods.sort_by(f64::total_cmp);
-        let measured = 1e9 / periods[periods.len() / 2];
+        let measured = (j1 - j0) as f64 * 1e9 / (t1 - t0) as f64;
         let nearest = CONFIG_HZ
             .iter()
             .copied()
@@ -275,7 +262,7 @@ impl Clock {
                     .total_cmp(&(*b as f64 - measured).abs())
             })
             .unwrap_or(1000);
-        let hz = if (nearest as f64 - measured).abs() <= 0.05 * nearest as f64 {
+        let hz = if (nearest as f64 - measured).abs() <= 0.03 * nearest as f64 {
             nearest
         } else {
             measured.round() as u64
@@ -285,7 +272,7 @@ impl Clock {
                 "measured a kernel tick rate of {measured:.1} Hz, which cannot be right"
             )));
         }
-        Ok(hz)
+        Ok(*HZ.get_or_init(|| hz))
     }
 
     /// A duration in ticks, rounded up.

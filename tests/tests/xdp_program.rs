@@ -95,6 +95,40 @@ impl Fixture {
     }
 }
 
+/// Creates the veth pair v0/v1 in `ns` (both up), gives v0 `addrs`, turns
+/// on forwarding and returns v0's ifindex (as seen from the namespace).
+fn veth_v0(ns: &str, addrs: &[&str]) -> u32 {
+    ip(&[
+        "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ])
+    .unwrap();
+    for a in addrs {
+        ip(&["-n", ns, "addr", "add", a, "dev", "v0"]).unwrap();
+    }
+    ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
+    ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+    bgswitch::dataplane::ifindex("v0").unwrap()
+}
+
+/// A permanent neighbour entry on v0.
+fn neigh(ns: &str, addr: &str, mac: &str) {
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "replace",
+        addr,
+        "lladdr",
+        mac,
+        "dev",
+        "v0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+}
+
 /// Runs `f` as root inside a fresh network namespace with only `lo`.
 fn in_scratch_ns(f: impl FnOnce(&str) + Send) {
     // SAFETY: geteuid has no preconditions.
@@ -579,32 +613,8 @@ fn everything_that_is_not_a_vip_flow_passes_byte_for_byte() {
 fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
     in_scratch_ns(|ns| {
         // v0 faces the backends (198.18.1.0/24, neighbours known), v1 does not.
-        ip(&[
-            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-        ])
-        .unwrap();
-        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
-        let neigh = |addr: &str, mac: &str| {
-            ip(&[
-                "-n",
-                ns,
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                mac,
-                "dev",
-                "v0",
-                "nud",
-                "permanent",
-            ])
-            .unwrap()
-        };
-        neigh("198.18.1.11", "02:00:00:00:01:11");
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
         let v1 = bgswitch::dataplane::ifindex("v1").unwrap();
         let v0_mac = std::fs::read_to_string("/sys/class/net/v0/address");
         let mut fx = Fixture::new();
@@ -680,32 +690,9 @@ fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
 #[test]
 fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
     in_scratch_ns(|ns| {
-        ip(&[
-            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-        ])
-        .unwrap();
-        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
-        let neigh = |mac: &str| {
-            ip(&[
-                "-n",
-                ns,
-                "neigh",
-                "replace",
-                "198.18.1.11",
-                "lladdr",
-                mac,
-                "dev",
-                "v0",
-                "nud",
-                "permanent",
-            ])
-            .unwrap()
-        };
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        let neigh = |mac: &str| neigh(ns, "198.18.1.11", mac);
         neigh("02:00:00:00:01:11");
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
         let mut fx = Fixture::new();
         let vip = SocketAddrV4::new(VIP, 80);
         let c = (48000..49000)
@@ -784,32 +771,9 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
 #[test]
 fn route_and_neighbour_changes_reach_open_flows_at_once_through_netlink() {
     in_scratch_ns(|ns| {
-        ip(&[
-            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-        ])
-        .unwrap();
-        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
-        let neigh = |mac: &str| {
-            ip(&[
-                "-n",
-                ns,
-                "neigh",
-                "replace",
-                "198.18.1.11",
-                "lladdr",
-                mac,
-                "dev",
-                "v0",
-                "nud",
-                "permanent",
-            ])
-            .unwrap()
-        };
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        let neigh = |mac: &str| neigh(ns, "198.18.1.11", mac);
         neigh("02:00:00:00:01:11");
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
         let mut fx = Fixture::new();
         fx.dp.watch_kernel_changes().unwrap();
         let vip = SocketAddrV4::new(VIP, 80);
@@ -863,15 +827,8 @@ fn route_and_neighbour_changes_reach_open_flows_at_once_through_netlink() {
 #[test]
 fn established_packets_come_from_the_per_cpu_cache_and_a_flush_reaches_them() {
     in_scratch_ns(|ns| {
-        ip(&[
-            "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-        ])
-        .unwrap();
-        ip(&["-n", ns, "addr", "add", "198.18.1.1/24", "dev", "v0"]).unwrap();
-        // Clients too, so replies leave with XDP_TX and are cached as well.
-        ip(&["-n", ns, "addr", "add", "198.18.0.1/24", "dev", "v0"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v0", "up"]).unwrap();
-        ip(&["-n", ns, "link", "set", "v1", "up"]).unwrap();
+        // Clients' subnet too, so replies leave with XDP_TX and are cached.
+        let v0 = veth_v0(ns, &["198.18.1.1/24", "198.18.0.1/24"]);
         for (addr, mac) in [
             ("198.18.1.11", "02:00:00:00:01:11"),
             ("198.18.1.12", "02:00:00:00:01:12"),
@@ -879,23 +836,8 @@ fn established_packets_come_from_the_per_cpu_cache_and_a_flush_reaches_them() {
             ("198.18.1.22", "02:00:00:00:01:22"),
             ("198.18.0.2", "02:00:00:00:00:02"),
         ] {
-            ip(&[
-                "-n",
-                ns,
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                mac,
-                "dev",
-                "v0",
-                "nud",
-                "permanent",
-            ])
-            .unwrap();
+            neigh(ns, addr, mac);
         }
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-        let v0 = bgswitch::dataplane::ifindex("v0").unwrap();
         let mut fx = Fixture::new();
         let tick_ns = 1_000_000_000 / fx.dp.hz();
         let refresh = fx.dp.refresh_ticks();
