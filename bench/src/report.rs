@@ -590,11 +590,13 @@ pub fn markdown(all: &Value) -> String {
         let _ = writeln!(w, "### Memory per flow\n");
         let _ = writeln!(
             w,
-            "The flow table is an LRU hash with one entry per direction ({} B key + value per entry). \
-             The kernel accounts {} B for a table of {} flows and {} B for {} flows: **{} B per flow** \
+            "The flow table is an LRU hash with {} entry per flow ({} B key + value per entry; \
+             replies find their flow through the backend's service). The per-CPU flow cache \
+             adds a fixed 4 MiB per possible CPU, not counted here. The kernel accounts {} B for a table of {} flows and {} B for {} flows: **{} B per flow** \
              (slope), {} B per flow including fixed parts. The drop in MemAvailable when the large \
              table was created gives {} B per flow (noisy: the machine is shared). LRU maps are \
              preallocated: this memory is taken at load, whatever the number of live flows.\n",
+            mem["entries_per_flow"],
             mem["flow_key_plus_entry_bytes"],
             num(&mem["flows_map_memlock_bytes"], 0), sc["scale_max_flows"],
             num(&mem["flows_map_memlock_bytes_small"], 0), mem["small_max_flows"],
