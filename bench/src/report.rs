@@ -32,7 +32,7 @@ redirect ({part_devmap_redirect} ns alone in the component table).
 2. **Clock in kernel ticks**: `bpf_jiffies64` is inlined by the verifier ({part_jiffies} ns against
    {part_ktime_coarse} ns for `bpf_ktime_get_coarse_ns`); the daemon measures HZ at load from two (jiffies, monotonic) pairs 250 ms apart
    with a small socket-filter program and converts timeouts and ages.
-3. **Per-CPU flow cache** in front of `FLOWS`: 65 536 slots of 64 B per CPU holding a copy of a flow
+3. **Per-CPU flow cache** in front of `FLOWS`: slots of 64 B (65 536 per CPU here) holding a copy of a flow
    direction's decision; a hit replaces the LRU lookup ({part_lru16} ns) with an inlined array read. A
    slot is used only while the entry would not change (no SYN/FIN/RST, `last_seen` within the
    refresh, current generation, TTL > 1, length within the cached next hop's), so decisions are
@@ -82,8 +82,8 @@ previous round's profile) is the dominant cost at that end. Size `max_flows` to 
 working set: a table far larger than the live flows costs misses on every new lookup.
 
 **Memory.** `FLOWS` takes 160 B of kernel memory per flow (one 80-B value with its key,
-element header and bucket; part 5 measures it); the per-CPU cache adds a fixed 4 MiB per
-possible CPU, whatever the number of flows.
+element header and bucket; part 5 measures it); the per-CPU cache adds a fixed 64 B × its
+slots (`max_flows` ÷ CPUs, 1 024 to 65 536) per possible CPU: 4 MiB here.
 
 **Measuring.** BPF_PROG_TEST_RUN of a program that is not attached anywhere rebuilds the XDP
 dispatcher image and waits for an RCU grace period on every call (~20 ms here), so the bench
@@ -592,7 +592,7 @@ pub fn markdown(all: &Value) -> String {
             w,
             "The flow table is an LRU hash with {} entry per flow ({} B key + value per entry; \
              replies find their flow through the backend's service). The per-CPU flow cache \
-             adds a fixed 4 MiB per possible CPU, not counted here. The kernel accounts {} B for a table of {} flows and {} B for {} flows: **{} B per flow** \
+             adds 64 B per slot on every possible CPU (4 MiB per CPU here), not counted here. The kernel accounts {} B for a table of {} flows and {} B for {} flows: **{} B per flow** \
              (slope), {} B per flow including fixed parts. The drop in MemAvailable when the large \
              table was created gives {} B per flow (noisy: the machine is shared). LRU maps are \
              preallocated: this memory is taken at load, whatever the number of live flows.\n",

@@ -423,17 +423,22 @@ pub const fn addr_bit(addr: &Addr) -> (u32, u64) {
     (h >> 6, 1u64 << (h & 63))
 }
 
-/// Slots of the per-CPU flow cache (a power of two): 64 bytes each, 4 MiB
-/// per CPU.
+/// Most slots of the per-CPU flow cache (64 bytes each: 4 MiB per possible
+/// CPU). The daemon sizes it to a power of two between
+/// [`FLOW_CACHE_MIN_SLOTS`] and this from `max_flows` and the CPU count, and
+/// tells the program with [`Settings::cache_shift`].
 pub const FLOW_CACHE_SLOTS: u32 = 1 << 16;
+/// Fewest slots of the per-CPU flow cache.
+pub const FLOW_CACHE_MIN_SLOTS: u32 = 1 << 10;
 
 /// The flow-cache slot of a 5-tuple: the key's words folded and multiplied
-/// (Fibonacci hashing). Collisions only cost a `FLOWS` lookup.
+/// (Fibonacci hashing), the top `32 - shift` bits. Collisions only cost a
+/// `FLOWS` lookup.
 #[inline(always)]
-pub const fn cache_slot(k: &FlowKey4) -> u32 {
+pub const fn cache_slot(k: &FlowKey4, shift: u32) -> u32 {
     let x =
         k.src ^ k.dst.rotate_left(16) ^ ((k.sport as u32) << 16 | k.dport as u32) ^ k.proto as u32;
-    x.wrapping_mul(0x9e37_79b1) >> (32 - FLOW_CACHE_SLOTS.trailing_zeros())
+    x.wrapping_mul(0x9e37_79b1) >> (shift & 31)
 }
 
 /// The single entry of the `SETTINGS` array. Times in kernel ticks.
@@ -449,6 +454,9 @@ pub struct Settings {
     /// once it is more than this old; per-CPU cache slots are used only
     /// while it is not. Idle timeouts are at least one tick longer.
     pub refresh: u64,
+    /// `32 - log2(slots of FLOW_CACHE)`; 0: no cache (settings not written).
+    pub cache_shift: u32,
+    pub _pad: u32,
 }
 
 /// What the daemon sets [`Settings::refresh`] to.
@@ -622,7 +630,7 @@ mod tests {
         assert_eq!(size_of::<FlowEntry>(), 80);
         assert_eq!(size_of::<ReplySource>(), 24);
         assert_eq!(size_of::<FlowKey4>(), 16);
-        assert_eq!(size_of::<Settings>(), 24);
+        assert_eq!(size_of::<Settings>(), 32);
         assert_eq!(size_of::<ColourStats>(), 64);
         assert_eq!(size_of::<BackendStats>(), 48);
         assert_eq!(size_of::<PreviewKey>(), 20);

@@ -105,6 +105,8 @@ pub struct Cache {
     gen: u32,
     /// `Settings::refresh` (0 without settings: nothing is fresh).
     refresh: u64,
+    /// `Settings::cache_shift`.
+    shift: u32,
 }
 
 /// The packet's path after parsing: this CPU's flow cache first (an inlined
@@ -123,11 +125,20 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         _pad1: 0,
     };
     let now = now();
+    let (refresh, shift) = SETTINGS
+        .get(0)
+        .map_or((0, 0), |s| (s.refresh, s.cache_shift));
     let cache = Cache {
-        slot: FLOW_CACHE.get_ptr_mut(cache_slot(&k4)),
+        // Without settings (shift 0): no cache.
+        slot: if shift == 0 {
+            None
+        } else {
+            FLOW_CACHE.get_ptr_mut(cache_slot(&k4, shift))
+        },
         key: k4,
         gen: flow_gen(),
-        refresh: SETTINGS.get(0).map_or(0, |s| s.refresh),
+        refresh,
+        shift,
     };
     if let Some(c) = cache.slot {
         // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
@@ -492,15 +503,18 @@ fn to_backend(
             // The old backend's late packets are no replies of the new flow:
             // this CPU's slot of them goes (other CPUs' slots age out within
             // the refresh).
-            forget(&FlowKey4 {
-                src: old,
-                dst: f.src[0],
-                sport: old_port,
-                dport: f.sport,
-                proto: f.proto,
-                _pad0: 0,
-                _pad1: 0,
-            });
+            forget(
+                &FlowKey4 {
+                    src: old,
+                    dst: f.src[0],
+                    sport: old_port,
+                    dport: f.sport,
+                    proto: f.proto,
+                    _pad0: 0,
+                    _pad1: 0,
+                },
+                cache.shift,
+            );
         }
     }
     action
@@ -508,8 +522,11 @@ fn to_backend(
 
 /// Clears this CPU's cache slot of `key`, if it holds it.
 #[inline(always)]
-fn forget(key: &FlowKey4) {
-    if let Some(c) = FLOW_CACHE.get_ptr_mut(cache_slot(key)) {
+fn forget(key: &FlowKey4, shift: u32) {
+    if shift == 0 {
+        return;
+    }
+    if let Some(c) = FLOW_CACHE.get_ptr_mut(cache_slot(key, shift)) {
         // SAFETY: this CPU's slot.
         let c = unsafe { &mut *c };
         if c.key.src == key.src

@@ -186,6 +186,12 @@ impl Daemon {
             dataplane.hz(),
             dataplane.refresh_ticks()
         );
+        let slots = dataplane.flow_cache_slots();
+        log::info!(
+            "per-CPU flow cache: {slots} slots ({} KiB per CPU, {} possible CPUs)",
+            u64::from(slots) * 64 / 1024,
+            dataplane::possible_cpus().map_or("?".into(), |n| n.to_string())
+        );
         match dataplane.watch_kernel_changes() {
             Ok(()) => log::info!(
                 "watching route, neighbour and link changes (netlink): open flows look their next hop up again at once"

@@ -176,6 +176,8 @@ pub struct Dataplane {
     freed: StdHashMap<(u32, u32), Instant>,
     /// The data plane's clock (kernel ticks).
     clock: Clock,
+    /// Slots of this load's per-CPU flow cache.
+    cache_slots: u32,
     /// The mapped `ADDR_FILTER` bitmaps.
     addr_filter: ControlWords,
     /// The mapped `FLOW_GEN` counter (shared with the netlink watcher).
@@ -559,6 +561,8 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, opts.max_flows);
+        let cache_slots = flow_cache_slots(opts.max_flows);
+        loader.map_max_entries(names::FLOW_CACHE, cache_slots);
         if let Some(bpffs) = &opts.bpffs {
             ensure_bpffs(bpffs)?;
             for sub in ["maps", "links"] {
@@ -696,6 +700,7 @@ impl Dataplane {
             watched: BTreeMap::new(),
             freed: StdHashMap::new(),
             clock,
+            cache_slots,
             addr_filter,
             flow_gen,
         })
@@ -745,6 +750,11 @@ impl Dataplane {
             .max(1)
     }
 
+    /// Slots of the per-CPU flow cache (64 bytes each, on every possible CPU).
+    pub fn flow_cache_slots(&self) -> u32 {
+        self.cache_slots
+    }
+
     /// The kernel's tick rate (HZ), as measured at load.
     pub fn hz(&self) -> u64 {
         self.clock.hz
@@ -764,6 +774,8 @@ impl Dataplane {
             udp_idle: self.clock.ticks(udp_idle).max(refresh + 1),
             tcp_idle: self.clock.ticks(tcp_idle).max(refresh + 1),
             refresh,
+            cache_shift: 32 - self.cache_slots.trailing_zeros(),
+            _pad: 0,
         };
         self.settings
             .set(0, s, 0)
@@ -1634,6 +1646,39 @@ fn link_pin_path(bpffs: &Path, iface: &str, mode: AttachMode) -> PathBuf {
     paths::link_pin(bpffs, &format!("{}-{iface}", mode.as_str()))
 }
 
+/// The per-CPU flow cache's size: the flows one CPU would see if `max_flows`
+/// were spread over the CPUs this process may run on, as a power of two
+/// within `FLOW_CACHE_MIN_SLOTS..=FLOW_CACHE_SLOTS` (so a host with many
+/// CPUs does not pay 4 MiB on each).
+fn flow_cache_slots(max_flows: u32) -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    (max_flows / cpus.max(1)).max(1).next_power_of_two().clamp(
+        bgswitch_common::FLOW_CACHE_MIN_SLOTS,
+        bgswitch_common::FLOW_CACHE_SLOTS,
+    )
+}
+
+/// CPUs the kernel may bring online (per-CPU maps are allocated for each):
+/// `/sys/devices/system/cpu/possible`, e.g. "0-63".
+pub fn possible_cpus() -> Option<u32> {
+    count_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?)
+}
+
+/// CPUs in a kernel CPU list ("0-3,8,10-11").
+fn count_cpu_list(text: &str) -> Option<u32> {
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().ok()? - a.parse::<u32>().ok()? + 1,
+            None => {
+                part.parse::<u32>().ok()?;
+                1
+            }
+        };
+    }
+    Some(n)
+}
+
 /// Removes an older layout's pin directory (its maps) once no XDP link of it
 /// is left pinned.
 fn remove_layout_if_unused(old_root: &Path) {
@@ -1832,6 +1877,23 @@ impl Drop for ControlWords {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_cache_is_a_power_of_two_within_bounds_and_cpu_lists_count() {
+        for flows in [1, 1024, 4096, 262_144, 67_108_864] {
+            let n = flow_cache_slots(flows);
+            assert!(n.is_power_of_two(), "{flows}: {n}");
+            assert!(
+                (bgswitch_common::FLOW_CACHE_MIN_SLOTS..=bgswitch_common::FLOW_CACHE_SLOTS)
+                    .contains(&n),
+                "{flows}: {n}"
+            );
+        }
+        assert_eq!(count_cpu_list("0-63\n"), Some(64));
+        assert_eq!(count_cpu_list("0,2-3,8"), Some(4));
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("x"), None);
+    }
 
     #[test]
     fn backend_stat_ids_do_not_collide() {
