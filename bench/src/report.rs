@@ -89,9 +89,10 @@ slots (`max_flows` ÷ CPUs, 1 024 to 65 536) per possible CPU: 4 MiB here.
 dispatcher image and waits for an RCU grace period on every call (~20 ms here), so the bench
 keeps the measured programs attached to an idle veth in its scratch namespace. Identity rewrite
 with TTL 255 and repeat 200 makes every timed run take the full path (checked with repeat 1
-first); new flows use a fresh 5-tuple per call, cold. This machine is shared: the same binary
-measured 32 ns and 57 ns for the established packet in two runs an hour apart; compare within
-one run only.
+first); new flows use a fresh 5-tuple per call, cold. This machine is shared and has fast and slow phases:
+the same code measured 26 ns for the established packet in the run below and 44–47 ns in
+other runs of the same hour (with an XDP_PASS baseline of 21–22 ns against 26–28 ns), and the
+10 000-flow rate 2.4 to 3.2 Mpps; compare within one run only.
 
 **Flip.** A flip is a whole process (about {bgswitch_version_ms} ms to spawn a `bgswitch` that does
 nothing, in this run), the durable writes (`state.json` written whole — it keeps the last 100
