@@ -533,9 +533,10 @@ pub mod global {
     /// Forward packets of flows found in the table.
     pub const FLOW_HITS: u32 = 13;
     /// `bpf_fib_lookup` calls: a flow's first packet in each direction, then
-    /// about one per ~17 ms of its traffic, and packets longer than the one
-    /// its next hop was looked up for. Far fewer than packets when the
-    /// next-hop cache in the flow entries works.
+    /// about one per refresh (100 ms) of its traffic each way, after route,
+    /// neighbour or link changes, and for packets longer than the one its
+    /// next hop was looked up for. Far fewer than packets when the next-hop
+    /// cache in the flow entries works.
     pub const FIB_LOOKUPS: u32 = 14;
     /// Per-CPU flow-cache slots written (by packets that took the `FLOWS`
     /// path); the other rewritten packets were served from the cache.

@@ -457,8 +457,8 @@ fn to_backend(
         }
     }
 
-    // A client whose own address and port are a VIP (spoofed) would get a
-    // reverse entry that VIP traffic could hit: not ours.
+    // A client whose own address and port are a VIP (spoofed): the replies
+    // to it would be VIP traffic. Not ours.
     let own = ServiceKey {
         addr: f.src,
         port: f.sport,

@@ -147,7 +147,7 @@ pub struct LoadOptions {
     /// Pin root (a bpffs mount). `None`: private maps, nothing pinned (tests,
     /// simulation).
     pub bpffs: Option<PathBuf>,
-    /// Flow table size in flows (two entries each).
+    /// Flow table size in flows (one entry each).
     pub max_flows: u32,
 }
 
