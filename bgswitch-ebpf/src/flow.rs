@@ -233,12 +233,7 @@ fn flow_gen() -> u32 {
 /// `bgswitch_common::CachedFlow`.
 #[inline(always)]
 fn cache_hit(c: &CachedFlow, cache: &Cache, f: &Frame, now: u64) -> bool {
-    let k = &cache.key;
-    c.key.src == k.src
-        && c.key.dst == k.dst
-        && c.key.sport == k.sport
-        && c.key.dport == k.dport
-        && c.key.proto == k.proto
+    same_key(&c.key, &cache.key)
         && c.gen == cache.gen
         && c.nh_ifindex != 0
         && u64::from((now as u32).wrapping_sub(c.last_seen)) <= cache.refresh
@@ -338,12 +333,7 @@ fn fill(cache: &Cache, e: &FlowEntry, dir: Dir) {
         // not keep serving an older decision for this flow, which this
         // packet may just have replaced (a SYN reusing a closed flow's
         // 5-tuple that is too long for the MTU, say).
-        if c.key.src == cache.key.src
-            && c.key.dst == cache.key.dst
-            && c.key.sport == cache.key.sport
-            && c.key.dport == cache.key.dport
-            && c.key.proto == cache.key.proto
-        {
+        if same_key(&c.key, &cache.key) {
             c.nh_ifindex = 0;
         }
         return;
@@ -529,15 +519,20 @@ fn forget(key: &FlowKey4, shift: u32) {
     if let Some(c) = FLOW_CACHE.get_ptr_mut(cache_slot(key, shift)) {
         // SAFETY: this CPU's slot.
         let c = unsafe { &mut *c };
-        if c.key.src == key.src
-            && c.key.dst == key.dst
-            && c.key.sport == key.sport
-            && c.key.dport == key.dport
-            && c.key.proto == key.proto
-        {
+        if same_key(&c.key, key) {
             c.nh_ifindex = 0;
         }
     }
+}
+
+/// Field-wise key equality (the padding is not compared).
+#[inline(always)]
+fn same_key(a: &FlowKey4, b: &FlowKey4) -> bool {
+    a.src == b.src
+        && a.dst == b.dst
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && a.proto == b.proto
 }
 
 /// One direction's cached next hop inside a flow entry.
