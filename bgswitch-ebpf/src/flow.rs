@@ -110,9 +110,11 @@ pub struct Cache {
 }
 
 /// The packet's path after parsing: this CPU's flow cache first (an inlined
-/// array read: established packets of a cached flow need no hash lookup),
-/// then the flow table (one hash lookup, either direction), then the services
-/// for the first packet of a flow. Anything else passes untouched.
+/// array read: established packets of a cached flow need no hash lookup).
+/// Then, for a destination in the VIP bitmap, the flow table and the
+/// services (the first packet of a flow); for a source in the backend
+/// bitmap, the backend's reply source and its flow. Anything else passes
+/// untouched.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     let k4 = FlowKey4 {
@@ -149,11 +151,11 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
             }
         }
     }
-    // The slow path: the whole 5-tuple (the flow hash's input) from here on.
-    let key = flow_key(f);
     // Flows are keyed client → VIP: only a VIP destination can have one, or
     // start one.
     if maybe(0, &f.dst) {
+        // The whole 5-tuple (the flow hash's input).
+        let key = flow_key(f);
         if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {
             // SAFETY: LRU values stay valid for the program's run (RCU);
             // fields are read and written as whole integers.

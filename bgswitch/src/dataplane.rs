@@ -1853,9 +1853,7 @@ unsafe impl Sync for GenCounter {}
 
 impl GenCounter {
     fn word(&self) -> &std::sync::atomic::AtomicU64 {
-        // SAFETY: slot 0 of a mapping of at least one page, 8-byte aligned
-        // (page-aligned base); the value is a u64.
-        unsafe { &*(self.0.ptr as *const std::sync::atomic::AtomicU64) }
+        self.0.word64(0)
     }
 
     fn bump(&self) {
