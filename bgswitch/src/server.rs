@@ -145,17 +145,20 @@ async fn serve_client(
             peer.gid == g || peer.pid.is_some_and(|p| process_groups(p).contains(&g))
         });
     if !allowed {
+        // Logged before the answer is written: by the time the client reads
+        // its refusal, the log already has it.
+        log::warn!(
+            "control client: refused {} (uid {}, pid {:?}): not root nor in the socket group",
+            peer.user,
+            peer.uid,
+            peer.pid
+        );
         let _ = write_response(
             &mut stream,
             &Response::error("permission denied: not root nor in the socket group"),
         )
         .await;
-        return Err(anyhow!(
-            "refused {} (uid {}, pid {:?}): not root nor in the socket group",
-            peer.user,
-            peer.uid,
-            peer.pid
-        ));
+        return Ok(());
     }
     let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read).take(api::MAX_REQUEST_BYTES as u64 + 1);
@@ -182,13 +185,15 @@ async fn serve_client(
                 "request too long or not newline-terminated (limit {} bytes)",
                 api::MAX_REQUEST_BYTES
             ));
+            log::warn!(
+                "control client: {} (pid {:?}): oversized or truncated request refused",
+                peer.user,
+                peer.pid
+            );
             let mut l = serde_json::to_vec(&resp)?;
             l.push(b'\n');
             write_bounded(&mut write, &l).await?;
-            return Err(anyhow!(
-                "{}: oversized or truncated request refused",
-                peer.user
-            ));
+            return Ok(());
         }
         let resp = match serde_json::from_slice::<Request>(&line) {
             Err(e) => {
