@@ -29,9 +29,14 @@ pub static CONTROL: Array<u32> = Array::with_max_entries(MAX_SERVICES, BPF_F_MMA
 #[map]
 pub static FLOW_GEN: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Per-CPU flow cache (see `bgswitch_common::CachedFlow`).
+/// The flow cache (see `bgswitch_common::CachedFlow`): one region of
+/// `1 << (32 - cache_shift)` slots per CPU id, slot `cpu << (32 - shift) |
+/// cache_slot(..)` (see `flow::cache_index`). A plain array, not a per-CPU
+/// one: a per-CPU array's lookup loads the slot's per-CPU pointer from a
+/// table of its own first, a second dependent cache miss on a cold slot. The
+/// daemon sizes it (slots × CPU ids); each CPU writes only its own region.
 #[map]
-pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+pub static FLOW_CACHE: Array<CachedFlow> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// Number of backends in each pool slot, index `service * POOL_SLOTS + slot`.
 #[map]

@@ -188,9 +188,9 @@ impl Daemon {
         );
         let slots = dataplane.flow_cache_slots();
         log::info!(
-            "per-CPU flow cache: {slots} slots ({} KiB per CPU, {} possible CPUs)",
+            "per-CPU flow cache: {slots} slots ({} KiB per CPU id, {} possible CPU ids)",
             u64::from(slots) * 64 / 1024,
-            dataplane::possible_cpus().map_or("?".into(), |n| n.to_string())
+            dataplane::cpu_id_bound()
         );
         match dataplane.watch_kernel_changes() {
             Ok(()) => log::info!(

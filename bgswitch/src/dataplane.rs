@@ -562,7 +562,16 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, opts.max_flows);
         let cache_slots = flow_cache_slots(opts.max_flows);
-        loader.map_max_entries(names::FLOW_CACHE, cache_slots);
+        // One region of `cache_slots` per CPU id (see the map's doc).
+        let cpu_ids = cpu_id_bound();
+        loader.map_max_entries(
+            names::FLOW_CACHE,
+            cache_slots.checked_mul(cpu_ids).ok_or_else(|| {
+                DataplaneError::Invalid(format!(
+                    "flow cache: {cache_slots} slots × {cpu_ids} CPU ids overflow"
+                ))
+            })?,
+        );
         if let Some(bpffs) = &opts.bpffs {
             ensure_bpffs(bpffs)?;
             for sub in ["maps", "links"] {
@@ -1658,25 +1667,31 @@ fn flow_cache_slots(max_flows: u32) -> u32 {
     )
 }
 
-/// CPUs the kernel may bring online (per-CPU maps are allocated for each):
-/// `/sys/devices/system/cpu/possible`, e.g. "0-63".
-pub fn possible_cpus() -> Option<u32> {
-    count_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?)
+/// One more than the highest CPU id the kernel may bring online
+/// (`/sys/devices/system/cpu/possible`, e.g. "0-63"): every id
+/// `bpf_get_smp_processor_id()` can return is below it. Without that file,
+/// the CPUs this process may run on.
+pub fn cpu_id_bound() -> u32 {
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|t| cpu_list_bound(&t))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
 }
 
-/// CPUs in a kernel CPU list ("0-3,8,10-11").
-fn count_cpu_list(text: &str) -> Option<u32> {
-    let mut n = 0;
+/// One more than the highest CPU of a kernel CPU list ("0-3,8,10-11").
+fn cpu_list_bound(text: &str) -> Option<u32> {
+    let mut top = None;
     for part in text.trim().split(',') {
-        n += match part.split_once('-') {
-            Some((a, b)) => b.parse::<u32>().ok()? - a.parse::<u32>().ok()? + 1,
-            None => {
-                part.parse::<u32>().ok()?;
-                1
+        let last = match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?);
+                (a <= b).then_some(b)?
             }
+            None => part.parse::<u32>().ok()?,
         };
+        top = top.max(Some(last));
     }
-    Some(n)
+    top?.checked_add(1)
 }
 
 /// Removes an older layout's pin directory (its maps) once no XDP link of it
@@ -1887,10 +1902,13 @@ mod tests {
                 "{flows}: {n}"
             );
         }
-        assert_eq!(count_cpu_list("0-63\n"), Some(64));
-        assert_eq!(count_cpu_list("0,2-3,8"), Some(4));
-        assert_eq!(count_cpu_list("0"), Some(1));
-        assert_eq!(count_cpu_list("x"), None);
+        assert_eq!(cpu_list_bound("0-63\n"), Some(64));
+        assert_eq!(cpu_list_bound("0,2-3,8"), Some(9));
+        assert_eq!(cpu_list_bound("8,0-3"), Some(9));
+        assert_eq!(cpu_list_bound("0"), Some(1));
+        assert_eq!(cpu_list_bound("x"), None);
+        assert_eq!(cpu_list_bound("3-1"), None);
+        assert!(cpu_id_bound() >= 1);
     }
 
     #[test]
