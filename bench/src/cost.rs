@@ -785,12 +785,21 @@ pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64
                 frame(c, "198.18.1.99:80".parse()?, L4::Ack, 255, FRAME_LEN),
                 bed.v0,
             ),
-            "syn" => (frame(c, vip80, L4::Syn, 255, FRAME_LEN), bed.v0),
+            "syn" | "newflow" => (frame(c, vip80, L4::Syn, 255, FRAME_LEN), bed.v0),
             other => bail!("unknown case {other}"),
         };
         let end = Instant::now() + Duration::from_secs_f64(seconds);
         let (mut runs, mut total) = (0u64, 0f64);
+        let mut fresh = 0u32;
         while Instant::now() < end {
+            if case == "newflow" {
+                // A fresh 5-tuple per call, run once: part 1's cold new flow.
+                fresh += 1;
+                let f = frame(client(0, fresh), vip80, L4::Syn, 255, FRAME_LEN);
+                total += dp.test_run(&f, Some(ingress), 1)?.2.as_nanos() as f64;
+                runs += 1;
+                continue;
+            }
             let d = if case == "pass" {
                 pass.run(&f, ingress, 200)?.1
             } else {
