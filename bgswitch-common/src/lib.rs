@@ -462,6 +462,12 @@ pub struct Settings {
 /// What the daemon sets [`Settings::refresh`] to.
 pub const REFRESH_MS: u64 = 100;
 
+/// The data plane logs each kind of rare event (a `global` counter: no
+/// route, an egress interface bgswitch is not attached to, a flow it could
+/// not record, an empty pool) at most once per this many refreshes (one
+/// second) on each CPU.
+pub const LOG_INTERVAL_REFRESHES: u64 = 10;
+
 /// The clock program (a socket filter run through BPF_PROG_TEST_RUN by the
 /// daemon): writes `jiffies` and `bpf_ktime_get_ns()` into [`maps::CLOCK`],
 /// read side by side, so userspace can measure the tick rate and read the

@@ -12,7 +12,10 @@ use bgswitch_common::{
     ADDR_FILTER_WORDS, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 
+use aya_log_ebpf::{error, warn};
+
 use crate::{
+    events,
     maps::{
         count, ADDR_FILTER, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE, FLOW_GEN,
         POOL_SIZES, PREVIEW, REPLY_SOURCES, SERVICES, SERVICE_STATS, SETTINGS,
@@ -483,6 +486,14 @@ fn to_backend(
     let (colour, preview) = choose_colour(word, service, key, orphan);
     let Some(b) = pick_backend(word, service, colour, key) else {
         count(global::NO_BACKEND);
+        if events::gate(global::NO_BACKEND) {
+            warn!(
+                ctx,
+                "data plane: service {} has no backend in its pool of colour {} (0 blue, 1 green): new flows pass to the kernel stack untouched (counter no_backend)",
+                service,
+                colour
+            );
+        }
         return xdp_action::XDP_PASS;
     };
     account(service, colour, b.stat_id, f.frame_len, true, false);
@@ -498,7 +509,7 @@ fn to_backend(
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
     let action = send(ctx, f, Nh::forward(&mut fwd), now, cache);
-    record(key, &fwd);
+    record(ctx, key, &fwd);
     // A replaced entry (port reuse after close or idle) needs no
     // invalidation elsewhere: after idle, every CPU's slot of the flow is
     // older than the refresh; after a close, slots on other CPUs would
@@ -682,9 +693,17 @@ fn pick_backend(word: u32, service: u32, colour: u32, key: &FlowKey) -> Option<B
 
 /// Writes a new flow's entry (replies find it through `REPLY_SOURCES`).
 #[inline(always)]
-fn record(key: &FlowKey, fwd: &FlowEntry) {
-    if FLOWS.insert(&key4(key), fwd, 0).is_err() {
+fn record(ctx: &XdpContext, key: &FlowKey, fwd: &FlowEntry) {
+    if let Err(e) = FLOWS.insert(&key4(key), fwd, 0) {
         count(global::FLOW_INSERT_FAILED);
+        if events::gate(global::FLOW_INSERT_FAILED) {
+            error!(
+                ctx,
+                "data plane: a new flow to {:i} could not be recorded in the flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
+                fwd.peer.to_ne_bytes(),
+                e
+            );
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod flow;
 mod maps;
 mod nat;

@@ -60,6 +60,11 @@ pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WOR
 pub static REPLY_SOURCES: HashMap<ServiceKey, ReplySource> =
     HashMap::with_max_entries(BACKEND_STAT_ENTRIES, 0);
 
+/// When each kind of logged event (a `global` counter index) was last
+/// logged on this CPU, in ticks (see `events::gate`).
+#[map]
+pub static LOG_GATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::COUNT, 0);
+
 /// Timeouts, one entry.
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

@@ -14,7 +14,10 @@ use aya_ebpf::{
 use bgswitch_common::{csum::Delta, global, Addr, PROTO_TCP};
 use network_types::eth::EthHdr;
 
+use aya_log_ebpf::warn;
+
 use crate::{
+    events,
     maps::{count, count2, TX_PORTS},
     parse::{ptr_at, Frame},
 };
@@ -139,16 +142,37 @@ pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        count(if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-            global::FIB_NO_NEIGH
+        if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            // The stack resolves the neighbour: routine, not logged.
+            count(global::FIB_NO_NEIGH);
         } else {
-            global::FIB_OTHER
-        });
+            count(global::FIB_OTHER);
+            if events::gate(global::FIB_OTHER) {
+                // SAFETY: bounds-checked by parse(); the rewritten address.
+                let dst = unsafe { (*ip).dst_addr };
+                warn!(
+                    ctx,
+                    "data plane: no usable route towards {:i} (bpf_fib_lookup: {}; no route, unreachable, forwarding off, or over the MTU): rewritten frames go to the kernel stack (counter fib_other)",
+                    dst,
+                    rc
+                );
+            }
+        }
         return None;
     }
     let egress = p.ifindex;
     if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {
         count(global::EGRESS_UNKNOWN);
+        if events::gate(global::EGRESS_UNKNOWN) {
+            // SAFETY: as above.
+            let dst = unsafe { (*ip).dst_addr };
+            warn!(
+                ctx,
+                "data plane: the route towards {:i} leaves through ifindex {}, which bgswitch is not attached to: rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
+                dst,
+                egress
+            );
+        }
         return None;
     }
     Some(Hop {

@@ -116,6 +116,21 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Copies the data plane's own messages (rare events, at most one per kind
+/// and CPU a second; see `bgswitch-ebpf/src/events.rs`) into the daemon's
+/// log as they arrive.
+async fn kernel_log_loop(
+    mut fd: tokio::io::unix::AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>,
+) {
+    loop {
+        let Ok(mut ready) = fd.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}
+
 /// Host checks a config must pass before the daemon acts on it.
 fn check_environment(config: &Config) -> anyhow::Result<()> {
     for (i, name) in config.interfaces.iter().enumerate() {
@@ -394,6 +409,21 @@ impl Daemon {
                 l,
                 self.tx.clone().expect("set"),
             )));
+        }
+        match self.dataplane.kernel_log(log::logger()) {
+            // SAFETY: the reader owns the ring buffer's map fd, which stays
+            // open and the same for the reader's life, and the AsyncFd owns
+            // the reader.
+            Ok(reader) => match unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    reader,
+                    tokio::io::Interest::READABLE,
+                )
+            } {
+                Ok(fd) => tasks.push(tokio::spawn(kernel_log_loop(fd))),
+                Err(e) => log::warn!("the data plane's log: {e}; its messages will not be shown"),
+            },
+            Err(e) => log::warn!("{e}; its messages will not be shown"),
         }
         self.start_probes();
         log::info!(

@@ -759,6 +759,16 @@ impl Dataplane {
             .max(1)
     }
 
+    /// Starts reading the data plane's own log messages (aya-log records of
+    /// rare events: no route, an egress interface without bgswitch, a flow
+    /// not recorded, an empty pool) into `logger`. The caller calls `flush`
+    /// on the reader when its fd is readable. Once per load: the ring buffer
+    /// has one reader.
+    pub fn kernel_log<T: log::Log>(&mut self, logger: T) -> Result<aya_log::EbpfLogger<T>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| DataplaneError::Invalid(format!("the data plane's log (AYA_LOGS): {e}")))
+    }
+
     /// Slots of the per-CPU flow cache (64 bytes each, on every possible CPU).
     pub fn flow_cache_slots(&self) -> u32 {
         self.cache_slots

@@ -48,6 +48,24 @@ pub use topology::{
     LB_BACKEND_ADDR, LB_CLIENT_ADDR, VIP,
 };
 
+/// Pins the calling thread to `cpu` (modulo the CPUs there are), so
+/// BPF_PROG_TEST_RUN runs the program on that CPU and its per-CPU state
+/// (flow-cache slots, log gates) is deterministic.
+pub fn pin_to_cpu(cpu: usize) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET within its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % n, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

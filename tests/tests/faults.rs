@@ -465,3 +465,94 @@ fn a_dead_backend_fails_only_its_own_connections_and_new_flows_avoid_it() {
         sw.log_tail()
     );
 }
+
+#[test]
+fn a_route_through_an_interface_bgswitch_is_not_on_is_reported_in_the_log() {
+    let (topo, mut sw) = setup();
+    sw.start().unwrap();
+    get_ok(&topo);
+    // Host routes to the blue backends through an interface the daemon is
+    // not attached to: the data plane rewrites, cannot forward, and says so
+    // (once a second per CPU), through the daemon's log.
+    let lb = topo.lb_ns().to_string();
+    ip(&[
+        "-n",
+        &lb,
+        "link",
+        "add",
+        "bgsdummy0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "bgsdummy1",
+    ])
+    .unwrap();
+    for dev in ["bgsdummy0", "bgsdummy1"] {
+        ip(&["-n", &lb, "link", "set", dev, "up"]).unwrap();
+    }
+    let blue: Vec<String> = topo
+        .backends_of(bgswitch_tests::Colour::Blue)
+        .map(|b| b.addr.to_string())
+        .collect();
+    for b in &blue {
+        ip(&[
+            "-n",
+            &lb,
+            "route",
+            "add",
+            &format!("{b}/32"),
+            "dev",
+            "bgsdummy0",
+        ])
+        .unwrap();
+        // With a neighbour entry (without one the stack would resolve it).
+        ip(&[
+            "-n",
+            &lb,
+            "neigh",
+            "replace",
+            b,
+            "lladdr",
+            "02:00:00:00:0e:01",
+            "dev",
+            "bgsdummy0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    let cli = topo.client_ns().to_string();
+    // Fails: the frames leave through the dummy interface.
+    let _ = http_get(&cli, web(), "/");
+    wait_log(
+        &sw,
+        "data plane: the route towards 198.18.1.1",
+        Duration::from_secs(10),
+    );
+    let line = sw
+        .log()
+        .lines()
+        .find(|l| l.contains("data plane: the route towards"))
+        .map(str::to_string)
+        .unwrap();
+    assert!(
+        line.contains("which bgswitch is not attached to") && line.contains("WARN"),
+        "{line}"
+    );
+    println!("the daemon's log: {line}");
+    // Routes back: traffic flows again.
+    for b in &blue {
+        ip(&[
+            "-n",
+            &lb,
+            "route",
+            "del",
+            &format!("{b}/32"),
+            "dev",
+            "bgsdummy0",
+        ])
+        .unwrap();
+    }
+    get_ok(&topo);
+}

@@ -1410,7 +1410,7 @@ fn fuzz_worker(seed: u64, frames: u64, with_fib: bool, cpu: usize) -> Stats {
         // One CPU, so one per-CPU flow cache: the model predicts exactly
         // (the cache is per CPU, and a thread that moved would see another
         // CPU's slots, which the data plane only promises to age out).
-        pin_to_cpu(cpu);
+        bgswitch_tests::pin_to_cpu(cpu);
         let fib = with_fib.then(|| fib_setup(ns));
         let mut rng = rng_for(seed);
         let mut stats = Stats::default();
@@ -1451,22 +1451,6 @@ fn fuzz_worker(seed: u64, frames: u64, with_fib: bool, cpu: usize) -> Stats {
         stats.elapsed = started.elapsed();
         stats
     })
-}
-
-/// Pins the calling thread to `cpu` (modulo the CPUs there are).
-fn pin_to_cpu(cpu: usize) {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET within its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % n, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {

@@ -687,6 +687,80 @@ fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
     });
 }
 
+/// Collects the data plane's log messages (aya-log records).
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<(log::Level, String)>>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((record.level(), record.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
+impl Collect {
+    fn take(&self) -> Vec<(log::Level, String)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+#[test]
+fn rare_events_reach_the_log_once_per_kind_cpu_and_second() {
+    in_scratch_ns(|ns| {
+        // One CPU: the gate is per CPU.
+        bgswitch_tests::pin_to_cpu(0);
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
+        let v1 = bgswitch::dataplane::ifindex("v1").unwrap();
+        let mut fx = Fixture::new();
+        let logs = Collect::default();
+        let mut reader = fx.dp.kernel_log(logs.clone()).unwrap();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let to_b11: Vec<SocketAddrV4> = (49000..51000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .filter(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+            .take(5)
+            .collect();
+        // Arriving on v1, leaving through v0, which bgswitch is not attached
+        // to (TX_PORTS): five new flows, one message.
+        for c in &to_b11 {
+            let (action, _, _) = fx
+                .dp
+                .test_run(&frame(*c, vip, L4::Syn, 64, b""), Some(v1), 1)
+                .unwrap();
+            assert_eq!(action, XDP_PASS);
+        }
+        reader.flush();
+        let msgs = logs.take();
+        let g = fx.dp.global_stats().unwrap();
+        let get = |n: &str| g.iter().find(|(k, _)| *k == n).unwrap().1;
+        assert_eq!(get("egress_unknown"), 5);
+        assert_eq!(msgs.len(), 1, "one message: {msgs:?}");
+        let egress = &msgs[0];
+        assert_eq!(egress.0, log::Level::Warn);
+        assert!(
+            egress.1.contains("towards 198.18.1.11")
+                && egress.1.contains(&format!("through ifindex {v0},"))
+                && egress.1.contains("egress_unknown"),
+            "{egress:?}"
+        );
+        // Within the second, more of the same stay counted, not logged.
+        let c = to_b11[0];
+        fx.dp
+            .test_run(&frame(c, vip, L4::Ack, 64, b""), Some(v1), 1)
+            .unwrap();
+        reader.flush();
+        assert_eq!(logs.take(), vec![]);
+        println!("logged: {msgs:?}");
+    });
+}
+
 #[test]
 fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
     in_scratch_ns(|ns| {
