@@ -62,6 +62,9 @@ pub enum Event {
         req: Request,
         peer: Peer,
         reply: oneshot::Sender<Response>,
+        /// Resolved once the answer is written to the client (or dropped
+        /// if it could not be).
+        written: oneshot::Receiver<()>,
     },
     Probe {
         service: String,
@@ -76,6 +79,9 @@ pub enum Event {
     Reload,
     Shutdown(&'static str),
 }
+
+/// How long the daemon waits, after a detach, for its answer to be written.
+const DETACH_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
 /// Counters at the start of a watch, to judge the error rate since, and the
 /// new-flow count sampled once a second (to know which flows are older than
@@ -434,15 +440,21 @@ impl Daemon {
         );
         while let Some(ev) = rx.recv().await {
             match ev {
-                Event::Request { req, peer, reply } => {
+                Event::Request {
+                    req,
+                    peer,
+                    reply,
+                    written,
+                } => {
                     let detach = matches!(req, Request::Detach);
                     let resp = self.handle(req, &peer);
                     let done = detach && resp.ok;
                     let _ = reply.send(resp);
                     if done {
-                        // Let the connection task write the answer before
-                        // the runtime (and the task) goes away.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        // The connection task writes the answer before the
+                        // runtime (and the task) goes away; a client that
+                        // does not read it is not waited for long.
+                        let _ = tokio::time::timeout(DETACH_ANSWER_WAIT, written).await;
                         break;
                     }
                 }

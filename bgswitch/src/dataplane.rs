@@ -156,7 +156,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     bpffs: Option<PathBuf>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    control: ControlWords,
+    control: MappedArray,
     pool_sizes: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey4, FlowEntry>,
@@ -179,7 +179,7 @@ pub struct Dataplane {
     /// Slots of this load's per-CPU flow cache.
     cache_slots: u32,
     /// The mapped `ADDR_FILTER` bitmaps.
-    addr_filter: ControlWords,
+    addr_filter: MappedArray,
     /// The mapped `FLOW_GEN` counter (shared with the netlink watcher).
     flow_gen: std::sync::Arc<GenCounter>,
 }
@@ -614,15 +614,13 @@ impl Dataplane {
             HashMap::try_from(take(names::SERVICES)?).map_err(map_err(names::SERVICES, "open"))?;
         let control_map = take(names::CONTROL)?;
         let control = match &control_map {
-            Map::Array(data) => {
-                ControlWords::map(data.fd().as_fd(), MAX_SERVICES).map_err(|e| {
-                    DataplaneError::Io {
-                        op: "mmap",
-                        path: names::CONTROL.into(),
-                        source: e,
-                    }
-                })?
-            }
+            Map::Array(data) => MappedArray::map(data.fd().as_fd(), MAX_SERVICES).map_err(|e| {
+                DataplaneError::Io {
+                    op: "mmap",
+                    path: names::CONTROL.into(),
+                    source: e,
+                }
+            })?,
             _ => return Err(DataplaneError::Invalid("CONTROL is not an array".into())),
         };
         let pool_sizes = Array::try_from(take(names::POOL_SIZES)?)
@@ -662,7 +660,7 @@ impl Dataplane {
             .map_err(map_err(names::REPLY_SOURCES, "open"))?;
         let filter_map = take(names::ADDR_FILTER)?;
         let addr_filter = match &filter_map {
-            Map::Array(data) => ControlWords::map(data.fd().as_fd(), 2 * ADDR_FILTER_WORDS)
+            Map::Array(data) => MappedArray::map(data.fd().as_fd(), 2 * ADDR_FILTER_WORDS)
                 .map_err(|e| DataplaneError::Io {
                     op: "mmap",
                     path: names::ADDR_FILTER.into(),
@@ -678,7 +676,7 @@ impl Dataplane {
         let flow_gen_map = take(names::FLOW_GEN)?;
         let flow_gen = match &flow_gen_map {
             Map::Array(data) => {
-                ControlWords::map(data.fd().as_fd(), 1).map_err(|e| DataplaneError::Io {
+                MappedArray::map(data.fd().as_fd(), 1).map_err(|e| DataplaneError::Io {
                     op: "mmap",
                     path: names::FLOW_GEN.into(),
                     source: e,
@@ -1801,25 +1799,28 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The `CONTROL` array mapped into this process: flips are single aligned
-/// 32-bit atomic stores into the kernel's memory.
-struct ControlWords {
+/// A `BPF_F_MMAPABLE` array of 8-byte slots mapped into this process, read
+/// and written through atomics: the `CONTROL` words (a flip is one aligned
+/// 32-bit atomic store into the kernel's memory), the `ADDR_FILTER` bitmaps
+/// and the `FLOW_GEN` counter.
+struct MappedArray {
     ptr: *mut u8,
     len: usize,
     entries: u32,
 }
 
 // SAFETY: the mapping is plain shared memory accessed only through atomics.
-unsafe impl Send for ControlWords {}
+unsafe impl Send for MappedArray {}
 
-/// Array maps lay elements out at a stride of the value size rounded up to 8.
-const CONTROL_STRIDE: usize = 8;
+/// Array maps lay elements out at a stride of the value size rounded up to
+/// 8; every mapped array here has values of at most 8 bytes.
+const MAPPED_STRIDE: usize = 8;
 
-impl ControlWords {
+impl MappedArray {
     fn map(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len = (entries as usize * CONTROL_STRIDE).div_ceil(page) * page;
+        let len = (entries as usize * MAPPED_STRIDE).div_ceil(page) * page;
         // SAFETY: mapping a BPF_F_MMAPABLE array map fd, shared, read-write.
         let ptr = unsafe {
             libc::mmap(
@@ -1845,7 +1846,7 @@ impl ControlWords {
         assert!(id < self.entries, "service id {id} out of range");
         // SAFETY: in bounds (checked), 8-byte aligned (page-aligned base, stride 8),
         // and the mapping lives as long as self.
-        unsafe { &*(self.ptr.add(id as usize * CONTROL_STRIDE) as *const AtomicU32) }
+        unsafe { &*(self.ptr.add(id as usize * MAPPED_STRIDE) as *const AtomicU32) }
     }
 
     fn load(&self, id: u32) -> u32 {
@@ -1858,7 +1859,7 @@ impl ControlWords {
         // SAFETY: in bounds (checked), 8-byte aligned (page-aligned base,
         // stride 8), and the mapping lives as long as self.
         unsafe {
-            &*(self.ptr.add(id as usize * CONTROL_STRIDE) as *const std::sync::atomic::AtomicU64)
+            &*(self.ptr.add(id as usize * MAPPED_STRIDE) as *const std::sync::atomic::AtomicU64)
         }
     }
 
@@ -1868,7 +1869,7 @@ impl ControlWords {
 }
 
 /// The mapped `FLOW_GEN` counter: one u64 that only userspace writes.
-struct GenCounter(ControlWords);
+struct GenCounter(MappedArray);
 
 // SAFETY: the mapping is only accessed through atomics, and unmapped once
 // (on drop of the last owner).
@@ -1890,7 +1891,7 @@ impl GenCounter {
     }
 }
 
-impl Drop for ControlWords {
+impl Drop for MappedArray {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what map() mapped.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };

@@ -195,6 +195,9 @@ async fn serve_client(
             write_bounded(&mut write, &l).await?;
             return Ok(());
         }
+        // Told once this request's answer is written (the daemon waits on it
+        // before it exits after a detach).
+        let mut written: Option<oneshot::Sender<()>> = None;
         let resp = match serde_json::from_slice::<Request>(&line) {
             Err(e) => {
                 log::warn!(
@@ -206,11 +209,14 @@ async fn serve_client(
             }
             Ok(req) => {
                 let (reply, rx) = oneshot::channel();
+                let (done, done_rx) = oneshot::channel();
+                written = Some(done);
                 if tx
                     .send(Event::Request {
                         req,
                         peer: peer.clone(),
                         reply,
+                        written: done_rx,
                     })
                     .await
                     .is_err()
@@ -224,6 +230,9 @@ async fn serve_client(
         let mut l = serde_json::to_vec(&resp)?;
         l.push(b'\n');
         write_bounded(&mut write, &l).await?;
+        if let Some(w) = written {
+            let _ = w.send(());
+        }
     }
 }
 
