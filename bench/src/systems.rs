@@ -10,7 +10,6 @@
 
 use std::{
     fs::File,
-    io::{Read as _, Write as _},
     net::SocketAddrV4,
     os::{
         fd::{AsFd as _, AsRawFd as _},
@@ -484,13 +483,4 @@ impl Drop for System {
 }
 
 /// Sends one line to HAProxy's runtime API and returns the answer.
-pub fn haproxy_api(socket: &Path, line: &str) -> Result<String> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(line.as_bytes())?;
-    s.write_all(b"\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
+pub use bgswitch_tests::soak::haproxy_api;

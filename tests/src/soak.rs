@@ -769,8 +769,9 @@ impl Drop for Haproxy {
     }
 }
 
-/// One request/answer exchange with HAProxy's runtime API.
-fn haproxy_api(socket: &Path, line: &str) -> Result<String> {
+/// One request/answer exchange with HAProxy's runtime API (also the
+/// benchmark's HAProxy switch).
+pub fn haproxy_api(socket: &Path, line: &str) -> Result<String> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
