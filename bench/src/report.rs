@@ -55,28 +55,68 @@ redirect ({part_devmap_redirect} ns alone in the component table).
 6. **Address bitmaps** in front of the slow path: a packet whose destination is no VIP and whose
    source is no backend (the host's own traffic) skips the flow-table, `SERVICES` and
    `REPLY_SOURCES` lookups after one inlined array read each (the non-VIP row of part 1).
+7. **The flow cache in a plain array** (one region per CPU id, indexed with the inlined
+   `bpf_get_smp_processor_id`) instead of a per-CPU array. A profile of the forwarding pipeline
+   with a new flow in every packet (`perf record`, sample addresses mapped onto the JIT image read
+   with BPF_OBJ_GET_INFO_BY_FD) put two of the program's hottest instructions on one cold slot:
+   a per-CPU array's inlined lookup first loads the slot's per-CPU pointer from a table of its
+   own (8 B × 65 536 slots), then the slot — two dependent cache misses where an array has one.
+   In an interleaved A/B of the two builds (`--spin-fwd`), a new flow in every packet went from
+   0.79–0.81 to 0.84–0.87 Mpps, 1 000 000 flows from 1.26–1.29 to 1.35–1.45 Mpps; established
+   packets are unchanged (28 ns over XDP_PASS for both builds, `--spin established`).
+8. **A SYN never reads its cache slot** (it cannot use it, and for a new flow it is cold memory):
+   the packet's own conditions are checked before the slot's. Cold new flow in part 1 of an
+   interleaved pair of runs: 911 → 859 ns.
 
 Measured but not adopted: `BPF_F_NO_COMMON_LRU` makes an LRU update slower here
-({part_lru16_update_pcpu} ns against {part_lru16_update} ns).
+({part_lru16_update_pcpu} ns against {part_lru16_update} ns), and cold new flows too (interleaved
+`--spin newflow`: 1 340–1 357 ns with the common LRU, 1 464–1 575 ns with per-CPU lists;
+`--spin-fwd new`: 0.81–0.88 against 0.80–0.85 Mpps).
+
+The data plane's own log (aya-log, this round) adds nothing to the established path: its calls
+sit on the rare branches only (no usable route, an egress interface bgswitch is not attached to,
+a flow not recorded, an empty pool), behind a per-CPU once-a-second gate.
 
 The previous round (on the data plane of commit 9d96570) removed a byte-loop `memset` of the FIB
 parameters ({part_fib_zeroed - part_fib_words} ns), looked up `FLOWS` before `SERVICES`, and shrank
 the flow key to 16 B (IPv4 in its own table).
 
-**New flows.** A new flow makes one LRU insert ({part_lru16_update} ns here), two `SERVICES` lookups
-(the VIP, and the spoofing guard on the source; {part_hash20} ns each) and one `bpf_fib_lookup`
-({part_fib_words} ns): the 80-ns target is below the cost of the insert alone and is not reachable
-with a kernel LRU table. The table is full in steady state (entries age out by eviction), so in
-the forwarding pipeline every new flow also evicts; part 2's "a new flow in every packet" row is
-what a SYN flood or heavy churn costs per core. What would go further: a flow table of our own
-in an array map (inlined reads and writes, no helper call; eviction and concurrent writers
-handled by the program), and a cheaper spoofing guard (a bitmap of VIP addresses in front of the
-`SERVICES` lookup).
+**New flows.** A new flow makes one LRU insert ({part_lru16_update} ns here when warm), one
+`SERVICES` lookup ({part_hash20} ns; the spoofing guard on the source is looked up only for a
+source in the VIP bitmap) and one `bpf_fib_lookup` ({part_fib_words} ns). Cold, as a new flow is,
+it costs far more: a profile of `bgswitch-bench --spin newflow` (a fresh 5-tuple's SYN per
+BPF_PROG_TEST_RUN call, the table filling up) puts 36 % of the program's time (with the helpers
+it calls) in the LRU update (27 % in `bpf_lru_pop_free` alone: taking a free node, or evicting
+when full), 31 % in the `FLOWS` lookup that misses (`lookup_nulls_elem_raw`: a cold bucket and a
+cold node), 14 % in the FIB lookup and 17 % in the program itself. A cache miss costs 150–250 ns
+on this VM (nested paging), and a new flow's table memory is cold by nature: the 80-ns target is
+below the cost of one such miss, so no design that writes per-flow state can meet it here. The
+table is full in steady state (entries age out by eviction), so in the forwarding pipeline every
+new flow also evicts; part 2's "a new flow in every packet" row is what a SYN flood or heavy churn
+costs per core.
+
+What would meet the 80-ns and the flatness targets is a path with no per-flow memory at all, the
+issue's "stateless fast path outside transitions". What it needs, as far as this round got in
+designing it (not built): (a) TCP only — outside a transition, a flow's backend is the hash of its
+5-tuple over the active pool, nothing is recorded; after a flip or any pool change, a SYN is
+recorded as now, and a packet without SYN and without a record belongs to a connection opened
+before, so it goes to the pool of the last stateless period (kept in its own slot) and is
+recorded then. UDP has no SYN to tell an old flow from a new one, so UDP services keep the
+table. (b) The daemon ends a transition only when no record disagrees with the stateless choice
+and no old connection has been seen for the TCP idle timeout — old connections that stay silent
+longer would move, where today they keep their record until evicted. (c) Live-flow counts,
+`--wait-drained` and the error signal would count only recorded flows, so they would read from
+the counters and the orphan records instead of the table. (d) A next hop per backend instead of
+per flow (a FIB lookup per packet would cost {part_fib_words} ns), valid only while the host has
+no source-based routing rules, which the daemon would have to check. Each of these changes a
+guarantee the suite tests today; it is the next round's design question, not a tweak.
 
 **Many flows.** With 10 000 flows the per-CPU cache holds them all, but its slots, like the
 `FLOWS` buckets, are spread over memory that misses the CPU caches and (in this VM, with nested
-paging) the TLB; beyond 65 536 flows per CPU most packets take the `FLOWS` path and refill a
-slot. Cost is therefore not flat from 1 to 1 000 000 flows (part 5); the bucket walk of a large
+paging) the TLB: in a profile of the 10 000-flow pipeline nearly all of the program's time over
+the 1-flow case sits on one instruction, the load of the slot's key (one cold line per packet,
+the generator cycling through the flows). Beyond 65 536 flows per CPU most packets take the
+`FLOWS` path and refill a slot. Cost is therefore not flat from 1 to 1 000 000 flows (part 5); the bucket walk of a large
 `FLOWS` table (`lookup_nulls_elem_raw`, 34–41 % of CPU samples with 10 000 or more flows in the
 previous round's profile) is the dominant cost at that end. Size `max_flows` to the expected
 working set: a table far larger than the live flows costs misses on every new lookup.
@@ -90,20 +130,23 @@ dispatcher image and waits for an RCU grace period on every call (~20 ms here), 
 keeps the measured programs attached to an idle veth in its scratch namespace. Identity rewrite
 with TTL 255 and repeat 200 makes every timed run take the full path (checked with repeat 1
 first); new flows use a fresh 5-tuple per call, cold. This machine is shared and has fast and slow phases:
-the same code measured 26 ns for the established packet in the run below and 44–47 ns in
+the same code measured 26 ns for the established packet in one full run and 44–47 ns in
 other runs of the same hour (with an XDP_PASS baseline of 21–22 ns against 26–28 ns), and the
-10 000-flow rate 2.4 to 3.2 Mpps; compare within one run only.
+10 000-flow rate 2.4 to 3.6 Mpps; compare within one run only, and check a change with an
+interleaved A/B of two builds (`--spin`, `--spin-fwd`) rather than across runs.
 
 **Flip.** A flip is a whole process (about {bgswitch_version_ms} ms to spawn a `bgswitch` that does
-nothing, in this run), the durable writes (`state.json` written whole — it keeps the last 100
-changes with before/after snapshots — then fsync, rename, directory fsync, journal append and
+nothing, in this run), the durable writes (`state.json` written whole — it keeps the last 16
+changes of each service with before/after snapshots — then fsync, rename, directory fsync, journal append and
 fdatasync: about {durable_write_ms} ms on this machine, whose `/run` is on the ext4 root disk, not a
 tmpfs), and the daemon's work in between; a profile of the daemon during flips is dominated by
 malloc/free (serialising the state) and the virtio disk kicks of the fsyncs. Under client load
 the two CPUs are shared with the prober, the keep-alive clients and the servers. Proposal: keep
 the history in the journal only (append-only, already fsynced) and `state.json` to the current
-state, so each flip serialises and rewrites a few hundred bytes instead of the last 100 changes;
-the order of durable writes, and so "state before data plane", stays as it is."#;
+state, so each flip serialises and rewrites a few hundred bytes instead of the last changes;
+the order of durable writes, and so "state before data plane", stays as it is. Measured and not
+worth it: running the journal's fdatasync alongside the state file's fsync (two threads) saved
+nothing on this disk (0.64–0.70 ms for the sequence either way)."#;
 
 fn f(v: &Value) -> Option<f64> {
     v.as_f64()
