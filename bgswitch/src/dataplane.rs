@@ -1563,7 +1563,7 @@ impl Dataplane {
     /// Bursts are folded: at most one bump per 10 ms after the first. The
     /// thread ends after this data plane is dropped.
     pub fn watch_kernel_changes(&self) -> io::Result<()> {
-        let sock = netlink::RouteEvents::open()?;
+        let mut sock = netlink::RouteEvents::open()?;
         let gen = std::sync::Arc::downgrade(&self.flow_gen);
         std::thread::Builder::new()
             .name("bgswitch-netlink".into())

@@ -883,6 +883,34 @@ fn route_and_neighbour_changes_reach_open_flows_at_once_through_netlink() {
             "neighbour change reached the open flow {seen:?} after `ip neigh replace` (refresh: {} ms)",
             bgswitch_common::REFRESH_MS
         );
+        // A neighbour that only changes state (REACHABLE, STALE, … as ARP
+        // does all the time on a busy host) with the same address moves no
+        // next hop: no bump, so the flow caches stay warm.
+        let gen = fx.dp.flow_gen();
+        for i in 0..40 {
+            let state = ["probe", "delay", "reachable", "stale"][i % 4];
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                "198.18.1.11",
+                "lladdr",
+                "02:00:00:00:02:22",
+                "dev",
+                "v0",
+                "nud",
+                state,
+            ])
+            .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            fx.dp.flow_gen(),
+            gen,
+            "neighbour state changes with the same address bump nothing"
+        );
+        assert_eq!(mac_of(&mut fx, L4::Ack), [2, 0, 0, 0, 2, 0x22]);
         // A route change too: with the route gone, the flow's packets go to
         // the stack at once.
         let gen = fx.dp.flow_gen();
