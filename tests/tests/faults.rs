@@ -537,7 +537,9 @@ fn a_route_through_an_interface_bgswitch_is_not_on_is_reported_in_the_log() {
         .map(str::to_string)
         .unwrap();
     assert!(
-        line.contains("which bgswitch is not attached to") && line.contains("WARN"),
+        line.contains("which bgswitch is not attached to")
+            && line.contains("(bgsdummy0)")
+            && line.contains("WARN"),
         "{line}"
     );
     println!("the daemon's log: {line}");
