@@ -76,7 +76,10 @@ redirect ({part_devmap_redirect} ns alone in the component table).
 Measured but not adopted: `BPF_F_NO_COMMON_LRU` makes an LRU update slower here
 ({part_lru16_update_pcpu} ns against {part_lru16_update} ns), and cold new flows too (interleaved
 `--spin newflow`: 1 340–1 357 ns with the common LRU, 1 464–1 575 ns with per-CPU lists;
-`--spin-fwd new`: 0.81–0.88 against 0.80–0.85 Mpps).
+`--spin-fwd new`: 0.81–0.88 against 0.80–0.85 Mpps); and a flow cache sixteen times larger
+(up to 2^20 slots per CPU, so that 1 000 000 flows on this 2-CPU machine would fit): 1.37–1.48
+→ 1.46–1.50 Mpps with 1 000 000 flows, too little for 64 MiB per CPU — a direct-mapped cache
+at one flow per slot holds only about 1/e of them, and each hit is still a cold line.
 
 The data plane's own log (aya-log, this round) adds nothing to the established path: its calls
 sit on the rare branches only (no usable route, an egress interface bgswitch is not attached to,
