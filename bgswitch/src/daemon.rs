@@ -1239,12 +1239,16 @@ impl Daemon {
                 fallback_reason: a.fallback_reason,
             })
             .collect();
-        let counters = self
+        let mut counters: std::collections::BTreeMap<String, u64> = self
             .dataplane
             .global_stats()?
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
+        // How often every kept next hop and flow-cache slot was invalidated
+        // (route, neighbour or link changes, flow deletions): pinned, so
+        // monotonic across restarts like the kernel's counters.
+        counters.insert("cache_invalidations".to_string(), self.dataplane.flow_gen());
         Ok(api::Status {
             services,
             interfaces,

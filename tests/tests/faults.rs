@@ -475,6 +475,9 @@ fn a_route_through_an_interface_bgswitch_is_not_on_is_reported_in_the_log() {
     // not attached to: the data plane rewrites, cannot forward, and says so
     // (once a second per CPU), through the daemon's log.
     let lb = topo.lb_ns().to_string();
+    let invalidations =
+        |sw: &Switcher| sw.status().unwrap()["counters"]["cache_invalidations"].as_u64();
+    let before = invalidations(&sw).expect("status counts cache invalidations");
     ip(&[
         "-n",
         &lb,
@@ -543,6 +546,11 @@ fn a_route_through_an_interface_bgswitch_is_not_on_is_reported_in_the_log() {
         "{line}"
     );
     println!("the daemon's log: {line}");
+    let after = invalidations(&sw).unwrap();
+    assert!(
+        after > before,
+        "the new link and routes invalidated the kept next hops: {before} -> {after}"
+    );
     // Routes back: traffic flows again.
     for b in &blue {
         ip(&[

@@ -487,6 +487,7 @@ fn the_metrics_endpoint_serves_the_documented_series() {
         "bgswitch_rollbacks_total{service=\"web\"} 0",
         "bgswitch_generation{service=\"web\"} 2",
         "bgswitch_xdp_events_total{event=\"malformed\"} 0",
+        "bgswitch_xdp_events_total{event=\"cache_invalidations\"}",
         "bgswitch_interface_attached{interface=\"lbc\",mode=\"native\"} 1",
         "# TYPE bgswitch_packets counter",
         "# EOF",
