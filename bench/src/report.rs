@@ -83,7 +83,7 @@ at one flow per slot holds only about 1/e of them, and each hit is still a cold 
 
 The data plane's own log (aya-log, this round) adds nothing to the established path: its calls
 sit on the rare branches only (no usable route, an egress interface bgswitch is not attached to,
-a flow not recorded, an empty pool), behind a per-CPU once-a-second gate.
+a flow not recorded, an empty pool), behind a once-a-second gate per kind.
 
 The previous round (on the data plane of commit 9d96570) removed a byte-loop `memset` of the FIB
 parameters ({part_fib_zeroed - part_fib_words} ns), looked up `FLOWS` before `SERVICES`, and shrank

@@ -61,9 +61,9 @@ pub static REPLY_SOURCES: HashMap<ServiceKey, ReplySource> =
     HashMap::with_max_entries(BACKEND_STAT_ENTRIES, 0);
 
 /// When each kind of logged event (a `global` counter index) was last
-/// logged on this CPU, in ticks (see `events::gate`).
+/// logged, in ticks, shared by all CPUs (see `events::gate`).
 #[map]
-pub static LOG_GATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::COUNT, 0);
+pub static LOG_GATE: Array<u64> = Array::with_max_entries(global::COUNT, 0);
 
 /// Timeouts, one entry.
 #[map]

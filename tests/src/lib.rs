@@ -48,15 +48,33 @@ pub use topology::{
     LB_BACKEND_ADDR, LB_CLIENT_ADDR, VIP,
 };
 
-/// Pins the calling thread to `cpu` (modulo the CPUs there are), so
-/// BPF_PROG_TEST_RUN runs the program on that CPU and its per-CPU state
-/// (flow-cache slots, log gates) is deterministic.
+/// Pins the calling thread to the `cpu`-th CPU it may run on (modulo their
+/// number), so BPF_PROG_TEST_RUN runs the program on that CPU and its
+/// per-CPU state (flow-cache slots) is deterministic. The CPUs are those of
+/// the affinity the first caller had (before any pin narrowed it).
 pub fn pin_to_cpu(cpu: usize) {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    let allowed = ALLOWED.get_or_init(|| {
+        // SAFETY: a zeroed cpu_set_t is valid.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sched_getaffinity fills a set of the size it is given.
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: i is below CPU_SETSIZE.
+            .filter(|&i| rc == 0 && unsafe { libc::CPU_ISSET(i, &set) })
+            .collect();
+        if cpus.is_empty() {
+            vec![0]
+        } else {
+            cpus
+        }
+    });
+    let target = allowed[cpu % allowed.len()];
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET within its size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % n, &mut set);
+        libc::CPU_SET(target, &mut set);
         assert_eq!(
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
             0,
