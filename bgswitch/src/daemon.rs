@@ -78,6 +78,23 @@ pub enum Event {
     },
     Reload,
     Shutdown(&'static str),
+    /// A flow-table scan (run off the loop) is done; its waiters get their
+    /// status now.
+    FlowsCounted {
+        counts: std::io::Result<HashMap<(u32, Colour), dataplane::FlowCounts>>,
+        waiters: Vec<StatusWaiter>,
+    },
+}
+
+/// A status answer that waits for a flow-table scan.
+pub enum StatusWaiter {
+    Status {
+        only: Option<String>,
+        reply: oneshot::Sender<Response>,
+    },
+    Scrape {
+        reply: oneshot::Sender<anyhow::Result<String>>,
+    },
 }
 
 /// How long the daemon waits, after a detach, for its answer to be written.
@@ -113,6 +130,10 @@ pub struct Daemon {
     baselines: HashMap<String, Baseline>,
     tx: Option<mpsc::Sender<Event>>,
     ticks: u64,
+    /// Whether a flow-table scan runs (off the loop), and who waits for the
+    /// next one: every answer comes from a scan begun after its request.
+    scan_running: bool,
+    scan_waiting: Vec<StatusWaiter>,
     _lock: File,
 }
 
@@ -179,6 +200,17 @@ async fn kernel_log_loop(mut fd: tokio::io::unix::AsyncFd<aya_log::EbpfLogger<Ke
         };
         ready.get_inner_mut().flush();
         ready.clear_ready();
+    }
+}
+
+fn status_response(status: anyhow::Result<api::Status>) -> Response {
+    match status {
+        Ok(status) => Response {
+            ok: true,
+            status: Some(status),
+            ..Response::default()
+        },
+        Err(e) => Response::error(format!("{e:#}")),
     }
 }
 
@@ -278,6 +310,8 @@ impl Daemon {
             baselines: HashMap::new(),
             tx: None,
             ticks: 0,
+            scan_running: false,
+            scan_waiting: Vec::new(),
             _lock: lock,
         };
         daemon.apply_config()?;
@@ -486,6 +520,21 @@ impl Daemon {
         while let Some(ev) = rx.recv().await {
             match ev {
                 Event::Request {
+                    req: Request::Status { service },
+                    peer,
+                    reply,
+                    written: _,
+                } if service
+                    .as_deref()
+                    .is_none_or(|n| self.state.service(n).is_ok()) =>
+                {
+                    log::debug!("{} (pid {:?}): status {service:?}", peer.user, peer.pid);
+                    self.status_request(StatusWaiter::Status {
+                        only: service,
+                        reply,
+                    });
+                }
+                Event::Request {
                     req,
                     peer,
                     reply,
@@ -510,9 +559,8 @@ impl Daemon {
                     result,
                 } => self.on_probe(&service, colour, index, result),
                 Event::Tick => self.on_tick(),
-                Event::Scrape { reply } => {
-                    let _ = reply.send(self.collect_status(None).map(|s| metrics::render(&s)));
-                }
+                Event::Scrape { reply } => self.status_request(StatusWaiter::Scrape { reply }),
+                Event::FlowsCounted { counts, waiters } => self.flows_counted(counts, waiters),
                 Event::Reload => {
                     let r = self.reload();
                     if !r.ok {
@@ -1141,13 +1189,79 @@ impl Daemon {
     }
 
     fn status(&self, only: Option<&str>) -> Response {
-        match self.collect_status(only) {
-            Ok(status) => Response {
-                ok: true,
-                status: Some(status),
-                ..Response::default()
-            },
-            Err(e) => Response::error(format!("{e:#}")),
+        status_response(self.collect_status(only))
+    }
+
+    /// Live-flow counts need the whole flow table read, which takes long
+    /// with a large table (hundreds of ms for a million flows): it runs on a
+    /// blocking thread, so flips and other requests are not held up. One
+    /// scan at a time; requests arriving meanwhile wait for the next one.
+    fn status_request(&mut self, w: StatusWaiter) {
+        if self.scan_running {
+            self.scan_waiting.push(w);
+        } else {
+            self.start_scan(vec![w]);
+        }
+    }
+
+    fn start_scan(&mut self, waiters: Vec<StatusWaiter>) {
+        let (udp, tcp) = (self.config.udp_idle_timeout, self.config.tcp_idle_timeout);
+        let (Some(tx), Ok(scan)) = (self.tx.clone(), self.dataplane.flow_scan(udp, tcp)) else {
+            // No loop to come back to, or the clock or descriptor failed:
+            // count here.
+            let counts = self.dataplane.flow_counts(udp, tcp).map_err(Into::into);
+            return self.answer_status(counts, waiters);
+        };
+        self.scan_running = true;
+        tokio::spawn(async move {
+            let counts = tokio::task::spawn_blocking(move || scan.count())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let _ = tx.send(Event::FlowsCounted { counts, waiters }).await;
+        });
+    }
+
+    fn flows_counted(
+        &mut self,
+        counts: std::io::Result<HashMap<(u32, Colour), dataplane::FlowCounts>>,
+        waiters: Vec<StatusWaiter>,
+    ) {
+        self.scan_running = false;
+        let counts = match counts {
+            Ok(c) => Ok(c),
+            // A kernel without batch reads of this map: entry by entry, here.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
+                self.dataplane
+                    .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)
+                    .map_err(Into::into)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("reading the flow table")),
+        };
+        self.answer_status(counts, waiters);
+        if !self.scan_waiting.is_empty() {
+            let next = std::mem::take(&mut self.scan_waiting);
+            self.start_scan(next);
+        }
+    }
+
+    fn answer_status(
+        &self,
+        counts: anyhow::Result<HashMap<(u32, Colour), dataplane::FlowCounts>>,
+        waiters: Vec<StatusWaiter>,
+    ) {
+        for w in waiters {
+            let status = |only: Option<&str>| match &counts {
+                Ok(c) => self.collect_status_with(only, c),
+                Err(e) => Err(anyhow::anyhow!("{e:#}")),
+            };
+            match w {
+                StatusWaiter::Status { only, reply } => {
+                    let _ = reply.send(status_response(status(only.as_deref())));
+                }
+                StatusWaiter::Scrape { reply } => {
+                    let _ = reply.send(status(None).map(|s| metrics::render(&s)));
+                }
+            }
         }
     }
 
@@ -1158,6 +1272,17 @@ impl Daemon {
         let flows = self
             .dataplane
             .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)?;
+        self.collect_status_with(only, &flows)
+    }
+
+    fn collect_status_with(
+        &self,
+        only: Option<&str>,
+        flows: &HashMap<(u32, Colour), dataplane::FlowCounts>,
+    ) -> anyhow::Result<api::Status> {
+        if let Some(name) = only {
+            self.state.service(name)?;
+        }
         let mut services = Vec::new();
         for svc in &self.config.services {
             if only.is_some_and(|n| n != svc.name) {

@@ -565,6 +565,67 @@ pub struct FlowCounts {
 /// A TCP SYN unanswered for this long counts as an error.
 pub const SYN_TIMEOUT_S: u64 = 2;
 
+/// Live-flow counting, by service and colour, as of one moment (`now`, in
+/// kernel ticks); see `Dataplane::flow_scan`.
+pub struct FlowScan {
+    fd: Option<std::os::fd::OwnedFd>,
+    now: u64,
+    udp_idle: u64,
+    tcp_idle: u64,
+    syn_timeout: u64,
+}
+
+impl FlowScan {
+    /// Reads the whole flow table (batches) and counts it; for another
+    /// thread.
+    pub fn count(&self) -> io::Result<StdHashMap<(u32, Colour), FlowCounts>> {
+        let fd = self
+            .fd
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no flow table descriptor"))?;
+        Ok(self.count_entries(lookup_batch::<FlowKey4, FlowEntry>(fd.as_fd())?))
+    }
+
+    fn count_entries(
+        &self,
+        entries: Vec<(FlowKey4, FlowEntry)>,
+    ) -> StdHashMap<(u32, Colour), FlowCounts> {
+        let now = self.now;
+        let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
+        for (key, e) in entries {
+            let c = out
+                .entry((e.service, Colour::from_index(e.colour as u32)))
+                .or_default();
+            c.recorded += 1;
+            if e.flags & flow_flags::PREVIEW != 0 {
+                c.preview += 1;
+            }
+            // A flow created after `now` was read (the scan runs a little
+            // later) is young, not four billion ticks old.
+            let age = ((now as u32).wrapping_sub(e.created) as i32).max(0) as u64;
+            if key.proto == bgswitch_common::PROTO_TCP
+                && e.flags & (flow_flags::ESTABLISHED | flow_flags::RST) == 0
+                && age >= self.syn_timeout
+            {
+                c.unanswered += 1;
+            }
+            let idle = now.saturating_sub(e.last_seen);
+            let live = if key.proto == bgswitch_common::PROTO_UDP {
+                idle <= self.udp_idle
+            } else {
+                let closed = e.flags & flow_flags::RST != 0
+                    || e.flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
+                        == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND);
+                !closed && idle <= self.tcp_idle
+            };
+            if live {
+                c.live += 1;
+            }
+        }
+        out
+    }
+}
+
 impl Dataplane {
     /// Loads the XDP program and its maps (adopting pinned maps when a pin
     /// root is given).
@@ -1458,38 +1519,32 @@ impl Dataplane {
         udp_idle: Duration,
         tcp_idle: Duration,
     ) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
-        let now = self.jiffies()?;
-        let (udp_idle, tcp_idle) = (self.clock.ticks(udp_idle), self.clock.ticks(tcp_idle));
-        let syn_timeout = SYN_TIMEOUT_S * self.clock.hz;
-        let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
-        for (key, e) in self.flow_entries()? {
-            let c = out
-                .entry((e.service, Colour::from_index(e.colour as u32)))
-                .or_default();
-            c.recorded += 1;
-            if e.flags & flow_flags::PREVIEW != 0 {
-                c.preview += 1;
-            }
-            if key.proto == bgswitch_common::PROTO_TCP
-                && e.flags & (flow_flags::ESTABLISHED | flow_flags::RST) == 0
-                && u64::from((now as u32).wrapping_sub(e.created)) >= syn_timeout
-            {
-                c.unanswered += 1;
-            }
-            let idle = now.saturating_sub(e.last_seen);
-            let live = if key.proto == bgswitch_common::PROTO_UDP {
-                idle <= udp_idle
-            } else {
-                let closed = e.flags & flow_flags::RST != 0
-                    || e.flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
-                        == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND);
-                !closed && idle <= tcp_idle
-            };
-            if live {
-                c.live += 1;
-            }
-        }
-        Ok(out)
+        let scan = self.scan_params(udp_idle, tcp_idle)?;
+        Ok(scan.count_entries(self.flow_entries()?))
+    }
+
+    /// The same count, prepared to run on another thread (the daemon's
+    /// event loop must not wait for a large table): a duplicate of the
+    /// table's descriptor and the clock read now. `FlowScan::count` reads
+    /// the table in batches only; where the kernel refuses batches it says
+    /// so (`EINVAL`/`ENOTSUPP`) and `flow_counts` is the way.
+    pub fn flow_scan(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowScan> {
+        let mut scan = self.scan_params(udp_idle, tcp_idle)?;
+        scan.fd = Some(self.flows_fd.try_clone().map_err(io_err(
+            "duplicating the descriptor of",
+            Path::new(names::FLOWS),
+        ))?);
+        Ok(scan)
+    }
+
+    fn scan_params(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowScan> {
+        Ok(FlowScan {
+            fd: None,
+            now: self.jiffies()?,
+            udp_idle: self.clock.ticks(udp_idle),
+            tcp_idle: self.clock.ticks(tcp_idle),
+            syn_timeout: SYN_TIMEOUT_S * self.clock.hz,
+        })
     }
 
     /// Every entry of the flow table: read in batches (BPF_MAP_LOOKUP_BATCH,

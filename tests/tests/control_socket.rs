@@ -896,3 +896,112 @@ fn clients_that_never_read_are_cut_off_like_clients_that_never_write() {
         out.stderr
     );
 }
+
+/// Fills the daemon's pinned flow table with `n` entries of a service id no
+/// configured service has (they never match traffic) through
+/// BPF_MAP_UPDATE_BATCH, so that a status must read a large table.
+fn fill_flow_table(sw: &Switcher, n: u32) {
+    use bgswitch_common::{FlowEntry, FlowKey4};
+    let path = bgswitch::paths::map_pin(&sw.bpffs(), bgswitch_common::maps::FLOWS);
+    let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut attr = [0u64; 16];
+    attr[0] = cpath.as_ptr() as u64;
+    // SAFETY: a bpf(2) call with an attribute buffer of 128 bytes.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), 128) };
+    assert!(
+        fd >= 0,
+        "BPF_OBJ_GET {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    const CHUNK: u32 = 65_536;
+    let mut done = 0;
+    while done < n {
+        let count = CHUNK.min(n - done);
+        let keys: Vec<FlowKey4> = (done..done + count)
+            .map(|i| FlowKey4 {
+                src: (0xC613_0000u32 + i).to_be(),
+                dst: 0x0a00_0001u32.to_be(),
+                sport: 1234u16.to_be(),
+                dport: 80u16.to_be(),
+                proto: 6,
+                ..Default::default()
+            })
+            .collect();
+        let values: Vec<FlowEntry> = (0..count)
+            .map(|_| FlowEntry {
+                service: 200,
+                ..Default::default()
+            })
+            .collect();
+        // BPF_MAP_UPDATE_BATCH: in_batch, out_batch, keys, values, count,
+        // map_fd, elem_flags, flags.
+        let mut attr = [0u64; 16];
+        attr[2] = keys.as_ptr() as u64;
+        attr[3] = values.as_ptr() as u64;
+        attr[4] = u64::from(count) | (fd as u64) << 32;
+        // SAFETY: keys and values hold `count` entries each.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, 26, attr.as_mut_ptr(), 128) };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_MAP_UPDATE_BATCH: {}",
+            std::io::Error::last_os_error()
+        );
+        done += count;
+    }
+    // SAFETY: closing the descriptor BPF_OBJ_GET gave us.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn a_status_reading_a_large_flow_table_does_not_hold_up_a_flip() {
+    require_root();
+    let mut topo = Topology::create(TopologyOptions {
+        tx_csum_off: true,
+        ..TopologyOptions::default()
+    })
+    .expect("topology");
+    topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
+    let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
+    let text = sw.config_text(&default_services(&topo));
+    assert!(text.contains("max_flows = 65536"));
+    sw.write_config(&text.replace("max_flows = 65536", "max_flows = 1048576"))
+        .unwrap();
+    sw.start().expect("daemon starts");
+    let filled = Instant::now();
+    fill_flow_table(&sw, 1_000_000);
+    let filled = filled.elapsed();
+    let before = snapshot(&sw);
+
+    // A status request (counting live flows reads the whole table), then a
+    // flip at once: the flip is answered while the table is still being
+    // read, so the status's answer is not there yet when the flip returns.
+    let mut status = connect(&sw);
+    status.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+    let t = Instant::now();
+    let out = sw.cli_ok(&["flip", "web"]).unwrap();
+    let flip_took = t.elapsed();
+    status.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1];
+    let early = (&status).read(&mut buf);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "the status answer was there before the flip returned ({early:?}): the flip waited \
+         for the flow-table read"
+    );
+    status.set_nonblocking(false).unwrap();
+    status
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let answer = read_one(&mut BufReader::new(&status)).expect("the status answer");
+    let status_took = t.elapsed();
+    assert!(response(&answer).0, "{answer}");
+    let after = snapshot(&sw);
+    assert_eq!(after[0].2, before[0].2 + 1, "the flip happened: {out:?}");
+    println!(
+        "1 000 000 flows written in {filled:?}; a flip during a status answered in {flip_took:?}, \
+         the status in {status_took:?}"
+    );
+}
