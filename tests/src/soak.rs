@@ -390,7 +390,9 @@ fn udp_stream(ns: &str, stop: Arc<AtomicBool>, pause: Duration) -> Result<JoinHa
                     Err(e)
                         if matches!(
                             e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
                         ) => {}
                     Err(e) => odd.push(format!("recv: {e}")),
                 }
@@ -454,7 +456,13 @@ fn udp_new_flows(ns: String, stop: Arc<AtomicBool>, pause: Duration) -> Vec<NewU
                 port = s.local_addr().map_or(0, |a| a.port());
                 let mut buf = [0u8; 512];
                 s.send_to(b"new", addr)
-                    .and_then(|_| s.recv(&mut buf))
+                    .and_then(|_| loop {
+                        // EINTR after a stop/continue is no answer (signal(7)).
+                        match s.recv(&mut buf) {
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            r => break r,
+                        }
+                    })
                     .map_err(|e| format!("new UDP flow: {e}"))
                     .and_then(|n| {
                         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
