@@ -254,16 +254,9 @@ impl UdpClient {
         self.drain().with_context(context)?;
         self.socket.send_to(payload, addr).with_context(context)?;
         let mut buf = vec![0u8; 65536];
-        // A receive with a timeout returns EINTR when the process is
-        // stopped and continued (signal(7)): not an answer, wait again.
-        let (len, from) = loop {
-            match self.socket.recv_from(&mut buf) {
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                r => break r,
-            }
-        }
-        .map_err(|err| explain_timeout(err, self.timeout))
-        .with_context(|| format!("{}: waiting for the reply", context()))?;
+        let (len, from) = crate::retry_eintr(|| self.socket.recv_from(&mut buf))
+            .map_err(|err| explain_timeout(err, self.timeout))
+            .with_context(|| format!("{}: waiting for the reply", context()))?;
         Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
     }
 

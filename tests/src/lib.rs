@@ -48,6 +48,18 @@ pub use topology::{
     LB_BACKEND_ADDR, LB_CLIENT_ADDR, VIP,
 };
 
+/// Runs a blocking socket call again when it returns EINTR: a call with a
+/// timeout (SO_RCVTIMEO) does so when the process is stopped and continued
+/// (signal(7)), which says nothing about the peer.
+pub fn retry_eintr<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// Pins the calling thread to the `cpu`-th CPU it may run on (modulo their
 /// number), so BPF_PROG_TEST_RUN runs the program on that CPU and its
 /// per-CPU state (flow-cache slots) is deterministic. The CPUs are those of

@@ -456,13 +456,7 @@ fn udp_new_flows(ns: String, stop: Arc<AtomicBool>, pause: Duration) -> Vec<NewU
                 port = s.local_addr().map_or(0, |a| a.port());
                 let mut buf = [0u8; 512];
                 s.send_to(b"new", addr)
-                    .and_then(|_| loop {
-                        // EINTR after a stop/continue is no answer (signal(7)).
-                        match s.recv(&mut buf) {
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            r => break r,
-                        }
-                    })
+                    .and_then(|_| crate::retry_eintr(|| s.recv(&mut buf)))
                     .map_err(|e| format!("new UDP flow: {e}"))
                     .and_then(|n| {
                         let text = String::from_utf8_lossy(&buf[..n]).into_owned();

@@ -548,14 +548,7 @@ fn stalled_slow_and_non_reading_clients_do_not_block_others() {
         s.set_read_timeout(Some(DAEMON_REQUEST_TIMEOUT + Duration::from_secs(5)))
             .unwrap();
         let mut buf = [0u8; 256];
-        // A read with a timeout set returns EINTR when the process is
-        // stopped and continued (signal(7)); that is no answer: read again.
-        let n = loop {
-            match (&*s).read(&mut buf) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                n => break n,
-            }
-        };
+        let n = bgswitch_tests::retry_eintr(|| (&*s).read(&mut buf));
         let at = t0.elapsed();
         assert!(
             matches!(n, Ok(0)) || matches!(&n, Err(e) if e.kind() == ErrorKind::ConnectionReset),
