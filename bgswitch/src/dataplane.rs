@@ -565,27 +565,31 @@ pub struct FlowCounts {
 /// A TCP SYN unanswered for this long counts as an error.
 pub const SYN_TIMEOUT_S: u64 = 2;
 
-/// Live-flow counting, by service and colour, as of one moment (`now`, in
-/// kernel ticks); see `Dataplane::flow_scan`.
+/// A flow-table read prepared on the daemon's loop, to run on another
+/// thread (see `Dataplane::flow_scan`).
 pub struct FlowScan {
-    fd: Option<std::os::fd::OwnedFd>,
+    fd: std::os::fd::OwnedFd,
+    rules: FlowRules,
+}
+
+impl FlowScan {
+    /// Reads the whole flow table (batches) and counts it.
+    pub fn count(&self) -> io::Result<StdHashMap<(u32, Colour), FlowCounts>> {
+        let entries = lookup_batch::<FlowKey4, FlowEntry>(self.fd.as_fd())?;
+        Ok(self.rules.count_entries(entries))
+    }
+}
+
+/// What makes a flow live, unanswered or idle as of one moment (`now`), all
+/// in kernel ticks.
+struct FlowRules {
     now: u64,
     udp_idle: u64,
     tcp_idle: u64,
     syn_timeout: u64,
 }
 
-impl FlowScan {
-    /// Reads the whole flow table (batches) and counts it; for another
-    /// thread.
-    pub fn count(&self) -> io::Result<StdHashMap<(u32, Colour), FlowCounts>> {
-        let fd = self
-            .fd
-            .as_ref()
-            .ok_or_else(|| io::Error::other("no flow table descriptor"))?;
-        Ok(self.count_entries(lookup_batch::<FlowKey4, FlowEntry>(fd.as_fd())?))
-    }
-
+impl FlowRules {
     fn count_entries(
         &self,
         entries: Vec<(FlowKey4, FlowEntry)>,
@@ -1519,8 +1523,8 @@ impl Dataplane {
         udp_idle: Duration,
         tcp_idle: Duration,
     ) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
-        let scan = self.scan_params(udp_idle, tcp_idle)?;
-        Ok(scan.count_entries(self.flow_entries()?))
+        let rules = self.flow_rules(udp_idle, tcp_idle)?;
+        Ok(rules.count_entries(self.flow_entries()?))
     }
 
     /// The same count, prepared to run on another thread (the daemon's
@@ -1529,17 +1533,18 @@ impl Dataplane {
     /// the table in batches only; where the kernel refuses batches it says
     /// so (`EINVAL`/`ENOTSUPP`) and `flow_counts` is the way.
     pub fn flow_scan(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowScan> {
-        let mut scan = self.scan_params(udp_idle, tcp_idle)?;
-        scan.fd = Some(self.flows_fd.try_clone().map_err(io_err(
+        let fd = self.flows_fd.try_clone().map_err(io_err(
             "duplicating the descriptor of",
             Path::new(names::FLOWS),
-        ))?);
-        Ok(scan)
+        ))?;
+        Ok(FlowScan {
+            fd,
+            rules: self.flow_rules(udp_idle, tcp_idle)?,
+        })
     }
 
-    fn scan_params(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowScan> {
-        Ok(FlowScan {
-            fd: None,
+    fn flow_rules(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowRules> {
+        Ok(FlowRules {
             now: self.jiffies()?,
             udp_idle: self.clock.ticks(udp_idle),
             tcp_idle: self.clock.ticks(tcp_idle),

@@ -47,6 +47,12 @@ fn require_root() {
 /// A topology with servers and a running daemon; `top` goes before the
 /// `[[service]]` tables (extra top-level keys).
 fn setup(top: &str) -> (Topology, Switcher) {
+    setup_edited(top, str::to_string)
+}
+
+/// `setup`, with the whole config text passed through `edit` first (for
+/// keys the switcher's config already sets).
+fn setup_edited(top: &str, edit: impl FnOnce(&str) -> String) -> (Topology, Switcher) {
     require_root();
     let mut topo = Topology::create(TopologyOptions {
         tx_csum_off: true,
@@ -56,6 +62,8 @@ fn setup(top: &str) -> (Topology, Switcher) {
     topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
     let services = format!("{top}\n{}", default_services(&topo));
     let mut sw = Switcher::new(&topo, &services).expect("switcher");
+    sw.write_config(&edit(&sw.config_text(&services)))
+        .expect("write the config");
     sw.start().expect("daemon starts");
     (topo, sw)
 }
@@ -957,19 +965,10 @@ fn fill_flow_table(sw: &Switcher, n: u32) {
 
 #[test]
 fn a_status_reading_a_large_flow_table_does_not_hold_up_a_flip() {
-    require_root();
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .expect("topology");
-    topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
-    let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
-    let text = sw.config_text(&default_services(&topo));
-    assert!(text.contains("max_flows = 65536"));
-    sw.write_config(&text.replace("max_flows = 65536", "max_flows = 1048576"))
-        .unwrap();
-    sw.start().expect("daemon starts");
+    let (_topo, sw) = setup_edited("", |text| {
+        assert!(text.contains("max_flows = 65536"));
+        text.replace("max_flows = 65536", "max_flows = 1048576")
+    });
     let filled = Instant::now();
     fill_flow_table(&sw, 1_000_000);
     let filled = filled.elapsed();
