@@ -58,6 +58,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 /// Next hop towards the VIP (= the identity "backend") and to the client.
 const NEXT_HOP: &str = "198.18.1.2";
 const TCP_PORT: u16 = 80;
+/// A stateless TCP service (service 2), in its stable period.
+const STATELESS_PORT: u16 = 81;
 const UDP_PORT: u16 = 53;
 const FRAME_LEN: usize = 64;
 
@@ -290,7 +292,12 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
     let flows_memlock = flows.as_ref().and_then(memlock);
     let flows_id = flows.as_ref().map(MapInfo::id);
     dp.set_settings(Duration::from_secs(30), Duration::from_secs(3600))?;
-    for (id, port, proto) in [(0, TCP_PORT, PROTO_TCP), (1, UDP_PORT, PROTO_UDP)] {
+    dp.set_stateless(2, true);
+    for (id, port, proto) in [
+        (0, TCP_PORT, PROTO_TCP),
+        (1, UDP_PORT, PROTO_UDP),
+        (2, STATELESS_PORT, PROTO_TCP),
+    ] {
         let vip = SocketAddr::V4(SocketAddrV4::new(VIP, port));
         let pool = |c: Colour| vec![backend_of(vip, backend_stat_id(id, c, 0))];
         dp.write_service(
@@ -301,6 +308,9 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
             Colour::Blue,
         )?;
     }
+    let w = dp.control_word(2);
+    dp.end_transition(2, w)?;
+    ensure!(dp.is_stateless(2), "service 2 did not become stateless");
     dp.add_tx_port(bed.v0)?;
     dp.add_tx_port(bed.v1)?;
     Ok(Loaded {
@@ -347,6 +357,10 @@ enum Case {
     Udp,
     Reply,
     NonVip,
+    StatelessNewFresh,
+    StatelessNew,
+    StatelessEstablished,
+    StatelessReply,
 }
 
 impl Case {
@@ -360,6 +374,10 @@ impl Case {
             Case::Udp => "udp",
             Case::Reply => "backend_reply",
             Case::NonVip => "non_vip",
+            Case::StatelessNewFresh => "stateless_new_tcp_flow_cold",
+            Case::StatelessNew => "stateless_new_tcp_flow",
+            Case::StatelessEstablished => "stateless_established_tcp",
+            Case::StatelessReply => "stateless_backend_reply",
         }
     }
     fn label(self) -> &'static str {
@@ -372,12 +390,18 @@ impl Case {
             Case::Udp => "UDP packet (established flow)",
             Case::Reply => "backend reply",
             Case::NonVip => "non-VIP packet",
+            Case::StatelessNewFresh => {
+                "stateless service: new TCP flow (SYN, fresh 5-tuple), cold: repeat 1"
+            }
+            Case::StatelessNew => "stateless service: new TCP flow (SYN)",
+            Case::StatelessEstablished => "stateless service: established TCP packet",
+            Case::StatelessReply => "stateless service: backend reply",
         }
     }
     fn single(self) -> bool {
         matches!(
             self,
-            Case::PassSingle | Case::NewFresh | Case::EstablishedSingle
+            Case::PassSingle | Case::NewFresh | Case::EstablishedSingle | Case::StatelessNewFresh
         )
     }
 }
@@ -408,6 +432,11 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         let est = frame(est_client, vip80, L4::Ack, 255, FRAME_LEN);
         let udp = frame(udp_client, vip53, L4::Udp, 255, FRAME_LEN);
         let reply = frame(vip80, est_client, L4::Ack, 255, FRAME_LEN);
+        let vip81 = SocketAddrV4::new(VIP, STATELESS_PORT);
+        let sl_client = SocketAddrV4::new(CLIENT, 40004);
+        let sl_syn = frame(sl_client, vip81, L4::Syn, 255, FRAME_LEN);
+        let sl_est = frame(sl_client, vip81, L4::Ack, 255, FRAME_LEN);
+        let sl_reply = frame(vip81, sl_client, L4::Ack, 255, FRAME_LEN);
         let nonvip = frame(
             SocketAddrV4::new(CLIENT, 40003),
             "198.18.1.99:80".parse()?,
@@ -491,6 +520,42 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             a == XDP_REDIRECT && g(dp, "flow_hits") - hits == u64::from(opts.repeat),
             format!("flow_hits +{}", g(dp, "flow_hits") - hits),
         );
+        let recorded = |dp: &Dataplane| -> Result<u64> {
+            Ok(dp
+                .flow_counts(Duration::from_secs(30), Duration::from_secs(3600))?
+                .values()
+                .map(|c| c.recorded)
+                .sum())
+        };
+        let (rec, sl) = (recorded(dp)?, g(dp, "stateless"));
+        let (a1, out1, _) = dp.test_run(&sl_syn, Some(v0), 1)?;
+        let (a2, out2, _) = dp.test_run(&sl_est, Some(v0), opts.repeat)?;
+        check(
+            &mut checks,
+            "stateless service: SYN and repeated ACK are redirected by the hash (stateless +1+N), nothing recorded",
+            a1 == XDP_REDIRECT
+                && a2 == XDP_REDIRECT
+                && verify(&out1) == Some((sl_client, vip81, 254))
+                && verify(&out2).map(|v| v.2) == Some(255 - opts.repeat as u8)
+                && g(dp, "stateless") - sl == 1 + u64::from(opts.repeat)
+                && recorded(dp)? == rec,
+            format!(
+                "actions {a1}/{a2}, stateless +{}, records {} -> {}",
+                g(dp, "stateless") - sl,
+                rec,
+                recorded(dp)?
+            ),
+        );
+        let replies = g(dp, "replies");
+        let (a, out, _) = dp.test_run(&sl_reply, Some(v1), 1)?;
+        check(
+            &mut checks,
+            "stateless service: the backend's reply is rewritten back by the hash check (replies +1)",
+            a == XDP_REDIRECT
+                && verify(&out) == Some((vip81, sl_client, 254))
+                && g(dp, "replies") == replies + 1,
+            format!("action {a}"),
+        );
         let (a, _) = pass.run(&est, v0, opts.repeat)?;
         check(
             &mut checks,
@@ -513,6 +578,10 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             Case::Udp,
             Case::Reply,
             Case::NonVip,
+            Case::StatelessNewFresh,
+            Case::StatelessNew,
+            Case::StatelessEstablished,
+            Case::StatelessReply,
         ];
         let mut per_round: BTreeMap<Case, Vec<f64>> = BTreeMap::new();
         let mut fresh = 0u32;
@@ -544,6 +613,16 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
                         Case::Udp => dp.test_run(&udp, Some(v0), opts.repeat)?.2,
                         Case::Reply => dp.test_run(&reply, Some(v1), opts.repeat)?.2,
                         Case::NonVip => dp.test_run(&nonvip, Some(v0), opts.repeat)?.2,
+                        Case::StatelessNewFresh => {
+                            fresh += 1;
+                            let f = frame(client(1, fresh), vip81, L4::Syn, 255, FRAME_LEN);
+                            dp.test_run(&f, Some(v0), 1)?.2
+                        }
+                        Case::StatelessNew => dp.test_run(&sl_syn, Some(v0), opts.repeat)?.2,
+                        Case::StatelessEstablished => {
+                            dp.test_run(&sl_est, Some(v0), opts.repeat)?.2
+                        }
+                        Case::StatelessReply => dp.test_run(&sl_reply, Some(v1), opts.repeat)?.2,
                     };
                     v.push(ns.as_nanos() as f64);
                 }

@@ -330,6 +330,60 @@ pub fn targets(r: &Value) -> Vec<Value> {
         fflat.map(|v| v.abs() <= 15.0),
         "part 2",
     ));
+    // The same targets through a stateless service in its stable period
+    // (`stateless = true`, TCP): no flow state on the packet's path.
+    let sest = f(&case(r, "stateless_established_tcp")["over_baseline_ns"]["median"]);
+    t.push(target(
+        "stateless service: established-flow program cost over XDP_PASS",
+        "≤ 30 ns",
+        sest,
+        "ns",
+        sest.map(|v| v <= 30.0),
+        "part 1",
+    ));
+    let snew = f(&case(r, "stateless_new_tcp_flow")["over_baseline_ns"]["median"]);
+    let sfresh = f(&case(r, "stateless_new_tcp_flow_cold")["over_baseline_ns"]["median"]);
+    t.push(target(
+        "stateless service: new-flow program cost over XDP_PASS",
+        "≤ 80 ns",
+        snew,
+        "ns",
+        snew.map(|v| v <= 80.0),
+        &format!(
+            "part 1, SYN repeat N (nothing is recorded, so every run is a new flow's path); a fresh 5-tuple per call (repeat 1): {} ns",
+            sfresh.map_or("—".into(), |v| format!("{v:.0}"))
+        ),
+    ));
+    let s10k = fwd(r, "bgswitch_stateless_10000_flows");
+    let srn = f(&s10k["ratio_to_nftables_dnat"]);
+    t.push(target(
+        "stateless service: forwarding rate vs nftables DNAT, 10 000 flows",
+        "≥ 4×",
+        srn,
+        "×",
+        srn.map(|v| v >= 4.0),
+        "part 2 (TCP ACKs through bgswitch; nftables DNAT with UDP)",
+    ));
+    let srf = f(&s10k["ratio_to_floor"]);
+    t.push(target(
+        "stateless service: forwarding rate vs floor, 10 000 flows",
+        "≥ 60 %",
+        srf.map(|v| v * 100.0),
+        "%",
+        srf.map(|v| v >= 0.6),
+        "part 2",
+    ));
+    let s1 = f(&fwd(r, "bgswitch_stateless_1_flows")["mpps"]["median"]);
+    let s1m = f(&fwd(r, "bgswitch_stateless_1000000_flows")["mpps"]["median"]);
+    let sflat = s1.zip(s1m).map(|(a, b)| (b / a - 1.0) * 100.0);
+    t.push(target(
+        "stateless service: forwarding rate flat from 1 to 1 000 000 flows",
+        "within 15 %",
+        sflat,
+        "% change",
+        sflat.map(|v| v.abs() <= 15.0),
+        "part 2; 0 B of kernel memory per flow in a stable period",
+    ));
     let mem = f(&r["scale_cost"]["memory"]["bytes_per_flow_slope"]);
     t.push(target(
         "kernel memory per flow, both directions",

@@ -24,15 +24,17 @@ pub mod hash;
 
 /// Version of the map layout below. Bump on any change to a map's key, value,
 /// type or meaning.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Most services one data plane serves (size of the per-service arrays).
 pub const MAX_SERVICES: u32 = 256;
 /// Most backends in one pool (one colour of one service).
 pub const MAX_BACKENDS: u32 = 64;
-/// Pool slots per service. Two are live (blue's and green's); the others are
-/// where a new version of a pool is written before one 32-bit store selects it.
-pub const POOL_SLOTS: u32 = 4;
+/// Pool slots per service. Up to three are live (blue's, green's, and the
+/// pool of the last stateless period during a transition, see
+/// [`control::ORPHAN`]); the others are where a new version of a pool is
+/// written before one 32-bit store selects it.
+pub const POOL_SLOTS: u32 = 8;
 /// Size of the backend array: every slot of every service.
 pub const BACKEND_ENTRIES: u32 = MAX_SERVICES * POOL_SLOTS * MAX_BACKENDS;
 /// Per-backend counter slots: one per configured backend position,
@@ -79,6 +81,9 @@ pub mod maps {
     pub const CLOCK: &str = "CLOCK";
     /// Per-CPU flow cache (not pinned: rebuilt empty by each load).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// Per-CPU next hop of each backend, for stateless services (not pinned:
+    /// rebuilt empty by each load).
+    pub const BACKEND_HOPS: &str = "BACKEND_HOPS";
     /// Every pinned map, in the order they are pinned.
     pub const ALL: [&str; 14] = [
         SERVICES,
@@ -150,19 +155,44 @@ pub struct ServiceValue {
 /// | bits  | meaning |
 /// |-------|---------|
 /// | 0     | active colour (`BLUE`/`GREEN`) |
-/// | 1-2   | pool slot of blue |
-/// | 3-4   | pool slot of green |
-/// | 5-18  | canary share: new flows to the idle colour, in basis points (0..=10000) |
-/// | 19    | preview prefixes present (consult the preview trie) |
+/// | 1-3   | pool slot of blue |
+/// | 4-6   | pool slot of green |
+/// | 7-20  | canary share: new flows to the idle colour, in basis points (0..=10000) |
+/// | 21    | preview prefixes present (consult the preview trie) |
+/// | 22    | stateless: TCP packets take the active pool's hash choice, no flow table |
+/// | 23    | an orphan pool is set (bits 24-27): the pool of the last stateless period |
+/// | 24    | the orphan pool's colour |
+/// | 25-27 | the orphan pool's slot |
 /// | 31    | service enabled |
+///
+/// # Stateless services
+/// A TCP service configured `stateless = true` spends its stable periods
+/// (no canary, no preview, no change for a TCP idle timeout) with bit 22
+/// set: every packet's backend is the flow hash over the active pool, and
+/// nothing is recorded. A change (flip, pool change, canary, preview) clears
+/// the bit and sets the orphan pool to the stable period's pool, in one
+/// store: from then on SYNs are recorded as in any service, and a non-SYN
+/// packet without a record — a connection of the stable period, which has
+/// none — takes the orphan pool's hash choice, the backend it had, and is
+/// recorded then. The daemon ends the transition (bit 22 set again, orphan
+/// cleared) once no connection of the stable period can be left (a TCP idle
+/// timeout after the change) and no live record disagrees with the new hash
+/// choice.
 pub mod control {
     pub const ACTIVE_MASK: u32 = 1;
     pub const BLUE_SLOT_SHIFT: u32 = 1;
-    pub const GREEN_SLOT_SHIFT: u32 = 3;
-    pub const SLOT_MASK: u32 = 0b11;
-    pub const CANARY_SHIFT: u32 = 5;
+    pub const GREEN_SLOT_SHIFT: u32 = 4;
+    pub const SLOT_MASK: u32 = 0b111;
+    pub const CANARY_SHIFT: u32 = 7;
     pub const CANARY_MASK: u32 = 0x3fff;
-    pub const PREVIEW: u32 = 1 << 19;
+    pub const PREVIEW: u32 = 1 << 21;
+    pub const STATELESS: u32 = 1 << 22;
+    pub const ORPHAN: u32 = 1 << 23;
+    pub const ORPHAN_COLOUR_SHIFT: u32 = 24;
+    pub const ORPHAN_SLOT_SHIFT: u32 = 25;
+    /// Every bit of the orphan pool (set, colour, slot).
+    pub const ORPHAN_BITS: u32 =
+        ORPHAN | (1 << ORPHAN_COLOUR_SHIFT) | (SLOT_MASK << ORPHAN_SLOT_SHIFT);
     pub const ENABLED: u32 = 1 << 31;
     /// Basis points in 100 %.
     pub const CANARY_FULL: u32 = 10_000;
@@ -197,6 +227,30 @@ pub mod control {
     #[inline(always)]
     pub const fn canary(word: u32) -> u32 {
         (word >> CANARY_SHIFT) & CANARY_MASK
+    }
+    /// Whether the service is in a stable period of a stateless service.
+    #[inline(always)]
+    pub const fn stateless(word: u32) -> bool {
+        word & STATELESS != 0
+    }
+    /// The orphan pool, if set: (colour, slot).
+    #[inline(always)]
+    pub const fn orphan(word: u32) -> Option<(u32, u32)> {
+        if word & ORPHAN == 0 {
+            return None;
+        }
+        Some((
+            (word >> ORPHAN_COLOUR_SHIFT) & 1,
+            (word >> ORPHAN_SLOT_SHIFT) & SLOT_MASK,
+        ))
+    }
+    /// `word` with this orphan pool (and without the stateless bit).
+    #[inline(always)]
+    pub const fn with_orphan(word: u32, colour: u32, slot: u32) -> u32 {
+        (word & !(ORPHAN_BITS | STATELESS))
+            | ORPHAN
+            | ((colour & 1) << ORPHAN_COLOUR_SHIFT)
+            | ((slot & SLOT_MASK) << ORPHAN_SLOT_SHIFT)
     }
 }
 
@@ -407,7 +461,10 @@ pub struct CachedFlow {
 
 /// Words of each bitmap in `ADDR_FILTER`: words `0..ADDR_FILTER_WORDS`
 /// hold the VIP addresses, the next `ADDR_FILTER_WORDS` the backend
-/// addresses (65 536 bits each, indexed by [`addr_bit`]). A clear bit means
+/// addresses (65 536 bits each, indexed by [`addr_bit`]), the third the
+/// stateless services (indexed by [`service_bit`]: a clear bit means the
+/// packet's VIP and port is no stateless service in its stable period, and
+/// the program skips the `SERVICES` lookup that would check). A clear bit means
 /// "certainly not one": the program skips the flow-table and `SERVICES`
 /// lookups for a destination that is no VIP, and the `REPLY_SOURCES` lookup
 /// for a source that is no backend. A bit stays set while the address may
@@ -421,6 +478,36 @@ pub const fn addr_bit(addr: &Addr) -> (u32, u64) {
     let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
     let h = x.wrapping_mul(0x9e37_79b1) >> 16;
     (h >> 6, 1u64 << (h & 63))
+}
+
+/// The bit of a service (VIP address and port) in the stateless bitmap of
+/// `ADDR_FILTER` (its third part): (word, mask), the word relative to the
+/// part.
+#[inline(always)]
+pub const fn service_bit(addr: &Addr, port: u16) -> (u32, u64) {
+    let p = port as u32;
+    addr_bit(&[addr[0] ^ (p << 16 | p), addr[1], addr[2], addr[3]])
+}
+
+/// The next hop towards one backend, kept per CPU for stateless services
+/// (`BACKEND_HOPS`, indexed like `BACKEND_STATS`): the same fields and
+/// validity rules as a flow entry's next hop ([`FlowEntry::nh_ifindex`] …).
+/// Valid for every client only because the route to a backend does not
+/// depend on the client: the daemon keeps services stateful while the host
+/// has routing rules beyond the three default ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendHop {
+    pub ifindex: u32,
+    /// Offset 4 (4-byte aligned).
+    pub dmac: [u8; 6],
+    /// Offset 10 (2 mod 4).
+    pub smac: [u8; 6],
+    pub len: u16,
+    pub _pad: u16,
+    pub gen: u32,
+    pub at: u32,
+    pub _pad1: u32,
 }
 
 /// Most slots of the per-CPU flow cache (64 bytes each: 4 MiB per possible
@@ -547,10 +634,16 @@ pub mod global {
     /// Per-CPU flow-cache slots written (by packets that took the `FLOWS`
     /// path); the other rewritten packets were served from the cache.
     pub const FLOW_CACHE_FILLS: u32 = 15;
+    /// Forward packets of stateless services in their stable period, sent
+    /// by the hash choice without the flow table.
+    pub const STATELESS: u32 = 16;
+    /// Packets of connections from a stateless period, seen first in a
+    /// transition and recorded to the orphan pool's backend.
+    pub const ORPHANS: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
     /// Names, for status and metrics, indexed like the constants.
-    pub const NAMES: [&str; 16] = [
+    pub const NAMES: [&str; 18] = [
         "pass_not_ip",
         "pass_not_service",
         "malformed",
@@ -567,6 +660,8 @@ pub mod global {
         "flow_hits",
         "fib_lookups",
         "flow_cache_fills",
+        "stateless",
+        "orphans",
     ];
 }
 
@@ -665,11 +760,37 @@ mod tests {
                         assert_eq!(control::slot(w, GREEN), g);
                         assert_eq!(control::canary(w), canary);
                         assert_eq!(w & control::PREVIEW, 0);
+                        assert!(!control::stateless(w));
+                        assert_eq!(control::orphan(w), None);
+                        for (oc, os) in [(BLUE, 0), (GREEN, POOL_SLOTS - 1), (BLUE, b)] {
+                            let o = control::with_orphan(w | control::STATELESS, oc, os);
+                            assert_eq!(control::orphan(o), Some((oc, os)));
+                            assert!(!control::stateless(o));
+                            // Nothing else moved.
+                            assert_eq!(o & !control::ORPHAN_BITS, w);
+                        }
                     }
                 }
             }
         }
         assert!(!control::enabled(0));
+        // The fields do not overlap.
+        let fields = [
+            control::ACTIVE_MASK,
+            control::SLOT_MASK << control::BLUE_SLOT_SHIFT,
+            control::SLOT_MASK << control::GREEN_SLOT_SHIFT,
+            control::CANARY_MASK << control::CANARY_SHIFT,
+            control::PREVIEW,
+            control::STATELESS,
+            control::ORPHAN_BITS,
+            control::ENABLED,
+        ];
+        for (i, a) in fields.iter().enumerate() {
+            for b in &fields[i + 1..] {
+                assert_eq!(a & b, 0, "{a:#x} and {b:#x} overlap");
+            }
+        }
+        const { assert!(control::CANARY_FULL <= control::CANARY_MASK) };
     }
 
     #[test]
@@ -679,7 +800,7 @@ mod tests {
         assert_eq!(a[0].to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(port_to_wire(80).to_ne_bytes(), [0, 80]);
         assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
-        assert_eq!(global::NAMES.len() as u32, global::FLOW_CACHE_FILLS + 1);
+        assert_eq!(global::NAMES.len() as u32, global::ORPHANS + 1);
         assert!(global::NAMES.len() as u32 <= global::COUNT);
     }
 }

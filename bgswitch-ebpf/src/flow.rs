@@ -8,8 +8,8 @@ use bgswitch_common::{
     csum::Delta,
     flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    Addr, Backend, CachedFlow, FlowEntry, FlowKey, FlowKey4, PreviewKey, ServiceKey,
-    ADDR_FILTER_WORDS, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
+    service_bit, Addr, Backend, BackendHop, CachedFlow, FlowEntry, FlowKey, FlowKey4, PreviewKey,
+    ServiceKey, ADDR_FILTER_WORDS, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 
 use aya_log_ebpf::{error, warn};
@@ -17,8 +17,8 @@ use aya_log_ebpf::{error, warn};
 use crate::{
     events,
     maps::{
-        count, ADDR_FILTER, BACKENDS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE, FLOW_GEN,
-        POOL_SIZES, PREVIEW, REPLY_SOURCES, SERVICES, SERVICE_STATS, SETTINGS,
+        count, ADDR_FILTER, BACKENDS, BACKEND_HOPS, BACKEND_STATS, CONTROL, FLOWS, FLOW_CACHE,
+        FLOW_GEN, POOL_SIZES, PREVIEW, REPLY_SOURCES, SERVICES, SERVICE_STATS, SETTINGS,
     },
     nat::{resolve, rewrite, rewrite_cached, transmit, transmit_l2, Side},
     parse::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -145,6 +145,25 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         refresh,
         shift,
     };
+    let vip = maybe(0, &f.dst);
+    // A stateless service in its stable period: no flow state to read, not
+    // even the cache slot (cold memory once flows are many).
+    if vip && f.proto == PROTO_TCP && maybe_stateless(f) {
+        let skey = ServiceKey {
+            addr: f.dst,
+            port: f.dport,
+            proto: f.proto,
+            family: f.family,
+        };
+        // SAFETY: the value is a plain Copy integer read once.
+        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+            let id = svc.id;
+            let word = control_word(id);
+            if control::enabled(word) && control::stateless(word) {
+                return stateless(ctx, f, id, word, now, &cache);
+            }
+        }
+    }
     // The packet's own conditions first: a SYN (a new flow's first packet,
     // mostly) never reads its slot, which is cold memory then — one cache
     // miss less per new TCP flow.
@@ -161,7 +180,7 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     }
     // Flows are keyed client → VIP: only a VIP destination can have one, or
     // start one.
-    if maybe(0, &f.dst) {
+    if vip {
         // The whole 5-tuple (the flow hash's input).
         let key = flow_key(f);
         if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {
@@ -195,7 +214,20 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     };
     // SAFETY: plain Copy values read once.
     if let Some(rs) = unsafe { REPLY_SOURCES.get(&from) } {
-        let (vip, vport) = (rs.vip[0], rs.vport);
+        let (vip, vport, service) = (rs.vip[0], rs.vport, rs.service);
+        // A stateless service's reply in its stable period: the backend the
+        // hash chooses for the client's 5-tuple is the flow's backend.
+        let word = if f.proto == PROTO_TCP {
+            control_word(service)
+        } else {
+            0
+        };
+        if control::stateless(word) {
+            let active = control::active(word);
+            if let Some(b) = hashed_here(f, service, control::slot(word, active), vip, vport) {
+                return stateless_reply(ctx, f, service, active, &b, vip, vport, now, &cache);
+            }
+        }
         let fkey = FlowKey4 {
             src: f.dst[0],
             dst: vip,
@@ -210,6 +242,14 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
             let entry = unsafe { &mut *e };
             if entry.peer == f.src[0] && entry.peer_port == f.sport {
                 return from_backend(ctx, f, entry, vip, vport, now, &cache);
+            }
+        }
+        // In a transition, a connection of the last stateless period that
+        // has no record yet (the backend speaks first): the orphan pool's
+        // choice.
+        if let Some((colour, slot)) = control::orphan(word) {
+            if let Some(b) = hashed_here(f, service, slot, vip, vport) {
+                return stateless_reply(ctx, f, service, colour, &b, vip, vport, now, &cache);
             }
         }
     }
@@ -239,6 +279,191 @@ fn maybe(base: u32, addr: &Addr) -> bool {
         Some(w) => (unsafe { core::ptr::read_volatile(w) }) & mask != 0,
         None => true,
     }
+}
+
+/// Whether the packet's VIP and port may be a stateless service in its
+/// stable period (the third `ADDR_FILTER` bitmap).
+#[inline(always)]
+fn maybe_stateless(f: &Frame) -> bool {
+    let (word, mask) = service_bit(&f.dst, f.dport);
+    match ADDR_FILTER.get_ptr(2 * ADDR_FILTER_WORDS + word) {
+        // SAFETY: an aligned 64-bit load of an array slot.
+        Some(w) => (unsafe { core::ptr::read_volatile(w) }) & mask != 0,
+        None => false,
+    }
+}
+
+/// The control word of a service (0, disabled, if there is none).
+#[inline(always)]
+fn control_word(service: u32) -> u32 {
+    match CONTROL.get_ptr(service) {
+        // SAFETY: one 32-bit load of the word userspace stores atomically.
+        Some(w) => unsafe { core::ptr::read_volatile(w) },
+        None => 0,
+    }
+}
+
+/// For a backend's reply: the backend that pool `slot` of `service` chooses
+/// for the client's 5-tuple (client → VIP), if it is the reply's source.
+#[inline(always)]
+fn hashed_here(f: &Frame, service: u32, slot: u32, vip: u32, vport: u16) -> Option<Backend> {
+    let key = FlowKey {
+        src: f.dst,
+        dst: [vip, 0, 0, 0],
+        sport: f.dport,
+        dport: vport,
+        proto: f.proto,
+        family: f.family,
+        _pad: [0; 2],
+    };
+    let b = pick(service, slot, &key)?;
+    (b.addr[0] == f.src[0] && b.port == f.sport).then_some(b)
+}
+
+/// A client whose own address and port are a VIP (spoofed): the replies to
+/// it would be VIP traffic. Not ours.
+#[inline(always)]
+fn vip_source(f: &Frame) -> bool {
+    let own = ServiceKey {
+        addr: f.src,
+        port: f.sport,
+        proto: f.proto,
+        family: f.family,
+    };
+    // SAFETY: only presence is read. Looked up only if the source address
+    // may be a VIP at all.
+    maybe(0, &f.src) && unsafe { SERVICES.get(&own) }.is_some()
+}
+
+/// A stateless service's packet in its stable period: the backend is the
+/// flow hash over the active pool, for a SYN and every later packet alike
+/// (so they agree without a record); nothing is recorded, and the next hop
+/// is the backend's (`BACKEND_HOPS`), looked up once per backend and
+/// refresh instead of once per flow.
+#[inline(always)]
+fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, cache: &Cache) -> u32 {
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    if vip_source(f) {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
+    let key = flow_key(f);
+    let active = control::active(word);
+    let Some(b) = pick(service, control::slot(word, active), &key) else {
+        return no_backend(ctx, service, active);
+    };
+    let Some(hop) = BACKEND_HOPS.get_ptr_mut(b.stat_id) else {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    };
+    let syn = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    account(service, active, b.stat_id, f.frame_len, syn, false);
+    if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
+    let hop = unsafe { &mut *hop };
+    send(
+        ctx,
+        f,
+        Nh::backend(hop),
+        now,
+        cache,
+        Some(global::STATELESS),
+    )
+}
+
+/// A reply of a connection no record holds (a stateless service's): as
+/// `from_backend` without an entry. Its next hop towards the client is
+/// looked up and kept in this CPU's cache slot only, so the flow's next
+/// replies take the cached path.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn stateless_reply(
+    ctx: &XdpContext,
+    f: &Frame,
+    service: u32,
+    colour: u32,
+    b: &Backend,
+    vip: u32,
+    vport: u16,
+    now: u64,
+    cache: &Cache,
+) -> u32 {
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    reply_counters(service, colour, f.tcp_flags);
+    account(service, colour, b.stat_id, f.frame_len, false, true);
+    count(global::REPLIES);
+    if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    let Some(hop) = resolve(ctx, f) else {
+        // To the stack: this CPU's slot must not serve an older decision.
+        forget(&cache.key, cache.shift);
+        return xdp_action::XDP_PASS;
+    };
+    if let Some(c) = cache.slot {
+        // SAFETY: this CPU's slot; every field written as a whole integer.
+        let c = unsafe { &mut *c };
+        write_slot(
+            c,
+            cache,
+            Dir::Reply { vip, vport },
+            Decision {
+                peer: b.addr[0],
+                peer_port: b.port,
+                colour: colour as u8,
+                service,
+                stat: b.stat_id as u16,
+                last_seen: now as u32,
+            },
+            hop.ifindex,
+            &hop.dmac,
+            &hop.smac,
+            f.tot_len,
+        );
+    }
+    transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, None)
+}
+
+/// A backend's SYN-ACKs and RSTs, which the error signal reads.
+#[inline(always)]
+fn reply_counters(service: u32, colour: u32, flags: u8) {
+    if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+            // SAFETY: per-CPU slot.
+            unsafe { (*s).syn_acks += 1 };
+        }
+    }
+    if flags & TCP_RST != 0 {
+        if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+            // SAFETY: per-CPU slot.
+            unsafe { (*s).backend_rsts += 1 };
+        }
+    }
+}
+
+/// An empty pool: counted, logged (rarely), and passed untouched.
+#[inline(always)]
+fn no_backend(ctx: &XdpContext, service: u32, colour: u32) -> u32 {
+    count(global::NO_BACKEND);
+    if events::gate(global::NO_BACKEND) {
+        warn!(
+            ctx,
+            "data plane: service {} has no backend in its pool of colour {} (0 blue, 1 green): new flows pass to the kernel stack untouched (counter no_backend)",
+            service,
+            colour
+        );
+    }
+    xdp_action::XDP_PASS
 }
 
 /// The flow-cache generation (see `bgswitch_common::CachedFlow`).
@@ -359,9 +584,57 @@ fn fill(cache: &Cache, e: &FlowEntry, dir: Dir) {
         }
         return;
     }
+    // Fresh while neither the entry's last-seen stamp nor this direction's
+    // next hop is due for its refresh.
+    let fresh = older(e.last_seen as u32, at);
+    write_slot(
+        c,
+        cache,
+        dir,
+        Decision {
+            peer: e.peer,
+            peer_port: e.peer_port,
+            colour: e.colour,
+            service: e.service,
+            stat: e.backend_stat,
+            last_seen: fresh,
+        },
+        ifindex,
+        dmac,
+        smac,
+        len,
+    );
+}
+
+/// What a cache slot serves, besides its next hop.
+struct Decision {
+    /// The backend (forward; the reply's peer is the VIP).
+    peer: u32,
+    peer_port: u16,
+    colour: u8,
+    service: u32,
+    stat: u16,
+    /// Low 32 bits of the tick the slot is fresh from.
+    last_seen: u32,
+}
+
+/// Writes this CPU's slot of the packet's 5-tuple (`c`): the decision for
+/// direction `dir` and its next hop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn write_slot(
+    c: &mut CachedFlow,
+    cache: &Cache,
+    dir: Dir,
+    d: Decision,
+    ifindex: u32,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+    len: u16,
+) {
     count(global::FLOW_CACHE_FILLS);
     let (peer, peer_port, flags, old_addr, old_port) = match dir {
-        Dir::Forward => (e.peer, e.peer_port, 0, cache.key.dst, cache.key.dport),
+        Dir::Forward => (d.peer, d.peer_port, 0, cache.key.dst, cache.key.dport),
         Dir::Reply { vip, vport } => (
             vip,
             vport,
@@ -376,14 +649,12 @@ fn fill(cache: &Cache, e: &FlowEntry, dir: Dir) {
     c.key.dport = cache.key.dport;
     c.key.proto = cache.key.proto;
     c.gen = cache.gen;
-    // Fresh while neither the entry's last-seen stamp nor this direction's
-    // next hop is due for its refresh.
-    c.last_seen = older(e.last_seen as u32, at);
+    c.last_seen = d.last_seen;
     c.peer = peer;
     c.peer_port = peer_port;
-    c.colour = e.colour;
+    c.colour = d.colour;
     c.flags = flags;
-    c.service = e.service;
+    c.service = d.service;
     c.nh_ifindex = ifindex;
     for i in 0..6 {
         // SAFETY: in-bounds writes (byte stores: no memcpy call).
@@ -393,7 +664,7 @@ fn fill(cache: &Cache, e: &FlowEntry, dir: Dir) {
         }
     }
     c.nh_len = len;
-    c.backend_stat = e.backend_stat;
+    c.backend_stat = d.stat;
     // What this direction's rewrite changes, for every packet alike.
     let addr = Delta::ZERO.add32(old_addr, peer);
     c.ip_delta = addr.ttl_decrement().folded();
@@ -435,6 +706,11 @@ fn to_backend(
         count(global::PASS_NOT_SERVICE);
         return xdp_action::XDP_PASS;
     }
+    if control::stateless(word) && f.proto == PROTO_TCP {
+        // Its stateless bitmap bit is set before the word, and cleared
+        // after: only a packet racing a change gets here.
+        return stateless(ctx, f, service, word, now, cache);
+    }
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The backend of an entry this packet replaces (port reuse after close
     // or idle).
@@ -462,39 +738,32 @@ fn to_backend(
                 count(global::MALFORMED);
                 return xdp_action::XDP_PASS;
             }
-            let action = send(ctx, f, Nh::forward(entry), now, cache);
+            let action = send(ctx, f, Nh::forward(entry), now, cache, None);
             fill(cache, entry, Dir::Forward);
             return action;
         }
     }
 
-    // A client whose own address and port are a VIP (spoofed): the replies
-    // to it would be VIP traffic. Not ours.
-    let own = ServiceKey {
-        addr: f.src,
-        port: f.sport,
-        proto: f.proto,
-        family: f.family,
-    };
-    // SAFETY: only presence is read. Looked up only if the source address
-    // may be a VIP at all.
-    if maybe(0, &f.src) && unsafe { SERVICES.get(&own) }.is_some() {
+    if vip_source(f) {
         count(global::PASS_NOT_SERVICE);
         return xdp_action::XDP_PASS;
     }
     let orphan = f.proto == PROTO_TCP && !syn;
-    let (colour, preview) = choose_colour(word, service, key, orphan);
-    let Some(b) = pick_backend(word, service, colour, key) else {
-        count(global::NO_BACKEND);
-        if events::gate(global::NO_BACKEND) {
-            warn!(
-                ctx,
-                "data plane: service {} has no backend in its pool of colour {} (0 blue, 1 green): new flows pass to the kernel stack untouched (counter no_backend)",
-                service,
-                colour
-            );
+    // An orphan in a transition of a stateless service: a connection of the
+    // stable period before, which had no record; the pool of that period
+    // chooses the backend it had.
+    let (colour, slot, preview) = match control::orphan(word) {
+        Some((colour, slot)) if orphan => {
+            count(global::ORPHANS);
+            (colour, slot, false)
         }
-        return xdp_action::XDP_PASS;
+        _ => {
+            let (colour, preview) = choose_colour(word, service, key, orphan);
+            (colour, control::slot(word, colour), preview)
+        }
+    };
+    let Some(b) = pick(service, slot, key) else {
+        return no_backend(ctx, service, colour);
     };
     account(service, colour, b.stat_id, f.frame_len, true, false);
     if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
@@ -511,7 +780,7 @@ fn to_backend(
     );
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
-    let action = send(ctx, f, Nh::forward(fwd), now, cache);
+    let action = send(ctx, f, Nh::forward(fwd), now, cache, None);
     record(ctx, key, fwd);
     // A replaced entry (port reuse after close or idle) needs no
     // invalidation elsewhere: after idle, every CPU's slot of the flow is
@@ -591,6 +860,19 @@ impl<'a> Nh<'a> {
         }
     }
 
+    /// Towards a backend of a stateless service.
+    #[inline(always)]
+    fn backend(h: &'a mut BackendHop) -> Self {
+        Nh {
+            ifindex: &mut h.ifindex,
+            dmac: &mut h.dmac,
+            smac: &mut h.smac,
+            len: &mut h.len,
+            gen: &mut h.gen,
+            at: &mut h.at,
+        }
+    }
+
     /// Towards the client.
     #[inline(always)]
     fn reply(e: &'a mut FlowEntry) -> Self {
@@ -608,15 +890,18 @@ impl<'a> Nh<'a> {
 /// Forwards a rewritten packet through a cached next hop, or looks the next
 /// hop up (and keeps it) when there is none, when its generation is old, when
 /// it is older than the refresh, or when the packet is longer than the one
-/// it was looked up for (the MTU check).
+/// it was looked up for (the MTU check). Counts `also` with the transmit.
 #[inline(always)]
-fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, cache: &Cache) -> u32 {
+fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, cache: &Cache, also: Option<u32>) -> u32 {
     let fresh = u64::from((now as u32).wrapping_sub(*nh.at)) <= cache.refresh;
     if fresh && *nh.ifindex != 0 && *nh.gen == cache.gen && f.tot_len <= *nh.len {
-        return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac);
+        return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac, also);
     }
     let Some(hop) = resolve(ctx, f) else {
         *nh.ifindex = 0;
+        if let Some(a) = also {
+            count(a);
+        }
         return xdp_action::XDP_PASS;
     };
     // Byte stores: an array assignment may become a memcpy call here.
@@ -631,7 +916,7 @@ fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, cache: &Cache) -> u32 {
     *nh.gen = cache.gen;
     *nh.at = now as u32;
     *nh.ifindex = hop.ifindex;
-    transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac)
+    transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, also)
 }
 
 /// A new flow's entry, built in place in `raw`: zeroed with ten 8-byte
@@ -688,9 +973,10 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
     syn && (closed(entry.flags) || idle > s.tcp_idle)
 }
 
+/// The backend pool `slot` of `service` chooses for a 5-tuple.
 #[inline(always)]
-fn pick_backend(word: u32, service: u32, colour: u32, key: &FlowKey) -> Option<Backend> {
-    let slot = service * POOL_SLOTS + control::slot(word, colour);
+fn pick(service: u32, slot: u32, key: &FlowKey) -> Option<Backend> {
+    let slot = service * POOL_SLOTS + slot;
     let n = *POOL_SIZES.get(slot)?;
     if n == 0 || n > MAX_BACKENDS {
         return None;
@@ -776,17 +1062,8 @@ fn from_backend(
         let mut mirror = close_flags(flags, flow_flags::FIN_BACKEND);
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
             mirror |= flow_flags::ESTABLISHED;
-            if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
-                // SAFETY: per-CPU slot.
-                unsafe { (*s).syn_acks += 1 };
-            }
         }
-        if flags & TCP_RST != 0 {
-            if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
-                // SAFETY: per-CPU slot.
-                unsafe { (*s).backend_rsts += 1 };
-            }
-        }
+        reply_counters(service, colour, flags);
         if mirror != 0 {
             entry.flags |= mirror;
         }
@@ -797,7 +1074,7 @@ fn from_backend(
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
     }
-    let action = send(ctx, f, Nh::reply(entry), now, cache);
+    let action = send(ctx, f, Nh::reply(entry), now, cache, None);
     fill(cache, entry, Dir::Reply { vip, vport });
     action
 }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use bgswitch_common::{
-    global, Backend, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowKey4, PreviewKey,
-    ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES,
-    BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES,
+    global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowKey4,
+    PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS,
+    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES,
     MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
 };
 
@@ -51,9 +51,16 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_ENTRIES, 0
 pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`).
+/// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`)
+/// and of stateless services (`bgswitch_common::service_bit`).
 #[map]
-pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, BPF_F_MMAPABLE);
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(3 * ADDR_FILTER_WORDS, BPF_F_MMAPABLE);
+
+/// The next hop towards each backend (index as `BACKEND_STATS`), for
+/// stateless services: one FIB lookup per backend and refresh, not per flow.
+#[map]
+pub static BACKEND_HOPS: PerCpuArray<BackendHop> =
+    PerCpuArray::with_max_entries(BACKEND_STAT_ENTRIES, 0);
 
 /// Backend (as a `ServiceKey`) → the VIP and port its replies get back.
 #[map]

@@ -184,9 +184,17 @@ pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
 
 /// Sends a rewritten frame to a resolved next hop: decrements the TTL, writes
 /// the MACs and transmits (XDP_TX back out of the ingress interface, else a
-/// DevMap redirect). The caller checked TTL > 1.
+/// DevMap redirect); counts TX or REDIRECT, and `also`. The caller checked
+/// TTL > 1.
 #[inline(always)]
-pub fn transmit(ctx: &XdpContext, f: &Frame, egress: u32, dmac: &[u8; 6], smac: &[u8; 6]) -> u32 {
+pub fn transmit(
+    ctx: &XdpContext,
+    f: &Frame,
+    egress: u32,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+    also: Option<u32>,
+) -> u32 {
     let ip = f.ip;
     // SAFETY: ip is bounds-checked; ttl > 1 was checked by the caller.
     unsafe {
@@ -199,7 +207,7 @@ pub fn transmit(ctx: &XdpContext, f: &Frame, egress: u32, dmac: &[u8; 6], smac: 
             .apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
     }
-    transmit_l2(ctx, egress, dmac, smac, None)
+    transmit_l2(ctx, egress, dmac, smac, also)
 }
 
 /// The cached path's rewrite: the address and port of `side`, the TTL, and

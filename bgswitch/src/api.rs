@@ -167,6 +167,11 @@ pub struct ServiceStatus {
     pub rollbacks: u64,
     /// Whether `[service.health]` checks run.
     pub health_checks: bool,
+    /// How packets find their backend: "table" (every flow recorded),
+    /// "stateless" (a stable period: the active pool's hash, nothing
+    /// recorded) or "transition" (records, and connections of the last
+    /// stable period keep its pool).
+    pub fast_path: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +181,10 @@ pub struct ColourStatus {
     pub backends: Vec<BackendStatus>,
     /// Open flows pinned to this colour, counted in the kernel's flow table.
     pub live_flows: u64,
+    /// This colour may have open connections no record holds (those of a
+    /// stable period of a stateless service), which `live_flows` does not
+    /// count: it is not drained before its transition is over.
+    pub untracked: bool,
     /// Flow records in the table (live or finished but not yet evicted).
     pub recorded_flows: u64,
     pub packets: u64,

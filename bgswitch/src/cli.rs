@@ -372,14 +372,14 @@ fn wait_drained(
                 service: Some(service.to_string()),
             },
         )?;
-        let live = resp
+        let (live, untracked) = resp
             .status
             .as_ref()
             .and_then(|s| s.services.first())
             .and_then(|s| s.colours.iter().find(|c| c.colour == colour))
-            .map(|c| c.live_flows)
+            .map(|c| (c.live_flows, c.untracked))
             .ok_or_else(|| anyhow!("no status for {service}"))?;
-        if live == 0 {
+        if live == 0 && !untracked {
             println!(
                 "{service}: {colour} drained after {:.1}s",
                 start.elapsed().as_secs_f64()
@@ -387,9 +387,15 @@ fn wait_drained(
             return Ok(0);
         }
         if start.elapsed() >= timeout {
-            eprintln!(
-                "bgswitch: error: {service}: {live} flows still live on {colour} after {timeout:?}"
-            );
+            if untracked {
+                eprintln!(
+                    "bgswitch: error: {service}: {colour} may still have connections of its stateless period after {timeout:?} ({live} recorded live): it is drained once the transition is over, a TCP idle timeout after the change"
+                );
+            } else {
+                eprintln!(
+                    "bgswitch: error: {service}: {live} flows still live on {colour} after {timeout:?}"
+                );
+            }
             return Ok(1);
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -478,6 +484,17 @@ pub fn render_status(s: &Status) -> String {
                 .map(|p| format!("  (rollback → {p})"))
                 .unwrap_or_default()
         );
+        match svc.fast_path.as_str() {
+            "stateless" => {
+                out += "  stateless: packets follow the active pool's hash; flows are not recorded (live flows of the active colour are not counted)
+"
+            }
+            "transition" => {
+                out += "  transition: flows are recorded; connections of the last stateless period keep its pool until a TCP idle timeout has passed
+"
+            }
+            _ => {}
+        }
         if svc.canary_percent > 0.0 {
             out += &format!(
                 "  canary: {:.2}% of new flows to {}\n",
@@ -518,7 +535,11 @@ pub fn render_status(s: &Status) -> String {
                 "  {}{:<6} live flows {:<6} new flows {:<8} packets {:<10} bytes {:<12} replies {:<8} RSTs {} unanswered SYNs {}{}\n",
                 if c.active { "*" } else { " " },
                 c.colour.to_string(),
-                c.live_flows,
+                if c.untracked {
+                    format!("{}+", c.live_flows)
+                } else {
+                    c.live_flows.to_string()
+                },
                 c.new_flows,
                 c.packets,
                 c.bytes,

@@ -113,6 +113,9 @@ pub struct ServiceConfig {
     pub blue: Vec<SocketAddr>,
     pub green: Vec<SocketAddr>,
     pub health: Option<HealthConfig>,
+    /// Stable periods without the flow table (TCP only): see
+    /// `bgswitch_common::control`.
+    pub stateless: bool,
 }
 
 impl ServiceConfig {
@@ -171,6 +174,7 @@ struct RawService {
     blue: Option<Vec<String>>,
     green: Option<Vec<String>>,
     health: Option<RawHealth>,
+    stateless: Option<bool>,
 }
 
 /// Reads and validates a config file.
@@ -378,6 +382,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 err(&at(&format!("health.{k}")), r)
             })?),
         };
+        let stateless = s.stateless.unwrap_or(false);
+        if stateless && protocol != Protocol::Tcp {
+            return Err(err(
+                &at("stateless"),
+                "needs protocol = \"tcp\": a UDP packet carries nothing that tells a new flow \
+                 from an old one, so UDP flows are always recorded"
+                    .into(),
+            ));
+        }
         services.push(ServiceConfig {
             name,
             vip,
@@ -385,6 +398,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             blue,
             green,
             health,
+            stateless,
         });
     }
     for (i, s) in services.iter().enumerate() {

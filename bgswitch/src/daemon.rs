@@ -83,6 +83,10 @@ pub enum Event {
     FlowsCounted {
         counts: std::io::Result<HashMap<(u32, Colour), dataplane::FlowCounts>>,
         waiters: Vec<StatusWaiter>,
+        /// The control words of services in a transition when the scan
+        /// began, and when it began.
+        words: HashMap<u32, u32>,
+        at: std::time::Instant,
     },
 }
 
@@ -134,6 +138,9 @@ pub struct Daemon {
     /// next one: every answer comes from a scan begun after its request.
     scan_running: bool,
     scan_waiting: Vec<StatusWaiter>,
+    /// Whether the host's routing rules pick routes by destination only
+    /// (stateless services need it: they keep one next hop per backend).
+    rules_by_destination: bool,
     _lock: File,
 }
 
@@ -312,8 +319,10 @@ impl Daemon {
             ticks: 0,
             scan_running: false,
             scan_waiting: Vec::new(),
+            rules_by_destination: false,
             _lock: lock,
         };
+        daemon.rules_by_destination = daemon.read_rules();
         daemon.apply_config()?;
         Ok(daemon)
     }
@@ -355,6 +364,8 @@ impl Daemon {
         let blue = self.serving_pool(&svc, st.id, Colour::Blue);
         let green = self.serving_pool(&svc, st.id, Colour::Green);
         let key = service_key(svc.vip, svc.protocol.number());
+        self.dataplane
+            .set_stateless(st.id, svc.stateless && self.rules_by_destination);
         self.dataplane
             .write_service(st.id, key, &blue, &green, st.active)?;
         self.dataplane.set_canary(st.id, st.canary_bp)?;
@@ -560,7 +571,12 @@ impl Daemon {
                 } => self.on_probe(&service, colour, index, result),
                 Event::Tick => self.on_tick(),
                 Event::Scrape { reply } => self.status_request(StatusWaiter::Scrape { reply }),
-                Event::FlowsCounted { counts, waiters } => self.flows_counted(counts, waiters),
+                Event::FlowsCounted {
+                    counts,
+                    waiters,
+                    words,
+                    at,
+                } => self.flows_counted(counts, waiters, words, at),
                 Event::Reload => {
                     let r = self.reload();
                     if !r.ok {
@@ -658,6 +674,10 @@ impl Daemon {
             for (level, note) in self.dataplane.check_interfaces() {
                 log::log!(level, "{note}");
             }
+            self.check_rules();
+            if !self.scan_running && !self.transitions_due().is_empty() {
+                self.start_scan(Vec::new());
+            }
         }
         let now = now_ms();
         let names: Vec<String> = self.state.services.keys().cloned().collect();
@@ -691,6 +711,116 @@ impl Daemon {
             }
             if let Some(why) = self.watch_failure(&name, st.id, w) {
                 self.auto_rollback(&name, &why);
+            }
+        }
+    }
+
+    /// Whether the routing rules pick routes by destination only; read
+    /// only while a service is configured stateless (a failure to read them
+    /// counts as "no").
+    fn read_rules(&self) -> bool {
+        if !self.config.services.iter().any(|s| s.stateless) {
+            return false;
+        }
+        crate::netlink::ipv4_rules_by_destination_only().unwrap_or_else(|e| {
+            log::warn!("cannot read the IPv4 routing rules ({e}): stateless services keep their flow table");
+            false
+        })
+    }
+
+    /// Once a second: a routing rule that selects on more than the
+    /// destination ends every stable period (each flow records its own
+    /// next hop again); when the rules are back, stable periods may start.
+    fn check_rules(&mut self) {
+        let ok = self.read_rules();
+        if ok == self.rules_by_destination {
+            return;
+        }
+        self.rules_by_destination = ok;
+        if self.config.services.iter().any(|s| s.stateless) {
+            if ok {
+                log::info!("routing rules select by destination only: stateless services may start stable periods");
+            } else {
+                log::warn!(
+                    "a routing rule selects on more than the destination: stateless services record their flows again (a next hop per backend would be wrong for some clients)"
+                );
+            }
+        }
+        for svc in self.config.services.clone() {
+            if let Ok(st) = self.state.service(&svc.name) {
+                self.dataplane.set_stateless(st.id, svc.stateless && ok);
+            }
+        }
+    }
+
+    /// Services whose transition may end now: a stateless service (allowed
+    /// to be, without canary or preview) a TCP idle timeout after its
+    /// transition began, or at once if it has no orphan pool (every open
+    /// connection has a record); and a service with an orphan pool that is
+    /// no longer stateless, after the same timeout.
+    fn transitions_due(&self) -> Vec<u32> {
+        let mut due = Vec::new();
+        for svc in &self.config.services {
+            let Ok(st) = self.state.service(&svc.name) else {
+                continue;
+            };
+            let w = self.dataplane.control_word(st.id);
+            if !bgswitch_common::control::enabled(w) || bgswitch_common::control::stateless(w) {
+                continue;
+            }
+            let wanted = svc.stateless
+                && self.rules_by_destination
+                && st.canary_bp == 0
+                && st.preview.is_empty();
+            match self.dataplane.transition_since(st.id) {
+                Some(t) if t.elapsed() >= self.config.tcp_idle_timeout => due.push(st.id),
+                Some(_) => {}
+                None if wanted => due.push(st.id),
+                None => {}
+            }
+        }
+        due
+    }
+
+    /// After a flow-table scan: ends the transitions that were due before
+    /// it began and whose scan found no live record disagreeing with the
+    /// active pool's hash choice.
+    fn end_transitions(
+        &mut self,
+        counts: &HashMap<(u32, Colour), dataplane::FlowCounts>,
+        words: &HashMap<u32, u32>,
+        at: std::time::Instant,
+    ) {
+        for id in self.transitions_due() {
+            let Some(&word) = words.get(&id) else {
+                continue;
+            };
+            if let Some(t) = self.dataplane.transition_since(id) {
+                if at < t + self.config.tcp_idle_timeout {
+                    continue;
+                }
+            }
+            let disagreeing: u64 = Colour::BOTH
+                .iter()
+                .filter_map(|c| counts.get(&(id, *c)))
+                .map(|c| c.disagreeing)
+                .sum();
+            if disagreeing > 0 {
+                continue;
+            }
+            let name = self
+                .state
+                .services
+                .iter()
+                .find(|(_, s)| s.id == id)
+                .map_or_else(|| format!("id {id}"), |(n, _)| n.clone());
+            match self.dataplane.end_transition(id, word) {
+                Ok(Some(flushed)) if self.dataplane.is_stateless(id) => log::info!(
+                    "{name}: stable period begins: packets follow the active pool's hash without the flow table ({flushed} records of the transition removed)"
+                ),
+                Ok(Some(_)) => log::info!("{name}: transition over: connections of the last stateless period are gone"),
+                Ok(None) => {}
+                Err(e) => log::warn!("{name}: ending the transition failed: {e}"),
             }
         }
     }
@@ -1213,11 +1343,20 @@ impl Daemon {
             return self.answer_status(counts, waiters);
         };
         self.scan_running = true;
+        let words = scan.words.clone();
+        let at = std::time::Instant::now();
         tokio::spawn(async move {
             let counts = tokio::task::spawn_blocking(move || scan.count())
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            let _ = tx.send(Event::FlowsCounted { counts, waiters }).await;
+            let _ = tx
+                .send(Event::FlowsCounted {
+                    counts,
+                    waiters,
+                    words,
+                    at,
+                })
+                .await;
         });
     }
 
@@ -1225,6 +1364,8 @@ impl Daemon {
         &mut self,
         counts: std::io::Result<HashMap<(u32, Colour), dataplane::FlowCounts>>,
         waiters: Vec<StatusWaiter>,
+        words: HashMap<u32, u32>,
+        at: std::time::Instant,
     ) {
         self.scan_running = false;
         let counts = match counts {
@@ -1237,7 +1378,13 @@ impl Daemon {
             }
             Err(e) => Err(anyhow::Error::new(e).context("reading the flow table")),
         };
+        // The waiters get the counts of the state they were read in; a
+        // transition that ends now (and drops its records) shows in the next.
+        let ended = counts.as_ref().ok().cloned();
         self.answer_status(counts, waiters);
+        if let Some(c) = ended {
+            self.end_transitions(&c, &words, at);
+        }
         if !self.scan_waiting.is_empty() {
             let next = std::mem::take(&mut self.scan_waiting);
             self.start_scan(next);
@@ -1319,6 +1466,7 @@ impl Daemon {
                     active: c == st.active,
                     backends,
                     live_flows: fc.live,
+                    untracked: self.dataplane.untracked_colour(st.id) == Some(c),
                     recorded_flows: fc.recorded,
                     packets: stats.packets,
                     bytes: stats.bytes,
@@ -1350,6 +1498,14 @@ impl Daemon {
                 flips: st.flips,
                 rollbacks: st.rollbacks,
                 health_checks: svc.health.is_some(),
+                fast_path: if self.dataplane.is_stateless(st.id) {
+                    "stateless"
+                } else if self.dataplane.transition_since(st.id).is_some() {
+                    "transition"
+                } else {
+                    "table"
+                }
+                .to_string(),
             });
         }
         let interfaces = self

@@ -174,6 +174,12 @@ pub struct Dataplane {
     watched: BTreeMap<String, (XdpModeSetting, Option<bool>)>,
     /// When each (service, slot) was last deselected.
     freed: StdHashMap<(u32, u32), Instant>,
+    /// Services that may run stateless in their stable periods (see
+    /// `bgswitch_common::control`): configured so, and allowed now.
+    stateless: std::collections::HashSet<u32>,
+    /// Services in a transition that has an orphan pool, and since when
+    /// (this process's view: a transition found at load starts then).
+    transitions: StdHashMap<u32, Instant>,
     /// The data plane's clock (kernel ticks).
     clock: Clock,
     /// Slots of this load's per-CPU flow cache.
@@ -390,7 +396,7 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             MapType::Array,
             4,
             8,
-            2 * ADDR_FILTER_WORDS,
+            3 * ADDR_FILTER_WORDS,
             BPF_F_MMAPABLE,
         ),
     ]
@@ -560,6 +566,10 @@ pub struct FlowCounts {
     pub unanswered: u64,
     /// Flows sent to this colour by a preview prefix.
     pub preview: u64,
+    /// Of a service in a transition: live entries whose backend is not the
+    /// one the active pool's hash chooses (a stable period can start only
+    /// without any).
+    pub disagreeing: u64,
 }
 
 /// A TCP SYN unanswered for this long counts as an error.
@@ -570,6 +580,9 @@ pub const SYN_TIMEOUT_S: u64 = 2;
 pub struct FlowScan {
     fd: std::os::fd::OwnedFd,
     rules: FlowRules,
+    /// The control word of each service in a transition when the scan was
+    /// prepared (`Dataplane::end_transition` wants it unchanged).
+    pub words: StdHashMap<u32, u32>,
 }
 
 impl FlowScan {
@@ -587,6 +600,8 @@ struct FlowRules {
     udp_idle: u64,
     tcp_idle: u64,
     syn_timeout: u64,
+    /// The active pool of each service in a transition.
+    choices: StdHashMap<u32, Vec<Backend>>,
 }
 
 impl FlowRules {
@@ -624,6 +639,29 @@ impl FlowRules {
             };
             if live {
                 c.live += 1;
+                if let Some(pool) = self.choices.get(&e.service) {
+                    let k = bgswitch_common::FlowKey {
+                        src: [key.src, 0, 0, 0],
+                        dst: [key.dst, 0, 0, 0],
+                        sport: key.sport,
+                        dport: key.dport,
+                        proto: key.proto,
+                        family: bgswitch_common::FAMILY_IPV4,
+                        _pad: [0; 2],
+                    };
+                    let i = bgswitch_common::hash::reduce(
+                        bgswitch_common::hash::flow_hash(&k, bgswitch_common::hash::BACKEND_SEED),
+                        pool.len() as u32,
+                    );
+                    let agrees = pool.get(i as usize).is_some_and(|b| {
+                        b.addr[0] == e.peer
+                            && b.port == e.peer_port
+                            && b.stat_id == u32::from(e.backend_stat)
+                    });
+                    if !agrees {
+                        c.disagreeing += 1;
+                    }
+                }
             }
         }
         out
@@ -738,7 +776,7 @@ impl Dataplane {
             .map_err(map_err(names::REPLY_SOURCES, "open"))?;
         let filter_map = take(names::ADDR_FILTER)?;
         let addr_filter = match &filter_map {
-            Map::Array(data) => MappedArray::map(data.fd().as_fd(), 2 * ADDR_FILTER_WORDS)
+            Map::Array(data) => MappedArray::map(data.fd().as_fd(), 3 * ADDR_FILTER_WORDS)
                 .map_err(|e| DataplaneError::Io {
                     op: "mmap",
                     path: names::ADDR_FILTER.into(),
@@ -784,6 +822,8 @@ impl Dataplane {
             links: BTreeMap::new(),
             watched: BTreeMap::new(),
             freed: StdHashMap::new(),
+            stateless: Default::default(),
+            transitions: StdHashMap::new(),
             clock,
             cache_slots,
             addr_filter,
@@ -1201,6 +1241,10 @@ impl Dataplane {
         }
         let old = self.control.load(id);
         let mut slots = [u32::MAX; 2];
+        if control::orphan(old).is_some() && !self.transitions.contains_key(&id) {
+            // A transition left by an earlier daemon: it lasts from now.
+            self.transitions.insert(id, Instant::now());
+        }
         if control::enabled(old) {
             for c in Colour::BOTH {
                 let s = control::slot(old, c.index());
@@ -1214,8 +1258,11 @@ impl Dataplane {
             if slots[c.index() as usize] != u32::MAX {
                 continue;
             }
+            // The orphan pool stays untouched while its transition lasts.
             let in_use: Vec<u32> = if control::enabled(old) {
-                vec![control::slot(old, 0), control::slot(old, 1)]
+                let mut v = vec![control::slot(old, 0), control::slot(old, 1)];
+                v.extend(control::orphan(old).map(|(_, s)| s));
+                v
             } else {
                 vec![]
             };
@@ -1231,11 +1278,11 @@ impl Dataplane {
         };
         let word =
             control::encode(active.index(), slots[0], slots[1], canary) | (old & control::PREVIEW);
-        self.control.store(id, word);
+        let word = self.store_word(id, word);
         if control::enabled(old) {
             for c in 0..2 {
                 let s = control::slot(old, c);
-                if !slots.contains(&s) {
+                if !slots.contains(&s) && control::orphan(word).map(|(_, o)| o) != Some(s) {
                     self.freed.insert((id, s), Instant::now());
                 }
             }
@@ -1271,6 +1318,124 @@ impl Dataplane {
             .map_err(map_err(names::SERVICES, "insert"))
     }
 
+    /// Stores service `id`'s control word `new` (its stateless and orphan
+    /// bits are this function's): a stable period of a stateless service
+    /// lasts while the active colour, its pool slot, no canary and no
+    /// preview stay and the service may run stateless; any other word
+    /// starts a transition, whose orphan pool is the stable period's, in the
+    /// same store. In a transition, the orphan pool stays. Returns the word
+    /// stored.
+    fn store_word(&mut self, id: u32, new: u32) -> u32 {
+        let old = self.control.load(id);
+        let keep = new & !(control::STATELESS | control::ORPHAN_BITS);
+        let word = if control::enabled(old) && control::stateless(old) {
+            let active = control::active(old);
+            let stable = control::active(keep) == active
+                && control::slot(keep, active) == control::slot(old, active)
+                && control::canary(keep) == 0
+                && keep & control::PREVIEW == 0
+                && self.stateless.contains(&id);
+            if stable {
+                keep | control::STATELESS
+            } else {
+                self.transitions.insert(id, Instant::now());
+                control::with_orphan(keep, active, control::slot(old, active))
+            }
+        } else if control::enabled(old) {
+            keep | (old & control::ORPHAN_BITS)
+        } else {
+            keep
+        };
+        self.control.store(id, word);
+        if control::stateless(old) && !control::stateless(word) {
+            // The bitmap bit goes after the word: a packet that still finds
+            // it set reads the word and takes the table path.
+            self.rebuild_filter();
+        }
+        word
+    }
+
+    /// Lets service `id` run stateless in its stable periods, or not (not
+    /// configured so, or the host's routing rules make a backend's next hop
+    /// depend on the client): a stable period in course ends in a
+    /// transition at once.
+    pub fn set_stateless(&mut self, id: u32, allowed: bool) {
+        if allowed {
+            self.stateless.insert(id);
+            return;
+        }
+        self.stateless.remove(&id);
+        let old = self.control.load(id);
+        if control::stateless(old) {
+            self.store_word(id, old);
+        }
+    }
+
+    /// Whether service `id` is in a stable period (stateless now).
+    pub fn is_stateless(&self, id: u32) -> bool {
+        control::stateless(self.control.load(id))
+    }
+
+    /// When service `id`'s transition began, if it has an orphan pool.
+    pub fn transition_since(&self, id: u32) -> Option<Instant> {
+        control::orphan(self.control.load(id))?;
+        Some(
+            self.transitions
+                .get(&id)
+                .copied()
+                .unwrap_or_else(Instant::now),
+        )
+    }
+
+    /// The colour whose connections of the last stateless period may still
+    /// be open without a record (the orphan pool's), if any.
+    pub fn untracked_colour(&self, id: u32) -> Option<Colour> {
+        let w = self.control.load(id);
+        if control::stateless(w) {
+            return Some(Colour::from_index(control::active(w)));
+        }
+        control::orphan(w).map(|(c, _)| Colour::from_index(c))
+    }
+
+    /// Ends a transition of service `id` if its control word is still
+    /// `expected` (what the scan that cleared it saw): the orphan pool goes,
+    /// and a service that may run stateless starts a stable period (its
+    /// bitmap bit first, then the word), and the records of the transition
+    /// go, which nothing reads in a stable period and a later transition
+    /// must not find. Returns whether it ended, and how many records went.
+    pub fn end_transition(&mut self, id: u32, expected: u32) -> Result<Option<u64>> {
+        let old = self.control.load(id);
+        if old != expected || !control::enabled(old) || control::stateless(old) {
+            return Ok(None);
+        }
+        let stable = self.stateless.contains(&id)
+            && control::canary(old) == 0
+            && old & control::PREVIEW == 0;
+        let mut word = old & !control::ORPHAN_BITS;
+        if stable {
+            let key = self
+                .service_keys()?
+                .into_iter()
+                .find(|(_, v)| *v == id)
+                .map(|(k, _)| k)
+                .ok_or_else(|| DataplaneError::Invalid(format!("service id {id} has no VIP")))?;
+            let (w, m) = bgswitch_common::service_bit(&key.addr, key.port);
+            self.addr_filter
+                .word64(2 * ADDR_FILTER_WORDS + w)
+                .fetch_or(m, Ordering::SeqCst);
+            word |= control::STATELESS;
+        }
+        self.control.store(id, word);
+        self.transitions.remove(&id);
+        if let Some((_, s)) = control::orphan(old) {
+            if s != control::slot(old, 0) && s != control::slot(old, 1) {
+                self.freed.insert((id, s), Instant::now());
+            }
+        }
+        let flushed = if stable { self.flush_service(id)? } else { 0 };
+        Ok(Some(flushed))
+    }
+
     /// A slot not selected now nor by the new word, least recently freed;
     /// waits out the quarantine if it was freed just now.
     fn free_slot(&self, id: u32, in_use: &[u32], taken: &[u32; 2]) -> u32 {
@@ -1287,7 +1452,7 @@ impl Dataplane {
                 _ => {}
             }
         }
-        let (slot, freed) = best.expect("4 slots, at most 3 excluded");
+        let (slot, freed) = best.expect("8 slots, at most 5 excluded");
         if let Some(f) = freed {
             let age = f.elapsed();
             if age < SLOT_QUARANTINE {
@@ -1306,7 +1471,7 @@ impl Dataplane {
             )));
         }
         let word = (old & !control::ACTIVE_MASK) | colour.index();
-        self.control.store(id, word);
+        self.store_word(id, word);
         Ok(())
     }
 
@@ -1326,7 +1491,7 @@ impl Dataplane {
         }
         let word = (old & !(control::CANARY_MASK << control::CANARY_SHIFT))
             | (basis_points << control::CANARY_SHIFT);
-        self.control.store(id, word);
+        self.store_word(id, word);
         Ok(())
     }
 
@@ -1369,7 +1534,7 @@ impl Dataplane {
         };
         // Set the bit after adding entries, clear it before removing them.
         let word = (self.control.load(id) & !control::PREVIEW) | bit;
-        self.control.store(id, word);
+        self.store_word(id, word);
         for k in stale {
             match self.preview.remove(&k) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -1386,6 +1551,7 @@ impl Dataplane {
             Err(e) => return Err(map_err(names::SERVICES, "remove")(e)),
         }
         self.control.store(id, 0);
+        self.transitions.remove(&id);
         // The id may serve another VIP later; its old flows must not follow.
         self.flush_service(id)?;
         let gone: Vec<ServiceKey> = self
@@ -1413,15 +1579,19 @@ impl Dataplane {
             .fetch_or(mask, Ordering::SeqCst);
     }
 
-    /// Recomputes both bitmaps from the services and reply sources there are
-    /// (after a service went, with its flows): each word is stored whole,
-    /// and a bit still needed is set before and after, so no packet ever
-    /// sees it clear.
+    /// Recomputes the bitmaps from the services and reply sources there are
+    /// (after a service went, with its flows) and the services in a stable
+    /// period: each word is stored whole, and a bit still needed is set
+    /// before and after, so no packet ever sees it clear.
     fn rebuild_filter(&self) {
-        let mut bits = vec![0u64; 2 * ADDR_FILTER_WORDS as usize];
-        for k in self.services.keys().flatten() {
+        let mut bits = vec![0u64; 3 * ADDR_FILTER_WORDS as usize];
+        for (k, v) in self.services.iter().flatten() {
             let (w, m) = bgswitch_common::addr_bit(&k.addr);
             bits[w as usize] |= m;
+            if control::stateless(self.control.load(v.id)) {
+                let (w, m) = bgswitch_common::service_bit(&k.addr, k.port);
+                bits[(2 * ADDR_FILTER_WORDS + w) as usize] |= m;
+            }
         }
         for k in self.reply_sources.keys().flatten() {
             let (w, m) = bgswitch_common::addr_bit(&k.addr);
@@ -1537,18 +1707,35 @@ impl Dataplane {
             "duplicating the descriptor of",
             Path::new(names::FLOWS),
         ))?;
-        Ok(FlowScan {
-            fd,
-            rules: self.flow_rules(udp_idle, tcp_idle)?,
-        })
+        let rules = self.flow_rules(udp_idle, tcp_idle)?;
+        let words = rules
+            .choices
+            .keys()
+            .map(|id| (*id, self.control.load(*id)))
+            .collect();
+        Ok(FlowScan { fd, rules, words })
     }
 
     fn flow_rules(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowRules> {
+        let mut choices = StdHashMap::new();
+        for (_, id) in self.service_keys()? {
+            let w = self.control.load(id);
+            let in_transition = control::enabled(w)
+                && !control::stateless(w)
+                && (control::orphan(w).is_some() || self.stateless.contains(&id));
+            if in_transition {
+                choices.insert(
+                    id,
+                    self.read_pool(id, control::slot(w, control::active(w)))?,
+                );
+            }
+        }
         Ok(FlowRules {
             now: self.jiffies()?,
             udp_idle: self.clock.ticks(udp_idle),
             tcp_idle: self.clock.ticks(tcp_idle),
             syn_timeout: SYN_TIMEOUT_S * self.clock.hz,
+            choices,
         })
     }
 
@@ -1582,6 +1769,19 @@ impl Dataplane {
     /// their next packets follow the active colour (`flip --force`). Returns
     /// how many flows were moved.
     pub fn flush_flows(&mut self, id: u32, keep: Colour) -> Result<u64> {
+        // Connections of a stateless period without a record would go to
+        // the orphan pool: they follow the active colour too.
+        let w = self.control.load(id);
+        if control::orphan(w).is_some_and(|(c, _)| c != keep.index()) {
+            let word = w & !control::ORPHAN_BITS;
+            self.control.store(id, word);
+            self.transitions.remove(&id);
+            if let Some((_, s)) = control::orphan(w) {
+                if s != control::slot(w, 0) && s != control::slot(w, 1) {
+                    self.freed.insert((id, s), Instant::now());
+                }
+            }
+        }
         self.flush(id, Some(keep))
     }
 

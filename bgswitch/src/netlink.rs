@@ -216,9 +216,225 @@ impl RouteEvents {
     }
 }
 
+const RTM_NEWRULE: u16 = 32;
+const RTM_GETRULE: u16 = 34;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+/// `struct fib_rule_hdr`: family, dst_len, src_len, tos, table, two reserved
+/// bytes, action, flags (u32).
+const FIB_RULE_HDR_LEN: usize = 12;
+/// Rule attributes that select on nothing but the destination (or select
+/// nothing): FRA_DST, FRA_GOTO, FRA_PRIORITY, FRA_SUPPRESS_IFGROUP,
+/// FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_PAD, FRA_PROTOCOL (who made the
+/// rule). Any other — source, interfaces, marks, UIDs, ports, protocol,
+/// DSCP, l3mdev (VRF) — can make a route depend on the packet's client.
+const DESTINATION_ONLY_ATTRS: [u16; 8] = [1, 4, 6, 13, 14, 15, 18, 21];
+
+/// Whether the host's IPv4 policy-routing rules choose a route by the
+/// destination alone (the three default rules do), so the next hop towards a
+/// backend is the same for every client. Reads the rules with an
+/// RTM_GETRULE dump in the caller's network namespace.
+pub fn ipv4_rules_by_destination_only() -> io::Result<bool> {
+    // SAFETY: plain socket(2) call.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let tv = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid timeval of the right size on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + FIB_RULE_HDR_LEN);
+    req.extend_from_slice(&((NLMSG_HDRLEN + FIB_RULE_HDR_LEN) as u32).to_ne_bytes());
+    req.extend_from_slice(&RTM_GETRULE.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    let mut hdr = [0u8; FIB_RULE_HDR_LEN];
+    hdr[0] = libc::AF_INET as u8;
+    req.extend_from_slice(&hdr);
+    // SAFETY: sending our own buffer (to the kernel: no address needed).
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut by_destination = true;
+    loop {
+        // SAFETY: reading into our own buffer.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        match rules_by_destination_only(&buf[..n as usize])? {
+            RuleDump::More(ok) => by_destination &= ok,
+            RuleDump::Done(ok) => return Ok(by_destination && ok),
+        }
+    }
+}
+
+/// What one datagram of a rule dump said.
+#[derive(Debug, PartialEq, Eq)]
+enum RuleDump {
+    /// More datagrams follow; whether these rules select by destination only.
+    More(bool),
+    /// The dump ended here.
+    Done(bool),
+}
+
+fn rules_by_destination_only(mut buf: &[u8]) -> io::Result<RuleDump> {
+    let mut ok = true;
+    while buf.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "malformed netlink message in the rule dump",
+            ));
+        }
+        let body = &buf[NLMSG_HDRLEN..len];
+        match kind {
+            NLMSG_DONE => return Ok(RuleDump::Done(ok)),
+            NLMSG_ERROR => {
+                let errno = body
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(-libc::EIO);
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+            RTM_NEWRULE => ok &= rule_by_destination_only(body),
+            _ => {}
+        }
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+    }
+    Ok(RuleDump::More(ok))
+}
+
+/// One rule (`fib_rule_hdr` and attributes): no source prefix, no TOS, and
+/// only attributes of [`DESTINATION_ONLY_ATTRS`].
+fn rule_by_destination_only(body: &[u8]) -> bool {
+    if body.len() < FIB_RULE_HDR_LEN || body[2] != 0 || body[3] != 0 {
+        return false;
+    }
+    let mut attrs = &body[FIB_RULE_HDR_LEN..];
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return false;
+        }
+        if !DESTINATION_ONLY_ATTRS.contains(&kind) {
+            return false;
+        }
+        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rule(src_len: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = vec![libc::AF_INET as u8, 0, src_len, 0, 254, 0, 0, 1, 0, 0, 0, 0];
+        for (k, v) in attrs {
+            body.extend(attr(*k, v));
+        }
+        msg(RTM_NEWRULE, &body)
+    }
+
+    #[test]
+    fn only_rules_that_select_by_destination_keep_next_hops_per_backend() {
+        // The three default rules: priority and table (and protocol).
+        let mut dump = Vec::new();
+        for (prio, table) in [(0u32, 255u32), (32766, 254), (32767, 253)] {
+            dump.extend(rule(
+                0,
+                &[
+                    (6, &prio.to_ne_bytes()),
+                    (15, &table.to_ne_bytes()),
+                    (21, &[2]),
+                ],
+            ));
+        }
+        assert_eq!(
+            rules_by_destination_only(&dump).unwrap(),
+            RuleDump::More(true)
+        );
+        let mut done = dump.clone();
+        done.extend(msg(NLMSG_DONE, &[0; 4]));
+        assert_eq!(
+            rules_by_destination_only(&done).unwrap(),
+            RuleDump::Done(true)
+        );
+        // `from 198.18.0.0/16 table 100`: a source prefix.
+        let mut from = dump.clone();
+        from.extend(rule(
+            16,
+            &[(2, &[198, 18, 0, 0]), (15, &100u32.to_ne_bytes())],
+        ));
+        assert_eq!(
+            rules_by_destination_only(&from).unwrap(),
+            RuleDump::More(false)
+        );
+        // `iif eth1`, `fwmark 1`, `l3mdev`: no source prefix, but still the client's.
+        for (k, v) in [
+            (3u16, &b"eth1\0"[..]),
+            (10, &1u32.to_ne_bytes()[..]),
+            (19, &[1u8][..]),
+        ] {
+            let mut d = dump.clone();
+            d.extend(rule(0, &[(k, v)]));
+            assert_eq!(
+                rules_by_destination_only(&d).unwrap(),
+                RuleDump::More(false),
+                "attr {k}"
+            );
+        }
+        // `to 198.19.0.0/16 table 100`: by destination.
+        let mut to = dump.clone();
+        to.extend(rule(
+            0,
+            &[(1, &[198, 19, 0, 0]), (15, &100u32.to_ne_bytes())],
+        ));
+        assert_eq!(
+            rules_by_destination_only(&to).unwrap(),
+            RuleDump::More(true)
+        );
+        // An error answer and a malformed message are errors, not "fine".
+        let mut err = Vec::new();
+        err.extend(msg(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes()));
+        assert!(rules_by_destination_only(&err).is_err());
+        let mut bad = rule(0, &[]);
+        bad[0] = 200;
+        assert!(rules_by_destination_only(&bad).is_err());
+        // A truncated attribute is not destination-only.
+        let mut trunc = vec![libc::AF_INET as u8, 0, 0, 0, 254, 0, 0, 1, 0, 0, 0, 0];
+        trunc.extend([40, 0, 6, 0, 1, 0, 0, 0]);
+        assert!(!rule_by_destination_only(&trunc));
+    }
 
     /// One netlink message of `kind` with `body`.
     fn msg(kind: u16, body: &[u8]) -> Vec<u8> {

@@ -368,3 +368,122 @@ fn forced_flip_moves_open_flows_too() {
     let r = http_get(&cli, web(), "/").unwrap();
     assert_eq!(colour(&r.body), "green");
 }
+
+/// `web` with `stateless = true` and a short TCP idle timeout (3 s), so
+/// transitions end within the test.
+fn setup_stateless() -> (Topology, Switcher) {
+    require_root();
+    let topo = served_topology().expect("topology with servers");
+    let services = default_services(&topo).replacen(
+        "protocol = \"tcp\"\n",
+        "protocol = \"tcp\"\nstateless = true\n",
+        1,
+    );
+    let mut sw =
+        Switcher::new(&topo, &format!("tcp_idle_timeout = \"3s\"\n{services}")).expect("switcher");
+    sw.start().expect("daemon starts");
+    (topo, sw)
+}
+
+/// Waits up to `within` for `web`'s fast path to be `want`; its status then.
+fn wait_fast_path(sw: &Switcher, want: &str, within: Duration) -> serde_json::Value {
+    let end = Instant::now() + within;
+    loop {
+        let st = sw.status().unwrap();
+        let web = st["services"][0].clone();
+        if web["fast_path"] == want {
+            return web;
+        }
+        assert!(
+            Instant::now() < end,
+            "web's fast path is {} after {within:?}, not {want}\n{}",
+            web["fast_path"],
+            sw.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_stateless_service_keeps_connections_through_a_flip_and_a_routing_rule() {
+    let (topo, sw) = setup_stateless();
+    let cli = topo.client_ns().to_string();
+    // No flow needs a record: the stable period starts at once.
+    wait_fast_path(&sw, "stateless", Duration::from_secs(5));
+    let mut long = KeepAliveClient::connect(&cli, web()).unwrap();
+    let first = long.get("/").unwrap();
+    assert_eq!(colour(&first.body), "blue");
+    for _ in 0..6 {
+        let r = http_get(&cli, web(), "/").unwrap();
+        assert_eq!(colour(&r.body), "blue", "{r:?}");
+    }
+    let st = sw.status().unwrap();
+    assert!(st["counters"]["stateless"].as_u64().unwrap() > 0, "{st}");
+    let web_st = &st["services"][0];
+    assert_eq!(web_st["colours"][0]["recorded_flows"], 0, "{web_st}");
+    assert_eq!(web_st["colours"][0]["untracked"], true, "{web_st}");
+
+    // The flip: the open connection, which has no record, stays on its
+    // blue backend; new connections go green.
+    // Blue is not drained while connections of its stable period may live,
+    // which no record counts.
+    let out = sw
+        .cli(&["flip", "web", "--wait-drained", "--timeout", "1s"])
+        .unwrap();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("stateless period"), "{out:?}");
+    let web_st = wait_fast_path(&sw, "transition", Duration::from_secs(1));
+    assert_eq!(web_st["active"], "green");
+    assert_eq!(web_st["colours"][0]["untracked"], true, "{web_st}");
+    for i in 0..3 {
+        let r = long.get("/").unwrap();
+        assert_eq!(r.body, first.body, "request {i} of the open connection");
+    }
+    for _ in 0..6 {
+        let r = http_get(&cli, web(), "/").unwrap();
+        assert_eq!(colour(&r.body), "green", "{r:?}");
+    }
+    let st = sw.status().unwrap();
+    assert!(st["counters"]["orphans"].as_u64().unwrap() >= 1, "{st}");
+    let text = sw.cli_ok(&["status", "web"]).unwrap();
+    assert!(text.contains("transition:"), "{text}");
+
+    // The connection ends; after the idle timeout the transition is over
+    // and its records are gone.
+    drop(long);
+    let web_st = wait_fast_path(&sw, "stateless", Duration::from_secs(15));
+    assert_eq!(web_st["colours"][0]["recorded_flows"], 0, "{web_st}");
+    assert_eq!(web_st["colours"][1]["recorded_flows"], 0, "{web_st}");
+    assert!(
+        sw.log().contains("stable period begins"),
+        "{}",
+        sw.log_tail()
+    );
+    for _ in 0..4 {
+        let r = http_get(&cli, web(), "/").unwrap();
+        assert_eq!(colour(&r.body), "green", "{r:?}");
+    }
+
+    // A source-based routing rule: a next hop per backend would be wrong
+    // for some clients, so the service records its flows again.
+    bgswitch_tests::ip_ns(
+        topo.lb_ns(),
+        &[
+            "rule",
+            "add",
+            "from",
+            "198.18.0.0/15",
+            "lookup",
+            "main",
+            "pref",
+            "100",
+        ],
+    )
+    .unwrap();
+    wait_fast_path(&sw, "transition", Duration::from_secs(3));
+    assert!(sw.log().contains("routing rule"), "{}", sw.log_tail());
+    let r = http_get(&cli, web(), "/").unwrap();
+    assert_eq!(colour(&r.body), "green", "{r:?}");
+    bgswitch_tests::ip_ns(topo.lb_ns(), &["rule", "del", "pref", "100"]).unwrap();
+    wait_fast_path(&sw, "stateless", Duration::from_secs(15));
+}

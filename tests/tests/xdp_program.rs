@@ -1146,3 +1146,202 @@ fn flow_counts_read_the_whole_table_in_batches() {
         assert!(fx.dp.flow_counts(day, day).unwrap().is_empty());
     });
 }
+
+/// A global counter by name.
+fn counter(dp: &Dataplane, name: &str) -> u64 {
+    dp.global_stats()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
+fn recorded(dp: &Dataplane) -> u64 {
+    dp.flow_counts(Duration::from_secs(30), Duration::from_secs(3600))
+        .unwrap()
+        .values()
+        .map(|c| c.recorded)
+        .sum()
+}
+
+/// Makes service 0 (TCP) stateless and starts its stable period.
+fn stable(fx: &mut Fixture) {
+    fx.dp.set_stateless(0, true);
+    let w = fx.dp.control_word(0);
+    fx.dp
+        .end_transition(0, w)
+        .unwrap()
+        .expect("the transition ends");
+    assert!(fx.dp.is_stateless(0));
+}
+
+#[test]
+fn a_stateless_service_records_nothing_when_stable_and_keeps_connections_through_a_flip() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        stable(&mut fx);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let clients: Vec<_> = (44000..44010)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .collect();
+        // Stable: a SYN and the packets after it take the hash choice;
+        // nothing is recorded.
+        for c in &clients {
+            for l4 in [L4::Syn, L4::Ack] {
+                let (_, out) = fx.run(&frame(*c, vip, l4, 64, b"x"));
+                assert_eq!(verify(&out).1, predicted(*c, vip, PROTO_TCP, &blue()));
+            }
+        }
+        assert_eq!(recorded(&fx.dp), 0, "a stable period records nothing");
+        assert_eq!(counter(&fx.dp, "stateless"), 20);
+        assert_eq!(fx.dp.colour_stats(0, Colour::Blue).unwrap().new_flows, 10);
+        // Replies come back from the VIP; a backend's packet to a client
+        // whose 5-tuple hashes to another backend is not a reply of ours.
+        let c = clients[0];
+        let b = predicted(c, vip, PROTO_TCP, &blue());
+        let (_, out) = fx.run(&frame(b, c, L4::Ack, 64, b"y"));
+        assert_eq!(verify(&out).0, vip);
+        let other = blue()
+            .into_iter()
+            .map(|a| match a {
+                SocketAddr::V4(a) => a,
+                SocketAddr::V6(_) => unreachable!(),
+            })
+            .find(|a| *a != b)
+            .unwrap();
+        let input = frame(other, c, L4::Ack, 64, b"y");
+        let (action, out) = fx.run(&input);
+        assert_eq!((action, &out), (XDP_PASS, &input), "untouched");
+
+        // The flip: a transition. Connections of the stable period keep
+        // blue (recorded at their next packet), new ones go green.
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        assert!(!fx.dp.is_stateless(0));
+        assert!(fx.dp.transition_since(0).is_some());
+        assert_eq!(fx.dp.untracked_colour(0), Some(Colour::Blue));
+        // The backend speaks first: still the VIP's reply.
+        let c9 = clients[9];
+        let b9 = predicted(c9, vip, PROTO_TCP, &blue());
+        let (_, out) = fx.run(&frame(b9, c9, L4::Ack, 64, b"push"));
+        assert_eq!(verify(&out).0, vip);
+        for c in &clients[..5] {
+            let (_, out) = fx.run(&frame(*c, vip, L4::Ack, 64, b"x"));
+            assert_eq!(verify(&out).1, predicted(*c, vip, PROTO_TCP, &blue()));
+        }
+        assert_eq!(counter(&fx.dp, "orphans"), 5);
+        assert_eq!(recorded(&fx.dp), 5);
+        let fresh: Vec<_> = (45000..45005)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .collect();
+        for c in &fresh {
+            for l4 in [L4::Syn, L4::Ack] {
+                let (_, out) = fx.run(&frame(*c, vip, l4, 64, b"x"));
+                assert_eq!(verify(&out).1, predicted(*c, vip, PROTO_TCP, &green()));
+            }
+        }
+        // Recorded connections keep their backend through another change.
+        fx.dp.set_active(0, Colour::Blue).unwrap();
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        let (_, out) = fx.run(&frame(clients[0], vip, L4::Ack, 64, b"x"));
+        assert_eq!(verify(&out).1, b);
+        // The scan finds the five blue records disagreeing with the active
+        // pool's choice; the green ones agree.
+        let counts = fx
+            .dp
+            .flow_counts(Duration::from_secs(30), Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(counts[&(0, Colour::Blue)].disagreeing, 5);
+        assert_eq!(counts[&(0, Colour::Green)].disagreeing, 0);
+        // A transition ends only under the word its scan saw.
+        let w = fx.dp.control_word(0);
+        assert_eq!(fx.dp.end_transition(0, w ^ 1).unwrap(), None);
+        // Ending it removes the records (nothing reads them when stable):
+        // every packet takes green's hash choice then, new and old alike.
+        assert_eq!(fx.dp.end_transition(0, w).unwrap(), Some(10));
+        assert!(fx.dp.is_stateless(0));
+        assert_eq!(recorded(&fx.dp), 0);
+        for c in clients.iter().chain(&fresh) {
+            let (_, out) = fx.run(&frame(*c, vip, L4::Ack, 64, b"x"));
+            assert_eq!(verify(&out).1, predicted(*c, vip, PROTO_TCP, &green()));
+        }
+        assert_eq!(recorded(&fx.dp), 0);
+        // `flip --force` during a transition: connections without a record
+        // follow the active colour too.
+        fx.dp.set_active(0, Colour::Blue).unwrap();
+        fx.dp.flush_flows(0, Colour::Blue).unwrap();
+        assert_eq!(fx.dp.transition_since(0), None);
+        let (_, out) = fx.run(&frame(clients[1], vip, L4::Ack, 64, b"x"));
+        assert_eq!(
+            verify(&out).1,
+            predicted(clients[1], vip, PROTO_TCP, &blue())
+        );
+    });
+}
+
+#[test]
+fn a_pool_change_in_a_stable_period_moves_no_open_connection() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        stable(&mut fx);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let pool = |addrs: &[SocketAddr], c: Colour| {
+            addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| backend_of(*a, backend_stat_id(0, c, i as u32)))
+                .collect::<Vec<_>>()
+        };
+        let key = service_key(SocketAddr::V4(vip), PROTO_TCP);
+        // Connections of the stable period on both blue backends.
+        let clients: Vec<_> = (46000..46040)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .collect();
+        let before: Vec<_> = clients
+            .iter()
+            .map(|c| predicted(*c, vip, PROTO_TCP, &blue()))
+            .collect();
+        assert!(before.iter().any(|b| SocketAddr::V4(*b) == blue()[1]));
+        // A health check takes the first blue backend out, then a third one
+        // joins, then the first comes back: three pool changes, each a new
+        // slot, while the stable period's pool stays the orphans' pool.
+        let third: SocketAddr = "198.18.1.13:8080".parse().unwrap();
+        let changes = [
+            vec![blue()[1]],
+            vec![blue()[1], third],
+            vec![blue()[0], blue()[1], third],
+        ];
+        for (n, want) in changes.iter().enumerate() {
+            let mut b = pool(want, Colour::Blue);
+            // Keep each backend's own counter position.
+            for (i, a) in want.iter().enumerate() {
+                let pos = [blue()[0], blue()[1], third]
+                    .iter()
+                    .position(|x| x == a)
+                    .unwrap();
+                b[i].stat_id = backend_stat_id(0, Colour::Blue, pos as u32);
+            }
+            fx.dp
+                .write_service(0, key, &b, &pool(&green(), Colour::Green), Colour::Blue)
+                .unwrap();
+            assert!(!fx.dp.is_stateless(0), "change {n} is a transition");
+            for (c, b) in clients.iter().zip(&before) {
+                let (_, out) = fx.run(&frame(*c, vip, L4::Ack, 64, b"x"));
+                assert_eq!(
+                    verify(&out).1,
+                    *b,
+                    "change {n}: an open connection keeps its backend"
+                );
+            }
+            // New connections take the new pool.
+            let c = SocketAddrV4::new(CLIENT, 47000 + n as u16);
+            let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+            assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, want));
+        }
+        assert_eq!(
+            counter(&fx.dp, "orphans"),
+            40,
+            "recorded at their first packet"
+        );
+    });
+}

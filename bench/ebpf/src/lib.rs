@@ -28,7 +28,10 @@ pub struct GenConfig {
     pub src_port_base: u16,
     /// Number of distinct flows (>= 1).
     pub flows: u32,
-    pub _pad: u32,
+    /// 17: UDP (checksum 0); 6: TCP ACKs (checksum 0: nothing on the path
+    /// verifies it, and an incremental update costs the same either way).
+    pub proto: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Flows per source address: 2^15 source ports each.

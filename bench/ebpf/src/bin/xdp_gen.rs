@@ -1,6 +1,6 @@
 //! A packet generator for BPF_PROG_TEST_RUN in live-frames mode
 //! (`BPF_F_TEST_XDP_LIVE_FRAMES`): every run writes a complete
-//! Ethernet/IPv4/UDP frame — every header field, since recycled pages keep what
+//! Ethernet/IPv4/UDP (or TCP ACK) frame — every header field, since recycled pages keep what
 //! the last program (or the last hop) wrote — for the next flow of a cycle of
 //! `flows`, and transmits it with XDP_TX on the interface given as the test
 //! run's ingress. The UDP checksum is 0 (none, valid for IPv4), so no receiver
@@ -31,8 +31,8 @@ mod program {
 
     const ETH_LEN: usize = 14;
     const IP_LEN: usize = 20;
-    const UDP_LEN: usize = 8;
-    const HDRS: usize = ETH_LEN + IP_LEN + UDP_LEN;
+    const TCP_LEN: usize = 20;
+    const HDRS: usize = ETH_LEN + IP_LEN + TCP_LEN;
 
     #[inline(always)]
     fn fold(mut sum: u32) -> u16 {
@@ -66,16 +66,18 @@ mod program {
 
         let frame_len = (end - data) as u32;
         let ip_total = (frame_len - ETH_LEN as u32) as u16;
-        let udp_len = ip_total - IP_LEN as u16;
+        let udp_len = ip_total - IP_LEN as u16; // UDP's length field
         let src_ip = u32::from_be_bytes(cfg.src_ip).wrapping_add(flow >> PORT_BITS);
         let sport = cfg.src_port_base.wrapping_add((flow & PORT_MASK) as u16);
         let dst_ip = u32::from_be_bytes(cfg.dst_ip);
 
-        // IPv4 header checksum over the ten 16-bit words (id 0, DF, TTL 64, UDP).
+        let tcp = cfg.proto == 6;
+        let proto: u8 = if tcp { 6 } else { 17 };
+        // IPv4 header checksum over the ten 16-bit words (id 0, DF, TTL 64).
         let sum = 0x4500u32
             + ip_total as u32
             + 0x4000
-            + 0x4011
+            + (0x4000 | proto as u32)
             + (src_ip >> 16)
             + (src_ip & 0xffff)
             + (dst_ip >> 16)
@@ -101,12 +103,41 @@ mod program {
             w(
                 ETH_LEN,
                 &[
-                    0x45, 0, ip_len[0], ip_len[1], 0, 0, 0x40, 0, 64, 17, ck[0], ck[1], s[0], s[1],
-                    s[2], s[3], d[0], d[1], d[2], d[3],
+                    0x45, 0, ip_len[0], ip_len[1], 0, 0, 0x40, 0, 64, proto, ck[0], ck[1], s[0],
+                    s[1], s[2], s[3], d[0], d[1], d[2], d[3],
                 ],
             );
             let sp = sport.to_be_bytes();
             let ul = udp_len.to_be_bytes();
+            if tcp {
+                // Sequence 1, ACK 1, data offset 5, ACK flag, window 65535.
+                w(
+                    ETH_LEN + IP_LEN,
+                    &[
+                        sp[0],
+                        sp[1],
+                        cfg.dst_port[0],
+                        cfg.dst_port[1],
+                        0,
+                        0,
+                        0,
+                        1,
+                        0,
+                        0,
+                        0,
+                        1,
+                        0x50,
+                        0x10,
+                        0xff,
+                        0xff,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ],
+                );
+                return xdp_action::XDP_TX;
+            }
             w(
                 ETH_LEN + IP_LEN,
                 &[

@@ -1,4 +1,4 @@
-//! The receiver: counts IPv4/UDP frames and their bytes (per CPU), counts
+//! The receiver: counts IPv4 UDP and TCP frames and their bytes (per CPU), counts
 //! anything else apart (IPv6 neighbour discovery and the like), and drops
 //! everything.
 // The program exists for the BPF target only; a host build (`cargo test
@@ -22,13 +22,13 @@ mod program {
     pub fn xdp_sink(ctx: XdpContext) -> u32 {
         let (data, end) = (ctx.data(), ctx.data_end());
         let len = (end - data) as u64;
-        // IPv4 (ethertype at 12..14) carrying UDP (protocol at 14 + 9).
+        // IPv4 (ethertype at 12..14) carrying UDP or TCP (protocol at 14 + 9).
         let udp4 = data + 24 <= end
             // SAFETY: bytes 12, 13 and 23 lie within the frame (checked).
             && unsafe {
                 *((data + 12) as *const u8) == 0x08
                     && *((data + 13) as *const u8) == 0x00
-                    && *((data + 23) as *const u8) == 17
+                    && matches!(*((data + 23) as *const u8), 6 | 17)
             };
         if !udp4 {
             if let Some(o) = SINK_STATS.get_ptr_mut(SINK_OTHER) {
