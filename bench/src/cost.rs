@@ -865,6 +865,16 @@ pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64
                 bed.v0,
             ),
             "syn" | "newflow" => (frame(c, vip80, L4::Syn, 255, FRAME_LEN), bed.v0),
+            "stateless" => (
+                frame(
+                    c,
+                    SocketAddrV4::new(VIP, STATELESS_PORT),
+                    L4::Ack,
+                    255,
+                    FRAME_LEN,
+                ),
+                bed.v0,
+            ),
             other => bail!("unknown case {other}"),
         };
         let end = Instant::now() + Duration::from_secs_f64(seconds);

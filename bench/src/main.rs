@@ -46,7 +46,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Profiling aid: run one program-cost case (established, reply, nonvip,
-    /// syn, pass; newflow: a fresh 5-tuple's SYN per call, repeat 1) in a
+    /// syn, pass, stateless: an ACK to the stateless service; newflow: a fresh
+    /// 5-tuple's SYN per call, repeat 1) in a
     /// loop for --seconds on the bench CPU, then exit.
     #[arg(long)]
     spin: Option<String>,

@@ -461,10 +461,9 @@ pub struct CachedFlow {
 
 /// Words of each bitmap in `ADDR_FILTER`: words `0..ADDR_FILTER_WORDS`
 /// hold the VIP addresses, the next `ADDR_FILTER_WORDS` the backend
-/// addresses (65 536 bits each, indexed by [`addr_bit`]), the third the
-/// stateless services (indexed by [`service_bit`]: a clear bit means the
-/// packet's VIP and port is no stateless service in its stable period, and
-/// the program skips the `SERVICES` lookup that would check). A clear bit means
+/// addresses (65 536 bits each, indexed by [`addr_bit`]); after them come
+/// [`STATELESS_SLOTS`] words of stateless services in their stable period
+/// (see [`stateless_entry`]). A clear bit means
 /// "certainly not one": the program skips the flow-table and `SERVICES`
 /// lookups for a destination that is no VIP, and the `REPLY_SOURCES` lookup
 /// for a source that is no backend. A bit stays set while the address may
@@ -480,21 +479,42 @@ pub const fn addr_bit(addr: &Addr) -> (u32, u64) {
     (h >> 6, 1u64 << (h & 63))
 }
 
-/// The bit of a service (VIP address and port) in the stateless bitmap of
-/// `ADDR_FILTER` (its third part): (word, mask), the word relative to the
-/// part.
+/// Slots of the stateless services' part of `ADDR_FILTER`, a direct-mapped
+/// table by IPv4 VIP and port ([`stateless_slot`]): the stateless path finds
+/// its service with one 64-bit load instead of a `SERVICES` hash lookup. Two
+/// services on one slot: the first keeps it, the other takes the slower way
+/// (its packets find the stateless word through `SERVICES`).
+pub const STATELESS_SLOTS: u32 = 4096;
+/// The valid bit of a stateless entry.
+pub const STATELESS_VALID: u64 = 1 << 63;
+/// The service id's bits of a stateless entry (bits 48..56).
+pub const STATELESS_ID_MASK: u64 = 0xff << 48;
+const _: () = assert!(MAX_SERVICES <= 256);
+
+/// The slot of an IPv4 VIP (wire order) and port (wire order) in the
+/// stateless part of `ADDR_FILTER` (relative to the part).
 #[inline(always)]
-pub const fn service_bit(addr: &Addr, port: u16) -> (u32, u64) {
-    let p = port as u32;
-    addr_bit(&[addr[0] ^ (p << 16 | p), addr[1], addr[2], addr[3]])
+pub const fn stateless_slot(addr: u32, port: u16) -> u32 {
+    (addr ^ (port as u32).rotate_left(16)).wrapping_mul(0x9e37_79b1) >> 20
 }
+
+/// A stateless entry: valid bit, service id, port and address, stored with
+/// one 64-bit store (the program compares all but the id in one go).
+#[inline(always)]
+pub const fn stateless_entry(addr: u32, port: u16, id: u32) -> u64 {
+    STATELESS_VALID | ((id as u64 & 0xff) << 48) | ((port as u64) << 32) | addr as u64
+}
+
+const _: () = assert!(STATELESS_SLOTS == 1 << (32 - 20));
 
 /// The next hop towards one backend, kept per CPU for stateless services
 /// (`BACKEND_HOPS`, indexed like `BACKEND_STATS`): the same fields and
-/// validity rules as a flow entry's next hop ([`FlowEntry::nh_ifindex`] …).
+/// validity rules as a flow entry's next hop ([`FlowEntry::nh_ifindex`] …),
+/// and the rewrite's checksum deltas, which are the same for every packet
+/// from `vip:vport` to `peer:peer_port` (a [`CachedFlow`]'s, per backend).
 /// Valid for every client only because the route to a backend does not
 /// depend on the client: the daemon keeps services stateful while the host
-/// has routing rules beyond the three default ones.
+/// has a routing rule that selects on more than the destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendHop {
@@ -504,9 +524,18 @@ pub struct BackendHop {
     /// Offset 10 (2 mod 4).
     pub smac: [u8; 6],
     pub len: u16,
-    pub _pad: u16,
+    /// As [`CachedFlow::ip_delta`].
+    pub ip_delta: u16,
     pub gen: u32,
     pub at: u32,
+    /// What the deltas were computed for (wire order).
+    pub peer: u32,
+    pub vip: u32,
+    pub peer_port: u16,
+    pub vport: u16,
+    /// As [`CachedFlow::l4_delta`].
+    pub l4_delta: u16,
+    pub _pad: u16,
     pub _pad1: u32,
 }
 

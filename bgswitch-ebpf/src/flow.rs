@@ -8,8 +8,9 @@ use bgswitch_common::{
     csum::Delta,
     flow_flags, global,
     hash::{flow_hash, reduce, BACKEND_SEED, CANARY_SEED},
-    service_bit, Addr, Backend, BackendHop, CachedFlow, FlowEntry, FlowKey, FlowKey4, PreviewKey,
-    ServiceKey, ADDR_FILTER_WORDS, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP, PROTO_UDP,
+    stateless_entry, stateless_slot, Addr, Backend, BackendHop, CachedFlow, FlowEntry, FlowKey,
+    FlowKey4, PreviewKey, ServiceKey, ADDR_FILTER_WORDS, MAX_BACKENDS, POOL_SLOTS, PROTO_TCP,
+    PROTO_UDP, STATELESS_ID_MASK,
 };
 
 use aya_log_ebpf::{error, warn};
@@ -145,25 +146,17 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         refresh,
         shift,
     };
-    let vip = maybe(0, &f.dst);
     // A stateless service in its stable period: no flow state to read, not
     // even the cache slot (cold memory once flows are many).
-    if vip && f.proto == PROTO_TCP && maybe_stateless(f) {
-        let skey = ServiceKey {
-            addr: f.dst,
-            port: f.dport,
-            proto: f.proto,
-            family: f.family,
-        };
-        // SAFETY: the value is a plain Copy integer read once.
-        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            let id = svc.id;
+    if f.proto == PROTO_TCP {
+        if let Some(id) = stateless_service(f) {
             let word = control_word(id);
             if control::enabled(word) && control::stateless(word) {
                 return stateless(ctx, f, id, word, now, &cache);
             }
         }
     }
+    let vip = maybe(0, &f.dst);
     // The packet's own conditions first: a SYN (a new flow's first packet,
     // mostly) never reads its slot, which is cold memory then — one cache
     // miss less per new TCP flow.
@@ -281,16 +274,17 @@ fn maybe(base: u32, addr: &Addr) -> bool {
     }
 }
 
-/// Whether the packet's VIP and port may be a stateless service in its
-/// stable period (the third `ADDR_FILTER` bitmap).
+/// The stateless service in its stable period the packet's VIP and port
+/// (IPv4, TCP) may be: one 64-bit load of its `ADDR_FILTER` slot (see
+/// `bgswitch_common::stateless_entry`). The caller checks the control word.
 #[inline(always)]
-fn maybe_stateless(f: &Frame) -> bool {
-    let (word, mask) = service_bit(&f.dst, f.dport);
-    match ADDR_FILTER.get_ptr(2 * ADDR_FILTER_WORDS + word) {
-        // SAFETY: an aligned 64-bit load of an array slot.
-        Some(w) => (unsafe { core::ptr::read_volatile(w) }) & mask != 0,
-        None => false,
-    }
+fn stateless_service(f: &Frame) -> Option<u32> {
+    let slot = stateless_slot(f.dst[0], f.dport);
+    let p = ADDR_FILTER.get_ptr(2 * ADDR_FILTER_WORDS + slot)?;
+    // SAFETY: an aligned 64-bit load of an array slot (stored whole).
+    let e = unsafe { core::ptr::read_volatile(p) };
+    (e & !STATELESS_ID_MASK == stateless_entry(f.dst[0], f.dport, 0))
+        .then_some(((e & STATELESS_ID_MASK) >> 48) as u32)
 }
 
 /// The control word of a service (0, disabled, if there is none).
@@ -359,22 +353,58 @@ fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, cac
         count(global::PASS_NOT_SERVICE);
         return xdp_action::XDP_PASS;
     };
+    // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
+    let hop = unsafe { &mut *hop };
     let syn = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     account(service, active, b.stat_id, f.frame_len, syn, false);
+    let peer = b.addr[0];
+    // The backend's next hop and deltas, if they are for this VIP and
+    // backend, current, fresh and long enough: the cached path's rewrite.
+    if hop.ifindex != 0
+        && hop.gen == cache.gen
+        && u64::from((now as u32).wrapping_sub(hop.at)) <= cache.refresh
+        && f.tot_len <= hop.len
+        && hop.peer == peer
+        && hop.peer_port == b.port
+        && hop.vip == f.dst[0]
+        && hop.vport == f.dport
+    {
+        if rewrite_cached(ctx, f, Side::Dst, peer, b.port, hop.ip_delta, hop.l4_delta).is_none() {
+            count(global::MALFORMED);
+            return xdp_action::XDP_PASS;
+        }
+        return transmit_l2(
+            ctx,
+            hop.ifindex,
+            &hop.dmac,
+            &hop.smac,
+            Some(global::STATELESS),
+        );
+    }
+    let (vip, vport) = (f.dst[0], f.dport);
     if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
     }
-    // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
-    let hop = unsafe { &mut *hop };
-    send(
+    // Force the lookup (the hop may be another VIP's or backend's), then
+    // keep what it was for and this rewrite's deltas.
+    hop.ifindex = 0;
+    let action = send(
         ctx,
         f,
         Nh::backend(hop),
         now,
         cache,
         Some(global::STATELESS),
-    )
+    );
+    let addr = Delta::ZERO.add32(vip, peer);
+    hop.ip_delta = addr.ttl_decrement().folded();
+    hop.l4_delta = addr.add16(vport, b.port).folded();
+    hop.peer = peer;
+    hop.peer_port = b.port;
+    hop.vip = vip;
+    hop.vport = vport;
+    action
 }
 
 /// A reply of a connection no record holds (a stateless service's): as
@@ -707,8 +737,9 @@ fn to_backend(
         return xdp_action::XDP_PASS;
     }
     if control::stateless(word) && f.proto == PROTO_TCP {
-        // Its stateless bitmap bit is set before the word, and cleared
-        // after: only a packet racing a change gets here.
+        // Its stateless slot is set before the word and cleared after: only
+        // a packet racing a change, or of a service whose slot another one
+        // holds, gets here.
         return stateless(ctx, f, service, word, now, cache);
     }
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;

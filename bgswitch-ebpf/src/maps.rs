@@ -9,7 +9,7 @@ use bgswitch_common::{
     global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowKey4,
     PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS,
     BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES,
-    MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
+    MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -51,10 +51,11 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_ENTRIES, 0
 pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`)
-/// and of stateless services (`bgswitch_common::service_bit`).
+/// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`),
+/// then the stateless services' slots (`bgswitch_common::stateless_entry`).
 #[map]
-pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(3 * ADDR_FILTER_WORDS, BPF_F_MMAPABLE);
+pub static ADDR_FILTER: Array<u64> =
+    Array::with_max_entries(2 * ADDR_FILTER_WORDS + STATELESS_SLOTS, BPF_F_MMAPABLE);
 
 /// The next hop towards each backend (index as `BACKEND_STATS`), for
 /// stateless services: one FIB lookup per backend and refresh, not per flow.

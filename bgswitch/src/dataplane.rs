@@ -35,7 +35,7 @@ use bgswitch_common::{
     BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ReplySource, ServiceKey,
     ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, FAMILY_IPV4,
     FAMILY_IPV6, MAX_BACKENDS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
-    PROGRAM_NAME,
+    PROGRAM_NAME, STATELESS_SLOTS,
 };
 
 use crate::{config::XdpModeSetting, model::Colour, netlink, paths};
@@ -396,7 +396,7 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             MapType::Array,
             4,
             8,
-            3 * ADDR_FILTER_WORDS,
+            2 * ADDR_FILTER_WORDS + STATELESS_SLOTS,
             BPF_F_MMAPABLE,
         ),
     ]
@@ -776,12 +776,14 @@ impl Dataplane {
             .map_err(map_err(names::REPLY_SOURCES, "open"))?;
         let filter_map = take(names::ADDR_FILTER)?;
         let addr_filter = match &filter_map {
-            Map::Array(data) => MappedArray::map(data.fd().as_fd(), 3 * ADDR_FILTER_WORDS)
-                .map_err(|e| DataplaneError::Io {
-                    op: "mmap",
-                    path: names::ADDR_FILTER.into(),
-                    source: e,
-                })?,
+            Map::Array(data) => {
+                { MappedArray::map(data.fd().as_fd(), 2 * ADDR_FILTER_WORDS + STATELESS_SLOTS) }
+                    .map_err(|e| DataplaneError::Io {
+                        op: "mmap",
+                        path: names::ADDR_FILTER.into(),
+                        source: e,
+                    })?
+            }
             _ => {
                 return Err(DataplaneError::Invalid(
                     "ADDR_FILTER is not an array".into(),
@@ -1348,8 +1350,8 @@ impl Dataplane {
         };
         self.control.store(id, word);
         if control::stateless(old) && !control::stateless(word) {
-            // The bitmap bit goes after the word: a packet that still finds
-            // it set reads the word and takes the table path.
+            // The stateless slot goes after the word: a packet that still
+            // finds it reads the word and takes the table path.
             self.rebuild_filter();
         }
         word
@@ -1400,7 +1402,7 @@ impl Dataplane {
     /// Ends a transition of service `id` if its control word is still
     /// `expected` (what the scan that cleared it saw): the orphan pool goes,
     /// and a service that may run stateless starts a stable period (its
-    /// bitmap bit first, then the word), and the records of the transition
+    /// `ADDR_FILTER` slot first, then the word), and the records of the transition
     /// go, which nothing reads in a stable period and a later transition
     /// must not find. Returns whether it ended, and how many records went.
     pub fn end_transition(&mut self, id: u32, expected: u32) -> Result<Option<u64>> {
@@ -1419,10 +1421,16 @@ impl Dataplane {
                 .find(|(_, v)| *v == id)
                 .map(|(k, _)| k)
                 .ok_or_else(|| DataplaneError::Invalid(format!("service id {id} has no VIP")))?;
-            let (w, m) = bgswitch_common::service_bit(&key.addr, key.port);
-            self.addr_filter
-                .word64(2 * ADDR_FILTER_WORDS + w)
-                .fetch_or(m, Ordering::SeqCst);
+            // Its slot, unless another stable service holds it (then its
+            // packets find the word through `SERVICES`, more slowly).
+            let slot = self.addr_filter.word64(
+                2 * ADDR_FILTER_WORDS + bgswitch_common::stateless_slot(key.addr[0], key.port),
+            );
+            let entry = bgswitch_common::stateless_entry(key.addr[0], key.port, id);
+            let held = slot.load(Ordering::SeqCst);
+            if held & bgswitch_common::STATELESS_VALID == 0 || held == entry {
+                slot.store(entry, Ordering::SeqCst);
+            }
             word |= control::STATELESS;
         }
         self.control.store(id, word);
@@ -1584,13 +1592,29 @@ impl Dataplane {
     /// period: each word is stored whole, and a bit still needed is set
     /// before and after, so no packet ever sees it clear.
     fn rebuild_filter(&self) {
-        let mut bits = vec![0u64; 3 * ADDR_FILTER_WORDS as usize];
-        for (k, v) in self.services.iter().flatten() {
+        let mut bits = vec![0u64; (2 * ADDR_FILTER_WORDS + STATELESS_SLOTS) as usize];
+        let mut services: Vec<(ServiceKey, u32)> = self
+            .services
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k, v.id))
+            .collect();
+        // The slot of a service that holds it now stays its own.
+        let now_held = |k: &ServiceKey, id: u32| {
+            let i = 2 * ADDR_FILTER_WORDS + bgswitch_common::stateless_slot(k.addr[0], k.port);
+            self.addr_filter.word64(i).load(Ordering::SeqCst)
+                == bgswitch_common::stateless_entry(k.addr[0], k.port, id)
+        };
+        services.sort_by_key(|(k, id)| (!now_held(k, *id), *id));
+        for (k, id) in services {
             let (w, m) = bgswitch_common::addr_bit(&k.addr);
             bits[w as usize] |= m;
-            if control::stateless(self.control.load(v.id)) {
-                let (w, m) = bgswitch_common::service_bit(&k.addr, k.port);
-                bits[(2 * ADDR_FILTER_WORDS + w) as usize] |= m;
+            if control::stateless(self.control.load(id)) {
+                let i = (2 * ADDR_FILTER_WORDS + bgswitch_common::stateless_slot(k.addr[0], k.port))
+                    as usize;
+                if bits[i] == 0 {
+                    bits[i] = bgswitch_common::stateless_entry(k.addr[0], k.port, id);
+                }
             }
         }
         for k in self.reply_sources.keys().flatten() {

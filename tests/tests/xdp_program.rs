@@ -1345,3 +1345,81 @@ fn a_pool_change_in_a_stable_period_moves_no_open_connection() {
         );
     });
 }
+
+#[test]
+fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_clients() {
+    in_scratch_ns(|ns| {
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
+        neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
+        let mut fx = Fixture::new();
+        stable(&mut fx);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let run = |fx: &mut Fixture, c: SocketAddrV4, l4: L4, payload: &[u8]| {
+            let (action, out, _) = fx
+                .dp
+                .test_run(&frame(c, vip, l4, 64, payload), Some(v0), 1)
+                .unwrap();
+            (action, out)
+        };
+        // Many clients, both backends: one FIB lookup per backend, then
+        // the kept next hop and checksum deltas for every other packet,
+        // every checksum right (`verify`) and every MAC the neighbour's.
+        for (i, port) in (52000..52040).enumerate() {
+            let c = SocketAddrV4::new(CLIENT, port);
+            let b = predicted(c, vip, PROTO_TCP, &blue());
+            let l4 = if i % 2 == 0 { L4::Syn } else { L4::Ack };
+            let (action, out) = run(&mut fx, c, l4, b"GET / HTTP/1.1\r\n\r\n");
+            assert_eq!(action, XDP_TX, "client {c}");
+            assert_eq!(verify(&out), (c, b, 63), "client {c}");
+            let last = if b == v4("198.18.1.11:8080") {
+                0x11
+            } else {
+                0x12
+            };
+            assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, last], "client {c}");
+        }
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 2, "one per backend");
+        assert_eq!(counter(&fx.dp, "stateless"), 40);
+        assert_eq!(recorded(&fx.dp), 0);
+        // A neighbour's new MAC reaches the kept next hop (a generation).
+        neigh(ns, "198.18.1.11", "02:00:00:00:02:11");
+        fx.dp.bump_flow_gen();
+        let c = (53000..54000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+            .unwrap();
+        let (_, out) = run(&mut fx, c, L4::Ack, b"x");
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 2, 0x11]);
+        // The same backend position with another address (a reload): the
+        // kept deltas are not this rewrite's, so it is done afresh.
+        let key = service_key(SocketAddr::V4(vip), PROTO_TCP);
+        let moved: Vec<SocketAddr> = vec![
+            "198.18.1.12:8081".parse().unwrap(),
+            "198.18.1.11:8080".parse().unwrap(),
+        ];
+        let pool = |addrs: &[SocketAddr], col: Colour| {
+            addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| backend_of(*a, backend_stat_id(0, col, i as u32)))
+                .collect::<Vec<_>>()
+        };
+        fx.dp
+            .write_service(
+                0,
+                key,
+                &pool(&moved, Colour::Blue),
+                &pool(&green(), Colour::Green),
+                Colour::Blue,
+            )
+            .unwrap();
+        let w = fx.dp.control_word(0);
+        fx.dp.end_transition(0, w).unwrap();
+        for port in 54000..54020 {
+            let c = SocketAddrV4::new(CLIENT, port);
+            let (_, out) = run(&mut fx, c, L4::Ack, b"x");
+            assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, &moved));
+        }
+    });
+}
