@@ -94,6 +94,10 @@ pub fn render(status: &Status) -> String {
         "bgswitch_generation",
         "Generation of the service's desired state (bumped by every change).",
     );
+    let fast_path = f.gauge(
+        "bgswitch_fast_path",
+        "1 for how the service's packets find their backend now (table, stateless, transition).",
+    );
     let xdp = f.counter(
         "bgswitch_xdp_events",
         "Data plane events by kind (passed, malformed, fragments, FIB outcomes, ...).",
@@ -145,6 +149,11 @@ pub fn render(status: &Status) -> String {
         flips.get_or_create(&sl).inc_by(s.flips);
         rollbacks.get_or_create(&sl).inc_by(s.rollbacks);
         generation.get_or_create(&sl).set(s.generation as i64);
+        for mode in ["table", "stateless", "transition"] {
+            fast_path
+                .get_or_create(&labels(&[("service", svc), ("mode", mode)]))
+                .set(i64::from(s.fast_path == mode));
+        }
     }
     for (k, v) in &status.counters {
         xdp.get_or_create(&labels(&[("event", k)])).inc_by(*v);
