@@ -360,10 +360,7 @@ fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, cac
     let peer = b.addr[0];
     // The backend's next hop and deltas, if they are for this VIP and
     // backend, current, fresh and long enough: the cached path's rewrite.
-    if hop.ifindex != 0
-        && hop.gen == cache.gen
-        && u64::from((now as u32).wrapping_sub(hop.at)) <= cache.refresh
-        && f.tot_len <= hop.len
+    if Nh::backend(hop).usable(f, now, cache)
         && hop.peer == peer
         && hop.peer_port == b.port
         && hop.vip == f.dst[0]
@@ -904,6 +901,17 @@ impl<'a> Nh<'a> {
         }
     }
 
+    /// Whether the kept next hop serves this packet: one was found, under
+    /// the current generation, within the refresh, for a packet at least as
+    /// long (the MTU check).
+    #[inline(always)]
+    fn usable(&self, f: &Frame, now: u64, cache: &Cache) -> bool {
+        *self.ifindex != 0
+            && *self.gen == cache.gen
+            && u64::from((now as u32).wrapping_sub(*self.at)) <= cache.refresh
+            && f.tot_len <= *self.len
+    }
+
     /// Towards the client.
     #[inline(always)]
     fn reply(e: &'a mut FlowEntry) -> Self {
@@ -924,8 +932,7 @@ impl<'a> Nh<'a> {
 /// it was looked up for (the MTU check). Counts `also` with the transmit.
 #[inline(always)]
 fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, cache: &Cache, also: Option<u32>) -> u32 {
-    let fresh = u64::from((now as u32).wrapping_sub(*nh.at)) <= cache.refresh;
-    if fresh && *nh.ifindex != 0 && *nh.gen == cache.gen && f.tot_len <= *nh.len {
+    if nh.usable(f, now, cache) {
         return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac, also);
     }
     let Some(hop) = resolve(ctx, f) else {

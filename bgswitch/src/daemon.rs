@@ -768,14 +768,10 @@ impl Daemon {
             if !bgswitch_common::control::enabled(w) || bgswitch_common::control::stateless(w) {
                 continue;
             }
-            let wanted = svc.stateless
-                && self.rules_by_destination
-                && st.canary_bp == 0
-                && st.preview.is_empty();
             match self.dataplane.transition_since(st.id) {
                 Some(t) if t.elapsed() >= self.config.tcp_idle_timeout => due.push(st.id),
                 Some(_) => {}
-                None if wanted => due.push(st.id),
+                None if self.dataplane.may_start_stable_period(st.id) => due.push(st.id),
                 None => {}
             }
         }

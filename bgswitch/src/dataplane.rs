@@ -1334,9 +1334,7 @@ impl Dataplane {
             let active = control::active(old);
             let stable = control::active(keep) == active
                 && control::slot(keep, active) == control::slot(old, active)
-                && control::canary(keep) == 0
-                && keep & control::PREVIEW == 0
-                && self.stateless.contains(&id);
+                && self.may_be_stable(id, keep);
             if stable {
                 keep | control::STATELESS
             } else {
@@ -1355,6 +1353,30 @@ impl Dataplane {
             self.rebuild_filter();
         }
         word
+    }
+
+    /// Whether service `id` may be in a stable period under word `w`:
+    /// allowed to run stateless, no canary share, no preview prefixes.
+    fn may_be_stable(&self, id: u32, w: u32) -> bool {
+        self.stateless.contains(&id) && control::canary(w) == 0 && w & control::PREVIEW == 0
+    }
+
+    /// Whether service `id` would start a stable period if its transition
+    /// ended now.
+    pub fn may_start_stable_period(&self, id: u32) -> bool {
+        self.may_be_stable(id, self.control.load(id))
+    }
+
+    /// `old` without its orphan pool: the transition is over here, and the
+    /// orphan pool's slot, unless a colour uses it, is freed (quarantined).
+    fn without_orphan(&mut self, id: u32, old: u32) -> u32 {
+        self.transitions.remove(&id);
+        if let Some((_, s)) = control::orphan(old) {
+            if s != control::slot(old, 0) && s != control::slot(old, 1) {
+                self.freed.insert((id, s), Instant::now());
+            }
+        }
+        old & !control::ORPHAN_BITS
     }
 
     /// Lets service `id` run stateless in its stable periods, or not (not
@@ -1410,10 +1432,8 @@ impl Dataplane {
         if old != expected || !control::enabled(old) || control::stateless(old) {
             return Ok(None);
         }
-        let stable = self.stateless.contains(&id)
-            && control::canary(old) == 0
-            && old & control::PREVIEW == 0;
-        let mut word = old & !control::ORPHAN_BITS;
+        let stable = self.may_be_stable(id, old);
+        let mut word = self.without_orphan(id, old);
         if stable {
             let key = self
                 .service_keys()?
@@ -1434,12 +1454,6 @@ impl Dataplane {
             word |= control::STATELESS;
         }
         self.control.store(id, word);
-        self.transitions.remove(&id);
-        if let Some((_, s)) = control::orphan(old) {
-            if s != control::slot(old, 0) && s != control::slot(old, 1) {
-                self.freed.insert((id, s), Instant::now());
-            }
-        }
         let flushed = if stable { self.flush_service(id)? } else { 0 };
         Ok(Some(flushed))
     }
@@ -1797,14 +1811,8 @@ impl Dataplane {
         // the orphan pool: they follow the active colour too.
         let w = self.control.load(id);
         if control::orphan(w).is_some_and(|(c, _)| c != keep.index()) {
-            let word = w & !control::ORPHAN_BITS;
+            let word = self.without_orphan(id, w);
             self.control.store(id, word);
-            self.transitions.remove(&id);
-            if let Some((_, s)) = control::orphan(w) {
-                if s != control::slot(w, 0) && s != control::slot(w, 1) {
-                    self.freed.insert((id, s), Instant::now());
-                }
-            }
         }
         self.flush(id, Some(keep))
     }
