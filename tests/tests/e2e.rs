@@ -487,3 +487,43 @@ fn a_stateless_service_keeps_connections_through_a_flip_and_a_routing_rule() {
     bgswitch_tests::ip_ns(topo.lb_ns(), &["rule", "del", "pref", "100"]).unwrap();
     wait_fast_path(&sw, "stateless", Duration::from_secs(15));
 }
+
+#[test]
+fn a_stateless_services_period_and_transition_survive_daemon_kills() {
+    let (topo, mut sw) = setup_stateless();
+    let cli = topo.client_ns().to_string();
+    wait_fast_path(&sw, "stateless", Duration::from_secs(5));
+    let mut long = KeepAliveClient::connect(&cli, web()).unwrap();
+    let first = long.get("/").unwrap();
+    assert_eq!(colour(&first.body), "blue");
+
+    // Killed in a stable period: XDP keeps switching; the next daemon finds
+    // the period in the pinned control word and keeps it (no transition).
+    sw.kill();
+    let r = http_get(&cli, web(), "/").unwrap();
+    assert_eq!(colour(&r.body), "blue");
+    sw.start().unwrap();
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["fast_path"], "stateless", "{st}");
+    assert_eq!(long.get("/").unwrap().body, first.body);
+
+    // Killed in a transition: the next daemon keeps the orphan pool, so the
+    // connection of the stable period stays on its blue backend.
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.kill();
+    sw.start().unwrap();
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["fast_path"], "transition", "{st}");
+    assert_eq!(st["services"][0]["active"], "green", "{st}");
+    for i in 0..3 {
+        let r = long.get("/").unwrap();
+        assert_eq!(r.body, first.body, "request {i} of the open connection");
+    }
+    let r = http_get(&cli, web(), "/").unwrap();
+    assert_eq!(colour(&r.body), "green", "{r:?}");
+    // The new daemon ends the transition once the connection is gone.
+    drop(long);
+    wait_fast_path(&sw, "stateless", Duration::from_secs(15));
+    let r = http_get(&cli, web(), "/").unwrap();
+    assert_eq!(colour(&r.body), "green", "{r:?}");
+}
