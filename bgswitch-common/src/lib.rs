@@ -572,7 +572,10 @@ pub struct Settings {
     pub refresh: u64,
     /// `32 - log2(slots of FLOW_CACHE)`; 0: no cache (settings not written).
     pub cache_shift: u32,
-    pub _pad: u32,
+    /// Non-zero while some service may be in a stable period (set before
+    /// its stateless word, cleared after the last one's): without it the
+    /// program skips the stateless check (one load) on every TCP packet.
+    pub stateless: u32,
 }
 
 /// What the daemon sets [`Settings::refresh`] to.

@@ -131,9 +131,9 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         _pad1: 0,
     };
     let now = now();
-    let (refresh, shift) = SETTINGS
+    let (refresh, shift, any_stateless) = SETTINGS
         .get(0)
-        .map_or((0, 0), |s| (s.refresh, s.cache_shift));
+        .map_or((0, 0, 0), |s| (s.refresh, s.cache_shift, s.stateless));
     let cache = Cache {
         // Without settings (shift 0): no cache.
         slot: if shift == 0 {
@@ -148,7 +148,7 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     };
     // A stateless service in its stable period: no flow state to read, not
     // even the cache slot (cold memory once flows are many).
-    if f.proto == PROTO_TCP {
+    if any_stateless != 0 && f.proto == PROTO_TCP {
         if let Some(id) = stateless_service(f) {
             let word = control_word(id);
             if control::enabled(word) && control::stateless(word) {
@@ -156,7 +156,6 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
             }
         }
     }
-    let vip = maybe(0, &f.dst);
     // The packet's own conditions first: a SYN (a new flow's first packet,
     // mostly) never reads its slot, which is cold memory then — one cache
     // miss less per new TCP flow.
@@ -173,7 +172,7 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     }
     // Flows are keyed client → VIP: only a VIP destination can have one, or
     // start one.
-    if vip {
+    if maybe(0, &f.dst) {
         // The whole 5-tuple (the flow hash's input).
         let key = flow_key(f);
         if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {

@@ -177,6 +177,8 @@ pub struct Dataplane {
     /// Services that may run stateless in their stable periods (see
     /// `bgswitch_common::control`): configured so, and allowed now.
     stateless: std::collections::HashSet<u32>,
+    /// What `SETTINGS` holds (once written).
+    settings_now: Option<Settings>,
     /// Services in a transition that has an orphan pool, and since when
     /// (this process's view: a transition found at load starts then).
     transitions: StdHashMap<u32, Instant>,
@@ -826,6 +828,7 @@ impl Dataplane {
             freed: StdHashMap::new(),
             stateless: Default::default(),
             transitions: StdHashMap::new(),
+            settings_now: None,
             clock,
             cache_slots,
             addr_filter,
@@ -912,11 +915,45 @@ impl Dataplane {
             tcp_idle: self.clock.ticks(tcp_idle).max(refresh + 1),
             refresh,
             cache_shift: 32 - self.cache_slots.trailing_zeros(),
-            _pad: 0,
+            stateless: u32::from(self.any_stable()),
         };
         self.settings
             .set(0, s, 0)
-            .map_err(map_err(names::SETTINGS, "set"))
+            .map_err(map_err(names::SETTINGS, "set"))?;
+        self.settings_now = Some(s);
+        Ok(())
+    }
+
+    /// The `SETTINGS` entry as the program reads it.
+    pub fn settings(&self) -> Result<Settings> {
+        self.settings
+            .get(&0, 0)
+            .map_err(map_err(names::SETTINGS, "get"))
+    }
+
+    /// Whether some service's control word is in a stable period.
+    fn any_stable(&self) -> bool {
+        self.services
+            .iter()
+            .flatten()
+            .any(|(_, v)| control::stateless(self.control.load(v.id)))
+    }
+
+    /// Sets `Settings::stateless` (once settings are written): on before a
+    /// stable period starts, off after the last one ended.
+    fn set_stateless_flag(&mut self, on: bool) -> Result<()> {
+        let Some(mut s) = self.settings_now else {
+            return Ok(());
+        };
+        if (s.stateless != 0) == on {
+            return Ok(());
+        }
+        s.stateless = u32::from(on);
+        self.settings
+            .set(0, s, 0)
+            .map_err(map_err(names::SETTINGS, "set"))?;
+        self.settings_now = Some(s);
+        Ok(())
     }
 
     /// Attaches (or adopts the pinned attachment) on `iface` and adds it to
@@ -1351,6 +1388,10 @@ impl Dataplane {
             // The stateless slot goes after the word: a packet that still
             // finds it reads the word and takes the table path.
             self.rebuild_filter();
+            if !self.any_stable() {
+                // Failing, the flag stays on: one load per TCP packet more.
+                let _ = self.set_stateless_flag(false);
+            }
         }
         word
     }
@@ -1452,6 +1493,7 @@ impl Dataplane {
                 slot.store(entry, Ordering::SeqCst);
             }
             word |= control::STATELESS;
+            self.set_stateless_flag(true)?;
         }
         self.control.store(id, word);
         let flushed = if stable { self.flush_service(id)? } else { 0 };
@@ -1590,6 +1632,9 @@ impl Dataplane {
             }
         }
         self.rebuild_filter();
+        if !self.any_stable() {
+            self.set_stateless_flag(false)?;
+        }
         Ok(())
     }
 

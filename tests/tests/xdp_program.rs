@@ -1195,6 +1195,7 @@ fn a_stateless_service_records_nothing_when_stable_and_keeps_connections_through
         }
         assert_eq!(recorded(&fx.dp), 0, "a stable period records nothing");
         assert_eq!(counter(&fx.dp, "stateless"), 20);
+        assert_eq!(fx.dp.settings().unwrap().stateless, 1, "the check is on");
         assert_eq!(fx.dp.colour_stats(0, Colour::Blue).unwrap().new_flows, 10);
         // Replies come back from the VIP; a backend's packet to a client
         // whose 5-tuple hashes to another backend is not a reply of ours.
@@ -1219,6 +1220,11 @@ fn a_stateless_service_records_nothing_when_stable_and_keeps_connections_through
         fx.dp.set_active(0, Colour::Green).unwrap();
         assert!(!fx.dp.is_stateless(0));
         assert!(fx.dp.transition_since(0).is_some());
+        assert_eq!(
+            fx.dp.settings().unwrap().stateless,
+            0,
+            "no stable period left: TCP packets skip the check"
+        );
         assert_eq!(fx.dp.untracked_colour(0), Some(Colour::Blue));
         // The backend speaks first: still the VIP's reply.
         let c9 = clients[9];
