@@ -723,6 +723,7 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
         keep_in_dispatcher(dp, &mut pass)?;
         let v0 = bed.v0;
         let vip80 = SocketAddrV4::new(VIP, TCP_PORT);
+        let vip81 = SocketAddrV4::new(VIP, STATELESS_PORT);
         let key_value = std::mem::size_of::<FlowKey4>() + std::mem::size_of::<FlowEntry>();
 
         let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -749,6 +750,7 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
             let mut r_pass1 = Vec::new();
             let mut r_spread = Vec::new();
             let mut r_new = Vec::new();
+            let mut r_sl_spread = Vec::new();
             let hits0 = global(dp, "flow_hits");
             let mut spread_calls = 0u64;
             for _ in 0..opts.scale_rounds {
@@ -763,13 +765,18 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
                 let mut p1 = Vec::new();
                 let mut s1 = Vec::new();
                 let mut n1 = Vec::new();
+                let mut sl1 = Vec::new();
                 for _ in 0..opts.scale_single_calls {
                     let i = (next() % u64::from(filled)) as u32;
                     let f = frame(client(1, i), vip80, L4::Ack, 255, FRAME_LEN);
                     p1.push(pass.run(&f, v0, 1)?.1.as_nanos() as f64);
                     s1.push(dp.test_run(&f, Some(v0), 1)?.2.as_nanos() as f64);
                     spread_calls += 1;
+                    // The same client among as many, to the stateless service.
+                    let f = frame(client(1, i), vip81, L4::Ack, 255, FRAME_LEN);
+                    sl1.push(dp.test_run(&f, Some(v0), 1)?.2.as_nanos() as f64);
                 }
+                r_sl_spread.push(median(&sl1));
                 for _ in 0..opts.scale_single_calls / 4 {
                     fresh += 1;
                     let f = frame(client(2, fresh), vip80, L4::Syn, 255, FRAME_LEN);
@@ -791,6 +798,7 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
                 "established_hot_ns": Summary::of(&diff(&r_hot, &r_pass)),
                 "established_spread_ns": Summary::of(&diff(&r_spread, &r_pass1)),
                 "new_flow_ns": Summary::of(&diff(&r_new, &r_pass1)),
+                "stateless_spread_ns": Summary::of(&diff(&r_sl_spread, &r_pass1)),
                 "spread_hit_ratio": spread_hit_ratio.min(1.0),
             }));
             eprintln!(
@@ -811,7 +819,7 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
         };
         Ok(json!({
             "status": "measured",
-            "method": "one data plane with FLOWS sized for scale_max_flows; filled with SYNs of distinct 5-tuples through BPF_PROG_TEST_RUN; at each level: hot = one recorded flow, repeat N, minus xdp_pass repeat N; spread = a random recorded flow per call, repeat 1, minus xdp_pass repeat 1 (cache-cold lookups); new = a fresh 5-tuple per call (evicts when full); median (min–max) over rounds",
+            "method": "one data plane with FLOWS sized for scale_max_flows; filled with SYNs of distinct 5-tuples through BPF_PROG_TEST_RUN; at each level: hot = one recorded flow, repeat N, minus xdp_pass repeat N; spread = a random recorded flow per call, repeat 1, minus xdp_pass repeat 1 (cache-cold lookups); stateless spread = the same random client to the stateless service (nothing recorded), repeat 1, minus xdp_pass repeat 1; new = a fresh 5-tuple per call (evicts when full); median (min–max) over rounds",
             "scale_max_flows": opts.scale_max_flows,
             "levels": levels,
             "flow_entries_after_fill": entries,

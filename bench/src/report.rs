@@ -383,6 +383,15 @@ pub fn targets(r: &Value) -> Vec<Value> {
         srf.map(|v| v >= 0.6),
         "part 2",
     ));
+    let sl = change("stateless_spread_ns");
+    t.push(target(
+        "stateless service: program cost flat from 1 to 1 000 000 flows (a random client per run)",
+        "within 15 %",
+        sl,
+        "% change",
+        sl.map(|v| v.abs() <= 15.0),
+        "part 5",
+    ));
     let s1 = f(&fwd(r, "bgswitch_stateless_1_flows")["mpps"]["median"]);
     let s1m = f(&fwd(r, "bgswitch_stateless_1000000_flows")["mpps"]["median"]);
     let sflat = s1.zip(s1m).map(|(a, b)| (b / a - 1.0) * 100.0);
@@ -723,17 +732,18 @@ pub fn markdown(all: &Value) -> String {
         let _ = writeln!(w, "### Program cost as the table fills\n");
         let _ = writeln!(w, "{} Table: {} flows (max_flows). After filling, {} flows were recorded (an LRU map starts evicting somewhat before it is full).\n",
             sc["method"].as_str().unwrap_or(""), sc["scale_max_flows"], num(&sc["flows_recorded_after_fill"], 0));
-        let _ = writeln!(w, "| flows in table | established, hot (ns over XDP_PASS) | established, random flow (ns over XDP_PASS, repeat 1) | new flow (ns over XDP_PASS, repeat 1) | random-flow hit ratio |");
-        let _ = writeln!(w, "|---|---|---|---|---|");
+        let _ = writeln!(w, "| flows in table | established, hot (ns over XDP_PASS) | established, random flow (ns over XDP_PASS, repeat 1) | new flow (ns over XDP_PASS, repeat 1) | random-flow hit ratio | stateless service, random client (ns over XDP_PASS, repeat 1) |");
+        let _ = writeln!(w, "|---|---|---|---|---|---|");
         for l in sc["levels"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 l["flows"],
                 summ(&l["established_hot_ns"], 1),
                 summ(&l["established_spread_ns"], 1),
                 summ(&l["new_flow_ns"], 1),
-                num(&l["spread_hit_ratio"], 3)
+                num(&l["spread_hit_ratio"], 3),
+                summ(&l["stateless_spread_ns"], 1)
             );
         }
         let _ = writeln!(w);

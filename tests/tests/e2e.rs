@@ -369,7 +369,7 @@ fn forced_flip_moves_open_flows_too() {
     assert_eq!(colour(&r.body), "green");
 }
 
-/// `web` with `stateless = true` and a short TCP idle timeout (3 s), so
+/// `web` with `stateless = true` and a short TCP idle timeout (5 s), so
 /// transitions end within the test.
 fn setup_stateless() -> (Topology, Switcher) {
     require_root();
@@ -380,7 +380,7 @@ fn setup_stateless() -> (Topology, Switcher) {
         1,
     );
     let mut sw =
-        Switcher::new(&topo, &format!("tcp_idle_timeout = \"3s\"\n{services}")).expect("switcher");
+        Switcher::new(&topo, &format!("tcp_idle_timeout = \"5s\"\n{services}")).expect("switcher");
     sw.start().expect("daemon starts");
     (topo, sw)
 }
