@@ -106,6 +106,10 @@ impl FwdOptions {
         v.push(Config::Kernel(self.kernel_flows));
         if sys::have("nft").is_some() {
             v.extend(self.nft_flows.iter().map(|&n| Config::Nft(n)));
+            // The stateless rows' peer: the same DNAT for TCP ACKs.
+            if !self.stateless_flows.is_empty() {
+                v.extend(self.nft_flows.last().map(|&n| Config::NftTcp(n)));
+            }
         }
         v.extend(self.scale_flows.iter().map(|&n| Config::Scale(n)));
         v
@@ -163,6 +167,8 @@ enum Config {
     NewFlows,
     /// bgswitch, a stateless service in its stable period (TCP ACKs).
     Stateless(u32),
+    /// nftables DNAT of TCP ACKs (conntrack picks up mid-stream flows).
+    NftTcp(u32),
 }
 
 fn flows(n: u32) -> String {
@@ -180,6 +186,7 @@ impl Config {
             Config::Bgswitch(n) => format!("bgswitch_{n}_flows"),
             Config::Kernel(n) => format!("kernel_forwarding_{n}_flows"),
             Config::Nft(n) => format!("nftables_dnat_{n}_flows"),
+            Config::NftTcp(n) => format!("nftables_dnat_tcp_{n}_flows"),
             Config::Scale(n) => format!("bgswitch_full_table_{n}_flows"),
             Config::NewFlows => "bgswitch_new_flow_every_packet".into(),
             Config::Stateless(n) => format!("bgswitch_stateless_{n}_flows"),
@@ -191,6 +198,7 @@ impl Config {
             Config::Bgswitch(n) | Config::Scale(n) => format!("bgswitch, {}", flows(n)),
             Config::Kernel(n) => format!("plain kernel forwarding, {}", flows(n)),
             Config::Nft(n) => format!("nftables DNAT, {}", flows(n)),
+            Config::NftTcp(n) => format!("nftables DNAT (TCP), {}", flows(n)),
             Config::NewFlows => "bgswitch, a new flow in every packet".into(),
             Config::Stateless(n) => format!("bgswitch stateless (TCP), {}", flows(n)),
         }
@@ -215,6 +223,7 @@ impl Config {
             Config::Bgswitch(n)
             | Config::Kernel(n)
             | Config::Nft(n)
+            | Config::NftTcp(n)
             | Config::Scale(n)
             | Config::Stateless(n) => n,
             // Longer than any run: every frame of a run is a flow of its own.
@@ -481,13 +490,14 @@ impl Rig {
             })??;
             self.floor_link = Some(id);
         }
-        let want_nft = matches!(c, Config::Nft(_));
+        let want_nft = matches!(c, Config::Nft(_) | Config::NftTcp(_));
         if want_nft != self.nft_on {
             let text = if want_nft {
                 format!(
                     "table ip bgfwd {{\n\
                      \tchain pre {{ type nat hook prerouting priority dstnat; policy accept;\n\
-                     \t\tip daddr {VIP} udp dport {PORT} dnat to {SINK_ADDR}\n\t}}\n\
+                     \t\tip daddr {VIP} udp dport {PORT} dnat to {SINK_ADDR}\n\
+                     \t\tip daddr {VIP} tcp dport {PORT} dnat to {SINK_ADDR}\n\t}}\n\
                      \tchain post {{ type nat hook postrouting priority srcnat; policy accept; }}\n}}\n"
                 )
             } else {
@@ -541,7 +551,7 @@ impl Rig {
             dst_port: PORT.to_be_bytes(),
             src_port_base: SRC_PORT_BASE,
             flows: c.flows().max(1),
-            proto: if matches!(c, Config::Stateless(_)) {
+            proto: if matches!(c, Config::Stateless(_) | Config::NftTcp(_)) {
                 PROTO_TCP
             } else {
                 PROTO_UDP
@@ -725,6 +735,8 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
     let floor = rate(Config::Floor);
     let nft10k = rate(Config::Nft(10_000))
         .or_else(|| opts.nft_flows.last().and_then(|&n| rate(Config::Nft(n))));
+    let nft10k_tcp = rate(Config::NftTcp(10_000))
+        .or_else(|| opts.nft_flows.last().and_then(|&n| rate(Config::NftTcp(n))));
     let mut rows = Vec::new();
     for (c, v) in &samples {
         let rates: Vec<f64> = v.iter().map(|s| s.rate_mpps).collect();
@@ -740,7 +752,13 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
             "mpps": Summary::of(&rates),
             "ns_per_packet": if m > 0.0 { 1000.0 / m } else { f64::INFINITY },
             "lb_ns_per_packet_over_floor": floor.filter(|_| m > 0.0).map(|f| 1000.0 / m - 1000.0 / f),
-            "ratio_to_nftables_dnat": nft10k.map(|n| m / n),
+            // TCP rows against nftables with TCP, the others with UDP.
+            "ratio_to_nftables_dnat": if matches!(c, Config::Stateless(_) | Config::NftTcp(_)) {
+                nft10k_tcp
+            } else {
+                nft10k
+            }
+            .map(|n| m / n),
             "ratio_to_floor": floor.map(|f| m / f),
             "sent": sent,
             "delivered": delivered,
@@ -806,6 +824,9 @@ pub fn assert_gross(section: &Value) -> Result<()> {
     // every frame its own counter's, none lost when paced.
     if let Some(sl) = find("bgswitch_stateless_") {
         let m = sl["mpps"]["median"].as_f64().unwrap_or(0.0);
+        let n = find("nftables_dnat_tcp_")
+            .and_then(|r| r["mpps"]["median"].as_f64())
+            .unwrap_or(n);
         ensure!(
             m > n,
             "bgswitch stateless ({m:.3} Mpps) is not faster than nftables DNAT ({n:.3} Mpps)"
@@ -827,7 +848,7 @@ pub fn assert_gross(section: &Value) -> Result<()> {
 }
 
 /// Profiling aid: runs one configuration (`floor`, `bgswitch:N`, `kernel:N`,
-/// `nft:N`) repeatedly for `seconds` (warmed up first); returns the median
+/// `nft:N`, `stateless:N`, `nfttcp:N`, `new`) repeatedly for `seconds` (warmed up first); returns the median
 /// rate in Mpps.
 pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     let (kind, n) = spec.split_once(':').unwrap_or((spec, "1"));
@@ -837,6 +858,7 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
         "bgswitch" => Config::Bgswitch(n),
         "kernel" => Config::Kernel(n),
         "nft" => Config::Nft(n),
+        "nfttcp" => Config::NftTcp(n),
         "new" => Config::NewFlows,
         "stateless" => Config::Stateless(n),
         other => bail!("unknown configuration {other}"),
@@ -851,7 +873,7 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     if let Config::Bgswitch(n) = c {
         opts.bg_flows = vec![n];
     }
-    if let Config::Nft(n) = c {
+    if let Config::Nft(n) | Config::NftTcp(n) = c {
         opts.nft_flows = vec![n];
     }
     opts.new_flows = c == Config::NewFlows;

@@ -54,7 +54,8 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Profiling aid: run one forwarding configuration (floor, bgswitch:N,
-    /// kernel:N, nft:N) repeatedly for --seconds, then exit.
+    /// kernel:N, nft:N, stateless:N, nfttcp:N, new) repeatedly for
+    /// --seconds, then exit.
     #[arg(long)]
     spin_fwd: Option<String>,
     /// Internal: send LINE to HAProxy's runtime API at SOCKET, print the

@@ -372,7 +372,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
         srn,
         "×",
         srn.map(|v| v >= 4.0),
-        "part 2 (TCP ACKs through bgswitch; nftables DNAT with UDP)",
+        "part 2 (TCP ACKs through both)",
     ));
     let srf = f(&s10k["ratio_to_floor"]);
     t.push(target(

@@ -1,10 +1,12 @@
 //! A packet generator for BPF_PROG_TEST_RUN in live-frames mode
 //! (`BPF_F_TEST_XDP_LIVE_FRAMES`): every run writes a complete
-//! Ethernet/IPv4/UDP (or TCP ACK) frame — every header field, since recycled pages keep what
-//! the last program (or the last hop) wrote — for the next flow of a cycle of
-//! `flows`, and transmits it with XDP_TX on the interface given as the test
-//! run's ingress. The UDP checksum is 0 (none, valid for IPv4), so no receiver
-//! pays for verifying one a NIC would have verified.
+//! Ethernet/IPv4/UDP (or TCP ACK) frame — every header field, since recycled
+//! pages keep what the last program (or the last hop) wrote — for the next
+//! flow of a cycle of `flows`, and transmits it with XDP_TX on the interface
+//! given as the test run's ingress. The UDP checksum is 0 (none, valid for
+//! IPv4), so no receiver pays for verifying one a NIC would have verified. A
+//! TCP ACK carries no payload (the IPv4 length says 40; the rest of the frame
+//! is Ethernet padding) and a valid checksum, which conntrack checks.
 // The program exists for the BPF target only; a host build (`cargo test
 // --workspace`) gets an empty binary.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -64,14 +66,18 @@ mod program {
             unsafe { *sent = (*sent).wrapping_add(1) };
         }
 
+        let tcp = cfg.proto == 6;
         let frame_len = (end - data) as u32;
-        let ip_total = (frame_len - ETH_LEN as u32) as u16;
+        let ip_total = if tcp {
+            (IP_LEN + TCP_LEN) as u16
+        } else {
+            (frame_len - ETH_LEN as u32) as u16
+        };
         let udp_len = ip_total - IP_LEN as u16; // UDP's length field
         let src_ip = u32::from_be_bytes(cfg.src_ip).wrapping_add(flow >> PORT_BITS);
         let sport = cfg.src_port_base.wrapping_add((flow & PORT_MASK) as u16);
         let dst_ip = u32::from_be_bytes(cfg.dst_ip);
 
-        let tcp = cfg.proto == 6;
         let proto: u8 = if tcp { 6 } else { 17 };
         // IPv4 header checksum over the ten 16-bit words (id 0, DF, TTL 64).
         let sum = 0x4500u32
@@ -110,7 +116,22 @@ mod program {
             let sp = sport.to_be_bytes();
             let ul = udp_len.to_be_bytes();
             if tcp {
-                // Sequence 1, ACK 1, data offset 5, ACK flag, window 65535.
+                // Sequence 1, ACK 1, data offset 5, ACK flag, window 65535;
+                // the checksum over the pseudo-header and these 20 bytes.
+                let dport = u16::from_be_bytes(cfg.dst_port) as u32;
+                let tsum = (src_ip >> 16)
+                    + (src_ip & 0xffff)
+                    + (dst_ip >> 16)
+                    + (dst_ip & 0xffff)
+                    + 6
+                    + TCP_LEN as u32
+                    + sport as u32
+                    + dport
+                    + 1
+                    + 1
+                    + 0x5010
+                    + 0xffff;
+                let tc = fold(tsum).to_be_bytes();
                 w(
                     ETH_LEN + IP_LEN,
                     &[
@@ -130,8 +151,8 @@ mod program {
                         0x10,
                         0xff,
                         0xff,
-                        0,
-                        0,
+                        tc[0],
+                        tc[1],
                         0,
                         0,
                     ],
