@@ -593,8 +593,10 @@ pub const LOG_INTERVAL_REFRESHES: u64 = 10;
 /// data plane's clock.
 pub const CLOCK_PROGRAM_NAME: &str = "bgswitch_clock";
 
-/// Per-CPU counters of one colour of one service (`SERVICE_STATS`, index
-/// `service * 2 + colour`).
+/// Counters of one colour of one service. In `SERVICE_STATS` (per CPU,
+/// index `service * 2 + colour`) the program writes only `backend_rsts` and
+/// `syn_acks`; the traffic fields are the sums of the colour's
+/// `BACKEND_STATS` (the daemon's `colour_stats` adds them up).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ColourStats {

@@ -355,7 +355,7 @@ fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, cac
     // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
     let hop = unsafe { &mut *hop };
     let syn = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    account(service, active, b.stat_id, f.frame_len, syn, false);
+    account(b.stat_id, f.frame_len, syn, false);
     let peer = b.addr[0];
     // The backend's next hop and deltas, if they are for this VIP and
     // backend, current, fresh and long enough: the cached path's rewrite.
@@ -425,7 +425,7 @@ fn stateless_reply(
         return xdp_action::XDP_PASS;
     }
     reply_counters(service, colour, f.tcp_flags);
-    account(service, colour, b.stat_id, f.frame_len, false, true);
+    account(b.stat_id, f.frame_len, false, true);
     count(global::REPLIES);
     if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
         count(global::MALFORMED);
@@ -527,14 +527,7 @@ fn cached(ctx: &XdpContext, f: &Frame, c: &CachedFlow) -> Option<u32> {
             return None;
         }
     }
-    account(
-        c.service,
-        c.colour as u32,
-        c.backend_stat as u32,
-        f.frame_len,
-        false,
-        reverse,
-    );
+    account(c.backend_stat as u32, f.frame_len, false, reverse);
     let (side, hit) = if reverse {
         (Side::Src, global::REPLIES)
     } else {
@@ -753,14 +746,7 @@ fn to_backend(
                 entry.flags |= closing;
             }
             count(global::FLOW_HITS);
-            account(
-                service,
-                entry.colour as u32,
-                entry.backend_stat as u32,
-                f.frame_len,
-                false,
-                false,
-            );
+            account(entry.backend_stat as u32, f.frame_len, false, false);
             if rewrite(ctx, f, Side::Dst, &[entry.peer, 0, 0, 0], entry.peer_port).is_none() {
                 count(global::MALFORMED);
                 return xdp_action::XDP_PASS;
@@ -792,7 +778,7 @@ fn to_backend(
     let Some(b) = pick(service, slot, key) else {
         return no_backend(ctx, service, colour);
     };
-    account(service, colour, b.stat_id, f.frame_len, true, false);
+    account(b.stat_id, f.frame_len, true, false);
     if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
@@ -1038,22 +1024,11 @@ fn record(ctx: &XdpContext, key: &FlowKey, fwd: &FlowEntry) {
     }
 }
 
+/// A packet in its backend's counters (`BACKEND_STATS`, one per-CPU slot);
+/// a colour's traffic is the sum of its backends' (the daemon adds them up),
+/// so a packet pays for one counter slot, not two.
 #[inline(always)]
-fn account(service: u32, colour: u32, stat: u32, bytes: u64, new_flow: bool, reply: bool) {
-    if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
-        // SAFETY: per-CPU slot.
-        let s = unsafe { &mut *s };
-        if reply {
-            s.reply_packets += 1;
-            s.reply_bytes += bytes;
-        } else {
-            s.packets += 1;
-            s.bytes += bytes;
-            if new_flow {
-                s.new_flows += 1;
-            }
-        }
-    }
+fn account(stat: u32, bytes: u64, new_flow: bool, reply: bool) {
     if let Some(s) = BACKEND_STATS.get_ptr_mut(stat) {
         // SAFETY: per-CPU slot.
         let s = unsafe { &mut *s };
@@ -1105,7 +1080,7 @@ fn from_backend(
             entry.flags |= mirror;
         }
     }
-    account(service, colour, stat, f.frame_len, false, true);
+    account(stat, f.frame_len, false, true);
     count(global::REPLIES);
     if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
         count(global::MALFORMED);

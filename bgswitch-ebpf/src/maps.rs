@@ -81,7 +81,8 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
-/// Per-CPU counters per service and colour, index `service * 2 + colour`.
+/// Per-CPU counters per service and colour, index `service * 2 + colour`:
+/// backend RSTs and SYN-ACKs only (the traffic is counted per backend).
 #[map]
 pub static SERVICE_STATS: PerCpuArray<ColourStats> =
     PerCpuArray::with_max_entries(MAX_SERVICES * 2, 0);

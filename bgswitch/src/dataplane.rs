@@ -1723,22 +1723,28 @@ impl Dataplane {
             .map_err(map_err(names::SERVICES, "iterate"))
     }
 
-    /// Counters of one colour of a service, summed over CPUs.
+    /// Counters of one colour of a service, summed over CPUs: its traffic
+    /// the sum of its backend positions' counters (the program counts a
+    /// packet once, in its backend's slot), its RSTs and SYN-ACKs its own.
     pub fn colour_stats(&self, id: u32, colour: Colour) -> Result<ColourStats> {
         let v = self
             .service_stats
             .get(&(id * 2 + colour.index()), 0)
             .map_err(map_err(names::SERVICE_STATS, "get"))?;
-        Ok(v.iter().fold(ColourStats::default(), |mut a, s| {
-            a.packets += s.packets;
-            a.bytes += s.bytes;
-            a.new_flows += s.new_flows;
-            a.reply_packets += s.reply_packets;
-            a.reply_bytes += s.reply_bytes;
+        let mut a = v.iter().fold(ColourStats::default(), |mut a, s| {
             a.backend_rsts += s.backend_rsts;
             a.syn_acks += s.syn_acks;
             a
-        }))
+        });
+        for i in 0..MAX_BACKENDS {
+            let b = self.backend_stats(backend_stat_id(id, colour, i))?;
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+            a.new_flows += b.new_flows;
+            a.reply_packets += b.reply_packets;
+            a.reply_bytes += b.reply_bytes;
+        }
+        Ok(a)
     }
 
     /// Counters of one backend, summed over CPUs.
