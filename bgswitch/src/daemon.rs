@@ -141,8 +141,16 @@ pub struct Daemon {
     /// Whether the host's routing rules pick routes by destination only
     /// (stateless services need it: they keep one next hop per backend).
     rules_by_destination: bool,
+    /// When the last scan for due transitions began: while a transition
+    /// cannot end (live records still disagree), a whole-table read at most
+    /// every `TRANSITION_SCAN_EVERY`.
+    transition_scan_at: Option<std::time::Instant>,
     _lock: File,
 }
+
+/// How often a due transition may read the whole flow table to see whether
+/// it can end (about 0.8 s of a blocking thread per million flows).
+const TRANSITION_SCAN_EVERY: Duration = Duration::from_secs(5);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -320,6 +328,7 @@ impl Daemon {
             scan_running: false,
             scan_waiting: Vec::new(),
             rules_by_destination: false,
+            transition_scan_at: None,
             _lock: lock,
         };
         daemon.rules_by_destination = daemon.read_rules();
@@ -675,7 +684,11 @@ impl Daemon {
                 log::log!(level, "{note}");
             }
             self.check_rules();
-            if !self.scan_running && !self.transitions_due().is_empty() {
+            let rested = self
+                .transition_scan_at
+                .is_none_or(|t| t.elapsed() >= TRANSITION_SCAN_EVERY);
+            if rested && !self.scan_running && !self.transitions_due().is_empty() {
+                self.transition_scan_at = Some(std::time::Instant::now());
                 self.start_scan(Vec::new());
             }
         }
@@ -753,11 +766,10 @@ impl Daemon {
         }
     }
 
-    /// Services whose transition may end now: a stateless service (allowed
-    /// to be, without canary or preview) a TCP idle timeout after its
-    /// transition began, or at once if it has no orphan pool (every open
-    /// connection has a record); and a service with an orphan pool that is
-    /// no longer stateless, after the same timeout.
+    /// Services whose transition may end now: one with an orphan pool a TCP
+    /// idle timeout after its transition began (no connection of the last
+    /// stable period can be left), and one that may start a stable period
+    /// and has no orphan pool at once (every open connection has a record).
     fn transitions_due(&self) -> Vec<u32> {
         let mut due = Vec::new();
         for svc in &self.config.services {
