@@ -690,6 +690,20 @@ green = ["198.18.1.21:8080"]
         );
         check_err(
             &with_service(
+                "name = \"a\"\nvip = \"1.2.3.4:53\"\nprotocol = \"udp\"\nstateless = true\nblue = [\"1.2.3.5:53\"]\ngreen = [\"1.2.3.6:53\"]\n",
+            ),
+            "service[0] (a).stateless",
+            "needs protocol = \"tcp\"",
+        );
+        check_err(
+            &with_service(
+                "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nstateless = \"yes\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n",
+            ),
+            "line 6 column 13",
+            "expected a boolean",
+        );
+        check_err(
+            &with_service(
                 "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.5:80\"]\n",
             ),
             "service[0] (a).green[0]",

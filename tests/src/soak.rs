@@ -796,6 +796,28 @@ pub fn run(topo: &Topology, sw: &Switcher, opts: &SoakOptions) -> Result<SoakRep
 /// run itself cannot be set up or a flip cannot be made; traffic failures go
 /// into the report. Without UDP ([`Switch::carries_udp`]) only `web` is
 /// flipped and the UDP criteria are reported as skipped.
+/// Resolves every backend's neighbour entry on the load balancer (one TCP
+/// connection from its namespace to each backend's HTTP port) before the
+/// load starts. The warm-up reaches blue only; without this, the first flip
+/// sends a burst of first packets towards green backends whose addresses
+/// are still being resolved, and a datagram dropped from that queue is a
+/// lost new UDP flow of the harness, not of the switch under test.
+fn resolve_neighbours(topo: &Topology) -> Result<()> {
+    let lb = topo.lb_ns().to_string();
+    let addrs: Vec<SocketAddrV4> = topo
+        .backends()
+        .iter()
+        .map(|b| SocketAddrV4::new(b.addr, HTTP_PORT))
+        .collect();
+    in_netns(&lb, || -> Result<()> {
+        for a in addrs {
+            TcpStream::connect_timeout(&SocketAddr::V4(a), Duration::from_secs(2))
+                .with_context(|| format!("connecting to backend {a} from the load balancer"))?;
+        }
+        Ok(())
+    })?
+}
+
 pub fn run_with(topo: &Topology, switch: &mut Switch, opts: &SoakOptions) -> Result<SoakReport> {
     let udp = switch.carries_udp();
     let services: &[&'static str] = if udp { &["web", "echo"] } else { &["web"] };
@@ -811,6 +833,7 @@ pub fn run_with(topo: &Topology, switch: &mut Switch, opts: &SoakOptions) -> Res
         }
     }
     let _guard = StopOnDrop(stop.clone());
+    resolve_neighbours(topo)?;
 
     let keepalive: Vec<_> = (0..opts.keepalive)
         .map(|_| {
