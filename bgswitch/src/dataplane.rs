@@ -551,6 +551,15 @@ pub fn service_key(vip: SocketAddr, proto: u8) -> ServiceKey {
     }
 }
 
+/// The `ADDR_FILTER` word of service `id`'s stateless slot, and the entry
+/// that says "this is service `id` in a stable period".
+fn stateless_slot_of(key: &ServiceKey, id: u32) -> (u32, u64) {
+    (
+        2 * ADDR_FILTER_WORDS + bgswitch_common::stateless_slot(key.addr[0], key.port),
+        bgswitch_common::stateless_entry(key.addr[0], key.port, id),
+    )
+}
+
 /// Index of a configured backend's counters.
 pub const fn backend_stat_id(service: u32, colour: Colour, index: u32) -> u32 {
     service * 2 * MAX_BACKENDS + colour.index() * MAX_BACKENDS + index
@@ -1484,10 +1493,8 @@ impl Dataplane {
                 .ok_or_else(|| DataplaneError::Invalid(format!("service id {id} has no VIP")))?;
             // Its slot, unless another stable service holds it (then its
             // packets find the word through `SERVICES`, more slowly).
-            let slot = self.addr_filter.word64(
-                2 * ADDR_FILTER_WORDS + bgswitch_common::stateless_slot(key.addr[0], key.port),
-            );
-            let entry = bgswitch_common::stateless_entry(key.addr[0], key.port, id);
+            let (i, entry) = stateless_slot_of(&key, id);
+            let slot = self.addr_filter.word64(i);
             let held = slot.load(Ordering::SeqCst);
             if held & bgswitch_common::STATELESS_VALID == 0 || held == entry {
                 slot.store(entry, Ordering::SeqCst);
@@ -1660,19 +1667,17 @@ impl Dataplane {
             .collect();
         // The slot of a service that holds it now stays its own.
         let now_held = |k: &ServiceKey, id: u32| {
-            let i = 2 * ADDR_FILTER_WORDS + bgswitch_common::stateless_slot(k.addr[0], k.port);
-            self.addr_filter.word64(i).load(Ordering::SeqCst)
-                == bgswitch_common::stateless_entry(k.addr[0], k.port, id)
+            let (i, entry) = stateless_slot_of(k, id);
+            self.addr_filter.word64(i).load(Ordering::SeqCst) == entry
         };
         services.sort_by_key(|(k, id)| (!now_held(k, *id), *id));
         for (k, id) in services {
             let (w, m) = bgswitch_common::addr_bit(&k.addr);
             bits[w as usize] |= m;
             if control::stateless(self.control.load(id)) {
-                let i = (2 * ADDR_FILTER_WORDS + bgswitch_common::stateless_slot(k.addr[0], k.port))
-                    as usize;
-                if bits[i] == 0 {
-                    bits[i] = bgswitch_common::stateless_entry(k.addr[0], k.port, id);
+                let (i, entry) = stateless_slot_of(&k, id);
+                if bits[i as usize] == 0 {
+                    bits[i as usize] = entry;
                 }
             }
         }
