@@ -102,13 +102,20 @@ fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, 
     (active, false)
 }
 
+/// What a kept next hop or cache slot needs to be current.
+#[derive(Clone, Copy)]
+pub struct Fresh {
+    /// The flow-cache generation now.
+    gen: u32,
+    /// `Settings::refresh` (0 without settings: nothing is fresh).
+    refresh: u64,
+}
+
 /// Where a packet's flow-cache slot is, and what it needs to be valid.
 pub struct Cache {
     slot: Option<*mut CachedFlow>,
     key: FlowKey4,
-    gen: u32,
-    /// `Settings::refresh` (0 without settings: nothing is fresh).
-    refresh: u64,
+    fresh: Fresh,
     /// `Settings::cache_shift`.
     shift: u32,
 }
@@ -121,7 +128,25 @@ pub struct Cache {
 /// untouched.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
-    let k4 = FlowKey4 {
+    let now = now();
+    let (refresh, shift, any_stateless) = SETTINGS
+        .get(0)
+        .map_or((0, 0, 0), |s| (s.refresh, s.cache_shift, s.stateless));
+    let fresh = Fresh {
+        gen: flow_gen(),
+        refresh,
+    };
+    // A stateless service in its stable period: no flow state to read, not
+    // even the cache slot (cold memory once flows are many), nor its index.
+    if any_stateless != 0 && f.proto == PROTO_TCP {
+        if let Some(id) = stateless_service(f) {
+            let word = control_word(id);
+            if control::enabled(word) && control::stateless(word) {
+                return stateless(ctx, f, id, word, now, fresh);
+            }
+        }
+    }
+    let key = FlowKey4 {
         src: f.src[0],
         dst: f.dst[0],
         sport: f.sport,
@@ -130,32 +155,17 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         _pad0: 0,
         _pad1: 0,
     };
-    let now = now();
-    let (refresh, shift, any_stateless) = SETTINGS
-        .get(0)
-        .map_or((0, 0, 0), |s| (s.refresh, s.cache_shift, s.stateless));
     let cache = Cache {
         // Without settings (shift 0): no cache.
         slot: if shift == 0 {
             None
         } else {
-            FLOW_CACHE.get_ptr_mut(cache_index(&k4, shift))
+            FLOW_CACHE.get_ptr_mut(cache_index(&key, shift))
         },
-        key: k4,
-        gen: flow_gen(),
-        refresh,
+        key,
+        fresh,
         shift,
     };
-    // A stateless service in its stable period: no flow state to read, not
-    // even the cache slot (cold memory once flows are many).
-    if any_stateless != 0 && f.proto == PROTO_TCP {
-        if let Some(id) = stateless_service(f) {
-            let word = control_word(id);
-            if control::enabled(word) && control::stateless(word) {
-                return stateless(ctx, f, id, word, now, &cache);
-            }
-        }
-    }
     // The packet's own conditions first: a SYN (a new flow's first packet,
     // mostly) never reads its slot, which is cold memory then — one cache
     // miss less per new TCP flow.
@@ -317,15 +327,18 @@ fn hashed_here(f: &Frame, service: u32, slot: u32, vip: u32, vport: u16) -> Opti
 /// it would be VIP traffic. Not ours.
 #[inline(always)]
 fn vip_source(f: &Frame) -> bool {
+    // The key only for a source in the VIP bitmap.
+    if !maybe(0, &f.src) {
+        return false;
+    }
     let own = ServiceKey {
         addr: f.src,
         port: f.sport,
         proto: f.proto,
         family: f.family,
     };
-    // SAFETY: only presence is read. Looked up only if the source address
-    // may be a VIP at all.
-    maybe(0, &f.src) && unsafe { SERVICES.get(&own) }.is_some()
+    // SAFETY: only presence is read.
+    unsafe { SERVICES.get(&own) }.is_some()
 }
 
 /// A stateless service's packet in its stable period: the backend is the
@@ -334,7 +347,7 @@ fn vip_source(f: &Frame) -> bool {
 /// is the backend's (`BACKEND_HOPS`), looked up once per backend and
 /// refresh instead of once per flow.
 #[inline(always)]
-fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, cache: &Cache) -> u32 {
+fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, fresh: Fresh) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
         return xdp_action::XDP_PASS;
@@ -359,7 +372,7 @@ fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, cac
     let peer = b.addr[0];
     // The backend's next hop and deltas, if they are for this VIP and
     // backend, current, fresh and long enough: the cached path's rewrite.
-    if Nh::backend(hop).usable(f, now, cache)
+    if Nh::backend(hop).usable(f, now, fresh)
         && hop.peer == peer
         && hop.peer_port == b.port
         && hop.vip == f.dst[0]
@@ -390,7 +403,7 @@ fn stateless(ctx: &XdpContext, f: &Frame, service: u32, word: u32, now: u64, cac
         f,
         Nh::backend(hop),
         now,
-        cache,
+        fresh,
         Some(global::STATELESS),
     );
     let addr = Delta::ZERO.add32(vip, peer);
@@ -508,9 +521,9 @@ fn flow_gen() -> u32 {
 #[inline(always)]
 fn cache_hit(c: &CachedFlow, cache: &Cache, f: &Frame, now: u64) -> bool {
     same_key(&c.key, &cache.key)
-        && c.gen == cache.gen
+        && c.gen == cache.fresh.gen
         && c.nh_ifindex != 0
-        && u64::from((now as u32).wrapping_sub(c.last_seen)) <= cache.refresh
+        && u64::from((now as u32).wrapping_sub(c.last_seen)) <= cache.fresh.refresh
         && f.tot_len <= c.nh_len
 }
 
@@ -593,7 +606,7 @@ fn fill(cache: &Cache, e: &FlowEntry, dir: Dir) {
             e.rnh_at,
         ),
     };
-    if ifindex == 0 || gen != cache.gen {
+    if ifindex == 0 || gen != cache.fresh.gen {
         // No next hop to cache (the frame went to the stack): the slot must
         // not keep serving an older decision for this flow, which this
         // packet may just have replaced (a SYN reusing a closed flow's
@@ -667,7 +680,7 @@ fn write_slot(
     c.key.sport = cache.key.sport;
     c.key.dport = cache.key.dport;
     c.key.proto = cache.key.proto;
-    c.gen = cache.gen;
+    c.gen = cache.fresh.gen;
     c.last_seen = d.last_seen;
     c.peer = peer;
     c.peer_port = peer_port;
@@ -729,7 +742,7 @@ fn to_backend(
         // Its stateless slot is set before the word and cleared after: only
         // a packet racing a change, or of a service whose slot another one
         // holds, gets here.
-        return stateless(ctx, f, service, word, now, cache);
+        return stateless(ctx, f, service, word, now, cache.fresh);
     }
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The backend of an entry this packet replaces (port reuse after close
@@ -738,7 +751,7 @@ fn to_backend(
     if let Some(entry) = entry {
         replaced = Some((entry.peer, entry.peer_port));
         if !expired(entry, f, syn, now) {
-            if now.wrapping_sub(entry.last_seen) > cache.refresh {
+            if now.wrapping_sub(entry.last_seen) > cache.fresh.refresh {
                 entry.last_seen = now;
             }
             let closing = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
@@ -751,7 +764,7 @@ fn to_backend(
                 count(global::MALFORMED);
                 return xdp_action::XDP_PASS;
             }
-            let action = send(ctx, f, Nh::forward(entry), now, cache, None);
+            let action = send(ctx, f, Nh::forward(entry), now, cache.fresh, None);
             fill(cache, entry, Dir::Forward);
             return action;
         }
@@ -793,7 +806,7 @@ fn to_backend(
     );
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
-    let action = send(ctx, f, Nh::forward(fwd), now, cache, None);
+    let action = send(ctx, f, Nh::forward(fwd), now, cache.fresh, None);
     record(ctx, key, fwd);
     // A replaced entry (port reuse after close or idle) needs no
     // invalidation elsewhere: after idle, every CPU's slot of the flow is
@@ -890,10 +903,10 @@ impl<'a> Nh<'a> {
     /// the current generation, within the refresh, for a packet at least as
     /// long (the MTU check).
     #[inline(always)]
-    fn usable(&self, f: &Frame, now: u64, cache: &Cache) -> bool {
+    fn usable(&self, f: &Frame, now: u64, fresh: Fresh) -> bool {
         *self.ifindex != 0
-            && *self.gen == cache.gen
-            && u64::from((now as u32).wrapping_sub(*self.at)) <= cache.refresh
+            && *self.gen == fresh.gen
+            && u64::from((now as u32).wrapping_sub(*self.at)) <= fresh.refresh
             && f.tot_len <= *self.len
     }
 
@@ -916,8 +929,8 @@ impl<'a> Nh<'a> {
 /// it is older than the refresh, or when the packet is longer than the one
 /// it was looked up for (the MTU check). Counts `also` with the transmit.
 #[inline(always)]
-fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, cache: &Cache, also: Option<u32>) -> u32 {
-    if nh.usable(f, now, cache) {
+fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, fresh: Fresh, also: Option<u32>) -> u32 {
+    if nh.usable(f, now, fresh) {
         return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac, also);
     }
     let Some(hop) = resolve(ctx, f) else {
@@ -936,7 +949,7 @@ fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, cache: &Cache, also: Opti
         }
     }
     *nh.len = f.tot_len;
-    *nh.gen = cache.gen;
+    *nh.gen = fresh.gen;
     *nh.at = now as u32;
     *nh.ifindex = hop.ifindex;
     transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, also)
@@ -1061,7 +1074,7 @@ fn from_backend(
         count(global::TTL_EXCEEDED);
         return xdp_action::XDP_PASS;
     }
-    if now.wrapping_sub(entry.last_seen) > cache.refresh {
+    if now.wrapping_sub(entry.last_seen) > cache.fresh.refresh {
         entry.last_seen = now;
     }
     let service = entry.service;
@@ -1086,7 +1099,7 @@ fn from_backend(
         count(global::MALFORMED);
         return xdp_action::XDP_PASS;
     }
-    let action = send(ctx, f, Nh::reply(entry), now, cache, None);
+    let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None);
     fill(cache, entry, Dir::Reply { vip, vport });
     action
 }

@@ -61,20 +61,34 @@ pub fn rewrite(ctx: &XdpContext, f: &Frame, side: Side, addr: &Addr, port: u16) 
     rewrite_l4(ctx, f, side, port, addr_delta.add16(old_port, port))
 }
 
+/// The port of `side` and the checksum of the frame's TCP or UDP header,
+/// with one bounds check (a TCP header's first 18 bytes hold both ports and
+/// the checksum, a UDP header's 8), and whether it is TCP.
+#[inline(always)]
+fn l4_fields(ctx: &XdpContext, f: &Frame, side: Side) -> Option<(*mut u16, *mut u16, bool)> {
+    let port_off = match side {
+        Side::Src => 0,
+        Side::Dst => 2,
+    };
+    let tcp = f.proto == PROTO_TCP;
+    let h: *mut u8 = if tcp {
+        ptr_at::<[u8; TCP_CHECK + 2]>(ctx, f.l4)?.cast()
+    } else {
+        ptr_at::<[u8; UDP_CHECK + 2]>(ctx, f.l4)?.cast()
+    };
+    let check_off = if tcp { TCP_CHECK } else { UDP_CHECK };
+    // SAFETY: both offsets lie inside the bounds-checked header (2-byte
+    // aligned fields; packet pointers allow such stores on the 64-bit JITs).
+    Some(unsafe { (h.add(port_off).cast(), h.add(check_off).cast(), tcp) })
+}
+
 /// Writes the port of `side` and applies `delta` (address through the
 /// pseudo-header, and port) to the TCP or UDP checksum; a UDP checksum of 0
 /// stays 0.
 #[inline(always)]
 fn rewrite_l4(ctx: &XdpContext, f: &Frame, side: Side, port: u16, delta: Delta) -> Option<()> {
-    let port_off = match side {
-        Side::Src => 0,
-        Side::Dst => 2,
-    };
-    let port_ptr: *mut u16 = ptr_at(ctx, f.l4 + port_off)?;
-    let tcp = f.proto == PROTO_TCP;
-    let check: *mut u16 = ptr_at(ctx, f.l4 + if tcp { TCP_CHECK } else { UDP_CHECK })?;
-    // SAFETY: both bounds-checked by ptr_at (2-byte aligned fields; packet
-    // pointers allow such stores on the 64-bit JITs).
+    let (port_ptr, check, tcp) = l4_fields(ctx, f, side)?;
+    // SAFETY: bounds-checked by l4_fields.
     unsafe {
         *port_ptr = port;
         *check = if tcp {
@@ -234,10 +248,20 @@ pub fn rewrite_cached(
         core::ptr::write_volatile(ip.add(addr_off).cast::<u32>(), addr);
         *ip.add(8) -= 1;
         let check = ip.add(10).cast::<u16>();
-        let c = Delta::from_folded(ip_delta).apply(core::ptr::read_volatile(check));
+        let c = Delta::apply_folded(ip_delta, core::ptr::read_volatile(check));
         core::ptr::write_volatile(check, c);
     }
-    rewrite_l4(ctx, f, side, port, Delta::from_folded(l4_delta))
+    let (port_ptr, check, tcp) = l4_fields(ctx, f, side)?;
+    // SAFETY: bounds-checked by l4_fields.
+    unsafe {
+        *port_ptr = port;
+        *check = if tcp {
+            Delta::apply_folded(l4_delta, *check)
+        } else {
+            Delta::from_folded(l4_delta).apply_udp(*check)
+        };
+    }
+    Some(())
 }
 
 /// Writes the MACs of a resolved next hop and transmits; counts TX or
