@@ -1,5 +1,5 @@
 //! Builds the benchmark's XDP programs (`bench/ebpf`: `xdp_pass`, `xdp_gen`,
-//! `xdp_sink`, `xdp_parts`) the way bgswitch/build.rs builds the data plane,
+//! `xdp_sink`, `xdp_parts`, `xdp_redirect`) the way bgswitch/build.rs builds the data plane,
 //! with the same shared step (`bgswitch/build_support.rs`). Under
 //! `AYA_BUILD_SKIP=1` the objects are empty and the benchmark refuses to run.
 use std::{env, path::PathBuf};
@@ -12,6 +12,12 @@ fn main() -> anyhow::Result<()> {
     build_support::build_ebpf(
         "bgswitch-bench-ebpf",
         ebpf_dir,
-        &["xdp_pass", "xdp_gen", "xdp_sink", "xdp_parts"],
+        &[
+            "xdp_pass",
+            "xdp_gen",
+            "xdp_sink",
+            "xdp_parts",
+            "xdp_redirect",
+        ],
     )
 }

@@ -915,7 +915,7 @@ pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64
 /// fast path does, as it does it and as a proposal would, priced against
 /// XDP_PASS with a large repeat (none of them changes the next run's input).
 pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
-    const PARTS: [(&str, &str); 14] = [
+    const PARTS: [(&str, &str); 16] = [
         ("part_ktime", "bpf_ktime_get_ns()"),
         ("part_jiffies", "bpf_jiffies64() (tick resolution; inlined by the verifier)"),
         ("part_ktime_coarse", "bpf_ktime_get_coarse_ns() (tick resolution)"),
@@ -930,6 +930,8 @@ pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
         ("part_fib_direct", "bpf_fib_lookup with BPF_FIB_LOOKUP_DIRECT, parameters zeroed with stores"),
         ("part_devmap_check_redirect", "DevMapHash lookup, then redirect through it — as nat.rs does"),
         ("part_devmap_redirect", "DevMapHash redirect alone"),
+        ("part_devmap_array_redirect", "DevMap (array) redirect alone"),
+        ("part_redirect_ifindex", "bpf_redirect to an ifindex (the device is looked up after the program, outside this measure)"),
     ];
     let bed = Bed::create()?;
     let ns = bed.name().to_string();
@@ -969,6 +971,9 @@ pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
             let mut d: aya::maps::DevMapHash<_> =
                 aya::maps::DevMapHash::try_from(parts.map_mut("PORTS").context("PORTS")?)?;
             d.insert(bed.v0 + 1, bed.v1, None, 0)?;
+            let mut a: aya::maps::DevMap<_> =
+                aya::maps::DevMap::try_from(parts.map_mut("PORT_ARRAY").context("PORT_ARRAY")?)?;
+            a.set(1, bed.v1, None, 0)?;
         }
         let ctx = xdp_ctx(f.len(), bed.v0);
         let mut run_part = |name: &str| -> Result<f64> {

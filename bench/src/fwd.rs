@@ -10,7 +10,9 @@
 //! one core doing generator + load balancer + receiver; the floor is the
 //! generator + receiver alone.
 //!
-//! Configurations: floor; bgswitch (XDP on l0 and l1, redirect l0 → l1) with
+//! Configurations: floor; the redirect ceiling (`xdp_redirect` on l0: the
+//! MACs and a DevMap redirect to l1, nothing else — the most any XDP load
+//! balancer can reach on this path); bgswitch (XDP on l0 and l1, redirect l0 → l1) with
 //! 1, 10 000 and 1 000 000 flows; plain kernel forwarding (ip_forward, no XDP
 //! on l0, GRO on so l0 takes XDP frames); nftables DNAT (prerouting dnat to
 //! the sink) with 1 and 10 000 flows. Frames: 64 B Ethernet+IPv4+UDP, UDP
@@ -37,7 +39,7 @@ use bgswitch::{
     dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
     model::Colour,
 };
-use bgswitch_bench_ebpf::{GenConfig, SINK_PACKETS};
+use bgswitch_bench_ebpf::{GenConfig, RedirectConfig, SINK_PACKETS};
 use bgswitch_common::{PROTO_TCP, PROTO_UDP};
 use bgswitch_tests::{in_netns, ip_ns, netns::netns_path, TempNetns};
 use serde_json::{json, Value};
@@ -63,6 +65,12 @@ const SRC_PORT_BASE: u16 = 1024;
 struct GenCfg(GenConfig);
 // SAFETY: repr(C), integers and byte arrays only, no implicit padding.
 unsafe impl Pod for GenCfg {}
+
+#[derive(Clone, Copy)]
+#[allow(dead_code)] // read by the kernel
+struct RedirectCfg(RedirectConfig);
+// SAFETY: repr(C), integers and byte arrays only, no implicit padding.
+unsafe impl Pod for RedirectCfg {}
 
 #[derive(Clone, Debug)]
 pub struct FwdOptions {
@@ -97,6 +105,7 @@ impl FwdOptions {
         let mut v = Vec::new();
         if self.floor {
             v.push(Config::Floor);
+            v.push(Config::Redirect);
         }
         v.extend(self.bg_flows.iter().map(|&n| Config::Bgswitch(n)));
         v.extend(self.stateless_flows.iter().map(|&n| Config::Stateless(n)));
@@ -158,6 +167,8 @@ impl FwdOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     Floor,
+    /// `xdp_redirect` on l0: MACs and a DevMap redirect to l1, nothing else.
+    Redirect,
     Bgswitch(u32),
     Kernel(u32),
     Nft(u32),
@@ -183,6 +194,7 @@ impl Config {
     fn key(self) -> String {
         match self {
             Config::Floor => "generator_to_drop_floor".into(),
+            Config::Redirect => "xdp_redirect_ceiling".into(),
             Config::Bgswitch(n) => format!("bgswitch_{n}_flows"),
             Config::Kernel(n) => format!("kernel_forwarding_{n}_flows"),
             Config::Nft(n) => format!("nftables_dnat_{n}_flows"),
@@ -195,6 +207,9 @@ impl Config {
     fn label(self) -> String {
         match self {
             Config::Floor => "generator → drop (floor)".into(),
+            Config::Redirect => {
+                "XDP redirect alone: MACs + DevMap, no parse or lookup (ceiling)".into()
+            }
             Config::Bgswitch(n) | Config::Scale(n) => format!("bgswitch, {}", flows(n)),
             Config::Kernel(n) => format!("plain kernel forwarding, {}", flows(n)),
             Config::Nft(n) => format!("nftables DNAT, {}", flows(n)),
@@ -219,7 +234,7 @@ impl Config {
     }
     fn flows(self) -> u32 {
         match self {
-            Config::Floor => 1,
+            Config::Floor | Config::Redirect => 1,
             Config::Bgswitch(n)
             | Config::Kernel(n)
             | Config::Nft(n)
@@ -242,6 +257,9 @@ struct Rig {
     sinkp: Ebpf,
     /// Sink program links: (namespace is lb, l0) for the floor, (sink, s0).
     floor_link: Option<XdpLinkId>,
+    /// `xdp_redirect`, and its link on l0 while attached.
+    redirp: Ebpf,
+    redirect_link: Option<XdpLinkId>,
     /// Data planes by flow-table size.
     dps: BTreeMap<u32, Dataplane>,
     /// The table size of the data plane attached to l0/l1 now (0: none).
@@ -387,6 +405,36 @@ impl Rig {
                 .context("attaching xdp_sink to s0")
         })??;
 
+        let mut redirp = Ebpf::load(objects::XDP_REDIRECT).context("loading xdp_redirect")?;
+        {
+            let l1 = bgswitch_tests::netns::ifindex(&l, "l1")?;
+            let l1_mac = mac(&l, "l1")?;
+            let mut a: Array<_, RedirectCfg> = Array::try_from(
+                redirp
+                    .map_mut("REDIRECT_CONFIG")
+                    .context("no REDIRECT_CONFIG")?,
+            )?;
+            a.set(
+                0,
+                RedirectCfg(RedirectConfig {
+                    dst_mac: s0_mac,
+                    src_mac: l1_mac,
+                    ifindex: l1,
+                }),
+                0,
+            )?;
+            let mut ports = aya::maps::DevMapHash::try_from(
+                redirp
+                    .map_mut("REDIRECT_PORTS")
+                    .context("no REDIRECT_PORTS")?,
+            )?;
+            // The kernel resolves the ifindex in the caller's namespace.
+            in_netns(&l, || ports.insert(l1, l1, None, 0))??;
+        }
+        xdp(&mut redirp, "xdp_redirect")?
+            .load()
+            .context("verifying xdp_redirect")?;
+
         let load_bg = |max_flows: u32| -> Result<Dataplane> {
             let mut dp = Dataplane::load(&LoadOptions {
                 bpffs: None,
@@ -438,6 +486,8 @@ impl Rig {
             genp,
             sinkp,
             floor_link: None,
+            redirp,
+            redirect_link: None,
             dps,
             attached: 0,
             nft_on: false,
@@ -460,6 +510,12 @@ impl Rig {
                 xdp(&mut self.sinkp, "xdp_sink")?.detach(id)?;
             }
         }
+        let want_redirect = c == Config::Redirect;
+        if !want_redirect {
+            if let Some(id) = self.redirect_link.take() {
+                xdp(&mut self.redirp, "xdp_redirect")?.detach(id)?;
+            }
+        }
         if self.attached != want_attached {
             let which = self.attached;
             if which != 0 {
@@ -480,6 +536,15 @@ impl Rig {
                 })??;
                 self.attached = want_attached;
             }
+        }
+        if want_redirect && self.redirect_link.is_none() {
+            let redirp = &mut self.redirp;
+            let id = in_netns(&lb, || {
+                xdp(redirp, "xdp_redirect")?
+                    .attach("l0", XdpMode::Driver)
+                    .context("attaching xdp_redirect to l0")
+            })??;
+            self.redirect_link = Some(id);
         }
         if want_floor && self.floor_link.is_none() {
             let sinkp = &mut self.sinkp;
@@ -769,7 +834,7 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
     }
     Ok(json!({
         "status": "measured",
-        "method": "xdp_gen in BPF_PROG_TEST_RUN live-frames mode on one pinned CPU (g0 XDP_TX → l0); xdp_sink counts at s0 (floor: at l0); rate = frames delivered to the sink / wall time of the run; interleaved rounds with rotating order; median (min–max) over rounds",
+        "method": "xdp_gen in BPF_PROG_TEST_RUN live-frames mode on one pinned CPU (g0 XDP_TX → l0); xdp_sink counts at s0 (floor: at l0; the redirect ceiling: xdp_redirect on l0 writes the MACs and redirects to l1, nothing else); rate = frames delivered to the sink / wall time of the run; interleaved rounds with rotating order; median (min–max) over rounds",
         "frame_bytes": FRAME_LEN,
         "frames_per_run": opts.frames,
         "batch": opts.batch,
@@ -855,6 +920,7 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     let n: u32 = n.parse().context("flows")?;
     let c = match kind {
         "floor" => Config::Floor,
+        "redirect" => Config::Redirect,
         "bgswitch" => Config::Bgswitch(n),
         "kernel" => Config::Kernel(n),
         "nft" => Config::Nft(n),

@@ -10,9 +10,18 @@ pub static XDP_SINK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Component micro-programs (`part_*`), priced against XDP_PASS.
 pub static XDP_PARTS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp_parts"));
 
+/// Writes MACs and redirects, nothing else: the ceiling of an XDP forwarder.
+pub static XDP_REDIRECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp_redirect"));
+
 /// Fails if the objects are the empty stubs of an `AYA_BUILD_SKIP` build.
 pub fn check() -> anyhow::Result<()> {
-    if XDP_PASS.is_empty() || XDP_GEN.is_empty() || XDP_SINK.is_empty() || XDP_PARTS.is_empty() {
+    if XDP_PASS.is_empty()
+        || XDP_GEN.is_empty()
+        || XDP_SINK.is_empty()
+        || XDP_PARTS.is_empty()
+        || XDP_REDIRECT.is_empty()
+    {
         anyhow::bail!(
             "bgswitch-bench was built with AYA_BUILD_SKIP: its XDP programs are empty; rebuild it"
         );

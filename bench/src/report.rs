@@ -268,13 +268,29 @@ pub fn targets(r: &Value) -> Vec<Value> {
         "part 2",
     ));
     let rf = f(&bg10k["ratio_to_floor"]);
+    // What the path itself allows: an XDP program that only writes the MACs
+    // and redirects, and the time per packet 60 % of the floor leaves a
+    // program beyond that.
+    let ceiling = fwd(r, "xdp_redirect_ceiling");
+    let floor_where = match (
+        f(&ceiling["ratio_to_floor"]),
+        f(&ceiling["ns_per_packet"]),
+        f(&fwd(r, "generator_to_drop_floor")["ns_per_packet"]),
+    ) {
+        (Some(c), Some(cns), Some(fns)) => format!(
+            "part 2; on this path an XDP program that only writes the MACs and redirects (no parse, no lookup) reaches {:.0} % of the floor, so 60 % leaves the whole program {:.0} ns per packet beyond that",
+            c * 100.0,
+            fns / 0.6 - cns
+        ),
+        _ => "part 2".into(),
+    };
     t.push(target(
         "forwarding rate vs generator-to-drop floor, 10 000 flows",
         "≥ 60 %",
         rf.map(|v| v * 100.0),
         "%",
         rf.map(|v| v >= 0.6),
-        "part 2",
+        &floor_where,
     ));
     let b = &r["flip"]["systems"]["bgswitch"];
     let cmd = f(&b["command_ms"]["median"]);
@@ -381,7 +397,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
         srf.map(|v| v * 100.0),
         "%",
         srf.map(|v| v >= 0.6),
-        "part 2",
+        &floor_where,
     ));
     let sl = change("stateless_spread_ns");
     t.push(target(

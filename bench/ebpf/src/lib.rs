@@ -43,3 +43,13 @@ pub const SINK_PACKETS: u32 = 0;
 pub const SINK_BYTES: u32 = 1;
 /// Frames that are not IPv4/UDP (not counted as delivered).
 pub const SINK_OTHER: u32 = 2;
+
+/// Configuration of `xdp_redirect` (its `REDIRECT_CONFIG` array, entry 0):
+/// the MACs it writes and the egress ifindex (a key of its DevMap).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ifindex: u32,
+}

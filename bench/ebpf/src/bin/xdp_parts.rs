@@ -14,7 +14,7 @@ mod program {
         bindings::{bpf_fib_lookup as FibParams, xdp_action},
         helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{map, xdp},
-        maps::{DevMapHash, HashMap, LruHashMap, PerCpuArray},
+        maps::{DevMap, DevMapHash, HashMap, LruHashMap, PerCpuArray},
         programs::XdpContext,
         EbpfContext,
     };
@@ -40,6 +40,9 @@ mod program {
         LruHashMap::with_max_entries(65536, 1 << 1);
     #[map]
     static PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+    /// The same interface in a DevMap (an array), at index 1.
+    #[map]
+    static PORT_ARRAY: DevMap = DevMap::with_max_entries(64, 0);
 
     const ETH: usize = 14;
 
@@ -259,6 +262,22 @@ mod program {
         PORTS
             .redirect(k, xdp_action::XDP_PASS as u64)
             .unwrap_or(xdp_action::XDP_PASS)
+    }
+
+    /// A redirect through a DevMap (array) slot: no hash of the key.
+    #[xdp]
+    pub fn part_devmap_array_redirect(_ctx: XdpContext) -> u32 {
+        PORT_ARRAY
+            .redirect(1, xdp_action::XDP_PASS as u64)
+            .unwrap_or(xdp_action::XDP_PASS)
+    }
+
+    /// `bpf_redirect` to an ifindex (no map; the device is looked up when
+    /// the redirect is carried out, after the program).
+    #[xdp]
+    pub fn part_redirect_ifindex(ctx: XdpContext) -> u32 {
+        // SAFETY: no pointers.
+        unsafe { aya_ebpf::helpers::bpf_redirect(ctx.ingress_ifindex() as u32 + 1, 0) as u32 }
     }
 
     #[panic_handler]
