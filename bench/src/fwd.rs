@@ -912,7 +912,7 @@ pub fn assert_gross(section: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Profiling aid: runs one configuration (`floor`, `bgswitch:N`, `kernel:N`,
+/// Profiling aid: runs one configuration (`floor`, `redirect`, `bgswitch:N`, `kernel:N`,
 /// `nft:N`, `stateless:N`, `nfttcp:N`, `new`) repeatedly for `seconds` (warmed up first); returns the median
 /// rate in Mpps.
 pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {

@@ -53,7 +53,7 @@ struct Args {
     spin: Option<String>,
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Profiling aid: run one forwarding configuration (floor, bgswitch:N,
+    /// Profiling aid: run one forwarding configuration (floor, redirect, bgswitch:N,
     /// kernel:N, nft:N, stateless:N, nfttcp:N, new) repeatedly for
     /// --seconds, then exit.
     #[arg(long)]
