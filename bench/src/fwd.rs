@@ -279,6 +279,28 @@ fn xdp<'a>(e: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .try_into()?)
 }
 
+/// Detaches program `name` of `e` from l0, if `link` says it is attached.
+fn detach_l0(e: &mut Ebpf, name: &str, link: &mut Option<XdpLinkId>) -> Result<()> {
+    if let Some(id) = link.take() {
+        xdp(e, name)?.detach(id)?;
+    }
+    Ok(())
+}
+
+/// Attaches program `name` of `e` to l0 in namespace `lb`, unless `link`
+/// says it is attached.
+fn attach_l0(e: &mut Ebpf, name: &str, link: &mut Option<XdpLinkId>, lb: &str) -> Result<()> {
+    if link.is_none() {
+        let id = in_netns(lb, || {
+            xdp(e, name)?
+                .attach("l0", XdpMode::Driver)
+                .with_context(|| format!("attaching {name} to l0"))
+        })??;
+        *link = Some(id);
+    }
+    Ok(())
+}
+
 impl Rig {
     fn create(opts: &FwdOptions) -> Result<Rig> {
         objects::check()?;
@@ -506,15 +528,11 @@ impl Rig {
         let lb = self.lb_name();
         let want_floor = c == Config::Floor;
         if !want_floor {
-            if let Some(id) = self.floor_link.take() {
-                xdp(&mut self.sinkp, "xdp_sink")?.detach(id)?;
-            }
+            detach_l0(&mut self.sinkp, "xdp_sink", &mut self.floor_link)?;
         }
         let want_redirect = c == Config::Redirect;
         if !want_redirect {
-            if let Some(id) = self.redirect_link.take() {
-                xdp(&mut self.redirp, "xdp_redirect")?.detach(id)?;
-            }
+            detach_l0(&mut self.redirp, "xdp_redirect", &mut self.redirect_link)?;
         }
         if self.attached != want_attached {
             let which = self.attached;
@@ -537,23 +555,16 @@ impl Rig {
                 self.attached = want_attached;
             }
         }
-        if want_redirect && self.redirect_link.is_none() {
-            let redirp = &mut self.redirp;
-            let id = in_netns(&lb, || {
-                xdp(redirp, "xdp_redirect")?
-                    .attach("l0", XdpMode::Driver)
-                    .context("attaching xdp_redirect to l0")
-            })??;
-            self.redirect_link = Some(id);
+        if want_redirect {
+            attach_l0(
+                &mut self.redirp,
+                "xdp_redirect",
+                &mut self.redirect_link,
+                &lb,
+            )?;
         }
-        if want_floor && self.floor_link.is_none() {
-            let sinkp = &mut self.sinkp;
-            let id = in_netns(&lb, || {
-                xdp(sinkp, "xdp_sink")?
-                    .attach("l0", XdpMode::Driver)
-                    .context("attaching xdp_sink to l0")
-            })??;
-            self.floor_link = Some(id);
+        if want_floor {
+            attach_l0(&mut self.sinkp, "xdp_sink", &mut self.floor_link, &lb)?;
         }
         let want_nft = matches!(c, Config::Nft(_) | Config::NftTcp(_));
         if want_nft != self.nft_on {

@@ -53,3 +53,19 @@ pub struct RedirectConfig {
     pub src_mac: [u8; 6],
     pub ifindex: u32,
 }
+
+/// The panic handler and the licence every program object of this crate
+/// carries (one `src/bin/*.rs` each), for use inside its BPF-only module.
+#[macro_export]
+macro_rules! program_object {
+    () => {
+        #[panic_handler]
+        fn panic(_info: &core::panic::PanicInfo) -> ! {
+            loop {}
+        }
+
+        #[unsafe(link_section = "license")]
+        #[unsafe(no_mangle)]
+        static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+    };
+}

@@ -176,12 +176,5 @@ mod program {
         xdp_action::XDP_TX
     }
 
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+    bgswitch_bench_ebpf::program_object!();
 }

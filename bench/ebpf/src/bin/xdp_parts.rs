@@ -280,12 +280,5 @@ mod program {
         unsafe { aya_ebpf::helpers::bpf_redirect(ctx.ingress_ifindex() as u32 + 1, 0) as u32 }
     }
 
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+    bgswitch_bench_ebpf::program_object!();
 }
