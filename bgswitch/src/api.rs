@@ -142,6 +142,10 @@ pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
     /// Global data plane counters (passed, malformed, fragments, FIB outcomes, …).
     pub counters: BTreeMap<String, u64>,
+    /// Whole reads of the flow table by this daemon (for live-flow counts,
+    /// and for transitions that may end), since it started.
+    #[serde(default)]
+    pub flow_table_scans: u64,
     pub config: String,
     pub pid: u32,
 }
@@ -172,6 +176,22 @@ pub struct ServiceStatus {
     /// recorded) or "transition" (records, and connections of the last
     /// stable period keep its pool).
     pub fast_path: String,
+    /// In a transition: how far it is.
+    #[serde(default)]
+    pub transition: Option<TransitionStatus>,
+}
+
+/// A stateless service's transition (see `ServiceStatus::fast_path`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionStatus {
+    /// Seconds since the change that began it.
+    pub since_s: u64,
+    /// The TCP idle timeout, in seconds: it cannot end before.
+    pub idle_timeout_s: u64,
+    /// Live records whose backend is not the one the active pool's hash
+    /// chooses (connections opened or recorded since the change): the
+    /// stable period waits until there are none.
+    pub disagreeing: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

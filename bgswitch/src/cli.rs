@@ -491,7 +491,22 @@ pub fn render_status(s: &Status) -> String {
             }
             "transition" => {
                 out += "  transition: flows are recorded; connections of the last stateless period keep its pool until a TCP idle timeout has passed
-"
+";
+                if let Some(t) = &svc.transition {
+                    out += &format!(
+                        "  transition for {} s (idle timeout {} s); {} recorded connection{} on another backend than the active pool's hash chooses{}
+",
+                        t.since_s,
+                        t.idle_timeout_s,
+                        t.disagreeing,
+                        if t.disagreeing == 1 { "" } else { "s" },
+                        match t.disagreeing {
+                            0 => "",
+                            1 => ": the stable period waits for it to end",
+                            _ => ": the stable period waits for them to end",
+                        }
+                    );
+                }
             }
             _ => {}
         }

@@ -30,7 +30,7 @@ use tokio::{
 use crate::{
     api::{
         self, BackendStatus, ColourStatus, InterfaceStatus, PreviewAction, Request, Response,
-        ServiceStatus,
+        ServiceStatus, TransitionStatus,
     },
     config::{self, Config, HealthConfig},
     dataplane::{self, backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
@@ -145,6 +145,9 @@ pub struct Daemon {
     /// cannot end (live records still disagree), a whole-table read at most
     /// every `TRANSITION_SCAN_EVERY`.
     transition_scan_at: Option<std::time::Instant>,
+    /// Whole reads of the flow table since the daemon started (status,
+    /// metrics): a cell, as a status read from `&self` may make one.
+    flow_table_scans: std::cell::Cell<u64>,
     _lock: File,
 }
 
@@ -329,6 +332,7 @@ impl Daemon {
             scan_waiting: Vec::new(),
             rules_by_destination: false,
             transition_scan_at: None,
+            flow_table_scans: std::cell::Cell::new(0),
             _lock: lock,
         };
         daemon.rules_by_destination = daemon.read_rules();
@@ -1343,6 +1347,7 @@ impl Daemon {
     }
 
     fn start_scan(&mut self, waiters: Vec<StatusWaiter>) {
+        self.count_scan();
         let (udp, tcp) = (self.config.udp_idle_timeout, self.config.tcp_idle_timeout);
         let (Some(tx), Ok(scan)) = (self.tx.clone(), self.dataplane.flow_scan(udp, tcp)) else {
             // No loop to come back to, or the clock or descriptor failed:
@@ -1380,6 +1385,7 @@ impl Daemon {
             Ok(c) => Ok(c),
             // A kernel without batch reads of this map: entry by entry, here.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
+                self.count_scan();
                 self.dataplane
                     .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)
                     .map_err(Into::into)
@@ -1397,6 +1403,11 @@ impl Daemon {
             let next = std::mem::take(&mut self.scan_waiting);
             self.start_scan(next);
         }
+    }
+
+    /// One more whole read of the flow table.
+    fn count_scan(&self) {
+        self.flow_table_scans.set(self.flow_table_scans.get() + 1);
     }
 
     fn answer_status(
@@ -1424,6 +1435,7 @@ impl Daemon {
         if let Some(name) = only {
             self.state.service(name)?;
         }
+        self.count_scan();
         let flows = self
             .dataplane
             .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)?;
@@ -1506,6 +1518,18 @@ impl Daemon {
                 flips: st.flips,
                 rollbacks: st.rollbacks,
                 health_checks: svc.health.is_some(),
+                transition: self
+                    .dataplane
+                    .transition_since(st.id)
+                    .map(|t| TransitionStatus {
+                        since_s: t.elapsed().as_secs(),
+                        idle_timeout_s: self.config.tcp_idle_timeout.as_secs(),
+                        disagreeing: Colour::BOTH
+                            .iter()
+                            .filter_map(|c| flows.get(&(st.id, *c)))
+                            .map(|c| c.disagreeing)
+                            .sum(),
+                    }),
                 fast_path: if self.dataplane.is_stateless(st.id) {
                     "stateless"
                 } else if self.dataplane.transition_since(st.id).is_some() {
@@ -1542,6 +1566,7 @@ impl Daemon {
             services,
             interfaces,
             counters,
+            flow_table_scans: self.flow_table_scans.get(),
             config: self.config.path.display().to_string(),
             pid: std::process::id(),
         })

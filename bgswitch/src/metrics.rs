@@ -94,6 +94,14 @@ pub fn render(status: &Status) -> String {
         "bgswitch_generation",
         "Generation of the service's desired state (bumped by every change).",
     );
+    let disagreeing = f.gauge(
+        "bgswitch_transition_disagreeing_connections",
+        "In a stateless service's transition: live records on another backend than the active pool's hash chooses (the stable period waits for none).",
+    );
+    let scans = f.counter(
+        "bgswitch_flow_table_scans",
+        "Whole reads of the flow table by this daemon since it started (live-flow counts, transitions that may end).",
+    );
     let fast_path = f.gauge(
         "bgswitch_fast_path",
         "1 for how the service's packets find their backend now (table, stateless, transition).",
@@ -149,12 +157,18 @@ pub fn render(status: &Status) -> String {
         flips.get_or_create(&sl).inc_by(s.flips);
         rollbacks.get_or_create(&sl).inc_by(s.rollbacks);
         generation.get_or_create(&sl).set(s.generation as i64);
+        if let Some(t) = &s.transition {
+            disagreeing.get_or_create(&sl).set(t.disagreeing as i64);
+        }
         for mode in ["table", "stateless", "transition"] {
             fast_path
                 .get_or_create(&labels(&[("service", svc), ("mode", mode)]))
                 .set(i64::from(s.fast_path == mode));
         }
     }
+    scans
+        .get_or_create(&labels(&[]))
+        .inc_by(status.flow_table_scans);
     for (k, v) in &status.counters {
         xdp.get_or_create(&labels(&[("event", k)])).inc_by(*v);
     }

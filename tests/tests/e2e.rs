@@ -447,6 +447,35 @@ fn a_stateless_service_keeps_connections_through_a_flip_and_a_routing_rule() {
     assert!(st["counters"]["orphans"].as_u64().unwrap() >= 1, "{st}");
     let text = sw.cli_ok(&["status", "web"]).unwrap();
     assert!(text.contains("transition:"), "{text}");
+    assert!(
+        text.contains("1 recorded connection on another backend"),
+        "{text}"
+    );
+
+    // While the open connection lives, its record disagrees with the active
+    // pool's hash, so the transition cannot end; the daemon reads the whole
+    // flow table to see whether it may at most every 5 s (not every second).
+    let st = sw.status().unwrap();
+    let t = &st["services"][0]["transition"];
+    assert_eq!(t["disagreeing"], 1, "{st}");
+    assert_eq!(t["idle_timeout_s"], 5, "{st}");
+    let scans0 = st["flow_table_scans"].as_u64().unwrap();
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(12) {
+        std::thread::sleep(Duration::from_secs(2));
+        // Keeps its record live (the idle timeout is 5 s).
+        assert_eq!(long.get("/").unwrap().body, first.body);
+    }
+    let st = sw.status().unwrap();
+    assert_eq!(st["services"][0]["fast_path"], "transition", "{st}");
+    assert!(st["services"][0]["transition"]["since_s"].as_u64().unwrap() >= 12);
+    // This status's own read, and one to three for the transition (a read
+    // at most every 5 s; checked once a second, so 5 to 6 s apart).
+    let scans = st["flow_table_scans"].as_u64().unwrap() - scans0;
+    assert!(
+        (2..=4).contains(&scans),
+        "{scans} reads of the flow table in 12 s of a transition"
+    );
 
     // The connection ends; after the idle timeout the transition is over
     // and its records are gone.

@@ -492,6 +492,7 @@ fn the_metrics_endpoint_serves_the_documented_series() {
         "bgswitch_xdp_events_total{event=\"malformed\"} 0",
         "bgswitch_xdp_events_total{event=\"cache_invalidations\"}",
         "bgswitch_interface_attached{interface=\"lbc\",mode=\"native\"} 1",
+        "\nbgswitch_flow_table_scans_total ",
         "# TYPE bgswitch_packets counter",
         "# EOF",
     ] {
