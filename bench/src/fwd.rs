@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::{
-    maps::{Array, PerCpuArray, PerCpuValues},
+    maps::{Array, MapData, PerCpuArray, PerCpuValues},
     programs::{xdp::XdpLinkId, TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf, Pod,
 };
@@ -39,7 +39,9 @@ use bgswitch::{
     dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
     model::Colour,
 };
-use bgswitch_bench_ebpf::{GenConfig, RedirectConfig, SINK_PACKETS};
+use bgswitch_bench_ebpf::{
+    GenConfig, RedirectConfig, SEQ_NEW_COUNT, SEQ_NEW_MIN, SEQ_OLD_COUNT, SEQ_OLD_MAX, SINK_PACKETS,
+};
 use bgswitch_common::{PROTO_TCP, PROTO_UDP};
 use bgswitch_tests::{in_netns, ip_ns, netns::netns_path, TempNetns};
 use serde_json::{json, Value};
@@ -54,7 +56,13 @@ use crate::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const SINK_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// The follow measurement's green backend (blue is `SINK_ADDR`), on s0 too.
+const SINK_ADDR2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
 const PORT: u16 = 5353;
+/// The follow measurement's service: UDP VIP:FOLLOW_PORT, blue → SINK_ADDR,
+/// green → SINK_ADDR2.
+const FOLLOW_PORT: u16 = PORT + 1;
+const FOLLOW_ID: u32 = 2;
 const FRAME_LEN: usize = 64;
 /// Sources of generated flows: 198.18.16.0 + (flow >> 15), ports 1024 + (flow & 0x7fff).
 const SRC_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
@@ -97,6 +105,9 @@ pub struct FwdOptions {
     pub new_flows: bool,
     /// Frames of the paced loss check per configuration.
     pub paced_frames: u32,
+    /// Flips watched frame by frame (`Rig::follow`), and frames per trial.
+    pub follow_trials: usize,
+    pub follow_frames: u32,
 }
 
 impl FwdOptions {
@@ -141,6 +152,8 @@ impl FwdOptions {
             floor: true,
             new_flows: true,
             paced_frames: 500_000,
+            follow_trials: 20,
+            follow_frames: 300_000,
         }
     }
     pub fn quick(cpu: usize) -> Self {
@@ -160,6 +173,8 @@ impl FwdOptions {
             floor: false,
             new_flows: false,
             paced_frames: 200_000,
+            follow_trials: 3,
+            follow_frames: 200_000,
         }
     }
 }
@@ -254,7 +269,13 @@ struct Rig {
     l0_mac: [u8; 6],
     g0_mac: [u8; 6],
     genp: Ebpf,
+    /// The generator's per-CPU state ([0] next flow, [1] frames generated),
+    /// taken out of `genp` so it can be read while the generator runs.
+    gen_state: PerCpuArray<MapData, u32>,
     sinkp: Ebpf,
+    /// s0's receiver: `xdp_sink`, or `xdp_sink_seq` while flips are watched.
+    sink_link: Option<XdpLinkId>,
+    seq_link: Option<XdpLinkId>,
     /// Sink program links: (namespace is lb, l0) for the floor, (sink, s0).
     floor_link: Option<XdpLinkId>,
     /// `xdp_redirect`, and its link on l0 while attached.
@@ -269,8 +290,7 @@ struct Rig {
     opts: FwdOptions,
     gen: TempNetns,
     lb: TempNetns,
-    /// Kept for its Drop (deletes the namespace).
-    _sink: TempNetns,
+    sink: TempNetns,
 }
 
 fn xdp<'a>(e: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
@@ -299,6 +319,48 @@ fn attach_l0(e: &mut Ebpf, name: &str, link: &mut Option<XdpLinkId>, lb: &str) -
         *link = Some(id);
     }
     Ok(())
+}
+
+/// Runs the generator in namespace `gen_ns` on `cpu`: `frames` in calls of
+/// at most `chunk` (a small chunk paces it: each call returns only after the
+/// softirq work its frames caused, unless the kernel deferred it to
+/// ksoftirqd). Returns the frames generated and the wall time.
+fn generate(
+    genp: &mut Ebpf,
+    gen_ns: &str,
+    g0: u32,
+    frames: u32,
+    chunk: u32,
+    batch: u32,
+    cpu: usize,
+) -> Result<(u64, Duration)> {
+    in_netns(gen_ns, || -> Result<(u64, Duration)> {
+        sys::pin_thread(cpu)?;
+        let data = vec![0u8; FRAME_LEN];
+        let ctx = xdp_ctx(FRAME_LEN, g0);
+        let prog = xdp(genp, "xdp_gen")?;
+        let t = Instant::now();
+        let mut sent = 0u32;
+        while sent < frames {
+            let n = chunk.min(frames - sent);
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&data),
+                    ctx_in: Some(&ctx),
+                    repeat: n,
+                    attrs: TestRunAttrs::new().xdp_live_frames(batch.min(n)),
+                    ..TestRunOptions::new()
+                })
+                .context("live-frames test run")?;
+            ensure!(
+                r.return_value == 0,
+                "generator run returned {}",
+                r.return_value
+            );
+            sent += n;
+        }
+        Ok((u64::from(frames), t.elapsed()))
+    })?
 }
 
 impl Rig {
@@ -342,34 +404,28 @@ impl Rig {
                 .collect::<Vec<_>>()
                 .join(":")
         };
-        ip_ns(
-            &l,
-            &[
-                "neigh",
-                "replace",
-                &SINK_ADDR.to_string(),
-                "lladdr",
-                &fmt_mac(s0_mac),
-                "dev",
-                "l1",
-                "nud",
-                "permanent",
-            ],
-        )?;
-        ip_ns(
-            &l,
-            &[
-                "neigh",
-                "replace",
-                "198.18.0.2",
-                "lladdr",
-                &fmt_mac(g0_mac),
-                "dev",
-                "l0",
-                "nud",
-                "permanent",
-            ],
-        )?;
+        // Permanent neighbours: both sink addresses on s0 (behind l1), the
+        // generator on g0 (behind l0).
+        for (a, m, dev) in [
+            (SINK_ADDR, s0_mac, "l1"),
+            (SINK_ADDR2, s0_mac, "l1"),
+            (Ipv4Addr::new(198, 18, 0, 2), g0_mac, "l0"),
+        ] {
+            ip_ns(
+                &l,
+                &[
+                    "neigh",
+                    "replace",
+                    &a.to_string(),
+                    "lladdr",
+                    &fmt_mac(m),
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
         ip_ns(
             &l,
             &[
@@ -417,15 +473,18 @@ impl Rig {
                 .attach("d0", XdpMode::Driver)
                 .context("attaching xdp_gen to the idle d0")
         })??;
+        let gen_state = PerCpuArray::try_from(genp.take_map("GEN_STATE").context("no GEN_STATE")?)?;
         let mut sinkp = Ebpf::load(objects::XDP_SINK).context("loading xdp_sink")?;
-        xdp(&mut sinkp, "xdp_sink")?
-            .load()
-            .context("verifying xdp_sink")?;
-        in_netns(&s, || {
+        for name in ["xdp_sink", "xdp_sink_seq"] {
+            xdp(&mut sinkp, name)?
+                .load()
+                .with_context(|| format!("verifying {name}"))?;
+        }
+        let sink_link = Some(in_netns(&s, || {
             xdp(&mut sinkp, "xdp_sink")?
                 .attach("s0", XdpMode::Driver)
                 .context("attaching xdp_sink to s0")
-        })??;
+        })??);
 
         let mut redirp = Ebpf::load(objects::XDP_REDIRECT).context("loading xdp_redirect")?;
         {
@@ -488,6 +547,21 @@ impl Rig {
                 dp.is_stateless(1),
                 "the TCP service did not become stateless"
             );
+            // The follow measurement's service: blue and green differ.
+            let port = |a: Ipv4Addr| SocketAddr::V4(SocketAddrV4::new(a, FOLLOW_PORT));
+            dp.write_service(
+                FOLLOW_ID,
+                service_key(port(VIP), PROTO_UDP),
+                &[backend_of(
+                    port(SINK_ADDR),
+                    backend_stat_id(FOLLOW_ID, Colour::Blue, 0),
+                )],
+                &[backend_of(
+                    port(SINK_ADDR2),
+                    backend_stat_id(FOLLOW_ID, Colour::Green, 0),
+                )],
+                Colour::Blue,
+            )?;
             Ok(dp)
         };
         let mut dps = BTreeMap::new();
@@ -501,12 +575,15 @@ impl Rig {
         Ok(Rig {
             gen,
             lb,
-            _sink: sink,
+            sink,
             g0,
             l0_mac,
             g0_mac,
             genp,
+            gen_state,
             sinkp,
+            sink_link,
+            seq_link: None,
             floor_link: None,
             redirp,
             redirect_link: None,
@@ -632,15 +709,20 @@ impl Rig {
             } else {
                 PROTO_UDP
             },
-            _pad: [0; 3],
+            tag: 0,
+            _pad: [0; 2],
         };
+        self.set_gen(cfg)
+    }
+
+    /// Sets the generator's configuration and resets its flow cursor.
+    fn set_gen(&mut self, cfg: GenConfig) -> Result<()> {
         let mut a: Array<_, GenCfg> =
             Array::try_from(self.genp.map_mut("GEN_CONFIG").context("no GEN_CONFIG")?)?;
         a.set(0, GenCfg(cfg), 0)?;
-        let mut st: PerCpuArray<_, u32> =
-            PerCpuArray::try_from(self.genp.map_mut("GEN_STATE").context("no GEN_STATE")?)?;
-        let n = st.get(&0, 0)?.len();
-        st.set(0, PerCpuValues::try_from(vec![0u32; n])?, 0)?;
+        let n = self.gen_state.get(&0, 0)?.len();
+        self.gen_state
+            .set(0, PerCpuValues::try_from(vec![0u32; n])?, 0)?;
         Ok(())
     }
 
@@ -658,39 +740,156 @@ impl Rig {
     ) -> Result<(u64, u64, Duration)> {
         let before = self.delivered()?;
         let g = self.gen.name().to_string();
-        let g0 = self.g0;
-        let genp = &mut self.genp;
-        let (sent, wall) = in_netns(&g, || -> Result<(u64, Duration)> {
-            sys::pin_thread(cpu)?;
-            let data = vec![0u8; FRAME_LEN];
-            let ctx = xdp_ctx(FRAME_LEN, g0);
-            let prog = xdp(genp, "xdp_gen")?;
-            let t = Instant::now();
-            let mut sent = 0u32;
-            while sent < frames {
-                let n = chunk.min(frames - sent);
-                let r = prog
-                    .test_run(TestRunOptions {
-                        data_in: Some(&data),
-                        ctx_in: Some(&ctx),
-                        repeat: n,
-                        attrs: TestRunAttrs::new().xdp_live_frames(batch.min(n)),
-                        ..TestRunOptions::new()
-                    })
-                    .context("live-frames test run")?;
-                ensure!(
-                    r.return_value == 0,
-                    "generator run returned {}",
-                    r.return_value
-                );
-                sent += n;
-            }
-            Ok((u64::from(frames), t.elapsed()))
-        })??;
+        let (sent, wall) = generate(&mut self.genp, &g, self.g0, frames, chunk, batch, cpu)?;
         // Frames still in flight finish within microseconds.
         std::thread::sleep(Duration::from_millis(20));
         let delivered = self.delivered()? - before;
         Ok((sent, delivered, wall))
+    }
+
+    /// Swaps s0's receiver: `xdp_sink_seq` (flips watched) or `xdp_sink`.
+    fn seq_sink(&mut self, on: bool) -> Result<()> {
+        let s = self.sink.name().to_string();
+        let (off, off_link, on_name, on_link) = if on {
+            (
+                "xdp_sink",
+                &mut self.sink_link,
+                "xdp_sink_seq",
+                &mut self.seq_link,
+            )
+        } else {
+            (
+                "xdp_sink_seq",
+                &mut self.seq_link,
+                "xdp_sink",
+                &mut self.sink_link,
+            )
+        };
+        if let Some(id) = off_link.take() {
+            xdp(&mut self.sinkp, off)?.detach(id)?;
+        }
+        if on_link.is_none() {
+            let sinkp = &mut self.sinkp;
+            *on_link = Some(in_netns(&s, || {
+                xdp(sinkp, on_name)?
+                    .attach("s0", XdpMode::Driver)
+                    .with_context(|| format!("attaching {on_name} to s0"))
+            })??);
+        }
+        Ok(())
+    }
+
+    /// How the data plane follows a flip: `trials` times, a run of `frames`
+    /// new UDP flows (one per frame, each tagged with its sequence number)
+    /// to the follow service, flipped blue → green at a random moment by
+    /// one `Dataplane::set_active` (the 32-bit store) from another thread.
+    /// `xdp_sink_seq` on s0 records the last sequence number that reached
+    /// blue and the first that reached green.
+    fn follow(&mut self, trials: usize, frames: u32, cpu: usize) -> Result<Value> {
+        let table = self.opts.max_flows;
+        let batch = self.opts.batch;
+        self.set(Config::Bgswitch(1))?;
+        ensure!(
+            self.attached == table,
+            "the default data plane is not attached"
+        );
+        self.seq_sink(true)?;
+        let addr = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        {
+            let mut c: Array<_, [u32; 2]> =
+                Array::try_from(self.sinkp.map_mut("SEQ_CONFIG").context("no SEQ_CONFIG")?)?;
+            c.set(0, [addr(SINK_ADDR), addr(SINK_ADDR2)], 0)?;
+        }
+        // Every frame a flow of its own: its colour is the control word's
+        // when it is processed. The cursor runs on across trials, so no
+        // frame meets a record of an earlier trial.
+        self.set_gen(GenConfig {
+            dst_mac: self.l0_mac,
+            src_mac: self.g0_mac,
+            src_ip: SRC_BASE.octets(),
+            dst_ip: VIP.octets(),
+            dst_port: FOLLOW_PORT.to_be_bytes(),
+            src_port_base: SRC_PORT_BASE,
+            flows: u32::MAX,
+            proto: PROTO_UDP,
+            tag: 1,
+            _pad: [0; 2],
+        })?;
+        let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+        let mut rows = Vec::new();
+        for _ in 0..trials {
+            let dp = self.dps.get_mut(&table).context("no data plane")?;
+            dp.set_active(FOLLOW_ID, Colour::Blue)?;
+            std::thread::sleep(Duration::from_millis(20));
+            {
+                let mut seq: PerCpuArray<_, [u32; 4]> =
+                    PerCpuArray::try_from(self.sinkp.map_mut("SEQ").context("no SEQ")?)?;
+                let n = seq.get(&0, 0)?.len();
+                seq.set(0, PerCpuValues::try_from(vec![[0, u32::MAX, 0, 0]; n])?, 0)?;
+            }
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let delay = Duration::from_micros(10_000 + (seed >> 33) % 30_000);
+            let gen_ns = self.gen.name().to_string();
+            let (genp, g0, gen_state) = (&mut self.genp, self.g0, &self.gen_state);
+            // The flip from a thread on another CPU than the generator's.
+            let other = if cpu == 0 { 1 } else { 0 };
+            let (before, run) = std::thread::scope(|sc| -> Result<_> {
+                let g = sc.spawn(move || generate(genp, &gen_ns, g0, frames, frames, batch, cpu));
+                let f = sc.spawn(move || -> Result<u32> {
+                    sys::pin_thread(other)?;
+                    std::thread::sleep(delay);
+                    // Frames generated so far, read just before the store.
+                    let before = gen_state.get(&1, 0)?[cpu];
+                    dp.set_active(FOLLOW_ID, Colour::Green)?;
+                    Ok(before)
+                });
+                let panicked = |_| anyhow::anyhow!("a follow thread panicked");
+                let run = g.join().map_err(panicked)??;
+                let before = f.join().map_err(panicked)??;
+                Ok((before, run))
+            })?;
+            std::thread::sleep(Duration::from_millis(20));
+            let seq: PerCpuArray<_, [u32; 4]> =
+                PerCpuArray::try_from(self.sinkp.map("SEQ").context("no SEQ")?)?;
+            let v = seq.get(&0, 0)?;
+            let old_max = v.iter().map(|x| x[SEQ_OLD_MAX as usize]).max().unwrap_or(0);
+            let new_min = v
+                .iter()
+                .map(|x| x[SEQ_NEW_MIN as usize])
+                .min()
+                .unwrap_or(u32::MAX);
+            let old: u64 = v.iter().map(|x| u64::from(x[SEQ_OLD_COUNT as usize])).sum();
+            let new: u64 = v.iter().map(|x| u64::from(x[SEQ_NEW_COUNT as usize])).sum();
+            rows.push(json!({
+                "frames": run.0,
+                "wall_s": run.1.as_secs_f64(),
+                "flip_after_ms": delay.as_secs_f64() * 1e3,
+                "generated_before_store": before,
+                "last_on_old": old_max,
+                "first_on_new": new_min,
+                "on_old": old,
+                "on_new": new,
+                // No frame reached the old colour after one reached the new.
+                "clean_cut": old > 0 && new > 0 && old_max < new_min,
+                // Frames generated after the reading before the store and
+                // before the first frame the new colour got (≤ 0: frames
+                // already queued when the word changed took the new colour).
+                "lag_frames": i64::from(new_min) - i64::from(before),
+            }));
+        }
+        self.seq_sink(false)?;
+        let lags: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| r["lag_frames"].as_i64())
+            .map(|v| v as f64)
+            .collect();
+        Ok(json!({
+            "method": format!("{trials} trials; in each, the generator sends {frames} UDP frames (batch {batch}) on CPU {cpu}, every frame a new flow to VIP:{FOLLOW_PORT} tagged with its sequence number; another thread reads the generator's frame count, then flips the service blue → green with one Dataplane::set_active (the control word's 32-bit store) 10–40 ms into the run; xdp_sink_seq on s0 records the last sequence number to blue's backend and the first to green's"),
+            "batch": batch,
+            "trials": rows,
+            "all_clean": rows.iter().all(|r| r["clean_cut"] == true),
+            "lag_frames": Summary::of(&lags),
+        }))
     }
 
     fn bg_global(&self, which: u32, name: &str) -> u64 {
@@ -800,6 +999,16 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
             "lost": s.sent.saturating_sub(s.delivered),
         }));
     }
+    let follow = if opts.follow_trials > 0 {
+        let f = rig.follow(opts.follow_trials, opts.follow_frames, opts.cpu)?;
+        eprintln!(
+            "bench: forwarding: {} flips watched frame by frame",
+            opts.follow_trials
+        );
+        f
+    } else {
+        Value::Null
+    };
     rig.set(Config::Kernel(1))?;
     let elapsed = started.elapsed();
 
@@ -855,6 +1064,7 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
         "bgswitch_udp_idle_timeout_s": 3600,
         "configs": rows,
         "paced": paced,
+        "follow": follow,
         "paced_method": format!("each configuration once more with {} frames sent in calls of one batch ({} frames), so the generator cannot outrun the receiving path; loss here is the path's own", opts.paced_frames, opts.batch),
         "elapsed_s": elapsed.as_secs_f64(),
     }))
@@ -896,6 +1106,18 @@ pub fn assert_gross(section: &Value) -> Result<()> {
         bg["delivered"].as_u64().unwrap_or(0) > 0,
         "nothing delivered: {bg}"
     );
+    // A flip watched frame by frame: no frame reached the old colour after
+    // one reached the new (the order of frames is the order they were
+    // processed in: one CPU).
+    if let Some(trials) = section["follow"]["trials"].as_array() {
+        ensure!(!trials.is_empty(), "no flip watched");
+        for t in trials {
+            ensure!(
+                t["clean_cut"] == true,
+                "a flip did not cut the frames cleanly between the colours: {t}"
+            );
+        }
+    }
     // A stateless service's path too, when it ran: faster than nftables,
     // every frame its own counter's, none lost when paced.
     if let Some(sl) = find("bgswitch_stateless_") {

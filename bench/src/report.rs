@@ -345,6 +345,26 @@ pub fn targets(r: &Value) -> Vec<Value> {
         failed.map(|v| v == 0.0),
         "part 4",
     ));
+    let follow = &r["forwarding"]["follow"];
+    let lag_max = f(&follow["lag_frames"]["max"]);
+    let batch = follow["batch"].as_f64();
+    let clean = follow["all_clean"].as_bool();
+    t.push(target(
+        "the data plane follows the flip within one NAPI batch",
+        "≤ 1 batch",
+        lag_max,
+        "frames (largest lag)",
+        lag_max.zip(batch).zip(clean).map(|((l, b), c)| c && l <= b),
+        &format!(
+            "part 4, \"The data plane follows the store\": {} flips, every frame a new flow; {}",
+            follow["trials"].as_array().map_or(0, |t| t.len()),
+            match clean {
+                Some(true) => "no frame reached the old colour after one reached the new",
+                Some(false) => "some flip did NOT cut the frames cleanly",
+                None => "not measured",
+            }
+        ),
+    ));
     let at = |key: &str, max: bool| -> Option<f64> {
         let levels = r["scale_cost"]["levels"].as_array()?;
         let l = if max {
@@ -750,6 +770,7 @@ pub fn markdown(all: &Value) -> String {
         }
         let _ = writeln!(w);
     }
+    follow_section(w, &r["forwarding"]["follow"]);
 
     // Part 5.
     let _ = writeln!(w, "## 5. Scale\n");
@@ -849,6 +870,41 @@ pub fn markdown(all: &Value) -> String {
         let _ = writeln!(w, "{n}\n");
     }
     s
+}
+
+/// Part 4's frame-by-frame view of flips (measured on part 2's rig).
+fn follow_section(w: &mut String, f: &Value) {
+    let Some(trials) = f["trials"].as_array() else {
+        return;
+    };
+    let _ = writeln!(
+        w,
+        "### The data plane follows the store
+"
+    );
+    let _ = writeln!(
+        w,
+        "On part 2's namespaces: {}. \"Lag\": the first frame the new colour got minus the \
+         frames generated when the flipping thread read the count just before the store (≤ 0: \
+         frames already queued when the word changed took the new colour). One NAPI batch is {} \
+         frames.\n",
+        f["method"].as_str().unwrap_or(""),
+        f["batch"]
+    );
+    let clean = trials.iter().filter(|t| t["clean_cut"] == true).count();
+    let _ = writeln!(
+        w,
+        "| flips | clean cuts (no frame to the old colour after one to the new) | lag, frames: median (min–max) | frames per flip to old / new colour (first flip) |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| {} | {clean} | {} | {} / {} |\n",
+        trials.len(),
+        summ(&f["lag_frames"], 0),
+        trials[0]["on_old"],
+        trials[0]["on_new"]
+    );
 }
 
 /// Replaces `{name}` placeholders in the profile text with figures from this

@@ -31,8 +31,22 @@ pub struct GenConfig {
     /// 17: UDP (checksum 0); 6: TCP ACKs (checksum 0: nothing on the path
     /// verifies it, and an incremental update costs the same either way).
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Non-zero (UDP only): each frame carries its sequence number (this
+    /// CPU's count of frames generated before it) as a native `u32` at
+    /// [`SEQ_OFFSET`], the start of the UDP payload, for `xdp_sink_seq`.
+    pub tag: u8,
+    pub _pad: [u8; 2],
 }
+
+/// Where a tagged frame carries its sequence number.
+pub const SEQ_OFFSET: usize = 42;
+
+/// `xdp_sink_seq`'s per-CPU `SEQ` array: what it saw of frames to the two
+/// addresses of its `SEQ_CONFIG` (old colour's backend, new colour's).
+pub const SEQ_OLD_MAX: u32 = 0;
+pub const SEQ_NEW_MIN: u32 = 1;
+pub const SEQ_OLD_COUNT: u32 = 2;
+pub const SEQ_NEW_COUNT: u32 = 3;
 
 /// Flows per source address: 2^15 source ports each.
 pub const PORT_BITS: u32 = 15;

@@ -22,7 +22,7 @@ mod program {
         maps::{Array, PerCpuArray},
         programs::XdpContext,
     };
-    use bgswitch_bench_ebpf::{GenConfig, PORT_BITS, PORT_MASK};
+    use bgswitch_bench_ebpf::{GenConfig, PORT_BITS, PORT_MASK, SEQ_OFFSET};
 
     #[map]
     static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -61,9 +61,13 @@ mod program {
         let following = flow + 1;
         // SAFETY: as above.
         unsafe { *next = if following >= cfg.flows { 0 } else { following } };
+        let mut seq = 0;
         if let Some(sent) = GEN_STATE.get_ptr_mut(1) {
             // SAFETY: as above.
-            unsafe { *sent = (*sent).wrapping_add(1) };
+            unsafe {
+                seq = *sent;
+                *sent = seq.wrapping_add(1);
+            }
         }
 
         let tcp = cfg.proto == 6;
@@ -172,6 +176,10 @@ mod program {
                     0,
                 ],
             );
+            if cfg.tag != 0 {
+                // Inside the HDRS bytes checked above.
+                core::ptr::write_unaligned(p.add(SEQ_OFFSET).cast::<u32>(), seq);
+            }
         }
         xdp_action::XDP_TX
     }
