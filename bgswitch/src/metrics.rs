@@ -157,9 +157,10 @@ pub fn render(status: &Status) -> String {
         flips.get_or_create(&sl).inc_by(s.flips);
         rollbacks.get_or_create(&sl).inc_by(s.rollbacks);
         generation.get_or_create(&sl).set(s.generation as i64);
-        if let Some(t) = &s.transition {
-            disagreeing.get_or_create(&sl).set(t.disagreeing as i64);
-        }
+        // 0 outside a transition, so the series is always there.
+        disagreeing
+            .get_or_create(&sl)
+            .set(s.transition.as_ref().map_or(0, |t| t.disagreeing) as i64);
         for mode in ["table", "stateless", "transition"] {
             fast_path
                 .get_or_create(&labels(&[("service", svc), ("mode", mode)]))

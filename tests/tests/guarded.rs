@@ -493,6 +493,7 @@ fn the_metrics_endpoint_serves_the_documented_series() {
         "bgswitch_xdp_events_total{event=\"cache_invalidations\"}",
         "bgswitch_interface_attached{interface=\"lbc\",mode=\"native\"} 1",
         "\nbgswitch_flow_table_scans_total ",
+        "bgswitch_transition_disagreeing_connections{service=\"web\"} 0",
         "# TYPE bgswitch_packets counter",
         "# EOF",
     ] {
