@@ -145,15 +145,22 @@ pub struct Daemon {
     /// cannot end (live records still disagree), a whole-table read at most
     /// every `TRANSITION_SCAN_EVERY`.
     transition_scan_at: Option<std::time::Instant>,
-    /// Whole reads of the flow table since the daemon started (status,
-    /// metrics): a cell, as a status read from `&self` may make one.
-    flow_table_scans: std::cell::Cell<u64>,
     _lock: File,
 }
 
 /// How often a due transition may read the whole flow table to see whether
 /// it can end (about 0.8 s of a blocking thread per million flows).
 const TRANSITION_SCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// A service's live records whose backend is not the active pool's hash
+/// choice, in a scan's counts (both colours): a transition ends at none.
+fn disagreeing(counts: &HashMap<(u32, Colour), dataplane::FlowCounts>, id: u32) -> u64 {
+    Colour::BOTH
+        .iter()
+        .filter_map(|c| counts.get(&(id, *c)))
+        .map(|c| c.disagreeing)
+        .sum()
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -332,7 +339,6 @@ impl Daemon {
             scan_waiting: Vec::new(),
             rules_by_destination: false,
             transition_scan_at: None,
-            flow_table_scans: std::cell::Cell::new(0),
             _lock: lock,
         };
         daemon.rules_by_destination = daemon.read_rules();
@@ -812,12 +818,7 @@ impl Daemon {
                     continue;
                 }
             }
-            let disagreeing: u64 = Colour::BOTH
-                .iter()
-                .filter_map(|c| counts.get(&(id, *c)))
-                .map(|c| c.disagreeing)
-                .sum();
-            if disagreeing > 0 {
+            if disagreeing(counts, id) > 0 {
                 continue;
             }
             let name = self
@@ -1347,7 +1348,6 @@ impl Daemon {
     }
 
     fn start_scan(&mut self, waiters: Vec<StatusWaiter>) {
-        self.count_scan();
         let (udp, tcp) = (self.config.udp_idle_timeout, self.config.tcp_idle_timeout);
         let (Some(tx), Ok(scan)) = (self.tx.clone(), self.dataplane.flow_scan(udp, tcp)) else {
             // No loop to come back to, or the clock or descriptor failed:
@@ -1385,7 +1385,6 @@ impl Daemon {
             Ok(c) => Ok(c),
             // A kernel without batch reads of this map: entry by entry, here.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
-                self.count_scan();
                 self.dataplane
                     .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)
                     .map_err(Into::into)
@@ -1403,11 +1402,6 @@ impl Daemon {
             let next = std::mem::take(&mut self.scan_waiting);
             self.start_scan(next);
         }
-    }
-
-    /// One more whole read of the flow table.
-    fn count_scan(&self) {
-        self.flow_table_scans.set(self.flow_table_scans.get() + 1);
     }
 
     fn answer_status(
@@ -1435,7 +1429,6 @@ impl Daemon {
         if let Some(name) = only {
             self.state.service(name)?;
         }
-        self.count_scan();
         let flows = self
             .dataplane
             .flow_counts(self.config.udp_idle_timeout, self.config.tcp_idle_timeout)?;
@@ -1524,11 +1517,7 @@ impl Daemon {
                     .map(|t| TransitionStatus {
                         since_s: t.elapsed().as_secs(),
                         idle_timeout_s: self.config.tcp_idle_timeout.as_secs(),
-                        disagreeing: Colour::BOTH
-                            .iter()
-                            .filter_map(|c| flows.get(&(st.id, *c)))
-                            .map(|c| c.disagreeing)
-                            .sum(),
+                        disagreeing: disagreeing(flows, st.id),
                     }),
                 fast_path: if self.dataplane.is_stateless(st.id) {
                     "stateless"
@@ -1566,7 +1555,7 @@ impl Daemon {
             services,
             interfaces,
             counters,
-            flow_table_scans: self.flow_table_scans.get(),
+            flow_table_scans: self.dataplane.flow_table_reads(),
             config: self.config.path.display().to_string(),
             pid: std::process::id(),
         })
