@@ -299,22 +299,28 @@ fn xdp<'a>(e: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
         .try_into()?)
 }
 
-/// Detaches program `name` of `e` from l0, if `link` says it is attached.
-fn detach_l0(e: &mut Ebpf, name: &str, link: &mut Option<XdpLinkId>) -> Result<()> {
+/// Detaches program `name` of `e`, if `link` says it is attached.
+fn detach(e: &mut Ebpf, name: &str, link: &mut Option<XdpLinkId>) -> Result<()> {
     if let Some(id) = link.take() {
         xdp(e, name)?.detach(id)?;
     }
     Ok(())
 }
 
-/// Attaches program `name` of `e` to l0 in namespace `lb`, unless `link`
-/// says it is attached.
-fn attach_l0(e: &mut Ebpf, name: &str, link: &mut Option<XdpLinkId>, lb: &str) -> Result<()> {
+/// Attaches program `name` of `e` to interface `ifname` in namespace `ns`,
+/// unless `link` says it is attached.
+fn attach(
+    e: &mut Ebpf,
+    name: &str,
+    link: &mut Option<XdpLinkId>,
+    ns: &str,
+    ifname: &str,
+) -> Result<()> {
     if link.is_none() {
-        let id = in_netns(lb, || {
+        let id = in_netns(ns, || {
             xdp(e, name)?
-                .attach("l0", XdpMode::Driver)
-                .with_context(|| format!("attaching {name} to l0"))
+                .attach(ifname, XdpMode::Driver)
+                .with_context(|| format!("attaching {name} to {ifname}"))
         })??;
         *link = Some(id);
     }
@@ -480,11 +486,8 @@ impl Rig {
                 .load()
                 .with_context(|| format!("verifying {name}"))?;
         }
-        let sink_link = Some(in_netns(&s, || {
-            xdp(&mut sinkp, "xdp_sink")?
-                .attach("s0", XdpMode::Driver)
-                .context("attaching xdp_sink to s0")
-        })??);
+        let mut sink_link = None;
+        attach(&mut sinkp, "xdp_sink", &mut sink_link, &s, "s0")?;
 
         let mut redirp = Ebpf::load(objects::XDP_REDIRECT).context("loading xdp_redirect")?;
         {
@@ -605,11 +608,11 @@ impl Rig {
         let lb = self.lb_name();
         let want_floor = c == Config::Floor;
         if !want_floor {
-            detach_l0(&mut self.sinkp, "xdp_sink", &mut self.floor_link)?;
+            detach(&mut self.sinkp, "xdp_sink", &mut self.floor_link)?;
         }
         let want_redirect = c == Config::Redirect;
         if !want_redirect {
-            detach_l0(&mut self.redirp, "xdp_redirect", &mut self.redirect_link)?;
+            detach(&mut self.redirp, "xdp_redirect", &mut self.redirect_link)?;
         }
         if self.attached != want_attached {
             let which = self.attached;
@@ -633,15 +636,16 @@ impl Rig {
             }
         }
         if want_redirect {
-            attach_l0(
+            attach(
                 &mut self.redirp,
                 "xdp_redirect",
                 &mut self.redirect_link,
                 &lb,
+                "l0",
             )?;
         }
         if want_floor {
-            attach_l0(&mut self.sinkp, "xdp_sink", &mut self.floor_link, &lb)?;
+            attach(&mut self.sinkp, "xdp_sink", &mut self.floor_link, &lb, "l0")?;
         }
         let want_nft = matches!(c, Config::Nft(_) | Config::NftTcp(_));
         if want_nft != self.nft_on {
@@ -765,17 +769,8 @@ impl Rig {
                 &mut self.sink_link,
             )
         };
-        if let Some(id) = off_link.take() {
-            xdp(&mut self.sinkp, off)?.detach(id)?;
-        }
-        if on_link.is_none() {
-            let sinkp = &mut self.sinkp;
-            *on_link = Some(in_netns(&s, || {
-                xdp(sinkp, on_name)?
-                    .attach("s0", XdpMode::Driver)
-                    .with_context(|| format!("attaching {on_name} to s0"))
-            })??);
-        }
+        detach(&mut self.sinkp, off, off_link)?;
+        attach(&mut self.sinkp, on_name, on_link, &s, "s0")?;
         Ok(())
     }
 
