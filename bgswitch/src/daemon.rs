@@ -43,6 +43,10 @@ use crate::{
 
 /// How often watches and confirmation deadlines are checked.
 const TICK: Duration = Duration::from_millis(200);
+/// The snapshot (`state.json`) is rewritten once changes have paused this
+/// long, or when this many wait in the journal: off the path of a request.
+const SNAPSHOT_QUIET: Duration = Duration::from_secs(1);
+const SNAPSHOT_AFTER_CHANGES: u64 = 64;
 /// New flows needed before an error rate is judged.
 const MIN_ERROR_SAMPLE: u64 = 10;
 
@@ -134,6 +138,8 @@ pub struct Daemon {
     baselines: HashMap<String, Baseline>,
     tx: Option<mpsc::Sender<Event>>,
     ticks: u64,
+    /// The last snapshot write failed (logged once until one succeeds).
+    snapshot_failing: bool,
     /// Whether a flow-table scan runs (off the loop), and who waits for the
     /// next one: every answer comes from a scan begun after its request.
     scan_running: bool,
@@ -335,6 +341,7 @@ impl Daemon {
             baselines: HashMap::new(),
             tx: None,
             ticks: 0,
+            snapshot_failing: false,
             scan_running: false,
             scan_waiting: Vec::new(),
             rules_by_destination: false,
@@ -606,6 +613,11 @@ impl Daemon {
                     log::info!(
                         "{sig}: exiting; XDP stays attached and keeps switching on the last state"
                     );
+                    if self.store.snapshot_due(Duration::ZERO, 1) {
+                        if let Err(e) = self.store.save(&self.state) {
+                            log::error!("snapshot: {e}; changes stay in the journal only");
+                        }
+                    }
                     break;
                 }
             }
@@ -689,6 +701,24 @@ impl Daemon {
     /// Watches and confirmation deadlines; every second, the interfaces.
     fn on_tick(&mut self) {
         self.ticks += 1;
+        if self
+            .store
+            .snapshot_due(SNAPSHOT_QUIET, SNAPSHOT_AFTER_CHANGES)
+        {
+            // The journal holds every change; a failed snapshot is tried
+            // again on the next tick.
+            match self.store.save(&self.state) {
+                Err(e) if !self.snapshot_failing => {
+                    log::error!("snapshot: {e}; changes are kept in the journal until it works");
+                    self.snapshot_failing = true;
+                }
+                Ok(()) if self.snapshot_failing => {
+                    log::info!("snapshot: written again");
+                    self.snapshot_failing = false;
+                }
+                _ => {}
+            }
+        }
         if self.ticks.is_multiple_of(5) {
             for (level, note) in self.dataplane.check_interfaces() {
                 log::log!(level, "{note}");
@@ -1044,9 +1074,13 @@ impl Daemon {
             Request::History { service } => match self.state.service(&service) {
                 Err(e) => Response::error(e.to_string()),
                 Ok(_) => match self.store.read_journal(Some(&service)) {
-                    Ok(h) => Response {
+                    Ok(mut h) => Response {
                         ok: true,
-                        history: Some(h),
+                        history: Some({
+                            // The recorded states are for replay, not for readers.
+                            h.iter_mut().for_each(|e| e.state = None);
+                            h
+                        }),
                         ..Response::default()
                     },
                     Err(e) => Response::error(e.to_string()),
@@ -1184,6 +1218,8 @@ impl Daemon {
                 before: st.snapshot(),
                 after: st.snapshot(),
             },
+            seq: None,
+            state: None,
         };
         if let Err(e) = self.store.append_journal(&entry) {
             log::error!("journal: {e}");
@@ -1220,12 +1256,8 @@ impl Daemon {
 
     fn undo(&mut self, service: &str, reason: Option<String>, peer: &Peer) -> Response {
         let req = self.request(peer, reason, false);
-        let last = match self.store.read_journal(Some(service)) {
-            Ok(j) => j
-                .into_iter()
-                .rev()
-                .find(|e| e.outcome == "ok")
-                .map(|e| e.change),
+        let last = match self.store.last_change(service) {
+            Ok(c) => c,
             Err(e) => return Response::error(e.to_string()),
         };
         let Some(last) = last else {
@@ -1234,7 +1266,8 @@ impl Daemon {
         self.change(service, |s| s.undo(service, &last, &req))
     }
 
-    /// Writes the new desired state and the journal, then moves the data plane.
+    /// Journals the change with the service's new state (durable once that
+    /// line is), then moves the data plane; the snapshot follows on a tick.
     fn commit(
         &mut self,
         service: &str,
@@ -1242,20 +1275,11 @@ impl Daemon {
         change: model::Change,
         may_move_flows: bool,
     ) -> Response {
-        let id = match next.service(service) {
-            Ok(s) => s.id,
+        let (id, after) = match next.service(service) {
+            Ok(s) => (s.id, s),
             Err(e) => return Response::error(e.to_string()),
         };
-        if let Err(e) = self.store.save(&next) {
-            return Response::error(format!("{e}; nothing changed"));
-        }
-        let entry = JournalEntry {
-            service: service.to_string(),
-            outcome: "ok".into(),
-            change: change.clone(),
-        };
-        if let Err(e) = self.store.append_journal(&entry) {
-            let _ = self.store.save(&self.state);
+        if let Err(e) = self.store.append_change(service, &change, after) {
             return Response::error(format!("{e}; nothing changed"));
         }
         if let Some(d) = *FAULT_DELAY_COMMIT {
@@ -1266,9 +1290,17 @@ impl Daemon {
         let old = std::mem::replace(&mut self.state, next);
         if let Err(e) = self.move_dataplane(service, id, &change) {
             self.state = old;
-            let _ = self.store.save(&self.state);
+            let why = format!("data plane: {e:#}");
+            if let Ok(before) = self.state.service(service) {
+                if let Err(je) = self.store.append_revert(service, &why, &change, before) {
+                    log::error!("{service}: journalling the revert: {je}; writing the snapshot");
+                    if let Err(se) = self.store.save(&self.state) {
+                        log::error!("{service}: {se}: a restart would apply the refused change");
+                    }
+                }
+            }
             let _ = self.sync_service(service);
-            return Response::error(format!("data plane: {e:#}; nothing changed"));
+            return Response::error(format!("{why}; nothing changed"));
         }
         let mut moved = String::new();
         if change.forced && may_move_flows {

@@ -1,18 +1,32 @@
-//! The durable desired state: one JSON file in the state directory, replaced
-//! atomically (write a temporary file, fsync, rename, fsync the directory), and
-//! the lock that keeps a second daemon out.
+//! The durable desired state and the lock that keeps a second daemon out.
+//!
+//! Two files in the state directory:
+//! - `journal.jsonl`, appended with one fdatasync per line: every change of a
+//!   service (with the service's whole state after it and a sequence number)
+//!   and every refused attempt. A change is durable once its line is.
+//! - `state.json`, a snapshot of the whole desired state with the sequence
+//!   number of the last journal line it includes, replaced atomically (write a
+//!   temporary file, fsync, rename, fsync the directory) off the request path.
+//!
+//! Loading reads the snapshot and replays the journal's later lines, so a
+//! change acknowledged before a crash is kept even if no snapshot followed.
 
 use std::{
+    cell::Cell,
     fs::{self, File, OpenOptions},
     io::Write as _,
-    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{FileExt as _, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{Change, DesiredState},
+    model::{Change, DesiredState, ServiceState, HISTORY_KEPT},
     paths,
 };
 
@@ -22,6 +36,10 @@ pub const STATE_VERSION: u32 = 1;
 #[derive(Serialize, Deserialize)]
 struct StateFile {
     version: u32,
+    /// The sequence number of the last journal line this snapshot includes
+    /// (0: none; files written before the journal carried states).
+    #[serde(default)]
+    journal_seq: u64,
     #[serde(flatten)]
     state: DesiredState,
 }
@@ -53,19 +71,33 @@ pub enum StateError {
 }
 
 /// One line of the journal: a change (or a refused attempt) of a service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JournalEntry {
     pub service: String,
     /// "ok", or "refused: …" for an attempt that changed nothing.
     pub outcome: String,
     #[serde(flatten)]
     pub change: Change,
+    /// A change's place in the journal: numbered from 1, one more per change
+    /// (refused attempts have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The service's whole state after the change (its history left out):
+    /// what loading replays over an older snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<ServiceState>,
 }
 
 /// The state directory and its files.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct StateStore {
     dir: PathBuf,
+    /// The sequence number of the last change journalled.
+    last_seq: Cell<u64>,
+    /// The sequence number the last snapshot written includes.
+    saved_seq: Cell<u64>,
+    /// When the last change was journalled.
+    last_change: Cell<Option<Instant>>,
 }
 
 impl StateStore {
@@ -75,20 +107,76 @@ impl StateStore {
             path: dir.into(),
             source,
         })?;
-        Ok(Self { dir: dir.into() })
+        Ok(Self {
+            dir: dir.into(),
+            last_seq: Cell::new(0),
+            saved_seq: Cell::new(0),
+            last_change: Cell::new(None),
+        })
     }
 
     pub fn path(&self) -> PathBuf {
         self.dir.join(paths::STATE_FILE)
     }
 
-    /// Reads the state; a missing file is an empty state (first start).
+    /// Reads the snapshot (a missing file is an empty state: first start) and
+    /// replays the journal's changes it does not include yet.
     pub fn load(&self) -> Result<DesiredState, StateError> {
+        let (mut state, snapshot_seq) = self.load_snapshot()?;
+        let mut last = snapshot_seq;
+        let (mut replayed, mut skipped) = (0, 0);
+        for entry in self.read_journal(None)? {
+            let (Some(seq), Some(mut after)) = (entry.seq, entry.state) else {
+                continue;
+            };
+            last = last.max(seq);
+            if seq <= snapshot_seq {
+                continue;
+            }
+            let Some(now) = state.services.get_mut(&entry.service) else {
+                skipped += 1;
+                continue;
+            };
+            // History up to the recorded state's generation (a revert goes
+            // back one), then the change itself if it happened.
+            after.history = std::mem::take(&mut now.history);
+            after.history.retain(|c| c.generation <= after.generation);
+            if entry.outcome == "ok" {
+                after.history.push(entry.change);
+            }
+            if after.history.len() > HISTORY_KEPT {
+                let extra = after.history.len() - HISTORY_KEPT;
+                after.history.drain(..extra);
+            }
+            *now = after;
+            replayed += 1;
+        }
+        if skipped > 0 {
+            log::warn!(
+                "{}: {skipped} changes after the snapshot are of services it does not have; skipped",
+                self.journal_path().display()
+            );
+        }
+        if replayed > 0 {
+            log::info!(
+                "{}: {replayed} changes journalled after it (numbers {} to {last}) replayed from {}",
+                self.path().display(),
+                snapshot_seq + 1,
+                self.journal_path().display()
+            );
+        }
+        self.last_seq.set(last);
+        self.saved_seq
+            .set(if replayed > 0 { snapshot_seq } else { last });
+        Ok(state)
+    }
+
+    fn load_snapshot(&self) -> Result<(DesiredState, u64), StateError> {
         let path = self.path();
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(DesiredState::default())
+                return Ok((DesiredState::default(), 0))
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
@@ -105,10 +193,11 @@ impl StateStore {
                 ),
             });
         }
-        Ok(file.state)
+        Ok((file.state, file.journal_seq))
     }
 
-    /// Replaces the state file atomically; on error the old file is intact.
+    /// Replaces the snapshot atomically with `state`, which must include
+    /// every change journalled so far; on error the old file is intact.
     pub fn save(&self, state: &DesiredState) -> Result<(), StateError> {
         let path = self.path();
         let tmp = self.dir.join(format!("{}.tmp", paths::STATE_FILE));
@@ -116,8 +205,10 @@ impl StateStore {
             path: path.clone(),
             source,
         };
+        let seq = self.last_seq.get();
         let text = serde_json::to_vec_pretty(&StateFile {
             version: STATE_VERSION,
+            journal_seq: seq,
             state: state.clone(),
         })
         .map_err(|e| werr(std::io::Error::other(e)))?;
@@ -136,15 +227,73 @@ impl StateStore {
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
+        } else {
+            self.saved_seq.set(seq);
         }
         result.map_err(werr)
+    }
+
+    /// Whether the snapshot lacks journalled changes and none came for
+    /// `quiet` (or `most` are waiting): time to `save`, off a request's path.
+    pub fn snapshot_due(&self, quiet: Duration, most: u64) -> bool {
+        let waiting = self.last_seq.get() - self.saved_seq.get();
+        waiting > 0
+            && (waiting >= most || self.last_change.get().is_none_or(|t| t.elapsed() >= quiet))
     }
 
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join(paths::JOURNAL_FILE)
     }
 
-    /// Appends one entry to the journal (one JSON line, fsynced).
+    /// Journals a change of `service` with its whole state after it: one
+    /// line, fdatasynced. The change is durable when this returns Ok; the
+    /// snapshot follows later (`snapshot_due`).
+    pub fn append_change(
+        &self,
+        service: &str,
+        change: &Change,
+        after: &ServiceState,
+    ) -> Result<u64, StateError> {
+        self.append_state(service, "ok".into(), change, after)
+    }
+
+    /// Journals that a journalled change did not happen after all (the data
+    /// plane refused it): `before` is the service's state again.
+    pub fn append_revert(
+        &self,
+        service: &str,
+        why: &str,
+        change: &Change,
+        before: &ServiceState,
+    ) -> Result<u64, StateError> {
+        self.append_state(service, format!("reverted: {why}"), change, before)
+    }
+
+    fn append_state(
+        &self,
+        service: &str,
+        outcome: String,
+        change: &Change,
+        state: &ServiceState,
+    ) -> Result<u64, StateError> {
+        let seq = self.last_seq.get() + 1;
+        let mut state = state.clone();
+        state.history = Vec::new();
+        self.append_journal(&JournalEntry {
+            service: service.to_string(),
+            outcome,
+            change: change.clone(),
+            seq: Some(seq),
+            state: Some(state),
+        })?;
+        self.last_seq.set(seq);
+        self.last_change.set(Some(Instant::now()));
+        Ok(seq)
+    }
+
+    /// Appends one entry to the journal (one JSON line, fdatasynced). A line
+    /// left unfinished by a crash is ended first (loading skips it); a failed
+    /// append is cut off again, so the journal stays whole lines.
     pub fn append_journal(&self, entry: &JournalEntry) -> Result<(), StateError> {
         let path = self.journal_path();
         let werr = |source| StateError::Write {
@@ -153,14 +302,27 @@ impl StateStore {
         };
         let mut line = serde_json::to_vec(entry).map_err(|e| werr(std::io::Error::other(e)))?;
         line.push(b'\n');
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
+            .read(true)
             .append(true)
             .create(true)
             .mode(0o640)
             .open(&path)
             .map_err(werr)?;
-        f.write_all(&line).map_err(werr)?;
-        f.sync_data().map_err(werr)
+        let len = f.metadata().map_err(werr)?.len();
+        if len > 0 {
+            let mut last = [0u8];
+            f.read_exact_at(&mut last, len - 1).map_err(werr)?;
+            if last[0] != b'\n' {
+                line.insert(0, b'\n');
+            }
+        }
+        let written = (&f).write_all(&line).and_then(|()| f.sync_data());
+        if let Err(e) = written {
+            let _ = f.set_len(len);
+            return Err(werr(e));
+        }
+        Ok(())
     }
 
     /// The journal entries of `service` (all services when `None`), oldest
@@ -184,6 +346,25 @@ impl StateStore {
             }
         }
         Ok(out)
+    }
+
+    /// The last change of `service` that happened: the journal's last "ok"
+    /// entry for it that no later entry reverted.
+    pub fn last_change(&self, service: &str) -> Result<Option<Change>, StateError> {
+        let mut reverted = Vec::new();
+        for e in self.read_journal(Some(service))?.into_iter().rev() {
+            if e.outcome.starts_with("reverted") {
+                reverted.push(e.change.generation);
+            } else if e.outcome == "ok" {
+                match reverted.iter().position(|&g| g == e.change.generation) {
+                    Some(i) => {
+                        reverted.swap_remove(i);
+                    }
+                    None => return Ok(Some(e.change)),
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Takes the daemon lock (an exclusive `flock` held for the process's
@@ -287,6 +468,8 @@ mod tests {
                     service: name.into(),
                     outcome: "ok".into(),
                     change,
+                    seq: None,
+                    state: None,
                 })
                 .unwrap();
         }
@@ -300,6 +483,166 @@ mod tests {
         let a = store.read_journal(Some("a")).unwrap();
         assert_eq!(a.len(), 2);
         assert_eq!(a[1].change.generation, 3);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn two_services() -> DesiredState {
+        let cfg = crate::config::parse(
+            Path::new("t"),
+            "interfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"1.1.1.1:1\"\nprotocol=\"tcp\"\nblue=[\"1.1.1.2:1\"]\ngreen=[\"1.1.1.3:1\"]\n[[service]]\nname=\"b\"\nvip=\"1.1.1.1:2\"\nprotocol=\"tcp\"\nblue=[\"1.1.1.2:2\"]\ngreen=[\"1.1.1.3:2\"]\n",
+        )
+        .unwrap();
+        let mut st = DesiredState::default();
+        st.reconcile(&cfg).unwrap();
+        st
+    }
+
+    /// Flips `name` in `st` and journals it as the daemon does.
+    fn flip_journalled(store: &StateStore, st: &mut DesiredState, name: &str) -> Change {
+        let req = crate::model::Request {
+            user: "t".into(),
+            ..Default::default()
+        };
+        let crate::model::FlipOutcome::Changed(change) =
+            st.flip(name, None, &req, &Default::default()).unwrap()
+        else {
+            panic!()
+        };
+        store
+            .append_change(name, &change, st.service(name).unwrap())
+            .unwrap();
+        change
+    }
+
+    #[test]
+    fn changes_after_the_snapshot_are_replayed_from_the_journal() {
+        let d = tmpdir("replay");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        flip_journalled(&store, &mut st, "a");
+        store.save(&st).unwrap();
+        let snapshot = fs::read(store.path()).unwrap();
+        assert!(!store.snapshot_due(Duration::ZERO, 1));
+        // Acknowledged, journalled, not in the snapshot yet.
+        flip_journalled(&store, &mut st, "a");
+        flip_journalled(&store, &mut st, "b");
+        assert!(store.snapshot_due(Duration::ZERO, 100));
+        assert!(!store.snapshot_due(Duration::from_secs(60), 100));
+        assert!(store.snapshot_due(Duration::from_secs(60), 2));
+        assert_eq!(fs::read(store.path()).unwrap(), snapshot);
+        // A crash in the middle of the next line.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(store.journal_path())
+            .unwrap()
+            .write_all(b"{\"service\":\"a\",\"outcome\":\"ok\",\"kind\":\"fl")
+            .unwrap();
+
+        let again = StateStore::open(&d).unwrap();
+        let loaded = again.load().unwrap();
+        assert_eq!(loaded, st, "history and every field replayed");
+        assert_eq!(loaded.services["a"].generation, 3);
+        assert_eq!(loaded.services["a"].history.len(), 2);
+        assert!(again.snapshot_due(Duration::ZERO, 1));
+        // The next change ends the torn line and numbers on.
+        let mut st2 = loaded.clone();
+        flip_journalled(&again, &mut st2, "b");
+        assert_eq!(
+            again.read_journal(None).unwrap().last().unwrap().seq,
+            Some(4)
+        );
+        let third = StateStore::open(&d).unwrap();
+        assert_eq!(third.load().unwrap(), st2);
+        // A snapshot that includes them all: nothing is replayed twice.
+        third.save(&st2).unwrap();
+        assert!(!third.snapshot_due(Duration::ZERO, 1));
+        assert_eq!(StateStore::open(&d).unwrap().load().unwrap(), st2);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_revert_record_restores_the_state_and_its_history() {
+        let d = tmpdir("revert");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        flip_journalled(&store, &mut st, "a");
+        store.save(&st).unwrap();
+        let before = st.clone();
+        let change = flip_journalled(&store, &mut st, "a");
+        store
+            .append_revert(
+                "a",
+                "data plane: test",
+                &change,
+                before.service("a").unwrap(),
+            )
+            .unwrap();
+        let loaded = StateStore::open(&d).unwrap().load().unwrap();
+        assert_eq!(loaded, before);
+        let j = store.read_journal(Some("a")).unwrap();
+        assert_eq!(j.last().unwrap().outcome, "reverted: data plane: test");
+        // What undo restores: the change before the reverted one, and after
+        // a new change (with the reverted one's generation again), that one.
+        let first = store.read_journal(Some("a")).unwrap()[0].change.clone();
+        assert_eq!(store.last_change("a").unwrap(), Some(first));
+        let mut st = before;
+        let again = flip_journalled(&store, &mut st, "a");
+        assert_eq!(again.generation, change.generation);
+        assert_eq!(store.last_change("a").unwrap(), Some(again));
+        assert_eq!(store.last_change("b").unwrap(), None);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_rotated_journal_goes_on_numbering_after_the_snapshot() {
+        let d = tmpdir("rotate");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        for _ in 0..3 {
+            flip_journalled(&store, &mut st, "a");
+        }
+        store.save(&st).unwrap();
+        // logrotate: the journal moves away; a new daemon starts an empty one.
+        fs::rename(store.journal_path(), d.join("journal.jsonl.1")).unwrap();
+        let again = StateStore::open(&d).unwrap();
+        let mut st2 = again.load().unwrap();
+        assert_eq!(st2, st);
+        flip_journalled(&again, &mut st2, "a");
+        assert_eq!(again.read_journal(None).unwrap()[0].seq, Some(4));
+        assert_eq!(StateStore::open(&d).unwrap().load().unwrap(), st2);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_failed_append_leaves_whole_lines() {
+        let d = tmpdir("failappend");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        flip_journalled(&store, &mut st, "a");
+        let len = fs::metadata(store.journal_path()).unwrap().len();
+        // A line the file system refuses: a directory where the journal is.
+        fs::rename(store.journal_path(), d.join("j")).unwrap();
+        fs::create_dir(store.journal_path()).unwrap();
+        let req = crate::model::Request::default();
+        let mut st2 = st.clone();
+        let crate::model::FlipOutcome::Changed(change) =
+            st2.flip("a", None, &req, &Default::default()).unwrap()
+        else {
+            panic!()
+        };
+        assert!(store
+            .append_change("a", &change, st2.service("a").unwrap())
+            .is_err());
+        fs::remove_dir(store.journal_path()).unwrap();
+        fs::rename(d.join("j"), store.journal_path()).unwrap();
+        assert_eq!(fs::metadata(store.journal_path()).unwrap().len(), len);
+        // The failed change took no number.
+        flip_journalled(&store, &mut st, "a");
+        let j = store.read_journal(None).unwrap();
+        assert_eq!(
+            j.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [Some(1), Some(2)]
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -154,6 +154,20 @@ fn mount_tmpfs(path: &std::path::Path, opts: &str) -> Mount {
     Mount(p)
 }
 
+/// Every line of the journal parses (a cut-off line would not), and their count.
+fn whole_lines(journal: &std::path::Path) -> usize {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "journal ends mid-line"
+    );
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("padding")).collect();
+    for l in &lines {
+        serde_json::from_str::<serde_json::Value>(l).expect("a whole journal line");
+    }
+    lines.len()
+}
+
 #[test]
 fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
     let (topo, mut sw) = setup();
@@ -161,10 +175,24 @@ fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
     let m = mount_tmpfs(&state, "size=64k");
     sw.start().unwrap();
     let journal = state.join("journal.jsonl");
-    // Fill the file system.
+    sw.cli_ok(&["flip", "web", "--reason", "with room"])
+        .unwrap();
+    assert_eq!(get_ok(&topo), "green");
+    // Pad the journal (readers skip a line that is no entry) so that the next
+    // line crosses into a page the full file system cannot give: its write
+    // is cut short, and the journal must still end with a whole line.
+    let len = std::fs::metadata(&journal).unwrap().len() as usize;
+    let pad = 4096 - (len % 4096) - 200;
+    let mut padding = format!("padding {}", "x".repeat(pad - 9)).into_bytes();
+    padding.push(b'\n');
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &padding))
+        .unwrap();
     let filler = state.join("filler");
     let _ = std::fs::write(&filler, vec![0u8; 64 * 1024]);
-    let before = std::fs::read(state.join("state.json")).unwrap();
+    let before = std::fs::read(&journal).unwrap();
     let out = sw.cli(&["flip", "web", "--reason", "disk full"]).unwrap();
     assert_eq!(out.code, 1);
     assert!(
@@ -173,29 +201,53 @@ fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
         out.stderr
     );
     assert_eq!(
-        std::fs::read(state.join("state.json")).unwrap(),
+        std::fs::read(&journal).unwrap(),
         before,
-        "state file intact"
+        "the cut-off line is removed again"
     );
-    assert!(!journal.exists() || std::fs::read_to_string(&journal).unwrap().is_empty());
-    assert_eq!(sw.status().unwrap()["services"][0]["active"], "blue");
-    assert_eq!(get_ok(&topo), "blue", "data plane unchanged");
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "green");
+    assert_eq!(get_ok(&topo), "green", "data plane unchanged");
     std::fs::remove_file(&filler).unwrap();
     sw.cli_ok(&["flip", "web"]).unwrap();
-    assert_eq!(get_ok(&topo), "green");
+    assert_eq!(get_ok(&topo), "blue");
+    assert_eq!(whole_lines(&journal), 2);
 
-    // Unwritable: the temporary file cannot be created (a directory is in
-    // its way; root ignores permission bits).
-    let tmp = state.join("state.json.tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    let out = sw.cli(&["rollback", "web"]).unwrap();
+    // Unwritable journal: a directory is in its way (root ignores permission
+    // bits).
+    let aside = state.join("journal.aside");
+    std::fs::rename(&journal, &aside).unwrap();
+    std::fs::create_dir(&journal).unwrap();
+    let out = sw.cli(&["flip", "web"]).unwrap();
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("nothing changed"), "{}", out.stderr);
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "blue");
+    assert_eq!(get_ok(&topo), "blue");
+    std::fs::remove_dir(&journal).unwrap();
+    std::fs::rename(&aside, &journal).unwrap();
+
+    // An unwritable snapshot changes nothing a client sees: changes are
+    // journalled, acknowledged and kept across a crash.
+    let tmp = state.join("state.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    assert_eq!(get_ok(&topo), "green");
+    wait_log(&sw, "snapshot: ", Duration::from_secs(15));
+    assert!(
+        std::fs::read_to_string(state.join("state.json"))
+            .unwrap()
+            .contains("\"active\": \"blue\""),
+        "the snapshot could not be written"
+    );
+    sw.kill();
+    // (A daemon starts only with a snapshot it could write.)
+    std::fs::remove_dir(&tmp).unwrap();
+    sw.start().unwrap();
     assert_eq!(sw.status().unwrap()["services"][0]["active"], "green");
     assert_eq!(get_ok(&topo), "green");
-    std::fs::remove_dir(&tmp).unwrap();
+    assert!(sw.log().contains("replayed from"), "{}", sw.log_tail());
     sw.cli_ok(&["rollback", "web"]).unwrap();
     assert_eq!(get_ok(&topo), "blue");
+    assert_eq!(whole_lines(&journal), 4);
     sw.kill();
     drop(sw);
     drop(m);
@@ -351,9 +403,8 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
             "applied"
         });
     }
-    // The decisive window, made wide on purpose: the state file says the new
-    // colour, the data plane has not moved yet. The next daemon must finish
-    // the flip.
+    // The decisive window, made wide on purpose: the journal has the flip,
+    // the data plane has not moved yet. The next daemon must finish it.
     let st = sw.status().unwrap();
     let before = st["services"][0]["active"].as_str().unwrap().to_string();
     let generation = st["services"][0]["generation"].as_u64().unwrap();
@@ -368,13 +419,13 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let saved = sw.state_dir().join("state.json");
-    let want = format!("\"generation\": {}", generation + 1);
+    let journal = sw.state_dir().join("journal.jsonl");
+    let want = format!("\"generation\":{},", generation + 1);
     let t = Instant::now();
-    while !std::fs::read_to_string(&saved).unwrap().contains(&want) {
+    while !std::fs::read_to_string(&journal).unwrap().contains(&want) {
         assert!(
             t.elapsed() < Duration::from_secs(5),
-            "the state file never changed"
+            "the journal never recorded the flip"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -393,7 +444,7 @@ fn sigkill_in_the_middle_of_flips_loses_nothing_and_each_flip_happens_whole_or_n
     for _ in 0..3 {
         assert_eq!(get_ok(&topo), after);
     }
-    outcomes.push("killed between state file and data plane: completed at restart");
+    outcomes.push("killed between journal and data plane: completed at restart");
 
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
