@@ -175,25 +175,39 @@ fn spawn_floor(n: usize) -> Value {
         Some(median(&v))
     };
     let bin = bgswitch_tests::switcher::bgswitch_bin().ok();
+    let writes = durable_writes(n).ok();
     json!({
         "true_ms": time(std::path::Path::new("/bin/true"), None),
         "bgswitch_version_ms": bin.and_then(|b| time(&b, Some("--version"))),
-        "durable_write_ms": durable_write(n).ok(),
+        "journal_append_ms": writes.map(|w| w.0),
+        "snapshot_write_ms": writes.map(|w| w.1),
     })
 }
 
 /// What the daemon's durable writes cost on the file system its state
-/// directory is on here (under /run): write 20 KB to a temporary file, fsync,
-/// rename over, fsync the directory, append 500 B to a journal and fdatasync —
-/// the steps of one flip.
-fn durable_write(n: usize) -> Result<f64> {
+/// directory is on here (under /run), in ms (medians of `n`, 20 ms apart as
+/// changes come): `journal`, what a change waits for (append a 1.2-KB line,
+/// fdatasync); `snapshot`, what the daemon does once changes pause (write a
+/// 20-KB `state.json` to a temporary file, fsync, rename over, fsync the
+/// directory), which a change waited for as well until the journal carried
+/// whole service states.
+fn durable_writes(n: usize) -> Result<(f64, f64)> {
     use std::io::Write as _;
     let dir = std::path::PathBuf::from("/run/bgswitch-bench")
         .join(format!("fsync-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut v = Vec::new();
+    let (mut journal, mut snapshot) = (Vec::new(), Vec::new());
     let r = (|| -> Result<()> {
         for _ in 0..n {
+            let t = std::time::Instant::now();
+            let mut j = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("journal"))?;
+            j.write_all(&[b'y'; 1200])?;
+            j.sync_data()?;
+            journal.push(t.elapsed().as_secs_f64() * 1e3);
+            std::thread::sleep(Duration::from_millis(20));
             let t = std::time::Instant::now();
             let tmp = dir.join("state.json.tmp");
             let mut f = std::fs::File::create(&tmp)?;
@@ -201,19 +215,14 @@ fn durable_write(n: usize) -> Result<f64> {
             f.sync_all()?;
             std::fs::rename(&tmp, dir.join("state.json"))?;
             std::fs::File::open(&dir)?.sync_all()?;
-            let mut j = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("journal"))?;
-            j.write_all(&[b'y'; 500])?;
-            j.sync_data()?;
-            v.push(t.elapsed().as_secs_f64() * 1e3);
+            snapshot.push(t.elapsed().as_secs_f64() * 1e3);
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);
     r?;
-    Ok(median(&v))
+    Ok((median(&journal), median(&snapshot)))
 }
 
 /// Part 4 for every system in `opts.kinds`.

@@ -184,17 +184,22 @@ other runs of the same hour (with an XDP_PASS baseline of 21–22 ns against 26�
 interleaved A/B of two builds (`--spin`, `--spin-fwd`) rather than across runs.
 
 **Flip.** A flip is a whole process (about {bgswitch_version_ms} ms to spawn a `bgswitch` that does
-nothing, in this run), the durable writes (`state.json` written whole — it keeps the last 16
-changes of each service with before/after snapshots — then fsync, rename, directory fsync, journal append and
-fdatasync: about {durable_write_ms} ms on this machine, whose `/run` is on the ext4 root disk, not a
-tmpfs), and the daemon's work in between; a profile of the daemon during flips is dominated by
-malloc/free (serialising the state) and the virtio disk kicks of the fsyncs. Under client load
-the two CPUs are shared with the prober, the keep-alive clients and the servers. Proposal: keep
-the history in the journal only (append-only, already fsynced) and `state.json` to the current
-state, so each flip serialises and rewrites a few hundred bytes instead of the last changes;
-the order of durable writes, and so "state before data plane", stays as it is. Measured and not
-worth it: running the journal's fdatasync alongside the state file's fsync (two threads) saved
-nothing on this disk (0.64–0.70 ms for the sequence either way)."#;
+nothing, in this run), one durable write on its path — the change's journal line, with the
+service's whole state after it, appended and fdatasynced: about {journal_append_ms} ms on this
+machine, whose `/run` is on the ext4 root disk, not a tmpfs — and the daemon's work in between.
+Until this round the state file was rewritten on the path as well, before the journal line
+(`state.json` with the last 16 changes of each service, to a temporary file, fsync, rename,
+directory fsync: {snapshot_write_ms} ms here); now it is a snapshot the daemon writes once
+changes pause for a second, and loading replays the journal's later changes (README,
+"Journal"; the order "durable before data plane" is unchanged). In an interleaved A/B of the
+two daemons on part 4 alone (`BGSWITCH_BIN=… bgswitch-bench --only flip`, two pairs), the median
+flip under load went from 4.87 and 4.62 ms to 3.43 and 3.40 ms; without load 2.76 and 3.23 ms
+against 2.81 and 2.87 ms, within the noise. Under client load the two CPUs are shared with the
+prober, the keep-alive clients and the servers. Measured and not adopted: running the
+journal's fdatasync alongside the state file's fsync (two threads) saved nothing on this disk;
+linking `bgswitch` with packed relative relocations (`-z pack-relative-relocs`) took 10 page
+faults off its start and no measurable time; without PIE it started 0.15–0.3 ms sooner, at the
+price of address-space randomisation for a daemon that runs as root."#;
 
 fn f(v: &Value) -> Option<f64> {
     v.as_f64()
@@ -963,7 +968,13 @@ fn fill_profile(text: &str, r: &Value) -> String {
                     .zip(f(&fwd(r, base)["ns_per_packet"]))
                     .map(|(a, b)| (a - b).round())
             }
-            None if key == "bgswitch_version_ms" || key == "durable_write_ms" => {
+            None if [
+                "bgswitch_version_ms",
+                "journal_append_ms",
+                "snapshot_write_ms",
+            ]
+            .contains(&key) =>
+            {
                 two_decimals(&r["flip"]["process_spawn_ms"][key])
             }
             None => comp(key),
