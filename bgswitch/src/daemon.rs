@@ -297,6 +297,7 @@ impl Daemon {
         let store = StateStore::open(&config.state_dir)?;
         let lock = store.lock()?;
         let mut state = store.load()?;
+        state.trim_history();
         let (added, removed) = state.reconcile(&config)?;
         for n in &added {
             log::info!("service {n}: new, starting on blue");
@@ -937,7 +938,7 @@ impl Daemon {
     }
 
     fn auto_rollback(&mut self, name: &str, why: &str) {
-        let mut next = self.state.clone();
+        let mut next = self.scratch(name);
         match next.auto_rollback(name, why, now_ms()) {
             Ok(change) => {
                 log::warn!(
@@ -1114,12 +1115,27 @@ impl Daemon {
     }
 
     /// Applies a model change to a copy of the state and commits it.
+    /// A desired state holding a copy of `service` alone: what a change of
+    /// it is made on (model changes touch one service), instead of a copy of
+    /// every service's state on each request.
+    fn scratch(&self, service: &str) -> DesiredState {
+        DesiredState {
+            services: self
+                .state
+                .services
+                .get_key_value(service)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
     fn change(
         &mut self,
         service: &str,
         f: impl FnOnce(&mut DesiredState) -> Result<model::Change, model::ModelError>,
     ) -> Response {
-        let mut next = self.state.clone();
+        let mut next = self.scratch(service);
         match f(&mut next) {
             Err(e) => Response::error(e.to_string()),
             Ok(change) => self.commit(service, next, change, false),
@@ -1174,7 +1190,7 @@ impl Daemon {
                 );
             }
         }
-        let mut next = self.state.clone();
+        let mut next = self.scratch(service);
         match next.flip(service, to, &req, &guards) {
             Err(e) => Response::error(e.to_string()),
             Ok(FlipOutcome::Unchanged { active, generation }) => Response::ok(format!(
@@ -1268,18 +1284,19 @@ impl Daemon {
 
     /// Journals the change with the service's new state (durable once that
     /// line is), then moves the data plane; the snapshot follows on a tick.
+    /// `next` holds the changed service (see `scratch`).
     fn commit(
         &mut self,
         service: &str,
-        next: DesiredState,
+        mut next: DesiredState,
         change: model::Change,
         may_move_flows: bool,
     ) -> Response {
-        let (id, after) = match next.service(service) {
-            Ok(s) => (s.id, s),
-            Err(e) => return Response::error(e.to_string()),
+        let Some(after) = next.services.remove(service) else {
+            return Response::error(format!("no service named '{service}'"));
         };
-        if let Err(e) = self.store.append_change(service, &change, after) {
+        let id = after.id;
+        if let Err(e) = self.store.append_change(service, &change, &after) {
             return Response::error(format!("{e}; nothing changed"));
         }
         if let Some(d) = *FAULT_DELAY_COMMIT {
@@ -1287,12 +1304,13 @@ impl Daemon {
             // write and the data plane, where a crash must not split a change.
             std::thread::sleep(d);
         }
-        let old = std::mem::replace(&mut self.state, next);
+        let old = self.state.services.insert(service.to_string(), after);
         if let Err(e) = self.move_dataplane(service, id, &change) {
-            self.state = old;
             let why = format!("data plane: {e:#}");
-            if let Ok(before) = self.state.service(service) {
-                if let Err(je) = self.store.append_revert(service, &why, &change, before) {
+            if let Some(before) = old {
+                let journalled = self.store.append_revert(service, &why, &change, &before);
+                self.state.services.insert(service.to_string(), before);
+                if let Err(je) = journalled {
                     log::error!("{service}: journalling the revert: {je}; writing the snapshot");
                     if let Err(se) = self.store.save(&self.state) {
                         log::error!("{service}: {se}: a restart would apply the refused change");

@@ -177,12 +177,14 @@ pub struct ServiceState {
     pub flips: u64,
     #[serde(default)]
     pub rollbacks: u64,
-    /// The most recent changes, oldest first (at most [`HISTORY_KEPT`]).
+    /// The most recent changes, oldest first (at most [`HISTORY_KEPT`]; state
+    /// files of older versions may hold more, cut at the next change).
     pub history: Vec<Change>,
 }
 
-/// Changes kept per service in the state file (the journal keeps them all).
-pub const HISTORY_KEPT: usize = 16;
+/// Changes kept per service in the state (the last, which status shows); the
+/// journal keeps them all, and `history` reads it.
+pub const HISTORY_KEPT: usize = 1;
 
 /// Everything the daemon must remember across restarts and reboots.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -309,6 +311,15 @@ impl DesiredState {
             added.push(name.to_string());
         }
         Ok((added, removed))
+    }
+
+    /// Cuts every service's history to [`HISTORY_KEPT`] (state files of
+    /// older versions kept more).
+    pub fn trim_history(&mut self) {
+        for s in self.services.values_mut() {
+            let extra = s.history.len().saturating_sub(HISTORY_KEPT);
+            s.history.drain(..extra);
+        }
     }
 
     pub fn service(&self, name: &str) -> Result<&ServiceState, ModelError> {
@@ -633,7 +644,7 @@ mod tests {
         // A rollback of the rollback goes forward again.
         let r = s.rollback("web", &req()).unwrap();
         assert_eq!(r.to, Colour::Green);
-        assert_eq!(s.services["web"].history.len(), 3);
+        assert_eq!(s.services["web"].history, [r]);
         assert_eq!(
             s.flip("nope", None, &req(), &FlipGuards::default()),
             Err(ModelError::UnknownService("nope".into()))
@@ -737,5 +748,11 @@ mod tests {
         let st = &s.services["web"];
         assert_eq!(st.history.len(), HISTORY_KEPT);
         assert_eq!(st.history.last().unwrap().generation, st.generation);
+        // A state file of an older version, with more.
+        let last = st.history.last().cloned().unwrap();
+        let w = s.services.get_mut("web").unwrap();
+        w.history = vec![last.clone(); 16];
+        s.trim_history();
+        assert_eq!(s.services["web"].history, vec![last; HISTORY_KEPT]);
     }
 }

@@ -26,7 +26,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{Change, DesiredState, ServiceState, HISTORY_KEPT},
+    model::{Change, DesiredState, ServiceState},
     paths,
 };
 
@@ -82,7 +82,7 @@ pub struct JournalEntry {
     /// (refused attempts have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
-    /// The service's whole state after the change (its history left out):
+    /// The service's whole state after the change (with its last change):
     /// what loading replays over an older snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<ServiceState>,
@@ -126,7 +126,7 @@ impl StateStore {
         let mut last = snapshot_seq;
         let (mut replayed, mut skipped) = (0, 0);
         for entry in self.read_journal(None)? {
-            let (Some(seq), Some(mut after)) = (entry.seq, entry.state) else {
+            let (Some(seq), Some(after)) = (entry.seq, entry.state) else {
                 continue;
             };
             last = last.max(seq);
@@ -137,17 +137,6 @@ impl StateStore {
                 skipped += 1;
                 continue;
             };
-            // History up to the recorded state's generation (a revert goes
-            // back one), then the change itself if it happened.
-            after.history = std::mem::take(&mut now.history);
-            after.history.retain(|c| c.generation <= after.generation);
-            if entry.outcome == "ok" {
-                after.history.push(entry.change);
-            }
-            if after.history.len() > HISTORY_KEPT {
-                let extra = after.history.len() - HISTORY_KEPT;
-                after.history.drain(..extra);
-            }
             *now = after;
             replayed += 1;
         }
@@ -277,14 +266,12 @@ impl StateStore {
         state: &ServiceState,
     ) -> Result<u64, StateError> {
         let seq = self.last_seq.get() + 1;
-        let mut state = state.clone();
-        state.history = Vec::new();
         self.append_journal(&JournalEntry {
             service: service.to_string(),
             outcome,
             change: change.clone(),
             seq: Some(seq),
-            state: Some(state),
+            state: Some(state.clone()),
         })?;
         self.last_seq.set(seq);
         self.last_change.set(Some(Instant::now()));
@@ -542,7 +529,7 @@ mod tests {
         let loaded = again.load().unwrap();
         assert_eq!(loaded, st, "history and every field replayed");
         assert_eq!(loaded.services["a"].generation, 3);
-        assert_eq!(loaded.services["a"].history.len(), 2);
+        assert_eq!(loaded.services["a"].history.len(), 1);
         assert!(again.snapshot_due(Duration::ZERO, 1));
         // The next change ends the torn line and numbers on.
         let mut st2 = loaded.clone();
