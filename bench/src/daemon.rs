@@ -2,16 +2,25 @@
 //! (in a topology's load-balancer namespace), idle and while health-checking
 //! 256 backends.
 
-use std::time::Duration;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use anyhow::Result;
+use anyhow::{ensure, Context as _, Result};
 use bgswitch_tests::{
-    switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
+    switcher::{bgswitch_bin, default_services, Switcher, HTTP_PORT, UDP_PORT},
     Colour, HttpServer, Topology, TopologyOptions, VIP,
 };
 use serde_json::{json, Value};
 
-use crate::sys;
+use crate::{
+    stats::{percentile, Summary},
+    sys,
+};
 
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
@@ -19,6 +28,8 @@ pub struct DaemonOptions {
     pub window: Duration,
     /// Health-check 256 backends too.
     pub health: bool,
+    /// Flips timed with the most services configured.
+    pub flips: usize,
 }
 
 fn measure(sw: &Switcher, window: Duration) -> Value {
@@ -109,6 +120,95 @@ fn health(o: &DaemonOptions) -> Result<Value> {
     Ok(v)
 }
 
+/// One request on the control socket, as the CLI sends it; the answer.
+fn request(socket: &Path, line: &str) -> Result<Value> {
+    let mut s = UnixStream::connect(socket)?;
+    s.write_all(line.as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    Ok(serde_json::from_str(&answer)?)
+}
+
+/// Flips of one service with the most services the daemon takes, after four
+/// changes of each: what a flip costs should not grow with the services it
+/// does not touch.
+fn many_services(flips: usize) -> Result<Value> {
+    let topo = Topology::create(TopologyOptions {
+        blue: 1,
+        green: 1,
+        tx_csum_off: true,
+    })?;
+    let addr = |c| {
+        topo.backends_of(c)
+            .next()
+            .map(|b| b.addr)
+            .context("a backend")
+    };
+    let (blue, green) = (addr(Colour::Blue)?, addr(Colour::Green)?);
+    let n = bgswitch_common::MAX_SERVICES;
+    let services: String = (0..n)
+        .map(|i| {
+            let port = 10_000 + i;
+            format!(
+                "[[service]]\nname = \"s{i}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"tcp\"\n\
+                 blue = [\"{blue}:{port}\"]\ngreen = [\"{green}:{port}\"]\n\n"
+            )
+        })
+        .collect();
+    let mut sw = Switcher::new(&topo, &services)?;
+    sw.start()?;
+    let rounds = 4;
+    for _ in 0..rounds {
+        for i in 0..n {
+            let a = request(
+                &sw.socket(),
+                &format!(r#"{{"cmd":"flip","service":"s{i}"}}"#),
+            )?;
+            ensure!(a["ok"] == true, "flip s{i}: {a}");
+        }
+    }
+    // The snapshot is written once changes pause for a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let bin = bgswitch_bin()?;
+    let mut times = Vec::with_capacity(flips);
+    for _ in 0..flips {
+        let t = Instant::now();
+        let out = Command::new(&bin)
+            .arg("--socket")
+            .arg(sw.socket())
+            .args(["flip", "s7"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(
+            out.status.success(),
+            "bgswitch flip s7: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let size = |f: &str| {
+        std::fs::metadata(sw.state_dir().join(f))
+            .map(|m| m.len())
+            .ok()
+    };
+    Ok(json!({
+        "status": "measured",
+        "services": n,
+        "changes_before": n * rounds,
+        "command_ms": Summary::of(&times),
+        "command_ms_p90": percentile(&times, 90.0),
+        "flips": flips,
+        "rss_bytes": sw.pid().and_then(sys::rss_bytes),
+        "state_file_bytes": size("state.json"),
+        "journal_bytes": size("journal.jsonl"),
+    }))
+}
+
 pub fn run(o: &DaemonOptions) -> Result<Value> {
     let idle = idle(o).unwrap_or_else(|e| json!({"status": format!("not measured: {e:#}")}));
     let health = if o.health {
@@ -116,9 +216,12 @@ pub fn run(o: &DaemonOptions) -> Result<Value> {
     } else {
         json!({"status": "not measured: skipped in quick mode"})
     };
+    let many = many_services(o.flips)
+        .unwrap_or_else(|e| json!({"status": format!("not measured: {e:#}")}));
     Ok(json!({
         "method": "the real daemon (target of BGSWITCH_BIN) in a topology's lb namespace; RSS from /proc/PID/status VmRSS; CPU from utime+stime in /proc/PID/stat over the window",
         "idle": idle,
         "health_checks_256_backends": health,
+        "flips_with_most_services": many,
     }))
 }

@@ -210,6 +210,7 @@ fn run(args: &Args) -> Result<()> {
             daemon::run(&daemon::DaemonOptions {
                 window: std::time::Duration::from_secs(10),
                 health: true,
+                flips: 100,
             }),
         )?;
     }

@@ -188,14 +188,24 @@ nothing, in this run), one durable write on its path — the change's journal li
 service's whole state after it, appended and fdatasynced: about {journal_append_ms} ms on this
 machine, whose `/run` is on the ext4 root disk, not a tmpfs — and the daemon's work in between.
 Until this round the state file was rewritten on the path as well, before the journal line
-(`state.json` with the last 16 changes of each service, to a temporary file, fsync, rename,
+(`state.json`, then with the last 16 changes of each service, to a temporary file, fsync, rename,
 directory fsync: {snapshot_write_ms} ms here); now it is a snapshot the daemon writes once
 changes pause for a second, and loading replays the journal's later changes (README,
 "Journal"; the order "durable before data plane" is unchanged). In an interleaved A/B of the
 two daemons on part 4 alone (`BGSWITCH_BIN=… bgswitch-bench --only flip`, two pairs), the median
 flip under load went from 4.87 and 4.62 ms to 3.43 and 3.40 ms; without load 2.76 and 3.23 ms
 against 2.81 and 2.87 ms, within the noise. Under client load the two CPUs are shared with the
-prober, the keep-alive clients and the servers. Measured and not adopted: running the
+prober, the keep-alive clients and the servers.
+
+A flip also copied every service's state (to make the change on) and, for the state file,
+serialised it: with the most services (256) each holding 16 changes, a flip took 11–13 ms
+(spawn to exit, no load; the old daemon on a 256-service namespace), 6 ms with 4 changes each
+(part 5's setup, `BGSWITCH_BIN` of the old daemon). Now a change copies its own service only,
+the state keeps each service's last change (status shows it; `history` reads the journal), and
+part 5 measures flips with 256 services ("Flips with the most services"): {most_services_flip_ms} ms, against
+{idle_flip_ms} ms with part 4's two services.
+
+Measured and not adopted: running the
 journal's fdatasync alongside the state file's fsync (two threads) saved nothing on this disk;
 linking `bgswitch` with packed relative relocations (`-z pack-relative-relocs`) took 10 page
 faults off its start and no measurable time; without PIE it started 0.15–0.3 ms sooner, at the
@@ -870,6 +880,31 @@ pub fn markdown(all: &Value) -> String {
             );
         }
         let _ = writeln!(w);
+        let m = &d["flips_with_most_services"];
+        if let Some(st) = status(m) {
+            let _ = writeln!(w, "Flips with the most services: {st}\n");
+        } else if !m.is_null() {
+            let kib = |v: &Value| {
+                v.as_f64()
+                    .map_or("—".into(), |b| format!("{:.0} KiB", b / 1024.0))
+            };
+            let _ = writeln!(
+                w,
+                "Flips with the most services: {} TCP services, {} changes made first (each flipped {} times over the socket); \
+                 then `bgswitch flip` of one service {} times, 20 ms apart, no client load, spawn to exit: {} ms, p90 {} ms \
+                 (part 4's two services without load: {} ms). Daemon resident memory {}; `state.json` {}, journal {}.\n",
+                num(&m["services"], 0),
+                num(&m["changes_before"], 0),
+                m["changes_before"].as_f64().zip(m["services"].as_f64()).map_or("?".into(), |(c, s)| format!("{:.0}", c / s)),
+                num(&m["flips"], 0),
+                summ(&m["command_ms"], 2),
+                num(&m["command_ms_p90"], 2),
+                summ(&r["flip"]["systems"]["bgswitch"]["without_load"]["command_ms"], 2),
+                m["rss_bytes"].as_f64().map_or("—".into(), |b| format!("{:.1} MiB", b / 1048576.0)),
+                kib(&m["state_file_bytes"]),
+                kib(&m["journal_bytes"]),
+            );
+        }
     }
     if let Some(n) = all["notes"].as_str() {
         let _ = writeln!(w, "{n}\n");
@@ -977,6 +1012,12 @@ fn fill_profile(text: &str, r: &Value) -> String {
             {
                 two_decimals(&r["flip"]["process_spawn_ms"][key])
             }
+            None if key == "most_services_flip_ms" => {
+                two_decimals(&r["daemon"]["flips_with_most_services"]["command_ms"]["median"])
+            }
+            None if key == "idle_flip_ms" => two_decimals(
+                &r["flip"]["systems"]["bgswitch"]["without_load"]["command_ms"]["median"],
+            ),
             None => comp(key),
         };
         out.push_str(&v.map_or("?".into(), |v| {
