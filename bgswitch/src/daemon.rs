@@ -3,10 +3,11 @@
 //! data plane and the desired state. IO tasks ([`crate::server`], probes)
 //! only produce events; every change happens here, in order.
 //!
-//! Order of a change: the new desired state is written to disk first, then
-//! the journal, then the data plane follows with 32-bit stores. A crash
-//! between them leaves a state file the next daemon applies at start, so a
-//! change happens whole or not at all.
+//! Order of a change: the journal line with the service's new state is
+//! written (fdatasynced) first, then the data plane follows with 32-bit
+//! stores; the snapshot (`state.json`) is rewritten later, once changes
+//! pause. A crash in between leaves a journalled change the next daemon
+//! replays and applies at start, so a change happens whole or not at all.
 
 use std::{
     collections::HashMap,
@@ -51,8 +52,8 @@ const SNAPSHOT_AFTER_CHANGES: u64 = 64;
 const MIN_ERROR_SAMPLE: u64 = 10;
 
 /// Fault injection (tests only): `BGSWITCH_FAULT_DELAY_COMMIT_MS` makes every
-/// change wait this long after its state file and journal line are written and
-/// before the data plane moves.
+/// change wait this long after its journal line is written and before the
+/// data plane moves.
 static FAULT_DELAY_COMMIT: std::sync::LazyLock<Option<Duration>> = std::sync::LazyLock::new(|| {
     std::env::var("BGSWITCH_FAULT_DELAY_COMMIT_MS")
         .ok()
