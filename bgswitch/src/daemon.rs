@@ -1115,7 +1115,6 @@ impl Daemon {
         }
     }
 
-    /// Applies a model change to a copy of the state and commits it.
     /// A desired state holding a copy of `service` alone: what a change of
     /// it is made on (model changes touch one service), instead of a copy of
     /// every service's state on each request.
@@ -1131,6 +1130,7 @@ impl Daemon {
         }
     }
 
+    /// Applies a model change to a copy of the service and commits it.
     fn change(
         &mut self,
         service: &str,
