@@ -471,7 +471,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
         sl,
         "% change",
         sl.map(|v| v.abs() <= 15.0),
-        "part 5",
+        "part 5; a random client among 1 and among as many as the full table's flows, the table full, both in every round",
     ));
     let s1 = f(&fwd(r, "bgswitch_stateless_1_flows")["mpps"]["median"]);
     let s1m = f(&fwd(r, "bgswitch_stateless_1000000_flows")["mpps"]["median"]);
@@ -814,7 +814,7 @@ pub fn markdown(all: &Value) -> String {
         let _ = writeln!(w, "### Program cost as the table fills\n");
         let _ = writeln!(w, "{} Table: {} flows (max_flows). After filling, {} flows were recorded (an LRU map starts evicting somewhat before it is full).\n",
             sc["method"].as_str().unwrap_or(""), sc["scale_max_flows"], num(&sc["flows_recorded_after_fill"], 0));
-        let _ = writeln!(w, "| flows in table | established, hot (ns over XDP_PASS) | established, random flow (ns over XDP_PASS, repeat 1) | new flow (ns over XDP_PASS, repeat 1) | random-flow hit ratio | stateless service, random client (ns over XDP_PASS, repeat 1) |");
+        let _ = writeln!(w, "| flows in table | established, hot (ns over XDP_PASS) | established, random flow (ns over XDP_PASS, repeat 1) | new flow (ns over XDP_PASS, repeat 1) | random-flow hit ratio | stateless service, a random client among as many (ns over XDP_PASS, repeat 1; table full, levels interleaved) |");
         let _ = writeln!(w, "|---|---|---|---|---|---|");
         for l in sc["levels"].as_array().into_iter().flatten() {
             let _ = writeln!(
