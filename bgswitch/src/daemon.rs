@@ -615,11 +615,7 @@ impl Daemon {
                     log::info!(
                         "{sig}: exiting; XDP stays attached and keeps switching on the last state"
                     );
-                    if self.store.snapshot_due(Duration::ZERO, 1) {
-                        if let Err(e) = self.store.save(&self.state) {
-                            log::error!("snapshot: {e}; changes stay in the journal only");
-                        }
-                    }
+                    self.snapshot(Duration::ZERO);
                     break;
                 }
             }
@@ -700,27 +696,30 @@ impl Daemon {
         }
     }
 
+    /// Writes the snapshot if changes are waiting in the journal and none
+    /// came for `quiet` (or many wait). The journal holds every change, so a
+    /// failed snapshot is only logged (once until one works) and tried again.
+    fn snapshot(&mut self, quiet: Duration) {
+        if !self.store.snapshot_due(quiet, SNAPSHOT_AFTER_CHANGES) {
+            return;
+        }
+        match self.store.save(&self.state) {
+            Err(e) if !self.snapshot_failing => {
+                log::error!("snapshot: {e}; changes are kept in the journal until it works");
+                self.snapshot_failing = true;
+            }
+            Ok(()) if self.snapshot_failing => {
+                log::info!("snapshot: written again");
+                self.snapshot_failing = false;
+            }
+            _ => {}
+        }
+    }
+
     /// Watches and confirmation deadlines; every second, the interfaces.
     fn on_tick(&mut self) {
         self.ticks += 1;
-        if self
-            .store
-            .snapshot_due(SNAPSHOT_QUIET, SNAPSHOT_AFTER_CHANGES)
-        {
-            // The journal holds every change; a failed snapshot is tried
-            // again on the next tick.
-            match self.store.save(&self.state) {
-                Err(e) if !self.snapshot_failing => {
-                    log::error!("snapshot: {e}; changes are kept in the journal until it works");
-                    self.snapshot_failing = true;
-                }
-                Ok(()) if self.snapshot_failing => {
-                    log::info!("snapshot: written again");
-                    self.snapshot_failing = false;
-                }
-                _ => {}
-            }
-        }
+        self.snapshot(SNAPSHOT_QUIET);
         if self.ticks.is_multiple_of(5) {
             for (level, note) in self.dataplane.check_interfaces() {
                 log::log!(level, "{note}");
@@ -1308,6 +1307,7 @@ impl Daemon {
         let old = self.state.services.insert(service.to_string(), after);
         if let Err(e) = self.move_dataplane(service, id, &change) {
             let why = format!("data plane: {e:#}");
+            // `old` is there: `next` was made from it (see `scratch`).
             if let Some(before) = old {
                 let journalled = self.store.append_revert(service, &why, &change, &before);
                 self.state.services.insert(service.to_string(), before);

@@ -316,10 +316,9 @@ impl DesiredState {
     /// Cuts every service's history to [`HISTORY_KEPT`] (state files of
     /// older versions kept more).
     pub fn trim_history(&mut self) {
-        for s in self.services.values_mut() {
-            let extra = s.history.len().saturating_sub(HISTORY_KEPT);
-            s.history.drain(..extra);
-        }
+        self.services
+            .values_mut()
+            .for_each(ServiceState::trim_history);
     }
 
     pub fn service(&self, name: &str) -> Result<&ServiceState, ModelError> {
@@ -562,11 +561,13 @@ impl ServiceState {
         };
         self.generation += 1;
         self.history.push(change.clone());
-        if self.history.len() > HISTORY_KEPT {
-            let extra = self.history.len() - HISTORY_KEPT;
-            self.history.drain(..extra);
-        }
+        self.trim_history();
         change
+    }
+
+    fn trim_history(&mut self) {
+        let extra = self.history.len().saturating_sub(HISTORY_KEPT);
+        self.history.drain(..extra);
     }
 }
 
