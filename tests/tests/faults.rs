@@ -248,7 +248,14 @@ fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
     sw.cli_ok(&["rollback", "web"]).unwrap();
     assert_eq!(get_ok(&topo), "blue");
     assert_eq!(whole_lines(&journal), 4);
-    sw.kill();
+    // SIGTERM right after a change (well inside the second the snapshot
+    // waits for): the daemon writes the snapshot on its way out.
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.stop().unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("state.json")).unwrap()).unwrap();
+    assert_eq!(saved["services"]["web"]["active"], "green", "{saved}");
+    assert_eq!(saved["journal_seq"], 5);
     drop(sw);
     drop(m);
 }
