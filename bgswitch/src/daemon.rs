@@ -39,7 +39,7 @@ use crate::{
     metrics,
     model::{self, Colour, DesiredState, FlipGuards, FlipOutcome},
     server::{self, Peer},
-    state::{JournalEntry, StateStore},
+    state::{self, JournalEntry, StateStore},
 };
 
 /// How often watches and confirmation deadlines are checked.
@@ -285,6 +285,22 @@ fn enable_ip_forward() -> anyhow::Result<()> {
 
 fn ms(d: Duration) -> String {
     format!("{d:?}")
+}
+
+/// The answer to `history SERVICE`: its journal entries, oldest first.
+fn history_response(journal: &Path, service: &str) -> Response {
+    match state::read_journal_at(journal, Some(service)) {
+        Ok(mut h) => {
+            // The recorded states are for replay, not for readers.
+            h.iter_mut().for_each(|e| e.state = None);
+            Response {
+                ok: true,
+                history: Some(h),
+                ..Response::default()
+            }
+        }
+        Err(e) => Response::error(e.to_string()),
+    }
 }
 
 impl Daemon {
@@ -571,6 +587,20 @@ impl Daemon {
                     self.status_request(StatusWaiter::Status {
                         only: service,
                         reply,
+                    });
+                }
+                Event::Request {
+                    req: Request::History { service },
+                    peer,
+                    reply,
+                    written: _,
+                } if self.state.service(&service).is_ok() => {
+                    // The journal is read on a blocking thread: a long one
+                    // must not hold up flips.
+                    log::debug!("{} (pid {:?}): history {service}", peer.user, peer.pid);
+                    let path = self.store.journal_path();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = reply.send(history_response(&path, &service));
                     });
                 }
                 Event::Request {
@@ -1072,20 +1102,10 @@ impl Daemon {
                 let req = self.request(peer, reason, false);
                 self.change(&service, |s| s.confirm(&service, &req))
             }
+            // (A known service's history is read off the loop, in `run`.)
             Request::History { service } => match self.state.service(&service) {
                 Err(e) => Response::error(e.to_string()),
-                Ok(_) => match self.store.read_journal(Some(&service)) {
-                    Ok(mut h) => Response {
-                        ok: true,
-                        history: Some({
-                            // The recorded states are for replay, not for readers.
-                            h.iter_mut().for_each(|e| e.state = None);
-                            h
-                        }),
-                        ..Response::default()
-                    },
-                    Err(e) => Response::error(e.to_string()),
-                },
+                Ok(_) => history_response(&self.store.journal_path(), &service),
             },
             Request::Undo { service, reason } => self.undo(&service, reason, peer),
             Request::Status { service } => self.status(service.as_deref()),

@@ -123,9 +123,27 @@ impl StateStore {
     /// replays the journal's changes it does not include yet.
     pub fn load(&self) -> Result<DesiredState, StateError> {
         let (mut state, snapshot_seq) = self.load_snapshot()?;
-        let mut last = snapshot_seq;
+        let path = self.journal_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        // Numbers only grow along the file, so the changes to replay are the
+        // lines after the last one numbered within the snapshot: found from
+        // the end, without parsing the lines before them.
+        let lines: Vec<&str> = text.lines().collect();
+        let last_seen = lines.iter().rev().find_map(|l| line_seq(l)).unwrap_or(0);
+        let start = lines
+            .iter()
+            .rposition(|l| line_seq(l).is_some_and(|n| n <= snapshot_seq))
+            .map_or(0, |i| i + 1);
+        let mut last = snapshot_seq.max(last_seen);
         let (mut replayed, mut skipped) = (0, 0);
-        for entry in self.read_journal(None)? {
+        for (i, line) in lines.iter().enumerate().skip(start) {
+            let Some(entry) = parse_line(&path, i, line) else {
+                continue;
+            };
             let (Some(seq), Some(after)) = (entry.seq, entry.state) else {
                 continue;
             };
@@ -315,24 +333,7 @@ impl StateStore {
     /// The journal entries of `service` (all services when `None`), oldest
     /// first. Unreadable lines are skipped and reported in the log.
     pub fn read_journal(&self, service: Option<&str>) -> Result<Vec<JournalEntry>, StateError> {
-        let path = self.journal_path();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(StateError::Read { path, source }),
-        };
-        let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<JournalEntry>(line) {
-                Ok(e) if service.is_none_or(|s| s == e.service) => out.push(e),
-                Ok(_) => {}
-                Err(e) => log::warn!("{}:{}: unreadable journal line: {e}", path.display(), i + 1),
-            }
-        }
-        Ok(out)
+        read_journal_at(&self.journal_path(), service)
     }
 
     /// The last change of `service` that happened: the journal's last "ok"
@@ -382,6 +383,67 @@ impl StateStore {
         let _ = writeln!(f, "{}", std::process::id());
         Ok(f)
     }
+}
+
+/// The entries of `service` (all when `None`) in the journal at `path`,
+/// oldest first. A line of another service is passed over without being
+/// parsed (every line starts with its service), so a service's history
+/// costs its own lines, not the whole journal's.
+pub fn read_journal_at(
+    path: &Path,
+    service: Option<&str>,
+) -> Result<Vec<JournalEntry>, StateError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StateError::Read {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    let prefix = service.map(|s| {
+        let name = serde_json::to_string(s).unwrap_or_default();
+        format!("{{\"service\":{name},")
+    });
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if prefix.as_deref().is_some_and(|p| !line.starts_with(p)) {
+            continue;
+        }
+        if let Some(e) = parse_line(path, i, line) {
+            if service.is_none_or(|s| s == e.service) {
+                out.push(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One journal line; `None` for a blank or unreadable one (logged, but for
+/// a line cut short: a crash's, or the one being written).
+fn parse_line(path: &Path, i: usize, line: &str) -> Option<JournalEntry> {
+    if line.trim().is_empty() {
+        return None;
+    }
+    match serde_json::from_str::<JournalEntry>(line) {
+        Ok(e) => Some(e),
+        Err(e) if e.is_eof() => None,
+        Err(e) => {
+            log::warn!("{}:{}: unreadable journal line: {e}", path.display(), i + 1);
+            None
+        }
+    }
+}
+
+/// The sequence number of a journal line, read without parsing the line:
+/// the top-level `"seq":N` (inside strings a quote is escaped, so the text
+/// cannot stand there; the recorded state has no such field).
+fn line_seq(line: &str) -> Option<u64> {
+    let at = line.rfind("\"seq\":")? + 6;
+    let digits = line[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
 }
 
 #[cfg(test)]
@@ -629,6 +691,39 @@ mod tests {
         assert_eq!(
             j.iter().map(|e| e.seq).collect::<Vec<_>>(),
             [Some(1), Some(2)]
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_service_reads_its_own_lines_and_numbers_are_read_without_parsing() {
+        let d = tmpdir("own");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        flip_journalled(&store, &mut st, "a");
+        flip_journalled(&store, &mut st, "b");
+        flip_journalled(&store, &mut st, "a");
+        let a = store.read_journal(Some("a")).unwrap();
+        assert_eq!(
+            a.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [Some(1), Some(3)]
+        );
+        assert_eq!(store.read_journal(Some("")).unwrap(), []);
+        // A name that starts with another's.
+        let mut ab = a[0].clone();
+        ab.service = "ab".into();
+        ab.seq = Some(4);
+        // A reason that spells the field inside a string cannot fool it.
+        ab.change.reason = Some("\"seq\":99".into());
+        store.append_journal(&ab).unwrap();
+        assert_eq!(store.read_journal(Some("a")).unwrap().len(), 2);
+        assert_eq!(store.read_journal(Some("ab")).unwrap(), [ab.clone()]);
+        let text = fs::read_to_string(store.journal_path()).unwrap();
+        let seqs: Vec<Option<u64>> = text.lines().map(line_seq).collect();
+        assert_eq!(seqs, [Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!(
+            line_seq("{\"service\":\"a\",\"outcome\":\"refused: x\"}"),
+            None
         );
         fs::remove_dir_all(&d).unwrap();
     }
