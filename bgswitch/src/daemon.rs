@@ -1290,10 +1290,12 @@ impl Daemon {
         }
     }
 
+    /// Undoes the service's last change: the one its state keeps (a change
+    /// the data plane refused was reverted out of it), so no journal read.
     fn undo(&mut self, service: &str, reason: Option<String>, peer: &Peer) -> Response {
         let req = self.request(peer, reason, false);
-        let last = match self.store.last_change(service) {
-            Ok(c) => c,
+        let last = match self.state.service(service) {
+            Ok(s) => s.history.last().cloned(),
             Err(e) => return Response::error(e.to_string()),
         };
         let Some(last) = last else {

@@ -336,25 +336,6 @@ impl StateStore {
         read_journal_at(&self.journal_path(), service)
     }
 
-    /// The last change of `service` that happened: the journal's last "ok"
-    /// entry for it that no later entry reverted.
-    pub fn last_change(&self, service: &str) -> Result<Option<Change>, StateError> {
-        let mut reverted = Vec::new();
-        for e in self.read_journal(Some(service))?.into_iter().rev() {
-            if e.outcome.starts_with("reverted") {
-                reverted.push(e.change.generation);
-            } else if e.outcome == "ok" {
-                match reverted.iter().position(|&g| g == e.change.generation) {
-                    Some(i) => {
-                        reverted.swap_remove(i);
-                    }
-                    None => return Ok(Some(e.change)),
-                }
-            }
-        }
-        Ok(None)
-    }
-
     /// Takes the daemon lock (an exclusive `flock` held for the process's
     /// life). A second daemon on the same state directory gets `Locked`.
     pub fn lock(&self) -> Result<File, StateError> {
@@ -630,15 +611,15 @@ mod tests {
         assert_eq!(loaded, before);
         let j = store.read_journal(Some("a")).unwrap();
         assert_eq!(j.last().unwrap().outcome, "reverted: data plane: test");
-        // What undo restores: the change before the reverted one, and after
-        // a new change (with the reverted one's generation again), that one.
+        // The last change (what status shows and undo restores) is the one
+        // before the reverted one; a new change takes its generation again.
         let first = store.read_journal(Some("a")).unwrap()[0].change.clone();
-        assert_eq!(store.last_change("a").unwrap(), Some(first));
+        assert_eq!(loaded.services["a"].history, [first]);
         let mut st = before;
         let again = flip_journalled(&store, &mut st, "a");
         assert_eq!(again.generation, change.generation);
-        assert_eq!(store.last_change("a").unwrap(), Some(again));
-        assert_eq!(store.last_change("b").unwrap(), None);
+        let loaded = StateStore::open(&d).unwrap().load().unwrap();
+        assert_eq!(loaded.services["a"].history, [again]);
         fs::remove_dir_all(&d).unwrap();
     }
 
