@@ -3,9 +3,6 @@
 //! 256 backends.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
-    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -120,16 +117,6 @@ fn health(o: &DaemonOptions) -> Result<Value> {
     Ok(v)
 }
 
-/// One request on the control socket, as the CLI sends it; the answer.
-fn request(socket: &Path, line: &str) -> Result<Value> {
-    let mut s = UnixStream::connect(socket)?;
-    s.write_all(line.as_bytes())?;
-    s.write_all(b"\n")?;
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer)?;
-    Ok(serde_json::from_str(&answer)?)
-}
-
 /// Flips of one service with the most services the daemon takes, after four
 /// changes of each: what a flip costs should not grow with the services it
 /// does not touch.
@@ -161,11 +148,17 @@ fn many_services(flips: usize) -> Result<Value> {
     let rounds = 4;
     for _ in 0..rounds {
         for i in 0..n {
-            let a = request(
-                &sw.socket(),
-                &format!(r#"{{"cmd":"flip","service":"s{i}"}}"#),
-            )?;
-            ensure!(a["ok"] == true, "flip s{i}: {a}");
+            let flip = bgswitch::api::Request::Flip {
+                service: format!("s{i}"),
+                to: None,
+                force: false,
+                reason: None,
+                watch_ms: None,
+                max_error_rate: None,
+                confirm_within_ms: None,
+            };
+            let a = bgswitch::cli::call(&sw.socket(), &flip)?;
+            ensure!(a.ok, "flip s{i}: {}", a.error.unwrap_or_default());
         }
     }
     // The snapshot is written once changes pause for a second.

@@ -33,15 +33,17 @@ use crate::{
 /// Format version of the state file.
 pub const STATE_VERSION: u32 = 1;
 
+/// The snapshot file: read as `StateFile<DesiredState>`, written from a
+/// borrowed state (no copy of every service to serialise it).
 #[derive(Serialize, Deserialize)]
-struct StateFile {
+struct StateFile<S> {
     version: u32,
     /// The sequence number of the last journal line this snapshot includes
     /// (0: none; files written before the journal carried states).
     #[serde(default)]
     journal_seq: u64,
     #[serde(flatten)]
-    state: DesiredState,
+    state: S,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,11 +126,7 @@ impl StateStore {
     pub fn load(&self) -> Result<DesiredState, StateError> {
         let (mut state, snapshot_seq) = self.load_snapshot()?;
         let path = self.journal_path();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(source) => return Err(StateError::Read { path, source }),
-        };
+        let text = read_text(&path)?;
         // Numbers only grow along the file, so the changes to replay are the
         // lines after the last one numbered within the snapshot: found from
         // the end, without parsing the lines before them.
@@ -187,10 +185,11 @@ impl StateStore {
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        let file: StateFile = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let file: StateFile<DesiredState> =
+            serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         if file.version != STATE_VERSION {
             return Err(StateError::Corrupt {
                 path,
@@ -216,7 +215,7 @@ impl StateStore {
         let text = serde_json::to_vec_pretty(&StateFile {
             version: STATE_VERSION,
             journal_seq: seq,
-            state: state.clone(),
+            state,
         })
         .map_err(|e| werr(std::io::Error::other(e)))?;
         let result = (|| {
@@ -374,16 +373,7 @@ pub fn read_journal_at(
     path: &Path,
     service: Option<&str>,
 ) -> Result<Vec<JournalEntry>, StateError> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(StateError::Read {
-                path: path.into(),
-                source,
-            })
-        }
-    };
+    let text = read_text(path)?;
     let prefix = service.map(|s| {
         let name = serde_json::to_string(s).unwrap_or_default();
         format!("{{\"service\":{name},")
@@ -400,6 +390,18 @@ pub fn read_journal_at(
         }
     }
     Ok(out)
+}
+
+/// The journal's text; empty if there is none yet.
+fn read_text(path: &Path) -> Result<String, StateError> {
+    match fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(StateError::Read {
+            path: path.into(),
+            source,
+        }),
+    }
 }
 
 /// One journal line; `None` for a blank or unreadable one (logged, but for
