@@ -42,7 +42,8 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run only these parts (comma-separated): cost, components, flip,
-    /// scale, forwarding, http, daemon.
+    /// scale, forwarding, http, daemon (services: only its flips with the
+    /// most services and the daemon under work).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Profiling aid: run one program-cost case (established, reply, nonvip,
@@ -203,14 +204,17 @@ fn run(args: &Args) -> Result<()> {
         eprintln!("bench: part 3, TCP/HTTP");
         record("http", http::run(&http::HttpOptions::full()))?;
     }
-    if want("daemon") && !args.quick {
-        eprintln!("bench: part 5, daemon memory and CPU");
+    let services_only = args.only.iter().any(|o| o == "services");
+    if (want("daemon") || services_only) && !args.quick {
+        eprintln!("bench: part 5, the daemon: memory, CPU, the most services, under work");
         record(
             "daemon",
             daemon::run(&daemon::DaemonOptions {
                 window: std::time::Duration::from_secs(10),
                 health: true,
                 flips: 100,
+                journal_lines: 102_400,
+                idle_and_health: !services_only,
             }),
         )?;
     }

@@ -14,7 +14,7 @@
 use std::{
     cell::Cell,
     fs::{self, File, OpenOptions},
-    io::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
     os::{
         fd::AsRawFd as _,
         unix::fs::{FileExt as _, OpenOptionsExt as _},
@@ -366,24 +366,47 @@ impl StateStore {
 }
 
 /// The entries of `service` (all when `None`) in the journal at `path`,
-/// oldest first. A line of another service is passed over without being
-/// parsed (every line starts with its service), so a service's history
-/// costs its own lines, not the whole journal's.
+/// oldest first. Read line by line (memory for one line, not the file: a
+/// journal of a long-running daemon is tens of MB). A line of another
+/// service is passed over without being parsed (every line starts with its
+/// service), so a service's history costs its own lines, not the whole
+/// journal's.
 pub fn read_journal_at(
     path: &Path,
     service: Option<&str>,
 ) -> Result<Vec<JournalEntry>, StateError> {
-    let text = read_text(path)?;
+    let rerr = |source| StateError::Read {
+        path: path.into(),
+        source,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(rerr(e)),
+    };
     let prefix = service.map(|s| {
         let name = serde_json::to_string(s).unwrap_or_default();
         format!("{{\"service\":{name},")
     });
+    let mut reader = BufReader::with_capacity(JOURNAL_READ_BUFFER, file);
+    let mut line = Vec::new();
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if prefix.as_deref().is_some_and(|p| !line.starts_with(p)) {
+    for i in 0.. {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(rerr)? == 0 {
+            break;
+        }
+        if prefix
+            .as_deref()
+            .is_some_and(|p| !line.starts_with(p.as_bytes()))
+        {
             continue;
         }
-        if let Some(e) = parse_line(path, i, line) {
+        let Ok(text) = std::str::from_utf8(&line) else {
+            log::warn!("{}:{}: unreadable journal line: not UTF-8", path.display(), i + 1);
+            continue;
+        };
+        if let Some(e) = parse_line(path, i, text.trim_end_matches(['\n', '\r'])) {
             if service.is_none_or(|s| s == e.service) {
                 out.push(e);
             }
@@ -391,6 +414,9 @@ pub fn read_journal_at(
     }
     Ok(out)
 }
+
+/// How much of the journal `read_journal_at` holds at a time.
+const JOURNAL_READ_BUFFER: usize = 256 * 1024;
 
 /// The journal's text; empty if there is none yet.
 fn read_text(path: &Path) -> Result<String, StateError> {
