@@ -9,11 +9,11 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
+use bgswitch::state::JournalEntry;
 use bgswitch_tests::{
     switcher::{bgswitch_bin, default_services, Switcher, HTTP_PORT, UDP_PORT},
     Colour, HttpServer, Topology, TopologyOptions, VIP,
 };
-use bgswitch::state::JournalEntry;
 use serde_json::{json, Value};
 
 use crate::{
@@ -255,7 +255,9 @@ fn pad_journal(state_dir: &Path, lines: usize) -> Result<usize> {
     }
     let state = state_dir.join("state.json");
     let mut snap: Value = serde_json::from_str(&std::fs::read_to_string(&state)?)?;
-    let seq = snap["journal_seq"].as_u64().context("state.json: journal_seq")?;
+    let seq = snap["journal_seq"]
+        .as_u64()
+        .context("state.json: journal_seq")?;
     ensure!(
         seq == own.len() as u64,
         "the snapshot includes {seq} of {} changes (stopped with SIGTERM?)",
@@ -313,7 +315,9 @@ fn under_work(sw: &mut Switcher, lines: usize, flips: usize) -> Result<Value> {
         });
         let during = flip_round_trips(&socket, "s7", flips, gap);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let n = reader.join().map_err(|_| anyhow::anyhow!("history reader panicked"))??;
+        let n = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("history reader panicked"))??;
         Ok((during?, n))
     })?;
     Ok(json!({

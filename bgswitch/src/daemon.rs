@@ -139,8 +139,6 @@ pub struct Daemon {
     baselines: HashMap<String, Baseline>,
     tx: Option<mpsc::Sender<Event>>,
     ticks: u64,
-    /// The last snapshot write failed (logged once until one succeeds).
-    snapshot_failing: bool,
     /// Whether a flow-table scan runs (off the loop), and who waits for the
     /// next one: every answer comes from a scan begun after its request.
     scan_running: bool,
@@ -359,7 +357,6 @@ impl Daemon {
             baselines: HashMap::new(),
             tx: None,
             ticks: 0,
-            snapshot_failing: false,
             scan_running: false,
             scan_waiting: Vec::new(),
             rules_by_destination: false,
@@ -645,7 +642,11 @@ impl Daemon {
                     log::info!(
                         "{sig}: exiting; XDP stays attached and keeps switching on the last state"
                     );
-                    self.snapshot(Duration::ZERO);
+                    if self.store.snapshot_due(Duration::ZERO, 1) {
+                        if let Err(e) = self.store.save(&self.state) {
+                            log::error!("snapshot: {e}; the next start replays the journal");
+                        }
+                    }
                     break;
                 }
             }
@@ -726,30 +727,23 @@ impl Daemon {
         }
     }
 
-    /// Writes the snapshot if changes are waiting in the journal and none
-    /// came for `quiet` (or many wait). The journal holds every change, so a
-    /// failed snapshot is only logged (once until one works) and tried again.
-    fn snapshot(&mut self, quiet: Duration) {
-        if !self.store.snapshot_due(quiet, SNAPSHOT_AFTER_CHANGES) {
-            return;
-        }
-        match self.store.save(&self.state) {
-            Err(e) if !self.snapshot_failing => {
-                log::error!("snapshot: {e}; changes are kept in the journal until it works");
-                self.snapshot_failing = true;
-            }
-            Ok(()) if self.snapshot_failing => {
-                log::info!("snapshot: written again");
-                self.snapshot_failing = false;
-            }
-            _ => {}
+    /// Starts writing the snapshot on a thread of its own if changes are
+    /// waiting in the journal and none came for a second (or many wait).
+    /// The loop pays for the copy of the state. The journal holds every
+    /// change, so a failed snapshot is only logged and tried again.
+    fn snapshot_in_background(&self) {
+        if self
+            .store
+            .snapshot_due(SNAPSHOT_QUIET, SNAPSHOT_AFTER_CHANGES)
+        {
+            self.store.save_in_background(self.state.clone());
         }
     }
 
     /// Watches and confirmation deadlines; every second, the interfaces.
     fn on_tick(&mut self) {
         self.ticks += 1;
-        self.snapshot(SNAPSHOT_QUIET);
+        self.snapshot_in_background();
         if self.ticks.is_multiple_of(5) {
             for (level, note) in self.dataplane.check_interfaces() {
                 log::log!(level, "{note}");

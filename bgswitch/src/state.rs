@@ -20,6 +20,10 @@ use std::{
         unix::fs::{FileExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
+        Arc, Mutex, PoisonError,
+    },
     time::{Duration, Instant},
 };
 
@@ -96,10 +100,27 @@ pub struct StateStore {
     dir: PathBuf,
     /// The sequence number of the last change journalled.
     last_seq: Cell<u64>,
-    /// The sequence number the last snapshot written includes.
-    saved_seq: Cell<u64>,
     /// When the last change was journalled.
     last_change: Cell<Option<Instant>>,
+    /// The number the next snapshot is given: a snapshot replaces the file
+    /// only if no later one is there (they may be written out of order).
+    next_ticket: Cell<u64>,
+    snapshots: Arc<Snapshots>,
+}
+
+/// The snapshot file's writers: the loop (`save`) and a thread it starts
+/// (`save_in_background`).
+#[derive(Debug)]
+struct Snapshots {
+    dir: PathBuf,
+    /// Held while a snapshot is written; the ticket of the newest written.
+    written: Mutex<u64>,
+    /// The sequence number the newest snapshot written includes.
+    saved_seq: AtomicU64,
+    /// A snapshot is being written off the loop.
+    busy: AtomicBool,
+    /// The last snapshot failed (logged once until one works again).
+    failing: AtomicBool,
 }
 
 impl StateStore {
@@ -112,8 +133,15 @@ impl StateStore {
         Ok(Self {
             dir: dir.into(),
             last_seq: Cell::new(0),
-            saved_seq: Cell::new(0),
             last_change: Cell::new(None),
+            next_ticket: Cell::new(0),
+            snapshots: Arc::new(Snapshots {
+                dir: dir.into(),
+                written: Mutex::new(0),
+                saved_seq: AtomicU64::new(0),
+                busy: AtomicBool::new(false),
+                failing: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -171,8 +199,9 @@ impl StateStore {
             );
         }
         self.last_seq.set(last);
-        self.saved_seq
-            .set(if replayed > 0 { snapshot_seq } else { last });
+        self.snapshots
+            .saved_seq
+            .store(if replayed > 0 { snapshot_seq } else { last }, SeqCst);
         Ok(state)
     }
 
@@ -203,46 +232,58 @@ impl StateStore {
     }
 
     /// Replaces the snapshot atomically with `state`, which must include
-    /// every change journalled so far; on error the old file is intact.
+    /// every change journalled so far; on error the old file is intact. Waits
+    /// for a snapshot being written in the background, if any.
     pub fn save(&self, state: &DesiredState) -> Result<(), StateError> {
-        let path = self.path();
-        let tmp = self.dir.join(format!("{}.tmp", paths::STATE_FILE));
-        let werr = |source| StateError::Write {
-            path: path.clone(),
-            source,
-        };
-        let seq = self.last_seq.get();
-        let text = serde_json::to_vec_pretty(&StateFile {
-            version: STATE_VERSION,
-            journal_seq: seq,
-            state,
-        })
-        .map_err(|e| werr(std::io::Error::other(e)))?;
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o640)
-                .open(&tmp)?;
-            f.write_all(&text)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        } else {
-            self.saved_seq.set(seq);
+        let (ticket, seq) = (self.ticket(), self.last_seq.get());
+        self.snapshots.write(ticket, seq, state)
+    }
+
+    /// Like `save`, on a thread of its own, for the loop's periodic
+    /// snapshot: the loop pays for the copy of `state` it passes, not for
+    /// serialising and three fsyncs. A later `save` wins over it whichever
+    /// finishes first. `None` if one is still being written (try again
+    /// later). Errors are logged (once until a snapshot works again); the
+    /// journal keeps the changes meanwhile.
+    pub fn save_in_background(&self, state: DesiredState) -> Option<std::thread::JoinHandle<()>> {
+        if self.snapshots.busy.swap(true, SeqCst) {
+            return None;
         }
-        result.map_err(werr)
+        let (ticket, seq) = (self.ticket(), self.last_seq.get());
+        let snapshots = Arc::clone(&self.snapshots);
+        let spawned = std::thread::Builder::new()
+            .name("bgswitch-snapshot".into())
+            .spawn(move || {
+                let r = snapshots.write(ticket, seq, &state);
+                snapshots.report(&r);
+                snapshots.busy.store(false, SeqCst);
+            });
+        match spawned {
+            Ok(h) => Some(h),
+            Err(e) => {
+                self.snapshots.busy.store(false, SeqCst);
+                self.snapshots.report(&Err(StateError::Write {
+                    path: self.path(),
+                    source: e,
+                }));
+                None
+            }
+        }
+    }
+
+    fn ticket(&self) -> u64 {
+        let t = self.next_ticket.get() + 1;
+        self.next_ticket.set(t);
+        t
     }
 
     /// Whether the snapshot lacks journalled changes and none came for
     /// `quiet` (or `most` are waiting): time to `save`, off a request's path.
     pub fn snapshot_due(&self, quiet: Duration, most: u64) -> bool {
-        let waiting = self.last_seq.get() - self.saved_seq.get();
+        let waiting = self
+            .last_seq
+            .get()
+            .saturating_sub(self.snapshots.saved_seq.load(SeqCst));
         waiting > 0
             && (waiting >= most || self.last_change.get().is_none_or(|t| t.elapsed() >= quiet))
     }
@@ -365,6 +406,61 @@ impl StateStore {
     }
 }
 
+impl Snapshots {
+    /// Writes the snapshot of `state`, which includes the journal up to
+    /// `seq`, unless a snapshot with a later ticket is already in place.
+    fn write(&self, ticket: u64, seq: u64, state: &DesiredState) -> Result<(), StateError> {
+        let path = self.dir.join(paths::STATE_FILE);
+        let tmp = self.dir.join(format!("{}.tmp", paths::STATE_FILE));
+        let werr = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        let text = serde_json::to_vec_pretty(&StateFile {
+            version: STATE_VERSION,
+            journal_seq: seq,
+            state,
+        })
+        .map_err(|e| werr(std::io::Error::other(e)))?;
+        let mut newest = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        if *newest > ticket {
+            // A later state is in place already.
+            return Ok(());
+        }
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o640)
+                .open(&tmp)?;
+            f.write_all(&text)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        } else {
+            *newest = ticket;
+            self.saved_seq.fetch_max(seq, SeqCst);
+        }
+        result.map_err(werr)
+    }
+
+    /// Logs a failed snapshot once, and the first that works after it.
+    fn report(&self, r: &Result<(), StateError>) {
+        match r {
+            Err(e) if !self.failing.swap(true, SeqCst) => {
+                log::error!("snapshot: {e}; changes are kept in the journal until one is written")
+            }
+            Ok(()) if self.failing.swap(false, SeqCst) => log::info!("snapshot: written again"),
+            _ => {}
+        }
+    }
+}
+
 /// The entries of `service` (all when `None`) in the journal at `path`,
 /// oldest first. Read line by line (memory for one line, not the file: a
 /// journal of a long-running daemon is tens of MB). A line of another
@@ -403,7 +499,11 @@ pub fn read_journal_at(
             continue;
         }
         let Ok(text) = std::str::from_utf8(&line) else {
-            log::warn!("{}:{}: unreadable journal line: not UTF-8", path.display(), i + 1);
+            log::warn!(
+                "{}:{}: unreadable journal line: not UTF-8",
+                path.display(),
+                i + 1
+            );
             continue;
         };
         if let Some(e) = parse_line(path, i, text.trim_end_matches(['\n', '\r'])) {
@@ -615,6 +715,57 @@ mod tests {
         third.save(&st2).unwrap();
         assert!(!third.snapshot_due(Duration::ZERO, 1));
         assert_eq!(StateStore::open(&d).unwrap().load().unwrap(), st2);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_never_replaces_a_later_one_and_the_background_one_lands() {
+        let d = tmpdir("order");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        flip_journalled(&store, &mut st, "a");
+        let (older, ticket, seq) = (st.clone(), store.ticket(), store.last_seq.get());
+        flip_journalled(&store, &mut st, "b");
+        store.save(&st).unwrap();
+        // The earlier snapshot finishes last (its thread was slow): it must
+        // not put the older state back.
+        store.snapshots.write(ticket, seq, &older).unwrap();
+        assert_eq!(store.load_snapshot().unwrap(), (st.clone(), 2));
+
+        flip_journalled(&store, &mut st, "a");
+        assert!(store.snapshot_due(Duration::ZERO, 1));
+        store.snapshots.busy.store(true, SeqCst);
+        assert!(
+            store.save_in_background(st.clone()).is_none(),
+            "one at a time"
+        );
+        store.snapshots.busy.store(false, SeqCst);
+        store
+            .save_in_background(st.clone())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(!store.snapshot_due(Duration::ZERO, 1));
+        assert_eq!(store.load_snapshot().unwrap(), (st.clone(), 3));
+
+        // A snapshot that cannot be written leaves the changes due.
+        flip_journalled(&store, &mut st, "b");
+        let tmp = d.join("state.json.tmp");
+        fs::create_dir(&tmp).unwrap();
+        store
+            .save_in_background(st.clone())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(store.snapshot_due(Duration::ZERO, 1));
+        assert_eq!(store.load_snapshot().unwrap().1, 3);
+        fs::remove_dir(&tmp).unwrap();
+        store
+            .save_in_background(st.clone())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(store.load_snapshot().unwrap(), (st, 4));
         fs::remove_dir_all(&d).unwrap();
     }
 
