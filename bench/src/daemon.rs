@@ -364,3 +364,27 @@ pub fn run(o: &DaemonOptions) -> Result<Value> {
         "flips_with_most_services": many,
     }))
 }
+
+/// Quick mode: the daemon under work was measured, and `history` of a long
+/// journal does not hold flips up. Were it read on the loop, a flip sent
+/// while it is read back to back would wait for the one in progress: half
+/// a `history` in the median. The median flip must stay under a quarter.
+pub fn assert_gross(section: &Value) -> Result<()> {
+    let u = &section["flips_with_most_services"]["under_work"];
+    ensure!(
+        u["status"] == "measured",
+        "the daemon under work: {}",
+        u["status"]
+    );
+    let (flip, history) = (
+        u["flip_ms_during_history"]["median"]
+            .as_f64()
+            .unwrap_or(f64::MAX),
+        u["history_ms"]["median"].as_f64().unwrap_or(0.0),
+    );
+    ensure!(
+        flip < history / 4.0,
+        "flips waited for history: median {flip:.2} ms while history takes {history:.2} ms"
+    );
+    Ok(())
+}
