@@ -140,6 +140,15 @@ cost about 1–2 ns each and are needed (the guard against replies looping throu
 backends, the pool size to choose within it, the counters status and the error signal read);
 merging the next hop and the counters into one per-CPU line would save about 1 ns of them.
 The rest is what the table path pays too: the parse, the rewrite, the MACs and the redirect.
+Where the stateless packet's time goes, step by step (builds of this commit that return XDP_PASS
+at one point of the path each, a constant in `flow.rs`; `--spin stateless`, three interleaved
+rounds of the six builds, XDP_PASS 22.2 ns, the whole path 57.4–60.2 ns per run): the parse
+4 ns; the settings, the clock, the service's slot and its control word 4.3; the TTL check, the
+spoofing guard, the hash, the pool size and the backend 7.5; the backend's next hop and its
+counters 2; the next-hop checks and the rewrite 6.3; the MACs, the global counters and the
+redirect 12.7 — of which the redirect helper alone is about 10 ns (component table). Without
+the backend's and the global counters, 3.5 ns less (56 against 59.7 ns, three rounds). So 30 ns
+would leave the stateless logic 20 ns beside the redirect; it takes 28.
 
 **60 % of the floor.** The floor is the generator and the receiver on one veth pair. Any load
 balancer adds a second hop: one more NAPI poll and XDP run, a redirect, its bulk queue and flush.
