@@ -1,6 +1,7 @@
 //! Part 5, daemon side: resident memory and CPU of the real `bgswitch daemon`
 //! (in a topology's load-balancer namespace), idle and while health-checking
-//! 256 backends.
+//! 256 backends; flips with the most services; the control socket while the
+//! daemon works (a long journal, `history`, snapshots).
 
 use std::{
     path::Path,

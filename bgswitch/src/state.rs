@@ -6,7 +6,8 @@
 //!   and every refused attempt. A change is durable once its line is.
 //! - `state.json`, a snapshot of the whole desired state with the sequence
 //!   number of the last journal line it includes, replaced atomically (write a
-//!   temporary file, fsync, rename, fsync the directory) off the request path.
+//!   temporary file, fsync, rename, fsync the directory) off the request path;
+//!   the periodic one on a thread of its own, and never over a later one.
 //!
 //! Loading reads the snapshot and replays the journal's later lines, so a
 //! change acknowledged before a crash is kept even if no snapshot followed.
