@@ -248,12 +248,26 @@ fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
     sw.cli_ok(&["rollback", "web"]).unwrap();
     assert_eq!(get_ok(&topo), "blue");
     assert_eq!(whole_lines(&journal), 4);
+    // Changes paused: the periodic snapshot (written off the loop) follows
+    // within about a second and includes them.
+    let snapshot = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(state.join("state.json")).unwrap()).unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while snapshot()["journal_seq"] != 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot of the rollback: {}",
+            snapshot()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(snapshot()["services"]["web"]["active"], "blue");
     // SIGTERM right after a change (well inside the second the snapshot
     // waits for): the daemon writes the snapshot on its way out.
     sw.cli_ok(&["flip", "web"]).unwrap();
     sw.stop().unwrap();
-    let saved: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("state.json")).unwrap()).unwrap();
+    let saved = snapshot();
     assert_eq!(saved["services"]["web"]["active"], "green", "{saved}");
     assert_eq!(saved["journal_seq"], 5);
     drop(sw);
