@@ -210,7 +210,6 @@ fn run(args: &Args) -> Result<()> {
         eprintln!("bench: part 5, the daemon: memory, CPU, the most services, under work");
         let r = daemon::run(&daemon::DaemonOptions {
             window: std::time::Duration::from_secs(10),
-            health: true,
             flips: if args.quick { 20 } else { 100 },
             journal_lines: 102_400,
             idle_and_health: !services_only,

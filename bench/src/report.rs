@@ -982,7 +982,7 @@ fn under_work_section(w: &mut String, u: &Value) {
         "| flip, alone | {} | {} | {} |",
         summ(&u["flip_ms_alone"], 2),
         num(&u["flip_ms_alone_p99"], 2),
-        num(&u["flip_ms_alone_max"], 2)
+        num(&u["flip_ms_alone"]["max"], 2)
     );
     let _ = writeln!(
         w,
@@ -990,7 +990,7 @@ fn under_work_section(w: &mut String, u: &Value) {
         num(&u["histories_during"], 0),
         summ(&u["flip_ms_during_history"], 2),
         num(&u["flip_ms_during_history_p99"], 2),
-        num(&u["flip_ms_during_history_max"], 2)
+        num(&u["flip_ms_during_history"]["max"], 2)
     );
 }
 
@@ -1100,8 +1100,8 @@ fn fill_profile(text: &str, r: &Value) -> String {
             None if key.starts_with("under_work_") => {
                 let u = &r["daemon"]["flips_with_most_services"]["under_work"];
                 two_decimals(match key {
-                    "under_work_flip_max_ms" => &u["flip_ms_alone_max"],
-                    "under_work_history_flip_max_ms" => &u["flip_ms_during_history_max"],
+                    "under_work_flip_max_ms" => &u["flip_ms_alone"]["max"],
+                    "under_work_history_flip_max_ms" => &u["flip_ms_during_history"]["max"],
                     _ => &u["history_ms"]["median"],
                 })
             }
