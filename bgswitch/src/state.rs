@@ -98,7 +98,6 @@ pub struct JournalEntry {
 /// The state directory and its files.
 #[derive(Debug)]
 pub struct StateStore {
-    dir: PathBuf,
     /// The sequence number of the last change journalled.
     last_seq: Cell<u64>,
     /// When the last change was journalled.
@@ -106,6 +105,7 @@ pub struct StateStore {
     /// The number the next snapshot is given: a snapshot replaces the file
     /// only if no later one is there (they may be written out of order).
     next_ticket: Cell<u64>,
+    /// The state directory, with the snapshot's writers.
     snapshots: Arc<Snapshots>,
 }
 
@@ -113,6 +113,7 @@ pub struct StateStore {
 /// (`save_in_background`).
 #[derive(Debug)]
 struct Snapshots {
+    /// The state directory.
     dir: PathBuf,
     /// Held while a snapshot is written; the ticket of the newest written.
     written: Mutex<u64>,
@@ -132,7 +133,6 @@ impl StateStore {
             source,
         })?;
         Ok(Self {
-            dir: dir.into(),
             last_seq: Cell::new(0),
             last_change: Cell::new(None),
             next_ticket: Cell::new(0),
@@ -147,7 +147,7 @@ impl StateStore {
     }
 
     pub fn path(&self) -> PathBuf {
-        self.dir.join(paths::STATE_FILE)
+        self.snapshots.dir.join(paths::STATE_FILE)
     }
 
     /// Reads the snapshot (a missing file is an empty state: first start) and
@@ -290,7 +290,7 @@ impl StateStore {
     }
 
     pub fn journal_path(&self) -> PathBuf {
-        self.dir.join(paths::JOURNAL_FILE)
+        self.snapshots.dir.join(paths::JOURNAL_FILE)
     }
 
     /// Journals a change of `service` with its whole state after it: one
@@ -380,7 +380,7 @@ impl StateStore {
     /// Takes the daemon lock (an exclusive `flock` held for the process's
     /// life). A second daemon on the same state directory gets `Locked`.
     pub fn lock(&self) -> Result<File, StateError> {
-        let path = self.dir.join(paths::LOCK_FILE);
+        let path = self.snapshots.dir.join(paths::LOCK_FILE);
         let mut f = OpenOptions::new()
             .read(true)
             .write(true)
