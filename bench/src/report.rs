@@ -218,10 +218,11 @@ The daemon's slower work runs off its loop, so a request does not queue behind i
 daemon under work"). The periodic snapshot (with 256 services about 3 ms: serialising 200 KB,
 fsync, rename, directory fsync) is written on a thread of its own, the loop paying for a copy of
 the state; a snapshot replaces the file only if no later one is there, so the synchronous ones
-(reload, the end of a watch, SIGTERM) always win. `history` reads the journal on a blocking
-thread, line by line, parsing only its service's lines. In three interleaved pairs of part 5's
-daemon under work (`BGSWITCH_BIN=… bgswitch-bench --only services`), the slowest of 200 flip
-round trips went from 2.05, 1.96 and 4.11 ms (snapshot on the loop) to 1.01, 1.21 and 1.09 ms,
+(start, reload, SIGTERM) always win. The end of a watch is journalled like a change (one line),
+not snapshotted on the loop. `history` reads the journal on a blocking thread, line by line,
+parsing only its service's lines. In three interleaved pairs of part 5's daemon under work
+(`BGSWITCH_BIN=… bgswitch-bench --only services`), the slowest of 200 flip round trips went
+from 2.05, 1.96 and 4.11 ms (snapshot on the loop) to 1.01, 1.21 and 1.09 ms,
 the median unchanged (0.5–0.7 ms); `history` of one service in a 75-MB journal, read into memory
 whole, took 55–69 ms and 75 MB per request; line by line 15–19 ms and a 256-KB buffer. In this
 run: the slowest flip {under_work_flip_max_ms} ms alone, {under_work_history_flip_max_ms} ms while

@@ -779,11 +779,7 @@ impl Daemon {
             };
             if now >= w.until_ms {
                 log::info!("{name}: watch of {} passed; no rollback", w.colour);
-                let mut next = self.state.clone();
-                next.end_watch(&name);
-                if self.store.save(&next).is_ok() {
-                    self.state = next;
-                }
+                self.end_guard(&name, |s| s.end_watch(&name, now));
                 self.baselines.remove(&name);
                 continue;
             }
@@ -980,17 +976,41 @@ impl Daemon {
             }
             Err(e) => {
                 log::error!("{name}: cannot roll back ({e}); clearing the guard");
-                let mut next = self.state.clone();
-                if let Some(s) = next.services.get_mut(name) {
-                    s.watch = None;
-                    s.confirm = None;
-                }
-                if self.store.save(&next).is_ok() {
-                    self.state = next;
-                }
+                let why = format!("cannot roll back ({e}): {why}");
+                self.end_guard(name, |s| s.clear_guard(name, &why, now_ms()));
             }
         }
         self.baselines.remove(name);
+    }
+
+    /// Ends a flip's guard without a rollback (a watch that passed, a guard
+    /// no rollback can satisfy): journalled like a change, one line with the
+    /// service's state after it, and the snapshot follows on a tick. If the
+    /// journal cannot take the line, the guard ends all the same, in memory:
+    /// a restart would find it again, past its time, and end it again.
+    fn end_guard(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut DesiredState) -> Result<model::Change, model::ModelError>,
+    ) {
+        let mut next = self.scratch(name);
+        let change = match f(&mut next) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{name}: {e}");
+                return;
+            }
+        };
+        let Some(after) = next.services.remove(name) else {
+            return;
+        };
+        if let Err(e) = self.store.append_change(name, &change, &after) {
+            log::error!(
+                "{name}: journalling \"{}\": {e}; ended in memory only (a restart would end it again)",
+                change.kind
+            );
+        }
+        self.state.services.insert(name.to_string(), after);
     }
 
     fn reload(&mut self) -> Response {

@@ -78,6 +78,12 @@ pub enum ChangeKind {
     PreviewDel,
     Confirm,
     Undo,
+    /// A flip's watch ended without a rollback (an event: traffic, the
+    /// generation and the service's last change stay as they were).
+    WatchPassed,
+    /// A flip's watch and confirmation deadline dropped because no rollback
+    /// could be made (an event, like `WatchPassed`).
+    GuardCleared,
 }
 
 impl fmt::Display for ChangeKind {
@@ -91,6 +97,8 @@ impl fmt::Display for ChangeKind {
             Self::PreviewDel => "preview del",
             Self::Confirm => "confirm",
             Self::Undo => "undo",
+            Self::WatchPassed => "watch passed",
+            Self::GuardCleared => "guard cleared",
         })
     }
 }
@@ -513,11 +521,29 @@ impl DesiredState {
         }))
     }
 
-    /// Ends a watch that passed (no change of traffic; not journalled).
-    pub fn end_watch(&mut self, name: &str) {
-        if let Some(s) = self.services.get_mut(name) {
-            s.watch = None;
+    /// Ends the watch of `name` that passed (an error if it has none): no
+    /// change of traffic, so the generation and the service's last change
+    /// stay. The event is returned for the journal (and `history`).
+    pub fn end_watch(&mut self, name: &str, at_ms: u64) -> Result<Change, ModelError> {
+        let s = self.service_mut(name)?;
+        let Some(w) = s.watch.take() else {
+            return Err(ModelError::Invalid(format!("{name} has no watch")));
+        };
+        let secs = w.until_ms.saturating_sub(w.started_ms) as f64 / 1000.0;
+        let why = format!("{} watched for {secs:.1} s; no rollback", w.colour);
+        Ok(s.event(ChangeKind::WatchPassed, at_ms, why))
+    }
+
+    /// Drops the watch and the confirmation deadline of `name` (an error if
+    /// it has neither) when no rollback can be made: `why`. An event, like
+    /// `end_watch`.
+    pub fn clear_guard(&mut self, name: &str, why: &str, at_ms: u64) -> Result<Change, ModelError> {
+        let s = self.service_mut(name)?;
+        // Both taken (`|`, not `||`).
+        if !(s.watch.take().is_some() | s.confirm.take().is_some()) {
+            return Err(ModelError::Invalid(format!("{name} has no guard")));
         }
+        Ok(s.event(ChangeKind::GuardCleared, at_ms, why.to_string()))
     }
 }
 
@@ -563,6 +589,25 @@ impl ServiceState {
         self.history.push(change.clone());
         self.trim_history();
         change
+    }
+
+    /// The daemon's record of something that changed no traffic (see
+    /// `ChangeKind::WatchPassed`): not counted in the generation nor kept as
+    /// the service's last change (`undo` undoes the change before it).
+    fn event(&self, kind: ChangeKind, at_ms: u64, why: String) -> Change {
+        Change {
+            kind,
+            generation_before: self.generation,
+            generation: self.generation,
+            from: self.active,
+            to: self.active,
+            at_ms,
+            user: "bgswitch".into(),
+            reason: Some(why),
+            forced: false,
+            before: self.snapshot(),
+            after: self.snapshot(),
+        }
     }
 
     fn trim_history(&mut self) {
@@ -705,6 +750,35 @@ mod tests {
         assert_eq!(st.canary_bp, 0);
         assert_eq!(st.watch.as_ref().unwrap().until_ms, 6000);
         assert_eq!(st.confirm.as_ref().unwrap().deadline_ms, 61_000);
+        // The guard's end is an event: no generation, not the last change.
+        let mut ended = s.clone();
+        let gen = ended.services["web"].generation;
+        let e = ended.end_watch("web", 6000).unwrap();
+        assert_eq!(
+            (e.kind, e.generation_before, e.generation, e.from, e.to),
+            (
+                ChangeKind::WatchPassed,
+                gen,
+                gen,
+                Colour::Green,
+                Colour::Green
+            )
+        );
+        assert_eq!(
+            e.reason.as_deref(),
+            Some("green watched for 5.0 s; no rollback")
+        );
+        let st = &ended.services["web"];
+        assert!(st.watch.is_none() && st.confirm.is_some());
+        assert_eq!(st.history.last().unwrap().kind, ChangeKind::Flip);
+        assert!(ended.end_watch("web", 6000).is_err(), "no watch left");
+        let e = ended.clear_guard("web", "cannot", 7000).unwrap();
+        assert_eq!((e.kind, e.generation), (ChangeKind::GuardCleared, gen));
+        assert!(ended.services["web"].confirm.is_none());
+        assert!(
+            ended.clear_guard("web", "cannot", 7000).is_err(),
+            "no guard left"
+        );
         let c = s.auto_rollback("web", "green failed", 2000).unwrap();
         assert_eq!(
             (c.kind, c.to, c.user.as_str()),

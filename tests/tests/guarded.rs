@@ -305,6 +305,56 @@ fn confirm_within_rolls_back_unless_confirmed_even_across_restarts() {
     );
 }
 
+/// A watch that passes ends without a rollback and is journalled like a
+/// change: `history` shows it, the flip stays the service's last change (so
+/// `undo` undoes the flip), and it stays ended when the daemon is killed
+/// right after it, before any snapshot could include it.
+#[test]
+fn a_watch_that_passes_is_journalled_and_stays_ended_across_a_kill() {
+    let (topo, mut sw) = setup(false);
+    sw.cli_ok(&["flip", "web", "--watch", "3s"]).unwrap();
+    assert!(sw.status().unwrap()["services"][0]["watch"].is_object());
+    // The flip's snapshot (1 s after it) still has the watch; the end comes
+    // 3 s after the flip, and the kill within a poll of it.
+    wait_for(&sw, Duration::from_secs(6), "the watch ends", |st| {
+        st["services"][0]["watch"].is_null()
+    });
+    sw.kill();
+    let passed = |sw: &Switcher| sw.log().matches("watch of green passed").count();
+    assert_eq!(passed(&sw), 1, "{}", sw.log_tail());
+    sw.start().unwrap();
+    // A restart with the watch still on would end it again on its first tick.
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = sw.status().unwrap();
+    let web_st = &st["services"][0];
+    assert!(web_st["watch"].is_null(), "{web_st:#}");
+    assert_eq!(web_st["active"], "green");
+    assert_eq!(web_st["last_change"]["kind"], "flip", "{web_st:#}");
+    assert_eq!(passed(&sw), 1, "ended twice:\n{}", sw.log_tail());
+    let h: serde_json::Value =
+        serde_json::from_str(&sw.cli_ok(&["history", "web", "--json"]).unwrap()).unwrap();
+    let h = h.as_array().unwrap();
+    let kinds: Vec<&str> = h.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["flip", "watch_passed"], "{h:?}");
+    let (flip, end) = (&h[0], &h[1]);
+    assert_eq!(end["outcome"], "ok");
+    assert_eq!(end["user"], "bgswitch");
+    assert_eq!(end["seq"], flip["seq"].as_u64().unwrap() + 1, "{h:?}");
+    assert_eq!(end["generation"], flip["generation"], "no traffic changed");
+    assert_eq!(end["generation_before"], flip["generation"]);
+    assert!(sw
+        .cli_ok(&["history", "web"])
+        .unwrap()
+        .contains("watch passed"));
+    // The event is not the change `undo` undoes.
+    let out = sw.cli_ok(&["undo", "web"]).unwrap();
+    assert!(out.contains("green → blue"), "{out}");
+    assert_eq!(
+        colour(&http_get(topo.client_ns(), web(), "/").unwrap().body),
+        "blue"
+    );
+}
+
 #[test]
 fn a_ten_percent_shift_sends_about_ten_percent_of_new_flows_to_green() {
     let (topo, sw) = setup(false);
