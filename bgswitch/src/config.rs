@@ -33,6 +33,9 @@ pub struct Config {
     pub max_flows: u32,
     pub udp_idle_timeout: Duration,
     pub tcp_idle_timeout: Duration,
+    /// The journal is moved to `journal.1.jsonl` (replacing the one there)
+    /// once it is longer than this and the snapshot includes all of it.
+    pub journal_max_size: u64,
     /// Where the Prometheus endpoint listens (`/metrics`); off when unset.
     pub metrics_listen: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
@@ -148,6 +151,7 @@ struct RawConfig {
     max_flows: Option<i64>,
     udp_idle_timeout: Option<String>,
     tcp_idle_timeout: Option<String>,
+    journal_max_size: Option<String>,
     metrics_listen: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
@@ -266,6 +270,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     };
     let udp_idle_timeout = duration_key(&raw.udp_idle_timeout, "30s", "udp_idle_timeout", &err)?;
     let tcp_idle_timeout = duration_key(&raw.tcp_idle_timeout, "1h", "tcp_idle_timeout", &err)?;
+    let size_text = raw.journal_max_size.as_deref().unwrap_or("64MiB");
+    let journal_max_size = match parse_size(size_text) {
+        Ok(n) if (JOURNAL_MIN..=JOURNAL_MAX).contains(&n) => n,
+        Ok(_) => {
+            return Err(err(
+                "journal_max_size",
+                format!("'{size_text}' is outside 16KiB..=16GiB"),
+            ))
+        }
+        Err(r) => return Err(err("journal_max_size", r)),
+    };
 
     if let Some(g) = &raw.socket_group {
         if g.is_empty() || g.contains([':', '/', ' ', '\0']) {
@@ -447,8 +462,30 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         max_flows,
         udp_idle_timeout,
         tcp_idle_timeout,
+        journal_max_size,
         services,
     })
+}
+
+/// Bounds of `journal_max_size`.
+const JOURNAL_MIN: u64 = 16 << 10;
+const JOURNAL_MAX: u64 = 16 << 30;
+
+/// Parses a size in bytes: "65536", "512KiB", "64MiB", "1GiB".
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("'{text}' is not a size like 65536, 512KiB, 64MiB or 1GiB");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 fn health(
@@ -633,6 +670,7 @@ green = ["198.18.1.21:8080"]
         assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
         assert_eq!(c.udp_idle_timeout, Duration::from_secs(45));
         assert_eq!(c.tcp_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(c.journal_max_size, 64 << 20);
         assert_eq!(c.socket, PathBuf::from(paths::DEFAULT_SOCKET));
         assert_eq!(c.bpffs, PathBuf::from(paths::DEFAULT_BPFFS));
         assert_eq!(c.services.len(), 1);
@@ -641,6 +679,32 @@ green = ["198.18.1.21:8080"]
         assert_eq!(s.protocol, Protocol::Tcp);
         assert_eq!(s.blue.len(), 2);
         assert_eq!(s.green, vec!["198.18.1.21:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn journal_max_size_takes_binary_units_within_bounds() {
+        for (text, n) in [("65536", 65536), ("512KiB", 512 << 10), ("1GiB", 1 << 30)] {
+            let c = parse(
+                Path::new("x.toml"),
+                &format!("interfaces = [\"eth0\"]\njournal_max_size = \"{text}\""),
+            )
+            .unwrap();
+            assert_eq!(c.journal_max_size, n, "{text}");
+        }
+        for (text, why) in [
+            ("1KiB", "outside"),
+            ("17GiB", "outside"),
+            ("64MB", "not a size"),
+            ("-1", "not a size"),
+            ("MiB", "not a size"),
+            ("99999999999999999999GiB", "not a size"),
+        ] {
+            check_err(
+                &format!("interfaces = [\"eth0\"]\njournal_max_size = \"{text}\""),
+                "journal_max_size",
+                why,
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::{
     health::{self, BackendHealth, Health},
     metrics,
     model::{self, Colour, DesiredState, FlipGuards, FlipOutcome},
+    paths,
     server::{self, Peer},
     state::{self, JournalEntry, StateStore},
 };
@@ -143,6 +144,8 @@ pub struct Daemon {
     /// next one: every answer comes from a scan begun after its request.
     scan_running: bool,
     scan_waiting: Vec<StatusWaiter>,
+    /// The last journal rotation failed (logged once until one works).
+    journal_rotation_failing: bool,
     /// Whether the host's routing rules pick routes by destination only
     /// (stateless services need it: they keep one next hop per backend).
     rules_by_destination: bool,
@@ -285,9 +288,10 @@ fn ms(d: Duration) -> String {
     format!("{d:?}")
 }
 
-/// The answer to `history SERVICE`: its journal entries, oldest first.
-fn history_response(journal: &Path, service: &str) -> Response {
-    match state::read_journal_at(journal, Some(service)) {
+/// The answer to `history SERVICE`: its journal entries in the state
+/// directory `dir`, oldest first.
+fn history_response(dir: &Path, service: &str) -> Response {
+    match state::read_history(dir, Some(service)) {
         Ok(mut h) => {
             // The recorded states are for replay, not for readers.
             h.iter_mut().for_each(|e| e.state = None);
@@ -358,6 +362,7 @@ impl Daemon {
             tx: None,
             ticks: 0,
             scan_running: false,
+            journal_rotation_failing: false,
             scan_waiting: Vec::new(),
             rules_by_destination: false,
             transition_scan_at: None,
@@ -595,9 +600,9 @@ impl Daemon {
                     // The journal is read on a blocking thread: a long one
                     // must not hold up flips.
                     log::debug!("{} (pid {:?}): history {service}", peer.user, peer.pid);
-                    let path = self.store.journal_path();
+                    let dir = self.store.dir().to_path_buf();
                     tokio::task::spawn_blocking(move || {
-                        let _ = reply.send(history_response(&path, &service));
+                        let _ = reply.send(history_response(&dir, &service));
                     });
                 }
                 Event::Request {
@@ -745,6 +750,7 @@ impl Daemon {
         self.ticks += 1;
         self.snapshot_in_background();
         if self.ticks.is_multiple_of(5) {
+            self.rotate_journal();
             for (level, note) in self.dataplane.check_interfaces() {
                 log::log!(level, "{note}");
             }
@@ -786,6 +792,27 @@ impl Daemon {
             if let Some(why) = self.watch_failure(&name, st.id, w) {
                 self.auto_rollback(&name, &why);
             }
+        }
+    }
+
+    /// Moves a journal longer than `journal_max_size` aside once the
+    /// snapshot includes all of it (see `StateStore::rotate_journal`).
+    fn rotate_journal(&mut self) {
+        let max = self.config.journal_max_size;
+        match self.store.rotate_journal(max) {
+            Ok(None) => {}
+            Ok(Some(len)) => {
+                self.journal_rotation_failing = false;
+                log::info!(
+                    "journal: {len} bytes (journal_max_size {max}) moved to {}; history reads both",
+                    paths::JOURNAL_ROTATED_FILE
+                );
+            }
+            Err(e) if !self.journal_rotation_failing => {
+                self.journal_rotation_failing = true;
+                log::error!("journal rotation: {e}; the journal keeps growing until it works");
+            }
+            Err(_) => {}
         }
     }
 
@@ -1119,7 +1146,7 @@ impl Daemon {
             // (A known service's history is read off the loop, in `run`.)
             Request::History { service } => match self.state.service(&service) {
                 Err(e) => Response::error(e.to_string()),
-                Ok(_) => history_response(&self.store.journal_path(), &service),
+                Ok(_) => history_response(self.store.dir(), &service),
             },
             Request::Undo { service, reason } => self.undo(&service, reason, peer),
             Request::Status { service } => self.status(service.as_deref()),

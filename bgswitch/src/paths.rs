@@ -15,6 +15,8 @@ pub const PIN_DIR: &str = "bgswitch";
 pub const STATE_FILE: &str = "state.json";
 /// The journal of every change, one JSON line each.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
+/// The journal's previous part, moved away by rotation (`history` reads it).
+pub const JOURNAL_ROTATED_FILE: &str = "journal.1.jsonl";
 /// The lock file that keeps a second daemon out.
 pub const LOCK_FILE: &str = "daemon.lock";
 

@@ -293,6 +293,36 @@ impl StateStore {
         self.snapshots.dir.join(paths::JOURNAL_FILE)
     }
 
+    /// The state directory (`read_history` reads the journal's parts there).
+    pub fn dir(&self) -> &Path {
+        &self.snapshots.dir
+    }
+
+    /// Moves the journal to `journal.1.jsonl` (replacing the part there)
+    /// once it is longer than `max` bytes and the snapshot includes every
+    /// change in it, so loading never needs the part moved away; `history`
+    /// reads both. Called on the loop, where appends are made, so no line
+    /// lands in the part being moved. Returns the size moved, if it moved.
+    pub fn rotate_journal(&self, max: u64) -> Result<Option<u64>, StateError> {
+        if self.snapshots.saved_seq.load(SeqCst) < self.last_seq.get() {
+            return Ok(None);
+        }
+        let path = self.journal_path();
+        let len = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        if len <= max {
+            return Ok(None);
+        }
+        let to = self.snapshots.dir.join(paths::JOURNAL_ROTATED_FILE);
+        fs::rename(&path, &to)
+            .and_then(|()| File::open(&self.snapshots.dir)?.sync_all())
+            .map_err(|source| StateError::Write { path: to, source })?;
+        Ok(Some(len))
+    }
+
     /// Journals a change of `service` with its whole state after it: one
     /// line, fdatasynced. The change is durable when this returns Ok; the
     /// snapshot follows later (`snapshot_due`).
@@ -374,7 +404,7 @@ impl StateStore {
     /// The journal entries of `service` (all services when `None`), oldest
     /// first. Unreadable lines are skipped and reported in the log.
     pub fn read_journal(&self, service: Option<&str>) -> Result<Vec<JournalEntry>, StateError> {
-        read_journal_at(&self.journal_path(), service)
+        read_history(&self.snapshots.dir, service)
     }
 
     /// Takes the daemon lock (an exclusive `flock` held for the process's
@@ -462,24 +492,64 @@ impl Snapshots {
     }
 }
 
-/// The entries of `service` (all when `None`) in the journal at `path`,
-/// oldest first. Read line by line (memory for one line, not the file: a
-/// journal of a long-running daemon is tens of MB). A line of another
-/// service is passed over without being parsed (every line starts with its
-/// service), so a service's history costs its own lines, not the whole
-/// journal's.
-pub fn read_journal_at(
+/// The entries of `service` (all when `None`) in the journal of the state
+/// directory `dir`, oldest first: the part rotation moved away
+/// (`journal.1.jsonl`), then the journal. The journal is opened first: a
+/// rotation between the two opens finds one file twice (read once), never
+/// neither.
+pub fn read_history(dir: &Path, service: Option<&str>) -> Result<Vec<JournalEntry>, StateError> {
+    let current = dir.join(paths::JOURNAL_FILE);
+    let rotated = dir.join(paths::JOURNAL_ROTATED_FILE);
+    let now = open_existing(&current)?;
+    let before = open_existing(&rotated)?;
+    let same = match (&now, &before) {
+        (Some(a), Some(b)) => same_file(a, b),
+        _ => false,
+    };
+    let mut out = Vec::new();
+    if let Some(f) = before {
+        read_entries(f, &rotated, service, &mut out)?;
+    }
+    if let Some(f) = now.filter(|_| !same) {
+        read_entries(f, &current, service, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The file at `path` opened for reading; `None` if there is none.
+fn open_existing(path: &Path) -> Result<Option<File>, StateError> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Read {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// Appends the entries of `service` in `file` (read from `path`) to `out`.
+/// Read line by line (memory for one line, not the file: a journal of a
+/// long-running daemon is tens of MB). A line of another service is passed
+/// over without being parsed (every line starts with its service), so a
+/// service's history costs its own lines, not the whole journal's.
+fn read_entries(
+    file: File,
     path: &Path,
     service: Option<&str>,
-) -> Result<Vec<JournalEntry>, StateError> {
+    out: &mut Vec<JournalEntry>,
+) -> Result<(), StateError> {
     let rerr = |source| StateError::Read {
         path: path.into(),
         source,
-    };
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(rerr(e)),
     };
     let prefix = service.map(|s| {
         let name = serde_json::to_string(s).unwrap_or_default();
@@ -487,7 +557,6 @@ pub fn read_journal_at(
     });
     let mut reader = BufReader::with_capacity(JOURNAL_READ_BUFFER, file);
     let mut line = Vec::new();
-    let mut out = Vec::new();
     for i in 0.. {
         line.clear();
         if reader.read_until(b'\n', &mut line).map_err(rerr)? == 0 {
@@ -513,10 +582,10 @@ pub fn read_journal_at(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-/// How much of the journal `read_journal_at` holds at a time.
+/// How much of the journal `read_entries` holds at a time.
 const JOURNAL_READ_BUFFER: usize = 256 * 1024;
 
 /// The journal's text; empty if there is none yet.
@@ -820,6 +889,61 @@ mod tests {
         flip_journalled(&again, &mut st2, "a");
         assert_eq!(again.read_journal(None).unwrap()[0].seq, Some(4));
         assert_eq!(StateStore::open(&d).unwrap().load().unwrap(), st2);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_daemon_rotates_a_long_journal_once_the_snapshot_has_it_and_history_reads_both() {
+        let d = tmpdir("selfrotate");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        store.save(&st).unwrap();
+        for _ in 0..4 {
+            flip_journalled(&store, &mut st, "a");
+        }
+        let len = fs::metadata(store.journal_path()).unwrap().len();
+        // Long enough, but the snapshot lacks the changes: not yet.
+        assert_eq!(store.rotate_journal(len - 1).unwrap(), None);
+        store.save(&st).unwrap();
+        assert_eq!(
+            store.rotate_journal(len).unwrap(),
+            None,
+            "not longer than max"
+        );
+        assert_eq!(store.rotate_journal(len - 1).unwrap(), Some(len));
+        assert!(!store.journal_path().exists());
+        let rotated = d.join(paths::JOURNAL_ROTATED_FILE);
+        assert_eq!(fs::metadata(&rotated).unwrap().len(), len);
+        assert_eq!(store.rotate_journal(0).unwrap(), None, "no journal");
+        flip_journalled(&store, &mut st, "a");
+        flip_journalled(&store, &mut st, "b");
+        // History: the part moved away, then the journal, in order.
+        let seqs = |h: Vec<JournalEntry>| h.iter().map(|e| e.seq.unwrap()).collect::<Vec<_>>();
+        assert_eq!(seqs(store.read_journal(None).unwrap()), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            seqs(store.read_journal(Some("a")).unwrap()),
+            [1, 2, 3, 4, 5]
+        );
+        // A restart replays the journal over the snapshot: the moved part
+        // is not needed, and numbering goes on.
+        let again = StateStore::open(&d).unwrap();
+        let mut st2 = again.load().unwrap();
+        assert_eq!(st2, st);
+        flip_journalled(&again, &mut st2, "b");
+        assert_eq!(
+            seqs(again.read_journal(None).unwrap()),
+            [1, 2, 3, 4, 5, 6, 7]
+        );
+        // The next rotation replaces the moved part: two parts at most.
+        again.save(&st2).unwrap();
+        assert!(again.rotate_journal(1).unwrap().is_some());
+        assert_eq!(seqs(again.read_journal(None).unwrap()), [5, 6, 7]);
+        flip_journalled(&again, &mut st2, "a");
+        // A rotation between history's two opens: one file under both
+        // names, read once.
+        fs::remove_file(&rotated).unwrap();
+        fs::hard_link(again.journal_path(), &rotated).unwrap();
+        assert_eq!(seqs(again.read_journal(None).unwrap()), [8]);
         fs::remove_dir_all(&d).unwrap();
     }
 

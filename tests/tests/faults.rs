@@ -168,6 +168,56 @@ fn whole_lines(journal: &std::path::Path) -> usize {
     lines.len()
 }
 
+/// A journal longer than `journal_max_size` is moved aside once the
+/// snapshot has all of it (the daemon does it: disk use stays bounded);
+/// `history` reads both parts, and a restart after a kill replays what came
+/// after the move.
+#[test]
+fn a_long_journal_is_rotated_once_snapshotted_and_history_and_restarts_keep_every_change() {
+    require_root();
+    let topo = served_topology().expect("topology with servers");
+    let services = format!(
+        "journal_max_size = \"16KiB\"\n\n{}",
+        default_services(&topo)
+    );
+    let mut sw = Switcher::new(&topo, &services).expect("switcher");
+    sw.start().unwrap();
+    let journal = sw.state_dir().join("journal.jsonl");
+    let rotated = sw.state_dir().join("journal.1.jsonl");
+    let mut flips = 0;
+    while std::fs::metadata(&journal).map_or(0, |m| m.len()) <= 16 << 10 {
+        sw.cli_ok(&["flip", "web"]).unwrap();
+        flips += 1;
+        assert!(flips < 200, "the journal does not grow");
+    }
+    // Moved once changes paused for the snapshot (1 s) and a rotation
+    // check came (every second).
+    wait_log(&sw, "moved to journal.1.jsonl", Duration::from_secs(5));
+    assert!(rotated.exists());
+    let moved = whole_lines(&rotated);
+    assert_eq!(moved, flips, "every flip's line moved");
+    assert!(whole_lines(&journal) == 0, "a fresh journal");
+    // Two more flips after the move, then a kill before any snapshot.
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    flips += 2;
+    sw.kill();
+    sw.start().unwrap();
+    let want = if flips % 2 == 1 { "green" } else { "blue" };
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], want);
+    assert_eq!(get_ok(&topo), want);
+    let h: serde_json::Value =
+        serde_json::from_str(&sw.cli_ok(&["history", "web", "--json"]).unwrap()).unwrap();
+    let seqs: Vec<u64> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=flips as u64).collect::<Vec<_>>());
+    sw.stop().unwrap();
+}
+
 #[test]
 fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
     let (topo, mut sw) = setup();
