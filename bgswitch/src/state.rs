@@ -1,6 +1,6 @@
 //! The durable desired state and the lock that keeps a second daemon out.
 //!
-//! Two files in the state directory:
+//! Two files in the state directory (and the journal's rotated part):
 //! - `journal.jsonl`, appended with one fdatasync per line: every change of a
 //!   service (with the service's whole state after it and a sequence number)
 //!   and every refused attempt. A change is durable once its line is.
@@ -11,6 +11,9 @@
 //!
 //! Loading reads the snapshot and replays the journal's later lines, so a
 //! change acknowledged before a crash is kept even if no snapshot followed.
+//! Past a size, once the snapshot includes all of it, the journal is moved
+//! to `journal.1.jsonl` (replacing the part there): loading never needs that
+//! part, and `history` reads both.
 
 use std::{
     cell::Cell,
