@@ -151,10 +151,18 @@ struct RawConfig {
     max_flows: Option<i64>,
     udp_idle_timeout: Option<String>,
     tcp_idle_timeout: Option<String>,
-    journal_max_size: Option<String>,
+    journal_max_size: Option<RawSize>,
     metrics_listen: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
+}
+
+/// A size: bytes, or text with a unit ("64MiB").
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -270,13 +278,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     };
     let udp_idle_timeout = duration_key(&raw.udp_idle_timeout, "30s", "udp_idle_timeout", &err)?;
     let tcp_idle_timeout = duration_key(&raw.tcp_idle_timeout, "1h", "tcp_idle_timeout", &err)?;
-    let size_text = raw.journal_max_size.as_deref().unwrap_or("64MiB");
-    let journal_max_size = match parse_size(size_text) {
+    let size_text = match &raw.journal_max_size {
+        None => "64MiB".to_string(),
+        Some(RawSize::Bytes(n)) => n.to_string(),
+        Some(RawSize::Text(t)) => t.clone(),
+    };
+    let journal_max_size = match parse_size(&size_text) {
         Ok(n) if (JOURNAL_MIN..=JOURNAL_MAX).contains(&n) => n,
         Ok(_) => {
             return Err(err(
                 "journal_max_size",
-                format!("'{size_text}' is outside 16KiB..=16GiB"),
+                format!("'{size_text}' is outside 16KiB..=16GiB (16384..=17179869184 bytes)"),
             ))
         }
         Err(r) => return Err(err("journal_max_size", r)),
@@ -691,6 +703,17 @@ green = ["198.18.1.21:8080"]
             .unwrap();
             assert_eq!(c.journal_max_size, n, "{text}");
         }
+        let c = parse(
+            Path::new("x.toml"),
+            "interfaces = [\"eth0\"]\njournal_max_size = 1048576",
+        )
+        .unwrap();
+        assert_eq!(c.journal_max_size, 1 << 20, "bytes as an integer");
+        check_err(
+            "interfaces = [\"eth0\"]\njournal_max_size = -5",
+            "journal_max_size",
+            "not a size",
+        );
         for (text, why) in [
             ("1KiB", "outside"),
             ("17GiB", "outside"),

@@ -126,6 +126,7 @@ struct GConfig {
     max_flows: Option<u32>,
     udp_idle: Option<Duration>,
     tcp_idle: Option<Duration>,
+    journal_max: Option<u64>,
 }
 
 impl GConfig {
@@ -205,6 +206,7 @@ fn valid_config(rng: &mut Rng, services: usize) -> GConfig {
         max_flows: None,
         udp_idle: None,
         tcp_idle: None,
+        journal_max: None,
     };
     if rng.percent(50) {
         let m = *rng.pick(&["auto", "native", "generic"]);
@@ -234,6 +236,22 @@ fn valid_config(rng: &mut Rng, services: usize) -> GConfig {
                 g.tcp_idle = d;
             }
         }
+    }
+    if rng.percent(30) {
+        let (text, n) = *rng.pick(&[
+            ("16KiB", 16u64 << 10),
+            ("65536", 65536),
+            ("64MiB", 64 << 20),
+            ("16GiB", 16 << 30),
+            ("1 GiB", 1 << 30),
+        ]);
+        let v = if rng.percent(30) {
+            V::I(n as i64)
+        } else {
+            V::S(text.into())
+        };
+        g.top.push(("journal_max_size".into(), v));
+        g.journal_max = Some(n);
     }
     if rng.percent(15) {
         let m = *rng.pick(&["127.0.0.1:9477", "[::1]:9477", "0.0.0.0:1"]);
@@ -351,7 +369,7 @@ fn add_fault(rng: &mut Rng, g: &mut GConfig) -> String {
     let svc_at = |i: usize, g: &GConfig| format!("service[{i}] ({})", g.services[i].name);
     let with_services = n > 0;
     loop {
-        match rng.index(40) {
+        match rng.index(42) {
             0 => {
                 g.top.retain(|(k, _)| k != "interfaces");
                 return "interfaces".into();
@@ -587,6 +605,11 @@ fn add_fault(rng: &mut Rng, g: &mut GConfig) -> String {
                 let reused = g.services[j].green[0].to_string();
                 let mut pool: Vec<String> =
                     g.services[i].blue.iter().map(|a| a.to_string()).collect();
+                // Appended, or in a full pool in place of the last one (a
+                // 65th backend would be a fault of its own).
+                if pool.len() >= 64 {
+                    pool.pop();
+                }
                 pool.push(reused);
                 let at = pool.len() - 1;
                 g.services[i].set("blue", strs(&pool));
@@ -637,6 +660,16 @@ fn add_fault(rng: &mut Rng, g: &mut GConfig) -> String {
                     .push(("interfaces".into(), strs(&["eth9".to_string()])));
                 return "line ".into();
             }
+            40 => {
+                let v = *rng.pick(&["16383", "17GiB", "1KiB", "64MB", "", "-1", "1.5MiB", "MiB"]);
+                g.set_top("journal_max_size", V::S(v.into()));
+                return "journal_max_size".into();
+            }
+            41 => {
+                let v = *rng.pick(&[0i64, -1, 16383, 17 << 30, i64::MAX]);
+                g.set_top("journal_max_size", V::I(v));
+                return "journal_max_size".into();
+            }
             _ => continue,
         }
     }
@@ -676,7 +709,7 @@ fn check_result(r: &Result<Config, ConfigError>) -> Vec<(&'static str, String)> 
 }
 
 fn key_reads_as_a_key(key: &str) -> bool {
-    const TOP: [&str; 12] = [
+    const TOP: [&str; 13] = [
         "interfaces",
         "xdp_mode",
         "socket",
@@ -686,6 +719,7 @@ fn key_reads_as_a_key(key: &str) -> bool {
         "max_flows",
         "udp_idle_timeout",
         "tcp_idle_timeout",
+        "journal_max_size",
         "metrics_listen",
         "service",
         "(syntax)",
@@ -774,6 +808,10 @@ fn invariants(c: &Config) -> Vec<String> {
         );
     }
     check(
+        (16 << 10..=16 << 30).contains(&c.journal_max_size),
+        format!("journal_max_size {}", c.journal_max_size),
+    );
+    check(
         c.services.len() <= 256,
         format!("{} services", c.services.len()),
     );
@@ -847,6 +885,11 @@ fn same_meaning(g: &GConfig, c: &Config) -> Vec<String> {
     ] {
         if want.is_some_and(|w| w != got) {
             bad.push(format!("{what} {got:?} ≠ {want:?}"));
+        }
+    }
+    if let Some(n) = g.journal_max {
+        if c.journal_max_size != n {
+            bad.push(format!("journal_max_size {} ≠ {n}", c.journal_max_size));
         }
     }
     if c.services.len() != g.services.len() {
