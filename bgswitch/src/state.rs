@@ -76,6 +76,12 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path} is missing, but {journal} records changes: a daemon ran here before, and \
+         starting afresh would put every service back on blue; refusing to guess — restore the \
+         state file (or, to start afresh on purpose, move the journal aside)"
+    )]
+    Missing { path: PathBuf, journal: PathBuf },
     #[error("another bgswitch daemon holds {path} (pid {pid})")]
     Locked { path: PathBuf, pid: String },
 }
@@ -153,10 +159,24 @@ impl StateStore {
         self.snapshots.dir.join(paths::STATE_FILE)
     }
 
-    /// Reads the snapshot (a missing file is an empty state: first start) and
-    /// replays the journal's changes it does not include yet.
+    /// Reads the snapshot (a missing file is an empty state: first start,
+    /// unless a journal is there) and replays the journal's changes it does
+    /// not include yet.
     pub fn load(&self) -> Result<DesiredState, StateError> {
-        let (mut state, snapshot_seq) = self.load_snapshot()?;
+        let Some((mut state, snapshot_seq)) = self.load_snapshot()? else {
+            // Every daemon writes the snapshot at start, before any journal
+            // line: a journal without one means the file was lost.
+            for name in [paths::JOURNAL_FILE, paths::JOURNAL_ROTATED_FILE] {
+                let journal = self.snapshots.dir.join(name);
+                if fs::metadata(&journal).is_ok_and(|m| m.len() > 0) {
+                    return Err(StateError::Missing {
+                        path: self.path(),
+                        journal,
+                    });
+                }
+            }
+            return Ok(DesiredState::default());
+        };
         let path = self.journal_path();
         let text = read_text(&path)?;
         // Numbers only grow along the file, so the changes to replay are the
@@ -209,13 +229,13 @@ impl StateStore {
         Ok(state)
     }
 
-    fn load_snapshot(&self) -> Result<(DesiredState, u64), StateError> {
+    /// The snapshot and the number of the last change it includes; `None`
+    /// if there is no snapshot file.
+    fn load_snapshot(&self) -> Result<Option<(DesiredState, u64)>, StateError> {
         let path = self.path();
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((DesiredState::default(), 0))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Read { path, source }),
         };
         let file: StateFile<DesiredState> =
@@ -232,7 +252,7 @@ impl StateStore {
                 ),
             });
         }
-        Ok((file.state, file.journal_seq))
+        Ok(Some((file.state, file.journal_seq)))
     }
 
     /// Replaces the snapshot atomically with `state`, which must include
@@ -803,7 +823,7 @@ mod tests {
         // The earlier snapshot finishes last (its thread was slow): it must
         // not put the older state back.
         store.snapshots.write(ticket, seq, &older).unwrap();
-        assert_eq!(store.load_snapshot().unwrap(), (st.clone(), 2));
+        assert_eq!(store.load_snapshot().unwrap(), Some((st.clone(), 2)));
 
         flip_journalled(&store, &mut st, "a");
         assert!(store.snapshot_due(Duration::ZERO, 1));
@@ -819,7 +839,7 @@ mod tests {
             .join()
             .unwrap();
         assert!(!store.snapshot_due(Duration::ZERO, 1));
-        assert_eq!(store.load_snapshot().unwrap(), (st.clone(), 3));
+        assert_eq!(store.load_snapshot().unwrap(), Some((st.clone(), 3)));
 
         // A snapshot that cannot be written leaves the changes due.
         flip_journalled(&store, &mut st, "b");
@@ -831,14 +851,14 @@ mod tests {
             .join()
             .unwrap();
         assert!(store.snapshot_due(Duration::ZERO, 1));
-        assert_eq!(store.load_snapshot().unwrap().1, 3);
+        assert_eq!(store.load_snapshot().unwrap().unwrap().1, 3);
         fs::remove_dir(&tmp).unwrap();
         store
             .save_in_background(st.clone())
             .unwrap()
             .join()
             .unwrap();
-        assert_eq!(store.load_snapshot().unwrap(), (st, 4));
+        assert_eq!(store.load_snapshot().unwrap(), Some((st, 4)));
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -947,6 +967,30 @@ mod tests {
         fs::remove_file(&rotated).unwrap();
         fs::hard_link(again.journal_path(), &rotated).unwrap();
         assert_eq!(seqs(again.read_journal(None).unwrap()), [8]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_lost_snapshot_beside_a_journal_is_refused_not_taken_for_a_first_start() {
+        let d = tmpdir("lost");
+        let store = StateStore::open(&d).unwrap();
+        let mut st = two_services();
+        store.save(&st).unwrap();
+        flip_journalled(&store, &mut st, "a");
+        fs::remove_file(store.path()).unwrap();
+        let e = StateStore::open(&d).unwrap().load().unwrap_err();
+        assert!(matches!(e, StateError::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("refusing to guess"), "{e}");
+        // Only the rotated part left: the same.
+        fs::rename(store.journal_path(), d.join(paths::JOURNAL_ROTATED_FILE)).unwrap();
+        let e = StateStore::open(&d).unwrap().load().unwrap_err();
+        assert!(matches!(e, StateError::Missing { .. }), "{e}");
+        // Moved aside on purpose: a first start.
+        fs::remove_file(d.join(paths::JOURNAL_ROTATED_FILE)).unwrap();
+        assert_eq!(
+            StateStore::open(&d).unwrap().load().unwrap(),
+            DesiredState::default()
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

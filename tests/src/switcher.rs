@@ -229,19 +229,38 @@ impl Switcher {
     }
 
     /// Starts a daemon expecting it to fail; returns its exit code and log.
+    /// A daemon still running after 20 s is killed and reported as an error
+    /// (it started), so a regression fails the test instead of hanging it.
     pub fn start_expect_failure(&self) -> Result<(i32, String)> {
-        let out = Command::new("ip")
+        let mut child = Command::new("ip")
             .args(["netns", "exec", &self.lb_ns])
             .arg(&self.bin)
             .arg("daemon")
             .arg("--config")
             .arg(self.config_path())
             .stdin(Stdio::null())
-            .output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning bgswitch daemon")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the daemon was expected to fail, but it is still running after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read as _;
+            e.read_to_string(&mut err)?;
+        }
+        Ok((status.code().unwrap_or(-1), err))
     }
 
     /// The daemon's pid, if running.

@@ -1,6 +1,7 @@
 //! Faults with traffic flowing: interfaces deleted and re-created or flapped,
-//! a full or read-only state directory, foreign maps at the pin paths, pins
-//! removed by hand, and the daemon killed in the middle of flips.
+//! a full or read-only state directory or a lost snapshot, a long journal,
+//! foreign maps at the pin paths, pins removed by hand, and the daemon killed
+//! in the middle of flips.
 
 use std::{
     ffi::CString,
@@ -320,6 +321,22 @@ fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
     let saved = snapshot();
     assert_eq!(saved["services"]["web"]["active"], "green", "{saved}");
     assert_eq!(saved["journal_seq"], 5);
+
+    // The snapshot lost beside its journal: no start afresh on blue (which
+    // would flip every service back); the data plane keeps forwarding.
+    let backup = std::fs::read(state.join("state.json")).unwrap();
+    std::fs::remove_file(state.join("state.json")).unwrap();
+    let (code, err) = sw.start_expect_failure().unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("state.json is missing") && err.contains("refusing to guess"),
+        "{err}"
+    );
+    assert_eq!(get_ok(&topo), "green", "traffic untouched");
+    std::fs::write(state.join("state.json"), backup).unwrap();
+    sw.start().unwrap();
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "green");
+    assert_eq!(get_ok(&topo), "green");
     drop(sw);
     drop(m);
 }
