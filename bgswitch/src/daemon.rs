@@ -10,7 +10,7 @@
 //! replays and applies at start, so a change happens whole or not at all.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     ffi::CString,
     fs::File,
     io,
@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use bgswitch_common::ColourStats;
+use bgswitch_common::{control, ColourStats};
 use tokio::{
     net::UnixListener,
     sync::{mpsc, oneshot},
@@ -288,6 +288,44 @@ fn ms(d: Duration) -> String {
     format!("{d:?}")
 }
 
+/// What the data plane (pinned by an earlier daemon) has for the `added`
+/// services whose VIP it serves, enabled (see `DesiredState::adopt_running`).
+fn running_services(
+    config: &Config,
+    added: &[String],
+    dataplane: &Dataplane,
+) -> BTreeMap<String, model::Running> {
+    let keys = match dataplane.service_keys() {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!(
+                "reading the services the data plane serves: {e:#}; new services start on blue"
+            );
+            return BTreeMap::new();
+        }
+    };
+    let mut out = BTreeMap::new();
+    for svc in config.services.iter().filter(|s| added.contains(&s.name)) {
+        let key = service_key(svc.vip, svc.protocol.number());
+        let Some(&(_, id)) = keys.iter().find(|(k, _)| *k == key) else {
+            continue;
+        };
+        let word = dataplane.control_word(id);
+        if !control::enabled(word) {
+            continue;
+        }
+        out.insert(
+            svc.name.clone(),
+            model::Running {
+                id,
+                active: Colour::from_index(control::active(word)),
+                canary_bp: control::canary(word),
+            },
+        );
+    }
+    out
+}
+
 /// The answer to `history SERVICE`: its journal entries in the state
 /// directory `dir`, oldest first.
 fn history_response(dir: &Path, service: &str) -> Response {
@@ -318,9 +356,6 @@ impl Daemon {
         let mut state = store.load()?;
         state.trim_history();
         let (added, removed) = state.reconcile(&config)?;
-        for n in &added {
-            log::info!("service {n}: new, starting on blue");
-        }
         for n in &removed {
             log::info!("service {n}: no longer configured, removing");
         }
@@ -330,6 +365,24 @@ impl Daemon {
             bpffs: Some(config.bpffs.clone()),
             max_flows: config.max_flows,
         })?;
+        let adopted = state.adopt_running(&added, &running_services(&config, &added, &dataplane));
+        for n in &added {
+            match state.services.get(n) {
+                Some(s) if adopted.contains(n) => log::warn!(
+                    "service {n}: not in the state, but the running data plane serves it on {}{}: kept (was the state directory lost or replaced?)",
+                    s.active,
+                    if s.canary_bp > 0 {
+                        format!(" with {:.2}% of new flows to {}", f64::from(s.canary_bp) / 100.0, s.active.other())
+                    } else {
+                        String::new()
+                    }
+                ),
+                _ => log::info!("service {n}: new, starting on blue"),
+            }
+        }
+        if !adopted.is_empty() {
+            store.save(&state)?;
+        }
         log::info!(
             "data plane clock: HZ {}; flows refresh their next hop every {} ticks",
             dataplane.hz(),

@@ -2,7 +2,7 @@
 //! flip and rollback. Pure: no IO, no clocks (callers pass the time in).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
@@ -194,6 +194,15 @@ pub struct ServiceState {
 /// journal keeps them all, and `history` reads it.
 pub const HISTORY_KEPT: usize = 1;
 
+/// What a running data plane has for a service (see
+/// `DesiredState::adopt_running`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Running {
+    pub id: u32,
+    pub active: Colour,
+    pub canary_bp: u32,
+}
+
 /// Everything the daemon must remember across restarts and reboots.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DesiredState {
@@ -319,6 +328,55 @@ impl DesiredState {
             added.push(name.to_string());
         }
         Ok((added, removed))
+    }
+
+    /// Services new to the state (`added` by `reconcile`) that a running
+    /// data plane already serves (`running`: name → what it has) keep what it
+    /// has — colour, canary share and, where no other service holds it, id —
+    /// instead of starting on blue: a state directory lost or replaced while
+    /// the pinned data plane forwarded must not flip traffic back. The other
+    /// added services take the lowest free ids. Returns the names adopted.
+    pub fn adopt_running(
+        &mut self,
+        added: &[String],
+        running: &BTreeMap<String, Running>,
+    ) -> Vec<String> {
+        let mut taken: BTreeSet<u32> = self
+            .services
+            .iter()
+            .filter(|(n, _)| !added.contains(n))
+            .map(|(_, s)| s.id)
+            .collect();
+        let mut adopted = Vec::new();
+        let mut unplaced = Vec::new();
+        for name in added {
+            let Some(s) = self.services.get_mut(name) else {
+                continue;
+            };
+            match running.get(name) {
+                Some(r) => {
+                    s.active = r.active;
+                    s.canary_bp = r.canary_bp.min(control_full());
+                    adopted.push(name.clone());
+                    if r.id < bgswitch_common::MAX_SERVICES && taken.insert(r.id) {
+                        s.id = r.id;
+                    } else {
+                        unplaced.push(name);
+                    }
+                }
+                None => unplaced.push(name),
+            }
+        }
+        for name in unplaced {
+            let id = (0..bgswitch_common::MAX_SERVICES)
+                .find(|i| !taken.contains(i))
+                .expect("reconcile found an id for every service");
+            taken.insert(id);
+            if let Some(s) = self.services.get_mut(name) {
+                s.id = id;
+            }
+        }
+        adopted
     }
 
     /// Cuts every service's history to [`HISTORY_KEPT`] (state files of
@@ -711,6 +769,49 @@ mod tests {
         };
         assert!(c.forced);
         assert_eq!(s.services["web"].previous, None);
+    }
+
+    #[test]
+    fn services_a_running_data_plane_serves_keep_its_colour_share_and_id() {
+        let mut s = DesiredState::default();
+        s.reconcile(&cfg(&["old"])).unwrap();
+        s.services.get_mut("old").unwrap().id = 2;
+        let (added, _) = s.reconcile(&cfg(&["old", "a", "b", "c"])).unwrap();
+        assert_eq!(added, ["a", "b", "c"]);
+        let running = BTreeMap::from([
+            // Its id is free: kept.
+            (
+                "a".to_string(),
+                Running {
+                    id: 5,
+                    active: Colour::Green,
+                    canary_bp: 250,
+                },
+            ),
+            // Its id is held by a service the state had: a free one.
+            (
+                "b".to_string(),
+                Running {
+                    id: 2,
+                    active: Colour::Green,
+                    canary_bp: 0,
+                },
+            ),
+        ]);
+        assert_eq!(s.adopt_running(&added, &running), ["a", "b"]);
+        let st = |n: &str| s.services[n].clone();
+        assert_eq!(
+            (st("a").id, st("a").active, st("a").canary_bp),
+            (5, Colour::Green, 250)
+        );
+        assert_eq!((st("b").active, st("b").canary_bp), (Colour::Green, 0));
+        assert_eq!((st("c").active, st("old").id), (Colour::Blue, 2));
+        let mut ids: Vec<u32> = s.services.values().map(|v| v.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 4, "ids stay distinct: {:?}", s.services);
+        assert!(![2, 5].contains(&st("b").id) && ![2, 5].contains(&st("c").id));
+        assert_eq!(st("a").generation, 1, "no change made");
     }
 
     #[test]

@@ -341,6 +341,51 @@ fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
     drop(m);
 }
 
+/// The whole state directory lost (or `state_dir` changed) while the
+/// pinned data plane forwards: the next daemon keeps each service's colour
+/// and canary share as the data plane has them, instead of starting every
+/// service on blue.
+#[test]
+fn a_lost_state_directory_keeps_the_colours_the_running_data_plane_has() {
+    let (topo, mut sw) = setup();
+    sw.start().unwrap();
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.cli_ok(&["shift", "echo", "--to", "green", "--percent", "10"])
+        .unwrap();
+    assert_eq!(get_ok(&topo), "green");
+    sw.stop().unwrap();
+    std::fs::remove_dir_all(sw.state_dir()).unwrap();
+    sw.start().unwrap();
+    let st = sw.status().unwrap();
+    let svc = |name: &str| {
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(svc("web")["active"], "green", "{st:#}");
+    assert_eq!(svc("echo")["active"], "blue");
+    assert_eq!(svc("echo")["canary_percent"], 10.0, "{st:#}");
+    assert_eq!(get_ok(&topo), "green", "traffic kept its colour");
+    assert!(
+        sw.log().contains(
+            "service web: not in the state, but the running data plane serves it on green: kept"
+        ),
+        "{}",
+        sw.log_tail()
+    );
+    // The adopted state is the daemon's own: it changes and persists.
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    assert_eq!(get_ok(&topo), "blue");
+    sw.kill();
+    sw.start().unwrap();
+    assert_eq!(sw.status().unwrap()["services"][0]["active"], "blue");
+    assert_eq!(get_ok(&topo), "blue");
+}
+
 /// Creates a small array map and pins it at `path` (raw bpf(2)).
 fn pin_foreign_map(path: &std::path::Path) {
     let mut attr = [0u32; 32];
