@@ -361,10 +361,23 @@ impl Daemon {
         }
         store.save(&state)?;
         enable_ip_forward()?;
+        // The tick rate is fixed at boot: measured (250 ms) once per boot.
+        let boot_id = std::fs::read_to_string(paths::BOOT_ID)
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        let kept = (!boot_id.is_empty())
+            .then(|| store.kept_tick_rate(&boot_id))
+            .flatten()
+            .filter(|hz| dataplane::assume_hz(*hz));
         let dataplane = Dataplane::load(&LoadOptions {
             bpffs: Some(config.bpffs.clone()),
             max_flows: config.max_flows,
         })?;
+        if kept.is_none() && !boot_id.is_empty() {
+            if let Err(e) = store.keep_tick_rate(&boot_id, dataplane.hz()) {
+                log::warn!("{e}: the next start measures the tick rate again");
+            }
+        }
         let adopted = state.adopt_running(&added, &running_services(&config, &added, &dataplane));
         for n in &added {
             match state.services.get(n) {
@@ -384,8 +397,13 @@ impl Daemon {
             store.save(&state)?;
         }
         log::info!(
-            "data plane clock: HZ {}; flows refresh their next hop every {} ticks",
+            "data plane clock: HZ {} ({}); flows refresh their next hop every {} ticks",
             dataplane.hz(),
+            if kept.is_some() {
+                "measured earlier in this boot"
+            } else {
+                "measured"
+            },
             dataplane.refresh_ticks()
         );
         let slots = dataplane.flow_cache_slots();

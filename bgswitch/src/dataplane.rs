@@ -195,6 +195,23 @@ pub struct Dataplane {
     table_reads: std::cell::Cell<u64>,
 }
 
+/// The kernel's tick rate, once known in this process (see
+/// `Clock::measure_hz`, `assume_hz`).
+static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// The tick rates a kernel can be built with (CONFIG_HZ).
+pub const CONFIG_HZ: [u64; 14] = [
+    24, 32, 48, 64, 100, 128, 200, 250, 256, 300, 500, 1000, 1024, 1200,
+];
+
+/// Takes `hz` as the kernel's tick rate instead of measuring it (250 ms) at
+/// the next `Dataplane::load`: a rate measured earlier in this boot (it is
+/// fixed at boot). Refused (false) if it is not a rate a kernel can be
+/// built with, or another is known already.
+pub fn assume_hz(hz: u64) -> bool {
+    CONFIG_HZ.contains(&hz) && *HZ.get_or_init(|| hz) == hz
+}
+
 /// The data plane's clock: flow times are kernel ticks (`jiffies`), which
 /// the XDP program reads for ~2 ns. The clock program reads `jiffies` and
 /// CLOCK_MONOTONIC side by side; the tick rate is measured from two such
@@ -250,13 +267,9 @@ impl Clock {
     /// be built with when within 3 % of it. Measured once per process (the
     /// rate is fixed at boot).
     fn measure_hz(&self, ebpf: &Ebpf) -> Result<u64> {
-        static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         if let Some(hz) = HZ.get() {
             return Ok(*hz);
         }
-        const CONFIG_HZ: [u64; 14] = [
-            24, 32, 48, 64, 100, 128, 200, 250, 256, 300, 500, 1000, 1024, 1200,
-        ];
         let (j0, t0) = self.sample(ebpf)?;
         std::thread::sleep(Duration::from_millis(250));
         let (j1, t1) = self.sample(ebpf)?;

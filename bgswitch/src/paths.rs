@@ -17,8 +17,13 @@ pub const STATE_FILE: &str = "state.json";
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 /// The journal's previous part, moved away by rotation (`history` reads it).
 pub const JOURNAL_ROTATED_FILE: &str = "journal.1.jsonl";
+/// The kernel tick rate measured at this boot (`BOOT_ID HZ`), so a restart
+/// need not measure it again.
+pub const TICK_RATE_FILE: &str = "tick-rate";
 /// The lock file that keeps a second daemon out.
 pub const LOCK_FILE: &str = "daemon.lock";
+/// This boot's id (the kernel's, random per boot).
+pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 use std::path::{Path, PathBuf};
 

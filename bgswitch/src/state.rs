@@ -430,6 +430,30 @@ impl StateStore {
         read_history(&self.snapshots.dir, service)
     }
 
+    /// The kernel tick rate kept by `keep_tick_rate` for the boot `boot_id`,
+    /// if that is this file's boot (anything else, or no file: `None`).
+    pub fn kept_tick_rate(&self, boot_id: &str) -> Option<u64> {
+        let text = fs::read_to_string(self.snapshots.dir.join(paths::TICK_RATE_FILE)).ok()?;
+        let mut words = text.split_whitespace();
+        let (boot, hz) = (words.next()?, words.next()?);
+        (boot == boot_id && words.next().is_none())
+            .then(|| hz.parse().ok())
+            .flatten()
+    }
+
+    /// Keeps the tick rate measured in the boot `boot_id` for the next
+    /// start in the same boot (best effort: the rate can be measured again).
+    pub fn keep_tick_rate(&self, boot_id: &str, hz: u64) -> Result<(), StateError> {
+        let path = self.snapshots.dir.join(paths::TICK_RATE_FILE);
+        let tmp = self
+            .snapshots
+            .dir
+            .join(format!("{}.tmp", paths::TICK_RATE_FILE));
+        fs::write(&tmp, format!("{boot_id} {hz}\n"))
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|source| StateError::Write { path, source })
+    }
+
     /// Takes the daemon lock (an exclusive `flock` held for the process's
     /// life). A second daemon on the same state directory gets `Locked`.
     pub fn lock(&self) -> Result<File, StateError> {
@@ -991,6 +1015,21 @@ mod tests {
             StateStore::open(&d).unwrap().load().unwrap(),
             DesiredState::default()
         );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_tick_rate_is_kept_for_its_own_boot_only() {
+        let d = tmpdir("tick");
+        let store = StateStore::open(&d).unwrap();
+        assert_eq!(store.kept_tick_rate("boot-a"), None, "no file");
+        store.keep_tick_rate("boot-a", 250).unwrap();
+        assert_eq!(store.kept_tick_rate("boot-a"), Some(250));
+        assert_eq!(store.kept_tick_rate("boot-b"), None, "another boot");
+        for junk in ["", "boot-a", "boot-a x", "boot-a 250 1"] {
+            fs::write(d.join(paths::TICK_RATE_FILE), junk).unwrap();
+            assert_eq!(store.kept_tick_rate("boot-a"), None, "{junk:?}");
+        }
         fs::remove_dir_all(&d).unwrap();
     }
 

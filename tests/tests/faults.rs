@@ -381,9 +381,14 @@ fn a_lost_state_directory_keeps_the_colours_the_running_data_plane_has() {
     sw.cli_ok(&["flip", "web"]).unwrap();
     assert_eq!(get_ok(&topo), "blue");
     sw.kill();
+    let measured = |sw: &Switcher| sw.log().matches("(measured earlier in this boot)").count();
+    let before = measured(&sw);
     sw.start().unwrap();
     assert_eq!(sw.status().unwrap()["services"][0]["active"], "blue");
     assert_eq!(get_ok(&topo), "blue");
+    // The tick rate the start after the loss measured (and kept in the new
+    // state directory) is taken, not measured again.
+    assert_eq!(measured(&sw), before + 1, "{}", sw.log_tail());
 }
 
 /// Creates a small array map and pins it at `path` (raw bpf(2)).
