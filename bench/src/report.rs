@@ -228,8 +228,9 @@ whole, took 55–69 ms and 75 MB per request; line by line 15–19 ms and a 256-
 run: the slowest flip {under_work_flip_max_ms} ms alone, {under_work_history_flip_max_ms} ms while
 `history` was read back to back; `history` {under_work_history_ms} ms. The journal is bounded: past
 `journal_max_size` (64 MiB by default), once the snapshot has all of it, the daemon moves it to
-`journal.1.jsonl`, and `history` reads both parts (here the padded journal is moved a second
-after the restart). A restart no longer measures the kernel tick rate (250 ms) when an earlier
+`journal.1.jsonl`, and `history` reads both parts. The move waits for changes to pause (the
+snapshot must include all of the part it moves away), so part 5's padded journal, with flips
+arriving every 10 ms, stays where it is until the daemon stops. A restart no longer measures the kernel tick rate (250 ms) when an earlier
 start in the same boot did (`state_dir/tick-rate`, with the boot id): in two interleaved pairs of
 `--only services`, its restarts went from 752–859 ms to 436–533 ms. Most of what is left is the
 verifier: in a trace of a start, loading the 11 257-instruction XDP program (BPF_PROG_LOAD) took
