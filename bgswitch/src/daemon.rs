@@ -359,8 +359,6 @@ impl Daemon {
         for n in &removed {
             log::info!("service {n}: no longer configured, removing");
         }
-        store.save(&state)?;
-        enable_ip_forward()?;
         // The tick rate is fixed at boot: measured (250 ms) once per boot.
         let boot_id = std::fs::read_to_string(paths::BOOT_ID)
             .map(|t| t.trim().to_string())
@@ -393,9 +391,11 @@ impl Daemon {
                 _ => log::info!("service {n}: new, starting on blue"),
             }
         }
-        if !adopted.is_empty() {
-            store.save(&state)?;
-        }
+        // Saved once the added services are adopted: a state saved before
+        // would start them on blue at the next start. (Loading the data
+        // plane changes no traffic; `apply_config` does, below.)
+        store.save(&state)?;
+        enable_ip_forward()?;
         log::info!(
             "data plane clock: HZ {} ({}); flows refresh their next hop every {} ticks",
             dataplane.hz(),

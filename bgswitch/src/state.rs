@@ -330,7 +330,9 @@ impl StateStore {
     /// reads both. Called on the loop, where appends are made, so no line
     /// lands in the part being moved. Returns the size moved, if it moved.
     pub fn rotate_journal(&self, max: u64) -> Result<Option<u64>, StateError> {
-        if self.snapshots.saved_seq.load(SeqCst) < self.last_seq.get() {
+        if self.snapshots.saved_seq.load(SeqCst) < self.last_seq.get()
+            || self.snapshots.retiring.load(SeqCst)
+        {
             return Ok(None);
         }
         let path = self.journal_path();
@@ -349,34 +351,28 @@ impl StateStore {
         let dir = &self.snapshots.dir;
         let to = dir.join(paths::JOURNAL_ROTATED_FILE);
         let retired = dir.join(format!("{}.old", paths::JOURNAL_ROTATED_FILE));
-        if self.snapshots.retiring.load(SeqCst) {
-            return Ok(None);
-        }
-        let werr = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Write { path, source }
+        let found = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
         };
-        match fs::remove_file(&retired) {
-            // Left by a crash: rare, removed here.
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(werr(&retired)(e)),
-        }
-        match fs::hard_link(&to, &retired) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(werr(&retired)(e)),
-        }
-        fs::rename(&path, &to).map_err(werr(&to))?;
+        // One left by a crash is removed here (rare).
+        found(fs::remove_file(&retired))
+            .and_then(|()| found(fs::hard_link(&to, &retired)))
+            .map_err(|source| StateError::Write {
+                path: retired.clone(),
+                source,
+            })?;
+        fs::rename(&path, &to).map_err(|source| StateError::Write {
+            path: to.clone(),
+            source,
+        })?;
         self.snapshots.retiring.store(true, SeqCst);
         let snapshots = Arc::clone(&self.snapshots);
         let spawned = std::thread::Builder::new()
             .name("bgswitch-retire".into())
             .spawn(move || {
-                let r = match fs::remove_file(&retired) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => File::open(&snapshots.dir).and_then(|d| d.sync_all()),
-                };
+                let r = found(fs::remove_file(&retired))
+                    .and_then(|()| File::open(&snapshots.dir)?.sync_all());
                 if let Err(e) = r {
                     log::warn!("journal rotation: removing {}: {e}", retired.display());
                 }
@@ -970,7 +966,8 @@ mod tests {
             flip_journalled(&store, &mut st, "a");
         }
         store.save(&st).unwrap();
-        // logrotate: the journal moves away; a new daemon starts an empty one.
+        // Moved away by hand (the snapshot has all of it); a new daemon
+        // starts an empty one.
         fs::rename(store.journal_path(), d.join("journal.jsonl.1")).unwrap();
         let again = StateStore::open(&d).unwrap();
         let mut st2 = again.load().unwrap();
