@@ -197,7 +197,7 @@ fn a_long_journal_is_rotated_once_snapshotted_and_history_and_restarts_keep_ever
     assert!(rotated.exists());
     let moved = whole_lines(&rotated);
     assert_eq!(moved, flips, "every flip's line moved");
-    assert!(whole_lines(&journal) == 0, "a fresh journal");
+    assert_eq!(whole_lines(&journal), 0, "a fresh journal");
     // Two more flips after the move, then a kill before any snapshot.
     sw.cli_ok(&["flip", "web"]).unwrap();
     sw.cli_ok(&["flip", "web"]).unwrap();
