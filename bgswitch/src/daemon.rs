@@ -314,12 +314,24 @@ fn running_services(
         if !control::enabled(word) {
             continue;
         }
+        let preview = if word & control::PREVIEW != 0 {
+            dataplane.preview_prefixes(id).unwrap_or_else(|e| {
+                log::warn!(
+                    "service {}: reading its preview prefixes: {e:#}; not kept",
+                    svc.name
+                );
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
         out.insert(
             svc.name.clone(),
             model::Running {
                 id,
                 active: Colour::from_index(control::active(word)),
                 canary_bp: control::canary(word),
+                preview,
             },
         );
     }
@@ -380,12 +392,17 @@ impl Daemon {
         for n in &added {
             match state.services.get(n) {
                 Some(s) if adopted.contains(n) => log::warn!(
-                    "service {n}: not in the state, but the running data plane serves it on {}{}: kept (was the state directory lost or replaced?)",
+                    "service {n}: not in the state, but the running data plane serves it on {}{}{}: kept (was the state directory lost or replaced?)",
                     s.active,
                     if s.canary_bp > 0 {
                         format!(" with {:.2}% of new flows to {}", f64::from(s.canary_bp) / 100.0, s.active.other())
                     } else {
                         String::new()
+                    },
+                    if s.preview.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and preview prefixes [{}]", s.preview.join(", "))
                     }
                 ),
                 _ => log::info!("service {n}: new, starting on blue"),

@@ -1632,6 +1632,22 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The preview prefixes the data plane holds for service `id` (IPv4,
+    /// the only family services have), as "ADDR/LEN", in the map's order.
+    pub fn preview_prefixes(&self, id: u32) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for k in self.preview.keys() {
+            let k = k.map_err(map_err(names::PREVIEW, "iterate"))?;
+            let (data, bits) = (k.data(), k.prefix_len());
+            if data.service != id || !(32..=64).contains(&bits) {
+                continue;
+            }
+            let ip = std::net::Ipv4Addr::from(data.addr[0].to_ne_bytes());
+            out.push(format!("{ip}/{}", bits - 32));
+        }
+        Ok(out)
+    }
+
     /// Stops serving `key` (service `id`).
     pub fn remove_service(&mut self, id: u32, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {

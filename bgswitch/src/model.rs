@@ -196,11 +196,13 @@ pub const HISTORY_KEPT: usize = 1;
 
 /// What a running data plane has for a service (see
 /// `DesiredState::adopt_running`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Running {
     pub id: u32,
     pub active: Colour,
     pub canary_bp: u32,
+    /// Its preview prefixes ("ADDR/LEN").
+    pub preview: Vec<String>,
 }
 
 /// Everything the daemon must remember across restarts and reboots.
@@ -332,7 +334,8 @@ impl DesiredState {
 
     /// Services new to the state (`added` by `reconcile`) that a running
     /// data plane already serves (`running`: name → what it has) keep what it
-    /// has — colour, canary share and, where no other service holds it, id —
+    /// has — colour, canary share, preview prefixes (those that parse) and,
+    /// where no other service holds it, id —
     /// instead of starting on blue: a state directory lost or replaced while
     /// the pinned data plane forwarded must not flip traffic back. The other
     /// added services take the lowest free ids. Returns the names adopted.
@@ -357,6 +360,13 @@ impl DesiredState {
                 Some(r) => {
                     s.active = r.active;
                     s.canary_bp = r.canary_bp.min(control_full());
+                    s.preview = r
+                        .preview
+                        .iter()
+                        .filter_map(|p| parse_cidr(p).ok())
+                        .map(|(ip, len)| format!("{ip}/{len}"))
+                        .take(MAX_PREVIEW_PER_SERVICE)
+                        .collect();
                     adopted.push(name.clone());
                     if r.id < bgswitch_common::MAX_SERVICES && taken.insert(r.id) {
                         s.id = r.id;
@@ -786,6 +796,7 @@ mod tests {
                     id: 5,
                     active: Colour::Green,
                     canary_bp: 250,
+                    preview: vec!["198.18.0.0/24".into(), "not a prefix".into()],
                 },
             ),
             // Its id is held by a service the state had: a free one.
@@ -795,6 +806,7 @@ mod tests {
                     id: 2,
                     active: Colour::Green,
                     canary_bp: 0,
+                    preview: Vec::new(),
                 },
             ),
         ]);
@@ -804,6 +816,7 @@ mod tests {
             (st("a").id, st("a").active, st("a").canary_bp),
             (5, Colour::Green, 250)
         );
+        assert_eq!(st("a").preview, ["198.18.0.0/24"]);
         assert_eq!((st("b").active, st("b").canary_bp), (Colour::Green, 0));
         assert_eq!((st("c").active, st("old").id), (Colour::Blue, 2));
         let mut ids: Vec<u32> = s.services.values().map(|v| v.id).collect();

@@ -342,9 +342,9 @@ fn a_full_or_unwritable_state_directory_refuses_changes_and_changes_nothing() {
 }
 
 /// The whole state directory lost (or `state_dir` changed) while the
-/// pinned data plane forwards: the next daemon keeps each service's colour
-/// and canary share as the data plane has them, instead of starting every
-/// service on blue.
+/// pinned data plane forwards: the next daemon keeps each service's colour,
+/// canary share and preview prefixes as the data plane has them, instead of
+/// starting every service on blue.
 #[test]
 fn a_lost_state_directory_keeps_the_colours_the_running_data_plane_has() {
     let (topo, mut sw) = setup();
@@ -353,6 +353,10 @@ fn a_lost_state_directory_keeps_the_colours_the_running_data_plane_has() {
     sw.cli_ok(&["shift", "echo", "--to", "green", "--percent", "10"])
         .unwrap();
     assert_eq!(get_ok(&topo), "green");
+    // The client previews the idle colour (blue).
+    sw.cli_ok(&["preview", "web", "add", "198.18.0.2/32"])
+        .unwrap();
+    assert_eq!(get_ok(&topo), "blue");
     sw.stop().unwrap();
     std::fs::remove_dir_all(sw.state_dir()).unwrap();
     sw.start().unwrap();
@@ -367,16 +371,20 @@ fn a_lost_state_directory_keeps_the_colours_the_running_data_plane_has() {
             .clone()
     };
     assert_eq!(svc("web")["active"], "green", "{st:#}");
+    assert_eq!(svc("web")["preview"], serde_json::json!(["198.18.0.2/32"]));
     assert_eq!(svc("echo")["active"], "blue");
     assert_eq!(svc("echo")["canary_percent"], 10.0, "{st:#}");
-    assert_eq!(get_ok(&topo), "green", "traffic kept its colour");
+    assert_eq!(get_ok(&topo), "blue", "the preview kept");
     assert!(
         sw.log().contains(
-            "service web: not in the state, but the running data plane serves it on green: kept"
+            "service web: not in the state, but the running data plane serves it on green and preview prefixes [198.18.0.2/32]: kept"
         ),
         "{}",
         sw.log_tail()
     );
+    sw.cli_ok(&["preview", "web", "del", "198.18.0.2/32"])
+        .unwrap();
+    assert_eq!(get_ok(&topo), "green", "traffic kept its colour");
     // The adopted state is the daemon's own: it changes and persists.
     sw.cli_ok(&["flip", "web"]).unwrap();
     assert_eq!(get_ok(&topo), "blue");
