@@ -288,6 +288,39 @@ fn ms(d: Duration) -> String {
     format!("{d:?}")
 }
 
+/// Takes the tick rate an earlier start in this boot (`boot_id`) measured,
+/// if it kept one: the rate is fixed at boot, and measuring it takes 250 ms.
+fn assume_kept_tick_rate(store: &StateStore, boot_id: &str) -> bool {
+    !boot_id.is_empty()
+        && store
+            .kept_tick_rate(boot_id)
+            .is_some_and(dataplane::assume_hz)
+}
+
+/// Logs the services new to the state: on blue, or kept as the running
+/// data plane has them (`adopted`).
+fn log_added(state: &DesiredState, added: &[String], adopted: &[String]) {
+    for n in added {
+        match state.services.get(n) {
+            Some(s) if adopted.contains(n) => log::warn!(
+                "service {n}: not in the state, but the running data plane serves it on {}{}{}: kept (was the state directory lost or replaced?)",
+                s.active,
+                if s.canary_bp > 0 {
+                    format!(" with {:.2}% of new flows to {}", f64::from(s.canary_bp) / 100.0, s.active.other())
+                } else {
+                    String::new()
+                },
+                if s.preview.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and preview prefixes [{}]", s.preview.join(", "))
+                }
+            ),
+            _ => log::info!("service {n}: new, starting on blue"),
+        }
+    }
+}
+
 /// What the data plane (pinned by an earlier daemon) has for the `added`
 /// services whose VIP it serves, enabled (see `DesiredState::adopt_running`).
 fn running_services(
@@ -371,43 +404,21 @@ impl Daemon {
         for n in &removed {
             log::info!("service {n}: no longer configured, removing");
         }
-        // The tick rate is fixed at boot: measured (250 ms) once per boot.
         let boot_id = std::fs::read_to_string(paths::BOOT_ID)
             .map(|t| t.trim().to_string())
             .unwrap_or_default();
-        let kept = (!boot_id.is_empty())
-            .then(|| store.kept_tick_rate(&boot_id))
-            .flatten()
-            .filter(|hz| dataplane::assume_hz(*hz));
+        let kept = assume_kept_tick_rate(&store, &boot_id);
         let dataplane = Dataplane::load(&LoadOptions {
             bpffs: Some(config.bpffs.clone()),
             max_flows: config.max_flows,
         })?;
-        if kept.is_none() && !boot_id.is_empty() {
+        if !kept && !boot_id.is_empty() {
             if let Err(e) = store.keep_tick_rate(&boot_id, dataplane.hz()) {
                 log::warn!("{e}: the next start measures the tick rate again");
             }
         }
         let adopted = state.adopt_running(&added, &running_services(&config, &added, &dataplane));
-        for n in &added {
-            match state.services.get(n) {
-                Some(s) if adopted.contains(n) => log::warn!(
-                    "service {n}: not in the state, but the running data plane serves it on {}{}{}: kept (was the state directory lost or replaced?)",
-                    s.active,
-                    if s.canary_bp > 0 {
-                        format!(" with {:.2}% of new flows to {}", f64::from(s.canary_bp) / 100.0, s.active.other())
-                    } else {
-                        String::new()
-                    },
-                    if s.preview.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" and preview prefixes [{}]", s.preview.join(", "))
-                    }
-                ),
-                _ => log::info!("service {n}: new, starting on blue"),
-            }
-        }
+        log_added(&state, &added, &adopted);
         // Saved once the added services are adopted: a state saved before
         // would start them on blue at the next start. (Loading the data
         // plane changes no traffic; `apply_config` does, below.)
@@ -416,7 +427,7 @@ impl Daemon {
         log::info!(
             "data plane clock: HZ {} ({}); flows refresh their next hop every {} ticks",
             dataplane.hz(),
-            if kept.is_some() {
+            if kept {
                 "measured earlier in this boot"
             } else {
                 "measured"

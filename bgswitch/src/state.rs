@@ -474,9 +474,10 @@ impl StateStore {
         let text = fs::read_to_string(self.snapshots.dir.join(paths::TICK_RATE_FILE)).ok()?;
         let mut words = text.split_whitespace();
         let (boot, hz) = (words.next()?, words.next()?);
-        (boot == boot_id && words.next().is_none())
-            .then(|| hz.parse().ok())
-            .flatten()
+        if boot != boot_id || words.next().is_some() {
+            return None;
+        }
+        hz.parse().ok()
     }
 
     /// Keeps the tick rate measured in the boot `boot_id` for the next
