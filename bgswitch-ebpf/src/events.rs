@@ -8,7 +8,7 @@
 use bgswitch_common::LOG_INTERVAL_REFRESHES;
 
 use crate::{
-    flow::now,
+    clock::now,
     maps::{LOG_GATE, SETTINGS},
 };
 

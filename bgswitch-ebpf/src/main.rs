@@ -7,11 +7,21 @@
 #![no_std]
 #![no_main]
 
+// The packet's path, stage by stage (ARCHITECTURE.md's diagram).
+mod cache;
+mod forward;
+mod parse;
+mod path;
+mod reply;
+mod rewrite;
+mod stateless;
+mod transmit;
+// What the stages share.
+mod clock;
 mod events;
 mod flow;
 mod maps;
-mod nat;
-mod parse;
+mod service;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -41,7 +51,7 @@ pub fn bgswitch(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    flow::handle(&ctx, &frame)
+    path::handle(&ctx, &frame)
 }
 
 /// The data plane's clock, for userspace: `jiffies` and CLOCK_MONOTONIC side

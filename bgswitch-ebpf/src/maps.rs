@@ -1,5 +1,6 @@
-//! Map declarations. Sizes here are defaults; the daemon sets `FLOWS` from its
-//! config at load time and pins every map under `<bpffs>/bgswitch/v<N>/`.
+//! Map declarations and the counter helpers. Sizes here are defaults; the
+//! daemon sets `FLOWS` from its config at load time and pins every map
+//! under `<bpffs>/bgswitch/v<N>/`.
 
 use aya_ebpf::{
     macros::map,
@@ -132,6 +133,27 @@ pub fn count2(a: u32, b: u32) {
             }
             if let Some(v) = (*c).get_mut(b as usize) {
                 *v += 1;
+            }
+        }
+    }
+}
+
+/// A packet in its backend's counters (`BACKEND_STATS`, one per-CPU slot);
+/// a colour's traffic is the sum of its backends' (the daemon adds them up),
+/// so a packet pays for one counter slot, not two.
+#[inline(always)]
+pub fn account(stat: u32, bytes: u64, new_flow: bool, reply: bool) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot.
+        let s = unsafe { &mut *s };
+        if reply {
+            s.reply_packets += 1;
+            s.reply_bytes += bytes;
+        } else {
+            s.packets += 1;
+            s.bytes += bytes;
+            if new_flow {
+                s.new_flows += 1;
             }
         }
     }

@@ -1,6 +1,7 @@
-//! Rewriting a parsed frame: the destination towards a backend, or the source
-//! of a reply back to the virtual address, with incremental checksums; and the
-//! forwarding step (FIB lookup, MACs, TTL, XDP_TX or redirect).
+//! Forwarding a rewritten frame: the next hop kept in a flow record (or a
+//! backend's, for stateless services) while it is current, else
+//! `bpf_fib_lookup`; then the TTL, the MACs, and XDP_TX or a DevMap
+//! redirect. A frame with no usable next hop goes to the stack.
 
 use aya_ebpf::{
     bindings::{
@@ -11,7 +12,7 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use bgswitch_common::{csum::Delta, global, Addr, PROTO_TCP};
+use bgswitch_common::{csum::Delta, global, BackendHop, FlowEntry};
 use network_types::eth::EthHdr;
 
 use aya_log_ebpf::warn;
@@ -24,80 +25,107 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
-/// Offset of the checksum in the TCP and UDP headers.
-const TCP_CHECK: usize = 16;
-const UDP_CHECK: usize = 6;
 
-/// Which address and port of the frame a rewrite replaces.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Destination (client → backend).
-    Dst,
-    /// Source (backend reply → client, source becomes the VIP).
-    Src,
+/// What a kept next hop or cache slot needs to be current.
+#[derive(Clone, Copy)]
+pub struct Fresh {
+    /// The flow-cache generation now.
+    pub gen: u32,
+    /// `Settings::refresh` (0 without settings: nothing is fresh).
+    pub refresh: u64,
 }
 
-/// Replaces the source or destination address and port, updating the IPv4 and
-/// L4 checksums incrementally. Returns `None` only if a header vanished, which
-/// parse() already ruled out.
-#[inline(always)]
-pub fn rewrite(ctx: &XdpContext, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()> {
-    let ip = f.ip;
-    let (old_addr, old_port) = match side {
-        Side::Dst => (f.dst, f.dport),
-        Side::Src => (f.src, f.sport),
-    };
-    let addr_delta = Delta::ZERO.add32(old_addr[0], addr[0]);
-    // SAFETY: f.ip was bounds-checked by parse(); the packet has not been resized.
-    unsafe {
-        let new = addr[0].to_ne_bytes();
-        match side {
-            Side::Dst => (*ip).dst_addr = new,
-            Side::Src => (*ip).src_addr = new,
+/// One direction's cached next hop inside a flow entry.
+pub struct Nh<'a> {
+    pub ifindex: &'a mut u32,
+    pub dmac: &'a mut [u8; 6],
+    pub smac: &'a mut [u8; 6],
+    pub len: &'a mut u16,
+    pub gen: &'a mut u32,
+    pub at: &'a mut u32,
+}
+
+impl<'a> Nh<'a> {
+    /// Towards the backend.
+    #[inline(always)]
+    pub fn forward(e: &'a mut FlowEntry) -> Self {
+        Nh {
+            ifindex: &mut e.nh_ifindex,
+            dmac: &mut e.nh_dmac,
+            smac: &mut e.nh_smac,
+            len: &mut e.nh_len,
+            gen: &mut e.nh_gen,
+            at: &mut e.nh_at,
         }
-        let check = addr_delta.apply(u16::from_ne_bytes((*ip).check));
-        (*ip).check = check.to_ne_bytes();
     }
-    rewrite_l4(ctx, f, side, port, addr_delta.add16(old_port, port))
+
+    /// Towards a backend of a stateless service.
+    #[inline(always)]
+    pub fn backend(h: &'a mut BackendHop) -> Self {
+        Nh {
+            ifindex: &mut h.ifindex,
+            dmac: &mut h.dmac,
+            smac: &mut h.smac,
+            len: &mut h.len,
+            gen: &mut h.gen,
+            at: &mut h.at,
+        }
+    }
+
+    /// Whether the kept next hop serves this packet: one was found, under
+    /// the current generation, within the refresh, for a packet at least as
+    /// long (the MTU check).
+    #[inline(always)]
+    pub fn usable(&self, f: &Frame, now: u64, fresh: Fresh) -> bool {
+        *self.ifindex != 0
+            && *self.gen == fresh.gen
+            && u64::from((now as u32).wrapping_sub(*self.at)) <= fresh.refresh
+            && f.tot_len <= *self.len
+    }
+
+    /// Towards the client.
+    #[inline(always)]
+    pub fn reply(e: &'a mut FlowEntry) -> Self {
+        Nh {
+            ifindex: &mut e.rnh_ifindex,
+            dmac: &mut e.rnh_dmac,
+            smac: &mut e.rnh_smac,
+            len: &mut e.rnh_len,
+            gen: &mut e.rnh_gen,
+            at: &mut e.rnh_at,
+        }
+    }
 }
 
-/// The port of `side` and the checksum of the frame's TCP or UDP header,
-/// with one bounds check (a TCP header's first 18 bytes hold both ports and
-/// the checksum, a UDP header's 8), and whether it is TCP.
+/// Forwards a rewritten packet through a cached next hop, or looks the next
+/// hop up (and keeps it) when there is none, when its generation is old, when
+/// it is older than the refresh, or when the packet is longer than the one
+/// it was looked up for (the MTU check). Counts `also` with the transmit.
 #[inline(always)]
-fn l4_fields(ctx: &XdpContext, f: &Frame, side: Side) -> Option<(*mut u16, *mut u16, bool)> {
-    let port_off = match side {
-        Side::Src => 0,
-        Side::Dst => 2,
-    };
-    let tcp = f.proto == PROTO_TCP;
-    let h: *mut u8 = if tcp {
-        ptr_at::<[u8; TCP_CHECK + 2]>(ctx, f.l4)?.cast()
-    } else {
-        ptr_at::<[u8; UDP_CHECK + 2]>(ctx, f.l4)?.cast()
-    };
-    let check_off = if tcp { TCP_CHECK } else { UDP_CHECK };
-    // SAFETY: both offsets lie inside the bounds-checked header (2-byte
-    // aligned fields; packet pointers allow such stores on the 64-bit JITs).
-    Some(unsafe { (h.add(port_off).cast(), h.add(check_off).cast(), tcp) })
-}
-
-/// Writes the port of `side` and applies `delta` (address through the
-/// pseudo-header, and port) to the TCP or UDP checksum; a UDP checksum of 0
-/// stays 0.
-#[inline(always)]
-fn rewrite_l4(ctx: &XdpContext, f: &Frame, side: Side, port: u16, delta: Delta) -> Option<()> {
-    let (port_ptr, check, tcp) = l4_fields(ctx, f, side)?;
-    // SAFETY: bounds-checked by l4_fields.
-    unsafe {
-        *port_ptr = port;
-        *check = if tcp {
-            delta.apply(*check)
-        } else {
-            delta.apply_udp(*check)
-        };
+pub fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, fresh: Fresh, also: Option<u32>) -> u32 {
+    if nh.usable(f, now, fresh) {
+        return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac, also);
     }
-    Some(())
+    let Some(hop) = resolve(ctx, f) else {
+        *nh.ifindex = 0;
+        if let Some(a) = also {
+            count(a);
+        }
+        return xdp_action::XDP_PASS;
+    };
+    // Byte stores: an array assignment may become a memcpy call here.
+    for i in 0..6 {
+        // SAFETY: in-bounds writes to fields of a valid entry.
+        unsafe {
+            core::ptr::write_volatile(&mut nh.dmac[i], hop.dmac[i]);
+            core::ptr::write_volatile(&mut nh.smac[i], hop.smac[i]);
+        }
+    }
+    *nh.len = f.tot_len;
+    *nh.gen = fresh.gen;
+    *nh.at = now as u32;
+    *nh.ifindex = hop.ifindex;
+    transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, also)
 }
 
 /// Where a rewritten frame goes next: the egress interface and both MACs,
@@ -222,46 +250,6 @@ pub fn transmit(
         (*ip).check = check.to_ne_bytes();
     }
     transmit_l2(ctx, egress, dmac, smac, also)
-}
-
-/// The cached path's rewrite: the address and port of `side`, the TTL, and
-/// both checksums from the flow's precomputed deltas (see
-/// `bgswitch_common::CachedFlow`). The caller checked TTL > 1.
-#[inline(always)]
-pub fn rewrite_cached(
-    ctx: &XdpContext,
-    f: &Frame,
-    side: Side,
-    addr: u32,
-    port: u16,
-    ip_delta: u16,
-    l4_delta: u16,
-) -> Option<()> {
-    let ip = f.ip.cast::<u8>();
-    // SAFETY: f.ip was bounds-checked by parse(); ttl > 1 (caller). Whole-
-    // word stores (the header's byte arrays would be written byte by byte).
-    unsafe {
-        let addr_off = match side {
-            Side::Dst => 16,
-            Side::Src => 12,
-        };
-        core::ptr::write_volatile(ip.add(addr_off).cast::<u32>(), addr);
-        *ip.add(8) -= 1;
-        let check = ip.add(10).cast::<u16>();
-        let c = Delta::apply_folded(ip_delta, core::ptr::read_volatile(check));
-        core::ptr::write_volatile(check, c);
-    }
-    let (port_ptr, check, tcp) = l4_fields(ctx, f, side)?;
-    // SAFETY: bounds-checked by l4_fields.
-    unsafe {
-        *port_ptr = port;
-        *check = if tcp {
-            Delta::apply_folded(l4_delta, *check)
-        } else {
-            Delta::from_folded(l4_delta).apply_udp(*check)
-        };
-    }
-    Some(())
 }
 
 /// Writes the MACs of a resolved next hop and transmits; counts TX or

@@ -1,0 +1,251 @@
+//! Client → VIP: follow the flow's record, or choose a colour and a backend
+//! for a new flow (the orphan pool for a connection older than its record
+//! in a transition) and record it, one entry with both directions' next
+//! hops.
+
+use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::XdpContext};
+use bgswitch_common::{
+    control, flow_flags, global,
+    hash::{flow_hash, CANARY_SEED},
+    FlowEntry, FlowKey, FlowKey4, PreviewKey, PROTO_TCP, PROTO_UDP,
+};
+
+use aya_log_ebpf::error;
+
+use crate::{
+    cache::{fill, forget, Cache, Dir},
+    events,
+    flow::{close_flags, closed, key4},
+    maps::{account, count, CONTROL, FLOWS, PREVIEW, SETTINGS},
+    parse::{Frame, TCP_ACK, TCP_SYN},
+    rewrite::{rewrite, Side},
+    service::{no_backend, pick, vip_source},
+    stateless::stateless,
+    transmit::{send, Nh},
+};
+
+/// Which colour a new flow takes, and whether a preview prefix decided it.
+/// A source in one of the service's preview prefixes goes to the idle colour;
+/// a canary share sends that many basis points of new flows (by flow hash) to
+/// the idle colour. A non-SYN TCP packet with no record belongs to a
+/// connection older than its record: it goes to the active colour.
+#[inline(always)]
+fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, bool) {
+    let active = control::active(word);
+    if orphan {
+        return (active, false);
+    }
+    if word & control::PREVIEW != 0 {
+        let k = LpmKey::new(
+            32 + 128,
+            PreviewKey {
+                service,
+                addr: key.src,
+            },
+        );
+        if PREVIEW.get(&k).is_some() {
+            return (active ^ 1, true);
+        }
+    }
+    let canary = control::canary(word);
+    if canary != 0 && flow_hash(key, CANARY_SEED) % control::CANARY_FULL < canary {
+        return (active ^ 1, false);
+    }
+    (active, false)
+}
+
+/// Client → VIP, with the flow's record if it has one.
+#[inline(always)]
+pub fn to_backend(
+    ctx: &XdpContext,
+    f: &Frame,
+    key: &FlowKey,
+    service: u32,
+    entry: Option<&mut FlowEntry>,
+    now: u64,
+    cache: &Cache,
+) -> u32 {
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    let Some(word) = CONTROL.get_ptr(service) else {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    };
+    // One 32-bit load of the word userspace stores atomically.
+    // SAFETY: the pointer comes from a successful array lookup.
+    let word = unsafe { core::ptr::read_volatile(word) };
+    if !control::enabled(word) {
+        // A removed service: its flows are not ours any more.
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
+    if control::stateless(word) && f.proto == PROTO_TCP {
+        // Its stateless slot is set before the word and cleared after: only
+        // a packet racing a change, or of a service whose slot another one
+        // holds, gets here.
+        return stateless(ctx, f, service, word, now, cache.fresh);
+    }
+    let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // The backend of an entry this packet replaces (port reuse after close
+    // or idle).
+    let mut replaced: Option<(u32, u16)> = None;
+    if let Some(entry) = entry {
+        replaced = Some((entry.peer, entry.peer_port));
+        if !expired(entry, f, syn, now) {
+            if now.wrapping_sub(entry.last_seen) > cache.fresh.refresh {
+                entry.last_seen = now;
+            }
+            let closing = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
+            if closing != 0 {
+                entry.flags |= closing;
+            }
+            count(global::FLOW_HITS);
+            account(entry.backend_stat as u32, f.frame_len, false, false);
+            if rewrite(ctx, f, Side::Dst, &[entry.peer, 0, 0, 0], entry.peer_port).is_none() {
+                count(global::MALFORMED);
+                return xdp_action::XDP_PASS;
+            }
+            let action = send(ctx, f, Nh::forward(entry), now, cache.fresh, None);
+            fill(cache, entry, Dir::Forward);
+            return action;
+        }
+    }
+
+    if vip_source(f) {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
+    let orphan = f.proto == PROTO_TCP && !syn;
+    // An orphan in a transition of a stateless service: a connection of the
+    // stable period before, which had no record; the pool of that period
+    // chooses the backend it had.
+    let (colour, slot, preview) = match control::orphan(word) {
+        Some((colour, slot)) if orphan => {
+            count(global::ORPHANS);
+            (colour, slot, false)
+        }
+        _ => {
+            let (colour, preview) = choose_colour(word, service, key, orphan);
+            (colour, control::slot(word, colour), preview)
+        }
+    };
+    let Some(b) = pick(service, slot, key) else {
+        return no_backend(ctx, service, colour);
+    };
+    account(b.stat_id, f.frame_len, true, false);
+    if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    let mut flags = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
+    if preview {
+        flags |= flow_flags::PREVIEW;
+    }
+    let mut raw = core::mem::MaybeUninit::<FlowEntry>::uninit();
+    let fwd = new_entry(
+        &mut raw, b.addr[0], b.port, colour, flags, service, b.stat_id, now,
+    );
+    // The next hop is looked up before the flow is recorded, so the forward
+    // entry is written once, with it; the frame leaves only after we return.
+    let action = send(ctx, f, Nh::forward(fwd), now, cache.fresh, None);
+    record(ctx, key, fwd);
+    // A replaced entry (port reuse after close or idle) needs no
+    // invalidation elsewhere: after idle, every CPU's slot of the flow is
+    // older than the refresh; after a close, slots on other CPUs would
+    // matter only if one 5-tuple's packets came in on two CPUs within the
+    // refresh of the new SYN (RSS keeps a 5-tuple on one queue). The old
+    // backend's reply slot is cleared below (on this CPU).
+    fill(cache, fwd, Dir::Forward);
+    if let Some((old, old_port)) = replaced {
+        if (old, old_port) != (b.addr[0], b.port) {
+            // The old backend's late packets are no replies of the new flow:
+            // this CPU's slot of them goes (other CPUs' slots age out within
+            // the refresh).
+            forget(
+                &FlowKey4 {
+                    src: old,
+                    dst: f.src[0],
+                    sport: old_port,
+                    dport: f.sport,
+                    proto: f.proto,
+                    _pad0: 0,
+                    _pad1: 0,
+                },
+                cache.shift,
+            );
+        }
+    }
+    action
+}
+
+/// A new flow's entry, built in place in `raw`: zeroed with ten 8-byte
+/// stores first (a struct literal's `[0; 6]` MAC fields each became a call
+/// to the byte-at-a-time memset here, four per new flow), then the fields
+/// that are not zero.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn new_entry(
+    raw: &mut core::mem::MaybeUninit<FlowEntry>,
+    peer: u32,
+    peer_port: u16,
+    colour: u32,
+    flags: u8,
+    service: u32,
+    stat: u32,
+    now: u64,
+) -> &mut FlowEntry {
+    const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
+    const _: () = assert!(core::mem::size_of::<FlowEntry>() % 8 == 0);
+    const _: () = assert!(core::mem::align_of::<FlowEntry>() == 8);
+    let w = raw.as_mut_ptr().cast::<u64>();
+    // SAFETY: FlowEntry is 8-aligned plain integers, 80 bytes; every word is
+    // written (volatile, so the stores are not merged back into a memset
+    // call), and zero is a valid value for every field.
+    let e = unsafe {
+        for i in 0..WORDS {
+            core::ptr::write_volatile(w.add(i), 0);
+        }
+        &mut *raw.as_mut_ptr()
+    };
+    e.peer = peer;
+    e.peer_port = peer_port;
+    e.colour = colour as u8;
+    e.flags = flags;
+    e.service = service;
+    e.created = now as u32;
+    e.last_seen = now;
+    e.backend_stat = stat as u16;
+    e
+}
+
+/// Whether a forward entry no longer decides this packet: an idle UDP flow, or
+/// a TCP SYN after the old connection closed or went idle (port reuse).
+#[inline(always)]
+fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
+    let Some(s) = SETTINGS.get(0) else {
+        return false;
+    };
+    let idle = now.saturating_sub(entry.last_seen);
+    if f.proto == PROTO_UDP {
+        return idle > s.udp_idle;
+    }
+    syn && (closed(entry.flags) || idle > s.tcp_idle)
+}
+
+/// Writes a new flow's entry (replies find it through `REPLY_SOURCES`).
+#[inline(always)]
+fn record(ctx: &XdpContext, key: &FlowKey, fwd: &FlowEntry) {
+    if let Err(e) = FLOWS.insert(&key4(key), fwd, 0) {
+        count(global::FLOW_INSERT_FAILED);
+        if events::gate(global::FLOW_INSERT_FAILED) {
+            error!(
+                ctx,
+                "data plane: a new flow to {:i} could not be recorded in the flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
+                fwd.peer.to_ne_bytes(),
+                e
+            );
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Backend → client: a reply of a flow bgswitch forwarded gets the VIP back
+//! as its source. The flow is found through the backend's service
+//! (`REPLY_SOURCES`) and the flow's record, or the hash choice for
+//! connections without a record (a stable period, or the orphan pool of a
+//! transition).
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use bgswitch_common::{flow_flags, global, Backend, FlowEntry, FlowKey, PROTO_TCP};
+
+use crate::{
+    cache::{fill, forget, write_slot, Cache, Decision, Dir},
+    flow::close_flags,
+    maps::{account, count, SERVICE_STATS},
+    parse::{Frame, TCP_ACK, TCP_RST, TCP_SYN},
+    rewrite::{rewrite, Side},
+    service::pick,
+    transmit::{resolve, send, transmit, Nh},
+};
+
+/// Backend → client: a reply of a flow we forwarded gets the VIP back as its
+/// source.
+#[inline(always)]
+pub fn from_backend(
+    ctx: &XdpContext,
+    f: &Frame,
+    entry: &mut FlowEntry,
+    vip: u32,
+    vport: u16,
+    now: u64,
+    cache: &Cache,
+) -> u32 {
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    if now.wrapping_sub(entry.last_seen) > cache.fresh.refresh {
+        entry.last_seen = now;
+    }
+    let service = entry.service;
+    let colour = entry.colour as u32;
+    let stat = entry.backend_stat as u32;
+    if f.proto == PROTO_TCP {
+        let flags = f.tcp_flags;
+        // Handshake and close, which status, the error signal and port reuse
+        // read.
+        let mut mirror = close_flags(flags, flow_flags::FIN_BACKEND);
+        if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+            mirror |= flow_flags::ESTABLISHED;
+        }
+        reply_counters(service, colour, flags);
+        if mirror != 0 {
+            entry.flags |= mirror;
+        }
+    }
+    account(stat, f.frame_len, false, true);
+    count(global::REPLIES);
+    if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None);
+    fill(cache, entry, Dir::Reply { vip, vport });
+    action
+}
+
+/// A reply of a connection no record holds (a stateless service's): as
+/// `from_backend` without an entry. Its next hop towards the client is
+/// looked up and kept in this CPU's cache slot only, so the flow's next
+/// replies take the cached path.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn stateless_reply(
+    ctx: &XdpContext,
+    f: &Frame,
+    service: u32,
+    colour: u32,
+    b: &Backend,
+    vip: u32,
+    vport: u16,
+    now: u64,
+    cache: &Cache,
+) -> u32 {
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    reply_counters(service, colour, f.tcp_flags);
+    account(b.stat_id, f.frame_len, false, true);
+    count(global::REPLIES);
+    if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    let Some(hop) = resolve(ctx, f) else {
+        // To the stack: this CPU's slot must not serve an older decision.
+        forget(&cache.key, cache.shift);
+        return xdp_action::XDP_PASS;
+    };
+    if let Some(c) = cache.slot {
+        // SAFETY: this CPU's slot; every field written as a whole integer.
+        let c = unsafe { &mut *c };
+        write_slot(
+            c,
+            cache,
+            Dir::Reply { vip, vport },
+            Decision {
+                peer: b.addr[0],
+                peer_port: b.port,
+                colour: colour as u8,
+                service,
+                stat: b.stat_id as u16,
+                last_seen: now as u32,
+            },
+            hop.ifindex,
+            &hop.dmac,
+            &hop.smac,
+            f.tot_len,
+        );
+    }
+    transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, None)
+}
+
+/// For a backend's reply: the backend that pool `slot` of `service` chooses
+/// for the client's 5-tuple (client → VIP), if it is the reply's source.
+#[inline(always)]
+pub fn hashed_here(f: &Frame, service: u32, slot: u32, vip: u32, vport: u16) -> Option<Backend> {
+    let key = FlowKey {
+        src: f.dst,
+        dst: [vip, 0, 0, 0],
+        sport: f.dport,
+        dport: vport,
+        proto: f.proto,
+        family: f.family,
+        _pad: [0; 2],
+    };
+    let b = pick(service, slot, &key)?;
+    (b.addr[0] == f.src[0] && b.port == f.sport).then_some(b)
+}
+
+/// A backend's SYN-ACKs and RSTs, which the error signal reads.
+#[inline(always)]
+fn reply_counters(service: u32, colour: u32, flags: u8) {
+    if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+            // SAFETY: per-CPU slot.
+            unsafe { (*s).syn_acks += 1 };
+        }
+    }
+    if flags & TCP_RST != 0 {
+        if let Some(s) = SERVICE_STATS.get_ptr_mut(service * 2 + colour) {
+            // SAFETY: per-CPU slot.
+            unsafe { (*s).backend_rsts += 1 };
+        }
+    }
+}

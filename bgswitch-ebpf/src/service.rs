@@ -1,0 +1,86 @@
+//! What every stage reads of a service: the address filter that skips the
+//! lookups of addresses bgswitch does not serve, the control word, the
+//! backend a pool chooses, whether a source is a VIP (spoofed), and the
+//! rare event of an empty pool.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use bgswitch_common::{
+    addr_bit, global,
+    hash::{flow_hash, reduce, BACKEND_SEED},
+    Addr, Backend, FlowKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS,
+};
+
+use aya_log_ebpf::warn;
+
+use crate::{
+    events,
+    maps::{count, ADDR_FILTER, BACKENDS, CONTROL, POOL_SIZES, SERVICES},
+    parse::Frame,
+};
+
+/// Whether `addr` may be in the `ADDR_FILTER` bitmap starting at word
+/// `base` (VIPs at 0, backends at `ADDR_FILTER_WORDS`).
+#[inline(always)]
+pub fn maybe(base: u32, addr: &Addr) -> bool {
+    let (word, mask) = addr_bit(addr);
+    match ADDR_FILTER.get_ptr(base + word) {
+        // SAFETY: an aligned 64-bit load of an array slot.
+        Some(w) => (unsafe { core::ptr::read_volatile(w) }) & mask != 0,
+        None => true,
+    }
+}
+
+/// The control word of a service (0, disabled, if there is none).
+#[inline(always)]
+pub fn control_word(service: u32) -> u32 {
+    match CONTROL.get_ptr(service) {
+        // SAFETY: one 32-bit load of the word userspace stores atomically.
+        Some(w) => unsafe { core::ptr::read_volatile(w) },
+        None => 0,
+    }
+}
+
+/// The backend pool `slot` of `service` chooses for a 5-tuple.
+#[inline(always)]
+pub fn pick(service: u32, slot: u32, key: &FlowKey) -> Option<Backend> {
+    let slot = service * POOL_SLOTS + slot;
+    let n = *POOL_SIZES.get(slot)?;
+    if n == 0 || n > MAX_BACKENDS {
+        return None;
+    }
+    let i = reduce(flow_hash(key, BACKEND_SEED), n);
+    BACKENDS.get(slot * MAX_BACKENDS + i).copied()
+}
+
+/// A client whose own address and port are a VIP (spoofed): the replies to
+/// it would be VIP traffic. Not ours.
+#[inline(always)]
+pub fn vip_source(f: &Frame) -> bool {
+    // The key only for a source in the VIP bitmap.
+    if !maybe(0, &f.src) {
+        return false;
+    }
+    let own = ServiceKey {
+        addr: f.src,
+        port: f.sport,
+        proto: f.proto,
+        family: f.family,
+    };
+    // SAFETY: only presence is read.
+    unsafe { SERVICES.get(&own) }.is_some()
+}
+
+/// An empty pool: counted, logged (rarely), and passed untouched.
+#[inline(always)]
+pub fn no_backend(ctx: &XdpContext, service: u32, colour: u32) -> u32 {
+    count(global::NO_BACKEND);
+    if events::gate(global::NO_BACKEND) {
+        warn!(
+            ctx,
+            "data plane: service {} has no backend in its pool of colour {} (0 blue, 1 green): new flows pass to the kernel stack untouched (counter no_backend)",
+            service,
+            colour
+        );
+    }
+    xdp_action::XDP_PASS
+}

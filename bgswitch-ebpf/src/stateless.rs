@@ -1,0 +1,114 @@
+//! The stateless path: a stateless service's packet in its stable period
+//! is sent to the backend the flow hash picks over the active pool, with
+//! nothing read or written per flow (the service found by one 64-bit load
+//! of its `ADDR_FILTER` slot; the next hop is the backend's).
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use bgswitch_common::{
+    control, csum::Delta, global, stateless_entry, stateless_slot, ADDR_FILTER_WORDS,
+    STATELESS_ID_MASK,
+};
+
+use crate::{
+    flow::flow_key,
+    maps::{account, count, ADDR_FILTER, BACKEND_HOPS},
+    parse::{Frame, TCP_ACK, TCP_SYN},
+    rewrite::{rewrite, rewrite_cached, Side},
+    service::{no_backend, pick, vip_source},
+    transmit::{send, transmit_l2, Fresh, Nh},
+};
+
+/// The stateless service in its stable period the packet's VIP and port
+/// (IPv4, TCP) may be: one 64-bit load of its `ADDR_FILTER` slot (see
+/// `bgswitch_common::stateless_entry`). The caller checks the control word.
+#[inline(always)]
+pub fn stateless_service(f: &Frame) -> Option<u32> {
+    let slot = stateless_slot(f.dst[0], f.dport);
+    let p = ADDR_FILTER.get_ptr(2 * ADDR_FILTER_WORDS + slot)?;
+    // SAFETY: an aligned 64-bit load of an array slot (stored whole).
+    let e = unsafe { core::ptr::read_volatile(p) };
+    (e & !STATELESS_ID_MASK == stateless_entry(f.dst[0], f.dport, 0))
+        .then_some(((e & STATELESS_ID_MASK) >> 48) as u32)
+}
+
+/// A stateless service's packet in its stable period: the backend is the
+/// flow hash over the active pool, for a SYN and every later packet alike
+/// (so they agree without a record); nothing is recorded, and the next hop
+/// is the backend's (`BACKEND_HOPS`), looked up once per backend and
+/// refresh instead of once per flow.
+#[inline(always)]
+pub fn stateless(
+    ctx: &XdpContext,
+    f: &Frame,
+    service: u32,
+    word: u32,
+    now: u64,
+    fresh: Fresh,
+) -> u32 {
+    if f.ttl <= 1 {
+        count(global::TTL_EXCEEDED);
+        return xdp_action::XDP_PASS;
+    }
+    if vip_source(f) {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    }
+    let key = flow_key(f);
+    let active = control::active(word);
+    let Some(b) = pick(service, control::slot(word, active), &key) else {
+        return no_backend(ctx, service, active);
+    };
+    let Some(hop) = BACKEND_HOPS.get_ptr_mut(b.stat_id) else {
+        count(global::PASS_NOT_SERVICE);
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
+    let hop = unsafe { &mut *hop };
+    let syn = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    account(b.stat_id, f.frame_len, syn, false);
+    let peer = b.addr[0];
+    // The backend's next hop and deltas, if they are for this VIP and
+    // backend, current, fresh and long enough: the cached path's rewrite.
+    if Nh::backend(hop).usable(f, now, fresh)
+        && hop.peer == peer
+        && hop.peer_port == b.port
+        && hop.vip == f.dst[0]
+        && hop.vport == f.dport
+    {
+        if rewrite_cached(ctx, f, Side::Dst, peer, b.port, hop.ip_delta, hop.l4_delta).is_none() {
+            count(global::MALFORMED);
+            return xdp_action::XDP_PASS;
+        }
+        return transmit_l2(
+            ctx,
+            hop.ifindex,
+            &hop.dmac,
+            &hop.smac,
+            Some(global::STATELESS),
+        );
+    }
+    let (vip, vport) = (f.dst[0], f.dport);
+    if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
+        count(global::MALFORMED);
+        return xdp_action::XDP_PASS;
+    }
+    // Force the lookup (the hop may be another VIP's or backend's), then
+    // keep what it was for and this rewrite's deltas.
+    hop.ifindex = 0;
+    let action = send(
+        ctx,
+        f,
+        Nh::backend(hop),
+        now,
+        fresh,
+        Some(global::STATELESS),
+    );
+    let addr = Delta::ZERO.add32(vip, peer);
+    hop.ip_delta = addr.ttl_decrement().folded();
+    hop.l4_delta = addr.add16(vport, b.port).folded();
+    hop.peer = peer;
+    hop.peer_port = b.port;
+    hop.vip = vip;
+    hop.vport = vport;
+    action
+}
