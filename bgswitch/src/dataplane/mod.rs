@@ -1,0 +1,187 @@
+//! The only code that talks to aya: load the XDP program, pin and adopt maps,
+//! attach to interfaces through pinned links, write services and pools, flip
+//! with one aligned 32-bit store, and read counters and the flow table.
+//!
+//! Pins live under `<bpffs>/bgswitch/v<LAYOUT_VERSION>/{maps,links}/`. A new
+//! daemon loads the program against the pinned maps (so flows and counters
+//! survive) and swaps its program into the pinned links atomically
+//! (`bpf_link_update`), so a restart never detaches.
+//!
+//! Inside, by concern:
+//! - `load` — the program and its maps (pinned ones adopted after a shape
+//!   check), the flow cache's size, test runs;
+//! - `pins` — the bpffs and the pin layout, teardown;
+//! - `hook` — how the program meets an interface (XDP, native or generic);
+//! - `attach` — attachments through pinned links, adoption, interfaces
+//!   watched and re-attached, detach;
+//! - `services` — services, pools and control words (flip, canary, preview);
+//! - `transitions` — stable periods of stateless services, the address
+//!   filter;
+//! - `flows` — flow-table reads (counts, scans) and flushes;
+//! - `counters` — the program's counters;
+//! - `clock` — kernel ticks, the tick rate, the timeouts in `SETTINGS`;
+//! - `flow_gen` — `FLOW_GEN` and the netlink watcher that bumps it;
+//! - `mapped` — the mmapped arrays written through atomics.
+
+mod attach;
+mod clock;
+mod counters;
+mod flow_gen;
+mod flows;
+mod hook;
+mod load;
+mod mapped;
+mod pins;
+mod services;
+mod transitions;
+
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    io,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use aya::{
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    programs::{links::FdLink, ProgramError},
+    Ebpf,
+};
+use bgswitch_common::{
+    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ReplySource,
+    ServiceKey, ServiceValue, Settings,
+};
+
+pub use attach::{ifindex, ifname, Attachment};
+pub use clock::{assume_hz, monotonic_ns, CONFIG_HZ};
+pub use flows::{FlowCounts, FlowScan, SYN_TIMEOUT_S};
+pub use hook::AttachMode;
+pub use load::cpu_id_bound;
+pub use pins::{ensure_bpffs, remove_pins};
+pub use services::{addr_of, backend_of, backend_stat_id, service_key};
+
+use crate::config::XdpModeSetting;
+use clock::Clock;
+use flow_gen::GenCounter;
+use mapped::MappedArray;
+
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Errors of the data plane, each naming what failed and on which object.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("this bgswitch binary was built without its XDP program (AYA_BUILD_SKIP); rebuild it")]
+    NoObject,
+    #[error("bpffs at {path}: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+    #[error(
+        "pinned map {path} does not match this bgswitch (expected {expected}, found {found}); \
+         it belongs to another version or configuration. Run `bgswitch detach` to remove the \
+         old pins (this drops open flows), or restore the matching max_flows"
+    )]
+    MapMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("loading the XDP program: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {name}: {op}: {source}")]
+    Map {
+        name: &'static str,
+        op: String,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} missing from the XDP object")]
+    MissingMap(&'static str),
+    #[error("interface {0} does not exist")]
+    UnknownInterface(String),
+    #[error("attaching XDP to {iface} in {mode} mode: {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(
+    name: &'static str,
+    op: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    let op = op.into();
+    move |source| DataplaneError::Map { name, op, source }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DataplaneError {
+    let path = path.to_path_buf();
+    move |source| DataplaneError::Io { op, path, source }
+}
+
+/// How to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Pin root (a bpffs mount). `None`: private maps, nothing pinned (tests,
+    /// simulation).
+    pub bpffs: Option<PathBuf>,
+    /// Flow table size in flows (one entry each).
+    pub max_flows: u32,
+}
+
+/// The userspace handle on the running data plane.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    bpffs: Option<PathBuf>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    control: MappedArray,
+    pool_sizes: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    flows: HashMap<MapData, FlowKey4, FlowEntry>,
+    /// The same map, for batch reads (aya 0.14 has no batch API).
+    flows_fd: OwnedFd,
+    settings: Array<MapData, Settings>,
+    tx_ports: DevMapHash<MapData>,
+    service_stats: PerCpuArray<MapData, ColourStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    global_stats: PerCpuArray<MapData, [u64; global::COUNT as usize]>,
+    preview: LpmTrie<MapData, PreviewKey, u32>,
+    reply_sources: HashMap<MapData, ServiceKey, ReplySource>,
+    links: BTreeMap<String, (Attachment, FdLink)>,
+    /// The mode each interface was asked for, and its last seen link state.
+    watched: BTreeMap<String, (XdpModeSetting, Option<bool>)>,
+    /// When each (service, slot) was last deselected.
+    freed: StdHashMap<(u32, u32), Instant>,
+    /// Services that may run stateless in their stable periods (see
+    /// `bgswitch_common::control`): configured so, and allowed now.
+    stateless: HashSet<u32>,
+    /// What `SETTINGS` holds (once written).
+    settings_now: Option<Settings>,
+    /// Services in a transition that has an orphan pool, and since when
+    /// (this process's view: a transition found at load starts then).
+    transitions: StdHashMap<u32, Instant>,
+    /// The data plane's clock (kernel ticks).
+    clock: Clock,
+    /// Slots of this load's per-CPU flow cache.
+    cache_slots: u32,
+    /// The mapped `ADDR_FILTER` bitmaps.
+    addr_filter: MappedArray,
+    /// The mapped `FLOW_GEN` counter (shared with the netlink watcher).
+    flow_gen: Arc<GenCounter>,
+    /// Whole reads of `FLOWS` begun through this handle (`flow_counts`,
+    /// `flow_scan`).
+    table_reads: Cell<u64>,
+}
