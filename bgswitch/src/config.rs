@@ -41,6 +41,14 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
+impl Config {
+    /// The configured services' names, in the file's order (what
+    /// `DesiredState::reconcile` takes).
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.services.iter().map(|s| s.name.as_str())
+    }
+}
+
 /// Active health checks of a service's backends (`[service.health]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthConfig {

@@ -400,7 +400,7 @@ impl Daemon {
         let lock = store.lock()?;
         let mut state = store.load()?;
         state.trim_history();
-        let (added, removed) = state.reconcile(&config)?;
+        let (added, removed) = state.reconcile(config.service_names())?;
         for n in &removed {
             log::info!("service {n}: no longer configured, removing");
         }
@@ -1171,7 +1171,7 @@ impl Daemon {
             }
         }
         let mut state = self.state.clone();
-        let (added, removed) = state.reconcile(&new)?;
+        let (added, removed) = state.reconcile(new.service_names())?;
         self.store.save(&state)?;
         let old_config = std::mem::replace(&mut self.config, new);
         let old_state = std::mem::replace(&mut self.state, state);

@@ -352,7 +352,7 @@ pub fn run(
     let config = crate::config::load(config_path)?;
     let store = crate::state::StateStore::open(&config.state_dir)?;
     let mut state = store.load()?;
-    state.reconcile(&config)?;
+    state.reconcile(config.service_names())?;
     let ingress = match ingress {
         None => None,
         Some(name) => Some(

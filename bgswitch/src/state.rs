@@ -769,7 +769,7 @@ mod tests {
             "interfaces=[\"e\"]\n[[service]]\nname=\"a\"\nvip=\"1.1.1.1:1\"\nprotocol=\"tcp\"\nblue=[\"1.1.1.2:1\"]\ngreen=[\"1.1.1.3:1\"]\n[[service]]\nname=\"b\"\nvip=\"1.1.1.1:2\"\nprotocol=\"tcp\"\nblue=[\"1.1.1.2:2\"]\ngreen=[\"1.1.1.3:2\"]\n",
         )
         .unwrap();
-        st.reconcile(&cfg).unwrap();
+        st.reconcile(cfg.service_names()).unwrap();
         let req = crate::model::Request::default();
         for name in ["a", "b", "a"] {
             let crate::model::FlipOutcome::Changed(change) =
@@ -807,7 +807,7 @@ mod tests {
         )
         .unwrap();
         let mut st = DesiredState::default();
-        st.reconcile(&cfg).unwrap();
+        st.reconcile(cfg.service_names()).unwrap();
         st
     }
 

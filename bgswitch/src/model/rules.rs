@@ -1,297 +1,22 @@
-//! The desired state and the rules that change it: colours, generations,
-//! flip and rollback. Pure: no IO, no clocks (callers pass the time in).
+//! The rules of the desired state: reconcile with the config, adopt what a
+//! running data plane serves, and every change (flip, rollback, automatic
+//! rollback, shift, preview, confirm, undo, the end of a watch or guard),
+//! each made on one service and returned as a `Change`.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    str::FromStr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::Config;
-
-/// Blue or green.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Colour {
-    Blue,
-    Green,
-}
-
-impl Colour {
-    pub const BOTH: [Colour; 2] = [Colour::Blue, Colour::Green];
-
-    pub const fn other(self) -> Colour {
-        match self {
-            Colour::Blue => Colour::Green,
-            Colour::Green => Colour::Blue,
-        }
-    }
-    /// The value the data plane uses (`bgswitch_common::BLUE`/`GREEN`).
-    pub const fn index(self) -> u32 {
-        match self {
-            Colour::Blue => bgswitch_common::BLUE,
-            Colour::Green => bgswitch_common::GREEN,
-        }
-    }
-    pub const fn from_index(i: u32) -> Colour {
-        if i == bgswitch_common::GREEN {
-            Colour::Green
-        } else {
-            Colour::Blue
-        }
-    }
-}
-
-impl fmt::Display for Colour {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Colour::Blue => "blue",
-            Colour::Green => "green",
-        })
-    }
-}
-
-impl FromStr for Colour {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "blue" => Ok(Colour::Blue),
-            "green" => Ok(Colour::Green),
-            _ => Err(format!("'{s}' is not blue or green")),
-        }
-    }
-}
-
-/// What kind of change a journal entry records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    Flip,
-    Rollback,
-    /// The daemon rolled back by itself (watch or confirmation deadline).
-    AutoRollback,
-    Shift,
-    PreviewAdd,
-    PreviewDel,
-    Confirm,
-    Undo,
-    /// A flip's watch ended without a rollback (an event: traffic, the
-    /// generation and the service's last change stay as they were).
-    WatchPassed,
-    /// A flip's watch and confirmation deadline dropped because no rollback
-    /// could be made (an event, like `WatchPassed`).
-    GuardCleared,
-}
-
-impl fmt::Display for ChangeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Flip => "flip",
-            Self::Rollback => "rollback",
-            Self::AutoRollback => "automatic rollback",
-            Self::Shift => "shift",
-            Self::PreviewAdd => "preview add",
-            Self::PreviewDel => "preview del",
-            Self::Confirm => "confirm",
-            Self::Undo => "undo",
-            Self::WatchPassed => "watch passed",
-            Self::GuardCleared => "guard cleared",
-        })
-    }
-}
-
-/// The part of a service's state a change can alter, before and after.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub active: Option<Colour>,
-    /// Share of new flows sent to the idle colour, in basis points.
-    pub canary_bp: u32,
-    /// Source prefixes whose new flows go to the idle colour.
-    pub preview: Vec<String>,
-}
-
-/// One change of a service's state (also a journal line).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Change {
-    pub kind: ChangeKind,
-    pub generation_before: u64,
-    pub generation: u64,
-    pub from: Colour,
-    pub to: Colour,
-    /// Unix time in milliseconds.
-    pub at_ms: u64,
-    /// Who asked (socket peer credentials, or "bgswitch" for the daemon).
-    pub user: String,
-    pub reason: Option<String>,
-    /// `--force`: open flows were moved and/or a health refusal overridden.
-    pub forced: bool,
-    #[serde(default)]
-    pub before: Snapshot,
-    #[serde(default)]
-    pub after: Snapshot,
-}
-
-/// Who asks for a change, when, and why.
-#[derive(Clone, Debug, Default)]
-pub struct Request {
-    pub user: String,
-    pub reason: Option<String>,
-    pub force: bool,
-    pub at_ms: u64,
-}
-
-/// A watch after a flip: roll back if the new colour fails before `until_ms`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Watch {
-    pub colour: Colour,
-    pub started_ms: u64,
-    pub until_ms: u64,
-    /// Errors (backend RSTs + unanswered SYNs) per new flow that trigger a rollback.
-    pub max_error_rate: Option<f64>,
-}
-
-/// A dead-man's switch: roll back unless confirmed before `deadline_ms`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Confirm {
-    pub colour: Colour,
-    pub deadline_ms: u64,
-}
-
-/// The durable state of one service.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ServiceState {
-    /// Index into the data plane's per-service arrays; stable across restarts.
-    pub id: u32,
-    pub active: Colour,
-    /// Bumped by every change.
-    pub generation: u64,
-    /// The colour before the last flip: where `rollback` goes.
-    pub previous: Option<Colour>,
-    #[serde(default)]
-    pub canary_bp: u32,
-    #[serde(default)]
-    pub preview: Vec<String>,
-    #[serde(default)]
-    pub watch: Option<Watch>,
-    #[serde(default)]
-    pub confirm: Option<Confirm>,
-    /// Why the daemon last rolled back by itself (cleared by the next change).
-    #[serde(default)]
-    pub rolled_back: Option<String>,
-    #[serde(default)]
-    pub flips: u64,
-    #[serde(default)]
-    pub rollbacks: u64,
-    /// The most recent changes, oldest first (at most [`HISTORY_KEPT`]; state
-    /// files of older versions may hold more, cut at the next change).
-    pub history: Vec<Change>,
-}
-
-/// Changes kept per service in the state (the last, which status shows); the
-/// journal keeps them all, and `history` reads it.
-pub const HISTORY_KEPT: usize = 1;
-
-/// What a running data plane has for a service (see
-/// `DesiredState::adopt_running`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Running {
-    pub id: u32,
-    pub active: Colour,
-    pub canary_bp: u32,
-    /// Its preview prefixes ("ADDR/LEN").
-    pub preview: Vec<String>,
-}
-
-/// Everything the daemon must remember across restarts and reboots.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DesiredState {
-    pub services: BTreeMap<String, ServiceState>,
-}
-
-/// Why a change was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ModelError {
-    #[error("no service named '{0}'")]
-    UnknownService(String),
-    #[error("service '{0}' has no flip to roll back")]
-    NothingToRollBack(String),
-    #[error("no free service slot: at most {0} services")]
-    TooManyServices(u32),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// The outcome of a flip request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FlipOutcome {
-    Changed(Change),
-    /// Already on the requested colour; nothing changed.
-    Unchanged {
-        active: Colour,
-        generation: u64,
-    },
-}
-
-/// Guards attached to a flip.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct FlipGuards {
-    /// Watch for this long (ms) after the flip.
-    pub watch_ms: Option<u64>,
-    pub max_error_rate: Option<f64>,
-    /// Roll back unless confirmed within this long (ms).
-    pub confirm_within_ms: Option<u64>,
-}
-
-/// Most preview prefixes per service.
-pub const MAX_PREVIEW_PER_SERVICE: usize = 64;
-
-/// Parses "ADDR/LEN" (or a bare address) into a normalised prefix: host bits
-/// cleared, e.g. "198.18.0.7/24" → (198.18.0.0, 24).
-pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), ModelError> {
-    let bad = || ModelError::Invalid(format!("'{text}' is not a prefix like 198.18.0.0/24"));
-    let (addr, len) = match text.split_once('/') {
-        Some((a, l)) => (a, Some(l)),
-        None => (text, None),
-    };
-    let ip: IpAddr = addr.trim().parse().map_err(|_| bad())?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = match len {
-        None => max,
-        Some(l) => l.trim().parse().map_err(|_| bad())?,
-    };
-    if len > max {
-        return Err(bad());
-    }
-    let ip = match ip {
-        IpAddr::V4(v4) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
-            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-        }
-        IpAddr::V6(v6) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len))
-            };
-            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-        }
-    };
-    Ok((ip, len))
-}
+use super::*;
 
 impl DesiredState {
-    /// Makes the state match the configured services: new services get the
-    /// lowest free id and start on blue; services no longer configured are
-    /// forgotten. Returns the names of the added and removed services.
-    pub fn reconcile(&mut self, config: &Config) -> Result<(Vec<String>, Vec<String>), ModelError> {
-        let wanted: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    /// Makes the state match the configured services (their names, in the
+    /// config's order): new services get the lowest free id and start on
+    /// blue; services no longer configured are forgotten. Returns the names
+    /// of the added and removed services.
+    pub fn reconcile<'a>(
+        &mut self,
+        configured: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(Vec<String>, Vec<String>), ModelError> {
+        let wanted: Vec<&str> = configured.into_iter().collect();
         let removed: Vec<String> = self
             .services
             .keys()
@@ -687,19 +412,6 @@ impl ServiceState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
-    use std::path::Path;
-
-    fn cfg(names: &[&str]) -> Config {
-        let mut text = String::from("interfaces = [\"eth0\"]\n");
-        for (i, n) in names.iter().enumerate() {
-            text += &format!(
-                "[[service]]\nname = \"{n}\"\nvip = \"10.0.0.{}:80\"\nprotocol = \"tcp\"\nblue = [\"10.1.{i}.1:80\"]\ngreen = [\"10.2.{i}.1:80\"]\n",
-                i + 1
-            );
-        }
-        config::parse(Path::new("t"), &text).unwrap()
-    }
 
     fn req() -> Request {
         Request {
@@ -713,11 +425,11 @@ mod tests {
     #[test]
     fn ids_are_stable_and_reused_lowest_first() {
         let mut s = DesiredState::default();
-        let (added, removed) = s.reconcile(&cfg(&["a", "b", "c"])).unwrap();
+        let (added, removed) = s.reconcile(["a", "b", "c"]).unwrap();
         assert_eq!(added, ["a", "b", "c"]);
         assert!(removed.is_empty());
         assert_eq!(s.services["b"].id, 1);
-        let (added, removed) = s.reconcile(&cfg(&["a", "c", "d"])).unwrap();
+        let (added, removed) = s.reconcile(["a", "c", "d"]).unwrap();
         assert_eq!(added, ["d"]);
         assert_eq!(removed, ["b"]);
         assert_eq!(s.services["a"].id, 0);
@@ -728,7 +440,7 @@ mod tests {
     #[test]
     fn flip_rollback_and_generations() {
         let mut s = DesiredState::default();
-        s.reconcile(&cfg(&["web"])).unwrap();
+        s.reconcile(["web"]).unwrap();
         assert_eq!(
             s.rollback("web", &req()),
             Err(ModelError::NothingToRollBack("web".into()))
@@ -768,7 +480,7 @@ mod tests {
     #[test]
     fn forced_flip_to_same_colour_is_a_change() {
         let mut s = DesiredState::default();
-        s.reconcile(&cfg(&["web"])).unwrap();
+        s.reconcile(["web"]).unwrap();
         let mut r = req();
         r.force = true;
         let FlipOutcome::Changed(c) = s
@@ -784,9 +496,9 @@ mod tests {
     #[test]
     fn services_a_running_data_plane_serves_keep_its_colour_share_and_id() {
         let mut s = DesiredState::default();
-        s.reconcile(&cfg(&["old"])).unwrap();
+        s.reconcile(["old"]).unwrap();
         s.services.get_mut("old").unwrap().id = 2;
-        let (added, _) = s.reconcile(&cfg(&["old", "a", "b", "c"])).unwrap();
+        let (added, _) = s.reconcile(["old", "a", "b", "c"]).unwrap();
         assert_eq!(added, ["a", "b", "c"]);
         let running = BTreeMap::from([
             // Its id is free: kept.
@@ -830,7 +542,7 @@ mod tests {
     #[test]
     fn shift_preview_confirm_undo_and_auto_rollback() {
         let mut s = DesiredState::default();
-        s.reconcile(&cfg(&["web"])).unwrap();
+        s.reconcile(["web"]).unwrap();
         assert!(
             s.shift("web", Colour::Blue, 1000, &req()).is_err(),
             "blue is active"
@@ -930,7 +642,7 @@ mod tests {
     #[test]
     fn history_is_bounded() {
         let mut s = DesiredState::default();
-        s.reconcile(&cfg(&["web"])).unwrap();
+        s.reconcile(["web"]).unwrap();
         for _ in 0..(HISTORY_KEPT + 10) {
             s.flip("web", None, &req(), &FlipGuards::default()).unwrap();
         }
