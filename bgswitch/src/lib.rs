@@ -15,6 +15,5 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod paths;
-pub mod server;
 pub mod simulate;
 pub mod state;

@@ -350,7 +350,7 @@ pub fn run(
     ingress: Option<&str>,
 ) -> anyhow::Result<Vec<Outcome>> {
     let config = crate::config::load(config_path)?;
-    let store = crate::state::StateStore::open(&config.state_dir)?;
+    let store = crate::state::LocalStore::open(&config.state_dir)?;
     let mut state = store.load()?;
     state.reconcile(config.service_names())?;
     let ingress = match ingress {

@@ -327,6 +327,19 @@ impl DesiredState {
         Ok(s.event(ChangeKind::WatchPassed, at_ms, why))
     }
 
+    /// Takes `after`, the whole state of service `name` as a change made
+    /// elsewhere left it (another host of a fleet), keeping what is this
+    /// host's own: the service's id (each host numbers its services) and
+    /// the history kept. Returns the state it replaces; an error for a
+    /// service this state does not have.
+    pub fn follow(&mut self, name: &str, after: &ServiceState) -> Result<ServiceState, ModelError> {
+        let s = self.service_mut(name)?;
+        let mut next = after.clone();
+        next.id = s.id;
+        next.trim_history();
+        Ok(std::mem::replace(s, next))
+    }
+
     /// Drops the watch and the confirmation deadline of `name` (an error if
     /// it has neither) when no rollback can be made: `why`. An event, like
     /// `end_watch`.
@@ -435,6 +448,32 @@ mod tests {
         assert_eq!(s.services["a"].id, 0);
         assert_eq!(s.services["c"].id, 2);
         assert_eq!(s.services["d"].id, 1);
+    }
+
+    #[test]
+    fn a_change_made_elsewhere_is_taken_whole_but_the_id_stays_this_hosts() {
+        // Another host numbered its services otherwise: "web" is its 0.
+        let mut there = DesiredState::default();
+        there.reconcile(["web"]).unwrap();
+        let FlipOutcome::Changed(_) = there
+            .flip("web", None, &req(), &FlipGuards::default())
+            .unwrap()
+        else {
+            panic!("flip must change")
+        };
+        let mut here = DesiredState::default();
+        here.reconcile(["api", "web"]).unwrap();
+        let before = here.follow("web", &there.services["web"]).unwrap();
+        assert_eq!(before.active, Colour::Blue);
+        let web = &here.services["web"];
+        assert_eq!(web.id, 1, "this host's id, not the other's");
+        assert_eq!(web.active, Colour::Green);
+        assert_eq!(web.generation, 2);
+        assert_eq!(web.history, there.services["web"].history);
+        assert_eq!(
+            here.follow("gone", &there.services["web"]),
+            Err(ModelError::UnknownService("gone".into()))
+        );
     }
 
     #[test]

@@ -12,24 +12,13 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{
-    api::{self, Request, Response},
-    daemon::Event,
-};
+use super::event::{Event, Peer};
+use crate::api::{self, Request, Response};
 
 /// How long a client may take to send a request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most control connections served at once.
 const MAX_CLIENTS: usize = 64;
-
-/// Who is on the other end of a control connection.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-    pub user: String,
-}
 
 fn user_name(uid: u32) -> String {
     // SAFETY: getpwuid returns static storage or null; copied out at once.

@@ -1,0 +1,462 @@
+//! Requests that change a service (flip, rollback, shift, preview,
+//! confirm, undo), each made on a copy of that service alone, recorded in
+//! the desired-state store first and then applied to the data plane; the
+//! refusals (an unhealthy target) recorded too; changes made elsewhere
+//! followed; and the other requests' answers.
+
+use std::time::Duration;
+
+use super::{guards::Baseline, now_ms, Daemon, Peer};
+use crate::{
+    api::{PreviewAction, Request, Response},
+    dataplane,
+    health::Health,
+    model::{self, Colour, DesiredState, FlipGuards, FlipOutcome},
+    state::{ExternalChange, HistoryReader},
+};
+
+/// Fault injection (tests only): `BGSWITCH_FAULT_DELAY_COMMIT_MS` makes every
+/// change wait this long after its journal line is written and before the
+/// data plane moves.
+static FAULT_DELAY_COMMIT: std::sync::LazyLock<Option<Duration>> = std::sync::LazyLock::new(|| {
+    std::env::var("BGSWITCH_FAULT_DELAY_COMMIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+});
+
+impl Daemon {
+    pub(super) fn handle(&mut self, req: Request, peer: &Peer) -> Response {
+        let summary = format!("{req:?}");
+        let resp = match req {
+            Request::Flip {
+                service,
+                to,
+                force,
+                reason,
+                watch_ms,
+                max_error_rate,
+                confirm_within_ms,
+            } => self.flip(
+                &service,
+                to,
+                self.request(peer, reason, force),
+                FlipGuards {
+                    watch_ms,
+                    max_error_rate,
+                    confirm_within_ms,
+                },
+            ),
+            Request::Rollback { service, reason } => {
+                let req = self.request(peer, reason, false);
+                self.change(&service, |s| s.rollback(&service, &req))
+            }
+            Request::Shift {
+                service,
+                to,
+                percent,
+                reason,
+            } => {
+                if !(0.0..=100.0).contains(&percent) || !percent.is_finite() {
+                    Response::error(format!("--percent {percent}: must be within 0..=100"))
+                } else {
+                    let bp = (percent * 100.0).round() as u32;
+                    let req = self.request(peer, reason, false);
+                    self.change(&service, |s| s.shift(&service, to, bp, &req))
+                }
+            }
+            Request::Preview {
+                service,
+                action,
+                cidr,
+                reason,
+            } => self.preview(&service, action, cidr, reason, peer),
+            Request::Confirm { service, reason } => {
+                let req = self.request(peer, reason, false);
+                self.change(&service, |s| s.confirm(&service, &req))
+            }
+            // (A known service's history is read off the loop, in `run`.)
+            Request::History { service } => match self.state.service(&service) {
+                Err(e) => Response::error(e.to_string()),
+                Ok(_) => history_response(self.store.history(), &service),
+            },
+            Request::Undo { service, reason } => self.undo(&service, reason, peer),
+            Request::Status { service } => self.status(service.as_deref()),
+            Request::Reload => self.reload(),
+            Request::Detach => self.detach(),
+        };
+        if resp.ok {
+            log::debug!("{} (pid {:?}): {summary}: ok", peer.user, peer.pid);
+        } else {
+            log::warn!(
+                "{} (pid {:?}): {summary}: refused: {}",
+                peer.user,
+                peer.pid,
+                resp.error.as_deref().unwrap_or("")
+            );
+        }
+        resp
+    }
+
+    pub(super) fn request(
+        &self,
+        peer: &Peer,
+        reason: Option<String>,
+        force: bool,
+    ) -> model::Request {
+        model::Request {
+            user: peer.user.clone(),
+            reason,
+            force,
+            at_ms: now_ms(),
+        }
+    }
+
+    /// A desired state holding a copy of `service` alone: what a change of
+    /// it is made on (model changes touch one service), instead of a copy of
+    /// every service's state on each request.
+    pub(super) fn scratch(&self, service: &str) -> DesiredState {
+        DesiredState {
+            services: self
+                .state
+                .services
+                .get_key_value(service)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Applies a model change to a copy of the service and commits it.
+    pub(super) fn change(
+        &mut self,
+        service: &str,
+        f: impl FnOnce(&mut DesiredState) -> Result<model::Change, model::ModelError>,
+    ) -> Response {
+        let mut next = self.scratch(service);
+        match f(&mut next) {
+            Err(e) => Response::error(e.to_string()),
+            Ok(change) => self.commit(service, next, change, false),
+        }
+    }
+
+    /// Backends of `colour` that keep a pool from being healthy.
+    pub(super) fn unhealthy(&self, service: &str, colour: Colour) -> Vec<String> {
+        let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
+            return Vec::new();
+        };
+        if svc.health.is_none() {
+            return Vec::new();
+        }
+        svc.pool(colour)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match self.health_of(service, colour, i) {
+                Health::Up => None,
+                Health::Down => Some(format!("{a} (down)")),
+                Health::Unknown => Some(format!("{a} (not checked yet)")),
+            })
+            .collect()
+    }
+
+    pub(super) fn flip(
+        &mut self,
+        service: &str,
+        to: Option<Colour>,
+        req: model::Request,
+        guards: FlipGuards,
+    ) -> Response {
+        let Ok(st) = self.state.service(service) else {
+            return Response::error(format!("no service named '{service}'"));
+        };
+        let target = to.unwrap_or(st.active.other());
+        if target != st.active {
+            let bad = self.unhealthy(service, target);
+            if !bad.is_empty() && !req.force {
+                let msg = format!(
+                    "refusing to flip {service} to {target}: its pool is not healthy: {}; use --force to override",
+                    bad.join(", ")
+                );
+                self.journal_refusal(service, &req, target, &msg);
+                return Response::error(msg);
+            }
+            if !bad.is_empty() {
+                log::warn!(
+                    "{service}: flip to an unhealthy {target} forced by {}: {}",
+                    req.user,
+                    bad.join(", ")
+                );
+            }
+        }
+        let mut next = self.scratch(service);
+        match next.flip(service, to, &req, &guards) {
+            Err(e) => Response::error(e.to_string()),
+            Ok(FlipOutcome::Unchanged { active, generation }) => Response::ok(format!(
+                "{service}: already {active} (generation {generation}); nothing changed"
+            )),
+            Ok(FlipOutcome::Changed(change)) => {
+                self.baselines.remove(service);
+                let id = next.service(service).map(|s| s.id);
+                let resp = self.commit(service, next, change.clone(), true);
+                if resp.ok && guards.watch_ms.is_some() {
+                    // The error rate is judged on flows from this moment on.
+                    if let Some(Ok(stats)) =
+                        id.ok().map(|id| self.dataplane.colour_stats(id, change.to))
+                    {
+                        self.baselines
+                            .insert(service.to_string(), Baseline::new(stats));
+                    }
+                }
+                resp
+            }
+        }
+    }
+
+    fn journal_refusal(&mut self, service: &str, req: &model::Request, to: Colour, why: &str) {
+        let Ok(st) = self.state.service(service) else {
+            return;
+        };
+        let change = model::Change {
+            kind: model::ChangeKind::Flip,
+            generation_before: st.generation,
+            generation: st.generation,
+            from: st.active,
+            to,
+            at_ms: req.at_ms,
+            user: req.user.clone(),
+            reason: req.reason.clone(),
+            forced: req.force,
+            before: st.snapshot(),
+            after: st.snapshot(),
+        };
+        if let Err(e) = self.store.record_refusal(service, why, &change) {
+            log::error!("journal: {e}");
+        }
+    }
+
+    pub(super) fn preview(
+        &mut self,
+        service: &str,
+        action: PreviewAction,
+        cidr: Option<String>,
+        reason: Option<String>,
+        peer: &Peer,
+    ) -> Response {
+        let req = self.request(peer, reason, false);
+        match (action, cidr) {
+            (PreviewAction::List, _) => match self.state.service(service) {
+                Ok(s) => Response {
+                    ok: true,
+                    preview: Some(s.preview.clone()),
+                    ..Response::default()
+                },
+                Err(e) => Response::error(e.to_string()),
+            },
+            (_, None) => Response::error("preview add/del needs a CIDR"),
+            (PreviewAction::Add, Some(c)) => {
+                self.change(service, |s| s.preview_add(service, &c, &req))
+            }
+            (PreviewAction::Del, Some(c)) => {
+                self.change(service, |s| s.preview_del(service, &c, &req))
+            }
+        }
+    }
+
+    /// Undoes the service's last change: the one its state keeps (a change
+    /// the data plane refused was reverted out of it), so no journal read.
+    fn undo(&mut self, service: &str, reason: Option<String>, peer: &Peer) -> Response {
+        let req = self.request(peer, reason, false);
+        let last = match self.state.service(service) {
+            Ok(s) => s.history.last().cloned(),
+            Err(e) => return Response::error(e.to_string()),
+        };
+        let Some(last) = last else {
+            return Response::error(format!("{service} has no change to undo"));
+        };
+        self.change(service, |s| s.undo(service, &last, &req))
+    }
+
+    /// Journals the change with the service's new state (durable once that
+    /// line is), then moves the data plane; the snapshot follows on a tick.
+    /// `next` holds the changed service (see `scratch`).
+    pub(super) fn commit(
+        &mut self,
+        service: &str,
+        mut next: DesiredState,
+        change: model::Change,
+        may_move_flows: bool,
+    ) -> Response {
+        let Some(after) = next.services.remove(service) else {
+            return Response::error(format!("no service named '{service}'"));
+        };
+        let id = after.id;
+        if let Err(e) = self.store.record(service, &change, &after) {
+            return Response::error(format!("{e}; nothing changed"));
+        }
+        if let Some(d) = *FAULT_DELAY_COMMIT {
+            // Fault injection for tests: widen the window between the durable
+            // write and the data plane, where a crash must not split a change.
+            std::thread::sleep(d);
+        }
+        let old = self.state.services.insert(service.to_string(), after);
+        if let Err(e) = self.move_dataplane(service, id, &change) {
+            let why = format!("data plane: {e:#}");
+            // `old` is there: `next` was made from it (see `scratch`).
+            if let Some(before) = old {
+                let journalled = self.store.record_revert(service, &why, &change, &before);
+                self.state.services.insert(service.to_string(), before);
+                if let Err(je) = journalled {
+                    log::error!("{service}: journalling the revert: {je}; writing the snapshot");
+                    if let Err(se) = self.store.save(&self.state) {
+                        log::error!("{service}: {se}: a restart would apply the refused change");
+                    }
+                }
+            }
+            let _ = self.sync_service(service);
+            return Response::error(format!("{why}; nothing changed"));
+        }
+        let mut moved = String::new();
+        if change.forced && may_move_flows {
+            match self.dataplane.flush_flows(id, change.to) {
+                Ok(n) => moved = format!("; moved {n} open flows"),
+                Err(e) => moved = format!("; moving open flows failed: {e}"),
+            }
+        }
+        let what = match change.kind {
+            model::ChangeKind::Shift => format!(
+                "{:.2}% of new flows to {}",
+                f64::from(change.after.canary_bp) / 100.0,
+                change.to.other()
+            ),
+            model::ChangeKind::PreviewAdd | model::ChangeKind::PreviewDel => {
+                format!("preview prefixes [{}]", change.after.preview.join(", "))
+            }
+            model::ChangeKind::Confirm => format!("{} confirmed", change.to),
+            _ => format!("{} → {}", change.from, change.to),
+        };
+        let msg = format!(
+            "{service}: {} {what} (generation {} → {}){moved}",
+            change.kind, change.generation_before, change.generation
+        );
+        log::info!(
+            "{msg} by {}{}",
+            change.user,
+            change
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+        Response {
+            ok: true,
+            message: Some(msg),
+            change: Some(change),
+            ..Response::default()
+        }
+    }
+
+    /// The data plane side of a change: only what the change altered, so a
+    /// flip is the one 32-bit store it promises (plus nothing).
+    fn move_dataplane(
+        &mut self,
+        service: &str,
+        id: u32,
+        change: &model::Change,
+    ) -> anyhow::Result<()> {
+        let (b, a) = (&change.before, &change.after);
+        if b.preview != a.preview {
+            return self.sync_service(service);
+        }
+        if b.active != a.active || change.forced {
+            self.dataplane.set_active(id, change.to)?;
+        }
+        if b.canary_bp != a.canary_bp {
+            self.dataplane.set_canary(id, a.canary_bp)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn detach(&mut self) -> Response {
+        let bpffs = self.config.bpffs.clone();
+        let ifaces: Vec<String> = self
+            .dataplane
+            .attachments()
+            .into_iter()
+            .map(|a| a.interface)
+            .collect();
+        for i in &ifaces {
+            if let Err(e) = self.dataplane.detach(i) {
+                return Response::error(format!("detaching {i}: {e}"));
+            }
+        }
+        if let Err(e) = dataplane::remove_pins(&bpffs) {
+            return Response::error(format!("removing pins: {e}"));
+        }
+        log::info!(
+            "detached XDP from {ifaces:?} and removed the pins under {}; exiting",
+            bpffs.display()
+        );
+        Response::ok(format!(
+            "detached from {} interfaces and removed all pins; the daemon exits",
+            ifaces.len()
+        ))
+    }
+}
+
+impl Daemon {
+    /// A change made elsewhere (another host of a fleet, through the
+    /// store): the service takes the state recorded with it and the data
+    /// plane follows, as for a change of this daemon's own, without
+    /// recording it again. A service this host does not serve is skipped.
+    pub(super) fn follow(&mut self, ext: ExternalChange) {
+        let ExternalChange {
+            service,
+            change,
+            after,
+        } = ext;
+        let before = match self.state.follow(&service, &after) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("a change made elsewhere ({}): {e}; skipped", change.kind);
+                return;
+            }
+        };
+        self.baselines.remove(&service);
+        if let Err(e) = self.move_dataplane(&service, before.id, &change) {
+            log::error!(
+                "{service}: following a change made elsewhere ({}): data plane: {e:#}; rewriting the service",
+                change.kind
+            );
+            if let Err(e) = self.sync_service(&service) {
+                log::error!("{service}: {e:#}");
+            }
+            return;
+        }
+        log::info!(
+            "{service}: {} {} → {} (generation {} → {}) by {}, made elsewhere: followed",
+            change.kind,
+            change.from,
+            change.to,
+            change.generation_before,
+            change.generation,
+            change.user
+        );
+    }
+}
+
+/// The answer to `history SERVICE`: its changes as `read` (the store's
+/// history reader) finds them, oldest first.
+pub(super) fn history_response(read: HistoryReader, service: &str) -> Response {
+    match read(Some(service)) {
+        Ok(mut h) => {
+            // The recorded states are for replay, not for readers.
+            h.iter_mut().for_each(|e| e.state = None);
+            Response {
+                ok: true,
+                history: Some(h),
+                ..Response::default()
+            }
+        }
+        Err(e) => Response::error(e.to_string()),
+    }
+}

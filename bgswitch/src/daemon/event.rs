@@ -1,0 +1,71 @@
+//! What the daemon's loop reacts to: one closed set of events, produced by
+//! the IO edges (`server`: the control socket, signals, the `/metrics`
+//! endpoint), the health probes, the ticker, the flow-table scans and the
+//! desired-state store, and handled in one place (`run`).
+
+use std::collections::HashMap;
+
+use tokio::sync::oneshot;
+
+use crate::{
+    api::{Request, Response},
+    dataplane::FlowCounts,
+    model::Colour,
+    state::ExternalChange,
+};
+
+/// Who is on the other end of a control connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    pub user: String,
+}
+
+/// Everything the loop reacts to.
+pub enum Event {
+    Request {
+        req: Request,
+        peer: Peer,
+        reply: oneshot::Sender<Response>,
+        /// Resolved once the answer is written to the client (or dropped
+        /// if it could not be).
+        written: oneshot::Receiver<()>,
+    },
+    Probe {
+        service: String,
+        colour: Colour,
+        index: usize,
+        result: Result<(), String>,
+    },
+    Tick,
+    Scrape {
+        reply: oneshot::Sender<anyhow::Result<String>>,
+    },
+    Reload,
+    Shutdown(&'static str),
+    /// A change made elsewhere (`DesiredStore::changes`): followed here.
+    Followed(ExternalChange),
+    /// A flow-table scan (run off the loop) is done; its waiters get their
+    /// status now.
+    FlowsCounted {
+        counts: std::io::Result<HashMap<(u32, Colour), FlowCounts>>,
+        waiters: Vec<StatusWaiter>,
+        /// The control words of services in a transition when the scan
+        /// began, and when it began.
+        words: HashMap<u32, u32>,
+        at: std::time::Instant,
+    },
+}
+
+/// A status answer that waits for a flow-table scan.
+pub enum StatusWaiter {
+    Status {
+        only: Option<String>,
+        reply: oneshot::Sender<Response>,
+    },
+    Scrape {
+        reply: oneshot::Sender<anyhow::Result<String>>,
+    },
+}

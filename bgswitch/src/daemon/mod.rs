@@ -1,0 +1,86 @@
+//! The daemon: one loop over a closed set of events — control requests,
+//! health-probe results, timer ticks, metric scrapes, signals, changes made
+//! elsewhere — that owns the data plane and the desired state. IO tasks
+//! (`server`, probes) only produce events; every change happens here, in
+//! order.
+//!
+//! Order of a change: the desired-state store records it (the local store:
+//! a journal line with the service's new state, fdatasynced) first, then
+//! the data plane follows with 32-bit stores; the snapshot (`state.json`)
+//! is rewritten later, once changes pause. A crash in between leaves a
+//! recorded change the next daemon replays and applies at start, so a
+//! change happens whole or not at all.
+//!
+//! Inside: `event` (what the loop reacts to), `server` (the IO edges),
+//! `run` (the loop and its tick), `start` (start-up and adoption),
+//! `apply` (the config applied, reload), `changes` (requests that change a
+//! service), `guards` (watch and confirm), `probes` (health), `scans`
+//! (flow-table scans, transitions), `status`, `kernel_log`.
+
+mod apply;
+mod changes;
+mod event;
+mod guards;
+mod kernel_log;
+mod probes;
+mod run;
+mod scans;
+mod server;
+mod start;
+mod status;
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+
+pub use event::{Event, Peer, StatusWaiter};
+
+use crate::{
+    config::Config,
+    dataplane::Dataplane,
+    health::BackendHealth,
+    model::{Colour, DesiredState},
+    state::DesiredStore,
+};
+use guards::Baseline;
+
+/// The daemon's state: config, desired state, health, data plane.
+pub struct Daemon {
+    config: Config,
+    /// Where the desired state is kept (the local journal and snapshot).
+    store: Box<dyn DesiredStore>,
+    state: DesiredState,
+    dataplane: Dataplane,
+    socket_gid: Option<u32>,
+    health: HashMap<(String, Colour, usize), BackendHealth>,
+    probes: Vec<JoinHandle<()>>,
+    baselines: HashMap<String, Baseline>,
+    tx: Option<mpsc::Sender<Event>>,
+    ticks: u64,
+    /// Whether a flow-table scan runs (off the loop), and who waits for the
+    /// next one: every answer comes from a scan begun after its request.
+    scan_running: bool,
+    scan_waiting: Vec<StatusWaiter>,
+    /// Whether the host's routing rules pick routes by destination only
+    /// (stateless services need it: they keep one next hop per backend).
+    rules_by_destination: bool,
+    /// When the last scan for due transitions began: while a transition
+    /// cannot end (live records still disagree), a whole-table read at most
+    /// every `TRANSITION_SCAN_EVERY`.
+    transition_scan_at: Option<std::time::Instant>,
+    _lock: File,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{d:?}")
+}
