@@ -1,0 +1,457 @@
+//! The config file's format: the TOML as written (`Raw*`), and its parse
+//! and validation into the daemon's types, with errors that name the
+//! file, the key and the reason.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use bgswitch_common::{DEFAULT_MAX_FLOWS, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES};
+use serde::Deserialize;
+
+use super::{
+    units::{endpoint, parse_duration, parse_size},
+    Config, ConfigError, HealthConfig, HealthKind, Protocol, ServiceConfig, XdpModeSetting,
+};
+use crate::paths;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interfaces: Option<Vec<String>>,
+    xdp_mode: Option<String>,
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    state_dir: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    max_flows: Option<i64>,
+    udp_idle_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
+    journal_max_size: Option<RawSize>,
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+/// A size: bytes, or text with a unit ("64MiB").
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    path: Option<String>,
+    status: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    vip: Option<String>,
+    protocol: Option<String>,
+    blue: Option<Vec<String>>,
+    green: Option<Vec<String>>,
+    health: Option<RawHealth>,
+    stateless: Option<bool>,
+}
+
+/// Parses and validates config text; `path` is used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let err = |key: &str, reason: String| ConfigError {
+        file: file.clone(),
+        key: key.to_string(),
+        reason,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let key = e
+            .span()
+            .map(|s| line_col(text, s.start))
+            .map(|(l, c)| format!("line {l} column {c}"))
+            .unwrap_or_else(|| "(syntax)".into());
+        let msg = e.message().trim();
+        let reason = if msg.is_empty() {
+            "invalid TOML here (a key without a value, an unclosed string or array, or a \
+             stray control character)"
+                .to_string()
+        } else {
+            msg.to_string()
+        };
+        err(&key, reason)
+    })?;
+
+    let interfaces = raw.interfaces.unwrap_or_default();
+    if interfaces.is_empty() {
+        return Err(err("interfaces", "must name at least one interface".into()));
+    }
+    if interfaces.len() > MAX_INTERFACES as usize {
+        return Err(err(
+            "interfaces",
+            format!("at most {MAX_INTERFACES} interfaces"),
+        ));
+    }
+    let mut seen_if = BTreeSet::new();
+    for (i, name) in interfaces.iter().enumerate() {
+        // The kernel's rules (dev_valid_name): 1-15 bytes, not "." or "..",
+        // no '/', ':' or whitespace.
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
+            return Err(err(
+                &format!("interfaces[{i}]"),
+                format!("'{name}' is not a valid interface name"),
+            ));
+        }
+        if !seen_if.insert(name) {
+            return Err(err(
+                &format!("interfaces[{i}]"),
+                format!("'{name}' is listed twice"),
+            ));
+        }
+    }
+
+    let xdp_mode = match raw.xdp_mode.as_deref().unwrap_or("auto") {
+        "auto" => XdpModeSetting::Auto,
+        "native" => XdpModeSetting::Native,
+        "generic" => XdpModeSetting::Generic,
+        other => {
+            return Err(err(
+                "xdp_mode",
+                format!("'{other}' is not one of auto, native, generic"),
+            ))
+        }
+    };
+
+    let max_flows = match raw.max_flows {
+        None => DEFAULT_MAX_FLOWS,
+        Some(n) if (1024..=(1 << 26)).contains(&n) => n as u32,
+        Some(n) => return Err(err("max_flows", format!("{n} is outside 1024..=67108864"))),
+    };
+    let udp_idle_timeout = duration_key(&raw.udp_idle_timeout, "30s", "udp_idle_timeout", &err)?;
+    let tcp_idle_timeout = duration_key(&raw.tcp_idle_timeout, "1h", "tcp_idle_timeout", &err)?;
+    let size_text = match &raw.journal_max_size {
+        None => "64MiB".to_string(),
+        Some(RawSize::Bytes(n)) => n.to_string(),
+        Some(RawSize::Text(t)) => t.clone(),
+    };
+    let journal_max_size = match parse_size(&size_text) {
+        Ok(n) if (JOURNAL_MIN..=JOURNAL_MAX).contains(&n) => n,
+        Ok(_) => {
+            return Err(err(
+                "journal_max_size",
+                format!("'{size_text}' is outside 16KiB..=16GiB (16384..=17179869184 bytes)"),
+            ))
+        }
+        Err(r) => return Err(err("journal_max_size", r)),
+    };
+
+    if let Some(g) = &raw.socket_group {
+        if g.is_empty() || g.contains([':', '/', ' ', '\0']) {
+            return Err(err("socket_group", format!("'{g}' is not a group name")));
+        }
+    }
+    for (key, p) in [
+        ("socket", &raw.socket),
+        ("state_dir", &raw.state_dir),
+        ("bpffs", &raw.bpffs),
+    ] {
+        if let Some(p) = p {
+            if !p.is_absolute() {
+                return Err(err(
+                    key,
+                    format!("'{}' must be an absolute path", p.display()),
+                ));
+            }
+        }
+    }
+
+    if raw.service.len() > MAX_SERVICES as usize {
+        return Err(err("service", format!("at most {MAX_SERVICES} services")));
+    }
+    let mut services = Vec::new();
+    let mut names = BTreeMap::new();
+    let mut vips = BTreeMap::new();
+    let mut backends: BTreeMap<(SocketAddr, Protocol), String> = BTreeMap::new();
+    for (i, s) in raw.service.into_iter().enumerate() {
+        let at = |k: &str| format!("service[{i}].{k}");
+        let name = s
+            .name
+            .ok_or_else(|| err(&at("name"), "is required".into()))?;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(err(
+                &at("name"),
+                format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        let at = |k: &str| format!("service[{i}] ({name}).{k}");
+        if let Some(prev) = names.insert(name.clone(), i) {
+            return Err(err(
+                &at("name"),
+                format!("duplicate service name (also service[{prev}])"),
+            ));
+        }
+        let protocol = match s.protocol.as_deref() {
+            Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            Some(other) => {
+                return Err(err(&at("protocol"), format!("'{other}' is not tcp or udp")))
+            }
+            None => return Err(err(&at("protocol"), "is required (tcp or udp)".into())),
+        };
+        let vip_text = s.vip.ok_or_else(|| err(&at("vip"), "is required".into()))?;
+        let vip = endpoint(&vip_text).map_err(|r| err(&at("vip"), r))?;
+        if let Some(prev) = vips.insert((vip, protocol), name.clone()) {
+            return Err(err(
+                &at("vip"),
+                format!("{vip}/{protocol} is already the VIP of service '{prev}'"),
+            ));
+        }
+        let mut pools = Vec::new();
+        for (colour, list) in [("blue", s.blue), ("green", s.green)] {
+            let list = list.unwrap_or_default();
+            if list.is_empty() {
+                return Err(err(
+                    &at(colour),
+                    "pool is empty: give 1 to 64 backends".into(),
+                ));
+            }
+            if list.len() > MAX_BACKENDS as usize {
+                return Err(err(
+                    &at(colour),
+                    format!("{} backends; at most {MAX_BACKENDS}", list.len()),
+                ));
+            }
+            let mut pool = Vec::new();
+            for (j, b) in list.iter().enumerate() {
+                let key = format!("{}[{j}]", at(colour));
+                let addr = endpoint(b).map_err(|r| err(&key, r))?;
+                if addr.is_ipv4() != vip.is_ipv4() {
+                    return Err(err(
+                        &key,
+                        format!("{addr} is not of the VIP's address family"),
+                    ));
+                }
+                if addr == vip {
+                    return Err(err(&key, "a backend cannot be the VIP itself".into()));
+                }
+                if let Some(prev) = backends.insert((addr, protocol), format!("{name}.{colour}")) {
+                    return Err(err(
+                        &key,
+                        format!(
+                            "{addr}/{protocol} is already a backend of {prev}: replies could \
+                             not be told apart"
+                        ),
+                    ));
+                }
+                pool.push(addr);
+            }
+            pools.push(pool);
+        }
+        let green = pools.pop().unwrap_or_default();
+        let blue = pools.pop().unwrap_or_default();
+        let health = match s.health {
+            None => None,
+            Some(h) => Some(health(h, &|k: &str, r: String| {
+                err(&at(&format!("health.{k}")), r)
+            })?),
+        };
+        let stateless = s.stateless.unwrap_or(false);
+        if stateless && protocol != Protocol::Tcp {
+            return Err(err(
+                &at("stateless"),
+                "needs protocol = \"tcp\": a UDP packet carries nothing that tells a new flow \
+                 from an old one, so UDP flows are always recorded"
+                    .into(),
+            ));
+        }
+        services.push(ServiceConfig {
+            name,
+            vip,
+            protocol,
+            blue,
+            green,
+            health,
+            stateless,
+        });
+    }
+    for (i, s) in services.iter().enumerate() {
+        if !s.vip.is_ipv4() {
+            return Err(err(
+                &format!("service[{i}] ({}).vip", s.name),
+                "IPv6 services are not supported yet".into(),
+            ));
+        }
+        for (colour, pool) in [("blue", &s.blue), ("green", &s.green)] {
+            for (j, b) in pool.iter().enumerate() {
+                if let Some(other) = vips.get(&(*b, s.protocol)) {
+                    return Err(err(
+                        &format!("service[{i}] ({}).{colour}[{j}]", s.name),
+                        format!(
+                            "{b}/{} is the VIP of service '{other}', not a backend",
+                            s.protocol
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    let metrics_listen = match raw.metrics_listen {
+        None => None,
+        Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
+            err(
+                "metrics_listen",
+                format!("'{t}' is not ADDRESS:PORT (e.g. 127.0.0.1:9477)"),
+            )
+        })?),
+    };
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        metrics_listen,
+        interfaces,
+        xdp_mode,
+        socket: raw.socket.unwrap_or_else(|| paths::DEFAULT_SOCKET.into()),
+        socket_group: raw.socket_group,
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| paths::DEFAULT_STATE_DIR.into()),
+        bpffs: raw.bpffs.unwrap_or_else(|| paths::DEFAULT_BPFFS.into()),
+        max_flows,
+        udp_idle_timeout,
+        tcp_idle_timeout,
+        journal_max_size,
+        services,
+    })
+}
+
+/// Bounds of `journal_max_size`.
+const JOURNAL_MIN: u64 = 16 << 10;
+
+const JOURNAL_MAX: u64 = 16 << 30;
+
+fn health(
+    h: RawHealth,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<HealthConfig, ConfigError> {
+    let kind = match h.kind.as_deref().unwrap_or("tcp") {
+        "tcp" => {
+            if h.path.is_some() || h.status.is_some() {
+                return Err(err(
+                    "kind",
+                    "path and status apply to kind = \"http\" only".into(),
+                ));
+            }
+            HealthKind::Tcp
+        }
+        "http" => {
+            let path = h.path.unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(err(
+                    "path",
+                    format!("'{path}' must start with / and contain no spaces"),
+                ));
+            }
+            let status_text = h.status.unwrap_or_else(|| "200-399".into());
+            let range = status_text
+                .split_once('-')
+                .map_or((status_text.as_str(), status_text.as_str()), |(a, b)| {
+                    (a, b)
+                });
+            let lo: u16 = range.0.trim().parse().map_err(|_| {
+                err(
+                    "status",
+                    format!("'{status_text}' is not a status or range like 200-399"),
+                )
+            })?;
+            let hi: u16 = range.1.trim().parse().map_err(|_| {
+                err(
+                    "status",
+                    format!("'{status_text}' is not a status or range like 200-399"),
+                )
+            })?;
+            if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+                return Err(err(
+                    "status",
+                    format!("'{status_text}' is not a range within 100-599"),
+                ));
+            }
+            HealthKind::Http {
+                path,
+                status: (lo, hi),
+            }
+        }
+        other => return Err(err("kind", format!("'{other}' is not tcp or http"))),
+    };
+    let dur = |v: &Option<String>, default: &str, key: &str| -> Result<Duration, ConfigError> {
+        let t = v.as_deref().unwrap_or(default);
+        let d = parse_duration(t).map_err(|r| err(key, r))?;
+        if d < Duration::from_millis(10) {
+            return Err(err(key, format!("'{t}' is shorter than 10ms")));
+        }
+        Ok(d)
+    };
+    let interval = dur(&h.interval, "1s", "interval")?;
+    let timeout = dur(&h.timeout, "500ms", "timeout")?;
+    if timeout > interval {
+        return Err(err("timeout", "must not be longer than interval".into()));
+    }
+    let count = |v: Option<i64>, default: u32, key: &str| -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if (1..=100).contains(&n) => Ok(n as u32),
+            Some(n) => Err(err(key, format!("{n} is outside 1..=100"))),
+        }
+    };
+    Ok(HealthConfig {
+        kind,
+        interval,
+        timeout,
+        rise: count(h.rise, 2, "rise")?,
+        fall: count(h.fall, 3, "fall")?,
+    })
+}
+
+fn duration_key(
+    value: &Option<String>,
+    default: &str,
+    key: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Duration, ConfigError> {
+    let text = value.as_deref().unwrap_or(default);
+    let d = parse_duration(text).map_err(|r| err(key, r))?;
+    if d < Duration::from_secs(1) {
+        return Err(err(key, format!("'{text}' is shorter than 1s")));
+    }
+    Ok(d)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
+    (line, col)
+}

@@ -1,0 +1,165 @@
+//! The daemon's TOML configuration: parsing and validation.
+//!
+//! Pure: reads no files but the one it is given, touches no interfaces. Every
+//! error names the file, the key and the reason. Checks that need the host
+//! (does the interface exist?) live in the daemon, which runs them before it
+//! changes anything.
+//!
+//! The types the daemon reads are here; the file's format and its
+//! validation in `file.rs`; durations, sizes and endpoints in `units.rs`.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::model::Colour;
+
+mod file;
+#[cfg(test)]
+mod tests;
+mod units;
+
+pub use file::parse;
+pub use units::{parse_duration, parse_size};
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub socket: PathBuf,
+    /// Group whose members may use the control socket (besides root).
+    pub socket_group: Option<String>,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub max_flows: u32,
+    pub udp_idle_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    /// The journal is moved to `journal.1.jsonl` (replacing the one there)
+    /// once it is longer than this and the snapshot includes all of it.
+    pub journal_max_size: u64,
+    /// Where the Prometheus endpoint listens (`/metrics`); off when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    pub services: Vec<ServiceConfig>,
+}
+
+impl Config {
+    /// The configured services' names, in the file's order (what
+    /// `DesiredState::reconcile` takes).
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.services.iter().map(|s| s.name.as_str())
+    }
+}
+
+/// Active health checks of a service's backends (`[service.health]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make a backend up.
+    pub rise: u32,
+    /// Consecutive failures that make a backend down.
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connect.
+    Tcp,
+    /// `GET path`; a status in `status` (inclusive) is a success.
+    Http { path: String, status: (u16, u16) },
+}
+
+/// How XDP is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode; fall back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+impl fmt::Display for XdpModeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => bgswitch_common::PROTO_TCP,
+            Self::Udp => bgswitch_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// One service: a virtual address and its two pools.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub blue: Vec<SocketAddr>,
+    pub green: Vec<SocketAddr>,
+    pub health: Option<HealthConfig>,
+    /// Stable periods without the flow table (TCP only): see
+    /// `bgswitch_common::control`.
+    pub stateless: bool,
+}
+
+impl ServiceConfig {
+    pub fn pool(&self, colour: Colour) -> &[SocketAddr] {
+        match colour {
+            Colour::Blue => &self.blue,
+            Colour::Green => &self.green,
+        }
+    }
+}
+
+/// A configuration error: where and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        key: "(file)".into(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}

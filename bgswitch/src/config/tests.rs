@@ -1,0 +1,270 @@
+use bgswitch_common::DEFAULT_MAX_FLOWS;
+
+use super::*;
+use crate::paths;
+
+const GOOD: &str = r#"
+interfaces = ["eth0", "eth1"]
+xdp_mode = "native"
+state_dir = "/var/lib/bgswitch"
+udp_idle_timeout = "45s"
+
+[[service]]
+name = "web"
+vip = "198.19.0.10:80"
+protocol = "tcp"
+blue = ["198.18.1.11:8080", "198.18.1.12:8080"]
+green = ["198.18.1.21:8080"]
+"#;
+
+fn check_err(text: &str, key: &str, reason_part: &str) {
+    let e =
+        parse(Path::new("/etc/bgswitch/bgswitch.toml"), text).expect_err("config must be refused");
+    assert_eq!(e.file, "/etc/bgswitch/bgswitch.toml");
+    assert_eq!(e.key, key, "{e}");
+    assert!(e.reason.contains(reason_part), "{e}");
+}
+
+fn with_service(s: &str) -> String {
+    format!("interfaces = [\"eth0\"]\n[[service]]\n{s}")
+}
+
+#[test]
+fn good_config_parses_with_defaults() {
+    let c = parse(Path::new("x.toml"), GOOD).unwrap();
+    assert_eq!(c.interfaces, ["eth0", "eth1"]);
+    assert_eq!(c.xdp_mode, XdpModeSetting::Native);
+    assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
+    assert_eq!(c.udp_idle_timeout, Duration::from_secs(45));
+    assert_eq!(c.tcp_idle_timeout, Duration::from_secs(3600));
+    assert_eq!(c.journal_max_size, 64 << 20);
+    assert_eq!(c.socket, PathBuf::from(paths::DEFAULT_SOCKET));
+    assert_eq!(c.bpffs, PathBuf::from(paths::DEFAULT_BPFFS));
+    assert_eq!(c.services.len(), 1);
+    let s = &c.services[0];
+    assert_eq!(s.vip, "198.19.0.10:80".parse().unwrap());
+    assert_eq!(s.protocol, Protocol::Tcp);
+    assert_eq!(s.blue.len(), 2);
+    assert_eq!(s.green, vec!["198.18.1.21:8080".parse().unwrap()]);
+}
+
+#[test]
+fn journal_max_size_takes_binary_units_within_bounds() {
+    for (text, n) in [("65536", 65536), ("512KiB", 512 << 10), ("1GiB", 1 << 30)] {
+        let c = parse(
+            Path::new("x.toml"),
+            &format!("interfaces = [\"eth0\"]\njournal_max_size = \"{text}\""),
+        )
+        .unwrap();
+        assert_eq!(c.journal_max_size, n, "{text}");
+    }
+    let c = parse(
+        Path::new("x.toml"),
+        "interfaces = [\"eth0\"]\njournal_max_size = 1048576",
+    )
+    .unwrap();
+    assert_eq!(c.journal_max_size, 1 << 20, "bytes as an integer");
+    check_err(
+        "interfaces = [\"eth0\"]\njournal_max_size = -5",
+        "journal_max_size",
+        "not a size",
+    );
+    for (text, why) in [
+        ("1KiB", "outside"),
+        ("17GiB", "outside"),
+        ("64MB", "not a size"),
+        ("-1", "not a size"),
+        ("MiB", "not a size"),
+        ("99999999999999999999GiB", "not a size"),
+    ] {
+        check_err(
+            &format!("interfaces = [\"eth0\"]\njournal_max_size = \"{text}\""),
+            "journal_max_size",
+            why,
+        );
+    }
+}
+
+#[test]
+fn errors_name_file_key_and_reason() {
+    check_err("", "interfaces", "at least one");
+    check_err(
+        "interfaces = [\"eth0\", \"eth0\"]",
+        "interfaces[1]",
+        "twice",
+    );
+    check_err(
+        "interfaces = [\"eth0\"]\nxdp_mode = \"fast\"",
+        "xdp_mode",
+        "not one of",
+    );
+    check_err(
+        "interfaces = [\"eth0\"]\nmax_flows = 10",
+        "max_flows",
+        "outside",
+    );
+    check_err(
+        "interfaces = [\"eth0\"]\nudp_idle_timeout = \"10\"",
+        "udp_idle_timeout",
+        "no unit",
+    );
+    check_err(
+        "interfaces = [\"eth0\"]\nbogus = 1",
+        "line 2 column 1",
+        "unknown field",
+    );
+    check_err(
+        &with_service(
+            "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\n",
+        ),
+        "service[0] (a).green",
+        "empty",
+    );
+    check_err(
+        &with_service("name = \"a\"\nvip = \"1.2.3.4\"\nprotocol = \"tcp\"\n"),
+        "service[0] (a).vip",
+        "ADDRESS:PORT",
+    );
+    check_err(
+        &with_service("name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"sctp\"\n"),
+        "service[0] (a).protocol",
+        "not tcp or udp",
+    );
+    check_err(
+        &with_service(
+            "name = \"a\"\nvip = \"1.2.3.4:53\"\nprotocol = \"udp\"\nstateless = true\nblue = [\"1.2.3.5:53\"]\ngreen = [\"1.2.3.6:53\"]\n",
+        ),
+        "service[0] (a).stateless",
+        "needs protocol = \"tcp\"",
+    );
+    check_err(
+        &with_service(
+            "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nstateless = \"yes\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n",
+        ),
+        "line 6 column 13",
+        "expected a boolean",
+    );
+    check_err(
+        &with_service(
+            "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.5:80\"]\n",
+        ),
+        "service[0] (a).green[0]",
+        "already a backend of a.blue",
+    );
+    check_err(
+        &with_service(
+            "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n[[service]]\nname = \"b\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.7:80\"]\ngreen = [\"1.2.3.8:80\"]\n",
+        ),
+        "service[1] (b).vip",
+        "already the VIP of service 'a'",
+    );
+    check_err(
+        &with_service("name = \"bad name\"\n"),
+        "service[0].name",
+        "must be",
+    );
+}
+
+#[test]
+fn a_backend_may_not_be_another_services_vip_nor_an_invalid_interface() {
+    check_err(
+        &with_service(
+            "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.9:80\"]\ngreen = [\"1.2.3.6:80\"]\n[[service]]\nname = \"b\"\nvip = \"1.2.3.9:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.7:80\"]\ngreen = [\"1.2.3.8:80\"]\n",
+        ),
+        "service[0] (a).blue[0]",
+        "is the VIP of service 'b'",
+    );
+    for bad in ["eth0:1", "a b", "..", "a\\tb"] {
+        check_err(
+            &format!("interfaces = [\"{bad}\"]"),
+            "interfaces[0]",
+            "not a valid interface name",
+        );
+    }
+    check_err(
+        "interfaces = [\"eth0\"]\nname =",
+        "line 2 column 7",
+        "invalid TOML",
+    );
+}
+
+#[test]
+fn same_vip_address_with_other_port_or_protocol_is_fine() {
+    let text = with_service(
+        "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n[[service]]\nname = \"b\"\nvip = \"1.2.3.4:80\"\nprotocol = \"udp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n",
+    );
+    let c = parse(Path::new("x"), &text).unwrap();
+    assert_eq!(c.services.len(), 2);
+}
+
+#[test]
+fn the_packaged_example_config_is_valid() {
+    let c = parse(
+        Path::new("packaging/bgswitch.toml"),
+        include_str!("../../../packaging/bgswitch.toml"),
+    )
+    .unwrap();
+    assert_eq!(c.services.len(), 2);
+    assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+}
+
+#[test]
+fn health_tables() {
+    let base = "interfaces = [\"eth0\"]\n[[service]]\nname = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n[service.health]\n";
+    let c = parse(Path::new("x"), &format!("{base}kind = \"http\"\npath = \"/healthz\"\ninterval = \"250ms\"\ntimeout = \"100ms\"\nfall = 2\n")).unwrap();
+    let h = c.services[0].health.clone().unwrap();
+    assert_eq!(
+        h.kind,
+        HealthKind::Http {
+            path: "/healthz".into(),
+            status: (200, 399)
+        }
+    );
+    assert_eq!(
+        (h.interval, h.timeout, h.rise, h.fall),
+        (Duration::from_millis(250), Duration::from_millis(100), 2, 2)
+    );
+    let c = parse(Path::new("x"), base).unwrap();
+    assert_eq!(c.services[0].health.as_ref().unwrap().kind, HealthKind::Tcp);
+    check_err(
+        &format!("{base}kind = \"icmp\"\n"),
+        "service[0] (a).health.kind",
+        "not tcp or http",
+    );
+    check_err(
+        &format!("{base}kind = \"http\"\nstatus = \"500-200\"\n"),
+        "service[0] (a).health.status",
+        "range",
+    );
+    check_err(
+        &format!("{base}interval = \"1s\"\ntimeout = \"2s\"\n"),
+        "service[0] (a).health.timeout",
+        "longer",
+    );
+    check_err(
+        &format!("{base}rise = 0\n"),
+        "service[0] (a).health.rise",
+        "outside",
+    );
+    check_err(
+        &format!("{base}path = \"/x\"\n"),
+        "service[0] (a).health.kind",
+        "apply to kind",
+    );
+    check_err(
+        "interfaces = [\"eth0\"]\nmetrics_listen = \"localhost\"\n",
+        "metrics_listen",
+        "ADDRESS:PORT",
+    );
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+    assert!(parse_duration("1d").is_err());
+    assert!(parse_duration("s").is_err());
+    assert!(parse_duration("9999h").is_err());
+}
