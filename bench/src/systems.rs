@@ -9,22 +9,19 @@
 //! veth turns off TSO/GSO on its peer, which bgswitch's attachment does too.
 
 use std::{
-    fs::File,
     net::SocketAddrV4,
-    os::{
-        fd::{AsFd as _, AsRawFd as _},
-        unix::process::CommandExt as _,
-    },
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::MapData;
+pub use bgswitch_tests::peers::{haproxy_api, spawn_in};
 use bgswitch_tests::{
     in_netns,
-    netns::netns_path,
+    peers::{Haproxy, NftDnat},
     switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
     Colour, Topology, TopologyOptions, VIP,
 };
@@ -70,26 +67,6 @@ impl Kind {
 /// The HTTP service's address.
 pub fn vip() -> SocketAddrV4 {
     SocketAddrV4::new(VIP, HTTP_PORT)
-}
-
-/// Spawns `cmd` with its network namespace set to the one `netns` (an open
-/// `/run/netns/<name>`) names — without `ip netns exec`, which also remounts
-/// /sys and would add its own time to a measured command. The child gets
-/// SIGKILL when the thread that spawned it exits.
-pub fn spawn_in(netns: &File, cmd: &mut Command) -> std::io::Result<Child> {
-    let fd = netns.as_raw_fd();
-    // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Dies with the bench, even if the bench is killed (HAProxy).
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    cmd.spawn()
 }
 
 /// The `CONTROL` words of a running daemon, mapped read-only from the pin.
@@ -164,8 +141,8 @@ pub struct System {
     switcher: Option<Switcher>,
     control: Option<ControlView>,
     pass: Option<PassProgram>,
-    haproxy: Option<Child>,
-    lb_netns: File,
+    nft: Option<NftDnat>,
+    haproxy: Option<Haproxy>,
     active: Colour,
 }
 
@@ -182,12 +159,10 @@ impl System {
         topo.start_servers(HTTP_PORT, UDP_PORT)?;
         let dir = PathBuf::from("/run/bgswitch-bench").join(topo.prefix());
         std::fs::create_dir_all(&dir)?;
-        let lb = topo.lb_ns().to_string();
         let cli = topo.client_ns().to_string();
         // Many short connections: a wide port range, reuse of TIME_WAIT ports.
         sys::ns_sysctl(&cli, "net.ipv4.ip_local_port_range", "1024 65000")?;
         sys::ns_sysctl(&cli, "net.ipv4.tcp_tw_reuse", "1")?;
-        let lb_netns = File::open(netns_path(&lb)?)?;
         let mut s = System {
             kind,
             topo,
@@ -195,8 +170,8 @@ impl System {
             switcher: None,
             control: None,
             pass: None,
+            nft: None,
             haproxy: None,
-            lb_netns,
             active: Colour::Blue,
         };
         match kind {
@@ -208,13 +183,11 @@ impl System {
             }
             Kind::Nft => {
                 s.attach_pass()?;
-                sys::ns_sysctl(&lb, "net.ipv4.ip_forward", "1")?;
-                s.nft_apply(Colour::Blue)?;
+                s.nft = Some(NftDnat::start(&s.topo)?);
             }
             Kind::Haproxy => {
                 s.attach_pass()?;
-                bgswitch_tests::ip_ns(&lb, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-                s.start_haproxy()?;
+                s.haproxy = Some(Haproxy::start(&s.topo)?);
             }
         }
         // The VIP answers (from blue) before anything is measured.
@@ -238,108 +211,6 @@ impl System {
         Ok(())
     }
 
-    fn backends(&self, c: Colour) -> Vec<String> {
-        self.topo
-            .backends_of(c)
-            .map(|b| b.addr.to_string())
-            .collect()
-    }
-
-    fn nft_file(&self, c: Colour) -> Result<PathBuf> {
-        let map = self
-            .backends(c)
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{i} : {a}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let n = self.backends(c).len();
-        let text = format!(
-            "table ip bgbench {{\n\
-             \tchain pre {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
-             \tchain post {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-             }}\n\
-             flush chain ip bgbench pre\n\
-             add rule ip bgbench pre ip daddr {VIP} tcp dport {HTTP_PORT} dnat to numgen random mod {n} map {{ {} }}\n\
-             add rule ip bgbench pre ip daddr {VIP} udp dport {UDP_PORT} dnat to numgen random mod {n} map {{ {} }}\n",
-            map,
-            map,
-        );
-        let path = self.dir.join(format!("nft-{c}.conf"));
-        std::fs::write(&path, text)?;
-        Ok(path)
-    }
-
-    fn nft_apply(&mut self, c: Colour) -> Result<()> {
-        let file = self.nft_file(c)?;
-        let nft = sys::have("nft").context("nft not installed")?;
-        let out = spawn_in(
-            &self.lb_netns,
-            Command::new(nft)
-                .arg("-f")
-                .arg(&file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        )?
-        .wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "nft -f: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    }
-
-    fn haproxy_socket(&self) -> PathBuf {
-        self.dir.join("haproxy.sock")
-    }
-
-    fn start_haproxy(&mut self) -> Result<()> {
-        let sock = self.haproxy_socket();
-        let server = |b: &bgswitch_tests::Backend| {
-            format!(
-                "    server {} {}:{HTTP_PORT}{}\n",
-                b.name,
-                b.addr,
-                if b.colour == Colour::Blue {
-                    ""
-                } else {
-                    " disabled"
-                }
-            )
-        };
-        let servers: String = self.topo.backends().iter().map(server).collect();
-        let cfg = format!(
-            "global\n    stats socket {} mode 600 level admin\n    maxconn 4096\n\n\
-             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n\n\
-             frontend web\n    bind {VIP}:{HTTP_PORT}\n    default_backend web\n\n\
-             backend web\n    balance roundrobin\n{servers}",
-            sock.display()
-        );
-        let path = self.dir.join("haproxy.cfg");
-        std::fs::write(&path, cfg)?;
-        let log = File::create(self.dir.join("haproxy.log"))?;
-        let haproxy = sys::have("haproxy").context("haproxy not installed")?;
-        let child = spawn_in(
-            &self.lb_netns,
-            Command::new(haproxy)
-                .args(["-db", "-f"])
-                .arg(&path)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log),
-        )?;
-        self.haproxy = Some(child);
-        let up = sys::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
-            haproxy_api(&sock, "show info").is_ok()
-        });
-        if !up {
-            let log = std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default();
-            bail!("haproxy did not start: {log}");
-        }
-        Ok(())
-    }
-
     /// The colour new flows go to now.
     pub fn active(&self) -> Colour {
         self.active
@@ -350,21 +221,14 @@ impl System {
         let t = match self.kind {
             Kind::Bgswitch => self.flip_bgswitch(to)?,
             Kind::Nft => {
-                let file = self.nft_file(to)?;
-                let nft = sys::have("nft").context("nft not installed")?;
-                let mut cmd = Command::new(nft);
-                cmd.arg("-f")
-                    .arg(&file)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
+                let nft = self.nft.as_mut().context("no nftables ruleset")?;
+                nft.set_active("web", to)?;
+                nft.set_active("echo", to)?;
+                let file = nft.ruleset()?;
+                let mut cmd = nft.load_command(&file);
                 let start_ns = sys::now_ns();
-                let out = spawn_in(&self.lb_netns, &mut cmd)?.wait_with_output()?;
+                nft.run_in_lb(&mut cmd)?;
                 let end = sys::now_ns();
-                ensure!(
-                    out.status.success(),
-                    "nft -f: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
                 FlipTiming {
                     start_ns,
                     command_ns: end - start_ns,
@@ -372,29 +236,13 @@ impl System {
                 }
             }
             Kind::Haproxy => {
-                let cmds: Vec<String> = [Colour::Blue, Colour::Green]
-                    .iter()
-                    .flat_map(|&c| {
-                        let state = if c == to { "ready" } else { "maint" };
-                        self.topo
-                            .backends_of(c)
-                            .map(move |b| format!("set server web/{} state {state}", b.name))
-                    })
-                    .collect();
-                // New colour first, then the old one to maintenance: never no server.
-                let mut ordered: Vec<&String> =
-                    cmds.iter().filter(|c| c.ends_with("ready")).collect();
-                ordered.extend(cmds.iter().filter(|c| c.ends_with("maint")));
-                let line = ordered
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(";");
+                let h = self.haproxy.as_ref().context("no haproxy")?;
+                let line = h.flip_line(to);
                 let exe = std::env::current_exe()?;
                 let start_ns = sys::now_ns();
                 let out = Command::new(exe)
                     .arg("--haproxy-api")
-                    .arg(self.haproxy_socket())
+                    .arg(h.socket())
                     .arg(&line)
                     .stdin(Stdio::null())
                     .output()?;
@@ -471,16 +319,11 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
-        if let Some(mut c) = self.haproxy.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.haproxy = None;
+        self.nft = None;
         self.control = None;
         self.switcher = None;
         self.pass = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-
-/// Sends one line to HAProxy's runtime API and returns the answer.
-pub use bgswitch_tests::soak::haproxy_api;

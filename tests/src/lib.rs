@@ -30,6 +30,7 @@
 pub mod clients;
 mod http;
 pub mod netns;
+pub mod peers;
 pub mod rng;
 pub mod servers;
 pub mod soak;

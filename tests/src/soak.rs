@@ -26,19 +26,16 @@
 //! bgswitch daemon, or a peer a sysadmin would use instead — an nftables DNAT
 //! ruleset swapped with `nft -f` ([`NftDnat`]) or HAProxy in `mode tcp`
 //! switched through its runtime API ([`Haproxy`]), both in the topology's lb
-//! namespace without any XDP program — so the comparison is on identical
-//! load. HAProxy in `mode tcp` cannot carry UDP: its runs skip the UDP load
+//! namespace without any XDP program (set up in [`crate::peers`], which the
+//! benchmark uses too) — so the comparison is on identical load. HAProxy in `mode tcp` cannot carry UDP: its runs skip the UDP load
 //! and say so in the table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{self, Read as _, Write as _};
+use std::io;
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,7 +43,8 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::clients::{KeepAliveClient, CONNECT_TIMEOUT, IO_TIMEOUT};
 use crate::http::Conn;
-use crate::netns::{find_program, in_netns, ip_ns, ns_exec};
+use crate::netns::in_netns;
+pub use crate::peers::{haproxy_api, Haproxy, NftDnat};
 use crate::switcher::{Switcher, HTTP_PORT, UDP_PORT};
 use crate::topology::{Colour, Topology, VIP};
 
@@ -524,264 +522,6 @@ impl Switch<'_> {
             Switch::Haproxy(h) => h.flip_to(service, to),
         }
     }
-}
-
-/// Installs `package` with apt-get if `program` is missing (as `cargo xtask`
-/// does for its own tools). One caller at a time: dpkg takes a lock.
-fn ensure_program(program: &str, package: &str) -> Result<PathBuf> {
-    static APT: Mutex<()> = Mutex::new(());
-    let _apt = APT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = find_program(program) {
-        return Ok(p);
-    }
-    eprintln!("installing {package} with apt-get (for `{program}`)");
-    for args in [
-        &["update", "-q"][..],
-        &["install", "-y", "-q", "--no-install-recommends", package][..],
-    ] {
-        let out = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .context("running apt-get")?;
-        if !out.status.success() {
-            bail!(
-                "apt-get {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-    }
-    find_program(program).with_context(|| format!("`{program}` missing after installing {package}"))
-}
-
-/// A per-run directory for a peer's files.
-fn peer_dir(topo: &Topology, what: &str) -> Result<PathBuf> {
-    let dir = PathBuf::from("/run/bgswitch-test").join(format!("{}-{what}", topo.prefix()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-const NFT_TABLE: &str = "bgswitch_peer";
-
-/// nftables DNAT in the lb namespace: a `nat` table whose prerouting chain
-/// sends VIP:HTTP_PORT/tcp and VIP:UDP_PORT/udp to the active colour's
-/// backends (`numgen random`), replaced as a whole with one `nft -f` per
-/// flip. Conntrack keeps existing flows where they are and un-NATs replies,
-/// which come back through the lb (the backends route through it).
-pub struct NftDnat {
-    nft: PathBuf,
-    lb_ns: String,
-    dir: PathBuf,
-    blue: Vec<String>,
-    green: Vec<String>,
-    /// Active colour of `web` and `echo`.
-    active: [Colour; 2],
-}
-
-impl NftDnat {
-    /// Turns on forwarding in the lb namespace and loads the ruleset, both
-    /// services on blue.
-    pub fn start(topo: &Topology) -> Result<Self> {
-        let nft = ensure_program("nft", "nftables")?;
-        let lb_ns = topo.lb_ns().to_string();
-        ns_exec(&lb_ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        let addrs = |c| topo.backends_of(c).map(|b| b.addr.to_string()).collect();
-        let n = Self {
-            nft,
-            dir: peer_dir(topo, "nft")?,
-            lb_ns,
-            blue: addrs(Colour::Blue),
-            green: addrs(Colour::Green),
-            active: [Colour::Blue; 2],
-        };
-        n.apply()?;
-        Ok(n)
-    }
-
-    fn map(&self, c: Colour) -> (usize, String) {
-        let addrs = if c == Colour::Blue {
-            &self.blue
-        } else {
-            &self.green
-        };
-        let map = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{i} : {a}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        (addrs.len(), map)
-    }
-
-    /// Writes the whole table and loads it with `nft -f`: one transaction.
-    fn apply(&self) -> Result<()> {
-        let (nw, web) = self.map(self.active[0]);
-        let (ne, echo) = self.map(self.active[1]);
-        let text = format!(
-            "table ip {NFT_TABLE} {{\n\
-             \tchain pre {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
-             \tchain post {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-             }}\n\
-             flush table ip {NFT_TABLE}\n\
-             add rule ip {NFT_TABLE} pre ip daddr {VIP} tcp dport {HTTP_PORT} dnat to numgen random mod {nw} map {{ {web} }}\n\
-             add rule ip {NFT_TABLE} pre ip daddr {VIP} udp dport {UDP_PORT} dnat to numgen random mod {ne} map {{ {echo} }}\n"
-        );
-        let file = self.dir.join("ruleset.nft");
-        std::fs::write(&file, text)?;
-        let nft = self.nft.to_string_lossy();
-        let file = file.to_string_lossy();
-        ns_exec(&self.lb_ns, &nft, &["-f", &file])?;
-        Ok(())
-    }
-
-    fn flip_to(&mut self, service: &str, to: Colour) -> Result<()> {
-        let i = match service {
-            "web" => 0,
-            "echo" => 1,
-            _ => bail!("no service {service:?}"),
-        };
-        self.active[i] = to;
-        self.apply()
-    }
-}
-
-impl Drop for NftDnat {
-    fn drop(&mut self) {
-        let nft = self.nft.to_string_lossy();
-        let _ = ns_exec(&self.lb_ns, &nft, &["delete", "table", "ip", NFT_TABLE]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// HAProxy (`mode tcp`) in the lb namespace, listening on VIP:HTTP_PORT
-/// (the VIP is a local address there), with one backend `web` holding all
-/// the servers; the inactive colour's are in maintenance at start. A flip
-/// sets the new colour's servers `ready`, then the old colour's `drain` (no
-/// new connections, open ones stay), through the runtime API on the stats
-/// socket. Only `web`: `mode tcp` cannot carry UDP. Killed on drop.
-pub struct Haproxy {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
-    servers: Vec<(String, Colour)>,
-}
-
-impl Haproxy {
-    pub fn start(topo: &Topology) -> Result<Self> {
-        let bin = ensure_program("haproxy", "haproxy")?;
-        let lb = topo.lb_ns();
-        ip_ns(lb, &["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-        let dir = peer_dir(topo, "haproxy")?;
-        let socket = dir.join("admin.sock");
-        let servers: String = topo
-            .backends()
-            .iter()
-            .map(|b| {
-                let off = if b.colour == Colour::Blue {
-                    ""
-                } else {
-                    " disabled"
-                };
-                format!("    server {} {}:{HTTP_PORT}{off}\n", b.name, b.addr)
-            })
-            .collect();
-        let cfg = format!(
-            "global\n    stats socket {} mode 600 level admin\n    maxconn 4096\n\n\
-             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n\n\
-             frontend web\n    bind {VIP}:{HTTP_PORT}\n    default_backend web\n\n\
-             backend web\n    balance roundrobin\n{servers}",
-            socket.display()
-        );
-        let cfg_path = dir.join("haproxy.cfg");
-        std::fs::write(&cfg_path, cfg)?;
-        let log = std::fs::File::create(dir.join("haproxy.log"))?;
-        // `ip netns exec` execs haproxy: the child is haproxy itself.
-        let child = Command::new("ip")
-            .args(["netns", "exec", lb])
-            .arg(&bin)
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting haproxy")?;
-        let h = Self {
-            child,
-            dir,
-            socket,
-            servers: topo
-                .backends()
-                .iter()
-                .map(|b| (b.name.clone(), b.colour))
-                .collect(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while h.api("show info").is_err() {
-            if Instant::now() > deadline {
-                bail!("haproxy did not start: {}", h.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(h)
-    }
-
-    /// HAProxy's output so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
-    }
-
-    /// Sends one line (commands separated by `;`) to the runtime API.
-    pub fn api(&self, line: &str) -> Result<String> {
-        haproxy_api(&self.socket, line)
-    }
-
-    fn flip_to(&mut self, service: &str, to: Colour) -> Result<()> {
-        if service != "web" {
-            bail!("HAProxy in mode tcp carries only web, not {service:?}");
-        }
-        // The new colour first, then the old one: never no server.
-        let mut cmds: Vec<String> = self
-            .servers
-            .iter()
-            .filter(|(_, c)| *c == to)
-            .map(|(name, _)| format!("set server web/{name} state ready"))
-            .collect();
-        cmds.extend(
-            self.servers
-                .iter()
-                .filter(|(_, c)| *c != to)
-                .map(|(name, _)| format!("set server web/{name} state drain")),
-        );
-        let answer = self.api(&cmds.join(";"))?;
-        if !answer.trim().is_empty() {
-            bail!("haproxy runtime API: {}", answer.trim());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// One request/answer exchange with HAProxy's runtime API (also the
-/// benchmark's HAProxy switch).
-pub fn haproxy_api(socket: &Path, line: &str) -> Result<String> {
-    let mut s = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(line.as_bytes())?;
-    s.write_all(b"\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 // ---------------------------------------------------------------------------
