@@ -170,6 +170,7 @@ impl Daemon {
             let _ = self.apply_config();
             return Err(e.context("applying the new config failed; restored the old one"));
         }
+        self.store.reconfigure(&self.config);
         self.start_probes();
         Ok(format!(
             "reloaded {}: {} services ({} added, {} removed)",

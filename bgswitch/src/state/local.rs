@@ -42,12 +42,16 @@ pub struct LocalStore {
     journal_max_size: u64,
     /// The last journal rotation failed (logged once until one works).
     rotation_failing: bool,
+    /// When `upkeep` last looked at the journal's size (once a second).
+    pub(super) rotation_checked: Instant,
 }
 
 /// The snapshot (`state.json`) is rewritten once changes have paused this
 /// long, or when this many wait in the journal: off the path of a request.
 const SNAPSHOT_QUIET: Duration = Duration::from_secs(1);
 const SNAPSHOT_AFTER_CHANGES: u64 = 64;
+/// How often `upkeep` looks at the journal's size.
+const ROTATION_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl LocalStore {
     /// Creates the directory (mode 0750) if needed.
@@ -70,6 +74,7 @@ impl LocalStore {
             }),
             journal_max_size: u64::MAX,
             rotation_failing: false,
+            rotation_checked: Instant::now(),
         })
     }
 
@@ -396,12 +401,16 @@ impl DesiredStore for LocalStore {
 
     /// The snapshot, on a thread of its own, once changes wait in the
     /// journal and none came for a second (or many wait): the loop pays
-    /// for the copy of the state. Then the journal's rotation, when due.
+    /// for the copy of the state. Once a second, the journal's rotation,
+    /// when due.
     fn upkeep(&mut self, state: &DesiredState) {
         if self.snapshot_due(SNAPSHOT_QUIET, SNAPSHOT_AFTER_CHANGES) {
             self.save_in_background(state.clone());
         }
-        self.rotate_when_due();
+        if self.rotation_checked.elapsed() >= ROTATION_CHECK_EVERY {
+            self.rotation_checked = Instant::now();
+            self.rotate_when_due();
+        }
     }
 
     fn close(&mut self, state: &DesiredState) {

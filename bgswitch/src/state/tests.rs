@@ -276,6 +276,55 @@ fn a_rotated_journal_goes_on_numbering_after_the_snapshot() {
 }
 
 #[test]
+fn the_stores_upkeep_snapshots_and_rotates_by_its_configured_size_once_a_second() {
+    let d = tmpdir("upkeep");
+    let mut store = LocalStore::open(&d).unwrap();
+    let mut st = two_services();
+    store.save(&st).unwrap();
+    // Past the smallest journal_max_size there is (16 KiB).
+    let mut changes = 0;
+    while fs::metadata(store.journal_path()).map_or(0, |m| m.len()) <= 16 << 10 {
+        flip_journalled(&store, &mut st, "a");
+        changes += 1;
+    }
+    let len = fs::metadata(store.journal_path()).unwrap().len();
+    let config = crate::config::parse(
+        Path::new("t"),
+        "interfaces = [\"e\"]\njournal_max_size = \"16KiB\"\n",
+    )
+    .unwrap();
+    // Changes wait: once they pause, the snapshot is written (off the
+    // caller's thread). The journal is never longer than the default.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while load_snapshot(&d).unwrap().map(|(_, seq)| seq) != Some(changes) {
+        assert!(Instant::now() < deadline, "the snapshot did not land");
+        DesiredStore::upkeep(&mut store, &st);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(d.join(paths::JOURNAL_FILE).exists(), "64 MiB by default");
+    DesiredStore::reconfigure(&mut store, &config);
+    store.rotation_checked = Instant::now();
+    DesiredStore::upkeep(&mut store, &st);
+    assert!(
+        d.join(paths::JOURNAL_FILE).exists(),
+        "looked at within a second"
+    );
+    store.rotation_checked = Instant::now() - Duration::from_millis(1100);
+    DesiredStore::upkeep(&mut store, &st);
+    assert!(
+        !d.join(paths::JOURNAL_FILE).exists(),
+        "past journal_max_size"
+    );
+    assert_eq!(
+        fs::metadata(d.join(paths::JOURNAL_ROTATED_FILE))
+            .unwrap()
+            .len(),
+        len
+    );
+    fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn the_daemon_rotates_a_long_journal_once_the_snapshot_has_it_and_history_reads_both() {
     let d = tmpdir("selfrotate");
     let store = LocalStore::open(&d).unwrap();

@@ -179,7 +179,7 @@ mod program {
         };
     }
 
-    /// As bgswitch's nat.rs does it: `core::mem::zeroed()` (a call to the
+    /// As bgswitch's transmit.rs does it: `core::mem::zeroed()` (a call to the
     /// byte-loop `memset` aya-ebpf provides) then the lookup.
     #[xdp]
     pub fn part_fib_zeroed(ctx: XdpContext) -> u32 {
@@ -243,7 +243,7 @@ mod program {
         xdp_action::XDP_PASS
     }
 
-    /// A DevMapHash check then a redirect through it, as nat.rs forwards.
+    /// A DevMapHash check then a redirect through it, as transmit.rs forwards.
     #[xdp]
     pub fn part_devmap_check_redirect(ctx: XdpContext) -> u32 {
         let k = ctx.ingress_ifindex() as u32 + 1;
