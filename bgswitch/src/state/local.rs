@@ -42,8 +42,10 @@ pub struct LocalStore {
     journal_max_size: u64,
     /// The last journal rotation failed (logged once until one works).
     rotation_failing: bool,
-    /// When `upkeep` last looked at the journal's size (once a second).
-    pub(super) rotation_checked: Instant,
+    /// When `upkeep` last looked at the journal's size (once a second;
+    /// the first look a second after the first upkeep, as the loop
+    /// starts).
+    pub(super) rotation_checked: Option<Instant>,
 }
 
 /// The snapshot (`state.json`) is rewritten once changes have paused this
@@ -74,7 +76,7 @@ impl LocalStore {
             }),
             journal_max_size: u64::MAX,
             rotation_failing: false,
-            rotation_checked: Instant::now(),
+            rotation_checked: None,
         })
     }
 
@@ -407,9 +409,13 @@ impl DesiredStore for LocalStore {
         if self.snapshot_due(SNAPSHOT_QUIET, SNAPSHOT_AFTER_CHANGES) {
             self.save_in_background(state.clone());
         }
-        if self.rotation_checked.elapsed() >= ROTATION_CHECK_EVERY {
-            self.rotation_checked = Instant::now();
-            self.rotate_when_due();
+        match self.rotation_checked {
+            None => self.rotation_checked = Some(Instant::now()),
+            Some(t) if t.elapsed() >= ROTATION_CHECK_EVERY => {
+                self.rotation_checked = Some(Instant::now());
+                self.rotate_when_due();
+            }
+            Some(_) => {}
         }
     }
 

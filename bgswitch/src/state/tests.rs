@@ -303,13 +303,13 @@ fn the_stores_upkeep_snapshots_and_rotates_by_its_configured_size_once_a_second(
     }
     assert!(d.join(paths::JOURNAL_FILE).exists(), "64 MiB by default");
     DesiredStore::reconfigure(&mut store, &config);
-    store.rotation_checked = Instant::now();
+    store.rotation_checked = Some(Instant::now());
     DesiredStore::upkeep(&mut store, &st);
     assert!(
         d.join(paths::JOURNAL_FILE).exists(),
         "looked at within a second"
     );
-    store.rotation_checked = Instant::now() - Duration::from_millis(1100);
+    store.rotation_checked = Some(Instant::now() - Duration::from_millis(1100));
     DesiredStore::upkeep(&mut store, &st);
     assert!(
         !d.join(paths::JOURNAL_FILE).exists(),
