@@ -35,8 +35,8 @@ use aya::{
     Ebpf,
 };
 use bgswitch::{
-    config::XdpModeSetting,
-    dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
+    config::AttachSetting,
+    dataplane::{backend_of, backend_stat_id, service_key, AttachMode, Dataplane, LoadOptions},
     model::Colour,
 };
 use bgswitch_common::{maps as names, FlowEntry, FlowKey4, PROTO_TCP, PROTO_UDP};
@@ -311,8 +311,8 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
     let w = dp.control_word(2);
     dp.end_transition(2, w)?;
     ensure!(dp.is_stateless(2), "service 2 did not become stateless");
-    dp.add_tx_port(bed.v0)?;
-    dp.add_tx_port(bed.v1)?;
+    dp.add_port(bed.v0, AttachMode::Native)?;
+    dp.add_port(bed.v1, AttachMode::Native)?;
     Ok(Loaded {
         dp,
         flows_memlock,
@@ -327,7 +327,7 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
 /// (~20 ms per call here). An attached program stays in the dispatcher, so each
 /// call costs microseconds and the timed loop is the same.
 pub fn keep_in_dispatcher(dp: &mut Dataplane, pass: &mut PassProgram) -> Result<()> {
-    dp.attach("v0", XdpModeSetting::Native)
+    dp.attach("v0", AttachSetting::Xdp)
         .context("attaching bgswitch to v0")?;
     pass.attach("v1")
 }

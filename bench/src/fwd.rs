@@ -35,7 +35,7 @@ use aya::{
     Ebpf, Pod,
 };
 use bgswitch::{
-    config::XdpModeSetting,
+    config::AttachSetting,
     dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
     model::Colour,
 };
@@ -628,8 +628,8 @@ impl Rig {
             if want_attached != 0 {
                 let dp = self.dps.get_mut(&want_attached).context("no data plane")?;
                 in_netns(&lb, || -> Result<()> {
-                    dp.attach("l0", XdpModeSetting::Native)?;
-                    dp.attach("l1", XdpModeSetting::Native)?;
+                    dp.attach("l0", AttachSetting::Xdp)?;
+                    dp.attach("l1", AttachSetting::Xdp)?;
                     Ok(())
                 })??;
                 self.attached = want_attached;

@@ -154,7 +154,7 @@ impl System {
         let mut topo = Topology::create(TopologyOptions {
             blue: 2,
             green: 2,
-            tx_csum_off: true,
+            like_physical_nics: false,
         })?;
         topo.start_servers(HTTP_PORT, UDP_PORT)?;
         let dir = PathBuf::from("/run/bgswitch-bench").join(topo.prefix());

@@ -67,6 +67,8 @@ pub mod maps {
     pub const FLOWS: &str = "FLOWS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// Every interface bgswitch serves (XDP or TC), ifindex → how.
+    pub const ATTACHED: &str = "ATTACHED";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
@@ -85,7 +87,7 @@ pub mod maps {
     /// rebuilt empty by each load).
     pub const BACKEND_HOPS: &str = "BACKEND_HOPS";
     /// Every pinned map, in the order they are pinned.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
@@ -93,6 +95,7 @@ pub mod maps {
         FLOWS,
         SETTINGS,
         TX_PORTS,
+        ATTACHED,
         SERVICE_STATS,
         BACKEND_STATS,
         GLOBAL_STATS,
@@ -118,6 +121,16 @@ pub struct PreviewKey {
 
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "bgswitch";
+/// Name of the TC (clsact ingress) program in the object: the same path.
+pub const TC_PROGRAM_NAME: &str = "bgswitch_tc";
+
+/// How bgswitch serves an interface (the values of the `ATTACHED` map).
+pub mod attach {
+    /// XDP, native or generic: the XDP program redirects to it.
+    pub const XDP: u32 = 1;
+    /// TC (clsact ingress).
+    pub const TC: u32 = 2;
+}
 
 /// An IP address of either family: IPv4 uses `words[0]` (wire order) and
 /// leaves the rest zero; IPv6 uses all four words.

@@ -4,16 +4,15 @@
 //! established packet of a cached flow needs no hash lookup. Filled and
 //! cleared by the stages that take the flow table's path.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use bgswitch_common::{
     cache_slot, control, csum::Delta, flow_flags, global, CachedFlow, FlowEntry, FlowKey4,
 };
 
 use crate::{
+    context::{Packet, Side},
     flow::same_key,
     maps::{account, count, CONTROL, FLOW_CACHE},
     parse::Frame,
-    rewrite::{rewrite_cached, Side},
     transmit::{transmit_l2, Fresh},
 };
 
@@ -54,7 +53,7 @@ pub fn cache_hit(c: &CachedFlow, cache: &Cache, f: &Frame, now: u64) -> bool {
 /// it with the entry unchanged. `None`: the service is disabled (the slow path
 /// says so and counts it).
 #[inline(always)]
-pub fn cached(ctx: &XdpContext, f: &Frame, c: &CachedFlow) -> Option<u32> {
+pub fn cached<C: Packet>(ctx: &C, f: &Frame, c: &CachedFlow) -> Option<u32> {
     let reverse = c.flags & flow_flags::REVERSE != 0;
     if !reverse {
         let word = CONTROL.get_ptr(c.service)?;
@@ -69,9 +68,12 @@ pub fn cached(ctx: &XdpContext, f: &Frame, c: &CachedFlow) -> Option<u32> {
     } else {
         (Side::Dst, global::FLOW_HITS)
     };
-    if rewrite_cached(ctx, f, side, c.peer, c.peer_port, c.ip_delta, c.l4_delta).is_none() {
+    if ctx
+        .rewrite_cached(f, side, c.peer, c.peer_port, c.ip_delta, c.l4_delta)
+        .is_none()
+    {
         count(global::MALFORMED);
-        return Some(xdp_action::XDP_PASS);
+        return Some(C::PASS);
     }
     Some(transmit_l2(
         ctx,

@@ -3,7 +3,7 @@
 //! in a transition) and record it, one entry with both directions' next
 //! hops.
 
-use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key as LpmKey, programs::XdpContext};
+use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, CANARY_SEED},
@@ -14,11 +14,11 @@ use aya_log_ebpf::error;
 
 use crate::{
     cache::{fill, forget, Cache, Dir},
+    context::{Packet, Side},
     events,
     flow::{close_flags, closed, key4},
     maps::{account, count, CONTROL, FLOWS, PREVIEW, SETTINGS},
     parse::{Frame, TCP_ACK, TCP_SYN},
-    rewrite::{rewrite, Side},
     service::{no_backend, pick, vip_source},
     stateless::stateless,
     transmit::{send, Nh},
@@ -56,8 +56,8 @@ fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, 
 
 /// Client → VIP, with the flow's record if it has one.
 #[inline(always)]
-pub fn to_backend(
-    ctx: &XdpContext,
+pub fn to_backend<C: Packet>(
+    ctx: &C,
     f: &Frame,
     key: &FlowKey,
     service: u32,
@@ -67,11 +67,11 @@ pub fn to_backend(
 ) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let Some(word) = CONTROL.get_ptr(service) else {
         count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // One 32-bit load of the word userspace stores atomically.
     // SAFETY: the pointer comes from a successful array lookup.
@@ -79,7 +79,7 @@ pub fn to_backend(
     if !control::enabled(word) {
         // A removed service: its flows are not ours any more.
         count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     if control::stateless(word) && f.proto == PROTO_TCP {
         // Its stateless slot is set before the word and cleared after: only
@@ -103,9 +103,12 @@ pub fn to_backend(
             }
             count(global::FLOW_HITS);
             account(entry.backend_stat as u32, f.frame_len, false, false);
-            if rewrite(ctx, f, Side::Dst, &[entry.peer, 0, 0, 0], entry.peer_port).is_none() {
+            if ctx
+                .rewrite(f, Side::Dst, &[entry.peer, 0, 0, 0], entry.peer_port)
+                .is_none()
+            {
                 count(global::MALFORMED);
-                return xdp_action::XDP_PASS;
+                return C::PASS;
             }
             let action = send(ctx, f, Nh::forward(entry), now, cache.fresh, None);
             fill(cache, entry, Dir::Forward);
@@ -115,7 +118,7 @@ pub fn to_backend(
 
     if vip_source(f) {
         count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let orphan = f.proto == PROTO_TCP && !syn;
     // An orphan in a transition of a stateless service: a connection of the
@@ -135,9 +138,9 @@ pub fn to_backend(
         return no_backend(ctx, service, colour);
     };
     account(b.stat_id, f.frame_len, true, false);
-    if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
+    if ctx.rewrite(f, Side::Dst, &b.addr, b.port).is_none() {
         count(global::MALFORMED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let mut flags = close_flags(f.tcp_flags, flow_flags::FIN_CLIENT);
     if preview {
@@ -236,7 +239,7 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
 
 /// Writes a new flow's entry (replies find it through `REPLY_SOURCES`).
 #[inline(always)]
-fn record(ctx: &XdpContext, key: &FlowKey, fwd: &FlowEntry) {
+fn record<C: Packet>(ctx: &C, key: &FlowKey, fwd: &FlowEntry) {
     if let Err(e) = FLOWS.insert(&key4(key), fwd, 0) {
         count(global::FLOW_INSERT_FAILED);
         if events::gate(global::FLOW_INSERT_FAILED) {

@@ -1,4 +1,8 @@
-//! The bgswitch XDP program.
+//! The bgswitch data plane: one packet path compiled into two programs, XDP
+//! (`bgswitch`, frames as a physical NIC's driver hands them over) and TC
+//! (`bgswitch_tc`, clsact ingress: socket buffers, whose checksums may be
+//! partial and which may stand for many segments, as veth pairs, bridges
+//! and tap devices hand them over). `context.rs` is the seam between them.
 //!
 //! The packet's path: parse → look up the service (client → VIP) or the reverse
 //! flow (backend → client) → follow or choose the flow → rewrite → forward.
@@ -7,15 +11,19 @@
 #![no_std]
 #![no_main]
 
-// The packet's path, stage by stage (ARCHITECTURE.md's diagram).
+// The packet's path, stage by stage (ARCHITECTURE.md's diagram): parse,
+// path, stateless, cache, forward, reply, transmit.
 mod cache;
 mod forward;
 mod parse;
 mod path;
 mod reply;
-mod rewrite;
 mod stateless;
 mod transmit;
+// The seam and its two contexts.
+mod context;
+mod tc;
+mod xdp;
 // What the stages share.
 mod clock;
 mod events;
@@ -24,22 +32,23 @@ mod maps;
 mod service;
 
 use aya_ebpf::{
-    bindings::xdp_action,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns},
-    macros::{socket_filter, xdp},
-    programs::{SkBuffContext, XdpContext},
+    macros::{classifier, socket_filter, xdp},
+    programs::{SkBuffContext, TcContext, XdpContext},
 };
 use bgswitch_common::global;
 
 use crate::{
+    context::Packet,
     maps::count,
     parse::{parse, Skip},
 };
 
-#[xdp]
+/// The path for a frame of either context: parsed, then `path::handle`;
+/// what parsing skips is counted and passed untouched.
 #[inline(always)]
-pub fn bgswitch(ctx: XdpContext) -> u32 {
-    let frame = match parse(&ctx) {
+fn run<C: Packet>(ctx: &C) -> u32 {
+    let frame = match parse(ctx) {
         Ok(f) => f,
         Err(skip) => {
             count(match skip {
@@ -48,10 +57,23 @@ pub fn bgswitch(ctx: XdpContext) -> u32 {
                 Skip::Fragment => global::FRAGMENT,
                 Skip::Malformed => global::MALFORMED,
             });
-            return xdp_action::XDP_PASS;
+            return C::PASS;
         }
     };
-    path::handle(&ctx, &frame)
+    path::handle(ctx, &frame)
+}
+
+#[xdp]
+#[inline(always)]
+pub fn bgswitch(ctx: XdpContext) -> u32 {
+    run(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn bgswitch_tc(ctx: TcContext) -> i32 {
+    tc::pull_headers(&ctx);
+    run(&ctx) as i32
 }
 
 /// The data plane's clock, for userspace: `jiffies` and CLOCK_MONOTONIC side

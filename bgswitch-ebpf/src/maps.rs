@@ -78,9 +78,15 @@ pub static LOG_GATE: Array<u64> = Array::with_max_entries(global::COUNT, 0);
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-/// Interfaces bgswitch forwards to, keyed by ifindex.
+/// Interfaces bgswitch serves with XDP, keyed by ifindex: those the XDP
+/// program redirects to.
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+
+/// Every interface bgswitch serves, XDP or TC, keyed by ifindex (value:
+/// `bgswitch_common::attach`): those the TC program sends to.
+#[map]
+pub static ATTACHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
 /// Per-CPU counters per service and colour, index `service * 2 + colour`:
 /// backend RSTs and SYN-ACKs only (the traffic is counted per backend).

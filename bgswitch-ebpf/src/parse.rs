@@ -1,13 +1,18 @@
 //! Bounds-checked header access and the parse of one frame into what the
 //! rest of the program needs. Nothing here writes to the packet.
 
-use aya_ebpf::programs::XdpContext;
 use bgswitch_common::{Addr, FAMILY_IPV4, PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
+use crate::context::{ptr_at, Packet};
+
+/// Where the IPv4 header starts (after an untagged Ethernet header).
+pub const IP_OFF: usize = EthHdr::LEN;
+
 /// Why a frame is not ours to rewrite.
 pub enum Skip {
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged, …).
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged — in the frame or in a socket
+    /// buffer's metadata —, …).
     NotIp,
     /// IPv4 but neither TCP nor UDP.
     NotTcpUdp,
@@ -42,21 +47,12 @@ pub struct Frame {
     /// TCP flags, 0 for UDP.
     pub tcp_flags: u8,
     pub ttl: u8,
-    /// IPv4 total length (host order), for the FIB's MTU check.
+    /// The IPv4 length of the longest packet the frame stands for (host
+    /// order), for the MTU checks: its total length, or for a GSO packet
+    /// the headers plus one segment.
     pub tot_len: u16,
     /// Whole frame length, for byte counters.
     pub frame_len: u64,
-}
-
-/// Pointer to a `T` at `offset` bytes into the packet, if it lies wholly inside.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
 }
 
 /// A 16-bit field at `off` bytes past `p`, as it lies in memory. One load:
@@ -82,13 +78,16 @@ unsafe fn load32(p: *const u8, off: usize) -> u32 {
 /// Parses Ethernet + IPv4 + TCP/UDP. Every length the headers claim is checked
 /// against the frame and against each other.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
+pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
+    if ctx.vlan_tagged() {
+        return Err(Skip::NotIp);
+    }
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Err(Skip::NotIp);
     }
-    let ip_off = EthHdr::LEN;
+    let ip_off = IP_OFF;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ip_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
     let iph = unsafe { &*ip };
@@ -102,7 +101,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
     let ipb: *const u8 = ip.cast();
     // SAFETY: inside the 20-byte header checked above.
     let tot_len = u16::from_be(unsafe { load16(ipb, 2) }) as usize;
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = ctx.len();
     if tot_len < ihl || ip_off + tot_len > frame_len {
         return Err(Skip::Malformed);
     }
@@ -114,7 +113,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
     let proto = iph.proto;
     let l4 = ip_off + ihl;
     let l4_len = tot_len - ihl;
-    let (sport, dport, tcp_flags) = match proto {
+    let (sport, dport, tcp_flags, l4_hdr) = match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
             let raw: *const u8 = tcp.cast();
@@ -124,7 +123,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
                 return Err(Skip::Malformed);
             }
             // SAFETY: inside the checked 20-byte header.
-            unsafe { (load16(raw, 0), load16(raw, 2), flags) }
+            unsafe { (load16(raw, 0), load16(raw, 2), flags, doff) }
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
@@ -135,9 +134,16 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
                 return Err(Skip::Malformed);
             }
             // SAFETY: as above.
-            unsafe { (load16(raw, 0), load16(raw, 2), 0) }
+            unsafe { (load16(raw, 0), load16(raw, 2), 0, UdpHdr::LEN) }
         }
         _ => return Err(Skip::NotTcpUdp),
+    };
+    // A GSO packet leaves as segments of `gso` bytes of payload each.
+    let gso = ctx.gso_size() as usize;
+    let longest = if gso != 0 && ihl + l4_hdr + gso < tot_len {
+        ihl + l4_hdr + gso
+    } else {
+        tot_len
     };
     Ok(Frame {
         ip,
@@ -152,7 +158,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Skip> {
         dport,
         tcp_flags,
         ttl: iph.ttl,
-        tot_len: tot_len as u16,
+        tot_len: longest as u16,
         frame_len: frame_len as u64,
     })
 }

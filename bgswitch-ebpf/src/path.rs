@@ -4,12 +4,12 @@
 //! a backend's reply (`reply`); anything else passes untouched. Each stage
 //! rewrites (`rewrite`) and forwards (`transmit`) what it takes.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use bgswitch_common::{control, global, FlowKey4, ServiceKey, ADDR_FILTER_WORDS, PROTO_TCP};
 
 use crate::{
     cache::{cache_hit, cache_index, cached, Cache},
     clock::{flow_gen, now},
+    context::Packet,
     flow::flow_key,
     forward::to_backend,
     maps::{count, FLOWS, FLOW_CACHE, REPLY_SOURCES, SERVICES, SETTINGS},
@@ -27,7 +27,7 @@ use crate::{
 /// bitmap, the backend's reply source and its flow. Anything else passes
 /// untouched.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
+pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     let now = now();
     let (refresh, shift, any_stateless) = SETTINGS
         .get(0)
@@ -104,7 +104,7 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
     }
     if !maybe(ADDR_FILTER_WORDS, &f.src) {
         count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     // A backend's reply: its flow is the one from the client to the VIP the
     // backend serves, if that flow is pinned to this backend.
@@ -156,5 +156,5 @@ pub fn handle(ctx: &XdpContext, f: &Frame) -> u32 {
         }
     }
     count(global::PASS_NOT_SERVICE);
-    xdp_action::XDP_PASS
+    C::PASS
 }

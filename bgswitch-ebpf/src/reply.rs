@@ -4,15 +4,14 @@
 //! connections without a record (a stable period, or the orphan pool of a
 //! transition).
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use bgswitch_common::{flow_flags, global, Backend, FlowEntry, FlowKey, PROTO_TCP};
 
 use crate::{
     cache::{fill, forget, write_slot, Cache, Decision, Dir},
+    context::{Packet, Side},
     flow::close_flags,
     maps::{account, count, SERVICE_STATS},
     parse::{Frame, TCP_ACK, TCP_RST, TCP_SYN},
-    rewrite::{rewrite, Side},
     service::pick,
     transmit::{resolve, send, transmit, Nh},
 };
@@ -20,8 +19,8 @@ use crate::{
 /// Backend → client: a reply of a flow we forwarded gets the VIP back as its
 /// source.
 #[inline(always)]
-pub fn from_backend(
-    ctx: &XdpContext,
+pub fn from_backend<C: Packet>(
+    ctx: &C,
     f: &Frame,
     entry: &mut FlowEntry,
     vip: u32,
@@ -31,7 +30,7 @@ pub fn from_backend(
 ) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     if now.wrapping_sub(entry.last_seen) > cache.fresh.refresh {
         entry.last_seen = now;
@@ -54,9 +53,9 @@ pub fn from_backend(
     }
     account(stat, f.frame_len, false, true);
     count(global::REPLIES);
-    if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
+    if ctx.rewrite(f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
         count(global::MALFORMED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None);
     fill(cache, entry, Dir::Reply { vip, vport });
@@ -69,8 +68,8 @@ pub fn from_backend(
 /// replies take the cached path.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn stateless_reply(
-    ctx: &XdpContext,
+pub fn stateless_reply<C: Packet>(
+    ctx: &C,
     f: &Frame,
     service: u32,
     colour: u32,
@@ -82,19 +81,23 @@ pub fn stateless_reply(
 ) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     reply_counters(service, colour, f.tcp_flags);
     account(b.stat_id, f.frame_len, false, true);
     count(global::REPLIES);
-    if rewrite(ctx, f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
+    if ctx.rewrite(f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
         count(global::MALFORMED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
-    let Some(hop) = resolve(ctx, f) else {
-        // To the stack: this CPU's slot must not serve an older decision.
-        forget(&cache.key, cache.shift);
-        return xdp_action::XDP_PASS;
+    let hop = match resolve(ctx, f) {
+        Ok(hop) => hop,
+        Err(unresolved) => {
+            // Not through a kept next hop: this CPU's slot must not serve
+            // an older decision.
+            forget(&cache.key, cache.shift);
+            return unresolved.map_or(C::PASS, |egress| ctx.unresolved(f, egress));
+        }
     };
     if let Some(c) = cache.slot {
         // SAFETY: this CPU's slot; every field written as a whole integer.

@@ -3,7 +3,6 @@
 //! backend a pool chooses, whether a source is a VIP (spoofed), and the
 //! rare event of an empty pool.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use bgswitch_common::{
     addr_bit, global,
     hash::{flow_hash, reduce, BACKEND_SEED},
@@ -13,6 +12,7 @@ use bgswitch_common::{
 use aya_log_ebpf::warn;
 
 use crate::{
+    context::Packet,
     events,
     maps::{count, ADDR_FILTER, BACKENDS, CONTROL, POOL_SIZES, SERVICES},
     parse::Frame,
@@ -72,7 +72,7 @@ pub fn vip_source(f: &Frame) -> bool {
 
 /// An empty pool: counted, logged (rarely), and passed untouched.
 #[inline(always)]
-pub fn no_backend(ctx: &XdpContext, service: u32, colour: u32) -> u32 {
+pub fn no_backend<C: Packet>(ctx: &C, service: u32, colour: u32) -> u32 {
     count(global::NO_BACKEND);
     if events::gate(global::NO_BACKEND) {
         warn!(
@@ -82,5 +82,5 @@ pub fn no_backend(ctx: &XdpContext, service: u32, colour: u32) -> u32 {
             colour
         );
     }
-    xdp_action::XDP_PASS
+    C::PASS
 }

@@ -3,17 +3,16 @@
 //! nothing read or written per flow (the service found by one 64-bit load
 //! of its `ADDR_FILTER` slot; the next hop is the backend's).
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use bgswitch_common::{
     control, csum::Delta, global, stateless_entry, stateless_slot, ADDR_FILTER_WORDS,
     STATELESS_ID_MASK,
 };
 
 use crate::{
+    context::{Packet, Side},
     flow::flow_key,
     maps::{account, count, ADDR_FILTER, BACKEND_HOPS},
     parse::{Frame, TCP_ACK, TCP_SYN},
-    rewrite::{rewrite, rewrite_cached, Side},
     service::{no_backend, pick, vip_source},
     transmit::{send, transmit_l2, Fresh, Nh},
 };
@@ -37,8 +36,8 @@ pub fn stateless_service(f: &Frame) -> Option<u32> {
 /// is the backend's (`BACKEND_HOPS`), looked up once per backend and
 /// refresh instead of once per flow.
 #[inline(always)]
-pub fn stateless(
-    ctx: &XdpContext,
+pub fn stateless<C: Packet>(
+    ctx: &C,
     f: &Frame,
     service: u32,
     word: u32,
@@ -47,11 +46,11 @@ pub fn stateless(
 ) -> u32 {
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     if vip_source(f) {
         count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     let key = flow_key(f);
     let active = control::active(word);
@@ -60,7 +59,7 @@ pub fn stateless(
     };
     let Some(hop) = BACKEND_HOPS.get_ptr_mut(b.stat_id) else {
         count(global::PASS_NOT_SERVICE);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     };
     // SAFETY: this CPU's slot; XDP runs are not nested on one CPU.
     let hop = unsafe { &mut *hop };
@@ -75,9 +74,12 @@ pub fn stateless(
         && hop.vip == f.dst[0]
         && hop.vport == f.dport
     {
-        if rewrite_cached(ctx, f, Side::Dst, peer, b.port, hop.ip_delta, hop.l4_delta).is_none() {
+        if ctx
+            .rewrite_cached(f, Side::Dst, peer, b.port, hop.ip_delta, hop.l4_delta)
+            .is_none()
+        {
             count(global::MALFORMED);
-            return xdp_action::XDP_PASS;
+            return C::PASS;
         }
         return transmit_l2(
             ctx,
@@ -88,9 +90,9 @@ pub fn stateless(
         );
     }
     let (vip, vport) = (f.dst[0], f.dport);
-    if rewrite(ctx, f, Side::Dst, &b.addr, b.port).is_none() {
+    if ctx.rewrite(f, Side::Dst, &b.addr, b.port).is_none() {
         count(global::MALFORMED);
-        return xdp_action::XDP_PASS;
+        return C::PASS;
     }
     // Force the lookup (the hop may be another VIP's or backend's), then
     // keep what it was for and this rewrite's deltas.

@@ -1,26 +1,24 @@
 //! Forwarding a rewritten frame: the next hop kept in a flow record (or a
 //! backend's, for stateless services) while it is current, else
-//! `bpf_fib_lookup`; then the TTL, the MACs, and XDP_TX or a DevMap
-//! redirect. A frame with no usable next hop goes to the stack.
+//! `bpf_fib_lookup`; then the TTL, the MACs, and out of the egress
+//! interface the way the context sends (XDP_TX or a DevMap redirect;
+//! `bpf_redirect`). A frame with no usable next hop goes to the stack (or,
+//! in TC, to the kernel's neighbour output while its neighbour is
+//! unresolved).
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
-    },
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup,
-    programs::XdpContext,
-    EbpfContext,
 };
-use bgswitch_common::{csum::Delta, global, BackendHop, FlowEntry};
-use network_types::eth::EthHdr;
+use bgswitch_common::{global, BackendHop, FlowEntry};
 
 use aya_log_ebpf::warn;
 
 use crate::{
+    context::Packet,
     events,
-    maps::{count, count2, TX_PORTS},
-    parse::{ptr_at, Frame},
+    maps::{count, count2},
+    parse::Frame,
 };
 
 const AF_INET: u8 = 2;
@@ -102,16 +100,26 @@ impl<'a> Nh<'a> {
 /// it is older than the refresh, or when the packet is longer than the one
 /// it was looked up for (the MTU check). Counts `also` with the transmit.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, f: &Frame, nh: Nh, now: u64, fresh: Fresh, also: Option<u32>) -> u32 {
+pub fn send<C: Packet>(
+    ctx: &C,
+    f: &Frame,
+    nh: Nh,
+    now: u64,
+    fresh: Fresh,
+    also: Option<u32>,
+) -> u32 {
     if nh.usable(f, now, fresh) {
         return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac, also);
     }
-    let Some(hop) = resolve(ctx, f) else {
-        *nh.ifindex = 0;
-        if let Some(a) = also {
-            count(a);
+    let hop = match resolve(ctx, f) {
+        Ok(hop) => hop,
+        Err(unresolved) => {
+            *nh.ifindex = 0;
+            if let Some(a) = also {
+                count(a);
+            }
+            return unresolved.map_or(C::PASS, |egress| ctx.unresolved(f, egress));
         }
-        return xdp_action::XDP_PASS;
     };
     // Byte stores: an array assignment may become a memcpy call here.
     for i in 0..6 {
@@ -140,12 +148,15 @@ pub struct Hop {
 }
 
 /// Looks up the route and neighbour of the frame's (rewritten) destination.
-/// `None` (counted) when the frame should go to the stack instead: no
-/// neighbour entry yet (the stack resolves ARP and forwards, ip_forward is
-/// on), no route, the MTU, or an egress interface bgswitch is not attached to.
+/// An error (counted) when the frame cannot be sent by the program now:
+/// `Some(egress)` when the route leaves through an interface the context
+/// may send to but the neighbour entry is missing (the context's
+/// `unresolved`: the stack resolves ARP and forwards, ip_forward is on),
+/// `None` when it should go to the stack (no route, the MTU, or an egress
+/// interface the context cannot send to).
 #[inline(always)]
-pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
-    let ip = f.ip;
+pub fn resolve<C: Packet>(ctx: &C, f: &Frame) -> Result<Hop, Option<u32>> {
+    let (tos, src, dst) = ctx.ip_fields(f).ok_or(None)?;
     // Zeroed with sixteen explicit stores: `mem::zeroed()` of 64 bytes becomes a
     // call to a byte-at-a-time memset on this target (~60 ns per packet).
     let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
@@ -164,14 +175,11 @@ pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
     };
     p.family = AF_INET;
     p.l4_protocol = f.proto;
-    // SAFETY: f.ip is bounds-checked (parse); reading fields of the header.
-    unsafe {
-        p.__bindgen_anon_1.tot_len = f.tot_len;
-        p.__bindgen_anon_2.tos = (*ip).tos;
-        p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src_addr);
-        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst_addr);
-    }
-    let ingress = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_1.tot_len = f.tot_len;
+    p.__bindgen_anon_2.tos = tos;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    let ingress = ctx.ingress();
     p.ifindex = ingress;
     count(global::FIB_LOOKUPS);
     // SAFETY: helper call with a valid context and a params struct of the right size.
@@ -183,15 +191,19 @@ pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
             0,
         )
     };
+    let egress = p.ifindex;
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-            // The stack resolves the neighbour: routine, not logged.
+            // The kernel resolves the neighbour: routine, not logged. An
+            // egress the context cannot send to: the stack's, unlogged too.
             count(global::FIB_NO_NEIGH);
-        } else {
+            let ours = egress == ingress || ctx.may_send_to(egress);
+            return Err(ours.then_some(egress));
+        }
+        {
             count(global::FIB_OTHER);
             if events::gate(global::FIB_OTHER) {
-                // SAFETY: bounds-checked by parse(); the rewritten address.
-                let dst = unsafe { (*ip).dst_addr };
+                let dst = dst.to_ne_bytes();
                 warn!(
                     ctx,
                     "data plane: no usable route towards {:i} (bpf_fib_lookup: {}; no route, unreachable, forwarding off, or over the MTU): rewritten frames go to the kernel stack (counter fib_other)",
@@ -200,54 +212,54 @@ pub fn resolve(ctx: &XdpContext, f: &Frame) -> Option<Hop> {
                 );
             }
         }
-        return None;
+        return Err(None);
     }
-    let egress = p.ifindex;
-    if egress != ingress && TX_PORTS.get_ifindex(egress).is_none() {
-        count(global::EGRESS_UNKNOWN);
-        if events::gate(global::EGRESS_UNKNOWN) {
-            // SAFETY: as above.
-            let dst = unsafe { (*ip).dst_addr };
-            warn!(
-                ctx,
-                "data plane: the route towards {:i} leaves through ifindex {}, which bgswitch is not attached to: rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
-                dst,
-                egress
-            );
-        }
-        return None;
+    if !sendable(ctx, ingress, egress, dst) {
+        return Err(None);
     }
-    Some(Hop {
+    Ok(Hop {
         ifindex: egress,
         dmac: p.dmac,
         smac: p.smac,
     })
 }
 
+/// Whether the program may send a frame out of `egress` (the ingress
+/// interface, or one the context may send to); counted and logged (rarely)
+/// when not.
+#[inline(always)]
+fn sendable<C: Packet>(ctx: &C, ingress: u32, egress: u32, dst: u32) -> bool {
+    if egress == ingress || ctx.may_send_to(egress) {
+        return true;
+    }
+    count(global::EGRESS_UNKNOWN);
+    if events::gate(global::EGRESS_UNKNOWN) {
+        let dst = dst.to_ne_bytes();
+        warn!(
+            ctx,
+            "data plane: the route towards {:i} leaves through ifindex {}, which this program cannot send to (bgswitch does not serve it, or serves it with TC where XDP cannot redirect): rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
+            dst,
+            egress
+        );
+    }
+    false
+}
+
 /// Sends a rewritten frame to a resolved next hop: decrements the TTL, writes
 /// the MACs and transmits (XDP_TX back out of the ingress interface, else a
-/// DevMap redirect); counts TX or REDIRECT, and `also`. The caller checked
-/// TTL > 1.
+/// DevMap redirect; TC: `bpf_redirect`); counts TX or REDIRECT, and `also`.
+/// The caller checked TTL > 1.
 #[inline(always)]
-pub fn transmit(
-    ctx: &XdpContext,
+pub fn transmit<C: Packet>(
+    ctx: &C,
     f: &Frame,
     egress: u32,
     dmac: &[u8; 6],
     smac: &[u8; 6],
     also: Option<u32>,
 ) -> u32 {
-    let ip = f.ip;
-    // SAFETY: ip is bounds-checked; ttl > 1 was checked by the caller.
-    unsafe {
-        let ttl_word = ((*ip).ttl, (*ip).proto);
-        let old = u16::from_ne_bytes([ttl_word.0, ttl_word.1]);
-        let new = u16::from_ne_bytes([ttl_word.0 - 1, ttl_word.1]);
-        (*ip).ttl = ttl_word.0 - 1;
-        let check = Delta::ZERO
-            .add16(old, new)
-            .apply(u16::from_ne_bytes((*ip).check));
-        (*ip).check = check.to_ne_bytes();
+    if ctx.decrement_ttl(f).is_none() {
+        return C::PASS;
     }
     transmit_l2(ctx, egress, dmac, smac, also)
 }
@@ -255,42 +267,24 @@ pub fn transmit(
 /// Writes the MACs of a resolved next hop and transmits; counts TX or
 /// REDIRECT, and `also` with the same counter lookup.
 #[inline(always)]
-pub fn transmit_l2(
-    ctx: &XdpContext,
+pub fn transmit_l2<C: Packet>(
+    ctx: &C,
     egress: u32,
     dmac: &[u8; 6],
     smac: &[u8; 6],
     also: Option<u32>,
 ) -> u32 {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: eth is bounds-checked.
-    unsafe {
-        // Four loads and four stores (an array assignment becomes a memmove
-        // call here). Every `dmac` starts 4-byte aligned and every `smac` at
-        // 2 mod 4 (FlowEntry, CachedFlow and Hop are laid out so), like the
-        // destination and source MACs of the frame (XDP data is aligned).
-        let d0 = core::ptr::read_volatile(dmac.as_ptr().cast::<u32>());
-        let d1 = core::ptr::read_volatile(dmac.as_ptr().add(4).cast::<u16>());
-        let s0 = core::ptr::read_volatile(smac.as_ptr().cast::<u16>());
-        let s1 = core::ptr::read_volatile(smac.as_ptr().add(2).cast::<u32>());
-        let mac = eth.cast::<u8>();
-        core::ptr::write_volatile(mac.cast::<u32>(), d0);
-        core::ptr::write_volatile(mac.add(4).cast::<u16>(), d1);
-        core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
-        core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
+    if ctx.write_macs(dmac, smac).is_none() {
+        return C::PASS;
     }
-    let tx = egress == ctx.ingress_ifindex() as u32;
-    let what = if tx { global::TX } else { global::REDIRECT };
+    let what = if egress == ctx.ingress() {
+        global::TX
+    } else {
+        global::REDIRECT
+    };
     match also {
         Some(a) => count2(what, a),
         None => count(what),
     }
-    if tx {
-        return xdp_action::XDP_TX;
-    }
-    TX_PORTS
-        .redirect(egress, xdp_action::XDP_PASS as u64)
-        .unwrap_or(xdp_action::XDP_PASS)
+    ctx.send_to(egress)
 }

@@ -146,8 +146,23 @@ pub struct Status {
     /// and for transitions that may end), since it started.
     #[serde(default)]
     pub flow_table_scans: u64,
+    /// Where the pins are, and whether the data plane outlives the daemon.
+    #[serde(default)]
+    pub pins: Option<PinsStatus>,
     pub config: String,
     pub pid: u32,
+}
+
+/// Where the data plane is pinned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinsStatus {
+    /// The configured bpffs.
+    pub bpffs: String,
+    /// Whether the pins (and with them the attachments and maps) outlive
+    /// the daemon: a daemon only runs with pins that do.
+    pub outlive_daemon: bool,
+    /// Where they are, and why.
+    pub note: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -241,8 +256,13 @@ pub struct BackendStatus {
 pub struct InterfaceStatus {
     pub name: String,
     pub ifindex: u32,
+    /// How the program meets it: native, generic (XDP), tc, tc-netlink.
     pub mode: AttachMode,
     pub adopted: bool,
+    /// Why this mode: the setting, or what `auto` saw.
+    #[serde(default)]
+    pub reason: String,
+    /// The first mode `auto` tried was refused; why.
     pub fallback_reason: Option<String>,
 }
 

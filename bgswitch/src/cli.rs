@@ -602,20 +602,38 @@ pub fn render_status(s: &Status) -> String {
             );
         }
     }
+    if let Some(p) = &s.pins {
+        out += &format!(
+            "pins: {} ({}): {}\n",
+            p.bpffs,
+            p.note,
+            if p.outlive_daemon {
+                "the data plane outlives the daemon"
+            } else {
+                "the data plane goes with the daemon"
+            }
+        );
+    }
     out += "interfaces:";
     if s.interfaces.is_empty() {
         out += " none";
     }
     for i in &s.interfaces {
         out += &format!(
-            " {} ({:?}{})",
+            " {} ({}{})",
             i.name,
-            i.mode,
+            i.mode.as_str(),
             if i.adopted { ", adopted" } else { "" }
-        )
-        .to_lowercase();
+        );
     }
     out += "\n";
+    for i in &s.interfaces {
+        out += &format!("  {}: {}: {}", i.name, i.mode.describe(), i.reason);
+        if let Some(f) = &i.fallback_reason {
+            out += &format!(" ({f})");
+        }
+        out += "\n";
+    }
     let nonzero: Vec<String> = s
         .counters
         .iter()

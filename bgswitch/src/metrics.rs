@@ -112,7 +112,11 @@ pub fn render(status: &Status) -> String {
     );
     let attached = f.gauge(
         "bgswitch_interface_attached",
-        "1 per interface with the XDP program, by mode.",
+        "1 per interface bgswitch serves, by mode (native, generic: XDP; tc, tc-netlink: TC).",
+    );
+    let attachment = f.gauge(
+        "bgswitch_interface_attachment",
+        "1 per interface bgswitch serves, by mode and why it was chosen.",
     );
 
     for s in &status.services {
@@ -174,9 +178,18 @@ pub fn render(status: &Status) -> String {
         xdp.get_or_create(&labels(&[("event", k)])).inc_by(*v);
     }
     for i in &status.interfaces {
-        let mode = format!("{:?}", i.mode).to_lowercase();
         attached
-            .get_or_create(&labels(&[("interface", &i.name), ("mode", &mode)]))
+            .get_or_create(&labels(&[
+                ("interface", &i.name),
+                ("mode", i.mode.as_str()),
+            ]))
+            .set(1);
+        attachment
+            .get_or_create(&labels(&[
+                ("interface", &i.name),
+                ("mode", i.mode.as_str()),
+                ("reason", &i.reason),
+            ]))
             .set(1);
     }
     let mut out = String::new();

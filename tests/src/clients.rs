@@ -111,6 +111,83 @@ pub fn http_get(ns: &str, addr: SocketAddrV4, path: &str) -> Result<HttpReply> {
         .with_context(|| format!("GET {path} from {addr} (netns {ns:?})"))
 }
 
+/// A bulk transfer's outcome: which backend served it, and how long it took.
+#[derive(Clone, Debug)]
+pub struct Transfer {
+    pub backend: String,
+    pub elapsed: Duration,
+}
+
+/// `GET /bytes/{n}` from `addr` (a new connection from namespace `ns`):
+/// fails unless exactly the `n` bytes of [`crate::servers::bulk_pattern`]
+/// arrive (naming the first byte that differs).
+pub fn http_download(ns: &str, addr: SocketAddrV4, n: usize) -> Result<Transfer> {
+    let t = std::time::Instant::now();
+    let mut conn = Conn::new(connect(ns, addr)?);
+    let path = format!("/bytes/{n}");
+    let mut exchange = || -> io::Result<(Vec<u8>, String)> {
+        conn.write_all(request(addr, &path, true).as_bytes())?;
+        let head = conn
+            .read_head()?
+            .ok_or_else(|| invalid("connection closed before a response".into()))?;
+        let len = head
+            .content_length()?
+            .ok_or_else(|| invalid("no Content-Length".into()))?;
+        let backend = head.header("x-backend").unwrap_or_default().to_owned();
+        Ok((conn.read_body(len)?, backend))
+    };
+    let (body, backend) = exchange()
+        .map_err(|err| explain_timeout(err, IO_TIMEOUT))
+        .with_context(|| format!("GET {path} from {addr} (netns {ns:?})"))?;
+    let want = crate::servers::bulk_pattern(n);
+    if body.len() != n {
+        bail!(
+            "GET {path} from {addr}: {} bytes arrived, not {n}",
+            body.len()
+        );
+    }
+    if let Some(i) = body.iter().zip(&want).position(|(a, b)| a != b) {
+        bail!("GET {path} from {addr}: byte {i} of {n} differs (backend {backend})");
+    }
+    Ok(Transfer {
+        backend,
+        elapsed: t.elapsed(),
+    })
+}
+
+/// `POST /digest` with `data` to `addr` (a new connection from namespace
+/// `ns`): fails unless the server counted exactly `data`'s length and
+/// [`crate::servers::digest`].
+pub fn http_upload(ns: &str, addr: SocketAddrV4, data: &[u8]) -> Result<Transfer> {
+    let t = std::time::Instant::now();
+    let mut conn = Conn::new(connect(ns, addr)?);
+    let mut exchange = || -> io::Result<HttpReply> {
+        let head = format!(
+            "POST /digest HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: bgswitch-tests\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            data.len()
+        );
+        conn.write_all(head.as_bytes())?;
+        conn.write_all(data)?;
+        Ok(read_reply(&mut conn, true)?.0)
+    };
+    let reply = exchange()
+        .map_err(|err| explain_timeout(err, IO_TIMEOUT))
+        .with_context(|| format!("POST /digest to {addr} (netns {ns:?})"))?;
+    let want = format!("{} {:016x}\n", data.len(), crate::servers::digest(data));
+    if reply.body != want {
+        bail!(
+            "POST /digest to {addr}: the backend ({}) got {:?}, not {want:?}",
+            reply.backend,
+            reply.body
+        );
+    }
+    Ok(Transfer {
+        backend: reply.backend,
+        elapsed: t.elapsed(),
+    })
+}
+
 /// An HTTP client that sends many requests over one TCP connection
 /// (keep-alive), e.g. to check that an established connection keeps going
 /// to the same backend across a switch.

@@ -257,7 +257,7 @@ mod tests {
                     let opts = TopologyOptions {
                         blue: 1,
                         green: i + 1,
-                        tx_csum_off: true,
+                        like_physical_nics: false,
                     };
                     let mut topo = Topology::create(opts).expect("create topology");
                     topo.start_servers(80, 53).expect("start servers");
@@ -309,7 +309,7 @@ mod tests {
         let mut topo = Topology::create(TopologyOptions {
             blue: 1,
             green: 0,
-            tx_csum_off: false,
+            like_physical_nics: false,
         })
         .unwrap();
         topo.start_servers(80, 53).unwrap();

@@ -7,7 +7,10 @@
 //!
 //! * [`HttpServer`]: a small HTTP/1.1 server with keep-alive. Every response
 //!   has the body `"{colour} {name}\n"` and the header `X-Backend: {name}`;
-//!   `GET /sleep/{ms}` waits that long before answering.
+//!   `GET /sleep/{ms}` waits that long before answering; `GET /bytes/{n}`
+//!   answers `n` bytes of [`bulk_pattern`] (for transfers of many
+//!   segments); `POST /digest` answers the length and [`digest`] of the
+//!   body it was sent.
 //! * [`UdpEchoServer`]: answers each datagram with `"{colour} {name} "`
 //!   followed by the original payload.
 //!
@@ -50,6 +53,36 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest accepted `/sleep/{ms}`.
 const MAX_SLEEP: Duration = Duration::from_secs(600);
+
+/// Largest `/bytes/{n}` answered, and `/digest` body read.
+pub const MAX_BULK: usize = 64 << 20;
+
+/// Byte `i` of the bulk pattern that `/bytes/{n}` sends (a xorshift
+/// stream seeded by the offset's 64-KiB block, so any slice can be checked
+/// on its own and a misplaced segment shows).
+pub fn bulk_pattern(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    let mut block = usize::MAX;
+    let mut x = 0u64;
+    for i in 0..n {
+        if i >> 16 != block {
+            block = i >> 16;
+            x = 0x9e37_79b9_7f4a_7c15 ^ (block as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push(x as u8);
+    }
+    out
+}
+
+/// FNV-1a (64 bits) of `data`: what `/digest` answers with the length.
+pub fn digest(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 /// Locks a mutex, ignoring poisoning (a panicking connection thread must not
 /// wedge the server).
@@ -429,8 +462,33 @@ fn serve_connection(shared: &HttpShared, stream: TcpStream) -> io::Result<()> {
         if head.header("transfer-encoding").is_some() {
             return Err(invalid("chunked request bodies are not supported".into()));
         }
+        let mut sent = Vec::new();
         if let Some(len) = head.content_length()? {
-            conn.read_body(len)?;
+            if len > MAX_BULK {
+                return Err(invalid(format!("a body of {len} bytes is too long")));
+            }
+            sent = conn.read_body(len)?;
+        }
+        if request.path == "/digest" {
+            let body = format!("{} {:016x}\n", sent.len(), digest(&sent));
+            write_response(&mut conn, "200 OK", shared, request.close, body.as_bytes())?;
+            if request.close {
+                let _ = conn.get_ref().shutdown(Shutdown::Write);
+                return Ok(());
+            }
+            continue;
+        }
+        if let Some(n) = request.path.strip_prefix("/bytes/") {
+            let body = match n.parse::<usize>() {
+                Ok(n) if n <= MAX_BULK => bulk_pattern(n),
+                _ => b"bad length\n".to_vec(),
+            };
+            write_response(&mut conn, "200 OK", shared, request.close, &body)?;
+            if request.close {
+                let _ = conn.get_ref().shutdown(Shutdown::Write);
+                return Ok(());
+            }
+            continue;
         }
         let (status, body) = match sleep_request(&request.path) {
             Some(Ok(duration)) => {
@@ -455,6 +513,25 @@ fn serve_connection(shared: &HttpShared, stream: TcpStream) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Writes one response with `body`.
+fn write_response(
+    conn: &mut Conn<TcpStream>,
+    status: &str,
+    shared: &HttpShared,
+    close: bool,
+    body: &[u8],
+) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\
+         X-Backend: {}\r\nConnection: {}\r\n\r\n",
+        body.len(),
+        shared.name,
+        if close { "close" } else { "keep-alive" },
+    );
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)
 }
 
 /// Counters shared with the UDP worker thread.

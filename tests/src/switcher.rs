@@ -80,15 +80,12 @@ pub fn require_root() {
 }
 
 /// The test bed the switching tests and the demo use: the default topology
-/// (two blue and two green backends) with HTTP and UDP servers on every
-/// backend. Senders compute full checksums: a veth hands TCP/UDP over with
-/// partial ones, which an XDP program cannot see (real NICs deliver complete
-/// ones).
+/// (two blue and two green backends behind a bridge) with HTTP and UDP
+/// servers on every backend, every namespace with the kernel's default
+/// offloads (a veth hands TCP/UDP over with partial checksums, and TSO
+/// segments larger than the MTU): as containers and VMs send.
 pub fn served_topology() -> Result<Topology> {
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })?;
+    let mut topo = Topology::create(TopologyOptions::default())?;
     topo.start_servers(HTTP_PORT, UDP_PORT)?;
     Ok(topo)
 }
@@ -115,6 +112,17 @@ impl Switcher {
     /// topology's two lb interfaces and `services` (TOML `[[service]]` tables).
     /// Does not start the daemon.
     pub fn new(topo: &Topology, services: &str) -> Result<Self> {
+        Self::prepared(topo, services, true)
+    }
+
+    /// Like [`Switcher::new`], but leaves the bpffs unmounted: the daemon,
+    /// started with `ip netns exec` (a private mount namespace), must mount
+    /// it where it outlives it. Unmounted on drop all the same.
+    pub fn new_unmounted(topo: &Topology, services: &str) -> Result<Self> {
+        Self::prepared(topo, services, false)
+    }
+
+    fn prepared(topo: &Topology, services: &str, mount: bool) -> Result<Self> {
         let bin = bgswitch_bin()?;
         remove_stale_dirs();
         let dir = PathBuf::from("/run/bgswitch-test").join(topo.prefix());
@@ -129,7 +137,10 @@ impl Switcher {
             mounted: false,
         };
         // The daemon's own mounting code, run in the host's mount namespace.
-        bgswitch::dataplane::ensure_bpffs(&s.bpffs())?;
+        if mount {
+            bgswitch::dataplane::ensure_bpffs(&s.bpffs())?;
+        }
+        // Unmounted on drop either way (the daemon mounts it otherwise).
         s.mounted = true;
         s.write_config(&s.config_text(services))?;
         Ok(s)
@@ -158,7 +169,7 @@ impl Switcher {
     pub fn config_text(&self, services: &str) -> String {
         format!(
             "interfaces = [\"{LB_CLIENT_IF}\", \"{LB_BACKEND_IF}\"]\n\
-             xdp_mode = \"native\"\n\
+             attach = \"auto\"\n\
              socket = \"{}\"\n\
              state_dir = \"{}\"\n\
              bpffs = \"{}\"\n\

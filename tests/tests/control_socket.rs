@@ -54,11 +54,7 @@ fn setup(top: &str) -> (Topology, Switcher) {
 /// keys the switcher's config already sets).
 fn setup_edited(top: &str, edit: impl FnOnce(&str) -> String) -> (Topology, Switcher) {
     require_root();
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .expect("topology");
+    let mut topo = Topology::create(TopologyOptions::default()).expect("topology");
     topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
     let services = format!("{top}\n{}", default_services(&topo));
     let mut sw = Switcher::new(&topo, &services).expect("switcher");

@@ -55,7 +55,7 @@ fn get_ok(topo: &Topology) -> String {
 }
 
 #[test]
-fn a_flapped_or_recreated_interface_is_noticed_and_xdp_attached_again() {
+fn a_flapped_or_recreated_interface_is_noticed_and_the_program_attached_again() {
     let (topo, mut sw) = setup();
     sw.start().unwrap();
     assert_eq!(get_ok(&topo), "blue");
@@ -67,7 +67,7 @@ fn a_flapped_or_recreated_interface_is_noticed_and_xdp_attached_again() {
     ip(&["-n", &lb, "link", "set", "lbb", "up"]).unwrap();
     wait_log(
         &sw,
-        "lbb: link is up again; XDP still attached",
+        "lbb: link is up again; TC (tcx link) still attached",
         Duration::from_secs(3),
     );
     let start = Instant::now();
@@ -88,7 +88,7 @@ fn a_flapped_or_recreated_interface_is_noticed_and_xdp_attached_again() {
     ip(&["-n", &lb, "link", "del", "lbc"]).unwrap();
     wait_log(
         &sw,
-        "disappeared; XDP will be attached again",
+        "disappeared; the program will be attached again",
         Duration::from_secs(3),
     );
     ip(&[
@@ -471,7 +471,7 @@ fn a_daemon_of_a_new_map_layout_takes_over_the_links_of_an_older_one() {
     sw.start().unwrap();
     wait_log(
         &sw,
-        "took over the XDP link of map layout v0",
+        "took over the link of map layout v0",
         Duration::from_secs(5),
     );
     assert!(!older.exists(), "the older layout's pins are removed");
@@ -737,7 +737,7 @@ fn a_route_through_an_interface_bgswitch_is_not_on_is_reported_in_the_log() {
         .map(str::to_string)
         .unwrap();
     assert!(
-        line.contains("which bgswitch is not attached to")
+        line.contains("which this program cannot send to")
             && line.contains("(bgsdummy0)")
             && line.contains("WARN"),
         "{line}"

@@ -40,12 +40,8 @@ fn require_root() {
 fn flips_under_load_fail_no_request_and_misdirect_nothing() {
     require_root();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // Senders compute full checksums, as real NICs deliver them (see e2e.rs).
-    let mut topo = Topology::create(TopologyOptions {
-        tx_csum_off: true,
-        ..TopologyOptions::default()
-    })
-    .expect("topology");
+    // The kernel's default offloads, as containers and VMs send.
+    let mut topo = Topology::create(TopologyOptions::default()).expect("topology");
     topo.start_servers(HTTP_PORT, UDP_PORT).expect("servers");
     let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
     sw.start().expect("daemon starts");

@@ -655,7 +655,9 @@ fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
         assert_eq!(verify(&out).2, 64, "TTL left to the stack");
         assert_eq!(&out[0..12], &input[0..12]);
         // With v0 in TX_PORTS the frame is redirected.
-        fx.dp.add_tx_port(v0).unwrap();
+        fx.dp
+            .add_port(v0, bgswitch::dataplane::AttachMode::Native)
+            .unwrap();
         let (action, out, _) = fx
             .dp
             .test_run(&frame(c2, vip, L4::Ack, 64, b""), Some(v1), 1)

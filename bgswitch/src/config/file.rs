@@ -14,14 +14,16 @@ use serde::Deserialize;
 
 use super::{
     units::{endpoint, parse_duration, parse_size},
-    Config, ConfigError, HealthConfig, HealthKind, Protocol, ServiceConfig, XdpModeSetting,
+    AttachSetting, Config, ConfigError, HealthConfig, HealthKind, Protocol, ServiceConfig,
 };
 use crate::paths;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    interfaces: Option<Vec<String>>,
+    interfaces: Option<Vec<RawInterface>>,
+    attach: Option<String>,
+    /// The older name of `attach` (auto, native, generic).
     xdp_mode: Option<String>,
     socket: Option<PathBuf>,
     socket_group: Option<String>,
@@ -34,6 +36,22 @@ struct RawConfig {
     metrics_listen: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
+}
+
+/// An interface: its name, or a table naming it and its attachment on one
+/// line (`{ name = "veth1", attach = "tc" }`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawInterface {
+    Name(String),
+    Table(RawInterfaceTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterfaceTable {
+    name: String,
+    attach: Option<String>,
 }
 
 /// A size: bytes, or text with a unit ("64MiB").
@@ -93,7 +111,53 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         err(&key, reason)
     })?;
 
-    let interfaces = raw.interfaces.unwrap_or_default();
+    let global = match (raw.attach.as_deref(), raw.xdp_mode.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "xdp_mode",
+                "give `attach` alone (xdp_mode is its older name)".into(),
+            ))
+        }
+        (Some(a), None) => AttachSetting::parse(a).ok_or_else(|| {
+            err(
+                "attach",
+                format!("'{a}' is not one of auto, xdp, xdp-generic, tc"),
+            )
+        })?,
+        (None, Some(m)) => match m {
+            "auto" => AttachSetting::Auto,
+            "native" => AttachSetting::Xdp,
+            "generic" => AttachSetting::XdpGeneric,
+            other => {
+                return Err(err(
+                    "xdp_mode",
+                    format!("'{other}' is not one of auto, native, generic"),
+                ))
+            }
+        },
+        (None, None) => AttachSetting::Auto,
+    };
+    let mut attach = BTreeMap::new();
+    let mut interfaces = Vec::new();
+    for (i, entry) in raw.interfaces.unwrap_or_default().into_iter().enumerate() {
+        let (name, setting) = match entry {
+            RawInterface::Name(n) => (n, global),
+            RawInterface::Table(t) => {
+                let setting = match t.attach.as_deref() {
+                    None => global,
+                    Some(a) => AttachSetting::parse(a).ok_or_else(|| {
+                        err(
+                            &format!("interfaces[{i}].attach"),
+                            format!("'{a}' is not one of auto, xdp, xdp-generic, tc"),
+                        )
+                    })?,
+                };
+                (t.name, setting)
+            }
+        };
+        attach.insert(name.clone(), setting);
+        interfaces.push(name);
+    }
     if interfaces.is_empty() {
         return Err(err("interfaces", "must name at least one interface".into()));
     }
@@ -127,18 +191,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
-
-    let xdp_mode = match raw.xdp_mode.as_deref().unwrap_or("auto") {
-        "auto" => XdpModeSetting::Auto,
-        "native" => XdpModeSetting::Native,
-        "generic" => XdpModeSetting::Generic,
-        other => {
-            return Err(err(
-                "xdp_mode",
-                format!("'{other}' is not one of auto, native, generic"),
-            ))
-        }
-    };
 
     let max_flows = match raw.max_flows {
         None => DEFAULT_MAX_FLOWS,
@@ -333,7 +385,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         metrics_listen,
         interfaces,
-        xdp_mode,
+        attach,
         socket: raw.socket.unwrap_or_else(|| paths::DEFAULT_SOCKET.into()),
         socket_group: raw.socket_group,
         state_dir: raw

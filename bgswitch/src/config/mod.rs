@@ -9,6 +9,7 @@
 //! validation in `file.rs`; durations, sizes and endpoints in `units.rs`.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -31,7 +32,9 @@ pub struct Config {
     /// The file it was read from (for messages).
     pub path: PathBuf,
     pub interfaces: Vec<String>,
-    pub xdp_mode: XdpModeSetting,
+    /// How each interface is served: the global `attach`, or the one its
+    /// line names (every configured interface has an entry).
+    pub attach: BTreeMap<String, AttachSetting>,
     pub socket: PathBuf,
     /// Group whose members may use the control socket (besides root).
     pub socket_group: Option<String>,
@@ -53,6 +56,14 @@ impl Config {
     /// `DesiredState::reconcile` takes).
     pub fn service_names(&self) -> impl Iterator<Item = &str> {
         self.services.iter().map(|s| s.name.as_str())
+    }
+
+    /// How interface `name` is served (`auto` for one not configured).
+    pub fn attach_of(&self, name: &str) -> AttachSetting {
+        self.attach
+            .get(name)
+            .copied()
+            .unwrap_or(AttachSetting::Auto)
     }
 }
 
@@ -76,23 +87,45 @@ pub enum HealthKind {
     Http { path: String, status: (u16, u16) },
 }
 
-/// How XDP is attached.
+/// How bgswitch meets an interface (`attach`, globally or per interface).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpModeSetting {
-    /// Native (driver) mode; fall back to generic with a warning.
+#[serde(rename_all = "kebab-case")]
+pub enum AttachSetting {
+    /// Native XDP on a device with a driver behind it (its frames arrive
+    /// complete), TC on virtual devices and wherever native XDP is
+    /// refused; never generic XDP.
     Auto,
-    Native,
-    Generic,
+    /// Native XDP only.
+    Xdp,
+    /// Generic (skb) XDP only: slower, and only right where frames arrive
+    /// with complete checksums.
+    XdpGeneric,
+    /// TC (clsact ingress) only.
+    Tc,
 }
 
-impl fmt::Display for XdpModeSetting {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl AttachSetting {
+    /// The value as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::Auto => "auto",
-            Self::Native => "native",
-            Self::Generic => "generic",
-        })
+            Self::Xdp => "xdp",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        }
+    }
+
+    /// The setting `text` names, if any.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Auto, Self::Xdp, Self::XdpGeneric, Self::Tc]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+impl fmt::Display for AttachSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -33,7 +33,7 @@ fn with_service(s: &str) -> String {
 fn good_config_parses_with_defaults() {
     let c = parse(Path::new("x.toml"), GOOD).unwrap();
     assert_eq!(c.interfaces, ["eth0", "eth1"]);
-    assert_eq!(c.xdp_mode, XdpModeSetting::Native);
+    assert_eq!(c.attach_of("eth0"), AttachSetting::Xdp);
     assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
     assert_eq!(c.udp_idle_timeout, Duration::from_secs(45));
     assert_eq!(c.tcp_idle_timeout, Duration::from_secs(3600));
@@ -189,6 +189,57 @@ fn a_backend_may_not_be_another_services_vip_nor_an_invalid_interface() {
 }
 
 #[test]
+fn attach_is_global_or_per_interface_on_one_line_and_xdp_mode_is_its_older_name() {
+    let c = parse(
+        Path::new("t"),
+        "attach = \"tc\"\ninterfaces = [\"eth0\", { name = \"veth1\", attach = \"xdp\" }, { name = \"tap0\" }]",
+    )
+    .unwrap();
+    assert_eq!(c.interfaces, ["eth0", "veth1", "tap0"]);
+    assert_eq!(c.attach_of("eth0"), AttachSetting::Tc);
+    assert_eq!(c.attach_of("veth1"), AttachSetting::Xdp);
+    assert_eq!(c.attach_of("tap0"), AttachSetting::Tc, "the global one");
+    for (old, new) in [
+        ("auto", AttachSetting::Auto),
+        ("native", AttachSetting::Xdp),
+        ("generic", AttachSetting::XdpGeneric),
+    ] {
+        let c = parse(
+            Path::new("t"),
+            &format!("xdp_mode = \"{old}\"\ninterfaces = [\"eth0\"]"),
+        )
+        .unwrap();
+        assert_eq!(c.attach_of("eth0"), new, "xdp_mode = {old}");
+    }
+    let c = parse(
+        Path::new("t"),
+        "attach = \"xdp-generic\"\ninterfaces = [\"eth0\"]",
+    )
+    .unwrap();
+    assert_eq!(c.attach_of("eth0"), AttachSetting::XdpGeneric);
+    check_err(
+        "attach = \"fast\"\ninterfaces = [\"eth0\"]",
+        "attach",
+        "not one of auto, xdp, xdp-generic, tc",
+    );
+    check_err(
+        "interfaces = [{ name = \"eth0\", attach = \"native\" }]",
+        "interfaces[0].attach",
+        "not one of",
+    );
+    check_err(
+        "attach = \"tc\"\nxdp_mode = \"native\"\ninterfaces = [\"eth0\"]",
+        "xdp_mode",
+        "alone (xdp_mode is its older name)",
+    );
+    check_err(
+        "interfaces = [\"eth0\", { name = \"eth0\", attach = \"tc\" }]",
+        "interfaces[1]",
+        "twice",
+    );
+}
+
+#[test]
 fn same_vip_address_with_other_port_or_protocol_is_fine() {
     let text = with_service(
         "name = \"a\"\nvip = \"1.2.3.4:80\"\nprotocol = \"tcp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n[[service]]\nname = \"b\"\nvip = \"1.2.3.4:80\"\nprotocol = \"udp\"\nblue = [\"1.2.3.5:80\"]\ngreen = [\"1.2.3.6:80\"]\n",
@@ -205,7 +256,7 @@ fn the_packaged_example_config_is_valid() {
     )
     .unwrap();
     assert_eq!(c.services.len(), 2);
-    assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+    assert_eq!(c.attach_of("eth0"), AttachSetting::Auto);
 }
 
 #[test]

@@ -107,7 +107,8 @@ impl Daemon {
             {
                 continue;
             }
-            self.dataplane.attach(&iface, self.config.xdp_mode)?;
+            self.dataplane
+                .attach(&iface, self.config.attach_of(&iface))?;
         }
         let attached: Vec<String> = self
             .dataplane

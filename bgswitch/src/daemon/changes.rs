@@ -377,7 +377,12 @@ impl Daemon {
     }
 
     pub(super) fn detach(&mut self) -> Response {
-        let bpffs = self.config.bpffs.clone();
+        // The pins as this process reaches them (through an outer mount
+        // namespace's root when it runs in a private one).
+        let bpffs = self
+            .dataplane
+            .pin_place()
+            .map_or_else(|| self.config.bpffs.clone(), |p| p.root.clone());
         let ifaces: Vec<String> = self
             .dataplane
             .attachments()
@@ -393,8 +398,8 @@ impl Daemon {
             return Response::error(format!("removing pins: {e}"));
         }
         log::info!(
-            "detached XDP from {ifaces:?} and removed the pins under {}; exiting",
-            bpffs.display()
+            "detached from {ifaces:?} and removed the pins under {}; exiting",
+            self.config.bpffs.display()
         );
         Response::ok(format!(
             "detached from {} interfaces and removed all pins; the daemon exits",

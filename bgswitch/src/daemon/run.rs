@@ -160,7 +160,7 @@ impl Daemon {
                 Event::Followed(change) => self.follow(change),
                 Event::Shutdown(sig) => {
                     log::info!(
-                        "{sig}: exiting; XDP stays attached and keeps switching on the last state"
+                        "{sig}: exiting; the data plane stays attached and keeps switching on the last state"
                     );
                     self.store.close(&self.state);
                     break;

@@ -189,6 +189,13 @@ impl Daemon {
             },
             dataplane.refresh_ticks()
         );
+        if let Some(p) = dataplane.pin_place() {
+            log::info!(
+                "pins under {} ({}): the data plane outlives this daemon",
+                p.configured.display(),
+                p.note
+            );
+        }
         let slots = dataplane.flow_cache_slots();
         log::info!(
             "per-CPU flow cache: {slots} slots ({} KiB per CPU id, {} possible CPU ids)",

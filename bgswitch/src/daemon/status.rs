@@ -154,6 +154,7 @@ impl Daemon {
                 ifindex: a.ifindex,
                 mode: a.mode,
                 adopted: a.adopted,
+                reason: a.reason,
                 fallback_reason: a.fallback_reason,
             })
             .collect();
@@ -172,6 +173,11 @@ impl Daemon {
             interfaces,
             counters,
             flow_table_scans: self.dataplane.flow_table_reads(),
+            pins: self.dataplane.pin_place().map(|p| api::PinsStatus {
+                bpffs: p.configured.display().to_string(),
+                outlive_daemon: true,
+                note: p.note.clone(),
+            }),
             config: self.config.path.display().to_string(),
             pid: std::process::id(),
         })

@@ -1,8 +1,10 @@
-//! Attachments: the program on each configured interface through a pinned
-//! link (or swapped into one an earlier daemon pinned, of this layout or
-//! an older one), the redirect map, the interfaces watched for
-//! re-creation and link changes, and detach. How a link is made is the
-//! hook's (`hook.rs`); nothing here knows XDP.
+//! Attachments: the program on each configured interface, held through a
+//! pinned link or filter (or taken over from what an earlier daemon left,
+//! of this layout or an older one), the maps that say where the programs
+//! may send (`TX_PORTS` for XDP, `ATTACHED` for all), the interfaces
+//! watched for re-creation and link changes, and detach. How a program
+//! meets an interface is the hook's (`hook.rs`); nothing here knows XDP or
+//! TC.
 
 use std::{
     ffi::CString,
@@ -11,15 +13,15 @@ use std::{
     path::Path,
 };
 
-use aya::programs::links::{FdLink, PinnedLink};
+use bgswitch_common::{attach as kind, maps as map_names};
 
 use super::{
-    hook::AttachMode,
-    io_err,
+    hook::{self, AttachMode, Held},
+    io_err, map_err,
     pins::{link_pin_path, remove_layout_if_unused},
     Dataplane, DataplaneError, Result,
 };
-use crate::{config::XdpModeSetting, paths};
+use crate::{config::AttachSetting, paths};
 
 /// One attached interface.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -27,57 +29,69 @@ pub struct Attachment {
     pub interface: String,
     pub ifindex: u32,
     pub mode: AttachMode,
-    /// The program was swapped into a link a previous daemon pinned.
+    /// The program was swapped into what a previous daemon left.
     pub adopted: bool,
-    /// Native mode was asked for (auto) but refused; why.
+    /// Why this mode: the setting, or what `auto` saw.
+    pub reason: String,
+    /// The first mode `auto` tried was refused; why.
     pub fallback_reason: Option<String>,
 }
 
 impl Dataplane {
-    /// Attaches (or adopts the pinned attachment) on `iface` and adds it to
-    /// the redirect map.
-    pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<Attachment> {
-        let mode_setting = mode;
+    /// Serves `iface` as `setting` asks: takes over what an earlier daemon
+    /// left there in a mode the setting may use, or attaches afresh (then
+    /// removes what was left in another mode: the interface is never
+    /// without the program), and records where the programs may send.
+    pub fn attach(&mut self, iface: &str, setting: AttachSetting) -> Result<Attachment> {
         let index = ifindex(iface).ok_or_else(|| DataplaneError::UnknownInterface(iface.into()))?;
-        let mut fallback_reason = None;
-        let mut adopted = None;
+        let (tries, reason) = AttachMode::choose(setting, iface);
+        let mut kept: Option<(AttachMode, Held)> = None;
+        let mut leftover = Vec::new();
         if let Some(bpffs) = self.bpffs.clone() {
             for m in AttachMode::ALL {
                 let pin = link_pin_path(&bpffs, iface, m);
                 if !pin.exists() {
                     continue;
                 }
-                match self.adopt_link(&pin, m) {
-                    Ok(link) => adopted = Some((m, link)),
+                if kept.is_some() || !tries.contains(&m) {
+                    leftover.push(m);
+                    continue;
+                }
+                match m.adopt(&mut self.ebpf, iface, &pin) {
+                    Ok(held) => kept = Some((m, held)),
                     Err(e) => {
                         log::warn!(
-                            "{iface}: pinned XDP link {} is stale ({e}); attaching afresh",
+                            "{iface}: what an earlier daemon pinned at {} is stale ({e}); attaching afresh",
                             pin.display()
                         );
                         let _ = std::fs::remove_file(&pin);
+                        if m == AttachMode::TcNetlink {
+                            hook::remove_filter(iface);
+                        }
                     }
                 }
             }
         }
-        if adopted.is_none() {
-            adopted = self.adopt_older_layout(iface)?;
+        if kept.is_none() {
+            kept = self.adopt_older_layout(iface, &tries)?;
         }
-        let (mode, link, was_adopted) = match adopted {
-            Some((m, link)) => (m, link, true),
+        let mut fallback_reason = None;
+        let (mode, held, was_adopted) = match kept {
+            Some((m, held)) => (m, held, true),
             None => {
                 let mut last = None;
                 let mut got = None;
-                for &m in AttachMode::tries(mode) {
-                    match m.attach(&mut self.ebpf, index) {
-                        Ok(Ok(fd)) => {
-                            got = Some((m, fd));
+                for (n, &m) in tries.iter().enumerate() {
+                    match m.attach(&mut self.ebpf, iface, index) {
+                        Ok(Ok(held)) => {
+                            got = Some((m, held));
                             break;
                         }
                         Ok(Err(e)) => {
-                            if mode == XdpModeSetting::Auto && m == AttachMode::Native {
-                                let reason = format!("native XDP refused: {e}");
-                                log::warn!("{iface}: {reason}; falling back to generic (skb) mode, which is slower");
-                                fallback_reason = Some(reason);
+                            if let Some(next) = tries.get(n + 1) {
+                                let why = format!("{} refused: {e}", m.describe());
+                                log::warn!("{iface}: {why}; falling back to {}", next.describe());
+                                fallback_reason = Some(why);
                             }
                             last = Some((m, e));
                         }
@@ -91,7 +105,7 @@ impl Dataplane {
                         }
                     }
                 }
-                let Some((m, fd)) = got else {
+                let Some((m, held)) = got else {
                     let (m, source) = last.expect("at least one mode tried");
                     return Err(DataplaneError::Attach {
                         iface: iface.into(),
@@ -99,44 +113,51 @@ impl Dataplane {
                         source,
                     });
                 };
-                let link = match &self.bpffs {
-                    Some(bpffs) => {
-                        let pin = link_pin_path(bpffs, iface, m);
-                        let pinned = fd.pin(&pin).map_err(|e| DataplaneError::Io {
-                            op: "pinning the XDP link at",
-                            path: pin.clone(),
-                            source: io::Error::other(e.to_string()),
-                        })?;
-                        FdLink::from(pinned)
-                    }
-                    None => fd,
+                let held = match &self.bpffs {
+                    Some(bpffs) => m.pin(&mut self.ebpf, held, &link_pin_path(bpffs, iface, m))?,
+                    None => held,
                 };
-                (m, link, false)
+                (m, held, false)
             }
         };
-        self.add_tx_port(index)?;
+        // What an earlier daemon left in another mode goes once this one
+        // holds the interface.
+        if let Some(bpffs) = self.bpffs.clone() {
+            for m in leftover {
+                let _ = std::fs::remove_file(link_pin_path(&bpffs, iface, m));
+                if m == AttachMode::TcNetlink {
+                    hook::remove_filter(iface);
+                }
+                log::warn!(
+                    "{iface}: an earlier daemon served it with {}; now {} ({reason})",
+                    m.describe(),
+                    mode.describe()
+                );
+            }
+        }
+        self.add_port(index, mode)?;
         let a = Attachment {
             interface: iface.into(),
             ifindex: index,
             mode,
             adopted: was_adopted,
+            reason: reason.clone(),
             fallback_reason,
         };
         log::info!(
-            "{iface} (ifindex {index}): XDP {} in {} mode",
+            "{iface} (ifindex {index}): {} {} ({reason})",
+            mode.describe(),
             if was_adopted { "adopted" } else { "attached" },
-            mode.as_str()
         );
-        self.links.insert(iface.into(), (a.clone(), link));
-        self.watched
-            .insert(iface.into(), (mode_setting, oper_up(iface)));
+        self.links.insert(iface.into(), (a.clone(), held));
+        self.watched.insert(iface.into(), (setting, oper_up(iface)));
         Ok(a)
     }
 
     /// Checks every attached interface: one deleted and re-created (new
     /// ifindex) or whose link went defunct gets the program attached again;
-    /// a vanished one is reported; link down/up is reported with whether XDP
-    /// is still attached. Returns what it saw, for the log.
+    /// a vanished one is reported; link down/up is reported with whether the
+    /// program is still attached. Returns what it saw, for the log.
     pub fn check_interfaces(&mut self) -> Vec<(log::Level, String)> {
         let mut notes = Vec::new();
         let names: Vec<String> = self.watched.keys().cloned().collect();
@@ -150,25 +171,28 @@ impl Dataplane {
                         Ok(a) => notes.push((
                             log::Level::Warn,
                             format!(
-                                "{name} is back (ifindex {}): XDP attached again in {} mode",
+                                "{name} is back (ifindex {}): {} attached again",
                                 a.ifindex,
-                                a.mode.as_str()
+                                a.mode.describe()
                             ),
                         )),
                         Err(e) => notes.push((
                             log::Level::Error,
-                            format!("{name} is back but attaching XDP failed: {e}"),
+                            format!("{name} is back but attaching failed: {e}"),
                         )),
                     }
                 }
                 continue;
             };
             let (old_index, mode) = (att.ifindex, att.mode);
-            let defunct = self
-                .bpffs
-                .as_ref()
-                .and_then(|b| link_ifindex(&link_pin_path(b, &name, mode)).ok())
-                .is_some_and(|i| i != old_index);
+            // A link's device, as the kernel has it (a netlink filter goes
+            // with its device: the ifindex tells).
+            let defunct = mode != AttachMode::TcNetlink
+                && self
+                    .bpffs
+                    .as_ref()
+                    .and_then(|b| link_ifindex(&link_pin_path(b, &name, mode)).ok())
+                    .is_some_and(|i| i != old_index);
             if current == Some(old_index) && !defunct {
                 let up = oper_up(&name);
                 if up != last_up {
@@ -176,51 +200,82 @@ impl Dataplane {
                         w.1 = up;
                     }
                     match up {
-                        Some(false) => notes.push((log::Level::Warn, format!("{name}: link is down"))),
-                        Some(true) => notes.push((log::Level::Info, format!("{name}: link is up again; XDP still attached (ifindex {old_index}, {} mode)", mode.as_str()))),
+                        Some(false) => {
+                            notes.push((log::Level::Warn, format!("{name}: link is down")))
+                        }
+                        Some(true) => notes.push((
+                            log::Level::Info,
+                            format!(
+                                "{name}: link is up again; {} still attached (ifindex {old_index})",
+                                mode.describe()
+                            ),
+                        )),
                         None => {}
                     }
                 }
                 continue;
             }
             // Gone, replaced, or the link lost its device: drop the old attachment.
-            if let Some((a, link)) = self.links.remove(&name) {
-                drop(link);
+            if let Some((a, held)) = self.links.remove(&name) {
+                // A filter went with its device: nothing to remove.
+                if let Held::Link(link) = held {
+                    drop(link);
+                }
                 if let Some(b) = &self.bpffs {
                     let _ = std::fs::remove_file(link_pin_path(b, &name, a.mode));
                 }
-                let _ = self.tx_ports.remove(a.ifindex);
-                self.bump_flow_gen();
+                self.remove_port(a.ifindex);
                 self.bump_flow_gen();
             }
             match current {
-                None => notes.push((log::Level::Warn, format!("{name} (ifindex {old_index}) disappeared; XDP will be attached again when it returns"))),
+                None => notes.push((log::Level::Warn, format!("{name} (ifindex {old_index}) disappeared; the program will be attached again when it returns"))),
                 Some(i) => match self.attach(&name, setting) {
-                    Ok(a) => notes.push((log::Level::Warn, format!("{name} was re-created (ifindex {old_index} → {i}): XDP attached again in {} mode", a.mode.as_str()))),
-                    Err(e) => notes.push((log::Level::Error, format!("{name} was re-created but attaching XDP failed: {e}"))),
+                    Ok(a) => notes.push((log::Level::Warn, format!("{name} was re-created (ifindex {old_index} → {i}): {} attached again", a.mode.describe()))),
+                    Err(e) => notes.push((log::Level::Error, format!("{name} was re-created but attaching failed: {e}"))),
                 },
             }
         }
         notes
     }
 
-    /// Lets the program redirect to interface `index` (done by `attach`).
-    pub fn add_tx_port(&mut self, index: u32) -> Result<()> {
-        self.tx_ports.insert(index, index, None, 0).map_err(|e| {
-            DataplaneError::Invalid(format!("adding ifindex {index} to TX_PORTS: {e}"))
-        })?;
+    /// Lets the programs send to interface `index`, served in `mode` (done
+    /// by `attach`): `ATTACHED` for the TC program, `TX_PORTS` too for the
+    /// XDP program's redirects when the mode is XDP.
+    pub fn add_port(&mut self, index: u32, mode: AttachMode) -> Result<()> {
+        let how = if mode.is_xdp() { kind::XDP } else { kind::TC };
+        self.attached
+            .insert(index, how, 0)
+            .map_err(map_err(map_names::ATTACHED, "insert"))?;
+        if mode.is_xdp() {
+            self.tx_ports.insert(index, index, None, 0).map_err(|e| {
+                DataplaneError::Invalid(format!("adding ifindex {index} to TX_PORTS: {e}"))
+            })?;
+        } else {
+            let _ = self.tx_ports.remove(index);
+        }
         // Next hops looked up while it was missing went to the stack.
         self.bump_flow_gen();
         Ok(())
     }
 
-    /// An XDP link pinned by a daemon of an older map layout
-    /// (`<bpffs>/bgswitch/v<N>/links/`) holds the interface: this program is
-    /// swapped into it (no detach, no gap in forwarding) and the pin moved
-    /// here. The old layout's flows are not carried over (their maps have
-    /// another shape): open connections are chosen afresh, which is logged.
-    /// The old layout's directory goes once it holds no more links.
-    fn adopt_older_layout(&mut self, iface: &str) -> Result<Option<(AttachMode, FdLink)>> {
+    /// The programs no longer send to interface `index`.
+    fn remove_port(&mut self, index: u32) {
+        let _ = self.tx_ports.remove(index);
+        let _ = self.attached.remove(&index);
+    }
+
+    /// A link pinned by a daemon of an older map layout
+    /// (`<bpffs>/bgswitch/v<N>/links/`) in one of the modes `tries` holds the
+    /// interface: this program is swapped into it (no detach, no gap in
+    /// forwarding) and the pin moved here. The old layout's flows are not
+    /// carried over (their maps have another shape): open connections are
+    /// chosen afresh, which is logged. The old layout's directory goes once
+    /// it holds no more links.
+    fn adopt_older_layout(
+        &mut self,
+        iface: &str,
+        tries: &[AttachMode],
+    ) -> Result<Option<(AttachMode, Held)>> {
         let Some(bpffs) = self.bpffs.clone() else {
             return Ok(None);
         };
@@ -234,18 +289,18 @@ impl Dataplane {
             if old_root == current || !name.starts_with('v') {
                 continue;
             }
-            for m in AttachMode::ALL {
+            for &m in tries {
                 let old_pin = old_root
                     .join("links")
                     .join(format!("{}-{iface}", m.as_str()));
                 if !old_pin.exists() {
                     continue;
                 }
-                let link = match self.adopt_link(&old_pin, m) {
+                let link = match m.adopt(&mut self.ebpf, iface, &old_pin) {
                     Ok(link) => link,
                     Err(e) => {
                         log::warn!(
-                            "{iface}: XDP link {} of layout {name} is stale ({e}); attaching afresh",
+                            "{iface}: link {} of layout {name} is stale ({e}); attaching afresh",
                             old_pin.display()
                         );
                         let _ = std::fs::remove_file(&old_pin);
@@ -256,7 +311,7 @@ impl Dataplane {
                 std::fs::rename(&old_pin, &new_pin)
                     .map_err(io_err("moving the link pin to", &new_pin))?;
                 log::warn!(
-                    "{iface}: took over the XDP link of map layout {name} (now v{}); flows recorded by the old layout are not carried over",
+                    "{iface}: took over the link of map layout {name} (now v{}); flows recorded by the old layout are not carried over",
                     bgswitch_common::LAYOUT_VERSION
                 );
                 remove_layout_if_unused(&old_root);
@@ -266,13 +321,6 @@ impl Dataplane {
         Ok(None)
     }
 
-    /// Swaps this daemon's program into a pinned link (atomic replace).
-    fn adopt_link(&mut self, pin: &Path, mode: AttachMode) -> Result<FdLink> {
-        let pinned =
-            PinnedLink::from_pin(pin).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
-        mode.adopt(&mut self.ebpf, FdLink::from(pinned))
-    }
-
     pub fn attachments(&self) -> Vec<Attachment> {
         self.links.values().map(|(a, _)| a.clone()).collect()
     }
@@ -280,14 +328,15 @@ impl Dataplane {
     /// Removes `iface`'s attachment (and its pin).
     pub fn detach(&mut self, iface: &str) -> Result<()> {
         self.watched.remove(iface);
-        if let Some((a, link)) = self.links.remove(iface) {
-            drop(link);
+        if let Some((a, held)) = self.links.remove(iface) {
+            let released = held.release();
             if let Some(bpffs) = &self.bpffs {
                 let pin = link_pin_path(bpffs, iface, a.mode);
                 std::fs::remove_file(&pin).map_err(io_err("unpinning", &pin))?;
             }
-            let _ = self.tx_ports.remove(a.ifindex);
+            self.remove_port(a.ifindex);
             self.bump_flow_gen();
+            released?;
         }
         Ok(())
     }
@@ -324,8 +373,9 @@ fn oper_up(iface: &str) -> Option<bool> {
     }
 }
 
-/// The interface index a pinned XDP link is attached to (0 once its device
-/// is gone), read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD.
+/// The interface index a pinned link is attached to (0 once its device is
+/// gone), read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD (the `xdp` and
+/// `tcx` members of `bpf_link_info` both start with it).
 fn link_ifindex(pin: &Path) -> io::Result<u32> {
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -346,7 +396,8 @@ fn link_ifindex(pin: &Path) -> io::Result<u32> {
     }
     // SAFETY: fd was just returned by the kernel and is owned here.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info: type, id, prog_id, (pad), then the union; xdp.ifindex at 16.
+    // struct bpf_link_info: type, id, prog_id, (pad), then the union;
+    // xdp.ifindex and tcx.ifindex at 16.
     let mut info = [0u8; 256];
     let mut attr = [0u64; 16];
     attr[0] = u64::from(fd.as_raw_fd() as u32) | ((info.len() as u64) << 32);

@@ -25,8 +25,8 @@ use bgswitch_common::{
 };
 
 use super::{
-    clock::Clock, flow_gen::GenCounter, hook, io_err, map_err, mapped::MappedArray,
-    pins::ensure_bpffs, Dataplane, DataplaneError, LoadOptions, Result, BPF_F_MMAPABLE,
+    bpffs, clock::Clock, flow_gen::GenCounter, hook, io_err, map_err, mapped::MappedArray,
+    Dataplane, DataplaneError, LoadOptions, Result, BPF_F_MMAPABLE,
 };
 use crate::paths;
 
@@ -34,7 +34,7 @@ use crate::paths;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bgswitch"));
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 14] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 15] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -94,6 +94,7 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             MAX_INTERFACES,
             0,
         ),
+        (names::ATTACHED, MapType::Hash, 4, 4, MAX_INTERFACES, 0),
         (
             names::SERVICE_STATS,
             MapType::PerCpuArray,
@@ -210,8 +211,9 @@ impl Dataplane {
                 ))
             })?,
         );
-        if let Some(bpffs) = &opts.bpffs {
-            ensure_bpffs(bpffs)?;
+        let pin_place = opts.bpffs.as_deref().map(bpffs::place).transpose()?;
+        if let Some(place) = &pin_place {
+            let bpffs = &place.root;
             for sub in ["maps", "links"] {
                 let d = paths::pin_root(bpffs).join(sub);
                 std::fs::create_dir_all(&d).map_err(io_err("creating", &d))?;
@@ -284,6 +286,8 @@ impl Dataplane {
             Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
         let tx_ports = DevMapHash::try_from(take(names::TX_PORTS)?)
             .map_err(map_err(names::TX_PORTS, "open"))?;
+        let attached =
+            HashMap::try_from(take(names::ATTACHED)?).map_err(map_err(names::ATTACHED, "open"))?;
         let service_stats = PerCpuArray::try_from(take(names::SERVICE_STATS)?)
             .map_err(map_err(names::SERVICE_STATS, "open"))?;
         let backend_stats = PerCpuArray::try_from(take(names::BACKEND_STATS)?)
@@ -292,8 +296,6 @@ impl Dataplane {
             .map_err(map_err(names::GLOBAL_STATS, "open"))?;
         let preview =
             LpmTrie::try_from(take(names::PREVIEW)?).map_err(map_err(names::PREVIEW, "open"))?;
-        // The mapping holds its own reference to the map; the Map handle may go.
-        drop(control_map);
         let reply_sources = HashMap::try_from(take(names::REPLY_SOURCES)?)
             .map_err(map_err(names::REPLY_SOURCES, "open"))?;
         let filter_map = take(names::ADDR_FILTER)?;
@@ -312,7 +314,6 @@ impl Dataplane {
                 ))
             }
         };
-        drop(filter_map);
         let flow_gen_map = take(names::FLOW_GEN)?;
         let flow_gen = match &flow_gen_map {
             Map::Array(data) => {
@@ -325,11 +326,11 @@ impl Dataplane {
             _ => return Err(DataplaneError::Invalid("FLOW_GEN is not an array".into())),
         };
         let flow_gen = std::sync::Arc::new(GenCounter(flow_gen));
-        drop(flow_gen_map);
         let clock = Clock::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
-            bpffs: opts.bpffs.clone(),
+            bpffs: pin_place.as_ref().map(|p| p.root.clone()),
+            pin_place,
             services,
             control,
             pool_sizes,
@@ -338,6 +339,10 @@ impl Dataplane {
             flows_fd,
             settings,
             tx_ports,
+            attached,
+            // The mappings hold their own references to the maps, but the
+            // TC program, loaded later, refers to them by these descriptors.
+            _mapped_maps: [control_map, filter_map, flow_gen_map],
             service_stats,
             backend_stats,
             global_stats,
@@ -373,11 +378,47 @@ impl Dataplane {
             .iter()
             .flat_map(|w| w.to_ne_bytes())
             .collect();
-        let prog = hook::program(&mut self.ebpf)?;
+        let prog = hook::xdp_program(&mut self.ebpf)?;
         let r = prog.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ctx_in: ingress.is_some().then_some(&ctx[..]),
+            repeat,
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out, r.duration))
+    }
+
+    /// Like [`Dataplane::test_run`], through the TC program (loaded on
+    /// first use): the verdict is a TC action (`TC_ACT_UNSPEC`, -1 as u32,
+    /// for a frame the program leaves to what comes next; 7,
+    /// `TC_ACT_REDIRECT`, for one it sends). `ingress` sets the socket
+    /// buffer's device; `gso_size` makes it stand for segments of that many
+    /// payload bytes (0: one packet).
+    pub fn test_run_tc(
+        &mut self,
+        frame: &[u8],
+        ingress: Option<u32>,
+        gso_size: u32,
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, Duration)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct __sk_buff (192 bytes): ifindex at 40, gso_segs at 164,
+        // gso_size at 176; the kernel takes only these (and a few others)
+        // from a test run's context.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ingress.unwrap_or(0).to_ne_bytes());
+        if gso_size != 0 {
+            ctx[164..168].copy_from_slice(&2u32.to_ne_bytes());
+            ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        }
+        let with_ctx = ingress.is_some() || gso_size != 0;
+        let prog = hook::tc_program(&mut self.ebpf)?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: with_ctx.then_some(&ctx[..]),
             repeat,
             ..TestRunOptions::new()
         })?;

@@ -10,7 +10,9 @@
 //! Inside, by concern:
 //! - `load` — the program and its maps (pinned ones adopted after a shape
 //!   check), the flow cache's size, test runs;
-//! - `pins` — the bpffs and the pin layout, teardown;
+//! - `bpffs` — where the pins live so they outlive the daemon (a private
+//!   mount namespace's own bpffs would not);
+//! - `pins` — the pin layout, teardown;
 //! - `hook` — how the program meets an interface (XDP, native or generic);
 //! - `attach` — attachments through pinned links, adoption, interfaces
 //!   watched and re-attached, detach;
@@ -24,6 +26,7 @@
 //! - `mapped` — the mmapped arrays written through atomics.
 
 mod attach;
+mod bpffs;
 mod clock;
 mod counters;
 mod flow_gen;
@@ -47,7 +50,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, MapData, PerCpuArray},
-    programs::{links::FdLink, ProgramError},
+    programs::ProgramError,
     Ebpf,
 };
 use bgswitch_common::{
@@ -56,16 +59,18 @@ use bgswitch_common::{
 };
 
 pub use attach::{ifindex, ifname, Attachment};
+pub use bpffs::{ensure_bpffs, PinPlace};
 pub use clock::{assume_hz, monotonic_ns, CONFIG_HZ};
 pub use flows::{FlowCounts, FlowScan, SYN_TIMEOUT_S};
 pub use hook::AttachMode;
 pub use load::cpu_id_bound;
-pub use pins::{ensure_bpffs, remove_pins};
+pub use pins::remove_pins;
 pub use services::{addr_of, backend_of, backend_stat_id, service_key};
 
-use crate::config::XdpModeSetting;
+use crate::config::AttachSetting;
 use clock::Clock;
 use flow_gen::GenCounter;
+use hook::Held;
 use mapped::MappedArray;
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -145,7 +150,10 @@ pub struct LoadOptions {
 /// The userspace handle on the running data plane.
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// The pin root as this process reaches it (see `bpffs.rs`).
     bpffs: Option<PathBuf>,
+    /// Where the pins are and why they outlive the daemon.
+    pin_place: Option<PinPlace>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     control: MappedArray,
     pool_sizes: Array<MapData, u32>,
@@ -154,15 +162,23 @@ pub struct Dataplane {
     /// The same map, for batch reads (aya 0.14 has no batch API).
     flows_fd: OwnedFd,
     settings: Array<MapData, Settings>,
+    /// Where the XDP program redirects: the XDP attachments.
     tx_ports: DevMapHash<MapData>,
+    /// Every attachment, XDP or TC (ifindex → `bgswitch_common::attach`):
+    /// where the TC program sends.
+    attached: HashMap<MapData, u32, u32>,
+    /// The mmapped maps' handles, kept open: a program loaded later (TC)
+    /// is relocated against their descriptors.
+    _mapped_maps: [aya::maps::Map; 3],
     service_stats: PerCpuArray<MapData, ColourStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     global_stats: PerCpuArray<MapData, [u64; global::COUNT as usize]>,
     preview: LpmTrie<MapData, PreviewKey, u32>,
     reply_sources: HashMap<MapData, ServiceKey, ReplySource>,
-    links: BTreeMap<String, (Attachment, FdLink)>,
-    /// The mode each interface was asked for, and its last seen link state.
-    watched: BTreeMap<String, (XdpModeSetting, Option<bool>)>,
+    links: BTreeMap<String, (Attachment, Held)>,
+    /// The setting each interface was attached with, and its last seen
+    /// link state.
+    watched: BTreeMap<String, (AttachSetting, Option<bool>)>,
     /// When each (service, slot) was last deselected.
     freed: StdHashMap<(u32, u32), Instant>,
     /// Services that may run stateless in their stable periods (see
@@ -184,4 +200,12 @@ pub struct Dataplane {
     /// Whole reads of `FLOWS` begun through this handle (`flow_counts`,
     /// `flow_scan`).
     table_reads: Cell<u64>,
+}
+
+impl Dataplane {
+    /// Where the pins are and why they outlive the daemon (`None`: private
+    /// maps, nothing pinned).
+    pub fn pin_place(&self) -> Option<&PinPlace> {
+        self.pin_place.as_ref()
+    }
 }

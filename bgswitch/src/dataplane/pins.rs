@@ -2,65 +2,41 @@
 //! `<bpffs>/bgswitch/v<LAYOUT_VERSION>/`, older layouts' directories, and
 //! tearing it all down.
 
-use std::{
-    ffi::CString,
-    io,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-use super::{hook::AttachMode, io_err, Dataplane, DataplaneError, Result};
+use super::{
+    hook::{self, AttachMode},
+    io_err, Dataplane, Result,
+};
 use crate::paths;
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Mounts a bpffs at `path` unless one is there already.
-pub fn ensure_bpffs(path: &Path) -> Result<()> {
-    let bpffs_err = |reason: String| DataplaneError::Bpffs {
-        path: path.into(),
-        reason,
-    };
-    if !path.exists() {
-        std::fs::create_dir_all(path)
-            .map_err(|e| bpffs_err(format!("cannot create the mount point: {e}")))?;
-    }
-    if is_bpffs(path) {
-        return Ok(());
-    }
-    let c = |s: &str| CString::new(s).map_err(|_| bpffs_err("path contains NUL".into()));
-    let target = c(&path.to_string_lossy())?;
-    let fstype = c("bpf")?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(bpffs_err(format!(
-            "not a bpffs and mounting one failed: {}",
-            io::Error::last_os_error()
-        )));
-    }
-    log::info!("mounted a bpffs at {}", path.display());
-    Ok(())
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs into a zeroed struct with a valid path.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
-}
-
+/// Where what holds `iface` in `mode` is pinned: `<mode>-<iface>` under
+/// the layout's `links/`.
 pub(super) fn link_pin_path(bpffs: &Path, iface: &str, mode: AttachMode) -> PathBuf {
     paths::link_pin(bpffs, &format!("{}-{iface}", mode.as_str()))
+}
+
+/// The mode and interface a pin under `links/` names (`<mode>-<iface>`).
+fn pin_name(name: &str) -> Option<(AttachMode, &str)> {
+    // The longest mode name first ("tc-netlink-x" also starts with "tc-").
+    let mut modes = AttachMode::ALL;
+    modes.sort_by_key(|m| std::cmp::Reverse(m.as_str().len()));
+    modes.into_iter().find_map(|m| {
+        name.strip_prefix(m.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .map(|iface| (m, iface))
+    })
+}
+
+/// Removes the pin `name` under `links`, and with it what it holds: a link
+/// detaches once no process holds it; a netlink filter is removed.
+fn unpin(links: &Path, name: &str) -> Result<()> {
+    let path = links.join(name);
+    std::fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
+    if let Some((AttachMode::TcNetlink, iface)) = pin_name(name) {
+        hook::remove_filter(iface);
+    }
+    Ok(())
 }
 
 /// Removes an older layout's pin directory (its maps) once no XDP link of it
@@ -80,8 +56,9 @@ pub(super) fn remove_layout_if_unused(old_root: &Path) {
     }
 }
 
-/// Removes every bgswitch pin under `bpffs` (links first, which detaches XDP
-/// from each interface once no process holds the link; then maps).
+/// Removes every bgswitch pin under `bpffs` (links first, which detaches the
+/// program from each interface once no process holds the link, and removes
+/// netlink filters; then maps).
 pub fn remove_pins(bpffs: &Path) -> Result<()> {
     let root = bpffs.join(paths::PIN_DIR);
     if !root.exists() {
@@ -90,15 +67,15 @@ pub fn remove_pins(bpffs: &Path) -> Result<()> {
     let links = paths::pin_root(bpffs).join("links");
     if let Ok(rd) = std::fs::read_dir(&links) {
         for e in rd.flatten() {
-            std::fs::remove_file(e.path()).map_err(io_err("unpinning", &e.path()))?;
+            unpin(&links, &e.file_name().to_string_lossy())?;
         }
     }
     std::fs::remove_dir_all(&root).map_err(io_err("removing", &root))
 }
 
 impl Dataplane {
-    /// Removes pinned links of interfaces that are not configured (left by an
-    /// earlier daemon with another config), which detaches them.
+    /// Removes what an earlier daemon with another config left pinned on
+    /// interfaces that are not configured now, which detaches them.
     pub fn detach_unknown_pins(&mut self, configured: &[String]) -> Result<()> {
         let Some(bpffs) = &self.bpffs else {
             return Ok(());
@@ -109,10 +86,15 @@ impl Dataplane {
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let iface = name.split_once('-').map_or(name.as_str(), |(_, i)| i);
+            let Some((mode, iface)) = pin_name(&name) else {
+                continue;
+            };
             if !configured.iter().any(|c| c == iface) {
-                log::info!("{iface}: pinned XDP link from an earlier config; detaching");
-                std::fs::remove_file(e.path()).map_err(io_err("unpinning", &e.path()))?;
+                log::info!(
+                    "{iface}: {} from an earlier config; detaching",
+                    mode.describe()
+                );
+                unpin(&dir, &name)?;
             }
         }
         Ok(())
@@ -129,5 +111,28 @@ impl Dataplane {
             remove_pins(&bpffs)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_name_gives_its_mode_and_interface_the_longest_mode_first() {
+        assert_eq!(pin_name("native-eth0"), Some((AttachMode::Native, "eth0")));
+        assert_eq!(pin_name("generic-e-1"), Some((AttachMode::Generic, "e-1")));
+        assert_eq!(pin_name("tc-veth1"), Some((AttachMode::Tc, "veth1")));
+        assert_eq!(
+            pin_name("tc-netlink-veth1"),
+            Some((AttachMode::TcNetlink, "veth1"))
+        );
+        assert_eq!(pin_name("tc-netlink"), Some((AttachMode::Tc, "netlink")));
+        assert_eq!(pin_name("other-eth0"), None);
+        assert_eq!(pin_name("tceth0"), None);
+        for m in AttachMode::ALL {
+            let name = format!("{}-lbb", m.as_str());
+            assert_eq!(pin_name(&name), Some((m, "lbb")), "{name}");
+        }
     }
 }

@@ -1,0 +1,201 @@
+//! The TC (clsact ingress) context: socket buffers, as containers, VMs on
+//! tap devices and veth pairs hand them over — their TCP/UDP checksum may
+//! be partial (CHECKSUM_PARTIAL: the field holds only the pseudo-header
+//! sum) and they may stand for many segments (GSO). The kernel's checksum
+//! helpers (`bpf_l3_csum_replace`, `bpf_l4_csum_replace` with
+//! `BPF_F_PSEUDO_HDR` for addresses) are right for every checksum state;
+//! frames leave with `bpf_redirect`, or `bpf_redirect_neigh` while the
+//! neighbour is unresolved. Packet pointers are taken afresh after every
+//! helper that may move the data.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use bgswitch_common::{Addr, PROTO_TCP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{
+    context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
+    maps::ATTACHED,
+    parse::{Frame, IP_OFF},
+};
+
+/// What the path reads of a frame, at most: Ethernet, IPv4 with options,
+/// TCP with options. The linear part of a socket buffer is pulled to this
+/// length (or the frame's, if shorter) when it holds less.
+pub const HEADERS: u32 = (EthHdr::LEN + 60 + 60) as u32;
+
+/// Makes the headers readable directly (see [`HEADERS`]). A frame whose
+/// data cannot be pulled is parsed as it is (and found short, passed).
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) {
+    if ctx.data() + HEADERS as usize > ctx.data_end() {
+        let want = if ctx.len() < HEADERS {
+            ctx.len()
+        } else {
+            HEADERS
+        };
+        let _ = ctx.pull_data(want);
+    }
+}
+
+impl Packet for TcContext {
+    /// Not this program's: whatever comes next (another tcx program, a
+    /// clsact filter, the stack) decides, as if bgswitch were not there.
+    const PASS: u32 = TC_ACT_UNSPEC as u32;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: the context's own socket buffer.
+        unsafe { (*self.skb.skb).gso_size }
+    }
+
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
+    }
+
+    #[inline(always)]
+    fn ingress(&self) -> u32 {
+        // SAFETY: as above (at clsact ingress, the receiving device).
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn ip_fields(&self, _f: &Frame) -> Option<(u8, u32, u32)> {
+        let ip = ptr_at::<_, Ipv4Hdr>(self, IP_OFF)?;
+        // SAFETY: bounds-checked just now.
+        Some(unsafe {
+            (
+                (*ip).tos,
+                u32::from_ne_bytes((*ip).src_addr),
+                u32::from_ne_bytes((*ip).dst_addr),
+            )
+        })
+    }
+
+    /// The L4 checksum for the address (through the pseudo-header: the
+    /// helper keeps a partial checksum partial) and the port, the IPv4
+    /// checksum for the address, then the new address and port.
+    #[inline(always)]
+    fn rewrite(&self, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()> {
+        let (old_addr, old_port, addr_off, port_off) = match side {
+            Side::Dst => (f.dst[0], f.dport, IP_OFF + 16, f.l4 + 2),
+            Side::Src => (f.src[0], f.sport, IP_OFF + 12, f.l4),
+        };
+        let tcp = f.proto == PROTO_TCP;
+        let check = f.l4 + if tcp { TCP_CHECK } else { UDP_CHECK };
+        // A UDP checksum of 0 (none) stays 0; one that becomes 0 is written
+        // as 0xffff.
+        let udp_zero = if tcp { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
+        self.l4_csum_replace(
+            check,
+            u64::from(old_addr),
+            u64::from(addr[0]),
+            BPF_F_PSEUDO_HDR as u64 | udp_zero | 4,
+        )
+        .ok()?;
+        self.l4_csum_replace(check, u64::from(old_port), u64::from(port), udp_zero | 2)
+            .ok()?;
+        self.l3_csum_replace(IP_OFF + 10, u64::from(old_addr), u64::from(addr[0]), 4)
+            .ok()?;
+        let a = ptr_at::<_, u32>(self, addr_off)?;
+        let p = ptr_at::<_, u16>(self, port_off)?;
+        // SAFETY: bounds-checked just now, after the last helper.
+        unsafe {
+            core::ptr::write_volatile(a, addr[0]);
+            core::ptr::write_volatile(p, port);
+        }
+        Some(())
+    }
+
+    /// The deltas are for complete checksums; a partial one takes only the
+    /// pseudo-header's part, so the rewrite is made field by field.
+    #[inline(always)]
+    fn rewrite_cached(
+        &self,
+        f: &Frame,
+        side: Side,
+        addr: u32,
+        port: u16,
+        _ip_delta: u16,
+        _l4_delta: u16,
+    ) -> Option<()> {
+        self.rewrite(f, side, &[addr, 0, 0, 0], port)?;
+        self.decrement_ttl(f)
+    }
+
+    #[inline(always)]
+    fn decrement_ttl(&self, f: &Frame) -> Option<()> {
+        let old = u16::from_ne_bytes([f.ttl, f.proto]);
+        let new = u16::from_ne_bytes([f.ttl - 1, f.proto]);
+        self.l3_csum_replace(IP_OFF + 10, u64::from(old), u64::from(new), 2)
+            .ok()?;
+        let ttl = ptr_at::<_, u8>(self, IP_OFF + 8)?;
+        // SAFETY: bounds-checked just now, after the helper.
+        unsafe { core::ptr::write_volatile(ttl, f.ttl - 1) };
+        Some(())
+    }
+
+    #[inline(always)]
+    fn write_macs(&self, dmac: &[u8; 6], smac: &[u8; 6]) -> Option<()> {
+        let eth = ptr_at::<_, EthHdr>(self, 0)?;
+        // SAFETY: eth is bounds-checked (after the last helper). Word loads
+        // from our own aligned fields (see the XDP context's), word stores
+        // into the frame (unaligned packet stores are fine on the 64-bit
+        // JITs).
+        unsafe {
+            let d0 = core::ptr::read_volatile(dmac.as_ptr().cast::<u32>());
+            let d1 = core::ptr::read_volatile(dmac.as_ptr().add(4).cast::<u16>());
+            let s0 = core::ptr::read_volatile(smac.as_ptr().cast::<u16>());
+            let s1 = core::ptr::read_volatile(smac.as_ptr().add(2).cast::<u32>());
+            let mac = eth.cast::<u8>();
+            core::ptr::write_volatile(mac.cast::<u32>(), d0);
+            core::ptr::write_volatile(mac.add(4).cast::<u16>(), d1);
+            core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
+            core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
+        }
+        Some(())
+    }
+
+    /// Any interface bgswitch serves (`ATTACHED`), with XDP or TC: a socket
+    /// buffer can be sent to either.
+    #[inline(always)]
+    fn may_send_to(&self, egress: u32) -> bool {
+        // SAFETY: only presence is read.
+        unsafe { ATTACHED.get(&egress) }.is_some()
+    }
+
+    #[inline(always)]
+    fn send_to(&self, egress: u32) -> u32 {
+        // SAFETY: plain helper call; flags 0 (egress).
+        unsafe { bpf_redirect(egress, 0) as u32 }
+    }
+
+    #[inline(always)]
+    fn unresolved(&self, f: &Frame, egress: u32) -> u32 {
+        if self.decrement_ttl(f).is_none() {
+            return Self::PASS;
+        }
+        // SAFETY: no parameters: the kernel looks the neighbour up itself.
+        unsafe { bpf_redirect_neigh(egress, core::ptr::null_mut(), 0, 0) as u32 }
+    }
+}

@@ -1,0 +1,222 @@
+//! The XDP context: frames as the driver hands them over, whose checksums
+//! are complete (a physical NIC's) — rewritten in place with RFC 1624
+//! incremental updates of the IPv4 and the L4 (pseudo-header) checksums (a
+//! UDP checksum of 0 stays 0) — and sent with XDP_TX or a DevMap redirect.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use bgswitch_common::{csum::Delta, Addr, PROTO_TCP};
+use network_types::eth::EthHdr;
+
+use crate::{
+    context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
+    maps::TX_PORTS,
+    parse::Frame,
+};
+
+impl Packet for XdpContext {
+    const PASS: u32 = xdp_action::XDP_PASS;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
+    }
+
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn ingress(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn ip_fields(&self, f: &Frame) -> Option<(u8, u32, u32)> {
+        let ip = f.ip;
+        // SAFETY: f.ip is bounds-checked (parse); nothing moved the data.
+        Some(unsafe {
+            (
+                (*ip).tos,
+                u32::from_ne_bytes((*ip).src_addr),
+                u32::from_ne_bytes((*ip).dst_addr),
+            )
+        })
+    }
+
+    /// Replaces the source or destination address and port, updating the
+    /// IPv4 and L4 checksums incrementally.
+    #[inline(always)]
+    fn rewrite(&self, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()> {
+        let ip = f.ip;
+        let (old_addr, old_port) = match side {
+            Side::Dst => (f.dst, f.dport),
+            Side::Src => (f.src, f.sport),
+        };
+        let addr_delta = Delta::ZERO.add32(old_addr[0], addr[0]);
+        // SAFETY: f.ip was bounds-checked by parse(); the packet has not been resized.
+        unsafe {
+            let new = addr[0].to_ne_bytes();
+            match side {
+                Side::Dst => (*ip).dst_addr = new,
+                Side::Src => (*ip).src_addr = new,
+            }
+            let check = addr_delta.apply(u16::from_ne_bytes((*ip).check));
+            (*ip).check = check.to_ne_bytes();
+        }
+        rewrite_l4(self, f, side, port, addr_delta.add16(old_port, port))
+    }
+
+    #[inline(always)]
+    fn rewrite_cached(
+        &self,
+        f: &Frame,
+        side: Side,
+        addr: u32,
+        port: u16,
+        ip_delta: u16,
+        l4_delta: u16,
+    ) -> Option<()> {
+        let ip = f.ip.cast::<u8>();
+        // SAFETY: f.ip was bounds-checked by parse(); ttl > 1 (caller). Whole-
+        // word stores (the header's byte arrays would be written byte by byte).
+        unsafe {
+            let addr_off = match side {
+                Side::Dst => 16,
+                Side::Src => 12,
+            };
+            core::ptr::write_volatile(ip.add(addr_off).cast::<u32>(), addr);
+            *ip.add(8) -= 1;
+            let check = ip.add(10).cast::<u16>();
+            let c = Delta::apply_folded(ip_delta, core::ptr::read_volatile(check));
+            core::ptr::write_volatile(check, c);
+        }
+        let (port_ptr, check, tcp) = l4_fields(self, f, side)?;
+        // SAFETY: bounds-checked by l4_fields.
+        unsafe {
+            *port_ptr = port;
+            *check = if tcp {
+                Delta::apply_folded(l4_delta, *check)
+            } else {
+                Delta::from_folded(l4_delta).apply_udp(*check)
+            };
+        }
+        Some(())
+    }
+
+    #[inline(always)]
+    fn decrement_ttl(&self, f: &Frame) -> Option<()> {
+        let ip = f.ip;
+        // SAFETY: ip is bounds-checked; ttl > 1 was checked by the caller.
+        unsafe {
+            let ttl_word = ((*ip).ttl, (*ip).proto);
+            let old = u16::from_ne_bytes([ttl_word.0, ttl_word.1]);
+            let new = u16::from_ne_bytes([ttl_word.0 - 1, ttl_word.1]);
+            (*ip).ttl = ttl_word.0 - 1;
+            let check = Delta::ZERO
+                .add16(old, new)
+                .apply(u16::from_ne_bytes((*ip).check));
+            (*ip).check = check.to_ne_bytes();
+        }
+        Some(())
+    }
+
+    #[inline(always)]
+    fn write_macs(&self, dmac: &[u8; 6], smac: &[u8; 6]) -> Option<()> {
+        let eth = ptr_at::<_, EthHdr>(self, 0)?;
+        // SAFETY: eth is bounds-checked.
+        unsafe {
+            // Four loads and four stores (an array assignment becomes a memmove
+            // call here). Every `dmac` starts 4-byte aligned and every `smac` at
+            // 2 mod 4 (FlowEntry, CachedFlow and Hop are laid out so), like the
+            // destination and source MACs of the frame (XDP data is aligned).
+            let d0 = core::ptr::read_volatile(dmac.as_ptr().cast::<u32>());
+            let d1 = core::ptr::read_volatile(dmac.as_ptr().add(4).cast::<u16>());
+            let s0 = core::ptr::read_volatile(smac.as_ptr().cast::<u16>());
+            let s1 = core::ptr::read_volatile(smac.as_ptr().add(2).cast::<u32>());
+            let mac = eth.cast::<u8>();
+            core::ptr::write_volatile(mac.cast::<u32>(), d0);
+            core::ptr::write_volatile(mac.add(4).cast::<u16>(), d1);
+            core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
+            core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
+        }
+        Some(())
+    }
+
+    /// An interface bgswitch serves with XDP (`TX_PORTS`): a DevMap redirect
+    /// into a device another way (a veth whose peer has neither XDP nor
+    /// GRO, say) could be dropped silently.
+    #[inline(always)]
+    fn may_send_to(&self, egress: u32) -> bool {
+        TX_PORTS.get_ifindex(egress).is_some()
+    }
+
+    #[inline(always)]
+    fn send_to(&self, egress: u32) -> u32 {
+        if egress == self.ingress() {
+            return xdp_action::XDP_TX;
+        }
+        TX_PORTS
+            .redirect(egress, xdp_action::XDP_PASS as u64)
+            .unwrap_or(xdp_action::XDP_PASS)
+    }
+
+    #[inline(always)]
+    fn unresolved(&self, _f: &Frame, _egress: u32) -> u32 {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// The port of `side` and the checksum of the frame's TCP or UDP header,
+/// with one bounds check (a TCP header's first 18 bytes hold both ports and
+/// the checksum, a UDP header's 8), and whether it is TCP.
+#[inline(always)]
+fn l4_fields(ctx: &XdpContext, f: &Frame, side: Side) -> Option<(*mut u16, *mut u16, bool)> {
+    let port_off = match side {
+        Side::Src => 0,
+        Side::Dst => 2,
+    };
+    let tcp = f.proto == PROTO_TCP;
+    let h: *mut u8 = if tcp {
+        ptr_at::<_, [u8; TCP_CHECK + 2]>(ctx, f.l4)?.cast()
+    } else {
+        ptr_at::<_, [u8; UDP_CHECK + 2]>(ctx, f.l4)?.cast()
+    };
+    let check_off = if tcp { TCP_CHECK } else { UDP_CHECK };
+    // SAFETY: both offsets lie inside the bounds-checked header (2-byte
+    // aligned fields; packet pointers allow such stores on the 64-bit JITs).
+    Some(unsafe { (h.add(port_off).cast(), h.add(check_off).cast(), tcp) })
+}
+
+/// Writes the port of `side` and applies `delta` (address through the
+/// pseudo-header, and port) to the TCP or UDP checksum; a UDP checksum of 0
+/// stays 0.
+#[inline(always)]
+fn rewrite_l4(ctx: &XdpContext, f: &Frame, side: Side, port: u16, delta: Delta) -> Option<()> {
+    let (port_ptr, check, tcp) = l4_fields(ctx, f, side)?;
+    // SAFETY: bounds-checked by l4_fields.
+    unsafe {
+        *port_ptr = port;
+        *check = if tcp {
+            delta.apply(*check)
+        } else {
+            delta.apply_udp(*check)
+        };
+    }
+    Some(())
+}
