@@ -146,6 +146,10 @@ pub enum Command {
         /// Pretend the frames arrived on this interface (FIB decisions).
         #[arg(long)]
         ingress: Option<String>,
+        /// The program the frames go through: xdp (as a physical NIC's
+        /// frames) or tc (as a veth's, bridge's or tap's).
+        #[arg(long, value_enum, default_value_t)]
+        program: crate::simulate::Program,
     },
     /// Remove the XDP programs and every pin (the daemon exits). Traffic to
     /// the VIPs is no longer switched.
@@ -304,6 +308,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             json,
             config,
             ingress,
+            program,
         } => {
             let outcomes = crate::simulate::run(
                 config,
@@ -311,6 +316,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 out.as_deref(),
                 service.as_deref(),
                 ingress.as_deref(),
+                *program,
             )?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&outcomes)?);
@@ -461,10 +467,20 @@ fn unix_time(secs: u64) -> String {
 
 fn detach_offline(config: &Path) -> anyhow::Result<i32> {
     let c = crate::config::load(config)?;
-    crate::dataplane::remove_pins(&c.bpffs)?;
+    // Where a daemon started like this command put them (through an outer
+    // mount namespace when this one is private, as `ip netns exec` makes).
+    let Some(place) = crate::dataplane::locate_pins(&c.bpffs) else {
+        println!(
+            "no daemon answered, and no bpffs is mounted at {}: nothing to detach",
+            c.bpffs.display()
+        );
+        return Ok(0);
+    };
+    crate::dataplane::remove_pins(&place.root)?;
     println!(
-        "no daemon answered; removed the pins under {} (XDP detached)",
-        c.bpffs.join(paths::PIN_DIR).display()
+        "no daemon answered; removed the pins under {} ({}): the programs are detached (run it in the daemon's network namespace for netlink filters)",
+        c.bpffs.join(paths::PIN_DIR).display(),
+        place.note
     );
     Ok(0)
 }

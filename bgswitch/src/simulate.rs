@@ -164,7 +164,8 @@ fn headers(f: &[u8]) -> Option<(Headers, SocketAddr, SocketAddr)> {
 pub struct Outcome {
     /// 1-based index in the pcap.
     pub frame: usize,
-    /// XDP action: PASS, TX, REDIRECT, DROP, ABORTED.
+    /// The program's verdict: PASS, TX, REDIRECT, DROP, ABORTED (XDP);
+    /// PASS, REDIRECT, DROP (TC).
     pub verdict: String,
     /// to_backend, reply, or untouched.
     pub direction: String,
@@ -178,13 +179,28 @@ pub struct Outcome {
     pub changed: bool,
 }
 
-fn verdict(action: u32) -> &'static str {
-    match action {
-        0 => "ABORTED",
-        1 => "DROP",
-        2 => "PASS",
-        3 => "TX",
-        4 => "REDIRECT",
+/// Which of the data plane's programs the frames go through: the XDP
+/// program (frames as a physical NIC's driver hands them over) or the TC
+/// one (socket buffers, as veth pairs, bridges and tap devices hand them
+/// over): what `attach` gives the interface the frames arrive on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Program {
+    #[default]
+    Xdp,
+    Tc,
+}
+
+fn verdict(program: Program, action: u32) -> &'static str {
+    match (program, action) {
+        (Program::Xdp, 0) => "ABORTED",
+        (Program::Xdp, 1) => "DROP",
+        (Program::Xdp, 2) => "PASS",
+        (Program::Xdp, 3) => "TX",
+        (Program::Xdp, 4) => "REDIRECT",
+        // TC_ACT_UNSPEC (what comes next decides) and TC_ACT_OK.
+        (Program::Tc, u32::MAX | 0) => "PASS",
+        (Program::Tc, 2) => "DROP",
+        (Program::Tc, 7) => "REDIRECT",
         _ => "UNKNOWN",
     }
 }
@@ -197,6 +213,7 @@ pub fn simulate(
     frames: &[PcapFrame],
     only: Option<&str>,
     ingress: Option<u32>,
+    program: Program,
 ) -> anyhow::Result<(Vec<Outcome>, Vec<PcapFrame>)> {
     if let Some(name) = only {
         state.service(name)?;
@@ -257,13 +274,16 @@ pub fn simulate(
             out_frames.push(f.clone());
             continue;
         }
-        let (action, out, _) = dp.test_run(&f.data, ingress, 1)?;
+        let (action, out, _) = match program {
+            Program::Xdp => dp.test_run(&f.data, ingress, 1)?,
+            Program::Tc => dp.test_run_tc(&f.data, ingress, 0, 1)?,
+        };
         let input = headers(&f.data);
         let output = headers(&out);
         let changed = out != f.data;
         let mut o = Outcome {
             frame: i + 1,
-            verdict: verdict(action).into(),
+            verdict: verdict(program, action).into(),
             direction: "untouched".into(),
             service: None,
             colour: None,
@@ -348,6 +368,7 @@ pub fn run(
     out: Option<&Path>,
     only: Option<&str>,
     ingress: Option<&str>,
+    program: Program,
 ) -> anyhow::Result<Vec<Outcome>> {
     let config = crate::config::load(config_path)?;
     let store = crate::state::LocalStore::open(&config.state_dir)?;
@@ -363,7 +384,7 @@ pub fn run(
     let file = std::fs::File::open(pcap).with_context(|| format!("opening {}", pcap.display()))?;
     let (frames, nanos) =
         read_pcap(std::io::BufReader::new(file)).with_context(|| pcap.display().to_string())?;
-    let (outcomes, out_frames) = simulate(&config, &state, &frames, only, ingress)?;
+    let (outcomes, out_frames) = simulate(&config, &state, &frames, only, ingress, program)?;
     if let Some(p) = out {
         let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
         write_pcap(std::io::BufWriter::new(f), &out_frames, nanos)

@@ -281,6 +281,33 @@ fn a_daemon_run_with_ip_netns_exec_keeps_its_pins_where_they_outlive_it() {
         sw.log_tail()
     );
     assert!(ok.load(Ordering::Relaxed) > 20);
+    // With no daemon, `bgswitch detach` run the same way (its own private
+    // mount namespace) finds the pins where the daemon kept them.
+    sw.kill();
+    let bin = bgswitch_tests::switcher::bgswitch_bin().unwrap();
+    let config = sw.config_path();
+    let out = bgswitch_tests::ns_exec(
+        topo.lb_ns(),
+        &bin.to_string_lossy(),
+        &[
+            "--socket",
+            "/nonexistent.sock",
+            "detach",
+            "--config",
+            &config.to_string_lossy(),
+        ],
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("removed the pins"), "{text}");
+    assert!(
+        std::fs::read_dir(sw.bpffs().join("bgswitch")).is_err(),
+        "the pins are gone"
+    );
+    assert!(
+        http_get(&cli, web(), "/").is_err(),
+        "the VIP still answers after detach"
+    );
 }
 
 fn is_bpffs(path: &std::path::Path) -> bool {
@@ -289,4 +316,66 @@ fn is_bpffs(path: &std::path::Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     rc == 0 && st.f_type as i64 == 0xcafe_4a11
+}
+
+/// Whether `iface` in namespace `ns` carries an XDP program (`ip link`
+/// shows it).
+fn has_xdp(ns: &str, iface: &str) -> bool {
+    let out = bgswitch_tests::ns_exec(ns, "ip", &["link", "show", iface]).unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("xdp")
+}
+
+#[test]
+fn what_an_earlier_daemon_left_in_another_mode_goes_once_the_new_mode_holds_the_interface() {
+    // A daemon of an older map layout served the veths with XDP (which
+    // loses traffic with default offloads); `auto` now takes TC there.
+    let (topo, mut sw) = bed(TopologyOptions::default(), |t| {
+        t.replace("attach = \"auto\"", "attach = \"xdp\"")
+    });
+    sw.start().unwrap();
+    sw.kill();
+    let lb = topo.lb_ns().to_string();
+    assert!(has_xdp(&lb, LB_BACKEND_IF), "XDP left attached by its pin");
+    let root = sw.bpffs().join("bgswitch");
+    let older = root.join("v0");
+    std::fs::rename(
+        root.join(format!("v{}", bgswitch_common::LAYOUT_VERSION)),
+        &older,
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(sw.config_path()).unwrap();
+    sw.write_config(&text.replace("attach = \"xdp\"", "attach = \"auto\""))
+        .unwrap();
+    sw.start().unwrap();
+    let st = sw.status().unwrap();
+    assert_eq!(st["interfaces"][0]["mode"], "tc", "{st}");
+    assert!(
+        !has_xdp(&lb, LB_BACKEND_IF),
+        "the older layout's XDP link is gone"
+    );
+    assert!(
+        !has_xdp(&lb, LB_CLIENT_IF),
+        "the older layout's XDP link is gone"
+    );
+    assert!(!older.exists(), "the older layout's pins are removed");
+    assert!(sw.log().contains("removed the XDP native of map layout v0"));
+    bulk_both_ways(&topo, "blue");
+    // The same within one layout: XDP configured again, then auto.
+    sw.kill();
+    let text = std::fs::read_to_string(sw.config_path()).unwrap();
+    sw.write_config(&text.replace("attach = \"auto\"", "attach = \"xdp\""))
+        .unwrap();
+    sw.start().unwrap();
+    assert!(has_xdp(&lb, LB_BACKEND_IF));
+    sw.kill();
+    sw.write_config(&text).unwrap();
+    sw.start().unwrap();
+    assert!(
+        !has_xdp(&lb, LB_BACKEND_IF),
+        "the XDP link of this layout is gone"
+    );
+    assert!(sw
+        .log()
+        .contains("an earlier daemon served it with XDP native; now TC (tcx link)"));
+    bulk_both_ways(&topo, "blue");
 }

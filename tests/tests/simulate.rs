@@ -1,5 +1,6 @@
-//! `bgswitch simulate`: frames from a pcap through the XDP program with the
-//! host's configuration and saved state, without touching live flows or counters.
+//! `bgswitch simulate`: frames from a pcap through the XDP program (or the
+//! TC one) with the host's configuration and saved state, without touching
+//! live flows or counters.
 
 use std::net::SocketAddrV4;
 
@@ -116,6 +117,38 @@ fn simulate_reports_colour_and_backend_and_touches_nothing_live() {
         .unwrap();
     assert!(text.contains("web green → backend"), "{text}");
     assert_eq!(text.lines().count(), 2, "only web's frames: {text}");
+    // The same frames through the TC program: the same path, so the same
+    // decisions and the same rewritten frames.
+    let tc_out = dir.join("out-tc.pcap");
+    let text = sw
+        .cli_ok(&[
+            "simulate",
+            "--config",
+            &cfg,
+            "--pcap",
+            &pcap.display().to_string(),
+            "--out",
+            &tc_out.display().to_string(),
+            "--program",
+            "tc",
+            "--json",
+        ])
+        .unwrap();
+    let t: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let t = t.as_array().unwrap();
+    assert_eq!(t.len(), 3);
+    for i in 0..3 {
+        for key in ["direction", "service", "colour", "backend", "changed"] {
+            assert_eq!(t[i][key], o[i][key], "frame {i}: {key}");
+        }
+        assert_eq!(t[i]["verdict"], "PASS", "no route here: the stack's");
+    }
+    let (tc_frames, _) = read_pcap(std::fs::File::open(&tc_out).unwrap()).unwrap();
+    assert_eq!(
+        tc_frames.iter().map(|f| &f.data).collect::<Vec<_>>(),
+        out_frames.iter().map(|f| &f.data).collect::<Vec<_>>(),
+        "the TC program rewrites the frames as the XDP one does"
+    );
     // Nothing live changed.
     let after = sw.status().unwrap();
     for c in 0..2 {

@@ -1431,3 +1431,56 @@ fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_client
         }
     });
 }
+
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+const TC_ACT_REDIRECT: u32 = 7;
+
+#[test]
+fn tc_checks_a_gso_packet_segment_by_segment_and_sends_unresolved_ones_to_the_neighbour_output() {
+    in_scratch_ns(|ns| {
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = (48000..49000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+            .unwrap();
+        let (verdict, out, _) = fx
+            .dp
+            .test_run_tc(&frame(c, vip, L4::Syn, 64, b""), Some(v0), 0, 1)
+            .unwrap();
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "sent out of the route's interface"
+        );
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, 0x11], "the neighbour's MAC");
+        assert_eq!(verify(&out), (c, v4("198.18.1.11:8080"), 63));
+        // 3 000 bytes of payload in one socket buffer: as one packet it is
+        // over the 1 500-byte MTU (the stack's, which sends "fragmentation
+        // needed"); as a GSO packet of 1 448-byte segments each fits.
+        let big = frame(c, vip, L4::Ack, 64, &[0x5a; 3000]);
+        let (verdict, out, _) = fx.dp.test_run_tc(&big, Some(v0), 0, 1).unwrap();
+        assert_eq!(verdict, TC_ACT_UNSPEC, "over the MTU: the stack's");
+        assert_eq!(verify(&out).2, 64, "TTL left to the stack");
+        let (verdict, out, _) = fx.dp.test_run_tc(&big, Some(v0), 1448, 1).unwrap();
+        assert_eq!(verdict, TC_ACT_REDIRECT, "each segment fits");
+        assert_eq!(verify(&out), (c, v4("198.18.1.11:8080"), 63));
+        let (verdict, _, _) = fx.dp.test_run_tc(&big, Some(v0), 1480, 1).unwrap();
+        assert_eq!(
+            verdict, TC_ACT_UNSPEC,
+            "segments of 1480 + 40 bytes do not fit"
+        );
+        // A backend whose neighbour is not resolved yet: TTL decremented,
+        // MACs left to the kernel's neighbour output.
+        let c2 = (48000..49000)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.12:8080"))
+            .unwrap();
+        let syn = frame(c2, vip, L4::Syn, 64, b"");
+        let (verdict, out, _) = fx.dp.test_run_tc(&syn, Some(v0), 0, 1).unwrap();
+        assert_eq!(verdict, TC_ACT_REDIRECT, "to the neighbour output");
+        assert_eq!(&out[0..12], &syn[0..12], "MACs are the neighbour output's");
+        assert_eq!(verify(&out), (c2, v4("198.18.1.12:8080"), 63));
+    });
+}

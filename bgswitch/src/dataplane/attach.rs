@@ -135,6 +135,7 @@ impl Dataplane {
                 );
             }
         }
+        self.release_older_layouts(iface);
         self.add_port(index, mode)?;
         let a = Attachment {
             interface: iface.into(),
@@ -319,6 +320,39 @@ impl Dataplane {
             }
         }
         Ok(None)
+    }
+
+    /// What daemons of older map layouts left pinned on `iface` and this
+    /// one did not take over (another mode): removed, now that this daemon
+    /// holds the interface; an older layout's directory goes once it holds
+    /// no more links.
+    fn release_older_layouts(&mut self, iface: &str) {
+        let Some(bpffs) = self.bpffs.clone() else {
+            return;
+        };
+        let current = paths::pin_root(&bpffs);
+        let Ok(dirs) = std::fs::read_dir(bpffs.join(paths::PIN_DIR)) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let old_root = dir.path();
+            let name = dir.file_name().to_string_lossy().into_owned();
+            if old_root == current || !name.starts_with('v') {
+                continue;
+            }
+            for m in AttachMode::ALL {
+                let old_pin = old_root
+                    .join("links")
+                    .join(format!("{}-{iface}", m.as_str()));
+                if std::fs::remove_file(&old_pin).is_ok() {
+                    if m == AttachMode::TcNetlink {
+                        hook::remove_filter(iface);
+                    }
+                    log::warn!("{iface}: removed the {} of map layout {name}", m.describe());
+                    remove_layout_if_unused(&old_root);
+                }
+            }
+        }
     }
 
     pub fn attachments(&self) -> Vec<Attachment> {

@@ -101,6 +101,40 @@ pub fn place(configured: &Path) -> Result<PinPlace> {
     Ok(place(through, note))
 }
 
+/// Where a daemon started like this process would have put its pins, as
+/// [`place`] finds it, without mounting anything: for removing them with
+/// no daemon running (`bgswitch detach`). `None` when no bpffs is there.
+pub fn locate_pins(configured: &Path) -> Option<PinPlace> {
+    let here = || {
+        is_bpffs(configured).then(|| PinPlace {
+            configured: configured.into(),
+            root: configured.into(),
+            note: "in this process's mount namespace".into(),
+            _outer: None,
+        })
+    };
+    let Some(outer) = outer_namespace() else {
+        return here();
+    };
+    let Ok(root_fd) = open_dir(&format!("/proc/{}/root", outer.pid)) else {
+        return here();
+    };
+    let through = PathBuf::from(format!("/proc/self/fd/{}", root_fd.as_raw_fd()))
+        .join(configured.strip_prefix("/").unwrap_or(configured));
+    if !is_bpffs(&through) {
+        return here();
+    }
+    Some(PinPlace {
+        configured: configured.into(),
+        root: through,
+        note: format!(
+            "in the mount namespace of {} (pid {})",
+            outer.comm, outer.pid
+        ),
+        _outer: Some(root_fd),
+    })
+}
+
 fn refusal(configured: &Path, outer: &Outer, why: &str) -> DataplaneError {
     DataplaneError::Bpffs {
         path: configured.into(),

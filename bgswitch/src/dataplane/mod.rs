@@ -59,7 +59,7 @@ use bgswitch_common::{
 };
 
 pub use attach::{ifindex, ifname, Attachment};
-pub use bpffs::{ensure_bpffs, PinPlace};
+pub use bpffs::{ensure_bpffs, locate_pins, PinPlace};
 pub use clock::{assume_hz, monotonic_ns, CONFIG_HZ};
 pub use flows::{FlowCounts, FlowScan, SYN_TIMEOUT_S};
 pub use hook::AttachMode;

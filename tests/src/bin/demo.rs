@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a blue/green switch of live traffic on a throwaway
 //! network-namespace topology — a client, the load-balancer host running
-//! `bgswitch daemon`, two blue and two green backends with real HTTP servers.
+//! `bgswitch daemon`, two blue and two green backends with real HTTP servers
+//! behind a bridge, every veth with the kernel's default offloads.
 //! Everything is torn down at the end, on Ctrl-C and on failure.
 
 use std::{
@@ -61,8 +62,11 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    step("Building the topology: client, load balancer, 2 blue + 2 green backends (network namespaces)")?;
+    step("Building the topology: client, load balancer, 2 blue + 2 green backends behind a bridge (network namespaces)")?;
     let topo = served_topology()?;
+    println!(
+        "  veth pairs with the kernel's default offloads, as containers and VMs have (partial checksums, TSO): `attach = \"auto\"` serves them with TC"
+    );
     for b in topo.backends() {
         println!(
             "  {} ({}) serves HTTP on {}:{HTTP_PORT}",
