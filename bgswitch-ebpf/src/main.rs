@@ -22,6 +22,7 @@ mod stateless;
 mod transmit;
 // The seam and its two contexts.
 mod context;
+mod ipv4;
 mod tc;
 mod xdp;
 // What the stages share.

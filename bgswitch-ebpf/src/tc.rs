@@ -1,12 +1,13 @@
 //! The TC (clsact ingress) context: socket buffers, as containers, VMs on
 //! tap devices and veth pairs hand them over — their TCP/UDP checksum may
 //! be partial (CHECKSUM_PARTIAL: the field holds only the pseudo-header
-//! sum) and they may stand for many segments (GSO). The kernel's checksum
-//! helpers (`bpf_l3_csum_replace`, `bpf_l4_csum_replace` with
-//! `BPF_F_PSEUDO_HDR` for addresses) are right for every checksum state;
-//! frames leave with `bpf_redirect`, or `bpf_redirect_neigh` while the
-//! neighbour is unresolved. Packet pointers are taken afresh after every
-//! helper that may move the data.
+//! sum) and they may stand for many segments (GSO). The L4 checksum goes
+//! through the kernel's helper (`bpf_l4_csum_replace`, `BPF_F_PSEUDO_HDR`
+//! for addresses), right for every checksum state; the IPv4 header is
+//! rewritten in place as in XDP (`ipv4.rs`). Frames leave with
+//! `bpf_redirect`, or `bpf_redirect_neigh` while the neighbour is
+//! unresolved. Packet pointers are taken afresh after every helper that may
+//! move the data.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
@@ -18,6 +19,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
+    ipv4,
     maps::ATTACHED,
     parse::{Frame, IP_OFF},
 };
@@ -31,12 +33,13 @@ pub const HEADERS: u32 = (EthHdr::LEN + 60 + 60) as u32;
 /// data cannot be pulled is parsed as it is (and found short, passed).
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
-    if ctx.data() + HEADERS as usize > ctx.data_end() {
-        let want = if ctx.len() < HEADERS {
-            ctx.len()
-        } else {
-            HEADERS
-        };
+    let want = if ctx.len() < HEADERS {
+        ctx.len()
+    } else {
+        HEADERS
+    };
+    // Most frames' headers are linear already (a short frame wholly).
+    if ctx.data() + want as usize > ctx.data_end() {
         let _ = ctx.pull_data(want);
     }
 }
@@ -92,43 +95,20 @@ impl Packet for TcContext {
         })
     }
 
-    /// The L4 checksum for the address (through the pseudo-header: the
-    /// helper keeps a partial checksum partial) and the port, the IPv4
-    /// checksum for the address, then the new address and port.
+    /// The IPv4 header in place (see `ipv4`), then the L4 checksum for the
+    /// address (through the pseudo-header: the helper keeps a partial
+    /// checksum partial) and the port, then the new port.
     #[inline(always)]
     fn rewrite(&self, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()> {
-        let (old_addr, old_port, addr_off, port_off) = match side {
-            Side::Dst => (f.dst[0], f.dport, IP_OFF + 16, f.l4 + 2),
-            Side::Src => (f.src[0], f.sport, IP_OFF + 12, f.l4),
-        };
-        let tcp = f.proto == PROTO_TCP;
-        let check = f.l4 + if tcp { TCP_CHECK } else { UDP_CHECK };
-        // A UDP checksum of 0 (none) stays 0; one that becomes 0 is written
-        // as 0xffff.
-        let udp_zero = if tcp { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
-        self.l4_csum_replace(
-            check,
-            u64::from(old_addr),
-            u64::from(addr[0]),
-            BPF_F_PSEUDO_HDR as u64 | udp_zero | 4,
-        )
-        .ok()?;
-        self.l4_csum_replace(check, u64::from(old_port), u64::from(port), udp_zero | 2)
-            .ok()?;
-        self.l3_csum_replace(IP_OFF + 10, u64::from(old_addr), u64::from(addr[0]), 4)
-            .ok()?;
-        let a = ptr_at::<_, u32>(self, addr_off)?;
-        let p = ptr_at::<_, u16>(self, port_off)?;
-        // SAFETY: bounds-checked just now, after the last helper.
-        unsafe {
-            core::ptr::write_volatile(a, addr[0]);
-            core::ptr::write_volatile(p, port);
-        }
-        Some(())
+        let ip = ptr_at::<_, Ipv4Hdr>(self, IP_OFF)?;
+        // SAFETY: bounds-checked just now.
+        unsafe { ipv4::rewrite_addr(ip, f, side, addr[0]) };
+        rewrite_l4(self, f, side, addr[0], port)
     }
 
-    /// The deltas are for complete checksums; a partial one takes only the
-    /// pseudo-header's part, so the rewrite is made field by field.
+    /// The IPv4 header with the cached delta (see `ipv4`). The L4 deltas are
+    /// for complete checksums; a partial one takes only the pseudo-header's
+    /// part, so that checksum goes through the helpers.
     #[inline(always)]
     fn rewrite_cached(
         &self,
@@ -136,22 +116,21 @@ impl Packet for TcContext {
         side: Side,
         addr: u32,
         port: u16,
-        _ip_delta: u16,
+        ip_delta: u16,
         _l4_delta: u16,
     ) -> Option<()> {
-        self.rewrite(f, side, &[addr, 0, 0, 0], port)?;
-        self.decrement_ttl(f)
+        let ip = ptr_at::<_, Ipv4Hdr>(self, IP_OFF)?;
+        // SAFETY: bounds-checked just now; ttl > 1 (caller).
+        unsafe { ipv4::rewrite_cached(ip, side, addr, ip_delta) };
+        rewrite_l4(self, f, side, addr, port)
     }
 
     #[inline(always)]
-    fn decrement_ttl(&self, f: &Frame) -> Option<()> {
-        let old = u16::from_ne_bytes([f.ttl, f.proto]);
-        let new = u16::from_ne_bytes([f.ttl - 1, f.proto]);
-        self.l3_csum_replace(IP_OFF + 10, u64::from(old), u64::from(new), 2)
-            .ok()?;
-        let ttl = ptr_at::<_, u8>(self, IP_OFF + 8)?;
-        // SAFETY: bounds-checked just now, after the helper.
-        unsafe { core::ptr::write_volatile(ttl, f.ttl - 1) };
+    fn decrement_ttl(&self, _f: &Frame) -> Option<()> {
+        let ip = ptr_at::<_, Ipv4Hdr>(self, IP_OFF)?;
+        // SAFETY: bounds-checked just now (the data may have moved since
+        // parse); ttl > 1 (caller).
+        unsafe { ipv4::decrement_ttl(ip) };
         Some(())
     }
 
@@ -198,4 +177,38 @@ impl Packet for TcContext {
         // SAFETY: no parameters: the kernel looks the neighbour up itself.
         unsafe { bpf_redirect_neigh(egress, core::ptr::null_mut(), 0, 0) as u32 }
     }
+}
+
+/// The TCP or UDP half of a rewrite: the checksum for the address
+/// (`BPF_F_PSEUDO_HDR`: the kernel updates a partial checksum, a complete one
+/// and a CHECKSUM_COMPLETE sum as each needs) and, if it changes, for the
+/// port, then the new port, its pointer taken afresh after the helpers.
+#[inline(always)]
+fn rewrite_l4(ctx: &TcContext, f: &Frame, side: Side, addr: u32, port: u16) -> Option<()> {
+    let (old_addr, old_port, port_off) = match side {
+        Side::Dst => (f.dst[0], f.dport, f.l4 + 2),
+        Side::Src => (f.src[0], f.sport, f.l4),
+    };
+    let tcp = f.proto == PROTO_TCP;
+    let check = f.l4 + if tcp { TCP_CHECK } else { UDP_CHECK };
+    // A UDP checksum of 0 (none) stays 0; one that becomes 0 is written as
+    // 0xffff.
+    let udp_zero = if tcp { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
+    ctx.l4_csum_replace(
+        check,
+        u64::from(old_addr),
+        u64::from(addr),
+        BPF_F_PSEUDO_HDR as u64 | udp_zero | 4,
+    )
+    .ok()?;
+    if old_port == port {
+        // A backend on the VIP's port (the common case): one helper call.
+        return Some(());
+    }
+    ctx.l4_csum_replace(check, u64::from(old_port), u64::from(port), udp_zero | 2)
+        .ok()?;
+    let p = ptr_at::<_, u16>(ctx, port_off)?;
+    // SAFETY: bounds-checked just now, after the last helper.
+    unsafe { core::ptr::write_volatile(p, port) };
+    Some(())
 }

@@ -9,6 +9,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
+    ipv4,
     maps::TX_PORTS,
     parse::Frame,
 };
@@ -63,22 +64,12 @@ impl Packet for XdpContext {
     /// IPv4 and L4 checksums incrementally.
     #[inline(always)]
     fn rewrite(&self, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()> {
-        let ip = f.ip;
-        let (old_addr, old_port) = match side {
-            Side::Dst => (f.dst, f.dport),
-            Side::Src => (f.src, f.sport),
+        let old_port = match side {
+            Side::Dst => f.dport,
+            Side::Src => f.sport,
         };
-        let addr_delta = Delta::ZERO.add32(old_addr[0], addr[0]);
         // SAFETY: f.ip was bounds-checked by parse(); the packet has not been resized.
-        unsafe {
-            let new = addr[0].to_ne_bytes();
-            match side {
-                Side::Dst => (*ip).dst_addr = new,
-                Side::Src => (*ip).src_addr = new,
-            }
-            let check = addr_delta.apply(u16::from_ne_bytes((*ip).check));
-            (*ip).check = check.to_ne_bytes();
-        }
+        let addr_delta = unsafe { ipv4::rewrite_addr(f.ip, f, side, addr[0]) };
         rewrite_l4(self, f, side, port, addr_delta.add16(old_port, port))
     }
 
@@ -92,20 +83,8 @@ impl Packet for XdpContext {
         ip_delta: u16,
         l4_delta: u16,
     ) -> Option<()> {
-        let ip = f.ip.cast::<u8>();
-        // SAFETY: f.ip was bounds-checked by parse(); ttl > 1 (caller). Whole-
-        // word stores (the header's byte arrays would be written byte by byte).
-        unsafe {
-            let addr_off = match side {
-                Side::Dst => 16,
-                Side::Src => 12,
-            };
-            core::ptr::write_volatile(ip.add(addr_off).cast::<u32>(), addr);
-            *ip.add(8) -= 1;
-            let check = ip.add(10).cast::<u16>();
-            let c = Delta::apply_folded(ip_delta, core::ptr::read_volatile(check));
-            core::ptr::write_volatile(check, c);
-        }
+        // SAFETY: as above; ttl > 1 (caller).
+        unsafe { ipv4::rewrite_cached(f.ip, side, addr, ip_delta) };
         let (port_ptr, check, tcp) = l4_fields(self, f, side)?;
         // SAFETY: bounds-checked by l4_fields.
         unsafe {
@@ -121,18 +100,8 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn decrement_ttl(&self, f: &Frame) -> Option<()> {
-        let ip = f.ip;
-        // SAFETY: ip is bounds-checked; ttl > 1 was checked by the caller.
-        unsafe {
-            let ttl_word = ((*ip).ttl, (*ip).proto);
-            let old = u16::from_ne_bytes([ttl_word.0, ttl_word.1]);
-            let new = u16::from_ne_bytes([ttl_word.0 - 1, ttl_word.1]);
-            (*ip).ttl = ttl_word.0 - 1;
-            let check = Delta::ZERO
-                .add16(old, new)
-                .apply(u16::from_ne_bytes((*ip).check));
-            (*ip).check = check.to_ne_bytes();
-        }
+        // SAFETY: as above; ttl > 1 (caller).
+        unsafe { ipv4::decrement_ttl(f.ip) };
         Some(())
     }
 

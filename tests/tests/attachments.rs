@@ -56,16 +56,21 @@ fn bed(opts: TopologyOptions, edit: impl FnOnce(&str) -> String) -> (Topology, S
 /// Downloads and uploads of [`BULK`] bytes through the VIP, each checked
 /// byte for byte, all served by `want` (a colour).
 fn bulk_both_ways(topo: &Topology, want: &str) {
+    bulk_through(topo, web(), want);
+}
+
+/// [`bulk_both_ways`] through the service at `vip`.
+fn bulk_through(topo: &Topology, vip: SocketAddrV4, want: &str) {
     let cli = topo.client_ns();
     let data = bulk_pattern(BULK);
     for i in 0..2 {
-        let d = http_download(cli, web(), BULK).expect("download through the VIP");
+        let d = http_download(cli, vip, BULK).expect("download through the VIP");
         assert!(
             d.backend.starts_with(&want[..1]),
             "download {i} from {}",
             d.backend
         );
-        let u = http_upload(cli, web(), &data).expect("upload through the VIP");
+        let u = http_upload(cli, vip, &data).expect("upload through the VIP");
         assert!(
             u.backend.starts_with(&want[..1]),
             "upload {i} to {}",
@@ -109,6 +114,49 @@ fn with_default_offloads_auto_takes_tc_and_bulk_transfers_arrive_whole_both_ways
         c["redirect"].as_u64().unwrap() > redirected + 1000,
         "the TC program redirected the transfers: {c}"
     );
+}
+
+/// Backends on other ports than the VIP's, through TC: the L4 checksum
+/// takes the port change as well as the address. `complete`: senders
+/// compute their checksums (as a NIC-like path would), so receivers verify
+/// what TC wrote; else they stay partial (the stack fills them in late).
+fn tc_rewrites_ports(complete: bool) {
+    let (web80, echo53) = (SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53));
+    let opts = TopologyOptions {
+        like_physical_nics: complete,
+        ..TopologyOptions::default()
+    };
+    let (topo, mut sw) = bed(opts, |t| {
+        t.replace("attach = \"auto\"", "attach = \"tc\"")
+            .replace(
+                &format!("vip = \"{VIP}:{HTTP_PORT}\""),
+                &format!("vip = \"{web80}\""),
+            )
+            .replace(
+                &format!("vip = \"{VIP}:{UDP_PORT}\""),
+                &format!("vip = \"{echo53}\""),
+            )
+    });
+    assert_ne!(HTTP_PORT, 80);
+    assert_ne!(UDP_PORT, 53);
+    sw.start().unwrap();
+    assert_eq!(sw.status().unwrap()["interfaces"][0]["mode"], "tc");
+    bulk_through(&topo, web80, "blue");
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    bulk_through(&topo, web80, "green");
+    let r = udp_request(topo.client_ns(), echo53, b"ping").unwrap();
+    assert_eq!(colour(&r), "blue", "{r}");
+    assert_eq!(counter(&sw, "fib_other"), 0);
+}
+
+#[test]
+fn tc_rewrites_ports_of_frames_with_partial_checksums() {
+    tc_rewrites_ports(false);
+}
+
+#[test]
+fn tc_rewrites_ports_of_frames_with_complete_checksums() {
+    tc_rewrites_ports(true);
 }
 
 #[test]
