@@ -67,8 +67,30 @@ pub trait Packet: EbpfContext {
     ) -> Option<()>;
     /// Decrements the TTL (the caller checked TTL > 1).
     fn decrement_ttl(&self, f: &Frame) -> Option<()>;
-    /// Writes the next hop's MACs.
-    fn write_macs(&self, dmac: &[u8; 6], smac: &[u8; 6]) -> Option<()>;
+    /// Writes the next hop's MACs (the same in both contexts; after the
+    /// last helper that may move the data).
+    #[inline(always)]
+    fn write_macs(&self, dmac: &[u8; 6], smac: &[u8; 6]) -> Option<()> {
+        let eth = ptr_at::<_, [u8; 14]>(self, 0)?;
+        // SAFETY: eth is bounds-checked. Four loads and four stores (an
+        // array assignment becomes a memmove call here). Every `dmac`
+        // starts 4-byte aligned and every `smac` at 2 mod 4 (FlowEntry,
+        // CachedFlow and Hop are laid out so), like the destination and
+        // source MACs of an XDP frame (XDP data is aligned); unaligned
+        // packet stores are fine on the 64-bit JITs.
+        unsafe {
+            let d0 = core::ptr::read_volatile(dmac.as_ptr().cast::<u32>());
+            let d1 = core::ptr::read_volatile(dmac.as_ptr().add(4).cast::<u16>());
+            let s0 = core::ptr::read_volatile(smac.as_ptr().cast::<u16>());
+            let s1 = core::ptr::read_volatile(smac.as_ptr().add(2).cast::<u32>());
+            let mac = eth.cast::<u8>();
+            core::ptr::write_volatile(mac.cast::<u32>(), d0);
+            core::ptr::write_volatile(mac.add(4).cast::<u16>(), d1);
+            core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
+            core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
+        }
+        Some(())
+    }
     /// Whether the frame may be sent out of `egress` by this program type:
     /// an interface bgswitch serves in a way it can send to.
     fn may_send_to(&self, egress: u32) -> bool;
@@ -84,7 +106,7 @@ pub trait Packet: EbpfContext {
 /// Pointer to a `T` at `offset` bytes into the packet, if it lies wholly
 /// inside what the program may read.
 #[inline(always)]
-pub fn ptr_at<C: Packet, T>(ctx: &C, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<C: Packet + ?Sized, T>(ctx: &C, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {

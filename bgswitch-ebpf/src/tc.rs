@@ -134,27 +134,6 @@ impl Packet for TcContext {
         Some(())
     }
 
-    #[inline(always)]
-    fn write_macs(&self, dmac: &[u8; 6], smac: &[u8; 6]) -> Option<()> {
-        let eth = ptr_at::<_, EthHdr>(self, 0)?;
-        // SAFETY: eth is bounds-checked (after the last helper). Word loads
-        // from our own aligned fields (see the XDP context's), word stores
-        // into the frame (unaligned packet stores are fine on the 64-bit
-        // JITs).
-        unsafe {
-            let d0 = core::ptr::read_volatile(dmac.as_ptr().cast::<u32>());
-            let d1 = core::ptr::read_volatile(dmac.as_ptr().add(4).cast::<u16>());
-            let s0 = core::ptr::read_volatile(smac.as_ptr().cast::<u16>());
-            let s1 = core::ptr::read_volatile(smac.as_ptr().add(2).cast::<u32>());
-            let mac = eth.cast::<u8>();
-            core::ptr::write_volatile(mac.cast::<u32>(), d0);
-            core::ptr::write_volatile(mac.add(4).cast::<u16>(), d1);
-            core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
-            core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
-        }
-        Some(())
-    }
-
     /// Any interface bgswitch serves (`ATTACHED`), with XDP or TC: a socket
     /// buffer can be sent to either.
     #[inline(always)]

@@ -5,7 +5,6 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use bgswitch_common::{csum::Delta, Addr, PROTO_TCP};
-use network_types::eth::EthHdr;
 
 use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
@@ -102,28 +101,6 @@ impl Packet for XdpContext {
     fn decrement_ttl(&self, f: &Frame) -> Option<()> {
         // SAFETY: as above; ttl > 1 (caller).
         unsafe { ipv4::decrement_ttl(f.ip) };
-        Some(())
-    }
-
-    #[inline(always)]
-    fn write_macs(&self, dmac: &[u8; 6], smac: &[u8; 6]) -> Option<()> {
-        let eth = ptr_at::<_, EthHdr>(self, 0)?;
-        // SAFETY: eth is bounds-checked.
-        unsafe {
-            // Four loads and four stores (an array assignment becomes a memmove
-            // call here). Every `dmac` starts 4-byte aligned and every `smac` at
-            // 2 mod 4 (FlowEntry, CachedFlow and Hop are laid out so), like the
-            // destination and source MACs of the frame (XDP data is aligned).
-            let d0 = core::ptr::read_volatile(dmac.as_ptr().cast::<u32>());
-            let d1 = core::ptr::read_volatile(dmac.as_ptr().add(4).cast::<u16>());
-            let s0 = core::ptr::read_volatile(smac.as_ptr().cast::<u16>());
-            let s1 = core::ptr::read_volatile(smac.as_ptr().add(2).cast::<u32>());
-            let mac = eth.cast::<u8>();
-            core::ptr::write_volatile(mac.cast::<u32>(), d0);
-            core::ptr::write_volatile(mac.add(4).cast::<u16>(), d1);
-            core::ptr::write_volatile(mac.add(6).cast::<u16>(), s0);
-            core::ptr::write_volatile(mac.add(8).cast::<u32>(), s1);
-        }
         Some(())
     }
 
