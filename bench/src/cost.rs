@@ -52,6 +52,9 @@ use crate::{
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_REDIRECT: u32 = 4;
+/// The TC program's verdicts: left to the stack, sent.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -361,6 +364,9 @@ enum Case {
     StatelessNew,
     StatelessEstablished,
     StatelessReply,
+    TcEstablished,
+    TcReply,
+    TcNonVip,
 }
 
 impl Case {
@@ -378,6 +384,9 @@ impl Case {
             Case::StatelessNew => "stateless_new_tcp_flow",
             Case::StatelessEstablished => "stateless_established_tcp",
             Case::StatelessReply => "stateless_backend_reply",
+            Case::TcEstablished => "tc_established_tcp",
+            Case::TcReply => "tc_backend_reply",
+            Case::TcNonVip => "tc_non_vip",
         }
     }
     fn label(self) -> &'static str {
@@ -396,6 +405,9 @@ impl Case {
             Case::StatelessNew => "stateless service: new TCP flow (SYN)",
             Case::StatelessEstablished => "stateless service: established TCP packet",
             Case::StatelessReply => "stateless service: backend reply",
+            Case::TcEstablished => "TC program: established TCP packet",
+            Case::TcReply => "TC program: backend reply",
+            Case::TcNonVip => "TC program: non-VIP packet",
         }
     }
     fn single(self) -> bool {
@@ -556,6 +568,28 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
                 && g(dp, "replies") == replies + 1,
             format!("action {a}"),
         );
+        // The TC program: the same packets, the same records, a TC verdict.
+        let (a, out, _) = dp.test_run_tc(&est, Some(v0), 0, 1)?;
+        check(
+            &mut checks,
+            "TC program: established ACK is redirected (TC_ACT_REDIRECT), identity-rewritten, TTL-1",
+            a == TC_ACT_REDIRECT && verify(&out) == Some((est_client, vip80, 254)),
+            format!("action {a}, {:?}", verify(&out)),
+        );
+        let (a, out, _) = dp.test_run_tc(&reply, Some(v1), 0, 1)?;
+        check(
+            &mut checks,
+            "TC program: backend reply is rewritten back and redirected",
+            a == TC_ACT_REDIRECT && verify(&out) == Some((vip80, est_client, 254)),
+            format!("action {a}, {:?}", verify(&out)),
+        );
+        let (a, out, _) = dp.test_run_tc(&nonvip, Some(v0), 0, 1)?;
+        check(
+            &mut checks,
+            "TC program: non-VIP packet is left to the stack (TC_ACT_UNSPEC) byte for byte",
+            a == TC_ACT_UNSPEC && out == nonvip,
+            format!("action {a}"),
+        );
         let (a, _) = pass.run(&est, v0, opts.repeat)?;
         check(
             &mut checks,
@@ -582,6 +616,9 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             Case::StatelessNew,
             Case::StatelessEstablished,
             Case::StatelessReply,
+            Case::TcEstablished,
+            Case::TcReply,
+            Case::TcNonVip,
         ];
         let mut per_round: BTreeMap<Case, Vec<f64>> = BTreeMap::new();
         let mut fresh = 0u32;
@@ -623,6 +660,9 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
                             dp.test_run(&sl_est, Some(v0), opts.repeat)?.2
                         }
                         Case::StatelessReply => dp.test_run(&sl_reply, Some(v1), opts.repeat)?.2,
+                        Case::TcEstablished => dp.test_run_tc(&est, Some(v0), 0, opts.repeat)?.2,
+                        Case::TcReply => dp.test_run_tc(&reply, Some(v1), 0, opts.repeat)?.2,
+                        Case::TcNonVip => dp.test_run_tc(&nonvip, Some(v0), 0, opts.repeat)?.2,
                     };
                     v.push(ns.as_nanos() as f64);
                 }

@@ -13,7 +13,9 @@
 //! Configurations: floor; the redirect ceiling (`xdp_redirect` on l0: the
 //! MACs and a DevMap redirect to l1, nothing else — the most any XDP load
 //! balancer can reach on this path); bgswitch (XDP on l0 and l1, redirect l0 → l1) with
-//! 1, 10 000 and 1 000 000 flows; plain kernel forwarding (ip_forward, no XDP
+//! 1, 10 000 and 1 000 000 flows; bgswitch's TC program (clsact ingress on
+//! l0 and l1, `bpf_redirect` l0 → l1; l0 takes the XDP frames with GRO on,
+//! as the kernel and nftables paths do) with 1 and 10 000 flows; plain kernel forwarding (ip_forward, no XDP
 //! on l0, GRO on so l0 takes XDP frames); nftables DNAT (prerouting dnat to
 //! the sink) with 1 and 10 000 flows. Frames: 64 B Ethernet+IPv4+UDP, UDP
 //! checksum 0. Each round runs every configuration once (the order rotates),
@@ -93,6 +95,8 @@ pub struct FwdOptions {
     pub big_max_flows: u32,
     /// bgswitch flow counts of part 2.
     pub bg_flows: Vec<u32>,
+    /// The same through bgswitch's TC program.
+    pub tc_flows: Vec<u32>,
     /// Flow counts through a stateless service in its stable period (TCP).
     pub stateless_flows: Vec<u32>,
     pub nft_flows: Vec<u32>,
@@ -119,6 +123,7 @@ impl FwdOptions {
             v.push(Config::Redirect);
         }
         v.extend(self.bg_flows.iter().map(|&n| Config::Bgswitch(n)));
+        v.extend(self.tc_flows.iter().map(|&n| Config::BgswitchTc(n)));
         v.extend(self.stateless_flows.iter().map(|&n| Config::Stateless(n)));
         if self.new_flows {
             v.push(Config::NewFlows);
@@ -144,6 +149,7 @@ impl FwdOptions {
             max_flows: bgswitch_common::DEFAULT_MAX_FLOWS,
             big_max_flows: 1 << 21,
             bg_flows: vec![1, 10_000, 1_000_000],
+            tc_flows: vec![1, 10_000],
             stateless_flows: vec![1, 10_000, 1_000_000],
             nft_flows: vec![1, 10_000],
             kernel_flows: 10_000,
@@ -165,6 +171,7 @@ impl FwdOptions {
             max_flows: bgswitch_common::DEFAULT_MAX_FLOWS,
             big_max_flows: 1 << 21,
             bg_flows: vec![10_000],
+            tc_flows: vec![10_000],
             stateless_flows: vec![10_000],
             nft_flows: vec![10_000],
             kernel_flows: 10_000,
@@ -185,6 +192,8 @@ enum Config {
     /// `xdp_redirect` on l0: MACs and a DevMap redirect to l1, nothing else.
     Redirect,
     Bgswitch(u32),
+    /// bgswitch's TC program on l0 and l1.
+    BgswitchTc(u32),
     Kernel(u32),
     Nft(u32),
     /// Part 5: the scale data plane.
@@ -211,6 +220,7 @@ impl Config {
             Config::Floor => "generator_to_drop_floor".into(),
             Config::Redirect => "xdp_redirect_ceiling".into(),
             Config::Bgswitch(n) => format!("bgswitch_{n}_flows"),
+            Config::BgswitchTc(n) => format!("bgswitch_tc_{n}_flows"),
             Config::Kernel(n) => format!("kernel_forwarding_{n}_flows"),
             Config::Nft(n) => format!("nftables_dnat_{n}_flows"),
             Config::NftTcp(n) => format!("nftables_dnat_tcp_{n}_flows"),
@@ -226,6 +236,7 @@ impl Config {
                 "XDP redirect alone: MACs + DevMap, no parse or lookup (ceiling)".into()
             }
             Config::Bgswitch(n) | Config::Scale(n) => format!("bgswitch, {}", flows(n)),
+            Config::BgswitchTc(n) => format!("bgswitch TC, {}", flows(n)),
             Config::Kernel(n) => format!("plain kernel forwarding, {}", flows(n)),
             Config::Nft(n) => format!("nftables DNAT, {}", flows(n)),
             Config::NftTcp(n) => format!("nftables DNAT (TCP), {}", flows(n)),
@@ -237,8 +248,8 @@ impl Config {
     /// uses; 0 for none.
     fn table(self, o: &FwdOptions) -> u32 {
         match self {
-            Config::Bgswitch(n) if n <= o.max_flows => o.max_flows,
-            Config::Bgswitch(_) => o.big_max_flows,
+            Config::Bgswitch(n) | Config::BgswitchTc(n) if n <= o.max_flows => o.max_flows,
+            Config::Bgswitch(_) | Config::BgswitchTc(_) => o.big_max_flows,
             Config::Scale(_) => o.scale_max_flows,
             // Its own data plane (evicting all the time), half the default size.
             Config::NewFlows => o.max_flows / 2,
@@ -251,6 +262,7 @@ impl Config {
         match self {
             Config::Floor | Config::Redirect => 1,
             Config::Bgswitch(n)
+            | Config::BgswitchTc(n)
             | Config::Kernel(n)
             | Config::Nft(n)
             | Config::NftTcp(n)
@@ -283,8 +295,10 @@ struct Rig {
     redirect_link: Option<XdpLinkId>,
     /// Data planes by flow-table size.
     dps: BTreeMap<u32, Dataplane>,
-    /// The table size of the data plane attached to l0/l1 now (0: none).
+    /// The table size of the data plane attached to l0/l1 now (0: none),
+    /// and how.
     attached: u32,
+    attached_as: AttachSetting,
     nft_on: bool,
     lb_file: File,
     opts: FwdOptions,
@@ -592,6 +606,7 @@ impl Rig {
             redirect_link: None,
             dps,
             attached: 0,
+            attached_as: AttachSetting::Xdp,
             nft_on: false,
             lb_file,
             opts: opts.clone(),
@@ -605,6 +620,11 @@ impl Rig {
     /// Puts the load balancer in the state `c` needs.
     fn set(&mut self, c: Config) -> Result<()> {
         let want_attached = c.table(&self.opts);
+        let want_as = if matches!(c, Config::BgswitchTc(_)) {
+            AttachSetting::Tc
+        } else {
+            AttachSetting::Xdp
+        };
         let lb = self.lb_name();
         let want_floor = c == Config::Floor;
         if !want_floor {
@@ -614,7 +634,7 @@ impl Rig {
         if !want_redirect {
             detach(&mut self.redirp, "xdp_redirect", &mut self.redirect_link)?;
         }
-        if self.attached != want_attached {
+        if (self.attached, self.attached_as) != (want_attached, want_as) {
             let which = self.attached;
             if which != 0 {
                 let dp = self.dps.get_mut(&which).context("no data plane")?;
@@ -628,11 +648,12 @@ impl Rig {
             if want_attached != 0 {
                 let dp = self.dps.get_mut(&want_attached).context("no data plane")?;
                 in_netns(&lb, || -> Result<()> {
-                    dp.attach("l0", AttachSetting::Xdp)?;
-                    dp.attach("l1", AttachSetting::Xdp)?;
+                    dp.attach("l0", want_as)?;
+                    dp.attach("l1", want_as)?;
                     Ok(())
                 })??;
                 self.attached = want_attached;
+                self.attached_as = want_as;
             }
         }
         if want_redirect {
@@ -1113,6 +1134,23 @@ pub fn assert_gross(section: &Value) -> Result<()> {
             );
         }
     }
+    // The TC program's path too: faster than nftables DNAT, none lost when
+    // paced.
+    if let Some(tc) = find("bgswitch_tc_") {
+        let m = tc["mpps"]["median"].as_f64().unwrap_or(0.0);
+        ensure!(
+            m > n,
+            "bgswitch TC ({m:.3} Mpps) is not faster than nftables DNAT ({n:.3} Mpps)"
+        );
+        let paced = section["paced"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["config"] == tc["config"]))
+            .context("no paced TC run")?;
+        ensure!(
+            paced["lost"] == 0 && paced["sent"].as_u64().unwrap_or(0) > 0,
+            "bgswitch TC lost frames with a paced generator: {paced}"
+        );
+    }
     // A stateless service's path too, when it ran: faster than nftables,
     // every frame its own counter's, none lost when paced.
     if let Some(sl) = find("bgswitch_stateless_") {
@@ -1140,7 +1178,7 @@ pub fn assert_gross(section: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Profiling aid: runs one configuration (`floor`, `redirect`, `bgswitch:N`, `kernel:N`,
+/// Profiling aid: runs one configuration (`floor`, `redirect`, `bgswitch:N`, `tc:N`, `kernel:N`,
 /// `nft:N`, `stateless:N`, `nfttcp:N`, `new`) repeatedly for `seconds` (warmed up first); returns the median
 /// rate in Mpps.
 pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
@@ -1150,6 +1188,7 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
         "floor" => Config::Floor,
         "redirect" => Config::Redirect,
         "bgswitch" => Config::Bgswitch(n),
+        "tc" => Config::BgswitchTc(n),
         "kernel" => Config::Kernel(n),
         "nft" => Config::Nft(n),
         "nfttcp" => Config::NftTcp(n),
@@ -1159,6 +1198,7 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     };
     let mut opts = FwdOptions::quick(cpu);
     opts.bg_flows = vec![];
+    opts.tc_flows = vec![];
     opts.nft_flows = vec![];
     opts.stateless_flows = vec![];
     if let Config::Stateless(n) = c {
@@ -1166,6 +1206,9 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     }
     if let Config::Bgswitch(n) = c {
         opts.bg_flows = vec![n];
+    }
+    if let Config::BgswitchTc(n) = c {
+        opts.tc_flows = vec![n];
     }
     if let Config::Nft(n) | Config::NftTcp(n) = c {
         opts.nft_flows = vec![n];
@@ -1176,8 +1219,24 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     run_config(&mut rig, c, n.saturating_mul(2).max(opts.frames), &opts)?;
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut rates = Vec::new();
+    let which = rig.attached;
+    let counts = |rig: &Rig| {
+        ["redirect", "flow_cache_fills", "fib_lookups", "flow_hits"]
+            .map(|k| rig.bg_global(which, k))
+    };
+    let before = counts(&rig);
     while Instant::now() < end {
         rates.push(run_config(&mut rig, c, opts.frames, &opts)?.rate_mpps);
+    }
+    if which != 0 {
+        let after = counts(&rig);
+        let d: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        eprintln!(
+            "{spec}: per redirected frame: {:.3} cache fills, {:.3} FIB lookups, {:.3} flow hits",
+            d[1] as f64 / d[0].max(1) as f64,
+            d[2] as f64 / d[0].max(1) as f64,
+            d[3] as f64 / d[0].max(1) as f64,
+        );
     }
     Ok(median(&rates))
 }

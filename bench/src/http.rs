@@ -1,13 +1,10 @@
 //! Part 3: TCP/HTTP through the VIP with wrk, keep-alive and a new connection
-//! per request, for bgswitch, nftables DNAT and HAProxy (mode tcp), each on its
-//! own topology with the same four HTTP backends (the test bed's server,
-//! thread per connection, in this process). Rounds interleave the systems.
-//!
-//! Veth caveat: attaching XDP to a veth turns off TSO/GSO on its peer, so the
-//! nftables and HAProxy load balancers carry an XDP_PASS program on both
-//! interfaces, as bgswitch's carry its program: all three paths segment the
-//! same way. On real NICs none of this applies; small HTTP requests are barely
-//! affected either way.
+//! per request, for bgswitch (TC, as `auto` serves veths), nftables DNAT and
+//! HAProxy (mode tcp), each on its own topology with the same four HTTP
+//! backends (the test bed's server, thread per connection, in this process)
+//! and the kernel's default offloads; and bgswitch's XDP path on veths
+//! standing in for physical NICs (see `systems.rs`). Rounds interleave the
+//! systems.
 
 use std::time::Duration;
 
@@ -128,7 +125,7 @@ pub fn run(o: &HttpOptions) -> Result<Value> {
     }
     let mut systems = Vec::new();
     let mut skipped = serde_json::Map::new();
-    for k in Kind::ALL {
+    for k in Kind::HTTP {
         match System::create(k) {
             Ok(s) => systems.push(s),
             Err(e) => {
@@ -173,7 +170,7 @@ pub fn run(o: &HttpOptions) -> Result<Value> {
     Ok(json!({
         "method": format!("wrk -t{} -c{} -d{}s --latency (new connection per request: -H 'Connection: close') from the client namespace to VIP:8080; {} interleaved rounds; medians over rounds (requests/s with min–max)", o.threads, o.connections, o.seconds, o.rounds),
         "backends": "4 (2 blue, 2 green) HTTP servers of the test bed, thread per connection; only blue serves",
-        "veth_offload_caveat": "attaching XDP to a veth turns off TSO/GSO on its peer; the nftables and HAProxy load balancers therefore carry an XDP_PASS program on both veths, like bgswitch's, so all three paths segment alike. Everything (wrk, load balancer, backends) shares the machine's 2 CPUs.",
+        "veth_offload_caveat": "every veth keeps the kernel's default offloads (TSO, GRO off, partial checksums), as in containers: bgswitch serves them with TC (what `attach = \"auto\"` takes there), nftables and HAProxy run on the same path. The XDP row stands in for physical NICs (senders compute complete checksums, the peers of the load balancer's veths have GRO on, and XDP on a veth removes TSO/GSO from its peer): it segments otherwise and is shown for what the XDP path costs, not against the peers. Everything (wrk, load balancer, backends) shares the machine's 2 CPUs.",
         "systems": out,
     }))
 }

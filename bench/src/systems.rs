@@ -1,12 +1,13 @@
-//! The three switchers compared in parts 3 and 4, each on its own test
-//! topology (client, load balancer, two blue and two green backends running
-//! the same HTTP server): bgswitch (the real daemon and CLI), nftables DNAT
-//! (a ruleset swapped with `nft -f`) and HAProxy in `mode tcp` (servers
-//! switched through its runtime API).
-//!
-//! For a fair comparison of TCP through veth, the nftables and HAProxy load
-//! balancers carry an XDP_PASS program on both interfaces: attaching XDP to a
-//! veth turns off TSO/GSO on its peer, which bgswitch's attachment does too.
+//! The switchers compared in parts 3 and 4, each on its own test topology
+//! (client, load balancer, two blue and two green backends behind a bridge
+//! running the same HTTP server): bgswitch (the real daemon and CLI; `auto`
+//! serves the veths with TC), nftables DNAT (a ruleset swapped with `nft
+//! -f`) and HAProxy in `mode tcp` (servers switched through its runtime API),
+//! every veth with the kernel's default offloads (TSO, partial checksums) as
+//! in containers; and, for part 3, bgswitch's XDP path on a topology
+//! standing in for physical NICs (senders' complete checksums, GRO on the
+//! peers) — with XDP on a veth its peer loses TSO/GSO, so that row segments
+//! otherwise than the others.
 
 use std::{
     net::SocketAddrV4,
@@ -20,33 +21,40 @@ use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::MapData;
 pub use bgswitch_tests::peers::{haproxy_api, spawn_in};
 use bgswitch_tests::{
-    in_netns,
     peers::{Haproxy, NftDnat},
     switcher::{default_services, Switcher, HTTP_PORT, UDP_PORT},
     Colour, Topology, TopologyOptions, VIP,
 };
 
-use crate::{cost::PassProgram, sys};
+use crate::sys;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// bgswitch as `auto` serves veths: TC.
     Bgswitch,
+    /// bgswitch's XDP path, on veths standing in for physical NICs.
+    BgswitchXdp,
     Nft,
     Haproxy,
 }
 
 impl Kind {
+    /// The switchers part 4 compares (the XDP path flips as TC does).
     pub const ALL: [Kind; 3] = [Kind::Bgswitch, Kind::Nft, Kind::Haproxy];
+    /// Part 3's: these and bgswitch's XDP path.
+    pub const HTTP: [Kind; 4] = [Kind::Bgswitch, Kind::BgswitchXdp, Kind::Nft, Kind::Haproxy];
     pub fn key(self) -> &'static str {
         match self {
             Kind::Bgswitch => "bgswitch",
+            Kind::BgswitchXdp => "bgswitch_xdp",
             Kind::Nft => "nftables_dnat",
             Kind::Haproxy => "haproxy_tcp",
         }
     }
     pub fn label(self) -> &'static str {
         match self {
-            Kind::Bgswitch => "bgswitch",
+            Kind::Bgswitch => "bgswitch (TC)",
+            Kind::BgswitchXdp => "bgswitch (XDP, NIC-like veths)",
             Kind::Nft => "nftables DNAT",
             Kind::Haproxy => "HAProxy (mode tcp)",
         }
@@ -54,7 +62,7 @@ impl Kind {
     /// Why this system cannot run here, if it cannot.
     pub fn missing(self) -> Option<String> {
         let need = match self {
-            Kind::Bgswitch => return None,
+            Kind::Bgswitch | Kind::BgswitchXdp => return None,
             Kind::Nft => "nft",
             Kind::Haproxy => "haproxy",
         };
@@ -140,7 +148,6 @@ pub struct System {
     dir: PathBuf,
     switcher: Option<Switcher>,
     control: Option<ControlView>,
-    pass: Option<PassProgram>,
     nft: Option<NftDnat>,
     haproxy: Option<Haproxy>,
     active: Colour,
@@ -154,7 +161,7 @@ impl System {
         let mut topo = Topology::create(TopologyOptions {
             blue: 2,
             green: 2,
-            like_physical_nics: false,
+            like_physical_nics: kind == Kind::BgswitchXdp,
         })?;
         topo.start_servers(HTTP_PORT, UDP_PORT)?;
         let dir = PathBuf::from("/run/bgswitch-bench").join(topo.prefix());
@@ -169,24 +176,26 @@ impl System {
             dir,
             switcher: None,
             control: None,
-            pass: None,
             nft: None,
             haproxy: None,
             active: Colour::Blue,
         };
         match kind {
-            Kind::Bgswitch => {
-                let mut sw = Switcher::new(&s.topo, &default_services(&s.topo))?;
+            Kind::Bgswitch | Kind::BgswitchXdp => {
+                let sw = Switcher::new(&s.topo, &default_services(&s.topo))?;
+                if kind == Kind::BgswitchXdp {
+                    let text = std::fs::read_to_string(sw.config_path())?;
+                    sw.write_config(&text.replace("attach = \"auto\"", "attach = \"xdp\""))?;
+                }
+                let mut sw = sw;
                 sw.start()?;
                 s.control = Some(ControlView::open(&sw.bpffs())?);
                 s.switcher = Some(sw);
             }
             Kind::Nft => {
-                s.attach_pass()?;
                 s.nft = Some(NftDnat::start(&s.topo)?);
             }
             Kind::Haproxy => {
-                s.attach_pass()?;
                 s.haproxy = Some(Haproxy::start(&s.topo)?);
             }
         }
@@ -198,19 +207,6 @@ impl System {
         Ok(s)
     }
 
-    fn attach_pass(&mut self) -> Result<()> {
-        let mut pass = PassProgram::load()?;
-        let lb = self.topo.lb_ns().to_string();
-        in_netns(&lb, || -> Result<()> {
-            for i in self.topo.lb_interfaces() {
-                pass.attach(i)?;
-            }
-            Ok(())
-        })??;
-        self.pass = Some(pass);
-        Ok(())
-    }
-
     /// The colour new flows go to now.
     pub fn active(&self) -> Colour {
         self.active
@@ -219,7 +215,7 @@ impl System {
     /// Switches new flows to `to`, timing the whole command.
     pub fn flip(&mut self, to: Colour) -> Result<FlipTiming> {
         let t = match self.kind {
-            Kind::Bgswitch => self.flip_bgswitch(to)?,
+            Kind::Bgswitch | Kind::BgswitchXdp => self.flip_bgswitch(to)?,
             Kind::Nft => {
                 let nft = self.nft.as_mut().context("no nftables ruleset")?;
                 nft.set_active("web", to)?;
@@ -323,7 +319,6 @@ impl Drop for System {
         self.nft = None;
         self.control = None;
         self.switcher = None;
-        self.pass = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
