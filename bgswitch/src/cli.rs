@@ -37,7 +37,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the daemon: load and attach the XDP program, serve the control socket.
+    /// Run the daemon: load and attach the XDP and TC programs, serve the control socket.
     Daemon {
         #[arg(long, default_value = paths::DEFAULT_CONFIG)]
         config: PathBuf,
@@ -128,7 +128,7 @@ pub enum Command {
     },
     /// Make the daemon re-read its config (a bad config changes nothing).
     Reload,
-    /// Run the frames of a pcap file through the XDP program with the
+    /// Run the frames of a pcap file through the XDP (or TC) program with the
     /// configured services and saved state, on private maps (the live flow
     /// table and counters are not touched): where would each packet go?
     Simulate {
@@ -151,7 +151,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         program: crate::simulate::Program,
     },
-    /// Remove the XDP programs and every pin (the daemon exits). Traffic to
+    /// Remove the programs and every pin (the daemon exits). Traffic to
     /// the VIPs is no longer switched.
     Detach {
         /// Used when no daemon answers: remove the pins under this config's bpffs.
