@@ -310,12 +310,17 @@ fn device_driver(iface: &str) -> Option<String> {
     )
 }
 
-/// The data plane's XDP program in `ebpf`.
+/// The data plane's XDP program in `ebpf`, loaded on first use (a daemon
+/// without XDP attachments does not pay for its verification).
 pub(super) fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    Ok(ebpf
+    let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| DataplaneError::Invalid(format!("no program {PROGRAM_NAME}")))?
-        .try_into()?)
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()?;
+    }
+    Ok(prog)
 }
 
 /// The data plane's TC program in `ebpf`, loaded on first use (a daemon

@@ -14,14 +14,14 @@ use aya::{
     maps::{
         lpm_trie::LpmTrie, Array, DevMapHash, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray,
     },
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{TestRun as _, TestRunOptions},
     EbpfLoader,
 };
 use bgswitch_common::{
     global, maps as names, Backend, BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey,
     ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES,
     BACKEND_STAT_ENTRIES, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
-    PROGRAM_NAME, STATELESS_SLOTS,
+    STATELESS_SLOTS,
 };
 
 use super::{
@@ -228,16 +228,10 @@ impl Dataplane {
                 loader.map_pin_path(want.0, path);
             }
         }
+        // The programs are verified when first used (`hook`): a host with
+        // only TC attachments does not pay for the XDP program's
+        // verification at every start, nor one with only XDP for TC's.
         let mut ebpf = loader.load(OBJECT)?;
-        {
-            let prog: &mut Xdp = ebpf
-                .program_mut(PROGRAM_NAME)
-                .ok_or_else(|| {
-                    DataplaneError::Invalid(format!("no program {PROGRAM_NAME} in the object"))
-                })?
-                .try_into()?;
-            prog.load()?;
-        }
         // The maps we got (pinned or new) must have the shape this code
         // expects; checked on every load so the table cannot drift.
         for want in expected_maps(opts.max_flows) {
@@ -341,7 +335,7 @@ impl Dataplane {
             tx_ports,
             attached,
             // The mappings hold their own references to the maps, but the
-            // TC program, loaded later, refers to them by these descriptors.
+            // programs, loaded later, refer to them by these descriptors.
             _mapped_maps: [control_map, filter_map, flow_gen_map],
             service_stats,
             backend_stats,
