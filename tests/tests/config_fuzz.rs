@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bgswitch::config::{parse, Config, ConfigError, Protocol};
+use bgswitch::config::{parse, AttachSetting, Config, ConfigError, Protocol};
 use bgswitch_tests::rng::Rng;
 
 const FILE: &str = "/etc/bgswitch/bgswitch.toml";
@@ -123,6 +123,9 @@ struct GConfig {
     top: Vec<(String, V)>,
     services: Vec<GService>,
     interfaces: Vec<String>,
+    /// What `attach_of` must say per interface (the global setting, the
+    /// older `xdp_mode`'s, or an interface's own).
+    attach: Vec<(String, AttachSetting)>,
     max_flows: Option<u32>,
     udp_idle: Option<Duration>,
     tcp_idle: Option<Duration>,
@@ -202,16 +205,44 @@ fn valid_config(rng: &mut Rng, services: usize) -> GConfig {
     let mut g = GConfig {
         top: vec![("interfaces".into(), strs(&interfaces))],
         services: Vec::new(),
+        attach: Vec::new(),
         interfaces,
         max_flows: None,
         udp_idle: None,
         tcp_idle: None,
         journal_max: None,
     };
-    if rng.percent(50) {
-        let m = *rng.pick(&["auto", "native", "generic"]);
+    // The attachment: the default, `attach`, or its older name `xdp_mode`;
+    // some interfaces with one of their own, inline.
+    let mut global = AttachSetting::Auto;
+    if rng.percent(30) {
+        let (m, set) = *rng.pick(&[
+            ("auto", AttachSetting::Auto),
+            ("native", AttachSetting::Xdp),
+            ("generic", AttachSetting::XdpGeneric),
+        ]);
         g.top.push(("xdp_mode".into(), V::S(m.into())));
+        global = set;
+    } else if rng.percent(40) {
+        global = *rng.pick(&ATTACH);
+        g.top.push(("attach".into(), V::S(global.as_str().into())));
     }
+    let mut entries = Vec::new();
+    for i in &g.interfaces {
+        if rng.percent(25) {
+            let own = *rng.pick(&ATTACH);
+            entries.push(V::Raw(format!(
+                "{{ name = {}, attach = {} }}",
+                quote(i),
+                quote(own.as_str())
+            )));
+            g.attach.push((i.clone(), own));
+        } else {
+            entries.push(V::S(i.clone()));
+            g.attach.push((i.clone(), global));
+        }
+    }
+    g.set_top("interfaces", V::A(entries));
     for key in ["socket", "state_dir", "bpffs"] {
         if rng.percent(30) {
             g.top.push((key.into(), V::S(format!("/run/x/{key}/ü ñ"))));
@@ -398,11 +429,43 @@ fn add_fault(rng: &mut Rng, g: &mut GConfig) -> String {
                 g.set_top("interfaces", strs(&ifs));
                 return "interfaces".into();
             }
-            5 => {
-                let m = rng.pick(&["fast", "Native", "", "xdp"]);
-                g.set_top("xdp_mode", V::S(m.to_string()));
-                return "xdp_mode".into();
-            }
+            5 => match rng.index(4) {
+                0 => {
+                    let m = rng.pick(&["fast", "Native", "", "xdp"]);
+                    g.set_top("xdp_mode", V::S(m.to_string()));
+                    return "xdp_mode".into();
+                }
+                1 => {
+                    let m = rng.pick(&["fast", "TC", "", "native", "generic"]);
+                    g.top.retain(|(k, _)| k != "xdp_mode");
+                    g.set_top("attach", V::S(m.to_string()));
+                    return "attach".into();
+                }
+                2 => {
+                    // Both names at once: which one is meant?
+                    g.set_top("attach", V::S("tc".into()));
+                    g.set_top("xdp_mode", V::S("native".into()));
+                    return "xdp_mode".into();
+                }
+                _ => {
+                    let at = rng.index(g.interfaces.len());
+                    let m = rng.pick(&["fast", "XDP", "", "native"]);
+                    let entries = g
+                        .interfaces
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| {
+                            if i == at {
+                                V::Raw(format!("{{ name = {}, attach = {} }}", quote(n), quote(m)))
+                            } else {
+                                V::S(n.clone())
+                            }
+                        })
+                        .collect();
+                    g.set_top("interfaces", V::A(entries));
+                    return format!("interfaces[{at}].attach");
+                }
+            },
             6 => {
                 let v = *rng.pick(&[0i64, 1023, 67_108_865, -1, i64::MAX]);
                 g.set_top("max_flows", V::I(v));
@@ -708,9 +771,18 @@ fn check_result(r: &Result<Config, ConfigError>) -> Vec<(&'static str, String)> 
     bad
 }
 
+/// Every value `attach` takes.
+const ATTACH: [AttachSetting; 4] = [
+    AttachSetting::Auto,
+    AttachSetting::Xdp,
+    AttachSetting::XdpGeneric,
+    AttachSetting::Tc,
+];
+
 fn key_reads_as_a_key(key: &str) -> bool {
-    const TOP: [&str; 13] = [
+    const TOP: [&str; 14] = [
         "interfaces",
+        "attach",
         "xdp_mode",
         "socket",
         "socket_group",
@@ -735,6 +807,7 @@ fn key_reads_as_a_key(key: &str) -> bool {
         );
     }
     if let Some(i) = key.strip_prefix("interfaces[") {
+        let i = i.strip_suffix(".attach").unwrap_or(i);
         return i
             .strip_suffix(']')
             .is_some_and(|n| n.parse::<usize>().is_ok());
@@ -873,6 +946,11 @@ fn same_meaning(g: &GConfig, c: &Config) -> Vec<String> {
             "interfaces {:?} ≠ {:?}",
             c.interfaces, g.interfaces
         ));
+    }
+    for (i, want) in &g.attach {
+        if c.attach_of(i) != *want {
+            bad.push(format!("{i}: attach {:?} ≠ {want:?}", c.attach_of(i)));
+        }
     }
     if let Some(m) = g.max_flows {
         if c.max_flows != m {
@@ -1130,6 +1208,10 @@ fn mutate_text(rng: &mut Rng, text: &str) -> String {
                     "interfaces = []",
                     "max_flows = 1023",
                     "xdp_mode = \"generic\"",
+                    "attach = \"tc\"",
+                    "attach = \"fast\"",
+                    "interfaces = [{ name = \"eth0\", attach = \"xdp\" }]",
+                    "interfaces = [{ attach = \"xdp\" }]",
                     "name = \"web\"",
                     "name = \"bad name\"",
                     "vip = \"[::1]:80\"",
