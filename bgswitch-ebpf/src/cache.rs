@@ -11,8 +11,8 @@ use bgswitch_common::{
 use crate::{
     context::{Packet, Side},
     flow::same_key,
+    frame::Frame,
     maps::{account, count, CONTROL, FLOW_CACHE},
-    parse::Frame,
     transmit::{transmit_l2, Fresh},
 };
 

@@ -8,7 +8,7 @@
 use aya_ebpf::EbpfContext;
 use bgswitch_common::Addr;
 
-use crate::parse::Frame;
+use crate::frame::Frame;
 
 /// Which address and port of the frame a rewrite replaces.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use bgswitch_common::{flow_flags, FlowKey, FlowKey4};
 
-use crate::parse::{Frame, TCP_FIN, TCP_RST};
+use crate::frame::{Frame, TCP_FIN, TCP_RST};
 
 /// The `FLOWS` key of a 5-tuple (IPv4: the first address word).
 #[inline(always)]

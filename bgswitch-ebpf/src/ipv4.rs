@@ -7,7 +7,7 @@
 use bgswitch_common::csum::Delta;
 use network_types::ip::Ipv4Hdr;
 
-use crate::{context::Side, parse::Frame};
+use crate::{context::Side, frame::Frame};
 
 /// Replaces the address of `side` and updates the header checksum; returns
 /// the address change, for the L4 pseudo-header.

@@ -29,6 +29,7 @@ mod xdp;
 mod clock;
 mod events;
 mod flow;
+mod frame;
 mod maps;
 mod service;
 

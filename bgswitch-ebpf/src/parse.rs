@@ -1,13 +1,13 @@
 //! Bounds-checked header access and the parse of one frame into what the
 //! rest of the program needs. Nothing here writes to the packet.
 
-use bgswitch_common::{Addr, FAMILY_IPV4, PROTO_TCP, PROTO_UDP};
+use bgswitch_common::{FAMILY_IPV4, PROTO_TCP, PROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::context::{ptr_at, Packet};
-
-/// Where the IPv4 header starts (after an untagged Ethernet header).
-pub const IP_OFF: usize = EthHdr::LEN;
+use crate::{
+    context::{ptr_at, Packet},
+    frame::{Frame, IP_OFF},
+};
 
 /// Why a frame is not ours to rewrite.
 pub enum Skip {
@@ -22,38 +22,7 @@ pub enum Skip {
     Malformed,
 }
 
-/// TCP flag bits (byte 13 of the TCP header).
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 const ETH_P_IP: u16 = 0x0800;
-
-/// A parsed IPv4 TCP/UDP frame: pointers into the packet plus copies of the
-/// fields the lookups need.
-pub struct Frame {
-    pub ip: *mut Ipv4Hdr,
-    /// Start of the L4 header.
-    pub l4: usize,
-    pub proto: u8,
-    pub family: u8,
-    pub src: Addr,
-    pub dst: Addr,
-    /// Wire order.
-    pub sport: u16,
-    /// Wire order.
-    pub dport: u16,
-    /// TCP flags, 0 for UDP.
-    pub tcp_flags: u8,
-    pub ttl: u8,
-    /// The IPv4 length of the longest packet the frame stands for (host
-    /// order), for the MTU checks: its total length, or for a GSO packet
-    /// the headers plus one segment.
-    pub tot_len: u16,
-    /// Whole frame length, for byte counters.
-    pub frame_len: u64,
-}
 
 /// A 16-bit field at `off` bytes past `p`, as it lies in memory. One load:
 /// the fields' arrays are byte arrays, which the BPF backend would read byte

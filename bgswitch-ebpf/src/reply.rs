@@ -10,8 +10,8 @@ use crate::{
     cache::{fill, forget, write_slot, Cache, Decision, Dir},
     context::{Packet, Side},
     flow::close_flags,
+    frame::{Frame, TCP_ACK, TCP_RST, TCP_SYN},
     maps::{account, count, SERVICE_STATS},
-    parse::{Frame, TCP_ACK, TCP_RST, TCP_SYN},
     service::pick,
     transmit::{resolve, send, transmit, Nh},
 };

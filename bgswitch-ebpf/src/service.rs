@@ -14,8 +14,8 @@ use aya_log_ebpf::warn;
 use crate::{
     context::Packet,
     events,
+    frame::Frame,
     maps::{count, ADDR_FILTER, BACKENDS, CONTROL, POOL_SIZES, SERVICES},
-    parse::Frame,
 };
 
 /// Whether `addr` may be in the `ADDR_FILTER` bitmap starting at word

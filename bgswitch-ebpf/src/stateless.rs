@@ -11,8 +11,8 @@ use bgswitch_common::{
 use crate::{
     context::{Packet, Side},
     flow::flow_key,
+    frame::{Frame, TCP_ACK, TCP_SYN},
     maps::{account, count, ADDR_FILTER, BACKEND_HOPS},
-    parse::{Frame, TCP_ACK, TCP_SYN},
     service::{no_backend, pick, vip_source},
     transmit::{send, transmit_l2, Fresh, Nh},
 };

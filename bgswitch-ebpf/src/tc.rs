@@ -19,9 +19,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
+    frame::{Frame, IP_OFF},
     ipv4,
     maps::ATTACHED,
-    parse::{Frame, IP_OFF},
 };
 
 /// What the path reads of a frame, at most: Ethernet, IPv4 with options,

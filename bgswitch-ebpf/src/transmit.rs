@@ -17,8 +17,8 @@ use aya_log_ebpf::warn;
 use crate::{
     context::Packet,
     events,
+    frame::Frame,
     maps::{count, count2},
-    parse::Frame,
 };
 
 const AF_INET: u8 = 2;

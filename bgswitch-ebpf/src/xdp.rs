@@ -8,9 +8,9 @@ use bgswitch_common::{csum::Delta, Addr, PROTO_TCP};
 
 use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
+    frame::Frame,
     ipv4,
     maps::TX_PORTS,
-    parse::Frame,
 };
 
 impl Packet for XdpContext {
