@@ -25,7 +25,7 @@ use bgswitch_common::{
 };
 
 use super::{
-    bpffs, clock::Clock, flow_gen::GenCounter, hook, io_err, map_err, mapped::MappedArray,
+    bpffs, clock::Clock, flow_gen::GenCounter, hook, io_err, map_err, mapped::MappedArray, pins,
     Dataplane, DataplaneError, LoadOptions, Result, BPF_F_MMAPABLE,
 };
 use crate::paths;
@@ -212,6 +212,18 @@ impl Dataplane {
             })?,
         );
         let pin_place = opts.bpffs.as_deref().map(bpffs::place).transpose()?;
+        // One controller per pinned data plane: taken before any pin is
+        // read or adopted.
+        let pin_lock = match &pin_place {
+            None => None,
+            Some(place) => Some(pins::lock_pins(&place.root).map_err(|e| match e {
+                DataplaneError::Held { pid, .. } => DataplaneError::Held {
+                    path: place.configured.join(paths::PIN_DIR),
+                    pid,
+                },
+                other => other,
+            })?),
+        };
         if let Some(place) = &pin_place {
             let bpffs = &place.root;
             for sub in ["maps", "links"] {
@@ -337,6 +349,7 @@ impl Dataplane {
             // The mappings hold their own references to the maps, but the
             // programs, loaded later, refer to them by these descriptors.
             _mapped_maps: [control_map, filter_map, flow_gen_map],
+            _pin_lock: pin_lock,
             service_stats,
             backend_stats,
             global_stats,

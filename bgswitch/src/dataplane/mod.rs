@@ -64,7 +64,7 @@ pub use clock::{assume_hz, monotonic_ns, CONFIG_HZ};
 pub use flows::{FlowCounts, FlowScan, SYN_TIMEOUT_S};
 pub use hook::AttachMode;
 pub use load::cpu_id_bound;
-pub use pins::remove_pins;
+pub use pins::{lock_pins, remove_pins, PinLock};
 pub use services::{addr_of, backend_of, backend_stat_id, service_key};
 
 use crate::config::AttachSetting;
@@ -118,6 +118,13 @@ pub enum DataplaneError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error(
+        "the data plane pinned under {path} is held by another bgswitch daemon{}: one daemon \
+         per data plane. Stop that one first (its socket answers `bgswitch status`), or give \
+         this one another `bpffs`",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Held { path: PathBuf, pid: Option<u32> },
     #[error("{0}")]
     Invalid(String),
 }
@@ -170,6 +177,8 @@ pub struct Dataplane {
     /// The mmapped maps' handles, kept open: a program loaded later (TC)
     /// is relocated against their descriptors.
     _mapped_maps: [aya::maps::Map; 3],
+    /// One controller per pinned data plane (none without pins).
+    _pin_lock: Option<pins::PinLock>,
     service_stats: PerCpuArray<MapData, ColourStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     global_stats: PerCpuArray<MapData, [u64; global::COUNT as usize]>,

@@ -2,13 +2,87 @@
 //! `<bpffs>/bgswitch/v<LAYOUT_VERSION>/`, older layouts' directories, and
 //! tearing it all down.
 
-use std::path::{Path, PathBuf};
+use std::{
+    ffi::CString,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::{Path, PathBuf},
+};
 
 use super::{
     hook::{self, AttachMode},
-    io_err, Dataplane, Result,
+    io_err, Dataplane, DataplaneError, Result,
 };
 use crate::paths;
+
+/// The data plane's lock: an exclusive `flock` on its pin directory
+/// (`<bpffs>/bgswitch`), held while the daemon lives (the kernel drops it
+/// with the process). One controller per pinned data plane, whatever its
+/// state directory or socket; `detach` without a daemon takes it too.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: OwnedFd,
+}
+
+/// Takes the data plane's lock under `bpffs` (the directory is made if
+/// missing). Another process holding it: [`DataplaneError::Held`], with its
+/// pid where the kernel's lock table shows it.
+pub fn lock_pins(bpffs: &Path) -> Result<PinLock> {
+    let dir = bpffs.join(paths::PIN_DIR);
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| DataplaneError::Invalid(format!("{}: a NUL in the path", dir.display())))?;
+    // SAFETY: a valid C string; the descriptor is owned at once.
+    let raw = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io_err("opening", &dir)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: just opened, owned here alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: flock on a valid descriptor.
+    if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(DataplaneError::Held {
+                path: dir,
+                pid: lock_holder(&fd),
+            });
+        }
+        return Err(io_err("locking", &dir)(e));
+    }
+    Ok(PinLock { _dir: fd })
+}
+
+/// Who holds a `flock` on the file open as `fd`: the pid `/proc/locks`
+/// gives for its device and inode (as this process's pid namespace sees it).
+fn lock_holder(fd: &OwnedFd) -> Option<u32> {
+    // SAFETY: fstat into a zeroed struct on a valid descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(st.st_dev),
+        libc::minor(st.st_dev),
+        st.st_ino
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
+}
 
 /// Where what holds `iface` in `mode` is pinned: `<mode>-<iface>` under
 /// the layout's `links/`.
