@@ -56,6 +56,9 @@ pub enum Request {
         action: PreviewAction,
         #[serde(default)]
         cidr: Option<String>,
+        /// Accept a /0 prefix (every client).
+        #[serde(default)]
+        force: bool,
         #[serde(default)]
         reason: Option<String>,
     },
@@ -67,7 +70,7 @@ pub enum Request {
     },
     /// The journal of a service.
     History { service: String },
-    /// Restore the state before the service's last change.
+    /// Take back the service's newest change of traffic not taken back yet.
     Undo {
         service: String,
         #[serde(default)]
@@ -86,8 +89,84 @@ pub enum Request {
     },
     /// Re-read the config file; a bad one changes nothing.
     Reload,
-    /// Remove the XDP programs and every pin, then exit.
+    /// Remove the programs and every pin, then exit.
     Detach,
+}
+
+impl Request {
+    /// The request in words, as the command line says it (for the log):
+    /// `preview add 198.18.0.0/24 on web`, `flip web to green, forced`.
+    pub fn describe(&self) -> String {
+        let why = |r: &Option<String>| {
+            r.as_deref()
+                .map(|r| format!(" (reason: {r})"))
+                .unwrap_or_default()
+        };
+        let ms = |m: u64| format!("{:.1} s", m as f64 / 1000.0);
+        match self {
+            Self::Flip {
+                service,
+                to,
+                force,
+                reason,
+                watch_ms,
+                max_error_rate,
+                confirm_within_ms,
+            } => {
+                let mut t = format!("flip {service}");
+                if let Some(c) = to {
+                    t += &format!(" to {c}");
+                }
+                if *force {
+                    t += ", forced";
+                }
+                if let Some(w) = watch_ms {
+                    t += &format!(", watched for {}", ms(*w));
+                    if let Some(r) = max_error_rate {
+                        t += &format!(" (error rate at most {r})");
+                    }
+                }
+                if let Some(c) = confirm_within_ms {
+                    t += &format!(", to be confirmed within {}", ms(*c));
+                }
+                t + &why(reason)
+            }
+            Self::Shift {
+                service,
+                to,
+                percent,
+                reason,
+            } => format!(
+                "shift {percent}% of {service}'s new flows to {to}{}",
+                why(reason)
+            ),
+            Self::Preview {
+                service,
+                action,
+                cidr,
+                force,
+                reason,
+            } => format!(
+                "preview {}{} on {service}{}{}",
+                match action {
+                    PreviewAction::Add => "add",
+                    PreviewAction::Del => "del",
+                    PreviewAction::List => "list",
+                },
+                cidr.as_deref().map(|c| format!(" {c}")).unwrap_or_default(),
+                if *force { ", forced" } else { "" },
+                why(reason)
+            ),
+            Self::Confirm { service, reason } => format!("confirm {service}{}", why(reason)),
+            Self::History { service } => format!("history of {service}"),
+            Self::Undo { service, reason } => format!("undo {service}{}", why(reason)),
+            Self::Rollback { service, reason } => format!("rollback {service}{}", why(reason)),
+            Self::Status { service: None } => "status".into(),
+            Self::Status { service: Some(s) } => format!("status of {s}"),
+            Self::Reload => "reload".into(),
+            Self::Detach => "detach".into(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ static FAULT_DELAY_COMMIT: std::sync::LazyLock<Option<Duration>> = std::sync::La
 
 impl Daemon {
     pub(super) fn handle(&mut self, req: Request, peer: &Peer) -> Response {
-        let summary = format!("{req:?}");
+        let summary = req.describe();
         let resp = match req {
             Request::Flip {
                 service,
@@ -57,8 +57,13 @@ impl Daemon {
                 percent,
                 reason,
             } => {
+                let steps = percent * 100.0;
                 if !(0.0..=100.0).contains(&percent) || !percent.is_finite() {
                     Response::error(format!("--percent {percent}: must be within 0..=100"))
+                } else if (steps - steps.round()).abs() > 1e-6 {
+                    Response::error(format!(
+                        "--percent {percent}: at most two decimals (the share moves in steps of 0.01 %)"
+                    ))
                 } else {
                     let bp = (percent * 100.0).round() as u32;
                     let req = self.request(peer, reason, false);
@@ -69,8 +74,9 @@ impl Daemon {
                 service,
                 action,
                 cidr,
+                force,
                 reason,
-            } => self.preview(&service, action, cidr, reason, peer),
+            } => self.preview(&service, action, cidr, force, reason, peer),
             Request::Confirm { service, reason } => {
                 let req = self.request(peer, reason, false);
                 self.change(&service, |s| s.confirm(&service, &req))
@@ -86,12 +92,10 @@ impl Daemon {
             Request::Detach => self.detach(),
         };
         if resp.ok {
-            log::debug!("{} (pid {:?}): {summary}: ok", peer.user, peer.pid);
+            log::debug!("{peer}: {summary}: ok");
         } else {
             log::warn!(
-                "{} (pid {:?}): {summary}: refused: {}",
-                peer.user,
-                peer.pid,
+                "{peer}: {summary}: refused: {}",
                 resp.error.as_deref().unwrap_or("")
             );
         }
@@ -239,10 +243,11 @@ impl Daemon {
         service: &str,
         action: PreviewAction,
         cidr: Option<String>,
+        force: bool,
         reason: Option<String>,
         peer: &Peer,
     ) -> Response {
-        let req = self.request(peer, reason, false);
+        let req = self.request(peer, reason, force);
         match (action, cidr) {
             (PreviewAction::List, _) => match self.state.service(service) {
                 Ok(s) => Response {
@@ -254,26 +259,25 @@ impl Daemon {
             },
             (_, None) => Response::error("preview add/del needs a CIDR"),
             (PreviewAction::Add, Some(c)) => {
-                self.change(service, |s| s.preview_add(service, &c, &req))
+                let Some(vip) = self.config.services.iter().find(|s| s.name == service) else {
+                    return Response::error(format!("no service named '{service}'"));
+                };
+                let vip = vip.vip.ip();
+                let resp = self.change(service, |s| s.preview_add(service, &c, vip, force, &req));
+                with_host_bits_note(resp, &c)
             }
             (PreviewAction::Del, Some(c)) => {
-                self.change(service, |s| s.preview_del(service, &c, &req))
+                let resp = self.change(service, |s| s.preview_del(service, &c, &req));
+                with_host_bits_note(resp, &c)
             }
         }
     }
 
-    /// Undoes the service's last change: the one its state keeps (a change
-    /// the data plane refused was reverted out of it), so no journal read.
+    /// Takes back the service's newest change of traffic not taken back
+    /// yet (its state keeps the steps: no journal read).
     fn undo(&mut self, service: &str, reason: Option<String>, peer: &Peer) -> Response {
         let req = self.request(peer, reason, false);
-        let last = match self.state.service(service) {
-            Ok(s) => s.history.last().cloned(),
-            Err(e) => return Response::error(e.to_string()),
-        };
-        let Some(last) = last else {
-            return Response::error(format!("{service} has no change to undo"));
-        };
-        self.change(service, |s| s.undo(service, &last, &req))
+        self.change(service, |s| s.undo(service, &req))
     }
 
     /// Journals the change with the service's new state (durable once that
@@ -323,20 +327,15 @@ impl Daemon {
             }
         }
         let what = match change.kind {
-            model::ChangeKind::Shift => format!(
-                "{:.2}% of new flows to {}",
-                f64::from(change.after.canary_bp) / 100.0,
-                change.to.other()
-            ),
-            model::ChangeKind::PreviewAdd | model::ChangeKind::PreviewDel => {
-                format!("preview prefixes [{}]", change.after.preview.join(", "))
-            }
-            model::ChangeKind::Confirm => format!("{} confirmed", change.to),
-            _ => format!("{} → {}", change.from, change.to),
+            model::ChangeKind::PreviewAdd
+            | model::ChangeKind::PreviewDel
+            | model::ChangeKind::Confirm => change.describe(),
+            model::ChangeKind::Undo => format!("undo: {}", change.describe()),
+            kind => format!("{kind} {}", change.describe()),
         };
         let msg = format!(
-            "{service}: {} {what} (generation {} → {}){moved}",
-            change.kind, change.generation_before, change.generation
+            "{service}: {what} (generation {} → {}){moved}",
+            change.generation_before, change.generation
         );
         log::info!(
             "{msg} by {}{}",
@@ -464,4 +463,20 @@ pub(super) fn history_response(read: HistoryReader, service: &str) -> Response {
         }
         Err(e) => Response::error(e.to_string()),
     }
+}
+
+/// Says so when the prefix `given` had host bits set, which were cleared
+/// (198.18.0.5/24 is stored as 198.18.0.0/24).
+fn with_host_bits_note(mut resp: Response, given: &str) -> Response {
+    let Ok((ip, len)) = model::parse_cidr(given) else {
+        return resp;
+    };
+    let written: Option<std::net::IpAddr> =
+        given.split('/').next().and_then(|a| a.trim().parse().ok());
+    if let (Some(m), Some(w)) = (resp.message.as_mut(), written) {
+        if w != ip {
+            *m += &format!(" ({given} has host bits set: stored as {ip}/{len})");
+        }
+    }
+    resp
 }

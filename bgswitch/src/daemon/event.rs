@@ -23,6 +23,16 @@ pub struct Peer {
     pub user: String,
 }
 
+impl std::fmt::Display for Peer {
+    /// "root (pid 1234)", or the user alone when the pid is not known.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(p) => write!(f, "{} (pid {p})", self.user),
+            None => f.write_str(&self.user),
+        }
+    }
+}
+
 /// Everything the loop reacts to.
 pub enum Event {
     Request {

@@ -99,7 +99,13 @@ impl Daemon {
                     .as_deref()
                     .is_none_or(|n| self.state.service(n).is_ok()) =>
                 {
-                    log::debug!("{} (pid {:?}): status {service:?}", peer.user, peer.pid);
+                    log::debug!(
+                        "{peer}: status{}",
+                        service
+                            .as_deref()
+                            .map(|s| format!(" of {s}"))
+                            .unwrap_or_default()
+                    );
                     self.status_request(StatusWaiter::Status {
                         only: service,
                         reply,
@@ -113,7 +119,7 @@ impl Daemon {
                 } if self.state.service(&service).is_ok() => {
                     // The journal is read on a blocking thread: a long one
                     // must not hold up flips.
-                    log::debug!("{} (pid {:?}): history {service}", peer.user, peer.pid);
+                    log::debug!("{peer}: history of {service}");
                     let read = self.store.history();
                     tokio::task::spawn_blocking(move || {
                         let _ = reply.send(history_response(read, &service));

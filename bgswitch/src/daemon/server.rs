@@ -137,10 +137,10 @@ async fn serve_client(
         // Logged before the answer is written: by the time the client reads
         // its refusal, the log already has it.
         log::warn!(
-            "control client: refused {} (uid {}, pid {:?}): not root nor in the socket group",
+            "control client: refused {} (uid {}{}): not root nor in the socket group",
             peer.user,
             peer.uid,
-            peer.pid
+            peer.pid.map(|p| format!(", pid {p}")).unwrap_or_default()
         );
         let _ = write_response(
             &mut stream,
@@ -174,11 +174,7 @@ async fn serve_client(
                 "request too long or not newline-terminated (limit {} bytes)",
                 api::MAX_REQUEST_BYTES
             ));
-            log::warn!(
-                "control client: {} (pid {:?}): oversized or truncated request refused",
-                peer.user,
-                peer.pid
-            );
+            log::warn!("control client: {peer}: oversized or truncated request refused");
             let mut l = serde_json::to_vec(&resp)?;
             l.push(b'\n');
             write_bounded(&mut write, &l).await?;
@@ -189,11 +185,7 @@ async fn serve_client(
         let mut written: Option<oneshot::Sender<()>> = None;
         let resp = match serde_json::from_slice::<Request>(&line) {
             Err(e) => {
-                log::warn!(
-                    "{} (pid {:?}): malformed request refused: {e}",
-                    peer.user,
-                    peer.pid
-                );
+                log::warn!("control client: {peer}: malformed request refused: {e}");
                 Response::error(format!("malformed request: {e}"))
             }
             Ok(req) => {

@@ -137,6 +137,60 @@ pub struct Change {
     pub after: Snapshot,
 }
 
+impl Change {
+    /// What the change altered, in words: the colour (`blue → green`), the
+    /// canary share (`canary 25.00% → 0.00% of new flows to green`), each
+    /// preview prefix added or deleted (`preview del 0.0.0.0/0`), joined by
+    /// "; " — or, for a change of none of them, what it did (`green
+    /// confirmed`, `no change of traffic`).
+    pub fn describe(&self) -> String {
+        let (b, a) = (&self.before, &self.after);
+        let mut parts = Vec::new();
+        if self.from != self.to
+            || matches!(
+                self.kind,
+                ChangeKind::Flip | ChangeKind::Rollback | ChangeKind::AutoRollback
+            )
+        {
+            parts.push(format!("{} → {}", self.from, self.to));
+        }
+        if b.canary_bp != a.canary_bp {
+            parts.push(format!(
+                "canary {:.2}% → {:.2}% of new flows to {}",
+                f64::from(b.canary_bp) / 100.0,
+                f64::from(a.canary_bp) / 100.0,
+                self.to.other()
+            ));
+        }
+        for p in a.preview.iter().filter(|p| !b.preview.contains(p)) {
+            parts.push(format!("preview add {p}"));
+        }
+        for p in b.preview.iter().filter(|p| !a.preview.contains(p)) {
+            parts.push(format!("preview del {p}"));
+        }
+        if parts.is_empty() {
+            return match self.kind {
+                ChangeKind::Confirm => format!("{} confirmed", self.to),
+                _ => "no change of traffic".into(),
+            };
+        }
+        parts.join("; ")
+    }
+}
+
+/// A change `undo` can take back: a change of traffic (flip, rollback,
+/// automatic rollback, shift, preview add or del) and the state before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoStep {
+    pub kind: ChangeKind,
+    /// The generation the change made.
+    pub generation: u64,
+    pub before: Snapshot,
+}
+
+/// Steps `undo` can go back per service.
+pub const UNDO_KEPT: usize = 32;
+
 /// Who asks for a change, when, and why.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
@@ -191,6 +245,10 @@ pub struct ServiceState {
     /// The most recent changes, oldest first (at most [`HISTORY_KEPT`]; state
     /// files of older versions may hold more, cut at the next change).
     pub history: Vec<Change>,
+    /// The changes `undo` takes back, newest last (at most [`UNDO_KEPT`]):
+    /// an undo takes the newest off, so undos walk back change by change.
+    #[serde(default)]
+    pub undo: Vec<UndoStep>,
 }
 
 /// Changes kept per service in the state (the last, which status shows); the

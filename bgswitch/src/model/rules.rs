@@ -50,6 +50,7 @@ impl DesiredState {
                     flips: 0,
                     rollbacks: 0,
                     history: Vec::new(),
+                    undo: Vec::new(),
                 },
             );
             added.push(name.to_string());
@@ -240,15 +241,34 @@ impl DesiredState {
         Ok(s.apply(ChangeKind::Shift, req, |s| s.canary_bp = basis_points))
     }
 
-    /// Adds a preview prefix (new flows from it reach the idle colour).
+    /// Adds a preview prefix (new flows from it reach the idle colour). A
+    /// prefix of the other family than the service's VIP (`vip`) could
+    /// never match and is refused; so is a /0 (every client: a flip by
+    /// another name) unless `force`.
     pub fn preview_add(
         &mut self,
         name: &str,
         cidr: &str,
+        vip: IpAddr,
+        force: bool,
         req: &Request,
     ) -> Result<Change, ModelError> {
         let (ip, len) = parse_cidr(cidr)?;
         let text = format!("{ip}/{len}");
+        if ip.is_ipv4() != vip.is_ipv4() {
+            return Err(ModelError::Invalid(format!(
+                "{text} is an {} prefix and {name}'s VIP {vip} is {}: it could never match a client",
+                family(ip),
+                family(vip)
+            )));
+        }
+        if len == 0 && !force {
+            return Err(ModelError::Invalid(format!(
+                "{text} matches every client: every new flow of {name} would go to the idle \
+                 colour, as a flip sends them (`bgswitch flip`), and stay there until it is \
+                 deleted; give --force if that is meant"
+            )));
+        }
         let s = self.service_mut(name)?;
         if s.preview.contains(&text) {
             return Err(ModelError::Invalid(format!(
@@ -294,24 +314,44 @@ impl DesiredState {
         Ok(s.apply(ChangeKind::Confirm, req, |s| s.confirm = None))
     }
 
-    /// Restores the state before `last` (the service's most recent change).
-    pub fn undo(&mut self, name: &str, last: &Change, req: &Request) -> Result<Change, ModelError> {
+    /// Takes back the service's newest change of traffic not taken back
+    /// yet: restores the state before it (colour, canary share, preview
+    /// prefixes; guards end). Repeated, it walks back change by change, up
+    /// to [`UNDO_KEPT`]; then there is nothing to undo.
+    pub fn undo(&mut self, name: &str, req: &Request) -> Result<Change, ModelError> {
         let s = self.service_mut(name)?;
-        let Some(before_active) = last.before.active else {
-            return Err(ModelError::Invalid(
-                "the last change has no recorded state to restore".into(),
-            ));
+        let step = match s.undo.last() {
+            Some(step) => step.clone(),
+            // A state from before undo steps were kept: its last change.
+            None => s
+                .history
+                .last()
+                .filter(|c| undoable(c.kind) && c.before.active.is_some())
+                .map(|c| UndoStep {
+                    kind: c.kind,
+                    generation: c.generation,
+                    before: c.before.clone(),
+                })
+                .ok_or_else(|| {
+                    ModelError::Invalid(format!(
+                        "nothing to undo: {name} has no change of traffic left to take back \
+                         (undo goes back at most {UNDO_KEPT} changes)"
+                    ))
+                })?,
         };
-        Ok(s.apply(ChangeKind::Undo, req, |s| {
+        let before_active = step.before.active.unwrap_or(s.active);
+        let change = s.apply(ChangeKind::Undo, req, |s| {
+            s.undo.pop();
             if before_active != s.active {
                 s.previous = Some(s.active);
             }
             s.active = before_active;
-            s.canary_bp = last.before.canary_bp;
-            s.preview = last.before.preview.clone();
+            s.canary_bp = step.before.canary_bp;
+            s.preview = step.before.preview.clone();
             s.watch = None;
             s.confirm = None;
-        }))
+        });
+        Ok(change)
     }
 
     /// Ends the watch of `name` that passed (an error if it has none): no
@@ -350,6 +390,27 @@ impl DesiredState {
             return Err(ModelError::Invalid(format!("{name} has no guard")));
         }
         Ok(s.event(ChangeKind::GuardCleared, at_ms, why.to_string()))
+    }
+}
+
+/// Whether `undo` takes a change of this kind back: the changes of traffic.
+fn undoable(kind: ChangeKind) -> bool {
+    matches!(
+        kind,
+        ChangeKind::Flip
+            | ChangeKind::Rollback
+            | ChangeKind::AutoRollback
+            | ChangeKind::Shift
+            | ChangeKind::PreviewAdd
+            | ChangeKind::PreviewDel
+    )
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
     }
 }
 
@@ -392,6 +453,15 @@ impl ServiceState {
             after: self.snapshot(),
         };
         self.generation += 1;
+        if undoable(kind) {
+            self.undo.push(UndoStep {
+                kind,
+                generation: change.generation,
+                before: change.before.clone(),
+            });
+            let extra = self.undo.len().saturating_sub(UNDO_KEPT);
+            self.undo.drain(..extra);
+        }
         self.history.push(change.clone());
         self.trim_history();
         change
@@ -589,17 +659,21 @@ mod tests {
         assert!(s.shift("web", Colour::Green, 10_001, &req()).is_err());
         let c = s.shift("web", Colour::Green, 1000, &req()).unwrap();
         assert_eq!((c.before.canary_bp, c.after.canary_bp), (0, 1000));
-        let c = s.preview_add("web", "198.18.0.7/24", &req()).unwrap();
+        let c = s
+            .preview_add("web", "198.18.0.7/24", v4(), false, &req())
+            .unwrap();
         assert_eq!(c.after.preview, ["198.18.0.0/24"]);
         assert!(
-            s.preview_add("web", "198.18.0.0/24", &req()).is_err(),
+            s.preview_add("web", "198.18.0.0/24", v4(), false, &req())
+                .is_err(),
             "duplicate"
         );
-        assert!(s.preview_add("web", "198.18.0.0/33", &req()).is_err());
+        assert!(s
+            .preview_add("web", "198.18.0.0/33", v4(), false, &req())
+            .is_err());
         assert!(s.preview_del("web", "10.0.0.0/8", &req()).is_err());
         // Undo the preview: back to no prefixes, canary kept.
-        let last = s.services["web"].history.last().cloned().unwrap();
-        s.undo("web", &last, &req()).unwrap();
+        s.undo("web", &req()).unwrap();
         assert!(s.services["web"].preview.is_empty());
         assert_eq!(s.services["web"].canary_bp, 1000);
         // A guarded flip ends the canary and records the guards.
@@ -694,5 +768,94 @@ mod tests {
         w.history = vec![last.clone(); 16];
         s.trim_history();
         assert_eq!(s.services["web"].history, vec![last; HISTORY_KEPT]);
+    }
+
+    fn v4() -> IpAddr {
+        "198.19.0.10".parse().unwrap()
+    }
+
+    #[test]
+    fn undo_walks_back_change_by_change_and_then_has_nothing_to_undo() {
+        let mut s = DesiredState::default();
+        s.reconcile(["web"]).unwrap();
+        s.shift("web", Colour::Green, 2500, &req()).unwrap();
+        let all = s
+            .preview_add("web", "0.0.0.0/0", v4(), true, &req())
+            .unwrap();
+        assert_eq!(all.describe(), "preview add 0.0.0.0/0");
+        // The first undo takes the /0 back, the second the canary share;
+        // neither puts back what the one before it removed.
+        let u1 = s.undo("web", &req()).unwrap();
+        assert_eq!(u1.describe(), "preview del 0.0.0.0/0");
+        assert!(s.services["web"].preview.is_empty());
+        let u2 = s.undo("web", &req()).unwrap();
+        assert_eq!(u2.describe(), "canary 25.00% → 0.00% of new flows to green");
+        assert!(s.services["web"].preview.is_empty(), "the /0 stays gone");
+        assert_eq!(s.services["web"].canary_bp, 0);
+        let e = s.undo("web", &req()).unwrap_err().to_string();
+        assert!(e.starts_with("nothing to undo"), "{e}");
+        // A flip, a preview, then two undos: back on blue with no prefix.
+        let FlipOutcome::Changed(f) = s.flip("web", None, &req(), &FlipGuards::default()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(f.describe(), "blue → green");
+        s.preview_add("web", "198.18.0.5/24", v4(), false, &req())
+            .unwrap();
+        s.undo("web", &req()).unwrap();
+        let back = s.undo("web", &req()).unwrap();
+        assert_eq!(back.describe(), "green → blue");
+        assert_eq!(s.services["web"].active, Colour::Blue);
+        assert!(s.undo("web", &req()).is_err());
+    }
+
+    #[test]
+    fn undo_keeps_at_most_its_limit_of_steps() {
+        let mut s = DesiredState::default();
+        s.reconcile(["web"]).unwrap();
+        for i in 0..(UNDO_KEPT as u32 + 5) {
+            s.shift("web", Colour::Green, i + 1, &req()).unwrap();
+        }
+        for _ in 0..UNDO_KEPT {
+            s.undo("web", &req()).unwrap();
+        }
+        assert_eq!(s.services["web"].canary_bp, 5, "back {UNDO_KEPT} steps");
+        assert!(s.undo("web", &req()).is_err());
+    }
+
+    #[test]
+    fn a_state_from_before_undo_steps_undoes_its_last_change_once() {
+        let mut s = DesiredState::default();
+        s.reconcile(["web"]).unwrap();
+        s.shift("web", Colour::Green, 1000, &req()).unwrap();
+        s.services.get_mut("web").unwrap().undo.clear();
+        s.undo("web", &req()).unwrap();
+        assert_eq!(s.services["web"].canary_bp, 0);
+        assert!(s.undo("web", &req()).is_err(), "the undo is not undone");
+    }
+
+    #[test]
+    fn preview_prefixes_that_cannot_mean_what_is_meant_are_refused() {
+        let mut s = DesiredState::default();
+        s.reconcile(["web"]).unwrap();
+        let e = s
+            .preview_add("web", "2001:db8::/32", v4(), false, &req())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("IPv6 prefix") && e.contains("never match"),
+            "{e}"
+        );
+        let e = s
+            .preview_add("web", "0.0.0.0/0", v4(), false, &req())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("every client") && e.contains("--force"), "{e}");
+        assert!(s.services["web"].preview.is_empty());
+        assert_eq!(s.services["web"].generation, 1);
+        let c = s
+            .preview_add("web", "198.18.0.5/24", v4(), false, &req())
+            .unwrap();
+        assert_eq!(c.after.preview, ["198.18.0.0/24"]);
     }
 }

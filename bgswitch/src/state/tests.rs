@@ -42,6 +42,7 @@ fn round_trip_missing_and_corrupt() {
             flips: 1,
             rollbacks: 0,
             history: vec![],
+            undo: vec![],
         },
     );
     store.save(&s).unwrap();
@@ -296,7 +297,16 @@ fn the_stores_upkeep_snapshots_and_rotates_by_its_configured_size_once_a_second(
     // Changes wait: once they pause, the snapshot is written (off the
     // caller's thread). The journal is never longer than the default.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while load_snapshot(&d).unwrap().map(|(_, seq)| seq) != Some(changes) {
+    // (The store counts the snapshot once its thread has written it: wait
+    // for that, not only for the file, or the rotation below may find the
+    // snapshot behind.)
+    while load_snapshot(&d).unwrap().map(|(_, seq)| seq) != Some(changes)
+        || store
+            .snapshots
+            .saved_seq
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != changes
+    {
         assert!(Instant::now() < deadline, "the snapshot did not land");
         DesiredStore::upkeep(&mut store, &st);
         std::thread::sleep(Duration::from_millis(10));
