@@ -22,107 +22,144 @@ use crate::{
 #[command(
     name = "bgswitch",
     version,
-    about = "Kernel-level blue/green traffic switcher (XDP)",
+    about = "Kernel-level blue/green traffic switcher (XDP and TC)",
     long_about = "bgswitch switches new flows of a virtual IP:port between a blue and a green \
-                  backend pool in the kernel's XDP fast path; open flows stay where they are \
-                  until they end."
+                  backend pool in the kernel's fast path (XDP on NICs, TC on veths, bridges \
+                  and taps); open flows stay where they are until they end.\n\n\
+                  Every command but `daemon` talks to the running daemon over its control \
+                  socket: the `socket` of the config (--config, default \
+                  /etc/bgswitch/bgswitch.toml), unless --socket or BGSWITCH_SOCKET names \
+                  another.\n\n\
+                  Durations are written like 500ms, 30s, 5m, 1h."
 )]
 pub struct Cli {
-    /// Control socket of the daemon.
-    #[arg(long, global = true, env = "BGSWITCH_SOCKET", default_value = paths::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    /// The config file. The daemon runs from it; every other command finds
+    /// the daemon's socket in it (its `socket` key) [default:
+    /// /etc/bgswitch/bgswitch.toml].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The daemon's control socket, instead of the config's `socket`.
+    #[arg(long, global = true, env = "BGSWITCH_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the daemon: load and attach the XDP and TC programs, serve the control socket.
+    /// Run the daemon: load and attach the XDP and TC programs, serve the
+    /// control socket. `--check`: validate the config and the host only.
     Daemon {
-        #[arg(long, default_value = paths::DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// Check the config as the daemon would (syntax, services, pools,
+        /// limits, interfaces present) and print what it would serve;
+        /// change nothing; exit 0 if it would start, 1 otherwise.
+        #[arg(long)]
+        check: bool,
     },
     /// Send new flows of SERVICE to the other colour (or the one given).
     Flip {
+        /// The service (its `name` in the config).
         service: String,
-        /// Target colour (default: the one that is not active).
-        #[arg(long, value_parser = parse_colour)]
+        /// The colour new flows go to: blue or green (default: the one that
+        /// is not active).
+        #[arg(long, value_parser = parse_colour, value_name = "blue|green")]
         to: Option<Colour>,
         /// Also move open flows (they break: their backend changes), and
         /// switch even to a pool whose health checks fail.
         #[arg(long)]
         force: bool,
-        /// Why, for the journal.
-        #[arg(long)]
+        /// Why, for the journal (`history` shows it).
+        #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
         /// Watch the new colour this long (e.g. 5m) and switch back by itself
         /// if its health checks fail or its error rate passes --max-error-rate.
-        #[arg(long, value_parser = parse_dur)]
+        #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
         watch: Option<Duration>,
         /// With --watch: errors (backend RSTs + unanswered SYNs) per new flow,
         /// e.g. 0.05, that trigger the automatic rollback.
-        #[arg(long, requires = "watch")]
+        #[arg(long, requires = "watch", value_name = "RATIO")]
         max_error_rate: Option<f64>,
-        /// Switch back unless `bgswitch confirm SERVICE` arrives within this long.
-        #[arg(long, value_parser = parse_dur)]
+        /// Switch back unless `bgswitch confirm SERVICE` arrives within this
+        /// long (e.g. 10m).
+        #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
         confirm_within: Option<Duration>,
         /// Return only once the old colour has no live flows (or --timeout passes).
         #[arg(long)]
         wait_drained: bool,
         /// With --wait-drained: give up after this long (non-zero exit).
-        #[arg(long, value_parser = parse_dur, default_value = "10m", requires = "wait_drained")]
+        #[arg(long, value_parser = parse_dur, default_value = "10m", requires = "wait_drained", value_name = "DURATION")]
         timeout: Duration,
     },
     /// Send PERCENT of new flows to the idle colour (0 ends the split).
     Shift {
+        /// The service (its `name` in the config).
         service: String,
-        /// The idle colour.
-        #[arg(long, value_parser = parse_colour)]
+        /// The idle colour: blue or green.
+        #[arg(long, value_parser = parse_colour, value_name = "blue|green")]
         to: Colour,
-        /// 0 to 100, two decimals.
+        /// 0 to 100, at most two decimals (steps of 0.01 %).
         #[arg(long)]
         percent: f64,
-        #[arg(long)]
+        /// Why, for the journal (`history` shows it).
+        #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
     /// New flows from these source prefixes always reach the idle colour.
     Preview {
+        /// The service (its `name` in the config).
         service: String,
+        /// add or del a prefix, or list the service's prefixes.
         #[arg(value_parser = ["add", "del", "list"])]
         action: String,
-        /// ADDR/LEN, for add and del.
+        /// ADDR/LEN (a bare address is one host), for add and del. Host
+        /// bits are cleared, and the answer says what was stored.
         cidr: Option<String>,
+        /// With add: accept a /0 prefix (every client: all new flows go to
+        /// the idle colour, as a flip would send them).
         #[arg(long)]
+        force: bool,
+        /// Why, for the journal (`history` shows it).
+        #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
     /// Confirm a flip made with --confirm-within.
     Confirm {
+        /// The service (its `name` in the config).
         service: String,
-        #[arg(long)]
+        /// Why, for the journal (`history` shows it).
+        #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
     /// The journal of every change of SERVICE.
     History {
+        /// The service (its `name` in the config).
         service: String,
+        /// Machine-readable output (one JSON array).
         #[arg(long)]
         json: bool,
     },
-    /// Restore the state before SERVICE's last change.
+    /// Take back SERVICE's last change of traffic; again, the one before it,
+    /// and so on (the last 32).
     Undo {
+        /// The service (its `name` in the config).
         service: String,
-        #[arg(long)]
+        /// Why, for the journal (`history` shows it).
+        #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
     /// Go back to the colour before the last flip.
     Rollback {
+        /// The service (its `name` in the config).
         service: String,
-        #[arg(long)]
+        /// Why, for the journal (`history` shows it).
+        #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
     /// Show services, colours, flows, counters and interfaces.
     Status {
+        /// Only this service (its `name` in the config); all without it.
         service: Option<String>,
-        /// Machine-readable output.
+        /// Machine-readable output (one JSON object).
         #[arg(long)]
         json: bool,
     },
@@ -132,19 +169,19 @@ pub enum Command {
     /// configured services and saved state, on private maps (the live flow
     /// table and counters are not touched): where would each packet go?
     Simulate {
-        /// Report only this service's frames.
+        /// Report only this service's frames; all without it.
         service: Option<String>,
-        #[arg(long)]
+        /// The capture to read (pcap, Ethernet frames).
+        #[arg(long, value_name = "FILE")]
         pcap: PathBuf,
-        /// Write the output frames here.
-        #[arg(long)]
+        /// Write the output frames here (pcap).
+        #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Machine-readable output (one JSON array).
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = paths::DEFAULT_CONFIG)]
-        config: PathBuf,
         /// Pretend the frames arrived on this interface (FIB decisions).
-        #[arg(long)]
+        #[arg(long, value_name = "IFACE")]
         ingress: Option<String>,
         /// The program the frames go through: xdp (as a physical NIC's
         /// frames) or tc (as a veth's, bridge's or tap's).
@@ -154,10 +191,59 @@ pub enum Command {
     /// Remove the programs and every pin (the daemon exits). Traffic to
     /// the VIPs is no longer switched.
     Detach {
-        /// Used when no daemon answers: remove the pins under this config's bpffs.
-        #[arg(long, default_value = paths::DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// When no daemon answers: remove the pins under the config's
+        /// `bpffs` anyway (refused while a daemon holds that data plane).
+        #[arg(long)]
+        force: bool,
     },
+}
+
+impl Cli {
+    /// The config file given, or the packaged one.
+    pub fn config_path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| paths::DEFAULT_CONFIG.into())
+    }
+
+    /// The daemon's socket and where it came from: --socket or
+    /// BGSWITCH_SOCKET, else the config's `socket`, else the default. A
+    /// config named with --config must be readable; the packaged one may
+    /// be missing (then the default socket), and if it does not parse the
+    /// default socket is tried with a warning.
+    pub fn socket(&self) -> anyhow::Result<(PathBuf, String)> {
+        if let Some(s) = &self.socket {
+            return Ok((s.clone(), "given with --socket or BGSWITCH_SOCKET".into()));
+        }
+        let path = self.config_path();
+        let from_default = |why: String| {
+            (
+                PathBuf::from(paths::DEFAULT_SOCKET),
+                format!("the default socket: {why}"),
+            )
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if self.config.is_none() && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(from_default(format!("no config at {}", path.display())));
+            }
+            Err(e) => {
+                return Err(anyhow!(
+                    "{}: cannot read it to find the daemon's socket: {e} (or give --socket)",
+                    path.display()
+                ))
+            }
+        };
+        match crate::config::socket_of(&path, &text) {
+            Ok(Some(s)) => Ok((s, format!("the `socket` of {}", path.display()))),
+            Ok(None) => Ok(from_default(format!("{} gives none", path.display()))),
+            Err(e) if self.config.is_none() => {
+                eprintln!("bgswitch: warning: {e}; trying the default socket");
+                Ok(from_default(format!("{} does not parse", path.display())))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 fn parse_colour(s: &str) -> Result<Colour, String> {
@@ -168,16 +254,50 @@ fn parse_dur(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
 }
 
+/// How a connection to the daemon's socket went.
+pub enum Reach {
+    Connected(UnixStream),
+    /// Nothing listens there (no socket, or a stale one).
+    NoDaemon(std::io::Error),
+    /// The socket is there but not for this user.
+    Denied(std::io::Error),
+}
+
+/// Connects to the daemon's socket.
+pub fn reach(socket: &Path) -> Reach {
+    match UnixStream::connect(socket) {
+        Ok(s) => Reach::Connected(s),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Reach::Denied(e),
+        Err(e) => Reach::NoDaemon(e),
+    }
+}
+
+/// What to say when the socket refuses this user.
+fn denied(socket: &Path, e: &std::io::Error) -> anyhow::Error {
+    anyhow!(
+        "{}: {e}: the daemon's socket is for root and the members of its `socket_group` \
+         (see the config); run this as root, or as a member of that group",
+        socket.display()
+    )
+}
+
 /// Sends one request and reads the response.
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
-    let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the bgswitch daemon at {} (is it running? see --socket)",
+    match reach(socket) {
+        Reach::Connected(stream) => exchange(stream, req),
+        Reach::Denied(e) => Err(denied(socket, &e)),
+        Reach::NoDaemon(e) => Err(anyhow!(
+            "no bgswitch daemon answers at {} ({e}): is it running?",
             socket.display()
-        )
-    })?;
+        )),
+    }
+}
+
+/// One request and its answer on a connected socket.
+fn exchange(stream: UnixStream, req: &Request) -> anyhow::Result<Response> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut stream = stream;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     // The daemon may refuse (and close) before reading our request: then the
@@ -253,6 +373,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             service,
             action,
             cidr,
+            force,
             reason,
         } => (
             Request::Preview {
@@ -263,6 +384,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                     _ => PreviewAction::List,
                 },
                 cidr: cidr.clone(),
+                force: *force,
                 reason: reason.clone(),
             },
             false,
@@ -306,12 +428,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             pcap,
             out,
             json,
-            config,
             ingress,
             program,
         } => {
             let outcomes = crate::simulate::run(
-                config,
+                &cli.config_path(),
                 pcap,
                 out.as_deref(),
                 service.as_deref(),
@@ -325,14 +446,24 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             }
             return Ok(0);
         }
-        Command::Detach { config } => {
-            if !cli.socket.exists() || UnixStream::connect(&cli.socket).is_err() {
-                return detach_offline(config);
+        Command::Detach { .. } => (Request::Detach, false),
+    };
+    let (socket, source) = cli.socket()?;
+    let stream = match reach(&socket) {
+        Reach::Connected(s) => s,
+        Reach::Denied(e) => return Err(denied(&socket, &e)),
+        Reach::NoDaemon(e) => {
+            if let Command::Detach { force } = &cli.command {
+                return detach_offline(&cli.config_path(), &socket, &source, *force);
             }
-            (Request::Detach, false)
+            return Err(anyhow!(
+                "no bgswitch daemon answers at {} ({e}): is it running? (the socket is {source}; \
+                 --socket overrides)",
+                socket.display()
+            ));
         }
     };
-    let resp = call(&cli.socket, &req)?;
+    let resp = exchange(stream, &req)?;
     if !resp.ok {
         eprintln!(
             "bgswitch: error: {}",
@@ -358,7 +489,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         println!("{m}");
     }
     if let (Some((service, timeout)), Some(change)) = (wait, &resp.change) {
-        return wait_drained(&cli.socket, &service, change.from, timeout);
+        return wait_drained(&socket, &service, change.from, timeout);
     }
     Ok(0)
 }
@@ -465,21 +596,53 @@ fn unix_time(secs: u64) -> String {
     )
 }
 
-fn detach_offline(config: &Path) -> anyhow::Result<i32> {
+/// `detach` when no daemon answers at `socket`: the pins go only with
+/// `--force`, and never while a daemon holds the data plane (one that
+/// listens on another socket, say).
+fn detach_offline(config: &Path, socket: &Path, source: &str, force: bool) -> anyhow::Result<i32> {
     let c = crate::config::load(config)?;
+    let pins = c.bpffs.join(paths::PIN_DIR);
     // Where a daemon started like this command put them (through an outer
     // mount namespace when this one is private, as `ip netns exec` makes).
-    let Some(place) = crate::dataplane::locate_pins(&c.bpffs) else {
+    let place =
+        crate::dataplane::locate_pins(&c.bpffs).filter(|p| p.root.join(paths::PIN_DIR).exists());
+    let Some(place) = place else {
         println!(
-            "no daemon answered, and no bpffs is mounted at {}: nothing to detach",
-            c.bpffs.display()
+            "no daemon answered at {}, and nothing is pinned under {}: nothing to detach",
+            socket.display(),
+            pins.display()
         );
         return Ok(0);
     };
+    let _lock = match crate::dataplane::lock_pins(&place.root) {
+        Ok(lock) => lock,
+        Err(crate::dataplane::DataplaneError::Held { pid, .. }) => {
+            eprintln!(
+                "bgswitch: error: no daemon answered at {} ({source}), but a bgswitch daemon{} \
+                 holds the data plane under {}: nothing removed. Reach it on its own socket \
+                 (--config with its config, or --socket), or stop it first",
+                socket.display(),
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                pins.display()
+            );
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !force {
+        eprintln!(
+            "bgswitch: error: no daemon answered at {} ({source}); the data plane under {} \
+             keeps switching without one. `bgswitch detach --force` removes its pins: the \
+             programs detach and traffic to the VIPs is no longer switched",
+            socket.display(),
+            pins.display()
+        );
+        return Ok(1);
+    }
     crate::dataplane::remove_pins(&place.root)?;
     println!(
         "no daemon answered; removed the pins under {} ({}): the programs are detached (run it in the daemon's network namespace for netlink filters)",
-        c.bpffs.join(paths::PIN_DIR).display(),
+        pins.display(),
         place.note
     );
     Ok(0)

@@ -11,7 +11,17 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match &cli.command {
-        Command::Daemon { config } => match run_daemon(config) {
+        Command::Daemon { check: true } => match Daemon::check(&cli.config_path()) {
+            Ok(summary) => {
+                print!("{summary}");
+                0
+            }
+            Err(e) => {
+                eprintln!("bgswitch: error: {e:#}");
+                1
+            }
+        },
+        Command::Daemon { check: false } => match run_daemon(&cli.config_path()) {
             Ok(()) => 0,
             Err(e) => {
                 log::error!("{e:#}");

@@ -164,8 +164,12 @@ fn headers(f: &[u8]) -> Option<(Headers, SocketAddr, SocketAddr)> {
 pub struct Outcome {
     /// 1-based index in the pcap.
     pub frame: usize,
+    /// What happened to the frame: `rewritten` (to a backend), `replied`
+    /// (a backend's reply rewritten back to the VIP) or `untouched`.
+    pub outcome: String,
     /// The program's verdict: PASS, TX, REDIRECT, DROP, ABORTED (XDP);
-    /// PASS, REDIRECT, DROP (TC).
+    /// PASS, REDIRECT, DROP (TC). A rewritten frame the program passes is
+    /// forwarded by the kernel's stack.
     pub verdict: String,
     /// to_backend, reply, or untouched.
     pub direction: String,
@@ -262,6 +266,7 @@ pub fn simulate(
         if f.data.len() < 14 {
             outcomes.push(Outcome {
                 frame: i + 1,
+                outcome: "untouched".into(),
                 verdict: "PASS".into(),
                 direction: "untouched".into(),
                 service: None,
@@ -283,6 +288,7 @@ pub fn simulate(
         let changed = out != f.data;
         let mut o = Outcome {
             frame: i + 1,
+            outcome: if changed { "rewritten" } else { "untouched" }.into(),
             verdict: verdict(program, action).into(),
             direction: "untouched".into(),
             service: None,
@@ -301,6 +307,7 @@ pub fn simulate(
                     o.colour = backends.get(odst).map(|(_, c)| *c);
                 } else if let Some((svc, c)) = backends.get(isrc) {
                     o.direction = "reply".into();
+                    o.outcome = "replied".into();
                     o.service = Some(svc.clone());
                     o.colour = Some(*c);
                     o.backend = Some(isrc.to_string());
@@ -354,9 +361,17 @@ pub fn render(outcomes: &[Outcome]) -> String {
                 o.backend.as_deref().unwrap_or("?"),
                 o.output.as_ref().map_or("?", |h| h.src.as_str())
             ),
-            _ => "untouched".into(),
+            _ => "left as it came".into(),
         };
-        s += &format!("#{:<5} {:<8} {input}: {what}\n", o.frame, o.verdict);
+        let sent = match (o.outcome.as_str(), o.verdict.as_str()) {
+            (_, "REDIRECT") => "sent out of the next hop's interface (REDIRECT)",
+            (_, "TX") => "sent back out of the interface it came in on (TX)",
+            ("untouched", "PASS") => "handed to the kernel's stack (PASS)",
+            (_, "PASS") => "handed to the kernel's stack, which forwards it (PASS)",
+            (_, "DROP") => "dropped (DROP)",
+            _ => "aborted (ABORTED)",
+        };
+        s += &format!("#{:<5} {:<9} {input}: {what}; {sent}\n", o.frame, o.outcome);
     }
     s
 }

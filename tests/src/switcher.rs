@@ -378,11 +378,13 @@ impl Switcher {
 impl Drop for Switcher {
     fn drop(&mut self) {
         self.kill();
-        // Offline detach: removes the pinned links (detaching XDP) and maps.
+        // Offline detach (--force: no daemon answers): removes the pinned
+        // links (detaching the programs) and maps.
         let _ = Command::new(&self.bin)
             .arg("--socket")
             .arg(self.dir.join("no-daemon.sock"))
             .arg("detach")
+            .arg("--force")
             .arg("--config")
             .arg(self.config_path())
             .stdout(Stdio::null())

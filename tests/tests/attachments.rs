@@ -341,6 +341,7 @@ fn a_daemon_run_with_ip_netns_exec_keeps_its_pins_where_they_outlive_it() {
             "--socket",
             "/nonexistent.sock",
             "detach",
+            "--force",
             "--config",
             &config.to_string_lossy(),
         ],

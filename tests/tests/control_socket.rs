@@ -789,7 +789,23 @@ fn users_outside_the_socket_group_are_refused_and_logged() {
     let before = snapshot(&sw);
     let (code, text) = as_nobody(&sw, "nogroup", None, &["status"]);
     assert_ne!(code, 0, "nobody must be refused: {text}");
+    assert!(
+        text.contains("Permission denied")
+            && text.contains("run this as root, or as a member of that group"),
+        "a permission error says so, and what to do: {text}"
+    );
+    // `detach` refused that way is not taken for "no daemon": nothing is
+    // removed behind the daemon's back, --force or not.
+    let config = sw.config_path().display().to_string();
+    let (code, text) = as_nobody(
+        &sw,
+        "nogroup",
+        None,
+        &["detach", "--force", "--config", &config],
+    );
+    assert_ne!(code, 0, "{text}");
     assert!(text.contains("Permission denied"), "{text}");
+    assert!(sw.bpffs().join("bgswitch").exists(), "the pins stay");
     let e = raw_as(&sw, NOBODY, NOGROUP).expect_err("nobody cannot connect");
     assert_eq!(e.kind(), ErrorKind::PermissionDenied);
     println!(

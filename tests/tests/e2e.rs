@@ -317,13 +317,14 @@ fn sigterm_keeps_the_data_plane_attached_and_a_reboot_comes_back_on_the_saved_co
         assert_eq!(colour(&r.body), "green");
     }
     // A reboot loses bpffs: remove every pin (which also detaches XDP).
-    let out = sw
-        .cli(&[
-            "detach",
-            "--config",
-            &sw.config_path().display().to_string(),
-        ])
-        .unwrap();
+    // With no daemon, `detach` removes nothing without --force.
+    let config = sw.config_path().display().to_string();
+    let out = sw.cli(&["detach", "--config", &config]).unwrap();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("--force"), "{}", out.stderr);
+    assert!(sw.bpffs().join("bgswitch").exists(), "nothing removed");
+    assert_eq!(colour(&http_get(&cli, web(), "/").unwrap().body), "green");
+    let out = sw.cli(&["detach", "--force", "--config", &config]).unwrap();
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("no daemon answered"), "{}", out.stdout);
     // The kernel releases a link whose last reference went away a moment later.

@@ -90,6 +90,16 @@ fn simulate_reports_colour_and_backend_and_touches_nothing_live() {
     );
     assert_eq!(o[2]["direction"], "untouched");
     assert_eq!(o[2]["changed"], false);
+    // Rewritten and untouched frames both pass here (no route to a
+    // backend): the outcome tells them apart.
+    assert_eq!(
+        (o[0]["outcome"].as_str(), o[0]["verdict"].as_str()),
+        (Some("rewritten"), Some("PASS"))
+    );
+    assert_eq!(
+        (o[2]["outcome"].as_str(), o[2]["verdict"].as_str()),
+        (Some("untouched"), Some("PASS"))
+    );
     // The reply of that backend, simulated on its own, is not ours (the
     // simulation starts from an empty flow table and keeps nothing).
     let (out_frames, _) = read_pcap(std::fs::File::open(&out_path).unwrap()).unwrap();
@@ -116,6 +126,11 @@ fn simulate_reports_colour_and_backend_and_touches_nothing_live() {
         ])
         .unwrap();
     assert!(text.contains("web green → backend"), "{text}");
+    assert!(
+        text.lines().next().unwrap().contains("rewritten")
+            && text.contains("handed to the kernel's stack, which forwards it (PASS)"),
+        "{text}"
+    );
     assert_eq!(text.lines().count(), 2, "only web's frames: {text}");
     // The same frames through the TC program: the same path, so the same
     // decisions and the same rewritten frames.
@@ -138,7 +153,14 @@ fn simulate_reports_colour_and_backend_and_touches_nothing_live() {
     let t = t.as_array().unwrap();
     assert_eq!(t.len(), 3);
     for i in 0..3 {
-        for key in ["direction", "service", "colour", "backend", "changed"] {
+        for key in [
+            "outcome",
+            "direction",
+            "service",
+            "colour",
+            "backend",
+            "changed",
+        ] {
             assert_eq!(t[i][key], o[i][key], "frame {i}: {key}");
         }
         assert_eq!(t[i]["verdict"], "PASS", "no route here: the stack's");

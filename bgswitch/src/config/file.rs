@@ -86,6 +86,29 @@ struct RawService {
     stateless: Option<bool>,
 }
 
+/// The `socket` key alone, for the commands that talk to the daemon: found
+/// even where the rest of the file would not pass (a config being edited
+/// must not keep `bgswitch status` from the daemon running on the old one).
+/// `None`: the key is not given (the default socket).
+pub fn socket_of(path: &Path, text: &str) -> Result<Option<PathBuf>, ConfigError> {
+    #[derive(Deserialize)]
+    struct JustSocket {
+        socket: Option<PathBuf>,
+    }
+    let err = |reason: String| ConfigError {
+        file: path.display().to_string(),
+        key: "socket".into(),
+        reason,
+    };
+    let raw: JustSocket = toml::from_str(text).map_err(|e| err(e.message().to_string()))?;
+    match raw.socket {
+        Some(p) if !p.is_absolute() => {
+            Err(err(format!("'{}' must be an absolute path", p.display())))
+        }
+        other => Ok(other),
+    }
+}
+
 /// Parses and validates config text; `path` is used in messages.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let file = path.display().to_string();

@@ -23,7 +23,7 @@ mod file;
 mod tests;
 mod units;
 
-pub use file::parse;
+pub use file::{parse, socket_of};
 pub use units::{parse_duration, parse_size};
 
 /// A validated configuration.

@@ -142,6 +142,55 @@ fn running_services(
 }
 
 impl Daemon {
+    /// `bgswitch daemon --check`: the config and the host as `start` checks
+    /// them (syntax, services, pools, limits, interfaces present, the
+    /// socket's group), and a summary of what the daemon would serve and
+    /// how it would attach. Touches nothing: no state, pins or lock.
+    pub fn check(config_path: &Path) -> anyhow::Result<String> {
+        let config = config::load(config_path)?;
+        check_environment(&config)?;
+        let mut out = format!("{}: ok\n", config.path.display());
+        for svc in &config.services {
+            out += &format!(
+                "  service {}: {}/{}, blue {} backend{}, green {} backend{}{}{}\n",
+                svc.name,
+                svc.vip,
+                svc.protocol,
+                svc.blue.len(),
+                if svc.blue.len() == 1 { "" } else { "s" },
+                svc.green.len(),
+                if svc.green.len() == 1 { "" } else { "s" },
+                svc.health
+                    .as_ref()
+                    .map(|h| match &h.kind {
+                        config::HealthKind::Tcp => ", TCP health checks".to_string(),
+                        config::HealthKind::Http { path, .. } =>
+                            format!(", HTTP health checks of {path}"),
+                    })
+                    .unwrap_or_default(),
+                if svc.stateless { ", stateless" } else { "" },
+            );
+        }
+        for name in &config.interfaces {
+            let (tries, why) = dataplane::AttachMode::choose(config.attach_of(name), name);
+            let modes: Vec<&str> = tries.iter().map(|m| m.describe()).collect();
+            out += &format!("  interface {name}: {} ({why})\n", modes.join(", else "));
+        }
+        out += &format!(
+            "  socket {}{}, state in {}, pins under {}, flow table {} flows\n",
+            config.socket.display(),
+            config
+                .socket_group
+                .as_deref()
+                .map(|g| format!(" (group {g})"))
+                .unwrap_or_default(),
+            config.state_dir.display(),
+            config.bpffs.join(paths::PIN_DIR).display(),
+            config.max_flows
+        );
+        Ok(out)
+    }
+
     /// Reads the config, takes the lock, loads the desired state, loads or
     /// adopts the data plane and makes it match. Fails before changing
     /// anything if the config or the state is bad.
