@@ -37,12 +37,8 @@ use bgswitch::{
     dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
     model::Colour,
 };
-use bgswitch_common::{
-    flow_flags,
-    hash::{flow_hash, reduce, BACKEND_SEED},
-    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
-};
-use bgswitch_tests::rng::Rng;
+use bgswitch_common::{flow_flags, PROTO_TCP, PROTO_UDP};
+use bgswitch_tests::{flowhash, rng::Rng};
 use bgswitch_tests::{in_netns, ip, netns::mac_address, TempNetns};
 use etherparse::{Ipv4Header, TcpHeader, UdpHeader};
 
@@ -557,19 +553,11 @@ fn closed(flags: u8) -> bool {
             == flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND
 }
 
-/// The backend the program must pick for a new flow: the shared hash, as
-/// the program computes it, over this pool.
+/// The backend the program must pick for a new flow over this pool: the
+/// flow hash as `bgswitch_tests::flowhash` writes it from its definition,
+/// not the program's own code (`bgswitch_common::hash`).
 fn predicted(k: &Key, pool: &[Endpoint]) -> Endpoint {
-    let key = FlowKey {
-        src: ipv4_to_addr(k.src),
-        dst: ipv4_to_addr(k.dst),
-        sport: port_to_wire(k.sport),
-        dport: port_to_wire(k.dport),
-        proto: k.proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
-    };
-    pool[reduce(flow_hash(&key, BACKEND_SEED), pool.len() as u32) as usize]
+    pool[flowhash::backend_v4(k.src, k.sport, k.dst, k.dport, k.proto, pool.len())]
 }
 
 impl Model {
