@@ -80,6 +80,146 @@ mod tests {
         }
     }
 
+    /// A key as the program builds it from a frame: addresses and ports as
+    /// wire bytes.
+    fn v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            src: crate::ipv4_to_addr(src),
+            dst: crate::ipv4_to_addr(dst),
+            sport: crate::port_to_wire(sport),
+            dport: crate::port_to_wire(dport),
+            proto,
+            family: crate::FAMILY_IPV4,
+            _pad: [0; 2],
+        }
+    }
+
+    fn v6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, proto: u8) -> FlowKey {
+        FlowKey {
+            src: crate::ipv6_to_addr(src),
+            dst: crate::ipv6_to_addr(dst),
+            sport: crate::port_to_wire(sport),
+            dport: crate::port_to_wire(dport),
+            proto,
+            family: crate::FAMILY_IPV6,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Known answers, written out: the hash decides which backend every
+    /// connection without a record gets (and its canary bucket), so a
+    /// change of it moves every unrecorded connection on upgrade. Change
+    /// these numbers only together with a plan for that. The same numbers
+    /// pin the independent implementation the tests' models use
+    /// (`tests/src/flowhash.rs`). Values for a little-endian host, as the
+    /// BPF target is.
+    #[test]
+    fn flow_hash_and_reduce_give_the_known_answers() {
+        const A6: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02,
+        ];
+        const B6: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
+        // (key, seed, hash, reduce over 2, 3, 5 and 64, canary bucket)
+        let vectors: [(FlowKey, u32, u32, [u32; 4], u32); 10] = [
+            (
+                v4([198, 18, 0, 2], 40000, [198, 19, 0, 10], 80, 6),
+                BACKEND_SEED,
+                0x64fc_ceee,
+                [0, 1, 1, 25],
+                9646,
+            ),
+            (
+                v4([198, 18, 0, 2], 40000, [198, 19, 0, 10], 80, 6),
+                CANARY_SEED,
+                0x5d79_172c,
+                [0, 1, 1, 23],
+                6876,
+            ),
+            (
+                v4([198, 18, 0, 3], 53001, [198, 19, 0, 10], 53, 17),
+                BACKEND_SEED,
+                0x7ddd_fcbd,
+                [0, 1, 2, 31],
+                157,
+            ),
+            (
+                v4([198, 18, 0, 3], 53001, [198, 19, 0, 10], 53, 17),
+                CANARY_SEED,
+                0x06d3_9acf,
+                [0, 0, 0, 1],
+                1023,
+            ),
+            (
+                v4([10, 1, 2, 3], 1, [192, 0, 2, 200], 65535, 6),
+                BACKEND_SEED,
+                0x7388_2dd2,
+                [0, 1, 2, 28],
+                4466,
+            ),
+            (
+                v4([0, 0, 0, 0], 0, [0, 0, 0, 0], 0, 0),
+                0,
+                0,
+                [0, 0, 0, 0],
+                0,
+            ),
+            (
+                v4([255; 4], 65535, [255; 4], 65535, 255),
+                u32::MAX,
+                0x4ae9_8b96,
+                [0, 0, 1, 18],
+                9606,
+            ),
+            (
+                v6(A6, 40000, B6, 80, 6),
+                BACKEND_SEED,
+                0x1de0_1775,
+                [0, 0, 0, 7],
+                5333,
+            ),
+            (
+                v6(A6, 40000, B6, 80, 6),
+                CANARY_SEED,
+                0x88a0_8cd0,
+                [1, 1, 2, 34],
+                3184,
+            ),
+            (
+                v6([0; 16], 0, [0; 16], 0, 0),
+                0,
+                0xc206_7ae9,
+                [1, 2, 3, 48],
+                4585,
+            ),
+        ];
+        for (i, (key, seed, hash, reduced, bucket)) in vectors.iter().enumerate() {
+            let h = flow_hash(key, *seed);
+            assert_eq!(
+                h, *hash,
+                "vector {i}: flow_hash {h:#010x}, want {hash:#010x}"
+            );
+            let r = [2, 3, 5, 64].map(|n| reduce(h, n));
+            assert_eq!(r, *reduced, "vector {i}: reduce over 2, 3, 5, 64");
+            assert_eq!(
+                h % crate::control::CANARY_FULL,
+                *bucket,
+                "vector {i}: canary bucket"
+            );
+        }
+        // reduce alone: floor(hash × n / 2^32).
+        assert_eq!(reduce(0, 1), 0);
+        assert_eq!(reduce(0x8000_0000, 2), 1);
+        assert_eq!(reduce(0x7fff_ffff, 2), 0);
+        assert_eq!(reduce(0x5555_5556, 3), 1);
+        assert_eq!(reduce(0x5555_5555, 3), 0);
+        assert_eq!(reduce(0xaaaa_aaab, 3), 2);
+        assert_eq!(reduce(0xffff_ffff, 3), 2);
+        assert_eq!(reduce(0x0400_0000, 64), 1);
+        assert_eq!(reduce(0x03ff_ffff, 64), 0);
+    }
+
     #[test]
     fn reduce_stays_in_range_and_spreads() {
         let mut counts = [0u32; 4];

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod clients;
+pub mod flowhash;
 mod http;
 pub mod netns;
 pub mod peers;

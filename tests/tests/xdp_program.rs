@@ -13,14 +13,10 @@ use bgswitch::{
     dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
     model::Colour,
 };
-use bgswitch_common::{
-    hash::{flow_hash, reduce, BACKEND_SEED},
-    ipv4_to_addr, port_to_wire, FlowKey, FAMILY_IPV4, PROTO_TCP, PROTO_UDP,
-};
-use bgswitch_tests::{in_netns, ip, TempNetns};
+use bgswitch_common::{PROTO_TCP, PROTO_UDP};
+use bgswitch_tests::{flowhash, in_netns, ip, TempNetns};
 use etherparse::{IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
-const XDP_ABORTED: u32 = 0;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
@@ -219,18 +215,19 @@ fn verify(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4, u8) {
     )
 }
 
-/// The backend the program must pick for a new flow (same hash as the program).
+/// The backend the program must pick for a new flow: the flow hash as
+/// `bgswitch_tests::flowhash` writes it from its definition (not the
+/// program's own code, `bgswitch_common::hash`).
 fn predicted(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, pool: &[SocketAddr]) -> SocketAddrV4 {
-    let key = FlowKey {
-        src: ipv4_to_addr(src.ip().octets()),
-        dst: ipv4_to_addr(dst.ip().octets()),
-        sport: port_to_wire(src.port()),
-        dport: port_to_wire(dst.port()),
+    let i = flowhash::backend_v4(
+        src.ip().octets(),
+        src.port(),
+        dst.ip().octets(),
+        dst.port(),
         proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
-    };
-    match pool[reduce(flow_hash(&key, BACKEND_SEED), pool.len() as u32) as usize] {
+        pool.len(),
+    );
+    match pool[i] {
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => unreachable!(),
     }
@@ -685,7 +682,6 @@ fn forwarding_sets_macs_and_ttl_and_picks_tx_redirect_or_stack() {
             ),
             (1, 1, 1, 1)
         );
-        assert_ne!(action, XDP_ABORTED);
     });
 }
 

@@ -437,16 +437,87 @@ fn the_tick_rate_is_kept_for_its_own_boot_only() {
     fs::remove_dir_all(&d).unwrap();
 }
 
+/// Where `a_failed_append_leaves_whole_lines` tells its child process the
+/// state directory is.
+const FAILED_APPEND_DIR: &str = "BGSWITCH_TEST_FAILED_APPEND_DIR";
+
+/// An append the file system stops half-way (a file size limit lets part of
+/// the line be written, then fails with EFBIG) is cut off again: the journal
+/// keeps whole lines, and the failed change takes no number. A size limit
+/// is per process, so the append runs in a child process of this test
+/// binary (`failed_append_in_a_child`); this test checks that it ran and
+/// passed, and reads the journal it left.
 #[test]
 fn a_failed_append_leaves_whole_lines() {
     let d = tmpdir("failappend");
+    fs::create_dir_all(&d).unwrap();
+    let child = format!(
+        "{}::failed_append_in_a_child",
+        module_path!().split_once("::").expect("crate::module").1
+    );
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            &child,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FAILED_APPEND_DIR, &d)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{child} failed:\n{text}");
+    assert!(
+        text.contains("test result: ok. 1 passed"),
+        "{child} did not run:\n{text}"
+    );
+    let journal = fs::read_to_string(d.join(paths::JOURNAL_FILE)).unwrap();
+    assert!(journal.ends_with('\n'), "{journal:?}");
+    let store = LocalStore::open(&d).unwrap();
+    assert_eq!(
+        store
+            .read_journal(None)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        [Some(1), Some(2)],
+        "{journal}"
+    );
+    assert_eq!(journal.lines().count(), 2, "{journal}");
+    fs::remove_dir_all(&d).unwrap();
+}
+
+/// The child of `a_failed_append_leaves_whole_lines` (run only by it).
+#[test]
+#[ignore = "a child process of a_failed_append_leaves_whole_lines"]
+fn failed_append_in_a_child() {
+    let d = PathBuf::from(
+        std::env::var_os(FAILED_APPEND_DIR)
+            .expect("run by a_failed_append_leaves_whole_lines, which gives the directory"),
+    );
     let store = LocalStore::open(&d).unwrap();
     let mut st = two_services();
     flip_journalled(&store, &mut st, "a");
-    let len = fs::metadata(store.journal_path()).unwrap().len();
-    // A line the file system refuses: a directory where the journal is.
-    fs::rename(store.journal_path(), d.join("j")).unwrap();
-    fs::create_dir(store.journal_path()).unwrap();
+    let before = fs::read(store.journal_path()).unwrap();
+    // Files may grow 8 bytes past the journal: the next line is written in
+    // part, then the write fails (EFBIG, and SIGXFSZ, ignored here).
+    let limit = |cur: u64| {
+        let l = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit for this process.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &l) }, 0);
+    };
+    // SAFETY: ignoring a signal installs no handler.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    limit(before.len() as u64 + 8);
     let req = crate::model::Request::default();
     let mut st2 = st.clone();
     let crate::model::FlipOutcome::Changed(change) =
@@ -454,12 +525,23 @@ fn a_failed_append_leaves_whole_lines() {
     else {
         panic!()
     };
-    assert!(store
+    let e = store
         .append_change("a", &change, st2.service("a").unwrap())
-        .is_err());
-    fs::remove_dir(store.journal_path()).unwrap();
-    fs::rename(d.join("j"), store.journal_path()).unwrap();
-    assert_eq!(fs::metadata(store.journal_path()).unwrap().len(), len);
+        .expect_err("the append must fail");
+    limit(libc::RLIM_INFINITY);
+    assert!(
+        matches!(&e, StateError::Write { source, .. } if source.raw_os_error() == Some(libc::EFBIG)),
+        "the write itself must have failed, past its first bytes: {e:?}"
+    );
+    let after = fs::read(store.journal_path()).unwrap();
+    assert!(
+        after == before,
+        "the part of the line that was written must be cut off again: the journal has {} bytes, \
+         had {}; past them: {:?}",
+        after.len(),
+        before.len(),
+        String::from_utf8_lossy(after.get(before.len()..).unwrap_or_default())
+    );
     // The failed change took no number.
     flip_journalled(&store, &mut st, "a");
     let j = store.read_journal(None).unwrap();
@@ -467,7 +549,6 @@ fn a_failed_append_leaves_whole_lines() {
         j.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [Some(1), Some(2)]
     );
-    fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
