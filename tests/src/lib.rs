@@ -42,7 +42,7 @@ pub use clients::{
     http_get, udp_request, HttpReply, KeepAliveClient, UdpClient, CONNECT_TIMEOUT, IO_TIMEOUT,
 };
 pub use netns::{
-    in_netns, ip, ip_ns, is_root, list_netns, netns_exists, ns_exec, skip_unless_privileged,
+    in_netns, ip, ip_ns, is_root, list_netns, netns_exists, ns_exec, require_privileged,
 };
 pub use servers::{HttpServer, UdpEchoServer};
 pub use topology::{
@@ -112,9 +112,7 @@ mod tests {
     /// topology removes every namespace.
     #[test]
     fn topology_without_xdp() {
-        if skip_unless_privileged("topology_without_xdp") {
-            return;
-        }
+        require_privileged("topology_without_xdp");
         let started = Instant::now();
         let mut topo = Topology::create(TopologyOptions::default()).expect("create topology");
         topo.start_servers(HTTP_PORT, UDP_PORT)
@@ -217,9 +215,7 @@ mod tests {
     /// addressing, routes, bridge and rp_filter settings are consistent.
     #[test]
     fn routing_through_lb() {
-        if skip_unless_privileged("routing_through_lb") {
-            return;
-        }
+        require_privileged("routing_through_lb");
         let mut topo = Topology::create(TopologyOptions::default()).unwrap();
         topo.start_servers(HTTP_PORT, UDP_PORT).unwrap();
         ns_exec(topo.lb_ns(), "sysctl", &["-w", "net.ipv4.ip_forward=1"]).unwrap();
@@ -249,9 +245,7 @@ mod tests {
     /// and TX checksum offload turned off.
     #[test]
     fn parallel_topologies() {
-        if skip_unless_privileged("parallel_topologies") {
-            return;
-        }
+        require_privileged("parallel_topologies");
         let handles: Vec<_> = (0..3)
             .map(|i| {
                 std::thread::spawn(move || {
@@ -281,9 +275,7 @@ mod tests {
     /// Namespaces of a dead process are removed; ours are kept.
     #[test]
     fn cleanup_removes_only_dead_owners() {
-        if skip_unless_privileged("cleanup_removes_only_dead_owners") {
-            return;
-        }
+        require_privileged("cleanup_removes_only_dead_owners");
         // A pid that just exited (reuse within the test is very unlikely).
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
@@ -304,9 +296,7 @@ mod tests {
     /// Many concurrent connections and long-lived requests.
     #[test]
     fn concurrent_connections() {
-        if skip_unless_privileged("concurrent_connections") {
-            return;
-        }
+        require_privileged("concurrent_connections");
         let mut topo = Topology::create(TopologyOptions {
             blue: 1,
             green: 0,

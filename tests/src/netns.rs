@@ -198,24 +198,22 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Lets tests that need root and iproute2 skip cleanly: returns `true` (and
-/// prints a notice naming `test`) when the test cannot run here.
+/// Fails the calling test unless it can run here (root, and iproute2 on the
+/// PATH): privileged tests run for real, in CI too, and never report "ok"
+/// without having run.
 ///
 /// ```no_run
-/// if bgswitch_tests::skip_unless_privileged("my_test") {
-///     return;
-/// }
+/// bgswitch_tests::require_privileged("my_test");
 /// ```
-pub fn skip_unless_privileged(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("skipping {test}: needs root (network namespaces)");
-        return true;
-    }
-    if find_program("ip").is_none() {
-        eprintln!("skipping {test}: `ip` (iproute2) not found");
-        return true;
-    }
-    false
+pub fn require_privileged(test: &str) {
+    assert!(
+        is_root(),
+        "{test} needs root (network namespaces, XDP): run the suite as root (cargo xtask test)"
+    );
+    assert!(
+        find_program("ip").is_some(),
+        "{test} needs `ip` (iproute2) on the PATH: cargo xtask demo installs it"
+    );
 }
 
 #[cfg(test)]
@@ -242,9 +240,7 @@ mod tests {
 
     #[test]
     fn in_netns_runs_closure_and_propagates_errors() {
-        if skip_unless_privileged("in_netns_runs_closure_and_propagates_errors") {
-            return;
-        }
+        require_privileged("in_netns_runs_closure_and_propagates_errors");
         let name = format!("bgsnt{}", std::process::id());
         ip(&["netns", "add", &name]).unwrap();
         let borrowed = String::from("borrowed");
@@ -260,9 +256,7 @@ mod tests {
 
     #[test]
     fn command_errors_name_the_command() {
-        if skip_unless_privileged("command_errors_name_the_command") {
-            return;
-        }
+        require_privileged("command_errors_name_the_command");
         let err = format!(
             "{:#}",
             ip(&["link", "show", "dev", "nonexistent0"]).unwrap_err()

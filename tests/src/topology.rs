@@ -736,9 +736,7 @@ mod tests {
 
     #[test]
     fn failed_build_cleans_up() {
-        if crate::skip_unless_privileged("failed_build_cleans_up") {
-            return;
-        }
+        crate::require_privileged("failed_build_cleans_up");
         let mut topology = Topology::planned(TopologyOptions::default());
         // Bridge port "pthisnameistoolong" exceeds 15 characters: the build
         // fails after several namespaces and links already exist.
@@ -754,9 +752,7 @@ mod tests {
 
     #[test]
     fn panicking_test_cleans_up() {
-        if crate::skip_unless_privileged("panicking_test_cleans_up") {
-            return;
-        }
+        crate::require_privileged("panicking_test_cleans_up");
         let result = std::panic::catch_unwind(|| {
             let mut topology = Topology::create(TopologyOptions {
                 blue: 1,

@@ -16,7 +16,7 @@ use std::{
 
 use bgswitch_tests::rng::Rng;
 use bgswitch_tests::{
-    switcher::{bgswitch_bin, default_services, Switcher, HTTP_PORT, UDP_PORT},
+    switcher::{bgswitch_bin, default_services, require_root, Switcher, HTTP_PORT, UDP_PORT},
     Topology, TopologyOptions,
 };
 use serde_json::Value;
@@ -34,15 +34,6 @@ const REASON_LOST: [&str; 3] = [
     "Connection reset",
     "closed the connection without answering",
 ];
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (cargo xtask test)"
-    );
-}
 
 /// A topology with servers and a running daemon; `top` goes before the
 /// `[[service]]` tables (extra top-level keys).

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use bgswitch_tests::{
     soak::{self, Haproxy, NftDnat, SoakOptions, SoakReport, Switch},
-    switcher::{default_services, served_topology, Switcher, HTTP_PORT, UDP_PORT},
+    switcher::{default_services, require_root, served_topology, Switcher, HTTP_PORT, UDP_PORT},
     Topology, TopologyOptions,
 };
 
@@ -26,15 +26,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Flips of each peer run: short, fixed (not `BGSWITCH_SOAK_FLIPS`).
 const PEER_FLIPS: usize = 20;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (cargo xtask test)"
-    );
-}
 
 #[test]
 fn flips_under_load_fail_no_request_and_misdirect_nothing() {

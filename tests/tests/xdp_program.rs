@@ -127,12 +127,7 @@ fn neigh(ns: &str, addr: &str, mac: &str) {
 
 /// Runs `f` as root inside a fresh network namespace with only `lo`.
 fn in_scratch_ns(f: impl FnOnce(&str) + Send) {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged test: run as root (cargo xtask test)"
-    );
+    bgswitch_tests::switcher::require_root();
     let ns = TempNetns::create().expect("create a network namespace");
     let name = ns.name().to_string();
     in_netns(&name, || f(&name)).expect("enter the namespace");
