@@ -200,7 +200,7 @@ fn new_entry(
     now: u64,
 ) -> &mut FlowEntry {
     const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
-    const _: () = assert!(core::mem::size_of::<FlowEntry>() % 8 == 0);
+    const _: () = assert!(core::mem::size_of::<FlowEntry>().is_multiple_of(8));
     const _: () = assert!(core::mem::align_of::<FlowEntry>() == 8);
     let w = raw.as_mut_ptr().cast::<u64>();
     // SAFETY: FlowEntry is 8-aligned plain integers, 80 bytes; every word is
@@ -240,7 +240,7 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
 /// Writes a new flow's entry (replies find it through `REPLY_SOURCES`).
 #[inline(always)]
 fn record<C: Packet>(ctx: &C, key: &FlowKey, fwd: &FlowEntry) {
-    if let Err(e) = FLOWS.insert(&key4(key), fwd, 0) {
+    if let Err(e) = FLOWS.insert(key4(key), fwd, 0) {
         count(global::FLOW_INSERT_FAILED);
         if events::gate(global::FLOW_INSERT_FAILED) {
             error!(

@@ -43,7 +43,7 @@ enum Task {
     },
     /// Set up, build, check formatting and lints, run the whole test suite.
     Test {
-        /// Skip `cargo fmt --check` and clippy.
+        /// Skip `cargo fmt --check` and clippy (host crates, then eBPF crates).
         #[arg(long)]
         no_lint: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -207,6 +207,43 @@ fn install_rust_src() -> Result<()> {
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
+/// The nightly toolchain's clippy, which lints the eBPF crates (a minimal
+/// nightly install has none).
+fn install_nightly_clippy() -> Result<()> {
+    if output(Command::new("rustup").args(["run", "nightly", "cargo-clippy", "--version"])).is_ok()
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding clippy to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "nightly"]))
+}
+
+/// Lints the crates built for the BPF target (the data plane, the bench's
+/// programs, and bgswitch-common as they see it), which host-wide commands
+/// leave out: nightly clippy with the target and `core` built from source.
+fn clippy_ebpf() -> Result<()> {
+    install_nightly_clippy()?;
+    run(Command::new("rustup")
+        .args(["run", "nightly", "cargo", "clippy"])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+        ])
+        .args([
+            "-p",
+            "bgswitch-ebpf",
+            "-p",
+            "bgswitch-bench-ebpf",
+            "-p",
+            "bgswitch-common",
+        ])
+        .args(["--lib", "--bins", "--", "-D", "warnings"])
+        .current_dir(workspace_root().join("bgswitch-ebpf")))
+}
+
 /// Builds bpf-linker from crates.io against nightly's own libLLVM (no system
 /// LLVM, no prebuilt download), unless a working one is already installed.
 fn install_bpf_linker() -> Result<()> {
@@ -285,7 +322,9 @@ fn test(no_lint: bool, rest: &[String]) -> Result<()> {
     build(false)?;
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        // The default members: every crate built for the host.
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        clippy_ebpf()?;
     }
     let bin = workspace_root().join("target/debug/bgswitch");
     run(cargo()
