@@ -79,6 +79,16 @@ pub fn require_root() {
     );
 }
 
+/// The served test bed with a daemon running on it for the default
+/// services (fails the calling test unless it runs as root).
+pub fn served_and_started() -> (Topology, Switcher) {
+    require_root();
+    let topo = served_topology().expect("topology with servers");
+    let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
+    sw.start().expect("daemon starts");
+    (topo, sw)
+}
+
 /// The test bed the switching tests and the demo use: the default topology
 /// (two blue and two green backends behind a bridge) with HTTP and UDP
 /// servers on every backend, every namespace with the kernel's default

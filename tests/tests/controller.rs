@@ -14,10 +14,8 @@ use std::{
 
 use bgswitch_tests::{
     http_get,
-    switcher::{
-        bgswitch_bin, default_services, require_root, served_topology, Switcher, HTTP_PORT,
-    },
-    Topology, VIP,
+    switcher::{bgswitch_bin, served_and_started as setup, Switcher, HTTP_PORT},
+    VIP,
 };
 
 fn web() -> SocketAddrV4 {
@@ -48,14 +46,6 @@ fn bgswitch(args: &[&str]) -> Out {
         stdout: String::from_utf8_lossy(&out.stdout).into(),
         stderr: String::from_utf8_lossy(&out.stderr).into(),
     }
-}
-
-fn setup() -> (Topology, Switcher) {
-    require_root();
-    let topo = served_topology().expect("topology with servers");
-    let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
-    sw.start().expect("daemon starts");
-    (topo, sw)
 }
 
 #[test]

@@ -12,17 +12,12 @@ use std::{
 
 use bgswitch_tests::{
     http_get,
-    switcher::{default_services, require_root, served_topology, Switcher, HTTP_PORT, UDP_PORT},
+    switcher::{
+        default_services, require_root, served_and_started as setup, served_topology, Switcher,
+        HTTP_PORT, UDP_PORT,
+    },
     KeepAliveClient, Topology, UdpClient, VIP,
 };
-
-fn setup() -> (Topology, Switcher) {
-    require_root();
-    let topo = served_topology().expect("topology with servers");
-    let mut sw = Switcher::new(&topo, &default_services(&topo)).expect("switcher");
-    sw.start().expect("daemon starts");
-    (topo, sw)
-}
 
 fn web() -> SocketAddrV4 {
     SocketAddrV4::new(VIP, HTTP_PORT)
