@@ -160,11 +160,13 @@ fn run(args: &Args) -> Result<()> {
     }
     if want("components") {
         eprintln!("bench: part 1, component costs");
-        let r = if args.quick {
-            cost::components(1, 1000, cpu)
-        } else {
-            cost::components(9, 100_000, cpu)
-        };
+        let (rounds, repeat) = if args.quick { (1, 1000) } else { (9, 100_000) };
+        let r = cost::components(rounds, repeat, cpu);
+        if args.quick {
+            if let Ok(v) = &r {
+                cost::assert_components(v, rounds)?;
+            }
+        }
         record("components", r)?;
     }
     if want("flip") {
