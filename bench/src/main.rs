@@ -186,7 +186,13 @@ fn run(args: &Args) -> Result<()> {
     }
     if want("scale") {
         eprintln!("bench: part 5, scale (program cost and memory as the table fills)");
-        record("scale_cost", cost::scale(&copts))?;
+        let r = cost::scale(&copts);
+        if args.quick {
+            if let Ok(v) = &r {
+                cost::assert_scale(v, &copts)?;
+            }
+        }
+        record("scale_cost", r)?;
     }
     if want("forwarding") {
         eprintln!("bench: part 2, forwarding rate (and part 5's forwarding half)");
