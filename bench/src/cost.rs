@@ -109,7 +109,7 @@ impl CostOptions {
             single_calls: 21,
             max_flows: 4096,
             scale_max_flows: 4096,
-            fill_levels: vec![1, 4096],
+            fill_levels: vec![1, 1000, 4096],
             scale_rounds: 1,
             scale_single_calls: 21,
             cpu,
@@ -783,28 +783,56 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
         let mut fresh = 0u32;
         let mut levels = Vec::new();
         let fill_started = Instant::now();
+        // Every packet of the scale run is to the TCP service (blue, one
+        // backend): each is redirected, and each either follows a record
+        // (flow_hits) or makes one (new_flows); records leave the table only
+        // by eviction.
+        let recorded =
+            |dp: &Dataplane| -> Result<u64> { Ok(dp.colour_stats(0, Colour::Blue)?.new_flows) };
+        let flows_id = l.flows_id;
+        let entries = || -> Result<u64> {
+            count_entries(flows_id.context("the FLOWS map was not found by id")?)
+        };
+        let mut not_redirected = 0u64;
         for &level in &opts.fill_levels {
             let level = level.min(opts.scale_max_flows);
+            let (fill_from, rec0) = (filled, recorded(dp)?);
             while filled < level {
                 let f = frame(client(1, filled), vip80, L4::Syn, 255, FRAME_LEN);
-                dp.test_run(&f, Some(v0), 1)?;
+                if dp.test_run(&f, Some(v0), 1)?.0 != XDP_REDIRECT {
+                    not_redirected += 1;
+                }
                 filled += 1;
             }
+            let fill_recorded = recorded(dp)? - rec0;
+            let entries_after_fill = entries()?;
             let hot = frame(client(1, 0), vip80, L4::Ack, 255, FRAME_LEN);
             let mut r_pass = Vec::new();
             let mut r_hot = Vec::new();
             let mut r_pass1 = Vec::new();
             let mut r_spread = Vec::new();
             let mut r_new = Vec::new();
-            let hits0 = global(dp, "flow_hits");
+            // Hits and records of each kind of call, read between the
+            // timed loops (never inside one).
             let mut spread_calls = 0u64;
+            let (mut hot_runs, mut hot_hits, mut hot_recorded) = (0u64, 0u64, 0u64);
+            let (mut spread_hits, mut spread_recorded) = (0u64, 0u64);
+            let (mut new_syns, mut new_recorded) = (0u64, 0u64);
+            let counts = |dp: &Dataplane| -> Result<(u64, u64)> {
+                Ok((global(dp, "flow_hits"), recorded(dp)?))
+            };
             for _ in 0..opts.scale_rounds {
                 let mut a = Vec::new();
                 let mut b = Vec::new();
+                let c0 = counts(dp)?;
                 for _ in 0..opts.calls {
                     a.push(pass.run(&hot, v0, opts.repeat)?.1.as_nanos() as f64);
-                    b.push(dp.test_run(&hot, Some(v0), opts.repeat)?.2.as_nanos() as f64);
+                    let (act, _, d) = dp.test_run(&hot, Some(v0), opts.repeat)?;
+                    not_redirected += u64::from(act != XDP_REDIRECT);
+                    b.push(d.as_nanos() as f64);
+                    hot_runs += u64::from(opts.repeat);
                 }
+                let c1 = counts(dp)?;
                 r_pass.push(median(&a));
                 r_hot.push(median(&b));
                 let mut p1 = Vec::new();
@@ -814,22 +842,33 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
                     let i = (next() % u64::from(filled)) as u32;
                     let f = frame(client(1, i), vip80, L4::Ack, 255, FRAME_LEN);
                     p1.push(pass.run(&f, v0, 1)?.1.as_nanos() as f64);
-                    s1.push(dp.test_run(&f, Some(v0), 1)?.2.as_nanos() as f64);
+                    let (act, _, d) = dp.test_run(&f, Some(v0), 1)?;
+                    not_redirected += u64::from(act != XDP_REDIRECT);
+                    s1.push(d.as_nanos() as f64);
                     spread_calls += 1;
                 }
+                let c2 = counts(dp)?;
                 for _ in 0..opts.scale_single_calls / 4 {
                     fresh += 1;
                     let f = frame(client(2, fresh), vip80, L4::Syn, 255, FRAME_LEN);
-                    n1.push(dp.test_run(&f, Some(v0), 1)?.2.as_nanos() as f64);
+                    let (act, _, d) = dp.test_run(&f, Some(v0), 1)?;
+                    not_redirected += u64::from(act != XDP_REDIRECT);
+                    n1.push(d.as_nanos() as f64);
+                    new_syns += 1;
                 }
+                let c3 = counts(dp)?;
+                hot_hits += c1.0 - c0.0;
+                hot_recorded += c1.1 - c0.1;
+                spread_hits += c2.0 - c1.0;
+                spread_recorded += c2.1 - c1.1;
+                new_recorded += c3.1 - c2.1;
                 r_pass1.push(interquartile_mean(&p1));
                 r_spread.push(interquartile_mean(&s1));
                 r_new.push(interquartile_mean(&n1));
             }
-            let hits = global(dp, "flow_hits") - hits0;
-            let hot_hits = (opts.scale_rounds * opts.calls) as u64 * u64::from(opts.repeat);
-            let spread_hit_ratio =
-                (hits.saturating_sub(hot_hits)) as f64 / spread_calls.max(1) as f64;
+            let spread_hit_ratio = spread_hits as f64 / spread_calls.max(1) as f64;
+            let recorded_total = recorded(dp)?;
+            let entries_now = entries()?;
             let diff = |x: &[f64], y: &[f64]| -> Vec<f64> {
                 x.iter().zip(y).map(|(a, b)| a - b).collect()
             };
@@ -838,7 +877,25 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
                 "established_hot_ns": Summary::of(&diff(&r_hot, &r_pass)),
                 "established_spread_ns": Summary::of(&diff(&r_spread, &r_pass1)),
                 "new_flow_ns": Summary::of(&diff(&r_new, &r_pass1)),
-                "spread_hit_ratio": spread_hit_ratio.min(1.0),
+                "spread_hit_ratio": spread_hit_ratio,
+                "check": {
+                    "filled_from": fill_from,
+                    "fill_syns": level - fill_from,
+                    "fill_recorded": fill_recorded,
+                    "entries_after_fill": entries_after_fill,
+                    "hot_runs": hot_runs,
+                    "hot_hits": hot_hits,
+                    "hot_recorded": hot_recorded,
+                    "spread_calls": spread_calls,
+                    "spread_hits": spread_hits,
+                    "spread_recorded": spread_recorded,
+                    "new_flow_syns": new_syns,
+                    "new_flow_recorded": new_recorded,
+                    "recorded_total": recorded_total,
+                    "entries": entries_now,
+                    "evicted": recorded_total.saturating_sub(entries_now),
+                    "not_redirected_total": not_redirected,
+                },
             }));
             eprintln!(
                 "bench: scale: {level} flows measured ({:.0} s since start)",
@@ -919,6 +976,105 @@ pub fn assert_checks(section: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Quick mode: the scale part filled the table it reports on and measured
+/// what it says. The kernel charged more for the large table than for the
+/// small one, and at least key + value per flow; every packet was redirected;
+/// each level's fill made one record per SYN and the table held them all
+/// (beyond half its size an LRU map may evict: there, three quarters);
+/// every timed call either followed its record or, its record evicted, made
+/// a new one, so the spread's hit ratio is 1 where nothing was evicted and
+/// its misses never outnumber the evictions.
+pub fn assert_scale(section: &Value, opts: &CostOptions) -> Result<()> {
+    ensure!(
+        section["status"] == "measured",
+        "scale: {}",
+        section["status"]
+    );
+    let u = |v: &Value, k: &str| v[k].as_u64().with_context(|| format!("no {k} in {v}"));
+    let mem = &section["memory"];
+    let (big, small) = (
+        u(mem, "flows_map_memlock_bytes")?,
+        u(mem, "flows_map_memlock_bytes_small")?,
+    );
+    ensure!(
+        small > 0 && big > small,
+        "FLOWS memory not growing with its size: {big} B for {} flows, {small} B for {}",
+        opts.scale_max_flows,
+        mem["small_max_flows"]
+    );
+    let slope = mem["bytes_per_flow_slope"].as_f64().unwrap_or(0.0);
+    let kv = u(mem, "flow_key_plus_entry_bytes")? as f64;
+    ensure!(
+        slope >= kv,
+        "{slope} B per flow is less than a key and an entry ({kv} B): {mem}"
+    );
+    let levels = section["levels"].as_array().context("no levels")?;
+    ensure!(
+        levels.len() == opts.fill_levels.len(),
+        "{} levels measured, want {}",
+        levels.len(),
+        opts.fill_levels.len()
+    );
+    let max = u64::from(opts.scale_max_flows);
+    let mut entries_before = 0;
+    for (l, &want) in levels.iter().zip(&opts.fill_levels) {
+        let c = &l["check"];
+        let flows = u(l, "flows")?;
+        ensure!(
+            flows == u64::from(want.min(opts.scale_max_flows)),
+            "level {l}: want {want} flows"
+        );
+        ensure!(
+            u(c, "not_redirected_total")? == 0,
+            "scale: packets to the VIP not redirected: {c}"
+        );
+        ensure!(
+            u(c, "fill_recorded")? == u(c, "fill_syns")?,
+            "level {flows}: the fill's SYNs did not each make a record: {c}"
+        );
+        let held = u(c, "entries_after_fill")?;
+        let need = if flows <= max / 2 {
+            flows
+        } else {
+            flows * 3 / 4
+        };
+        ensure!(
+            held >= need && held > entries_before,
+            "level {flows}: the table holds {held} flows after the fill (want at least {need}, and more than the level before's {entries_before}): {c}"
+        );
+        entries_before = held;
+        let evicted = u(c, "evicted")?;
+        if u(c, "recorded_total")? <= max / 2 {
+            ensure!(
+                evicted == 0,
+                "level {flows}: a half-empty table evicted {evicted} flows: {c}"
+            );
+        }
+        let (calls, hits, made) = (
+            u(c, "spread_calls")?,
+            u(c, "spread_hits")?,
+            u(c, "spread_recorded")?,
+        );
+        ensure!(calls > 0, "level {flows}: no spread calls: {c}");
+        ensure!(
+            hits + made == calls
+                && u(c, "hot_hits")? + u(c, "hot_recorded")? == u(c, "hot_runs")?
+                && u(c, "new_flow_recorded")? == u(c, "new_flow_syns")?,
+            "level {flows}: a packet neither followed a record nor made one: {c}"
+        );
+        ensure!(
+            made + u(c, "hot_recorded")? <= evicted,
+            "level {flows}: {made} spread calls missed recorded flows, {evicted} flows were evicted: {c}"
+        );
+        let ratio = l["spread_hit_ratio"].as_f64().unwrap_or(-1.0);
+        ensure!(
+            ratio == hits as f64 / calls as f64 && (evicted > 0 || ratio == 1.0),
+            "level {flows}: spread hit ratio {ratio} with {evicted} flows evicted: {c}"
+        );
+    }
+    Ok(())
+}
+
 /// Runs one case in a loop for `seconds` on the bench CPU (to profile it with
 /// `perf record -C <cpu>`). Returns runs and mean ns per run.
 pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64, f64)> {
@@ -983,7 +1139,7 @@ pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64
 /// fast path does, as it does it and as a proposal would, priced against
 /// XDP_PASS with a large repeat (none of them changes the next run's input).
 pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
-    const PARTS: [(&str, &str); 16] = [
+    const PARTS: [(&str, &str); COMPONENTS] = [
         ("part_ktime", "bpf_ktime_get_ns()"),
         ("part_jiffies", "bpf_jiffies64() (tick resolution; inlined by the verifier)"),
         ("part_ktime_coarse", "bpf_ktime_get_coarse_ns() (tick resolution)"),
@@ -1043,8 +1199,31 @@ pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
                 aya::maps::DevMap::try_from(parts.map_mut("PORT_ARRAY").context("PORT_ARRAY")?)?;
             a.set(1, bed.v1, None, 0)?;
         }
+        // The FIB parts add the first byte of the MAC the lookup found to
+        // their sink, and their return code (0 on success, 1-8 otherwise):
+        // a first byte above 8 makes a successful lookup recognisable.
+        ip_ns(
+            bed.name(),
+            &[
+                "neigh",
+                "replace",
+                NEXT_HOP,
+                "lladdr",
+                "0a:00:00:00:01:02",
+                "dev",
+                "v1",
+                "nud",
+                "permanent",
+            ],
+        )?;
         let ctx = xdp_ctx(f.len(), bed.v0);
         let mut run_part = |name: &str| -> Result<f64> {
+            let sink = |parts: &Ebpf| -> Result<u64> {
+                let m: aya::maps::PerCpuArray<_, u64> =
+                    aya::maps::PerCpuArray::try_from(parts.map("OUT").context("OUT")?)?;
+                Ok(m.get(&0, 0)?.iter().fold(0u64, |a, v| a.wrapping_add(*v)))
+            };
+            let before = sink(&parts)?;
             let p: &mut Xdp = parts.program_mut(name).context("program")?.try_into()?;
             let mut out = vec![0u8; f.len() + 256];
             let r = p.test_run(TestRunOptions {
@@ -1054,10 +1233,11 @@ pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
                 repeat,
                 ..TestRunOptions::new()
             })?;
+            let added = sink(&parts)?.wrapping_sub(before);
+            check_part(name, r.return_value, added, u64::from(repeat))?;
             ensure!(
-                r.return_value == XDP_PASS || r.return_value == XDP_REDIRECT,
-                "{name} returned {}",
-                r.return_value
+                r.duration > Duration::ZERO,
+                "{name}: the kernel timed {repeat} runs at zero"
             );
             Ok(r.duration.as_nanos() as f64)
         };
@@ -1088,8 +1268,13 @@ pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
                 json!({"part": name, "label": label, "over_baseline_ns": Summary::of(&d)})
             })
             .collect();
+        ensure!(
+            base.len() == rounds && base.iter().all(|b| b.is_finite() && *b > 0.0),
+            "the XDP_PASS baseline was not timed in every round: {base:?}"
+        );
         Ok(json!({
             "status": "measured",
+            "checked": "every call of every part returned its verdict and did its work on every run (lookups hit, updates succeeded, FIB lookups found the neighbour, clocks read)",
             "method": format!("micro-programs in bench/ebpf/src/bin/xdp_parts.rs on the 64-byte established-ACK frame, ingress v0 of the part-1 namespace (routes and neighbours as there); repeat {repeat}, 3 calls per round, {rounds} interleaved rounds; median (min–max) over rounds of the difference to XDP_PASS"),
             "baseline_ns": Summary::of(&base),
             "components": rows,
@@ -1097,4 +1282,73 @@ pub fn components(rounds: usize, repeat: u32, cpu: usize) -> Result<Value> {
     })??;
     drop(bed);
     Ok(r)
+}
+
+/// The number of component micro-programs [`components`] prices.
+pub const COMPONENTS: usize = 16;
+
+/// What one call of a component micro-program must show, `repeat` runs:
+/// its verdict (the redirects redirect, the rest pass) and what it added to
+/// its sink map `OUT` — every lookup a hit (the value stored for its key on
+/// every run; LRU40's value is 1, or 2 once `part_lru40_update` wrote it),
+/// every update a success (nothing added), every FIB lookup a success with
+/// the neighbour's MAC (first byte 0x0a, so 10 per run), every clock read
+/// non-zero. A part that measured something else (a miss, a failed lookup, a
+/// redirect that fell back to XDP_PASS) fails here instead of being priced.
+fn check_part(name: &str, verdict: u32, added: u64, repeat: u64) -> Result<()> {
+    let redirects = name.contains("redirect");
+    let want_verdict = if redirects { XDP_REDIRECT } else { XDP_PASS };
+    ensure!(
+        verdict == want_verdict,
+        "{name} returned {verdict}, want {want_verdict}"
+    );
+    let ok = match name {
+        "part_ktime" | "part_jiffies" | "part_ktime_coarse" => added != 0,
+        "part_hash20" | "part_lru16" => added == repeat,
+        "part_lru40" => added == repeat || added == 2 * repeat,
+        "part_lru40_update" | "part_lru16_update" | "part_lru16_update_pcpu" => added == 0,
+        "part_fib_zeroed" | "part_fib_words" | "part_fib_direct" => added == 10 * repeat,
+        _ if redirects => added == 0,
+        _ => bail!("{name}: no check for this component"),
+    };
+    ensure!(
+        ok,
+        "{name} did not do its work on every one of {repeat} runs (added {added} to its sink)"
+    );
+    Ok(())
+}
+
+/// Quick mode: every component was measured in every round, with finite
+/// figures (what [`components`] checked of each call is in its `checked`).
+pub fn assert_components(section: &Value, rounds: usize) -> Result<()> {
+    ensure!(
+        section["status"] == "measured",
+        "components: {}",
+        section["status"]
+    );
+    let rows = section["components"]
+        .as_array()
+        .context("no component rows")?;
+    ensure!(
+        rows.len() == COMPONENTS,
+        "{} component rows, want {COMPONENTS}",
+        rows.len()
+    );
+    let finite = |v: &Value| v.as_f64().is_some_and(f64::is_finite);
+    for r in rows {
+        let d = &r["over_baseline_ns"];
+        ensure!(
+            d["n"].as_u64() == Some(rounds as u64)
+                && finite(&d["median"])
+                && finite(&d["min"])
+                && finite(&d["max"]),
+            "component not measured in each of {rounds} rounds: {r}"
+        );
+    }
+    let b = &section["baseline_ns"];
+    ensure!(
+        b["n"].as_u64() == Some(rounds as u64) && b["min"].as_f64().is_some_and(|m| m > 0.0),
+        "baseline not measured in each of {rounds} rounds: {b}"
+    );
+    Ok(())
 }

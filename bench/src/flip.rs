@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context as _, Result};
 use bgswitch_tests::Colour;
 use serde_json::{json, Value};
 
@@ -90,24 +90,33 @@ pub fn measure(sys_: &mut System, opts: &FlipOptions) -> Result<Value> {
     let mut first_new = Vec::new();
     let mut stale_after_return = 0u64;
     let mut unobserved = 0usize;
+    // Flips whose window (command returned to the next flip) held no
+    // answered probe: nothing there could show a new flow going astray.
+    let mut untested_after_return = 0usize;
     for (i, (to, t)) in flips.iter().enumerate() {
         let end = flips.get(i + 1).map_or(u64::MAX, |(_, n)| n.start_ns);
+        let returned = t.start_ns + t.command_ns;
         let window = probes
             .iter()
             .filter(|p| p.start_ns >= t.start_ns && p.start_ns < end);
         let mut first = None;
+        let mut after_return = 0usize;
         for p in window {
+            if p.start_ns > returned && p.outcome.is_ok() {
+                after_return += 1;
+            }
             match &p.outcome {
                 Ok(c) if c == to && first.is_none() => first = Some(p.start_ns - t.start_ns),
-                Ok(c) if c != to && p.start_ns > t.start_ns + t.command_ns => {
-                    stale_after_return += 1
-                }
+                Ok(c) if c != to && p.start_ns > returned => stale_after_return += 1,
                 _ => {}
             }
         }
         match first {
             Some(f) => first_new.push(ms(f)),
             None => unobserved += 1,
+        }
+        if after_return == 0 {
+            untested_after_return += 1;
         }
     }
     let probe_failures = probes.iter().filter(|p| p.outcome.is_err()).count() as u64;
@@ -127,6 +136,7 @@ pub fn measure(sys_: &mut System, opts: &FlipOptions) -> Result<Value> {
         "applied_observed": applied.len(),
         "first_new_flow_on_new_colour_ms": Summary::of(&first_new),
         "first_new_flow_unobserved": unobserved,
+        "flips_without_a_probe_after_command_returned": untested_after_return,
         "probe_interval_ms_median": median(&gaps),
         "new_flows_on_old_colour_after_command_returned": stale_after_return,
         "probes": probes.len(),
@@ -250,22 +260,40 @@ pub fn run(opts: &FlipOptions) -> Result<Value> {
     }))
 }
 
-/// Quick mode: bgswitch's flips fail no request and no new flow reaches the
-/// old colour after the command returned.
+/// Quick mode: every bgswitch flip changed the mapped control word and was
+/// followed, before the next flip, by a new flow on the new colour and by at
+/// least one answered probe begun after the command returned; no request
+/// failed (of many made) and no new flow reached the old colour after the
+/// command returned.
 pub fn assert_clean(section: &Value) -> Result<()> {
     let b = &section["systems"]["bgswitch"];
     ensure!(b["status"] == "measured", "bgswitch flips: {}", b["status"]);
+    let flips = b["flips"].as_u64().unwrap_or(0);
+    ensure!(flips > 0, "no flip was made: {b}");
+    let count = |k: &str| b[k].as_u64().with_context(|| format!("no {k} in {b}"));
     ensure!(
-        b["failed_requests"] == 0,
+        count("applied_observed")? == flips,
+        "the control word was not seen changed after every flip: {b}"
+    );
+    ensure!(
+        count("probes")? >= flips && count("keepalive_requests")? >= flips,
+        "too little load to judge the flips (probes and keep-alive requests each fewer than the flips): {b}"
+    );
+    ensure!(
+        count("failed_requests")? == 0,
         "bgswitch flips failed requests: {b}"
     );
     ensure!(
-        b["new_flows_on_old_colour_after_command_returned"] == 0,
+        count("new_flows_on_old_colour_after_command_returned")? == 0,
         "new flows reached the old colour after the flip returned: {b}"
     );
     ensure!(
-        b["first_new_flow_unobserved"].as_u64().unwrap_or(1) < b["flips"].as_u64().unwrap_or(0),
-        "no flip was followed by a new flow on the new colour: {b}"
+        count("first_new_flow_unobserved")? == 0,
+        "not every flip was followed by a new flow on the new colour: {b}"
+    );
+    ensure!(
+        count("flips_without_a_probe_after_command_returned")? == 0,
+        "not every flip had a new flow begun after the command returned: {b}"
     );
     Ok(())
 }

@@ -160,11 +160,13 @@ fn run(args: &Args) -> Result<()> {
     }
     if want("components") {
         eprintln!("bench: part 1, component costs");
-        let r = if args.quick {
-            cost::components(1, 1000, cpu)
-        } else {
-            cost::components(9, 100_000, cpu)
-        };
+        let (rounds, repeat) = if args.quick { (1, 1000) } else { (9, 100_000) };
+        let r = cost::components(rounds, repeat, cpu);
+        if args.quick {
+            if let Ok(v) = &r {
+                cost::assert_components(v, rounds)?;
+            }
+        }
         record("components", r)?;
     }
     if want("flip") {
@@ -184,7 +186,13 @@ fn run(args: &Args) -> Result<()> {
     }
     if want("scale") {
         eprintln!("bench: part 5, scale (program cost and memory as the table fills)");
-        record("scale_cost", cost::scale(&copts))?;
+        let r = cost::scale(&copts);
+        if args.quick {
+            if let Ok(v) = &r {
+                cost::assert_scale(v, &copts)?;
+            }
+        }
+        record("scale_cost", r)?;
     }
     if want("forwarding") {
         eprintln!("bench: part 2, forwarding rate (and part 5's forwarding half)");
