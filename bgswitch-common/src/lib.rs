@@ -24,7 +24,7 @@ pub mod hash;
 
 /// Version of the map layout below. Bump on any change to a map's key, value,
 /// type or meaning.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Most services one data plane serves (size of the per-service arrays).
 pub const MAX_SERVICES: u32 = 256;
@@ -65,6 +65,8 @@ pub mod maps {
     pub const POOL_SIZES: &str = "POOL_SIZES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const FLOWS: &str = "FLOWS";
+    /// The IPv6 flow table.
+    pub const FLOWS6: &str = "FLOWS6";
     pub const SETTINGS: &str = "SETTINGS";
     pub const TX_PORTS: &str = "TX_PORTS";
     /// Every interface bgswitch serves (XDP or TC), ifindex → how.
@@ -87,12 +89,13 @@ pub mod maps {
     /// rebuilt empty by each load).
     pub const BACKEND_HOPS: &str = "BACKEND_HOPS";
     /// Every pinned map, in the order they are pinned.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
         BACKENDS,
         FLOWS,
+        FLOWS6,
         SETTINGS,
         TX_PORTS,
         ATTACHED,
@@ -319,6 +322,22 @@ pub struct FlowKey4 {
     pub _pad1: u16,
 }
 
+/// Key of the `FLOWS6` LRU table (IPv6 flows), as [`FlowKey4`] for IPv4:
+/// the client's packet as received (client → VIP). 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Wire order.
+    pub sport: u16,
+    /// Wire order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
 /// Flag bits of [`FlowEntry::flags`].
 pub mod flow_flags {
     /// A `FLOW_CACHE` slot of the reply direction (flow entries never have it).
@@ -404,6 +423,21 @@ pub struct FlowEntry {
     /// Low 32 bits of `jiffies` when the next hop towards the backend was
     /// looked up.
     pub nh_at: u32,
+}
+
+/// Value of the `FLOWS6` table (IPv6): the backend's whole address, then
+/// the same record as an IPv4 flow's ([`FlowEntry`], whose `peer` holds the
+/// address's first word and is not used on its own). 96 bytes: with the
+/// 40-byte key, the element header and a bucket, a flow takes 200 bytes of
+/// kernel memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry6 {
+    /// The backend's IPv6 address (see [`Addr`]).
+    pub peer6: Addr,
+    /// Everything else, laid out as for IPv4 (at offset 16: the MAC fields
+    /// keep their alignment).
+    pub e: FlowEntry,
 }
 
 /// Value of `REPLY_SOURCES`, keyed by a backend as a [`ServiceKey`]
@@ -642,15 +676,18 @@ pub struct BackendStats {
 
 /// Indexes of the per-CPU `GLOBAL_STATS` array.
 pub mod global {
-    /// Not IPv4 (ARP, IPv6, …): passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, …): passed untouched.
     pub const PASS_NOT_IP: u32 = 0;
-    /// IPv4 but not TCP/UDP to a VIP nor a reply of a known flow: passed untouched.
+    /// IP but not TCP/UDP to a VIP nor a reply of a known flow (IPv6: also
+    /// an extension header bgswitch does not walk): passed untouched.
     pub const PASS_NOT_SERVICE: u32 = 1;
     /// Truncated or inconsistent headers: passed untouched.
     pub const MALFORMED: u32 = 2;
-    /// IPv4 fragments (any with MF set or a non-zero offset): passed untouched.
+    /// Fragments (IPv4: MF set or a non-zero offset; IPv6: a fragment
+    /// header): passed untouched.
     pub const FRAGMENT: u32 = 3;
-    /// VIP packets with TTL <= 1: passed untouched so the stack answers ICMP.
+    /// VIP packets with TTL (hop limit) <= 1: passed untouched so the stack
+    /// answers ICMP.
     pub const TTL_EXCEEDED: u32 = 4;
     /// VIP packets of a service whose pool is empty: passed untouched.
     pub const NO_BACKEND: u32 = 5;
@@ -757,6 +794,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for FlowEntry6 {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ColourStats {}
     unsafe impl aya::Pod for BackendStats {}
@@ -777,6 +816,9 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowEntry>(), 80);
+        assert_eq!(size_of::<FlowKey6>(), 40);
+        assert_eq!(size_of::<FlowEntry6>(), 96);
+        assert_eq!(core::mem::offset_of!(FlowEntry6, e) % 8, 0);
         assert_eq!(size_of::<ReplySource>(), 24);
         assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<Settings>(), 32);

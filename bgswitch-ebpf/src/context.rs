@@ -47,14 +47,17 @@ pub trait Packet: EbpfContext {
     /// The IPv4 header's TOS, source and destination as they are now (after
     /// a rewrite).
     fn ip_fields(&self, f: &Frame) -> Option<(u8, u32, u32)>;
-    /// Replaces the address and port of `side`, keeping the IPv4 and L4
-    /// checksums right. `None` only if a header vanished, which parsing
-    /// ruled out.
+    /// The IPv6 header's first word (version, traffic class, flow label),
+    /// source and destination as they are now.
+    fn ip6_fields(&self, f: &Frame) -> Option<(u32, Addr, Addr)>;
+    /// Replaces the address and port of `side`, keeping the IPv4 (if any)
+    /// and L4 checksums right. `None` only if a header vanished, which
+    /// parsing ruled out.
     fn rewrite(&self, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()>;
     /// The cached path's rewrite: the address and port of `side` and the
     /// TTL, with the flow's precomputed checksum deltas where the context
-    /// can use them (see `bgswitch_common::CachedFlow`). The caller checked
-    /// TTL > 1.
+    /// can use them (see `bgswitch_common::CachedFlow`). IPv4 only (the
+    /// cache holds IPv4 flows). The caller checked TTL > 1.
     #[allow(clippy::too_many_arguments)]
     fn rewrite_cached(
         &self,
@@ -65,7 +68,7 @@ pub trait Packet: EbpfContext {
         ip_delta: u16,
         l4_delta: u16,
     ) -> Option<()>;
-    /// Decrements the TTL (the caller checked TTL > 1).
+    /// Decrements the TTL or hop limit (the caller checked it is > 1).
     fn decrement_ttl(&self, f: &Frame) -> Option<()>;
     /// Writes the next hop's MACs (the same in both contexts; after the
     /// last helper that may move the data).

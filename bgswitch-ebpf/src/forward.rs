@@ -1,13 +1,13 @@
 //! Client → VIP: follow the flow's record, or choose a colour and a backend
 //! for a new flow (the orphan pool for a connection older than its record
 //! in a transition) and record it, one entry with both directions' next
-//! hops.
+//! hops. Written once for both families ([`Family`]).
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use bgswitch_common::{
     control, flow_flags, global,
     hash::{flow_hash, CANARY_SEED},
-    FlowEntry, FlowKey, FlowKey4, PreviewKey, PROTO_TCP, PROTO_UDP,
+    Addr, FlowEntry, FlowKey, FlowKey4, PreviewKey, PROTO_TCP, PROTO_UDP,
 };
 
 use aya_log_ebpf::error;
@@ -16,9 +16,10 @@ use crate::{
     cache::{fill, forget, Cache, Dir},
     context::{Packet, Side},
     events,
-    flow::{close_flags, closed, key4},
+    family::Family,
+    flow::{close_flags, closed},
     frame::{Frame, TCP_ACK, TCP_SYN},
-    maps::{account, count, CONTROL, FLOWS, PREVIEW, SETTINGS},
+    maps::{account, count, CONTROL, PREVIEW, SETTINGS},
     service::{no_backend, pick, vip_source},
     stateless::stateless,
     transmit::{send, Nh},
@@ -56,12 +57,12 @@ fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, 
 
 /// Client → VIP, with the flow's record if it has one.
 #[inline(always)]
-pub fn to_backend<C: Packet>(
+pub fn to_backend<C: Packet, F: Family>(
     ctx: &C,
     f: &Frame,
     key: &FlowKey,
     service: u32,
-    entry: Option<&mut FlowEntry>,
+    entry: Option<&mut F::Entry>,
     now: u64,
     cache: &Cache,
 ) -> u32 {
@@ -81,7 +82,7 @@ pub fn to_backend<C: Packet>(
         count(global::PASS_NOT_SERVICE);
         return C::PASS;
     }
-    if control::stateless(word) && f.proto == PROTO_TCP {
+    if F::V4 && control::stateless(word) && f.proto == PROTO_TCP {
         // Its stateless slot is set before the word and cleared after: only
         // a packet racing a change, or of a service whose slot another one
         // holds, gets here.
@@ -90,9 +91,11 @@ pub fn to_backend<C: Packet>(
     let syn = f.proto == PROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The backend of an entry this packet replaces (port reuse after close
     // or idle).
-    let mut replaced: Option<(u32, u16)> = None;
+    let mut replaced: Option<(Addr, u16)> = None;
     if let Some(entry) = entry {
-        replaced = Some((entry.peer, entry.peer_port));
+        let peer = F::peer(entry);
+        let entry = F::flow(entry);
+        replaced = Some((peer, entry.peer_port));
         if !expired(entry, f, syn, now) {
             if now.wrapping_sub(entry.last_seen) > cache.fresh.refresh {
                 entry.last_seen = now;
@@ -103,10 +106,7 @@ pub fn to_backend<C: Packet>(
             }
             count(global::FLOW_HITS);
             account(entry.backend_stat as u32, f.frame_len, false, false);
-            if ctx
-                .rewrite(f, Side::Dst, &[entry.peer, 0, 0, 0], entry.peer_port)
-                .is_none()
-            {
+            if ctx.rewrite(f, Side::Dst, &peer, entry.peer_port).is_none() {
                 count(global::MALFORMED);
                 return C::PASS;
             }
@@ -146,14 +146,18 @@ pub fn to_backend<C: Packet>(
     if preview {
         flags |= flow_flags::PREVIEW;
     }
-    let mut raw = core::mem::MaybeUninit::<FlowEntry>::uninit();
-    let fwd = new_entry(
-        &mut raw, b.addr[0], b.port, colour, flags, service, b.stat_id, now,
+    let mut raw = core::mem::MaybeUninit::<F::Entry>::uninit();
+    let rec = new_entry::<F>(
+        &mut raw, &b.addr, b.port, colour, flags, service, b.stat_id, now,
     );
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
-    let action = send(ctx, f, Nh::forward(fwd), now, cache.fresh, None);
-    record(ctx, key, fwd);
+    let action = send(ctx, f, Nh::forward(F::flow(rec)), now, cache.fresh, None);
+    record::<C, F>(ctx, key, rec);
+    if !F::V4 {
+        return action;
+    }
+    let fwd = F::flow(rec);
     // A replaced entry (port reuse after close or idle) needs no
     // invalidation elsewhere: after idle, every CPU's slot of the flow is
     // older than the refresh; after a close, slots on other CPUs would
@@ -162,13 +166,13 @@ pub fn to_backend<C: Packet>(
     // backend's reply slot is cleared below (on this CPU).
     fill(cache, fwd, Dir::Forward);
     if let Some((old, old_port)) = replaced {
-        if (old, old_port) != (b.addr[0], b.port) {
+        if (old[0], old_port) != (b.addr[0], b.port) {
             // The old backend's late packets are no replies of the new flow:
             // this CPU's slot of them goes (other CPUs' slots age out within
             // the refresh).
             forget(
                 &FlowKey4 {
-                    src: old,
+                    src: old[0],
                     dst: f.src[0],
                     sport: old_port,
                     dport: f.sport,
@@ -183,36 +187,38 @@ pub fn to_backend<C: Packet>(
     action
 }
 
-/// A new flow's entry, built in place in `raw`: zeroed with ten 8-byte
-/// stores first (a struct literal's `[0; 6]` MAC fields each became a call
-/// to the byte-at-a-time memset here, four per new flow), then the fields
-/// that are not zero.
+/// A new flow's record, built in place in `raw`: zeroed with 8-byte stores
+/// first (ten for IPv4; a struct literal's `[0; 6]` MAC fields each became
+/// a call to the byte-at-a-time memset here, four per new flow), then the
+/// fields that are not zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn new_entry(
-    raw: &mut core::mem::MaybeUninit<FlowEntry>,
-    peer: u32,
+fn new_entry<'a, F: Family>(
+    raw: &'a mut core::mem::MaybeUninit<F::Entry>,
+    peer: &Addr,
     peer_port: u16,
     colour: u32,
     flags: u8,
     service: u32,
     stat: u32,
     now: u64,
-) -> &mut FlowEntry {
-    const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
+) -> &'a mut F::Entry {
     const _: () = assert!(core::mem::size_of::<FlowEntry>().is_multiple_of(8));
     const _: () = assert!(core::mem::align_of::<FlowEntry>() == 8);
+    const _: () = assert!(core::mem::size_of::<bgswitch_common::FlowEntry6>().is_multiple_of(8));
+    let words = core::mem::size_of::<F::Entry>() / 8;
     let w = raw.as_mut_ptr().cast::<u64>();
-    // SAFETY: FlowEntry is 8-aligned plain integers, 80 bytes; every word is
-    // written (volatile, so the stores are not merged back into a memset
-    // call), and zero is a valid value for every field.
-    let e = unsafe {
-        for i in 0..WORDS {
+    // SAFETY: both records are 8-aligned plain integers, a multiple of 8
+    // bytes; every word is written (volatile, so the stores are not merged
+    // back into a memset call), and zero is a valid value for every field.
+    let rec = unsafe {
+        for i in 0..words {
             core::ptr::write_volatile(w.add(i), 0);
         }
         &mut *raw.as_mut_ptr()
     };
-    e.peer = peer;
+    F::set_peer(rec, peer);
+    let e = F::flow(rec);
     e.peer_port = peer_port;
     e.colour = colour as u8;
     e.flags = flags;
@@ -220,7 +226,7 @@ fn new_entry(
     e.created = now as u32;
     e.last_seen = now;
     e.backend_stat = stat as u16;
-    e
+    rec
 }
 
 /// Whether a forward entry no longer decides this packet: an idle UDP flow, or
@@ -237,18 +243,30 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
     syn && (closed(entry.flags) || idle > s.tcp_idle)
 }
 
-/// Writes a new flow's entry (replies find it through `REPLY_SOURCES`).
+/// Writes a new flow's record (replies find it through `REPLY_SOURCES`).
 #[inline(always)]
-fn record<C: Packet>(ctx: &C, key: &FlowKey, fwd: &FlowEntry) {
-    if let Err(e) = FLOWS.insert(key4(key), fwd, 0) {
+fn record<C: Packet, F: Family>(ctx: &C, key: &FlowKey, rec: &F::Entry) {
+    if let Err(e) = F::flows().insert(&F::key(key), rec, 0) {
         count(global::FLOW_INSERT_FAILED);
         if events::gate(global::FLOW_INSERT_FAILED) {
-            error!(
-                ctx,
-                "data plane: a new flow to {:i} could not be recorded in the flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
-                fwd.peer.to_ne_bytes(),
-                e
-            );
+            let peer = F::peer(rec);
+            if F::V4 {
+                error!(
+                    ctx,
+                    "data plane: a new flow to {:i} could not be recorded in the flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
+                    peer[0].to_ne_bytes(),
+                    e
+                );
+            } else {
+                // SAFETY: four words are sixteen bytes, in wire order.
+                let peer: [u8; 16] = unsafe { core::mem::transmute(peer) };
+                error!(
+                    ctx,
+                    "data plane: a new flow to {:i} could not be recorded in the IPv6 flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
+                    peer,
+                    e
+                );
+            }
         }
     }
 }

@@ -27,11 +27,13 @@ mod transmit;
 // The seam and its two contexts.
 mod context;
 mod ipv4;
+mod ipv6;
 mod tc;
 mod xdp;
 // What the stages share.
 mod clock;
 mod events;
+mod family;
 mod flow;
 mod frame;
 mod maps;
@@ -66,6 +68,9 @@ fn run<C: Packet>(ctx: &C) -> u32 {
             return C::PASS;
         }
     };
+    if frame.v6() {
+        return path::handle6(ctx, &frame);
+    }
     path::handle(ctx, &frame)
 }
 

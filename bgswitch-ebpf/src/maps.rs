@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use bgswitch_common::{
-    global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowKey4,
+    global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowEntry6, FlowKey4, FlowKey6,
     PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS,
     BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES,
     MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
@@ -50,6 +50,13 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_ENTRIES, 0
 /// IPv4 flow table: one entry per flow, keyed client → VIP.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// IPv6 flow table: one entry per flow, keyed client → VIP (a table of its
+/// own: IPv4 flows do not pay for IPv6's key and record sizes). The daemon
+/// sizes it like `FLOWS`.
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, FlowEntry6> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 /// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`),

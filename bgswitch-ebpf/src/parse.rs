@@ -1,8 +1,13 @@
 //! Bounds-checked header access and the parse of one frame into what the
 //! rest of the program needs. Nothing here writes to the packet.
 
-use bgswitch_common::{FAMILY_IPV4, PROTO_TCP, PROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use bgswitch_common::{FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
 use crate::{
     context::{ptr_at, Packet},
@@ -11,18 +16,33 @@ use crate::{
 
 /// Why a frame is not ours to rewrite.
 pub enum Skip {
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged — in the frame or in a socket
-    /// buffer's metadata —, …).
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged — in the frame or in a
+    /// socket buffer's metadata —, …).
     NotIp,
-    /// IPv4 but neither TCP nor UDP.
+    /// IP but neither TCP nor UDP (IPv6: also behind an extension header
+    /// the walk does not take, or past its bounds).
     NotTcpUdp,
-    /// A fragment.
+    /// A fragment (IPv6: a fragment header).
     Fragment,
     /// Truncated or inconsistent headers.
     Malformed,
 }
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// IPv6 extension headers the walk steps over to find TCP or UDP
+/// (hop-by-hop options, routing, destination options: each `(len + 1) * 8`
+/// bytes, its next header in byte 0), and the fragment header, which ends
+/// it: a fragment is not ours.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// At most this many extension headers, of at most this many bytes in all,
+/// are walked; a frame with more passes untouched.
+const IPV6_MAX_EXT: usize = 4;
+const IPV6_MAX_EXT_BYTES: usize = 256;
 
 /// A 16-bit field at `off` bytes past `p`, as it lies in memory. One load:
 /// the fields' arrays are byte arrays, which the BPF backend would read byte
@@ -44,8 +64,8 @@ unsafe fn load32(p: *const u8, off: usize) -> u32 {
     core::ptr::read_volatile(p.add(off).cast::<u32>())
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP. Every length the headers claim is checked
-/// against the frame and against each other.
+/// Parses Ethernet + IPv4 or IPv6 + TCP/UDP. Every length the headers claim
+/// is checked against the frame and against each other.
 #[inline(always)]
 pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     if ctx.vlan_tagged() {
@@ -53,9 +73,64 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     }
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Err(Skip::NotIp);
+    match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => parse4(ctx),
+        ETH_P_IPV6 => parse6(ctx),
+        _ => Err(Skip::NotIp),
     }
+}
+
+/// The TCP or UDP header at `l4`, inside an IP payload of `l4_len` bytes:
+/// (source port, destination port, TCP flags, header length).
+#[inline(always)]
+fn parse_l4<C: Packet>(
+    ctx: &C,
+    proto: u8,
+    l4: usize,
+    l4_len: usize,
+) -> Result<(u16, u16, u8, usize), Skip> {
+    match proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
+            let raw: *const u8 = tcp.cast();
+            // SAFETY: byte 12 and 13 lie inside the 20-byte header checked above.
+            let (doff, flags) = unsafe { (((*raw.add(12)) >> 4) as usize * 4, *raw.add(13)) };
+            if doff < TcpHdr::LEN || doff > l4_len {
+                return Err(Skip::Malformed);
+            }
+            // SAFETY: inside the checked 20-byte header.
+            Ok(unsafe { (load16(raw, 0), load16(raw, 2), flags, doff) })
+        }
+        PROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
+            let raw: *const u8 = udp.cast();
+            // SAFETY: inside the 8-byte header checked by ptr_at.
+            let ulen = u16::from_be(unsafe { load16(raw, 4) }) as usize;
+            if ulen < UdpHdr::LEN || ulen > l4_len {
+                return Err(Skip::Malformed);
+            }
+            // SAFETY: as above.
+            Ok(unsafe { (load16(raw, 0), load16(raw, 2), 0, UdpHdr::LEN) })
+        }
+        _ => Err(Skip::NotTcpUdp),
+    }
+}
+
+/// The IP length of the longest packet a frame stands for: a GSO packet
+/// leaves as segments of `gso` bytes of payload each.
+#[inline(always)]
+fn longest<C: Packet>(ctx: &C, headers: usize, ip_len: usize) -> u16 {
+    let gso = ctx.gso_size() as usize;
+    if gso != 0 && headers + gso < ip_len {
+        (headers + gso) as u16
+    } else {
+        ip_len as u16
+    }
+}
+
+/// IPv4 after the Ethernet header.
+#[inline(always)]
+fn parse4<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     let ip_off = IP_OFF;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ip_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
@@ -81,41 +156,9 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     }
     let proto = iph.proto;
     let l4 = ip_off + ihl;
-    let l4_len = tot_len - ihl;
-    let (sport, dport, tcp_flags, l4_hdr) = match proto {
-        PROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
-            let raw: *const u8 = tcp.cast();
-            // SAFETY: byte 12 and 13 lie inside the 20-byte header checked above.
-            let (doff, flags) = unsafe { (((*raw.add(12)) >> 4) as usize * 4, *raw.add(13)) };
-            if doff < TcpHdr::LEN || doff > l4_len {
-                return Err(Skip::Malformed);
-            }
-            // SAFETY: inside the checked 20-byte header.
-            unsafe { (load16(raw, 0), load16(raw, 2), flags, doff) }
-        }
-        PROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
-            let raw: *const u8 = udp.cast();
-            // SAFETY: inside the 8-byte header checked by ptr_at.
-            let ulen = u16::from_be(unsafe { load16(raw, 4) }) as usize;
-            if ulen < UdpHdr::LEN || ulen > l4_len {
-                return Err(Skip::Malformed);
-            }
-            // SAFETY: as above.
-            unsafe { (load16(raw, 0), load16(raw, 2), 0, UdpHdr::LEN) }
-        }
-        _ => return Err(Skip::NotTcpUdp),
-    };
-    // A GSO packet leaves as segments of `gso` bytes of payload each.
-    let gso = ctx.gso_size() as usize;
-    let longest = if gso != 0 && ihl + l4_hdr + gso < tot_len {
-        ihl + l4_hdr + gso
-    } else {
-        tot_len
-    };
+    let (sport, dport, tcp_flags, l4_hdr) = parse_l4(ctx, proto, l4, tot_len - ihl)?;
     Ok(Frame {
-        ip,
+        ip: ip.cast(),
         l4,
         proto,
         family: FAMILY_IPV4,
@@ -127,7 +170,89 @@ pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
         dport,
         tcp_flags,
         ttl: iph.ttl,
-        tot_len: longest as u16,
+        tot_len: longest(ctx, ihl + l4_hdr, tot_len),
+        frame_len: frame_len as u64,
+    })
+}
+
+/// IPv6 after the Ethernet header: the extension headers walked (see
+/// [`IPV6_MAX_EXT`]) to TCP or UDP.
+#[inline(always)]
+fn parse6<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
+    let ip_off = IP_OFF;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, ip_off).ok_or(Skip::Malformed)?;
+    let ipb: *const u8 = ip.cast();
+    // SAFETY: bounds checked by ptr_at (40 bytes).
+    let (version, payload_len, mut next, hop_limit) = unsafe {
+        (
+            *ipb >> 4,
+            u16::from_be(load16(ipb, 4)) as usize,
+            *ipb.add(6),
+            *ipb.add(7),
+        )
+    };
+    if version != 6 {
+        return Err(Skip::Malformed);
+    }
+    let frame_len = ctx.len();
+    // A payload length of 0 is a jumbogram's (its length is in a
+    // hop-by-hop option): not walked, passed.
+    if payload_len == 0 || ip_off + Ipv6Hdr::LEN + payload_len > frame_len {
+        return Err(Skip::Malformed);
+    }
+    let first = ip_off + Ipv6Hdr::LEN;
+    let mut l4 = first;
+    for _ in 0..IPV6_MAX_EXT {
+        match next {
+            PROTO_TCP | PROTO_UDP => break,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let h: *const [u8; 2] = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
+                // SAFETY: bounds checked by ptr_at.
+                let (n, len) = unsafe { ((*h)[0], ((*h)[1] as usize + 1) * 8) };
+                next = n;
+                l4 += len;
+                if l4 - first > IPV6_MAX_EXT_BYTES {
+                    return Err(Skip::NotTcpUdp);
+                }
+            }
+            IPV6_FRAGMENT => return Err(Skip::Fragment),
+            _ => return Err(Skip::NotTcpUdp),
+        }
+    }
+    let ext = l4 - first;
+    if ext > payload_len {
+        return Err(Skip::Malformed);
+    }
+    let (sport, dport, tcp_flags, l4_hdr) = parse_l4(ctx, next, l4, payload_len - ext)?;
+    let ip_len = Ipv6Hdr::LEN + payload_len;
+    Ok(Frame {
+        ip: ip.cast(),
+        l4,
+        proto: next,
+        family: FAMILY_IPV6,
+        // SAFETY: inside the 40-byte header.
+        src: unsafe {
+            [
+                load32(ipb, 8),
+                load32(ipb, 12),
+                load32(ipb, 16),
+                load32(ipb, 20),
+            ]
+        },
+        // SAFETY: inside the 40-byte header.
+        dst: unsafe {
+            [
+                load32(ipb, 24),
+                load32(ipb, 28),
+                load32(ipb, 32),
+                load32(ipb, 36),
+            ]
+        },
+        sport,
+        dport,
+        tcp_flags,
+        ttl: hop_limit,
+        tot_len: longest(ctx, Ipv6Hdr::LEN + ext + l4_hdr, ip_len),
         frame_len: frame_len as u64,
     })
 }

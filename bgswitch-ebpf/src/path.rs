@@ -4,16 +4,19 @@
 //! a backend's reply (`reply`); anything else passes untouched. Each stage
 //! rewrites (`rewrite`) and forwards (`transmit`) what it takes.
 
-use bgswitch_common::{control, global, FlowKey4, ServiceKey, ADDR_FILTER_WORDS, PROTO_TCP};
+use bgswitch_common::{
+    control, global, FlowKey4, FlowKey6, ServiceKey, ADDR_FILTER_WORDS, PROTO_TCP,
+};
 
 use crate::{
     cache::{cache_hit, cache_index, cached, Cache},
     clock::{flow_gen, now},
     context::Packet,
+    family::{V4, V6},
     flow::flow_key,
     forward::to_backend,
     frame::{Frame, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{count, FLOWS, FLOW_CACHE, REPLY_SOURCES, SERVICES, SETTINGS},
+    maps::{count, FLOWS, FLOWS6, FLOW_CACHE, REPLY_SOURCES, SERVICES, SETTINGS},
     reply::{from_backend, hashed_here, stateless_reply},
     service::{control_word, maybe},
     stateless::{stateless, stateless_service},
@@ -89,7 +92,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             // SAFETY: LRU values stay valid for the program's run (RCU);
             // fields are read and written as whole integers.
             let entry = unsafe { &mut *e };
-            return to_backend(ctx, f, &key, entry.service, Some(entry), now, &cache);
+            return to_backend::<_, V4>(ctx, f, &key, entry.service, Some(entry), now, &cache);
         }
         let skey = ServiceKey {
             addr: f.dst,
@@ -99,7 +102,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         };
         // SAFETY: the value is a plain Copy integer read once.
         if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            return to_backend(ctx, f, &key, svc.id, None, now, &cache);
+            return to_backend::<_, V4>(ctx, f, &key, svc.id, None, now, &cache);
         }
     }
     if !maybe(ADDR_FILTER_WORDS, &f.src) {
@@ -143,7 +146,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             // SAFETY: as above.
             let entry = unsafe { &mut *e };
             if entry.peer == f.src[0] && entry.peer_port == f.sport {
-                return from_backend(ctx, f, entry, vip, vport, now, &cache);
+                return from_backend::<_, V4>(ctx, f, entry, &[vip, 0, 0, 0], vport, now, &cache);
             }
         }
         // In a transition, a connection of the last stateless period that
@@ -152,6 +155,87 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         if let Some((colour, slot)) = control::orphan(word) {
             if let Some(b) = hashed_here(f, service, slot, vip, vport) {
                 return stateless_reply(ctx, f, service, colour, &b, vip, vport, now, &cache);
+            }
+        }
+    }
+    count(global::PASS_NOT_SERVICE);
+    C::PASS
+}
+
+/// The IPv6 path after parsing: as [`handle`]'s table path, without the
+/// per-CPU flow cache and the stateless path (both IPv4's): for a
+/// destination in the VIP bitmap the flow table (`FLOWS6`) and the
+/// services, for a source in the backend bitmap the backend's reply source
+/// and its flow. Anything else passes untouched.
+#[inline(always)]
+pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
+    let now = now();
+    let refresh = SETTINGS.get(0).map_or(0, |s| s.refresh);
+    // No cache slot and shift 0: the stages' cache steps do nothing.
+    let cache = Cache {
+        slot: None,
+        key: FlowKey4::default(),
+        fresh: Fresh {
+            gen: flow_gen(),
+            refresh,
+        },
+        shift: 0,
+    };
+    if maybe(0, &f.dst) {
+        let key = flow_key(f);
+        let k6 = FlowKey6 {
+            src: f.src,
+            dst: f.dst,
+            sport: f.sport,
+            dport: f.dport,
+            proto: f.proto,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        if let Some(e) = FLOWS6.get_ptr_mut(&k6) {
+            // SAFETY: as in `handle`.
+            let entry = unsafe { &mut *e };
+            let service = entry.e.service;
+            return to_backend::<_, V6>(ctx, f, &key, service, Some(entry), now, &cache);
+        }
+        let skey = ServiceKey {
+            addr: f.dst,
+            port: f.dport,
+            proto: f.proto,
+            family: f.family,
+        };
+        // SAFETY: the value is a plain Copy integer read once.
+        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+            return to_backend::<_, V6>(ctx, f, &key, svc.id, None, now, &cache);
+        }
+    }
+    if !maybe(ADDR_FILTER_WORDS, &f.src) {
+        count(global::PASS_NOT_SERVICE);
+        return C::PASS;
+    }
+    let from = ServiceKey {
+        addr: f.src,
+        port: f.sport,
+        proto: f.proto,
+        family: f.family,
+    };
+    // SAFETY: plain Copy values read once.
+    if let Some(rs) = unsafe { REPLY_SOURCES.get(&from) } {
+        let (vip, vport) = (rs.vip, rs.vport);
+        let fkey = FlowKey6 {
+            src: f.dst,
+            dst: vip,
+            sport: f.dport,
+            dport: vport,
+            proto: f.proto,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        if let Some(e) = FLOWS6.get_ptr_mut(&fkey) {
+            // SAFETY: as above.
+            let entry = unsafe { &mut *e };
+            if entry.peer6 == f.src && entry.e.peer_port == f.sport {
+                return from_backend::<_, V6>(ctx, f, entry, &vip, vport, now, &cache);
             }
         }
     }

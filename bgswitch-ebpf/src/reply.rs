@@ -4,11 +4,12 @@
 //! connections without a record (a stable period, or the orphan pool of a
 //! transition).
 
-use bgswitch_common::{flow_flags, global, Backend, FlowEntry, FlowKey, PROTO_TCP};
+use bgswitch_common::{flow_flags, global, Addr, Backend, FlowKey, PROTO_TCP};
 
 use crate::{
     cache::{fill, forget, write_slot, Cache, Decision, Dir},
     context::{Packet, Side},
+    family::Family,
     flow::close_flags,
     frame::{Frame, TCP_ACK, TCP_RST, TCP_SYN},
     maps::{account, count, SERVICE_STATS},
@@ -17,17 +18,18 @@ use crate::{
 };
 
 /// Backend → client: a reply of a flow we forwarded gets the VIP back as its
-/// source.
+/// source (either family; `vip[0]` is an IPv4 VIP).
 #[inline(always)]
-pub fn from_backend<C: Packet>(
+pub fn from_backend<C: Packet, F: Family>(
     ctx: &C,
     f: &Frame,
-    entry: &mut FlowEntry,
-    vip: u32,
+    entry: &mut F::Entry,
+    vip: &Addr,
     vport: u16,
     now: u64,
     cache: &Cache,
 ) -> u32 {
+    let entry = F::flow(entry);
     if f.ttl <= 1 {
         count(global::TTL_EXCEEDED);
         return C::PASS;
@@ -53,12 +55,14 @@ pub fn from_backend<C: Packet>(
     }
     account(stat, f.frame_len, false, true);
     count(global::REPLIES);
-    if ctx.rewrite(f, Side::Src, &[vip, 0, 0, 0], vport).is_none() {
+    if ctx.rewrite(f, Side::Src, vip, vport).is_none() {
         count(global::MALFORMED);
         return C::PASS;
     }
     let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None);
-    fill(cache, entry, Dir::Reply { vip, vport });
+    if F::V4 {
+        fill(cache, entry, Dir::Reply { vip: vip[0], vport });
+    }
     action
 }
 

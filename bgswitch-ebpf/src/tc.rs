@@ -15,19 +15,23 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use bgswitch_common::{Addr, PROTO_TCP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
     frame::{Frame, IP_OFF},
-    ipv4,
+    ipv4, ipv6,
     maps::ATTACHED,
 };
 
-/// What the path reads of a frame, at most: Ethernet, IPv4 with options,
-/// TCP with options. The linear part of a socket buffer is pulled to this
+/// What the path reads of a frame, at most: Ethernet, IPv6 with the
+/// extension headers the parse walks (longer than IPv4 with options), TCP
+/// with options. The linear part of a socket buffer is pulled to this
 /// length (or the frame's, if shorter) when it holds less.
-pub const HEADERS: u32 = (EthHdr::LEN + 60 + 60) as u32;
+pub const HEADERS: u32 = (EthHdr::LEN + Ipv6Hdr::LEN + 256 + 60) as u32;
 
 /// Makes the headers readable directly (see [`HEADERS`]). A frame whose
 /// data cannot be pulled is parsed as it is (and found short, passed).
@@ -95,14 +99,35 @@ impl Packet for TcContext {
         })
     }
 
-    /// The IPv4 header in place (see `ipv4`), then the L4 checksum for the
-    /// address (through the pseudo-header: the helper keeps a partial
-    /// checksum partial) and the port, then the new port.
+    #[inline(always)]
+    fn ip6_fields(&self, _f: &Frame) -> Option<(u32, Addr, Addr)> {
+        let ip = ptr_at::<_, Ipv6Hdr>(self, IP_OFF)?;
+        // SAFETY: bounds-checked just now.
+        Some(unsafe { ipv6::fields(ip.cast()) })
+    }
+
+    /// The IP header in place (see `ipv4`, `ipv6`), then the L4 checksum
+    /// for the address (through the pseudo-header: the helper keeps a
+    /// partial checksum partial; one call per 32-bit word) and the port,
+    /// then the new port.
     #[inline(always)]
     fn rewrite(&self, f: &Frame, side: Side, addr: &Addr, port: u16) -> Option<()> {
-        let ip = ptr_at::<_, Ipv4Hdr>(self, IP_OFF)?;
-        // SAFETY: bounds-checked just now.
-        unsafe { ipv4::rewrite_addr(ip, f, side, addr[0]) };
+        if f.v6() {
+            let ip = ptr_at::<_, Ipv6Hdr>(self, IP_OFF)?;
+            // SAFETY: bounds-checked just now.
+            unsafe { ipv6::rewrite_addr(ip.cast(), f, side, addr) };
+            let old = match side {
+                Side::Dst => &f.dst,
+                Side::Src => &f.src,
+            };
+            for i in 1..4 {
+                l4_csum_addr(self, f, old[i], addr[i])?;
+            }
+        } else {
+            let ip = ptr_at::<_, Ipv4Hdr>(self, IP_OFF)?;
+            // SAFETY: bounds-checked just now.
+            unsafe { ipv4::rewrite_addr(ip, f, side, addr[0]) };
+        }
         rewrite_l4(self, f, side, addr[0], port)
     }
 
@@ -126,7 +151,14 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn decrement_ttl(&self, _f: &Frame) -> Option<()> {
+    fn decrement_ttl(&self, f: &Frame) -> Option<()> {
+        if f.v6() {
+            let ip = ptr_at::<_, Ipv6Hdr>(self, IP_OFF)?;
+            // SAFETY: bounds-checked just now (the data may have moved
+            // since parse); hop limit > 1 (caller).
+            unsafe { ipv6::decrement_hop_limit(ip.cast()) };
+            return Some(());
+        }
         let ip = ptr_at::<_, Ipv4Hdr>(self, IP_OFF)?;
         // SAFETY: bounds-checked just now (the data may have moved since
         // parse); ttl > 1 (caller).
@@ -156,6 +188,25 @@ impl Packet for TcContext {
         // SAFETY: no parameters: the kernel looks the neighbour up itself.
         unsafe { bpf_redirect_neigh(egress, core::ptr::null_mut(), 0, 0) as u32 }
     }
+}
+
+/// One 32-bit word of an address through the L4 checksum's pseudo-header
+/// (IPv6 addresses' words after the first; `rewrite_l4` does the first).
+#[inline(always)]
+fn l4_csum_addr(ctx: &TcContext, f: &Frame, old: u32, new: u32) -> Option<()> {
+    if old == new {
+        return Some(());
+    }
+    let tcp = f.proto == PROTO_TCP;
+    let check = f.l4 + if tcp { TCP_CHECK } else { UDP_CHECK };
+    let udp_zero = if tcp { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
+    ctx.l4_csum_replace(
+        check,
+        u64::from(old),
+        u64::from(new),
+        BPF_F_PSEUDO_HDR as u64 | udp_zero | 4,
+    )
+    .ok()
 }
 
 /// The TCP or UDP half of a rewrite: the checksum for the address

@@ -22,6 +22,7 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 
 /// What a kept next hop or cache slot needs to be current.
@@ -156,7 +157,6 @@ pub struct Hop {
 /// interface the context cannot send to).
 #[inline(always)]
 pub fn resolve<C: Packet>(ctx: &C, f: &Frame) -> Result<Hop, Option<u32>> {
-    let (tos, src, dst) = ctx.ip_fields(f).ok_or(None)?;
     // Zeroed with sixteen explicit stores: `mem::zeroed()` of 64 bytes becomes a
     // call to a byte-at-a-time memset on this target (~60 ns per packet).
     let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
@@ -173,12 +173,26 @@ pub fn resolve<C: Packet>(ctx: &C, f: &Frame) -> Result<Hop, Option<u32>> {
         }
         &mut *raw.as_mut_ptr()
     };
-    p.family = AF_INET;
     p.l4_protocol = f.proto;
     p.__bindgen_anon_1.tot_len = f.tot_len;
-    p.__bindgen_anon_2.tos = tos;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
+    // The IPv4 destination, for the rare-event logs (0 for IPv6).
+    let dst = if f.v6() {
+        let (vcf, src, dst) = ctx.ip6_fields(f).ok_or(None)?;
+        p.family = AF_INET6;
+        // The traffic class and flow label, as the kernel's own lookup
+        // takes them (the version bits masked off).
+        p.__bindgen_anon_2.flowinfo = vcf & u32::from_be(0x0fff_ffff);
+        p.__bindgen_anon_3.ipv6_src = src;
+        p.__bindgen_anon_4.ipv6_dst = dst;
+        0
+    } else {
+        let (tos, src, dst) = ctx.ip_fields(f).ok_or(None)?;
+        p.family = AF_INET;
+        p.__bindgen_anon_2.tos = tos;
+        p.__bindgen_anon_3.ipv4_src = src;
+        p.__bindgen_anon_4.ipv4_dst = dst;
+        dst
+    };
     let ingress = ctx.ingress();
     p.ifindex = ingress;
     count(global::FIB_LOOKUPS);

@@ -1,15 +1,17 @@
 //! The XDP context: frames as the driver hands them over, whose checksums
 //! are complete (a physical NIC's) — rewritten in place with RFC 1624
 //! incremental updates of the IPv4 and the L4 (pseudo-header) checksums (a
-//! UDP checksum of 0 stays 0) — and sent with XDP_TX or a DevMap redirect.
+//! UDP checksum of 0 stays 0; IPv6 has no header checksum) — and sent with
+//! XDP_TX or a DevMap redirect.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use bgswitch_common::{csum::Delta, Addr, PROTO_TCP};
+use network_types::ip::Ipv4Hdr;
 
 use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
     frame::Frame,
-    ipv4,
+    ipv4, ipv6,
     maps::TX_PORTS,
 };
 
@@ -48,7 +50,7 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn ip_fields(&self, f: &Frame) -> Option<(u8, u32, u32)> {
-        let ip = f.ip;
+        let ip = f.ip.cast::<Ipv4Hdr>();
         // SAFETY: f.ip is bounds-checked (parse); nothing moved the data.
         Some(unsafe {
             (
@@ -59,6 +61,13 @@ impl Packet for XdpContext {
         })
     }
 
+    #[inline(always)]
+    fn ip6_fields(&self, f: &Frame) -> Option<(u32, Addr, Addr)> {
+        // SAFETY: f.ip is a bounds-checked IPv6 header (parse); nothing
+        // moved the data.
+        Some(unsafe { ipv6::fields(f.ip) })
+    }
+
     /// Replaces the source or destination address and port, updating the
     /// IPv4 and L4 checksums incrementally.
     #[inline(always)]
@@ -67,8 +76,15 @@ impl Packet for XdpContext {
             Side::Dst => f.dport,
             Side::Src => f.sport,
         };
-        // SAFETY: f.ip was bounds-checked by parse(); the packet has not been resized.
-        let addr_delta = unsafe { ipv4::rewrite_addr(f.ip, f, side, addr[0]) };
+        // SAFETY: f.ip was bounds-checked by parse() for its family; the
+        // packet has not been resized.
+        let addr_delta = unsafe {
+            if f.v6() {
+                ipv6::rewrite_addr(f.ip, f, side, addr)
+            } else {
+                ipv4::rewrite_addr(f.ip.cast(), f, side, addr[0])
+            }
+        };
         rewrite_l4(self, f, side, port, addr_delta.add16(old_port, port))
     }
 
@@ -83,7 +99,7 @@ impl Packet for XdpContext {
         l4_delta: u16,
     ) -> Option<()> {
         // SAFETY: as above; ttl > 1 (caller).
-        unsafe { ipv4::rewrite_cached(f.ip, side, addr, ip_delta) };
+        unsafe { ipv4::rewrite_cached(f.ip.cast(), side, addr, ip_delta) };
         let (port_ptr, check, tcp) = l4_fields(self, f, side)?;
         // SAFETY: bounds-checked by l4_fields.
         unsafe {
@@ -100,7 +116,13 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn decrement_ttl(&self, f: &Frame) -> Option<()> {
         // SAFETY: as above; ttl > 1 (caller).
-        unsafe { ipv4::decrement_ttl(f.ip) };
+        unsafe {
+            if f.v6() {
+                ipv6::decrement_hop_limit(f.ip)
+            } else {
+                ipv4::decrement_ttl(f.ip.cast())
+            }
+        };
         Some(())
     }
 
