@@ -285,7 +285,8 @@ pub struct Backend {
 }
 
 /// A flow's 5-tuple in either family, as received: the input of the flow
-/// hash ([`hash::flow_hash`]). Not stored in any map.
+/// hash ([`hash::flow_hash`]), and the key of the `FLOWS6` LRU table (IPv6
+/// flows, `family` 6, keyed client → VIP as `FLOWS` is).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -318,22 +319,6 @@ pub struct FlowKey4 {
     pub proto: u8,
     // Padding as a byte and a half-word: a 3-byte array would be zeroed by a
     // memset call in the BPF program.
-    pub _pad0: u8,
-    pub _pad1: u16,
-}
-
-/// Key of the `FLOWS6` LRU table (IPv6 flows), as [`FlowKey4`] for IPv4:
-/// the client's packet as received (client → VIP). 40 bytes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey6 {
-    pub src: Addr,
-    pub dst: Addr,
-    /// Wire order.
-    pub sport: u16,
-    /// Wire order.
-    pub dport: u16,
-    pub proto: u8,
     pub _pad0: u8,
     pub _pad1: u16,
 }
@@ -428,7 +413,7 @@ pub struct FlowEntry {
 /// Value of the `FLOWS6` table (IPv6): the backend's whole address, then
 /// the same record as an IPv4 flow's ([`FlowEntry`], whose `peer` holds the
 /// address's first word and is not used on its own). 96 bytes: with the
-/// 40-byte key, the element header and a bucket, a flow takes 200 bytes of
+/// 40-byte key ([`FlowKey`]), the element header and a bucket, a flow takes 200 bytes of
 /// kernel memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -794,7 +779,6 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for FlowEntry {}
-    unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for FlowEntry6 {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for ColourStats {}
@@ -816,7 +800,6 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowEntry>(), 80);
-        assert_eq!(size_of::<FlowKey6>(), 40);
         assert_eq!(size_of::<FlowEntry6>(), 96);
         assert_eq!(core::mem::offset_of!(FlowEntry6, e) % 8, 0);
         assert_eq!(size_of::<ReplySource>(), 24);

@@ -6,24 +6,28 @@
 //! IPv6's longer addresses. The per-CPU flow cache and the stateless path
 //! serve IPv4 flows only ([`Family::V4`]).
 
-use aya_ebpf::maps::LruHashMap;
-use bgswitch_common::{Addr, FlowEntry, FlowEntry6, FlowKey, FlowKey4, FlowKey6};
+use bgswitch_common::{Addr, FlowEntry, FlowEntry6, FlowKey};
+
+use core::mem::MaybeUninit;
 
 use crate::{
     flow::key4,
-    maps::{FLOWS, FLOWS6},
+    maps::{FLOWS, FLOWS6, NEW_FLOW6},
 };
 
 pub trait Family {
-    /// The flow table's key and value.
-    type Key: 'static;
+    /// The flow table's value.
     type Entry: 'static;
     /// IPv4: the flow cache and the stateless path take part.
     const V4: bool;
-    /// The family's flow table.
-    fn flows() -> &'static LruHashMap<Self::Key, Self::Entry>;
-    /// The table's key of a 5-tuple.
-    fn key(k: &FlowKey) -> Self::Key;
+    /// Room for a new flow's record: `raw`, on the caller's stack, for
+    /// IPv4; for IPv6 this CPU's slot of `NEW_FLOW6` (`raw` unused, and so
+    /// never allocated: 96 bytes fewer on a path whose stack is near the
+    /// verifier's limit). `None` only if that slot is missing, which
+    /// loading rules out.
+    fn room(raw: &mut MaybeUninit<Self::Entry>) -> Option<&mut MaybeUninit<Self::Entry>>;
+    /// Records a flow in the family's table under its 5-tuple.
+    fn insert(k: &FlowKey, e: &Self::Entry) -> Result<(), i32>;
     /// The record's family-independent part.
     fn flow(e: &mut Self::Entry) -> &mut FlowEntry;
     /// The backend's address.
@@ -36,18 +40,17 @@ pub struct V4;
 pub struct V6;
 
 impl Family for V4 {
-    type Key = FlowKey4;
     type Entry = FlowEntry;
     const V4: bool = true;
 
     #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKey4, FlowEntry> {
-        &FLOWS
+    fn room(raw: &mut MaybeUninit<FlowEntry>) -> Option<&mut MaybeUninit<FlowEntry>> {
+        Some(raw)
     }
 
     #[inline(always)]
-    fn key(k: &FlowKey) -> FlowKey4 {
-        key4(k)
+    fn insert(k: &FlowKey, e: &FlowEntry) -> Result<(), i32> {
+        FLOWS.insert(&key4(k), e, 0)
     }
 
     #[inline(always)]
@@ -67,26 +70,22 @@ impl Family for V4 {
 }
 
 impl Family for V6 {
-    type Key = FlowKey6;
     type Entry = FlowEntry6;
     const V4: bool = false;
 
     #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKey6, FlowEntry6> {
-        &FLOWS6
+    fn room(_raw: &mut MaybeUninit<FlowEntry6>) -> Option<&mut MaybeUninit<FlowEntry6>> {
+        let slot = NEW_FLOW6.get_ptr_mut(0)?;
+        // SAFETY: this CPU's slot, used by this run alone (XDP and TC runs
+        // are not nested on one CPU: a run finishes before the next starts);
+        // MaybeUninit has the layout of the record.
+        Some(unsafe { &mut *slot.cast::<MaybeUninit<FlowEntry6>>() })
     }
 
+    /// The 5-tuple is the key itself (`family` 6, padding zero).
     #[inline(always)]
-    fn key(k: &FlowKey) -> FlowKey6 {
-        FlowKey6 {
-            src: k.src,
-            dst: k.dst,
-            sport: k.sport,
-            dport: k.dport,
-            proto: k.proto,
-            _pad0: 0,
-            _pad1: 0,
-        }
+    fn insert(k: &FlowKey, e: &FlowEntry6) -> Result<(), i32> {
+        FLOWS6.insert(k, e, 0)
     }
 
     #[inline(always)]

@@ -147,17 +147,33 @@ pub fn to_backend<C: Packet, F: Family>(
         flags |= flow_flags::PREVIEW;
     }
     let mut raw = core::mem::MaybeUninit::<F::Entry>::uninit();
+    let Some(room) = F::room(&mut raw) else {
+        return C::PASS;
+    };
     let rec = new_entry::<F>(
-        &mut raw, &b.addr, b.port, colour, flags, service, b.stat_id, now,
+        room, &b.addr, b.port, colour, flags, service, b.stat_id, now,
     );
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
     let action = send(ctx, f, Nh::forward(F::flow(rec)), now, cache.fresh, None);
     record::<C, F>(ctx, key, rec);
-    if !F::V4 {
-        return action;
+    if F::V4 {
+        forget_replaced(cache, F::flow(rec), f, replaced, &b.addr, b.port);
     }
-    let fwd = F::flow(rec);
+    action
+}
+
+/// The flow cache's part of a new IPv4 flow: this CPU's slot of it filled,
+/// and the slot of the backend an entry it replaced had cleared.
+#[inline(always)]
+fn forget_replaced(
+    cache: &Cache,
+    fwd: &FlowEntry,
+    f: &Frame,
+    replaced: Option<(Addr, u16)>,
+    addr: &Addr,
+    port: u16,
+) {
     // A replaced entry (port reuse after close or idle) needs no
     // invalidation elsewhere: after idle, every CPU's slot of the flow is
     // older than the refresh; after a close, slots on other CPUs would
@@ -166,7 +182,7 @@ pub fn to_backend<C: Packet, F: Family>(
     // backend's reply slot is cleared below (on this CPU).
     fill(cache, fwd, Dir::Forward);
     if let Some((old, old_port)) = replaced {
-        if (old[0], old_port) != (b.addr[0], b.port) {
+        if (old[0], old_port) != (addr[0], port) {
             // The old backend's late packets are no replies of the new flow:
             // this CPU's slot of them goes (other CPUs' slots age out within
             // the refresh).
@@ -184,7 +200,6 @@ pub fn to_backend<C: Packet, F: Family>(
             );
         }
     }
-    action
 }
 
 /// A new flow's record, built in place in `raw`: zeroed with 8-byte stores
@@ -246,7 +261,7 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
 /// Writes a new flow's record (replies find it through `REPLY_SOURCES`).
 #[inline(always)]
 fn record<C: Packet, F: Family>(ctx: &C, key: &FlowKey, rec: &F::Entry) {
-    if let Err(e) = F::flows().insert(&F::key(key), rec, 0) {
+    if let Err(e) = F::insert(key, rec) {
         count(global::FLOW_INSERT_FAILED);
         if events::gate(global::FLOW_INSERT_FAILED) {
             let peer = F::peer(rec);

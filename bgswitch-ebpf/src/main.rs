@@ -52,26 +52,48 @@ use crate::{
     parse::{parse, Skip},
 };
 
-/// The path for a frame of either context: parsed, then `path::handle`;
-/// what parsing skips is counted and passed untouched.
+/// The path for a frame of either context: IPv6 frames take [`run6`],
+/// the rest [`run4`]. Each is a BPF subprogram with a stack frame of its
+/// own: inlined side by side, the two paths' stack slots pass the 512-byte
+/// limit; this dispatch keeps almost none, so each path may use nearly all
+/// of it (the verifier counts a call chain's frames together).
 #[inline(always)]
 fn run<C: Packet>(ctx: &C) -> u32 {
-    let frame = match parse(ctx) {
-        Ok(f) => f,
-        Err(skip) => {
-            count(match skip {
-                Skip::NotIp => global::PASS_NOT_IP,
-                Skip::NotTcpUdp => global::PASS_NOT_SERVICE,
-                Skip::Fragment => global::FRAGMENT,
-                Skip::Malformed => global::MALFORMED,
-            });
-            return C::PASS;
-        }
-    };
-    if frame.v6() {
-        return path::handle6(ctx, &frame);
+    if parse::is_ipv6(ctx) {
+        return run6(ctx);
     }
-    path::handle(ctx, &frame)
+    run4(ctx)
+}
+
+/// Counts why a frame is not the path's and passes it untouched.
+#[inline(always)]
+fn skipped<C: Packet>(skip: Skip) -> u32 {
+    count(match skip {
+        Skip::NotIp => global::PASS_NOT_IP,
+        Skip::NotTcpUdp => global::PASS_NOT_SERVICE,
+        Skip::Fragment => global::FRAGMENT,
+        Skip::Malformed => global::MALFORMED,
+    });
+    C::PASS
+}
+
+/// Everything but IPv6: parsed as IPv4 (what is not is counted and
+/// passed), then `path::handle`.
+#[inline(never)]
+fn run4<C: Packet>(ctx: &C) -> u32 {
+    match parse(ctx) {
+        Ok(f) => path::handle(ctx, &f),
+        Err(skip) => skipped::<C>(skip),
+    }
+}
+
+/// IPv6: parsed, then `path::handle6`.
+#[inline(never)]
+fn run6<C: Packet>(ctx: &C) -> u32 {
+    match parse::parse6(ctx) {
+        Ok(f) => path::handle6(ctx, &f),
+        Err(skip) => skipped::<C>(skip),
+    }
 }
 
 #[xdp]

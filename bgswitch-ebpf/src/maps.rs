@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use bgswitch_common::{
-    global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowEntry6, FlowKey4, FlowKey6,
-    PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS,
-    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES,
-    MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
+    global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowEntry6,
+    FlowKey, FlowKey4, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
+    ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS,
+    MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -56,8 +56,13 @@ pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
 /// own: IPv4 flows do not pay for IPv6's key and record sizes). The daemon
 /// sizes it like `FLOWS`.
 #[map]
-pub static FLOWS6: LruHashMap<FlowKey6, FlowEntry6> =
+pub static FLOWS6: LruHashMap<FlowKey, FlowEntry6> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Room for a new IPv6 flow's record while it is built, one per CPU (see
+/// `family::Family::with_room`). Not pinned.
+#[map]
+pub static NEW_FLOW6: PerCpuArray<FlowEntry6> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`),
 /// then the stateless services' slots (`bgswitch_common::stateless_entry`).

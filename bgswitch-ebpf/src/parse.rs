@@ -64,18 +64,30 @@ unsafe fn load32(p: *const u8, off: usize) -> u32 {
     core::ptr::read_volatile(p.add(off).cast::<u32>())
 }
 
-/// Parses Ethernet + IPv4 or IPv6 + TCP/UDP. Every length the headers claim
-/// is checked against the frame and against each other.
+/// The frame's EtherType (host order), if it is an untagged Ethernet frame.
 #[inline(always)]
-pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
+fn ether_type<C: Packet>(ctx: &C) -> Result<u16, Skip> {
     if ctx.vlan_tagged() {
         return Err(Skip::NotIp);
     }
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked by ptr_at.
-    match u16::from_be(unsafe { (*eth).ether_type }) {
+    Ok(u16::from_be(unsafe { (*eth).ether_type }))
+}
+
+/// Whether the frame is IPv6 (untagged Ethernet, EtherType 0x86dd): the
+/// program hands it to [`parse6`]'s path, everything else to [`parse`]'s.
+#[inline(always)]
+pub fn is_ipv6<C: Packet>(ctx: &C) -> bool {
+    matches!(ether_type(ctx), Ok(ETH_P_IPV6))
+}
+
+/// Parses Ethernet + IPv4 + TCP/UDP. Every length the headers claim is
+/// checked against the frame and against each other.
+#[inline(always)]
+pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
+    match ether_type(ctx)? {
         ETH_P_IP => parse4(ctx),
-        ETH_P_IPV6 => parse6(ctx),
         _ => Err(Skip::NotIp),
     }
 }
@@ -175,10 +187,11 @@ fn parse4<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     })
 }
 
-/// IPv6 after the Ethernet header: the extension headers walked (see
-/// [`IPV6_MAX_EXT`]) to TCP or UDP.
+/// Parses IPv6 after the Ethernet header (the caller checked
+/// [`is_ipv6`]): the extension headers walked (see [`IPV6_MAX_EXT`]) to TCP
+/// or UDP. Every length the headers claim is checked as for IPv4.
 #[inline(always)]
-fn parse6<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
+pub fn parse6<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     let ip_off = IP_OFF;
     let ip: *mut Ipv6Hdr = ptr_at(ctx, ip_off).ok_or(Skip::Malformed)?;
     let ipb: *const u8 = ip.cast();

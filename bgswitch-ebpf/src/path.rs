@@ -5,7 +5,7 @@
 //! rewrites (`rewrite`) and forwards (`transmit`) what it takes.
 
 use bgswitch_common::{
-    control, global, FlowKey4, FlowKey6, ServiceKey, ADDR_FILTER_WORDS, PROTO_TCP,
+    control, global, FlowKey, FlowKey4, ServiceKey, ADDR_FILTER_WORDS, PROTO_TCP,
 };
 
 use crate::{
@@ -182,17 +182,9 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         shift: 0,
     };
     if maybe(0, &f.dst) {
+        // The 5-tuple is the table's key.
         let key = flow_key(f);
-        let k6 = FlowKey6 {
-            src: f.src,
-            dst: f.dst,
-            sport: f.sport,
-            dport: f.dport,
-            proto: f.proto,
-            _pad0: 0,
-            _pad1: 0,
-        };
-        if let Some(e) = FLOWS6.get_ptr_mut(&k6) {
+        if let Some(e) = FLOWS6.get_ptr_mut(&key) {
             // SAFETY: as in `handle`.
             let entry = unsafe { &mut *e };
             let service = entry.e.service;
@@ -222,14 +214,14 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     // SAFETY: plain Copy values read once.
     if let Some(rs) = unsafe { REPLY_SOURCES.get(&from) } {
         let (vip, vport) = (rs.vip, rs.vport);
-        let fkey = FlowKey6 {
+        let fkey = FlowKey {
             src: f.dst,
             dst: vip,
             sport: f.dport,
             dport: vport,
             proto: f.proto,
-            _pad0: 0,
-            _pad1: 0,
+            family: f.family,
+            _pad: [0; 2],
         };
         if let Some(e) = FLOWS6.get_ptr_mut(&fkey) {
             // SAFETY: as above.

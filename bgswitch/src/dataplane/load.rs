@@ -18,10 +18,10 @@ use aya::{
     EbpfLoader,
 };
 use bgswitch_common::{
-    global, maps as names, Backend, BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey,
-    ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES,
-    BACKEND_STAT_ENTRIES, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS,
-    STATELESS_SLOTS,
+    global, maps as names, Backend, BackendStats, ColourStats, FlowEntry, FlowEntry6, FlowKey,
+    FlowKey4, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS,
+    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
+    POOL_SLOTS, STATELESS_SLOTS,
 };
 
 use super::{
@@ -34,7 +34,7 @@ use crate::paths;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bgswitch"));
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 15] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 16] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -75,6 +75,14 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             MapType::LruHash,
             sz(size_of::<FlowKey4>()),
             sz(size_of::<FlowEntry>()),
+            max_flows,
+            0,
+        ),
+        (
+            names::FLOWS6,
+            MapType::LruHash,
+            sz(size_of::<FlowKey>()),
+            sz(size_of::<FlowEntry6>()),
             max_flows,
             0,
         ),
@@ -200,6 +208,7 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, opts.max_flows);
+        loader.map_max_entries(names::FLOWS6, opts.max_flows);
         let cache_slots = flow_cache_slots(opts.max_flows);
         // One region of `cache_slots` per CPU id (see the map's doc).
         let cpu_ids = cpu_id_bound();
