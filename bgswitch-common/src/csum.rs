@@ -55,6 +55,14 @@ impl Delta {
         d
     }
 
+    /// Both deltas together (changes in one checksummed region from two
+    /// places).
+    #[inline(always)]
+    #[must_use]
+    pub const fn plus(self, other: Delta) -> Delta {
+        Delta(self.0 + other.0)
+    }
+
     /// Adds the IPv4 TTL decrement: the 16-bit word (TTL, protocol), read in
     /// memory order on a little-endian host, drops by exactly one whatever
     /// the TTL (> 0), so its `~old + new` is the constant `0xfffe`.

@@ -53,6 +53,8 @@ pub const FAMILY_IPV6: u8 = 6;
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Colours, as stored in the control word and flow entries.
 pub const BLUE: u32 = 0;
@@ -709,10 +711,15 @@ pub mod global {
     /// Packets of connections from a stateless period, seen first in a
     /// transition and recorded to the orphan pool's backend.
     pub const ORPHANS: u32 = 17;
+    /// ICMP errors (destination unreachable, fragmentation needed or packet
+    /// too big, time exceeded, parameter problem) about a switched flow,
+    /// translated and forwarded: to the client about the VIP, or to the
+    /// backend about itself.
+    pub const ICMP_TRANSLATED: u32 = 18;
     /// Number of counters.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     /// Names, for status and metrics, indexed like the constants.
-    pub const NAMES: [&str; 18] = [
+    pub const NAMES: [&str; 19] = [
         "pass_not_ip",
         "pass_not_service",
         "malformed",
@@ -731,6 +738,7 @@ pub mod global {
         "flow_cache_fills",
         "stateless",
         "orphans",
+        "icmp_translated",
     ];
 }
 
@@ -872,7 +880,7 @@ mod tests {
         assert_eq!(a[0].to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(port_to_wire(80).to_ne_bytes(), [0, 80]);
         assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
-        assert_eq!(global::NAMES.len() as u32, global::ORPHANS + 1);
+        assert_eq!(global::NAMES.len() as u32, global::ICMP_TRANSLATED + 1);
         assert!(global::NAMES.len() as u32 <= global::COUNT);
     }
 }

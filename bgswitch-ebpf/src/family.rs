@@ -26,6 +26,8 @@ pub trait Family {
     /// verifier's limit). `None` only if that slot is missing, which
     /// loading rules out.
     fn room(raw: &mut MaybeUninit<Self::Entry>) -> Option<&mut MaybeUninit<Self::Entry>>;
+    /// The record of a 5-tuple (client → VIP), if the table has one.
+    fn lookup(k: &FlowKey) -> Option<*mut Self::Entry>;
     /// Records a flow in the family's table under its 5-tuple.
     fn insert(k: &FlowKey, e: &Self::Entry) -> Result<(), i32>;
     /// The record's family-independent part.
@@ -46,6 +48,11 @@ impl Family for V4 {
     #[inline(always)]
     fn room(raw: &mut MaybeUninit<FlowEntry>) -> Option<&mut MaybeUninit<FlowEntry>> {
         Some(raw)
+    }
+
+    #[inline(always)]
+    fn lookup(k: &FlowKey) -> Option<*mut FlowEntry> {
+        FLOWS.get_ptr_mut(&key4(k))
     }
 
     #[inline(always)]
@@ -80,6 +87,11 @@ impl Family for V6 {
         // are not nested on one CPU: a run finishes before the next starts);
         // MaybeUninit has the layout of the record.
         Some(unsafe { &mut *slot.cast::<MaybeUninit<FlowEntry6>>() })
+    }
+
+    #[inline(always)]
+    fn lookup(k: &FlowKey) -> Option<*mut FlowEntry6> {
+        FLOWS6.get_ptr_mut(k)
     }
 
     /// The 5-tuple is the key itself (`family` 6, padding zero).

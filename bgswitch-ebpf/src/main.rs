@@ -19,6 +19,7 @@
 // path, stateless, cache, forward, reply, transmit.
 mod cache;
 mod forward;
+mod icmp;
 mod parse;
 mod path;
 mod reply;
@@ -52,17 +53,26 @@ use crate::{
     parse::{parse, Skip},
 };
 
-/// The path for a frame of either context: IPv6 frames take [`run6`],
-/// the rest [`run4`]. Each is a BPF subprogram with a stack frame of its
-/// own: inlined side by side, the two paths' stack slots pass the 512-byte
-/// limit; this dispatch keeps almost none, so each path may use nearly all
-/// of it (the verifier counts a call chain's frames together).
+/// The path for a frame of either context: ICMP messages take
+/// [`run_icmp`], other IPv6 frames [`run6`], the rest [`run4`]. Each is a
+/// BPF subprogram with a stack frame of its own: inlined side by side, the
+/// paths' stack slots pass the 512-byte limit; this dispatch keeps almost
+/// none, so each path may use nearly all of it (the verifier counts a call
+/// chain's frames together).
 #[inline(always)]
 fn run<C: Packet>(ctx: &C) -> u32 {
-    if parse::is_ipv6(ctx) {
-        return run6(ctx);
+    match parse::ip_family(ctx) {
+        Some(v6) if icmp::is_icmp(ctx, v6) => run_icmp(ctx, v6),
+        Some(true) => run6(ctx),
+        _ => run4(ctx),
     }
-    run4(ctx)
+}
+
+/// ICMP, either family: errors about switched flows translated
+/// (`icmp.rs`), the rest passed.
+#[inline(never)]
+fn run_icmp<C: Packet>(ctx: &C, v6: bool) -> u32 {
+    icmp::run_icmp(ctx, v6)
 }
 
 /// Counts why a frame is not the path's and passes it untouched.

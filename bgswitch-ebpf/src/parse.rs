@@ -50,7 +50,7 @@ const IPV6_MAX_EXT_BYTES: usize = 256;
 ///
 /// SAFETY: `p + off .. p + off + 2` lies inside a bounds-checked header.
 #[inline(always)]
-unsafe fn load16(p: *const u8, off: usize) -> u16 {
+pub unsafe fn load16(p: *const u8, off: usize) -> u16 {
     // Packet fields may sit at any 2-byte offset; the verifier allows such
     // loads on the 64-bit JITs (x86-64, arm64) and so do the CPUs.
     core::ptr::read_volatile(p.add(off).cast::<u16>())
@@ -60,7 +60,7 @@ unsafe fn load16(p: *const u8, off: usize) -> u16 {
 ///
 /// SAFETY: as for [`load16`].
 #[inline(always)]
-unsafe fn load32(p: *const u8, off: usize) -> u32 {
+pub unsafe fn load32(p: *const u8, off: usize) -> u32 {
     core::ptr::read_volatile(p.add(off).cast::<u32>())
 }
 
@@ -75,11 +75,15 @@ fn ether_type<C: Packet>(ctx: &C) -> Result<u16, Skip> {
     Ok(u16::from_be(unsafe { (*eth).ether_type }))
 }
 
-/// Whether the frame is IPv6 (untagged Ethernet, EtherType 0x86dd): the
-/// program hands it to [`parse6`]'s path, everything else to [`parse`]'s.
+/// An untagged IP frame's family: `Some(true)` for IPv6, `Some(false)` for
+/// IPv4, `None` for anything else (which [`parse`] counts and passes).
 #[inline(always)]
-pub fn is_ipv6<C: Packet>(ctx: &C) -> bool {
-    matches!(ether_type(ctx), Ok(ETH_P_IPV6))
+pub fn ip_family<C: Packet>(ctx: &C) -> Option<bool> {
+    match ether_type(ctx) {
+        Ok(ETH_P_IPV6) => Some(true),
+        Ok(ETH_P_IP) => Some(false),
+        _ => None,
+    }
 }
 
 /// Parses Ethernet + IPv4 + TCP/UDP. Every length the headers claim is
@@ -188,7 +192,7 @@ fn parse4<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
 }
 
 /// Parses IPv6 after the Ethernet header (the caller checked
-/// [`is_ipv6`]): the extension headers walked (see [`IPV6_MAX_EXT`]) to TCP
+/// [`ip_family`]): the extension headers walked (see [`IPV6_MAX_EXT`]) to TCP
 /// or UDP. Every length the headers claim is checked as for IPv4.
 #[inline(always)]
 pub fn parse6<C: Packet>(ctx: &C) -> Result<Frame, Skip> {

@@ -1,0 +1,318 @@
+//! ICMP errors about switched flows, both families, through the XDP and
+//! the TC program with BPF_PROG_TEST_RUN: translated so each host hears of its own
+//! packet in terms it knows (the client of its packet to the VIP, the
+//! backend of its reply), every checksum right. Frames are built and the
+//! expected ones computed with `etherparse`, independently of the program's
+//! checksum code: an expected frame is the error as the host should get
+//! it, built afresh, quoting the packet that host really sent.
+
+use std::net::{IpAddr, SocketAddr};
+
+use bgswitch::{
+    dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
+    model::Colour,
+};
+use bgswitch_common::PROTO_TCP;
+use bgswitch_tests::{in_netns, TempNetns};
+use etherparse::{
+    icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type, Icmpv6Type,
+    PacketBuilder,
+};
+
+const XDP_PASS: u32 = 2;
+/// TC's "not mine" (TC_ACT_UNSPEC), its pass.
+const TC_PASS: u32 = u32::MAX;
+
+/// Which program a frame runs through.
+#[derive(Clone, Copy, Debug)]
+enum Program {
+    Xdp,
+    Tc,
+}
+
+impl Program {
+    fn pass(self) -> u32 {
+        match self {
+            Program::Xdp => XDP_PASS,
+            Program::Tc => TC_PASS,
+        }
+    }
+}
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// One family's addresses: client, VIP:80, the one blue backend, a router
+/// between the load balancer and the backends, one on the client's side.
+struct Net {
+    client: SocketAddr,
+    vip: SocketAddr,
+    backend: SocketAddr,
+    green: SocketAddr,
+    router_backend_side: IpAddr,
+    router_client_side: IpAddr,
+}
+
+fn v4() -> Net {
+    Net {
+        client: "198.18.0.2:40000".parse().unwrap(),
+        vip: "198.19.0.10:80".parse().unwrap(),
+        backend: "198.18.1.11:8080".parse().unwrap(),
+        green: "198.18.1.21:8080".parse().unwrap(),
+        router_backend_side: "198.18.1.1".parse().unwrap(),
+        router_client_side: "198.18.0.1".parse().unwrap(),
+    }
+}
+
+fn v6() -> Net {
+    Net {
+        client: "[fd00:0:0:1::2]:40000".parse().unwrap(),
+        vip: "[fd00:0:0:9::10]:80".parse().unwrap(),
+        backend: "[fd00:0:0:2::11]:8080".parse().unwrap(),
+        green: "[fd00:0:0:2::21]:8080".parse().unwrap(),
+        router_backend_side: "fd00:0:0:2::1".parse().unwrap(),
+        router_client_side: "fd00:0:0:1::1".parse().unwrap(),
+    }
+}
+
+/// A loaded program with the IPv4 service (id 0) and the IPv6 one (id 1),
+/// one backend a colour.
+fn load() -> Dataplane {
+    let mut dp = Dataplane::load(&LoadOptions {
+        bpffs: None,
+        max_flows: 4096,
+    })
+    .expect("load the program (verifier)");
+    dp.set_settings(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_secs(3600),
+    )
+    .unwrap();
+    for (id, n) in [(0, v4()), (1, v6())] {
+        dp.write_service(
+            id,
+            service_key(n.vip, PROTO_TCP),
+            &[backend_of(n.backend, backend_stat_id(id, Colour::Blue, 0))],
+            &[backend_of(n.green, backend_stat_id(id, Colour::Green, 0))],
+            Colour::Blue,
+        )
+        .unwrap();
+    }
+    dp
+}
+
+fn in_scratch_ns(f: impl FnOnce() + Send) {
+    bgswitch_tests::switcher::require_root();
+    let ns = TempNetns::create().expect("create a network namespace");
+    let name = ns.name().to_string();
+    in_netns(&name, f).expect("enter the namespace");
+}
+
+fn builder(
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+        _ => unreachable!("one family"),
+    }
+}
+
+/// A TCP segment `src` → `dst` (SYN, or SYN-ACK), with a little payload so
+/// a quote of it holds the TCP checksum.
+fn tcp(src: SocketAddr, dst: SocketAddr, syn_ack: bool) -> Vec<u8> {
+    let t = builder(src.ip(), dst.ip(), 64).tcp(src.port(), dst.port(), 1000, 65535);
+    let t = if syn_ack { t.syn().ack(1) } else { t.syn() };
+    let mut out = Vec::new();
+    t.write(&mut out, b"quoted").unwrap();
+    out
+}
+
+/// An ICMP error `from` → `to` quoting `quote` (an IP packet): IPv4's
+/// "fragmentation needed" or `unreachable`'s "port unreachable"; IPv6's
+/// "packet too big" or "port unreachable".
+fn error(from: IpAddr, to: IpAddr, quote: &[u8], unreachable: bool) -> Vec<u8> {
+    let b = builder(from, to, 64);
+    let mut out = Vec::new();
+    if from.is_ipv4() {
+        let t = if unreachable {
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+        } else {
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1280,
+            })
+        };
+        b.icmpv4(t).write(&mut out, quote).unwrap();
+    } else {
+        let t = if unreachable {
+            Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
+        } else {
+            Icmpv6Type::PacketTooBig { mtu: 1280 }
+        };
+        b.icmpv6(t).write(&mut out, quote).unwrap();
+    }
+    out
+}
+
+fn run(dp: &mut Dataplane, prog: Program, frame: &[u8]) -> (u32, Vec<u8>) {
+    let (action, out, _) = match prog {
+        Program::Xdp => dp.test_run(frame, None, 1),
+        Program::Tc => dp.test_run_tc(frame, None, 0, 1),
+    }
+    .expect("test run");
+    (action, out)
+}
+
+fn counter(dp: &Dataplane, name: &str) -> u64 {
+    dp.global_stats()
+        .unwrap()
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap()
+        .1
+}
+
+/// The IP packet of an Ethernet frame.
+fn ip(frame: &[u8]) -> &[u8] {
+    &frame[14..]
+}
+
+fn errors_about_switched_flows_are_translated(n: &Net, prog: Program) {
+    let mut dp = load();
+    let run = |dp: &mut Dataplane, frame: &[u8]| run(dp, prog, frame);
+    let before = counter(&dp, "icmp_translated");
+    // The client's SYN to the VIP, as the program sends it on (no route in
+    // the scratch namespace: to the stack, rewritten; TTL as it was).
+    let syn = tcp(n.client, n.vip, false);
+    let (action, to_backend) = run(&mut dp, &syn);
+    assert_eq!(action, prog.pass());
+    assert_eq!(
+        to_backend,
+        tcp(n.client, n.backend, false),
+        "the SYN goes to the one blue backend"
+    );
+
+    // Too big for a link behind the load balancer, said by the backend: the
+    // client hears it from the VIP, about its own SYN to the VIP.
+    let from_backend = error(n.backend.ip(), n.client.ip(), ip(&to_backend), false);
+    let (action, out) = run(&mut dp, &from_backend);
+    assert_eq!(action, prog.pass());
+    assert_eq!(
+        out,
+        error(n.vip.ip(), n.client.ip(), ip(&syn), false),
+        "from the backend: from and about the VIP, every checksum right"
+    );
+
+    // The same said by a router between the load balancer and the backend:
+    // it stays the router's, about the client's SYN to the VIP.
+    let from_router = error(n.router_backend_side, n.client.ip(), ip(&to_backend), false);
+    let (_, out) = run(&mut dp, &from_router);
+    assert_eq!(
+        out,
+        error(n.router_backend_side, n.client.ip(), ip(&syn), false),
+        "from a router: the router's, about the VIP"
+    );
+
+    // The backend's reply, as the program sends it to the client.
+    let syn_ack = tcp(n.backend, n.client, true);
+    let (_, to_client) = run(&mut dp, &syn_ack);
+    assert_eq!(
+        to_client,
+        tcp(n.vip, n.client, true),
+        "the reply comes from the VIP"
+    );
+    // An error about that reply, from a router on the client's side (or
+    // the client), to the VIP: the backend hears of its own reply.
+    for unreachable in [false, true] {
+        let to_vip = error(
+            n.router_client_side,
+            n.vip.ip(),
+            ip(&to_client),
+            unreachable,
+        );
+        let (_, out) = run(&mut dp, &to_vip);
+        assert_eq!(
+            out,
+            error(
+                n.router_client_side,
+                n.backend.ip(),
+                ip(&syn_ack),
+                unreachable
+            ),
+            "to the backend, about its reply (unreachable: {unreachable})"
+        );
+    }
+    assert_eq!(counter(&dp, "icmp_translated") - before, 4);
+
+    // Errors about no switched flow pass untouched: another client port, a
+    // backend port that is not the flow's, and a quote cut before the ports.
+    let mut other = n.client;
+    other.set_port(40001);
+    let unknown = [
+        error(
+            n.backend.ip(),
+            other.ip(),
+            ip(&tcp(other, n.backend, false)),
+            false,
+        ),
+        error(
+            n.router_client_side,
+            n.vip.ip(),
+            ip(&tcp(n.vip, other, true)),
+            true,
+        ),
+        {
+            let q = ip(&to_backend);
+            let hdr = if n.client.is_ipv4() { 20 } else { 40 };
+            error(n.backend.ip(), n.client.ip(), &q[..hdr + 2], false)
+        },
+    ];
+    for (i, input) in unknown.iter().enumerate() {
+        let (action, out) = run(&mut dp, input);
+        assert_eq!(action, prog.pass(), "case {i}");
+        assert_eq!(&out, input, "case {i}: untouched");
+    }
+    assert_eq!(counter(&dp, "icmp_translated") - before, 4);
+}
+
+#[test]
+fn icmpv4_errors_about_switched_flows_are_translated_both_ways() {
+    for prog in [Program::Xdp, Program::Tc] {
+        in_scratch_ns(|| errors_about_switched_flows_are_translated(&v4(), prog));
+    }
+}
+
+#[test]
+fn icmpv6_errors_about_switched_flows_are_translated_both_ways() {
+    for prog in [Program::Xdp, Program::Tc] {
+        in_scratch_ns(|| errors_about_switched_flows_are_translated(&v6(), prog));
+    }
+}
+
+#[test]
+fn echo_to_a_vip_goes_to_the_stack_unchanged() {
+    in_scratch_ns(|| {
+        let mut dp = load();
+        for n in [v4(), v6()] {
+            let b = builder(n.client.ip(), n.vip.ip(), 64);
+            let mut echo = Vec::new();
+            if n.client.is_ipv4() {
+                b.icmpv4_echo_request(7, 1)
+                    .write(&mut echo, b"ping")
+                    .unwrap();
+            } else {
+                b.icmpv6_echo_request(7, 1)
+                    .write(&mut echo, b"ping")
+                    .unwrap();
+            }
+            for prog in [Program::Xdp, Program::Tc] {
+                let (action, out) = run(&mut dp, prog, &echo);
+                assert_eq!(action, prog.pass(), "{prog:?}");
+                assert_eq!(out, echo, "{prog:?}");
+            }
+        }
+        assert_eq!(counter(&dp, "icmp_translated"), 0);
+    });
+}
