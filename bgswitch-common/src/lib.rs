@@ -716,10 +716,14 @@ pub mod global {
     /// translated and forwarded: to the client about the VIP, or to the
     /// backend about itself.
     pub const ICMP_TRANSLATED: u32 = 18;
+    /// Rewritten packets longer than the next hop's MTU (IPv4 with DF set,
+    /// or IPv6), answered by the program with a "fragmentation needed" /
+    /// "packet too big" error to their sender, about the packet it sent.
+    pub const ICMP_TOO_BIG_SENT: u32 = 19;
     /// Number of counters.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     /// Names, for status and metrics, indexed like the constants.
-    pub const NAMES: [&str; 19] = [
+    pub const NAMES: [&str; 20] = [
         "pass_not_ip",
         "pass_not_service",
         "malformed",
@@ -739,6 +743,7 @@ pub mod global {
         "stateless",
         "orphans",
         "icmp_translated",
+        "icmp_too_big_sent",
     ];
 }
 
@@ -880,7 +885,7 @@ mod tests {
         assert_eq!(a[0].to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(port_to_wire(80).to_ne_bytes(), [0, 80]);
         assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
-        assert_eq!(global::NAMES.len() as u32, global::ICMP_TRANSLATED + 1);
+        assert_eq!(global::NAMES.len() as u32, global::ICMP_TOO_BIG_SENT + 1);
         assert!(global::NAMES.len() as u32 <= global::COUNT);
     }
 }

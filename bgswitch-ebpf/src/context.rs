@@ -27,6 +27,9 @@ pub const UDP_CHECK: usize = 6;
 pub trait Packet: EbpfContext {
     /// The verdict that hands the frame to the kernel's stack.
     const PASS: u32;
+    /// The verdict that drops the frame (one the program could not finish
+    /// rewriting: never expected).
+    const DROP: u32;
 
     /// The start of the packet data the program may read directly.
     fn data(&self) -> usize;
@@ -94,6 +97,13 @@ pub trait Packet: EbpfContext {
         }
         Some(())
     }
+    /// Makes the frame `front` bytes longer at its start and then `total`
+    /// bytes long (cut at its end), for an ICMP error built around the
+    /// start of the packet it quotes; the new bytes are uninitialised and
+    /// every packet pointer is stale afterwards. `None` when the context
+    /// cannot (TC: a GSO packet); an error after the first step leaves a
+    /// frame fit only to be dropped (`Some(false)`).
+    fn room_for_error(&self, front: u32, total: u32) -> Option<bool>;
     /// Whether the frame may be sent out of `egress` by this program type:
     /// an interface bgswitch serves in a way it can send to.
     fn may_send_to(&self, egress: u32) -> bool;

@@ -32,7 +32,7 @@ use crate::{
     context::{ptr_at, Packet, TCP_CHECK, UDP_CHECK},
     family::{Family, V4, V6},
     frame::{Frame, IP_OFF},
-    maps::{count, REPLY_SOURCES},
+    maps::{count, REPLY_SOURCES, TOO_BIG},
     parse::{load16, load32},
     service::maybe,
     transmit::{resolve, transmit},
@@ -475,4 +475,201 @@ fn forward<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         Ok(hop) => transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, None),
         Err(unresolved) => unresolved.map_or(C::PASS, |egress| ctx.unresolved(f, egress)),
     }
+}
+
+/// How much of a too-long packet the error quotes: with the 8-byte ICMP
+/// header, 512 bytes (the most `bpf_csum_diff` sums in one call; more than
+/// the IP header and 8 bytes the sender needs to find its socket).
+const QUOTE: usize = 504;
+const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// The MTU `transmit::resolve` left for this run, if any (cleared).
+#[inline(always)]
+pub fn take_too_big() -> Option<u32> {
+    let t = TOO_BIG.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot.
+    let mtu = unsafe { core::ptr::replace(t, 0) };
+    (mtu != 0).then_some(mtu)
+}
+
+/// A rewritten packet the path passed because it is longer than the next
+/// hop's `mtu`: its sender gets the error it needs for path MTU discovery
+/// ("fragmentation needed" for IPv4 with DF set, "packet too big" for
+/// IPv6), about the packet it sent. The frame becomes that error, built
+/// around the rewritten packet as the next hop would have quoted it (from
+/// where the packet was going, to its source), which is then translated
+/// and forwarded like an error from the network (so the client hears it
+/// from the VIP about its packet to the VIP, a backend from where its
+/// reply was going about its reply). IPv4 without DF, and packets the
+/// context cannot cut (TC: GSO), pass as they are: the stack fragments or
+/// forwards them.
+#[inline(always)]
+pub fn too_big<C: Packet>(ctx: &C, mtu: u32) -> u32 {
+    let Some(v6) = crate::parse::ip_family(ctx) else {
+        return C::PASS;
+    };
+    match build_too_big(ctx, mtu, v6) {
+        Built::No => C::PASS,
+        Built::Broken => C::DROP,
+        Built::Yes => {
+            count(global::ICMP_TOO_BIG_SENT);
+            let f = if v6 { translate6(ctx) } else { translate4(ctx) };
+            match f {
+                Some(f) => forward(ctx, &f),
+                // An error about no switched flow: it goes to the stack,
+                // which routes it to the packet's source.
+                None => C::PASS,
+            }
+        }
+    }
+}
+
+enum Built {
+    /// The frame is as it was.
+    No,
+    /// The frame is the error.
+    Yes,
+    /// The frame was changed half-way (a helper failed).
+    Broken,
+}
+
+/// One's-complement sum of `len` bytes at `p` (a multiple of 4, at most
+/// 512), added to `seed`, unfolded.
+///
+/// SAFETY: `p .. p + len` is readable (packet or stack).
+#[inline(always)]
+unsafe fn sum(p: *const u8, len: u32, seed: u32) -> u32 {
+    aya_ebpf::helpers::bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, len, seed) as u32
+}
+
+/// The complement of a sum folded to 16 bits: a checksum field.
+#[inline(always)]
+fn checksum(s: u32) -> u16 {
+    !bgswitch_common::csum::fold(u64::from(s))
+}
+
+#[inline(always)]
+fn build_too_big<C: Packet>(ctx: &C, mtu: u32, v6: bool) -> Built {
+    let hdr = if v6 { IPV6_LEN } else { 20 };
+    // What the new headers need of the packet: its MACs, addresses and
+    // length (and, for IPv4, DF).
+    let Some(old) = ptr_at::<_, [u8; IP_OFF + IPV6_LEN]>(ctx, 0)
+        .or_else(|| ptr_at::<_, [u8; IP_OFF + 20]>(ctx, 0).map(|p| p.cast()))
+    else {
+        return Built::No;
+    };
+    let old = old.cast::<u8>();
+    // SAFETY: inside the Ethernet and IPv4 headers checked above (20
+    // bytes at least; the IPv6 fields only when the 40 were there).
+    let (dmac, smac, ip_len, src, dst) = unsafe {
+        let mac = |o: usize| (load32(old, o), load16(old, o + 4));
+        let ip = old.add(IP_OFF);
+        if v6 {
+            if ptr_at::<_, [u8; IP_OFF + IPV6_LEN]>(ctx, 0).is_none() {
+                return Built::No;
+            }
+            let a = |o: usize| {
+                [
+                    load32(ip, o),
+                    load32(ip, o + 4),
+                    load32(ip, o + 8),
+                    load32(ip, o + 12),
+                ]
+            };
+            (
+                mac(0),
+                mac(6),
+                IPV6_LEN + u16::from_be(load16(ip, 4)) as usize,
+                a(8),
+                a(24),
+            )
+        } else {
+            if u16::from_be(load16(ip, 6)) & 0x4000 == 0 {
+                // No DF: the stack fragments it.
+                return Built::No;
+            }
+            (
+                mac(0),
+                mac(6),
+                u16::from_be(load16(ip, 2)) as usize,
+                [load32(ip, 12), 0, 0, 0],
+                [load32(ip, 16), 0, 0, 0],
+            )
+        }
+    };
+    if ip_len < QUOTE {
+        return Built::No;
+    }
+    let msg = (ICMP_LEN + QUOTE) as u32;
+    let total = (IP_OFF + hdr) as u32 + msg;
+    match ctx.room_for_error((hdr + ICMP_LEN) as u32, total) {
+        None => return Built::No,
+        Some(false) => return Built::Broken,
+        Some(true) => {}
+    }
+    let Some(p) = ptr_at::<_, [u8; IP_OFF + IPV6_LEN + ICMP_LEN + QUOTE]>(ctx, 0)
+        .map(|p| p.cast::<u8>())
+        .or_else(|| ptr_at::<_, [u8; IP_OFF + 20 + ICMP_LEN + QUOTE]>(ctx, 0).map(|p| p.cast()))
+    else {
+        return Built::Broken;
+    };
+    // SAFETY: every store below lies inside the `total` bytes checked just
+    // now (the IPv6 layout only when they are that many).
+    unsafe {
+        // Back to the sender: the MACs swapped (forwarding sets the next
+        // hop's anyway), the frame's EtherType.
+        store32(p, 0, smac.0);
+        store16(p, 4, smac.1);
+        store32(p, 6, dmac.0);
+        store16(p, 10, dmac.1);
+        store16(p, 12, if v6 { 0x86ddu16 } else { 0x0800 }.to_be());
+        let ip = p.add(IP_OFF);
+        let icmp = ip.add(hdr);
+        if v6 {
+            if ptr_at::<_, [u8; IP_OFF + IPV6_LEN + ICMP_LEN + QUOTE]>(ctx, 0).is_none() {
+                return Built::Broken;
+            }
+            store32(ip, 0, u32::from_be(0x6000_0000));
+            store16(ip, 4, (msg as u16).to_be());
+            *ip.add(6) = PROTO_ICMPV6;
+            *ip.add(7) = 64;
+            // From where the packet was going, to its source.
+            for i in 0..4 {
+                store32(ip, 8 + 4 * i, dst[i]);
+                store32(ip, 24 + 4 * i, src[i]);
+            }
+            store32(
+                icmp,
+                0,
+                u32::from_ne_bytes([ICMPV6_PACKET_TOO_BIG, 0, 0, 0]),
+            );
+            store32(icmp, 4, mtu.to_be());
+            // The pseudo-header: addresses, length, next header.
+            let mut pseudo = [0u32; 10];
+            for i in 0..4 {
+                pseudo[i] = dst[i];
+                pseudo[4 + i] = src[i];
+            }
+            pseudo[8] = msg.to_be();
+            pseudo[9] = u32::from(PROTO_ICMPV6).to_be();
+            let s = sum(pseudo.as_ptr().cast(), 40, 0);
+            store16(icmp, 2, checksum(sum(icmp, msg, s)));
+        } else {
+            store32(ip, 0, u32::from_ne_bytes([0x45, 0, 0, 0]));
+            store16(ip, 2, ((20 + msg) as u16).to_be());
+            store32(ip, 4, 0);
+            store32(ip, 8, u32::from_ne_bytes([64, PROTO_ICMP, 0, 0]));
+            store32(ip, 12, dst[0]);
+            store32(ip, 16, src[0]);
+            store16(ip, 10, checksum(sum(ip, 20, 0)));
+            store32(
+                icmp,
+                0,
+                u32::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]),
+            );
+            store32(icmp, 4, (mtu & 0xffff).to_be());
+            store16(icmp, 2, checksum(sum(icmp, msg, 0)));
+        }
+    }
+    Built::Yes
 }

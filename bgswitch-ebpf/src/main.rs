@@ -59,13 +59,28 @@ use crate::{
 /// paths' stack slots pass the 512-byte limit; this dispatch keeps almost
 /// none, so each path may use nearly all of it (the verifier counts a call
 /// chain's frames together).
+///
+/// A packet the path passed because it is longer than its next hop's MTU
+/// becomes the ICMP error its sender needs ([`too_big`]).
 #[inline(always)]
 fn run<C: Packet>(ctx: &C) -> u32 {
-    match parse::ip_family(ctx) {
-        Some(v6) if icmp::is_icmp(ctx, v6) => run_icmp(ctx, v6),
+    let verdict = match parse::ip_family(ctx) {
+        Some(v6) if icmp::is_icmp(ctx, v6) => return run_icmp(ctx, v6),
         Some(true) => run6(ctx),
         _ => run4(ctx),
+    };
+    if verdict == C::PASS {
+        if let Some(mtu) = icmp::take_too_big() {
+            return too_big(ctx, mtu);
+        }
     }
+    verdict
+}
+
+/// See `icmp::too_big`.
+#[inline(never)]
+fn too_big<C: Packet>(ctx: &C, mtu: u32) -> u32 {
+    icmp::too_big(ctx, mtu)
 }
 
 /// ICMP, either family: errors about switched flows translated

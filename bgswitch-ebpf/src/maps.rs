@@ -59,6 +59,13 @@ pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
 pub static FLOWS6: LruHashMap<FlowKey, FlowEntry6> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
+/// The next hop's MTU when `transmit::resolve` found a rewritten packet
+/// too long for it (0: none), per CPU, for the program's entry point to
+/// answer with an ICMP error once the path has passed the packet (see
+/// `icmp::too_big`). Not pinned.
+#[map]
+pub static TOO_BIG: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Room for a new IPv6 flow's record while it is built, one per CPU (see
 /// `family::Family::with_room`). Not pinned.
 #[map]

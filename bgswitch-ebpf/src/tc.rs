@@ -10,8 +10,12 @@
 //! move the data.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
+    bindings::{
+        BPF_CSUM_LEVEL_RESET, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
+    helpers::{
+        bpf_csum_level, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+    },
     programs::TcContext,
 };
 use bgswitch_common::{Addr, PROTO_TCP};
@@ -52,6 +56,7 @@ impl Packet for TcContext {
     /// Not this program's: whatever comes next (another tcx program, a
     /// clsact filter, the stack) decides, as if bgswitch were not there.
     const PASS: u32 = TC_ACT_UNSPEC as u32;
+    const DROP: u32 = TC_ACT_SHOT as u32;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -164,6 +169,25 @@ impl Packet for TcContext {
         // parse); ttl > 1 (caller).
         unsafe { ipv4::decrement_ttl(ip) };
         Some(())
+    }
+
+    /// A GSO packet is not cut (it passes). The checksum state is reset: a
+    /// partial checksum's offsets would point into the quote.
+    #[inline(always)]
+    fn room_for_error(&self, front: u32, total: u32) -> Option<bool> {
+        if self.gso_size() != 0 {
+            return None;
+        }
+        // SAFETY: the context's own socket buffer; flags 0.
+        if unsafe { bpf_skb_change_head(self.skb.skb, front, 0) } != 0 {
+            return None;
+        }
+        // SAFETY: as above.
+        let ok = unsafe {
+            bpf_skb_change_tail(self.skb.skb, total, 0) == 0
+                && bpf_csum_level(self.skb.skb, BPF_CSUM_LEVEL_RESET as u64) >= 0
+        };
+        Some(ok)
     }
 
     /// Any interface bgswitch serves (`ATTACHED`), with XDP or TC: a socket

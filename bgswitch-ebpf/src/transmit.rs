@@ -7,7 +7,10 @@
 //! unresolved).
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
     helpers::bpf_fib_lookup,
 };
 use bgswitch_common::{global, BackendHop, FlowEntry};
@@ -18,7 +21,7 @@ use crate::{
     context::Packet,
     events,
     frame::Frame,
-    maps::{count, count2},
+    maps::{count, count2, TOO_BIG},
 };
 
 const AF_INET: u8 = 2;
@@ -207,6 +210,19 @@ pub fn resolve<C: Packet>(ctx: &C, f: &Frame) -> Result<Hop, Option<u32>> {
     };
     let egress = p.ifindex;
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+            // Longer than the next hop's MTU: the packet passes (the stack
+            // fragments an IPv4 packet without DF), and the entry point
+            // answers the sender when it must (`icmp::too_big`).
+            // SAFETY: the helper wrote the MTU over `tot_len`.
+            let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            if let Some(t) = TOO_BIG.get_ptr_mut(0) {
+                // SAFETY: this CPU's slot.
+                unsafe { *t = u32::from(mtu) };
+            }
+            count(global::FIB_OTHER);
+            return Err(None);
+        }
         if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
             // The kernel resolves the neighbour: routine, not logged. An
             // egress the context cannot send to: the stack's, unlogged too.

@@ -4,7 +4,11 @@
 //! UDP checksum of 0 stays 0; IPv6 has no header checksum) — and sent with
 //! XDP_TX or a DevMap redirect.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
+    programs::XdpContext,
+};
 use bgswitch_common::{csum::Delta, Addr, PROTO_TCP};
 use network_types::ip::Ipv4Hdr;
 
@@ -17,6 +21,7 @@ use crate::{
 
 impl Packet for XdpContext {
     const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -124,6 +129,21 @@ impl Packet for XdpContext {
             }
         };
         Some(())
+    }
+
+    #[inline(always)]
+    fn room_for_error(&self, front: u32, total: u32) -> Option<bool> {
+        // SAFETY: the context's own frame; negative: more headroom used.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -(front as i32)) } != 0 {
+            return None;
+        }
+        // The length from the helper: one computed from the packet pointers
+        // would be folded into arithmetic on `data_end`, which the verifier
+        // refuses.
+        // SAFETY: the context's own frame.
+        let len = unsafe { bpf_xdp_get_buff_len(self.ctx) } as i32;
+        // SAFETY: as above; the frame only gets shorter.
+        Some(unsafe { bpf_xdp_adjust_tail(self.ctx, total as i32 - len) } == 0)
     }
 
     /// An interface bgswitch serves with XDP (`TX_PORTS`): a DevMap redirect

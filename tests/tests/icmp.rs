@@ -316,3 +316,172 @@ fn echo_to_a_vip_goes_to_the_stack_unchanged() {
         assert_eq!(counter(&dp, "icmp_translated"), 0);
     });
 }
+
+/// The expected error for a packet too big for the next hop: from the VIP
+/// (IPv4 without DF, as the program builds it), to `to`, quoting the first
+/// 504 bytes of what the sender sent, TTL or hop limit 63 (forwarded once),
+/// in a frame to MAC `dst` from MAC `src`.
+fn too_big_error(
+    n: &Net,
+    to: IpAddr,
+    quote: &[u8],
+    mtu: u16,
+    (dst, src): ([u8; 6], [u8; 6]),
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(src, dst);
+    let mut out = Vec::new();
+    match (n.vip.ip(), to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = etherparse::Ipv4Header::new(
+                0,
+                63,
+                etherparse::IpNumber::ICMP,
+                s.octets(),
+                d.octets(),
+            )
+            .unwrap();
+            h.dont_fragment = false;
+            eth.ip(etherparse::IpHeaders::Ipv4(h, Default::default()))
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+                ))
+                .write(&mut out, &quote[..504])
+                .unwrap();
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth
+            .ipv6(s.octets(), d.octets(), 63)
+            .icmpv6(Icmpv6Type::PacketTooBig {
+                mtu: u32::from(mtu),
+            })
+            .write(&mut out, &quote[..504])
+            .unwrap(),
+        _ => unreachable!(),
+    }
+    out
+}
+
+/// A veth v0 (MTU `mtu`) in `ns` leading to the client's and the backends'
+/// networks, with permanent neighbours; returns (v0's ifindex, its MAC).
+fn link(ns: &str, n: &Net, mtu: u32) -> (u32, [u8; 6]) {
+    let ip = |args: &[&str]| bgswitch_tests::ip(&[&["-n", ns], args].concat()).unwrap();
+    ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ip(&["link", "set", "v0", "mtu", &mtu.to_string()]);
+    ip(&["link", "set", "v0", "up"]);
+    ip(&["link", "set", "v1", "up"]);
+    let (net, plen) = if n.client.is_ipv4() {
+        ("198.18.0.1", "/16")
+    } else {
+        ("fd00::1", "/48")
+    };
+    ip(&["addr", "add", &format!("{net}{plen}"), "dev", "v0", "nodad"]);
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
+    for (host, mac) in [
+        (n.client.ip(), "02:00:00:00:00:02"),
+        (n.backend.ip(), "02:00:00:00:01:11"),
+    ] {
+        ip(&[
+            "neigh",
+            "replace",
+            &host.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            "v0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let idx = bgswitch::dataplane::ifindex("v0").unwrap();
+    (idx, bgswitch_tests::netns::mac_address(ns, "v0").unwrap())
+}
+
+/// A packet too long for the next hop towards the backend (a 1280-byte MTU
+/// behind the load balancer), and a reply too long for the next hop
+/// towards the client: each sender gets "fragmentation needed" / "packet
+/// too big" about the packet it sent, so path MTU discovery works through
+/// the VIP.
+fn too_big_packets_are_answered(n: &Net, prog: Program) {
+    let ns = TempNetns::create().expect("create a network namespace");
+    let name = ns.name().to_string();
+    in_netns(&name, || {
+        let (v0, v0_mac) = link(&name, n, 1280);
+        let mut dp = load();
+        let run = |dp: &mut Dataplane, frame: &[u8]| {
+            let (action, out, _) = match prog {
+                Program::Xdp => dp.test_run(frame, Some(v0), 1),
+                Program::Tc => dp.test_run_tc(frame, Some(v0), 0, 1),
+            }
+            .expect("test run");
+            (action, out)
+        };
+        let sent = |prog: Program| match prog {
+            Program::Xdp => 3, // XDP_TX
+            Program::Tc => 7,  // TC_ACT_REDIRECT
+        };
+        let big = |src: SocketAddr, dst: SocketAddr, syn_ack: bool| {
+            let t = builder(src.ip(), dst.ip(), 64).tcp(src.port(), dst.port(), 1000, 65535);
+            let t = if syn_ack { t.ack(1) } else { t.ack(1) };
+            let mut out = Vec::new();
+            t.write(&mut out, &[0x5a; 1400]).unwrap();
+            out
+        };
+        // Open the flow with a small SYN (it fits).
+        let (action, _) = run(&mut dp, &tcp(n.client, n.vip, false));
+        assert_eq!(action, sent(prog), "the SYN is forwarded");
+        let before = counter(&dp, "icmp_too_big_sent");
+        let to_backend = big(n.client, n.vip, false);
+        let (action, out) = run(&mut dp, &to_backend);
+        assert_eq!(action, sent(prog), "the error is sent back");
+        assert_eq!(
+            out,
+            too_big_error(
+                n,
+                n.client.ip(),
+                ip(&to_backend),
+                1280,
+                ([2, 0, 0, 0, 0, 2], v0_mac)
+            ),
+            "the client hears from the VIP about its own packet"
+        );
+        // A reply too long for the way to the client: the backend hears of
+        // its own reply.
+        let reply = big(n.backend, n.client, true);
+        let (action, out) = run(&mut dp, &reply);
+        assert_eq!(action, sent(prog));
+        let p = etherparse::SlicedPacket::from_ethernet(&out).expect("the error parses");
+        match &p.net {
+            Some(etherparse::NetSlice::Ipv4(h)) => {
+                assert_eq!(IpAddr::from(h.header().destination()), n.backend.ip());
+            }
+            Some(etherparse::NetSlice::Ipv6(h)) => {
+                assert_eq!(IpAddr::from(h.header().destination()), n.backend.ip());
+            }
+            _ => panic!("not IP"),
+        }
+        let icmp_payload = &out[out.len() - 504..];
+        assert_eq!(
+            icmp_payload,
+            &ip(&reply)[..504],
+            "quoting the backend's own reply"
+        );
+        assert_eq!(counter(&dp, "icmp_too_big_sent") - before, 2);
+    })
+    .expect("enter the namespace");
+}
+
+#[test]
+fn packets_too_big_for_the_next_hop_are_answered_ipv4() {
+    bgswitch_tests::switcher::require_root();
+    for prog in [Program::Xdp, Program::Tc] {
+        too_big_packets_are_answered(&v4(), prog);
+    }
+}
+
+#[test]
+fn packets_too_big_for_the_next_hop_are_answered_ipv6() {
+    bgswitch_tests::switcher::require_root();
+    for prog in [Program::Xdp, Program::Tc] {
+        too_big_packets_are_answered(&v6(), prog);
+    }
+}
