@@ -107,9 +107,10 @@ fn flow_memory(config: &Config) -> String {
         (true, "IPv6", dataplane::FLOW_BYTES_V6),
     ] {
         if config.services.iter().any(|s| s.vip.is_ipv6() == v6) {
+            let bytes = config.max_flows as f64 * per_flow as f64;
             parts.push(format!(
-                "{name} {per_flow} B each, up to {} MiB",
-                (config.max_flows as usize * per_flow).div_ceil(1 << 20)
+                "{name} {per_flow} B each, up to {:.1} MiB",
+                bytes / f64::from(1 << 20)
             ));
         }
     }
@@ -310,7 +311,7 @@ impl Daemon {
             );
         }
         log::info!(
-            "flow tables: up to {} flows per family{}",
+            "flow tables: {} flows{}",
             config.max_flows,
             flow_memory(&config)
         );
