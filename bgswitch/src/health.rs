@@ -88,9 +88,7 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthKind) -> Result<(), String> 
     let HealthKind::Http { path, status } = kind else {
         return Ok(());
     };
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: bgswitch-health\r\nConnection: close\r\n\r\n"
-    );
+    let req = request(path, addr);
     stream
         .write_all(req.as_bytes())
         .await
@@ -119,6 +117,16 @@ async fn probe_inner(addr: SocketAddr, kind: &HealthKind) -> Result<(), String> 
     } else {
         Err(format!("HTTP {code} (expected {}-{})", status.0, status.1))
     }
+}
+
+/// The HTTP probe's request. The Host header is the backend's address and
+/// port as a URL writes them: an IPv6 address in brackets
+/// (`[2001:db8::11]:8443`, RFC 3986), which `SocketAddr` prints so (the
+/// config refuses zones, which would add `%…`).
+fn request(path: &str, addr: SocketAddr) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: bgswitch-health\r\nConnection: close\r\n\r\n"
+    )
 }
 
 fn truncate(s: &str) -> &str {
@@ -168,9 +176,29 @@ mod tests {
         assert_eq!(serving(&[Down, Down]), (vec![0, 1], true));
     }
 
+    #[test]
+    fn the_host_header_brackets_an_ipv6_address() {
+        let r = request("/healthz", "[2001:db8:1::11]:8443".parse().unwrap());
+        assert!(
+            r.starts_with("GET /healthz HTTP/1.1\r\nHost: [2001:db8:1::11]:8443\r\n"),
+            "{r}"
+        );
+        let r = request("/", "198.18.1.11:8080".parse().unwrap());
+        assert!(r.contains("\r\nHost: 198.18.1.11:8080\r\n"), "{r}");
+    }
+
     #[tokio::test]
     async fn probes_against_real_sockets() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        probes_against_real_sockets_at("127.0.0.1:0").await;
+    }
+
+    #[tokio::test]
+    async fn probes_an_ipv6_backend() {
+        probes_against_real_sockets_at("[::1]:0").await;
+    }
+
+    async fn probes_against_real_sockets_at(bind: &str) {
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             for status in [200, 503] {
@@ -203,7 +231,7 @@ mod tests {
             ..http
         };
         let closed = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let l = std::net::TcpListener::bind(bind).unwrap();
             l.local_addr().unwrap()
         };
         let e = probe(closed, &tcp).await.unwrap_err();

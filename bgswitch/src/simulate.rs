@@ -1,6 +1,7 @@
 //! `bgswitch simulate`: "where would this packet go?"
 //!
-//! Runs every frame of a pcap file through the same XDP program with the
+//! Runs every frame of a pcap file (IPv4 and IPv6) through the same XDP or
+//! TC program with the
 //! configured services and the saved desired state (active colour, canary
 //! share, preview prefixes), using private maps: the live flow table and
 //! counters are never touched. Frames are run in order, so a flow's later
@@ -9,7 +10,7 @@
 use std::{
     collections::HashMap,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
@@ -104,31 +105,71 @@ pub fn write_pcap(mut w: impl Write, frames: &[PcapFrame], nanos: bool) -> std::
     Ok(())
 }
 
-/// The addresses, protocol and TCP flags of an IPv4 TCP/UDP frame.
+/// The addresses, protocol and TCP flags of an IPv4 or IPv6 TCP/UDP frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Headers {
+    /// `ADDR:PORT`; an IPv6 address in brackets (`[2001:db8::10]:443`).
     pub src: String,
     pub dst: String,
     pub protocol: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub tcp_flags: String,
+    /// The TTL (IPv4) or hop limit (IPv6).
     pub ttl: u8,
 }
 
-fn headers(f: &[u8]) -> Option<(Headers, SocketAddr, SocketAddr)> {
-    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[14] >> 4 != 4 {
-        return None;
+/// Extension headers `headers` walks in an IPv6 frame before giving up, as
+/// the program does (hop-by-hop, routing, destination options).
+const MAX_EXTENSION_HEADERS: usize = 8;
+
+/// The L3 fields of an IPv4 or IPv6 frame carrying TCP or UDP: source and
+/// destination address, protocol, TTL or hop limit, and where the L4 header
+/// starts. `None` for anything else (another EtherType, a fragment, another
+/// protocol, an IPv6 extension header the program does not walk, a
+/// truncated header).
+fn l3(f: &[u8]) -> Option<(IpAddr, IpAddr, u8, u8, usize)> {
+    match (f.get(12..14)?, f.get(14)? >> 4) {
+        ([0x08, 0x00], 4) => {
+            if f.len() < 34 {
+                return None;
+            }
+            let ihl = usize::from(f[14] & 0x0f) * 4;
+            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]));
+            Some((ip(26), ip(30), f[23], f[22], 14 + ihl))
+        }
+        ([0x86, 0xdd], 6) => {
+            let h = f.get(14..54)?;
+            let ip = |o: usize| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&h[o..o + 16]);
+                IpAddr::V6(Ipv6Addr::from(a))
+            };
+            let (mut next, mut at) = (h[6], 54);
+            for _ in 0..MAX_EXTENSION_HEADERS {
+                match next {
+                    // Hop-by-hop, routing, destination options.
+                    0 | 43 | 60 => {
+                        let e = f.get(at..at + 2)?;
+                        next = e[0];
+                        at += (usize::from(e[1]) + 1) * 8;
+                    }
+                    _ => break,
+                }
+            }
+            Some((ip(8), ip(24), next, h[7], at))
+        }
+        _ => None,
     }
-    let ihl = usize::from(f[14] & 0x0f) * 4;
-    let l4 = 14 + ihl;
-    let proto = f[23];
+}
+
+fn headers(f: &[u8]) -> Option<(Headers, SocketAddr, SocketAddr)> {
+    let (src_ip, dst_ip, proto, ttl, l4) = l3(f)?;
     if f.len() < l4 + 4 || !(proto == 6 || proto == 17) {
         return None;
     }
-    let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]));
     let port = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
-    let src = SocketAddr::new(ip(26), port(l4));
-    let dst = SocketAddr::new(ip(30), port(l4 + 2));
+    let src = SocketAddr::new(src_ip, port(l4));
+    let dst = SocketAddr::new(dst_ip, port(l4 + 2));
     let mut flags = String::new();
     if proto == 6 && f.len() > l4 + 13 {
         for (bit, name) in [
@@ -152,7 +193,7 @@ fn headers(f: &[u8]) -> Option<(Headers, SocketAddr, SocketAddr)> {
             dst: dst.to_string(),
             protocol: if proto == 6 { "tcp" } else { "udp" }.into(),
             tcp_flags: flags,
-            ttl: f[22],
+            ttl,
         },
         src,
         dst,
@@ -346,7 +387,7 @@ pub fn render(outcomes: &[Outcome]) -> String {
                     }
                 )
             })
-            .unwrap_or_else(|| "not IPv4 TCP/UDP".into());
+            .unwrap_or_else(|| "not TCP/UDP over IPv4 or IPv6".into());
         let what = match o.direction.as_str() {
             "to_backend" => format!(
                 "{} {} → backend {}",
@@ -411,6 +452,69 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An Ethernet frame: IPv6 from `src` to `dst`, hop limit 64, the
+    /// extension headers `ext` (each: its type, 8 bytes), then a TCP SYN or
+    /// a UDP header.
+    fn frame6(src: &str, dst: &str, ext: &[u8], proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend([0x86, 0xdd]);
+        let l4_len = if proto == 6 { 20 } else { 8 };
+        let payload = ext.len() * 8 + l4_len;
+        f.extend([0x60, 0, 0, 0]);
+        f.extend((payload as u16).to_be_bytes());
+        f.push(ext.first().copied().unwrap_or(proto));
+        f.push(64);
+        f.extend(src.parse::<Ipv6Addr>().unwrap().octets());
+        f.extend(dst.parse::<Ipv6Addr>().unwrap().octets());
+        for (i, _) in ext.iter().enumerate() {
+            let next = ext.get(i + 1).copied().unwrap_or(proto);
+            f.extend([next, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        f.extend(sport.to_be_bytes());
+        f.extend(dport.to_be_bytes());
+        if proto == 6 {
+            f.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            f.extend([0, 8, 0, 0]);
+        }
+        f
+    }
+
+    #[test]
+    fn ipv6_frames_are_described_with_bracketed_addresses() {
+        let f = frame6("2001:db8:9::1", "2001:db8::10", &[], 6, 40000, 443);
+        let (h, src, dst) = headers(&f).unwrap();
+        assert_eq!(h.src, "[2001:db8:9::1]:40000");
+        assert_eq!(h.dst, "[2001:db8::10]:443");
+        assert_eq!(
+            (h.protocol.as_str(), h.tcp_flags.as_str(), h.ttl),
+            ("tcp", "SYN", 64)
+        );
+        assert_eq!(dst, "[2001:db8::10]:443".parse().unwrap());
+        assert!(src.is_ipv6());
+        // Hop-by-hop, routing and destination options are walked.
+        let f = frame6("fd00::1", "fd00::53", &[0, 43, 60], 17, 5353, 53);
+        let (h, _, _) = headers(&f).unwrap();
+        assert_eq!(
+            (h.dst.as_str(), h.protocol.as_str()),
+            ("[fd00::53]:53", "udp")
+        );
+        // A fragment header, ICMPv6 and a truncated frame are not TCP/UDP.
+        assert!(headers(&frame6("fd00::1", "fd00::53", &[44], 17, 1, 53)).is_none());
+        assert!(headers(&frame6("fd00::1", "fd00::53", &[], 58, 1, 53)).is_none());
+        let f = frame6("fd00::1", "fd00::53", &[0], 6, 1, 80);
+        assert!(headers(&f[..60]).is_none());
+        // IPv4 as before.
+        let mut f = vec![0u8; 12];
+        f.extend([0x08, 0x00, 0x45, 0, 0, 40, 0, 0, 0x40, 0, 63, 17, 0, 0]);
+        f.extend([198, 18, 0, 1, 198, 19, 0, 10, 0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+        let (h, _, _) = headers(&f).unwrap();
+        assert_eq!(
+            (h.src.as_str(), h.dst.as_str(), h.ttl),
+            ("198.18.0.1:40000", "198.19.0.10:53", 63)
+        );
+    }
 
     #[test]
     fn pcap_round_trip_and_errors() {

@@ -18,7 +18,8 @@
 //! an accepted config satisfies the documented invariants (1..=64
 //! interfaces, unique and well-formed; 1..=64 backends per pool; at most 256
 //! services with valid, unique names; unique VIPs; a backend belongs to one
-//! pool of one service, is of its VIP's family and is not the VIP; absolute
+//! pool of one service, is of its VIP's family and is not the VIP; an IPv6
+//! service is not stateless; absolute
 //! paths; limits of max_flows and timeouts). `BGSWITCH_FUZZ_CONFIGS` sets
 //! the number of inputs per generator (default 10 000).
 
@@ -711,12 +712,18 @@ fn add_fault(rng: &mut Rng, g: &mut GConfig) -> String {
                 return format!("{}.health.{key}", svc_at(i, g));
             }
             38 if with_services => {
-                // An IPv6 service (its backends too): not supported yet.
+                // An IPv6 service (its backends too) that breaks a rule
+                // of its own: an IPv4 backend in it, or stateless.
                 let i = rng.index(n);
                 g.services[i].set("vip", V::S(format!("[2001:db8::{}]:80", i + 1)));
                 g.services[i].set("blue", strs(&[format!("[2001:db8:1::{}]:80", i + 1)]));
+                if rng.index(2) == 0 {
+                    g.services[i].set("green", strs(&[format!("198.18.2.{}:80", i + 1)]));
+                    return format!("({}).green[0]", g.services[i].name);
+                }
                 g.services[i].set("green", strs(&[format!("[2001:db8:2::{}]:80", i + 1)]));
-                return format!("({}).vip", g.services[i].name);
+                g.services[i].set("stateless", V::Raw("true".into()));
+                return format!("({}).stateless", g.services[i].name);
             }
             39 => {
                 g.top
@@ -826,7 +833,12 @@ fn unicast(a: &SocketAddr) -> bool {
     a.port() != 0
         && match a.ip() {
             IpAddr::V4(v) => !(v.is_unspecified() || v.is_broadcast() || v.is_multicast()),
-            IpAddr::V6(v) => !(v.is_unspecified() || v.is_multicast()),
+            IpAddr::V6(v) => {
+                !(v.is_unspecified()
+                    || v.is_multicast()
+                    || v.is_unicast_link_local()
+                    || v.to_ipv4_mapped().is_some())
+            }
         }
 }
 
@@ -905,7 +917,10 @@ fn invariants(c: &Config) -> Vec<String> {
             format!("VIP {}/{} twice", s.vip, s.protocol),
         );
         check(unicast(&s.vip), format!("VIP {} of {}", s.vip, s.name));
-        check(s.vip.is_ipv4(), format!("IPv6 VIP {} accepted", s.vip));
+        check(
+            !(s.stateless && s.vip.is_ipv6()),
+            format!("IPv6 service {} accepted as stateless", s.name),
+        );
         for (colour, pool) in [("blue", &s.blue), ("green", &s.green)] {
             check(
                 (1..=64).contains(&pool.len()),

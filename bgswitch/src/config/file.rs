@@ -326,7 +326,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 if addr.is_ipv4() != vip.is_ipv4() {
                     return Err(err(
                         &key,
-                        format!("{addr} is not of the VIP's address family"),
+                        format!(
+                            "{addr} is {} but the VIP {vip} is {}: one address family per \
+                             service (VIP and every backend of both colours)",
+                            family_name(&addr),
+                            family_name(&vip)
+                        ),
                     ));
                 }
                 if addr == vip {
@@ -362,6 +367,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                     .into(),
             ));
         }
+        if stateless && vip.is_ipv6() {
+            return Err(err(
+                &at("stateless"),
+                "IPv6 services use the flow table; stateless periods are IPv4-only".into(),
+            ));
+        }
         services.push(ServiceConfig {
             name,
             vip,
@@ -373,12 +384,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         });
     }
     for (i, s) in services.iter().enumerate() {
-        if !s.vip.is_ipv4() {
-            return Err(err(
-                &format!("service[{i}] ({}).vip", s.name),
-                "IPv6 services are not supported yet".into(),
-            ));
-        }
         for (colour, pool) in [("blue", &s.blue), ("green", &s.green)] {
             for (j, b) in pool.iter().enumerate() {
                 if let Some(other) = vips.get(&(*b, s.protocol)) {
@@ -522,6 +527,14 @@ fn duration_key(
         return Err(err(key, format!("'{text}' is shorter than 1s")));
     }
     Ok(d)
+}
+
+fn family_name(a: &SocketAddr) -> &'static str {
+    if a.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -170,6 +170,13 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
+    /// Whether the service may spend its stable periods stateless:
+    /// configured so, and IPv4 (IPv6 services always use the flow table;
+    /// the config refuses `stateless` for them, this holds anyway).
+    pub fn may_run_stateless(&self) -> bool {
+        self.stateless && self.vip.is_ipv4()
+    }
+
     pub fn pool(&self, colour: Colour) -> &[SocketAddr] {
         match colour {
             Colour::Blue => &self.blue,

@@ -319,3 +319,92 @@ fn durations() {
     assert!(parse_duration("s").is_err());
     assert!(parse_duration("9999h").is_err());
 }
+
+#[test]
+fn ipv6_services_parse_beside_ipv4_ones() {
+    let c = parse(
+        Path::new("x.toml"),
+        &format!(
+            "{GOOD}\n[[service]]\nname = \"web6\"\nvip = \"[2001:db8::10]:443\"\nprotocol = \"tcp\"\n\
+             blue = [\"[2001:db8:1::11]:8443\", \"[2001:db8:1::12]:8443\"]\n\
+             green = [\"[2001:db8:1::21]:8443\"]\n\
+             [service.health]\nkind = \"http\"\n\
+             [[service]]\nname = \"dns6\"\nvip = \"[fd00::53]:53\"\nprotocol = \"udp\"\n\
+             blue = [\"[fd00:1::53]:53\"]\ngreen = [\"[fd00:2::53]:5353\"]\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.services.len(), 3);
+    let s = &c.services[1];
+    assert_eq!(s.vip, "[2001:db8::10]:443".parse().unwrap());
+    assert!(s.vip.is_ipv6() && s.blue.iter().chain(&s.green).all(|b| b.is_ipv6()));
+    assert!(!s.stateless && !s.may_run_stateless());
+    assert_eq!(c.services[2].protocol, Protocol::Udp);
+    // The same port on another family's VIP is another service.
+    parse(
+        Path::new("x.toml"),
+        &with_service(
+            "name = \"a\"\nvip = \"198.19.0.10:80\"\nprotocol = \"tcp\"\nblue = [\"198.18.1.1:80\"]\ngreen = [\"198.18.1.2:80\"]\n\
+             [[service]]\nname = \"b\"\nvip = \"[2001:db8::10]:80\"\nprotocol = \"tcp\"\nblue = [\"[2001:db8::1]:80\"]\ngreen = [\"[2001:db8::2]:80\"]\n",
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn ipv6_services_keep_one_family_and_the_flow_table() {
+    let v6 = |extra: &str, blue: &str, green: &str| {
+        with_service(&format!(
+            "name = \"a\"\nvip = \"[2001:db8::10]:443\"\nprotocol = \"tcp\"\n{extra}blue = [{blue}]\ngreen = [{green}]\n"
+        ))
+    };
+    check_err(
+        &v6("", "\"[2001:db8:1::11]:8443\"", "\"198.18.1.21:8443\""),
+        "service[0] (a).green[0]",
+        "198.18.1.21:8443 is IPv4 but the VIP [2001:db8::10]:443 is IPv6: one address family",
+    );
+    check_err(
+        &with_service(
+            "name = \"a\"\nvip = \"198.19.0.10:80\"\nprotocol = \"tcp\"\nblue = [\"198.18.1.1:80\", \"[2001:db8::1]:80\"]\ngreen = [\"198.18.1.2:80\"]\n",
+        ),
+        "service[0] (a).blue[1]",
+        "is IPv6 but the VIP 198.19.0.10:80 is IPv4",
+    );
+    check_err(
+        &v6(
+            "stateless = true\n",
+            "\"[2001:db8:1::11]:8443\"",
+            "\"[2001:db8:1::21]:8443\"",
+        ),
+        "service[0] (a).stateless",
+        "IPv6 services use the flow table; stateless periods are IPv4-only",
+    );
+    // `stateless = false` says nothing the default does not.
+    parse(
+        Path::new("x.toml"),
+        &v6(
+            "stateless = false\n",
+            "\"[2001:db8:1::11]:8443\"",
+            "\"[2001:db8:1::21]:8443\"",
+        ),
+    )
+    .unwrap();
+    for (bad, why) in [
+        ("\"2001:db8:1::11:8443\"", "ADDRESS:PORT"),
+        ("\"[::ffff:198.18.1.1]:80\"", "IPv4-mapped"),
+        ("\"[fe80::1]:80\"", "link-local"),
+        ("\"[ff02::1]:80\"", "unicast"),
+        ("\"[::]:80\"", "unicast"),
+    ] {
+        check_err(
+            &v6("", bad, "\"[2001:db8:1::21]:8443\""),
+            "service[0] (a).blue[0]",
+            why,
+        );
+    }
+    check_err(
+        &v6("", "\"[2001:db8:1::11]:8443\"", "\"[2001:db8:1::11]:8443\""),
+        "service[0] (a).green[0]",
+        "already a backend of a.blue",
+    );
+}

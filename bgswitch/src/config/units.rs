@@ -47,9 +47,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub(super) fn endpoint(text: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = text
-        .parse()
-        .map_err(|_| format!("'{text}' is not ADDRESS:PORT (e.g. 198.18.1.11:8080)"))?;
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        format!(
+            "'{text}' is not ADDRESS:PORT (e.g. 198.18.1.11:8080, or [2001:db8::11]:8080 for IPv6)"
+        )
+    })?;
     if addr.port() == 0 {
         return Err(format!("'{text}': port 0 is not a service port"));
     }
@@ -59,6 +61,17 @@ pub(super) fn endpoint(text: &str) -> Result<SocketAddr, String> {
         }
         IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() => {
             Err(format!("'{text}': {a} cannot be a unicast endpoint"))
+        }
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Err(format!(
+            "'{text}': {a} is an IPv4-mapped address, which never appears on the wire: \
+             write the IPv4 address"
+        )),
+        IpAddr::V6(a) if a.is_unicast_link_local() => Err(format!(
+            "'{text}': {a} is link-local: give a global or unique-local address (a \
+             link-local one needs an interface, and forwarded packets cannot use it)"
+        )),
+        IpAddr::V6(_) if matches!(addr, SocketAddr::V6(v6) if v6.scope_id() != 0) => {
+            Err(format!("'{text}': give the address without a zone (%…)"))
         }
         _ => Ok(addr),
     }

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context as _};
 
-use super::{start::check_environment, Daemon};
+use super::{
+    start::{check_environment, enable_ipv6_forward},
+    Daemon,
+};
 use crate::{
     api::Response,
     config,
@@ -49,7 +52,7 @@ impl Daemon {
         let green = self.serving_pool(&svc, st.id, Colour::Green);
         let key = service_key(svc.vip, svc.protocol.number());
         self.dataplane
-            .set_stateless(st.id, svc.stateless && self.rules_by_destination);
+            .set_stateless(st.id, svc.may_run_stateless() && self.rules_by_destination);
         self.dataplane
             .write_service(st.id, key, &blue, &green, st.active)?;
         self.dataplane.set_canary(st.id, st.canary_bp)?;
@@ -158,6 +161,7 @@ impl Daemon {
                 );
             }
         }
+        enable_ipv6_forward(&new)?;
         let mut state = self.state.clone();
         let (added, removed) = state.reconcile(new.service_names())?;
         self.store.save(&state)?;

@@ -123,7 +123,7 @@ impl Daemon {
     /// only while a service is configured stateless (a failure to read them
     /// counts as "no").
     pub(super) fn read_rules(&self) -> bool {
-        if !self.config.services.iter().any(|s| s.stateless) {
+        if !self.config.services.iter().any(|s| s.may_run_stateless()) {
             return false;
         }
         crate::netlink::ipv4_rules_by_destination_only().unwrap_or_else(|e| {
@@ -141,7 +141,7 @@ impl Daemon {
             return;
         }
         self.rules_by_destination = ok;
-        if self.config.services.iter().any(|s| s.stateless) {
+        if self.config.services.iter().any(|s| s.may_run_stateless()) {
             if ok {
                 log::info!("routing rules select by destination only: stateless services may start stable periods");
             } else {
@@ -152,7 +152,8 @@ impl Daemon {
         }
         for svc in self.config.services.clone() {
             if let Ok(st) = self.state.service(&svc.name) {
-                self.dataplane.set_stateless(st.id, svc.stateless && ok);
+                self.dataplane
+                    .set_stateless(st.id, svc.may_run_stateless() && ok);
             }
         }
     }

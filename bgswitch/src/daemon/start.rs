@@ -58,6 +58,69 @@ fn enable_ip_forward() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With an IPv6 service configured, turns on IPv6 forwarding
+/// (`net.ipv6.conf.all.forwarding`): `bpf_fib_lookup` answers an IPv6
+/// lookup only where the host forwards IPv6, and the stack forwards what
+/// the program hands it. Logged loudly, with the interfaces it costs router
+/// advertisements (a forwarding host ignores them unless `accept_ra` is 2).
+pub(super) fn enable_ipv6_forward(config: &Config) -> anyhow::Result<()> {
+    let Some(svc) = config.services.iter().find(|s| s.vip.is_ipv6()) else {
+        return Ok(());
+    };
+    let p = "/proc/sys/net/ipv6/conf/all/forwarding";
+    let cur = std::fs::read_to_string(p).with_context(|| {
+        format!(
+            "reading {p} (service {} is IPv6: is IPv6 disabled on this host?)",
+            svc.name
+        )
+    })?;
+    if cur.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(p, "1").with_context(|| {
+        format!(
+            "enabling IPv6 forwarding ({p}), which IPv6 service {} needs",
+            svc.name
+        )
+    })?;
+    log::warn!(
+        "enabled IPv6 forwarding (net.ipv6.conf.all.forwarding=1) for IPv6 service {}: the kernel's FIB lookup refuses IPv6 otherwise. A forwarding host ignores router advertisements on interfaces whose accept_ra is 1: set accept_ra=2 on an uplink configured by them",
+        svc.name
+    );
+    for name in &config.interfaces {
+        let ra = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+        if std::fs::read_to_string(&ra).is_ok_and(|t| t.trim() == "1") {
+            log::warn!(
+                "{name}: accept_ra is 1, so router advertisements are now ignored there (routes and addresses learnt from them expire): `sysctl -w net.ipv6.conf.{name}.accept_ra=2` if it needs them"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The kernel memory the flow tables may take, per family a service of
+/// the config has (each family's table holds up to `max_flows`).
+fn flow_memory(config: &Config) -> String {
+    let mut parts = Vec::new();
+    for (v6, name, per_flow) in [
+        (false, "IPv4", dataplane::FLOW_BYTES_V4),
+        (true, "IPv6", dataplane::FLOW_BYTES_V6),
+    ] {
+        if config.services.iter().any(|s| s.vip.is_ipv6() == v6) {
+            let bytes = config.max_flows as f64 * per_flow as f64;
+            parts.push(format!(
+                "{name} {per_flow} B each, up to {:.1} MiB",
+                bytes / f64::from(1 << 20)
+            ));
+        }
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" per family ({})", parts.join("; "))
+    }
+}
+
 /// Takes the tick rate an earlier start in this boot (`boot_id`) measured,
 /// if it kept one: the rate is fixed at boot, and measuring it takes 250 ms.
 fn assume_kept_tick_rate(dir: &StateDir, boot_id: &str) -> bool {
@@ -177,7 +240,7 @@ impl Daemon {
             out += &format!("  interface {name}: {} ({why})\n", modes.join(", else "));
         }
         out += &format!(
-            "  socket {}{}, state in {}, pins under {}, flow table {} flows\n",
+            "  socket {}{}, state in {}, pins under {}, flow table {} flows{}\n",
             config.socket.display(),
             config
                 .socket_group
@@ -186,7 +249,8 @@ impl Daemon {
                 .unwrap_or_default(),
             config.state_dir.display(),
             config.bpffs.join(paths::PIN_DIR).display(),
-            config.max_flows
+            config.max_flows,
+            flow_memory(&config),
         );
         Ok(out)
     }
@@ -228,6 +292,7 @@ impl Daemon {
         // plane changes no traffic; `apply_config` does, below.)
         store.save(&state)?;
         enable_ip_forward()?;
+        enable_ipv6_forward(&config)?;
         log::info!(
             "data plane clock: HZ {} ({}); flows refresh their next hop every {} ticks",
             dataplane.hz(),
@@ -245,6 +310,11 @@ impl Daemon {
                 p.note
             );
         }
+        log::info!(
+            "flow tables: {} flows{}",
+            config.max_flows,
+            flow_memory(&config)
+        );
         let slots = dataplane.flow_cache_slots();
         log::info!(
             "per-CPU flow cache: {slots} slots ({} KiB per CPU id, {} possible CPU ids)",

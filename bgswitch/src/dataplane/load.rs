@@ -297,6 +297,21 @@ impl Dataplane {
             _ => return Err(DataplaneError::Invalid("FLOWS is not an LRU hash".into())),
         };
         let flows = HashMap::try_from(flows_map).map_err(map_err(names::FLOWS, "open"))?;
+        let flows6_map = take(names::FLOWS6)?;
+        let flows6_fd = match &flows6_map {
+            Map::LruHashMap(d) => {
+                d.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| DataplaneError::Io {
+                        op: "duplicating the fd of",
+                        path: names::FLOWS6.into(),
+                        source: e,
+                    })?
+            }
+            _ => return Err(DataplaneError::Invalid("FLOWS6 is not an LRU hash".into())),
+        };
+        let flows6 = HashMap::try_from(flows6_map).map_err(map_err(names::FLOWS6, "open"))?;
         let settings =
             Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
         let tx_ports = DevMapHash::try_from(take(names::TX_PORTS)?)
@@ -352,6 +367,8 @@ impl Dataplane {
             backends,
             flows,
             flows_fd,
+            flows6,
+            flows6_fd,
             settings,
             tx_ports,
             attached,

@@ -54,14 +54,16 @@ use aya::{
     Ebpf,
 };
 use bgswitch_common::{
-    global, Backend, BackendStats, ColourStats, FlowEntry, FlowKey4, PreviewKey, ReplySource,
-    ServiceKey, ServiceValue, Settings,
+    global, Backend, BackendStats, ColourStats, FlowEntry, FlowEntry6, FlowKey, FlowKey4,
+    PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
 };
 
 pub use attach::{ifindex, ifname, Attachment};
 pub use bpffs::{ensure_bpffs, locate_pins, PinPlace};
 pub use clock::{assume_hz, monotonic_ns, CONFIG_HZ};
-pub use flows::{FlowCounts, FlowScan, SYN_TIMEOUT_S};
+pub use flows::{
+    kernel_bytes_per_flow, FlowCounts, FlowScan, FLOW_BYTES_V4, FLOW_BYTES_V6, SYN_TIMEOUT_S,
+};
 pub use hook::AttachMode;
 pub use load::cpu_id_bound;
 pub use pins::{lock_pins, remove_pins, PinLock};
@@ -168,6 +170,10 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey4, FlowEntry>,
     /// The same map, for batch reads (aya 0.14 has no batch API).
     flows_fd: OwnedFd,
+    /// The IPv6 flow table (keyed by the whole 5-tuple), and its descriptor
+    /// for batch reads.
+    flows6: HashMap<MapData, FlowKey, FlowEntry6>,
+    flows6_fd: OwnedFd,
     settings: Array<MapData, Settings>,
     /// Where the XDP program redirects: the XDP attachments.
     tx_ports: DevMapHash<MapData>,
@@ -206,7 +212,7 @@ pub struct Dataplane {
     addr_filter: MappedArray,
     /// The mapped `FLOW_GEN` counter (shared with the netlink watcher).
     flow_gen: Arc<GenCounter>,
-    /// Whole reads of `FLOWS` begun through this handle (`flow_counts`,
+    /// Whole reads of the flow tables (`FLOWS` and `FLOWS6`) begun through this handle (`flow_counts`,
     /// `flow_scan`).
     table_reads: Cell<u64>,
 }

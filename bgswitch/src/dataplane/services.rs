@@ -52,6 +52,29 @@ pub fn service_key(vip: SocketAddr, proto: u8) -> ServiceKey {
     }
 }
 
+/// A `PREVIEW` key's address and trie prefix length (32 for the service id,
+/// then the CIDR's) as "ADDR/LEN" of the family given; `None` for a length
+/// that family cannot have.
+fn prefix_text(addr: &[u32; 4], bits: u32, v6: bool) -> Option<String> {
+    let len = bits.checked_sub(32)?;
+    let ip = if v6 {
+        if len > 128 {
+            return None;
+        }
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        if len > 32 {
+            return None;
+        }
+        IpAddr::from(addr[0].to_ne_bytes())
+    };
+    Some(format!("{ip}/{len}"))
+}
+
 /// Index of a configured backend's counters.
 pub const fn backend_stat_id(service: u32, colour: Colour, index: u32) -> u32 {
     service * 2 * MAX_BACKENDS + colour.index() * MAX_BACKENDS + index
@@ -302,18 +325,23 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The preview prefixes the data plane holds for service `id` (IPv4,
-    /// the only family services have), as "ADDR/LEN", in the map's order.
+    /// The preview prefixes the data plane holds for service `id`, of its
+    /// VIP's family, as "ADDR/LEN", in the map's order.
     pub fn preview_prefixes(&self, id: u32) -> Result<Vec<String>> {
+        let v6 = self
+            .service_keys()?
+            .iter()
+            .any(|(k, v)| *v == id && k.family == FAMILY_IPV6);
         let mut out = Vec::new();
         for k in self.preview.keys() {
             let k = k.map_err(map_err(names::PREVIEW, "iterate"))?;
             let (data, bits) = (k.data(), k.prefix_len());
-            if data.service != id || !(32..=64).contains(&bits) {
+            if data.service != id {
                 continue;
             }
-            let ip = std::net::Ipv4Addr::from(data.addr[0].to_ne_bytes());
-            out.push(format!("{ip}/{}", bits - 32));
+            if let Some(p) = prefix_text(&data.addr, bits, v6) {
+                out.push(p);
+            }
         }
         Ok(out)
     }
@@ -370,6 +398,25 @@ impl Dataplane {
 mod tests {
     use super::*;
     use bgswitch_common::BACKEND_STAT_ENTRIES;
+
+    #[test]
+    fn preview_keys_read_back_in_their_family() {
+        for (ip, len) in [
+            ("198.18.0.0", 24u8),
+            ("2001:db8:1::", 48),
+            ("2001:db8::5", 128),
+            ("0.0.0.0", 0),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (addr, _) = addr_of(ip);
+            assert_eq!(
+                prefix_text(&addr, 32 + u32::from(len), ip.is_ipv6()).as_deref(),
+                Some(format!("{ip}/{len}").as_str())
+            );
+        }
+        assert_eq!(prefix_text(&[0; 4], 32 + 33, false), None);
+        assert_eq!(prefix_text(&[0; 4], 31, true), None);
+    }
 
     #[test]
     fn backend_stat_ids_do_not_collide() {

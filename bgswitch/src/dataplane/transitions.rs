@@ -4,7 +4,9 @@
 
 use std::{sync::atomic::Ordering, time::Instant};
 
-use bgswitch_common::{control, maps as names, ServiceKey, ADDR_FILTER_WORDS, STATELESS_SLOTS};
+use bgswitch_common::{
+    control, maps as names, ServiceKey, ADDR_FILTER_WORDS, FAMILY_IPV4, STATELESS_SLOTS,
+};
 
 use super::{map_err, Dataplane, DataplaneError, Result};
 use crate::model::Colour;
@@ -135,15 +137,22 @@ impl Dataplane {
         if old != expected || !control::enabled(old) || control::stateless(old) {
             return Ok(None);
         }
-        let stable = self.may_be_stable(id, old);
-        let mut word = self.without_orphan(id, old);
-        if stable {
+        // The VIP of a service that may be stable; an IPv6 one never is
+        // (the program serves IPv6 through the flow table only).
+        let stable_key = if self.may_be_stable(id, old) {
             let key = self
                 .service_keys()?
                 .into_iter()
                 .find(|(_, v)| *v == id)
                 .map(|(k, _)| k)
                 .ok_or_else(|| DataplaneError::Invalid(format!("service id {id} has no VIP")))?;
+            (key.family == FAMILY_IPV4).then_some(key)
+        } else {
+            None
+        };
+        let stable = stable_key.is_some();
+        let mut word = self.without_orphan(id, old);
+        if let Some(key) = stable_key {
             // Its slot, unless another stable service holds it (then its
             // packets find the word through `SERVICES`, more slowly).
             let (i, entry) = stateless_slot_of(&key, id);
