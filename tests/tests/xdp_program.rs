@@ -2285,6 +2285,37 @@ fn v6_frames_that_are_not_ours_pass_byte_for_byte() {
     });
 }
 
+/// A routing header with segments left names the packet's final
+/// destination: the TCP/UDP checksum covers that address, not the VIP in
+/// the header, and the packet is not at its end (the stack processes the
+/// header). It passes untouched, as no service's; with no segments left
+/// the same header is walked (see above).
+#[test]
+fn v6_a_routing_header_with_segments_left_passes_untouched() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let c = SocketAddrV6::new(CLIENT6, 47500, 0, 0);
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let before = fx.dp.global_stats().unwrap();
+        for chain in [
+            vec![routing(24, 1)],
+            vec![opts(IPV6_HOP_BY_HOP, 8), routing(40, 2)],
+            vec![
+                opts(IPV6_DEST_OPTS, 8),
+                routing(24, 255),
+                opts(IPV6_DEST_OPTS, 8),
+            ],
+        ] {
+            let input = frame6_ext(c, vip, L4::Syn, 64, &chain, b"");
+            let (action, out) = fx.run(&input);
+            assert_eq!((action, &out), (XDP_PASS, &input));
+        }
+        assert_eq!(delta(&deltas(&fx.dp, &before), "pass_not_service"), 3);
+        let st = fx.dp.colour_stats(TCP6, Colour::Blue).unwrap();
+        assert_eq!(st.packets, 0);
+    });
+}
+
 #[test]
 fn v4_and_v6_services_side_by_side_keep_their_own_flows_and_colours() {
     in_scratch_ns(|_| {
