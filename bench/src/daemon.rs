@@ -61,7 +61,7 @@ fn idle(o: &DaemonOptions) -> Result<Value> {
     let mut topo = Topology::create(TopologyOptions {
         blue: 2,
         green: 2,
-        like_physical_nics: false,
+        ..TopologyOptions::default()
     })?;
     topo.start_servers(HTTP_PORT, UDP_PORT)?;
     let mut sw = Switcher::new(&topo, &default_services(&topo))?;
@@ -80,7 +80,7 @@ fn health(o: &DaemonOptions) -> Result<Value> {
     let topo = Topology::create(TopologyOptions {
         blue: 2,
         green: 2,
-        like_physical_nics: false,
+        ..TopologyOptions::default()
     })?;
     let mut servers = Vec::new();
     let mut pools = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
@@ -130,7 +130,7 @@ fn many_services(o: &DaemonOptions) -> Result<Value> {
     let topo = Topology::create(TopologyOptions {
         blue: 1,
         green: 1,
-        like_physical_nics: false,
+        ..TopologyOptions::default()
     })?;
     let addr = |c| {
         topo.backends_of(c)

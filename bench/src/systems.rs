@@ -162,6 +162,7 @@ impl System {
             blue: 2,
             green: 2,
             like_physical_nics: kind == Kind::BgswitchXdp,
+            ..TopologyOptions::default()
         })?;
         topo.start_servers(HTTP_PORT, UDP_PORT)?;
         let dir = PathBuf::from("/run/bgswitch-bench").join(topo.prefix());

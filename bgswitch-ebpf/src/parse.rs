@@ -32,9 +32,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
 /// IPv6 extension headers the walk steps over to find TCP or UDP
-/// (hop-by-hop options, routing, destination options: each `(len + 1) * 8`
-/// bytes, its next header in byte 0), and the fragment header, which ends
-/// it: a fragment is not ours.
+/// (hop-by-hop options, routing with no segments left, destination options:
+/// each `(len + 1) * 8` bytes, its next header in byte 0), and the fragment
+/// header, which ends it: a fragment is not ours.
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -223,9 +223,18 @@ pub fn parse6<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
         match next {
             PROTO_TCP | PROTO_UDP => break,
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let h: *const [u8; 2] = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
+                // Every one of these is at least 8 bytes long.
+                let h: *const [u8; 4] = ptr_at(ctx, l4).ok_or(Skip::Malformed)?;
                 // SAFETY: bounds checked by ptr_at.
-                let (n, len) = unsafe { ((*h)[0], ((*h)[1] as usize + 1) * 8) };
+                let (n, len, segments_left) =
+                    unsafe { ((*h)[0], ((*h)[1] as usize + 1) * 8, (*h)[3]) };
+                // A routing header with segments left: the packet is not at
+                // its final destination (the stack processes the header),
+                // and its TCP/UDP checksum covers that final destination,
+                // not the address in the IPv6 header.
+                if next == IPV6_ROUTING && segments_left != 0 {
+                    return Err(Skip::NotTcpUdp);
+                }
                 next = n;
                 l4 += len;
                 if l4 - first > IPV6_MAX_EXT_BYTES {

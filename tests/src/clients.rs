@@ -8,7 +8,7 @@
 //! makes a test fail instead of hang.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -46,9 +46,9 @@ fn explain_timeout(err: io::Error, timeout: Duration) -> io::Error {
 
 /// Opens a TCP connection to `addr` from namespace `ns`, with the default
 /// timeouts applied.
-fn connect(ns: &str, addr: SocketAddrV4) -> Result<TcpStream> {
+fn connect(ns: &str, addr: SocketAddr) -> Result<TcpStream> {
     let stream = in_netns(ns, || -> io::Result<TcpStream> {
-        let stream = TcpStream::connect_timeout(&SocketAddr::V4(addr), CONNECT_TIMEOUT)?;
+        let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -58,7 +58,7 @@ fn connect(ns: &str, addr: SocketAddrV4) -> Result<TcpStream> {
     Ok(stream)
 }
 
-fn request(addr: SocketAddrV4, path: &str, close: bool) -> String {
+fn request(addr: SocketAddr, path: &str, close: bool) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: bgswitch-tests\r\n{}\r\n",
         if close { "Connection: close\r\n" } else { "" }
@@ -100,7 +100,8 @@ fn read_reply(conn: &mut Conn<TcpStream>, until_eof: bool) -> io::Result<(HttpRe
 /// `GET path` on a new TCP connection to `addr` opened from namespace `ns`,
 /// with `Connection: close`. Times out after [`CONNECT_TIMEOUT`] when
 /// connecting and [`IO_TIMEOUT`] per read or write.
-pub fn http_get(ns: &str, addr: SocketAddrV4, path: &str) -> Result<HttpReply> {
+pub fn http_get(ns: &str, addr: impl Into<SocketAddr>, path: &str) -> Result<HttpReply> {
+    let addr = addr.into();
     let mut conn = Conn::new(connect(ns, addr)?);
     let mut exchange = || -> io::Result<HttpReply> {
         conn.write_all(request(addr, path, true).as_bytes())?;
@@ -121,7 +122,8 @@ pub struct Transfer {
 /// `GET /bytes/{n}` from `addr` (a new connection from namespace `ns`):
 /// fails unless exactly the `n` bytes of [`crate::servers::bulk_pattern`]
 /// arrive (naming the first byte that differs).
-pub fn http_download(ns: &str, addr: SocketAddrV4, n: usize) -> Result<Transfer> {
+pub fn http_download(ns: &str, addr: impl Into<SocketAddr>, n: usize) -> Result<Transfer> {
+    let addr = addr.into();
     let t = std::time::Instant::now();
     let mut conn = Conn::new(connect(ns, addr)?);
     let path = format!("/bytes/{n}");
@@ -158,7 +160,8 @@ pub fn http_download(ns: &str, addr: SocketAddrV4, n: usize) -> Result<Transfer>
 /// `POST /digest` with `data` to `addr` (a new connection from namespace
 /// `ns`): fails unless the server counted exactly `data`'s length and
 /// [`crate::servers::digest`].
-pub fn http_upload(ns: &str, addr: SocketAddrV4, data: &[u8]) -> Result<Transfer> {
+pub fn http_upload(ns: &str, addr: impl Into<SocketAddr>, data: &[u8]) -> Result<Transfer> {
+    let addr = addr.into();
     let t = std::time::Instant::now();
     let mut conn = Conn::new(connect(ns, addr)?);
     let mut exchange = || -> io::Result<HttpReply> {
@@ -193,7 +196,7 @@ pub fn http_upload(ns: &str, addr: SocketAddrV4, data: &[u8]) -> Result<Transfer
 /// to the same backend across a switch.
 pub struct KeepAliveClient {
     ns: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     conn: Conn<TcpStream>,
     closed: bool,
     timeout: Duration,
@@ -201,7 +204,8 @@ pub struct KeepAliveClient {
 
 impl KeepAliveClient {
     /// Connects to `addr` from namespace `ns`.
-    pub fn connect(ns: &str, addr: SocketAddrV4) -> Result<Self> {
+    pub fn connect(ns: &str, addr: impl Into<SocketAddr>) -> Result<Self> {
+        let addr = addr.into();
         Ok(Self {
             ns: ns.to_owned(),
             addr,
@@ -255,24 +259,22 @@ impl KeepAliveClient {
     }
 
     /// Local (client-side) address of the connection.
-    pub fn local_addr(&self) -> Result<SocketAddrV4> {
-        match self.conn.get_ref().local_addr().context("local address")? {
-            SocketAddr::V4(addr) => Ok(addr),
-            other => bail!("unexpected IPv6 local address {other}"),
-        }
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.conn.get_ref().local_addr().context("local address")
     }
 
     /// The address the client connected to.
-    pub fn peer_addr(&self) -> SocketAddrV4 {
+    pub fn peer_addr(&self) -> SocketAddr {
         self.addr
     }
 }
 
-/// Sends `payload` to `addr` from a fresh UDP socket (ephemeral port) in
-/// namespace `ns` and returns the reply as a string; times out after
-/// [`IO_TIMEOUT`].
-pub fn udp_request(ns: &str, addr: SocketAddrV4, payload: &[u8]) -> Result<String> {
-    UdpClient::new(ns)?.request(addr, payload)
+/// Sends `payload` to `addr` (IPv4 or IPv6) from a fresh UDP socket of its
+/// family (ephemeral port) in namespace `ns` and returns the reply as a
+/// string; times out after [`IO_TIMEOUT`].
+pub fn udp_request(ns: &str, addr: impl Into<SocketAddr>, payload: &[u8]) -> Result<String> {
+    let addr = addr.into();
+    UdpClient::for_addr(ns, addr)?.request(addr, payload)
 }
 
 /// A UDP client that keeps one socket (hence one source port) for several
@@ -284,10 +286,28 @@ pub struct UdpClient {
 }
 
 impl UdpClient {
-    /// Binds an ephemeral UDP socket in namespace `ns`.
+    /// Binds an ephemeral IPv4 UDP socket in namespace `ns`.
     pub fn new(ns: &str) -> Result<Self> {
+        Self::bind(ns, (Ipv4Addr::UNSPECIFIED, 0).into())
+    }
+
+    /// Binds an ephemeral IPv6 UDP socket in namespace `ns`.
+    pub fn new6(ns: &str) -> Result<Self> {
+        Self::bind(ns, (Ipv6Addr::UNSPECIFIED, 0).into())
+    }
+
+    /// Binds an ephemeral UDP socket of `to`'s family in namespace `ns`.
+    pub fn for_addr(ns: &str, to: SocketAddr) -> Result<Self> {
+        match to {
+            SocketAddr::V4(_) => Self::new(ns),
+            SocketAddr::V6(_) => Self::new6(ns),
+        }
+    }
+
+    /// Binds a UDP socket to `local` in namespace `ns`.
+    pub fn bind(ns: &str, local: SocketAddr) -> Result<Self> {
         let socket = in_netns(ns, || -> io::Result<UdpSocket> {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let socket = UdpSocket::bind(local)?;
             socket.set_read_timeout(Some(IO_TIMEOUT))?;
             socket.set_write_timeout(Some(IO_TIMEOUT))?;
             Ok(socket)
@@ -311,22 +331,25 @@ impl UdpClient {
     }
 
     /// Local address (the source port stays the same for every request).
-    pub fn local_addr(&self) -> Result<SocketAddrV4> {
-        match self.socket.local_addr().context("local address")? {
-            SocketAddr::V4(addr) => Ok(addr),
-            other => bail!("unexpected IPv6 local address {other}"),
-        }
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.socket.local_addr().context("local address")
     }
 
     /// Sends `payload` to `addr` and returns the reply as a string.
-    pub fn request(&self, addr: SocketAddrV4, payload: &[u8]) -> Result<String> {
+    pub fn request(&self, addr: impl Into<SocketAddr>, payload: &[u8]) -> Result<String> {
+        let addr = addr.into();
         self.request_from(addr, payload).map(|(reply, _)| reply)
     }
 
     /// Like [`request`](Self::request), also returning the address the reply
     /// came from. Replies left over from earlier, timed-out requests are
     /// discarded before sending.
-    pub fn request_from(&self, addr: SocketAddrV4, payload: &[u8]) -> Result<(String, SocketAddr)> {
+    pub fn request_from(
+        &self,
+        addr: impl Into<SocketAddr>,
+        payload: &[u8],
+    ) -> Result<(String, SocketAddr)> {
+        let addr = addr.into();
         let context = || format!("UDP request to {addr} from netns {:?}", self.ns);
         self.drain().with_context(context)?;
         self.socket.send_to(payload, addr).with_context(context)?;

@@ -100,6 +100,18 @@ pub fn backend_v4(
     index(hash_v4(BACKEND_SEED, src, sport, dst, dport, proto), n)
 }
 
+/// The backend index an IPv6 flow gets in a pool of `n`.
+pub fn backend_v6(
+    src: [u8; 16],
+    sport: u16,
+    dst: [u8; 16],
+    dport: u16,
+    proto: u8,
+    n: usize,
+) -> usize {
+    index(hash_v6(BACKEND_SEED, src, sport, dst, dport, proto), n)
+}
+
 /// The canary bucket of an IPv4 flow (0..10 000): a share of `bp` basis
 /// points sends the flows whose bucket is below `bp` to the idle colour.
 pub fn canary_bucket_v4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> u32 {
@@ -196,6 +208,7 @@ mod tests {
             "the canary bucket takes the canary seed"
         );
         assert_eq!(backend_v4(c, 40000, vip, 80, 6, 64), 25);
+        assert_eq!(backend_v6(A6, 40000, B6, 80, 6, 64), 7);
         assert_eq!((BACKEND_SEED, CANARY_SEED), (0x6267_7377, 0x6361_6e72));
         assert_eq!(index(0x5555_5556, 3), 1);
         assert_eq!(index(0x5555_5555, 3), 0);

@@ -47,7 +47,7 @@ pub use netns::{
 pub use servers::{HttpServer, UdpEchoServer};
 pub use topology::{
     cleanup_stale, Backend, Colour, TempNetns, Topology, TopologyOptions, CLIENT_ADDR,
-    LB_BACKEND_ADDR, LB_CLIENT_ADDR, VIP,
+    CLIENT_ADDR6, LB_BACKEND_ADDR, LB_BACKEND_ADDR6, LB_CLIENT_ADDR, LB_CLIENT_ADDR6, VIP, VIP6,
 };
 
 /// Runs a blocking socket call again when it returns EINTR: a call with a
@@ -241,6 +241,112 @@ mod tests {
         );
     }
 
+    /// The IPv6 twin of `routing_through_lb`: with nothing but the lb
+    /// namespace's IPv6 forwarding (on from the start), the client reaches
+    /// every backend's IPv6 address over TCP and UDP and the answers come
+    /// back through the lb (the backends' default route), while the IPv6 VIP
+    /// answers nothing and IPv4 is not forwarded (the daemon's to turn on).
+    #[test]
+    fn routing_through_lb_v6() {
+        require_privileged("routing_through_lb_v6");
+        use std::net::{IpAddr, SocketAddr};
+        let mut topo = Topology::create(TopologyOptions::default()).unwrap();
+        topo.start_servers(HTTP_PORT, UDP_PORT).unwrap();
+        let client = UdpClient::new6(topo.client_ns()).unwrap();
+        for backend in topo.backends() {
+            let http = SocketAddr::new(backend.addr6.into(), HTTP_PORT);
+            let reply = http_get(topo.client_ns(), http, "/").unwrap();
+            assert_eq!(reply.backend, backend.name);
+            assert_eq!(reply.body, format!("{} {}\n", backend.colour, backend.name));
+            let udp = SocketAddr::new(backend.addr6.into(), UDP_PORT);
+            let (echo, from) = client.request_from(udp, b"x6").unwrap();
+            assert_eq!(echo, format!("{} {} x6", backend.colour, backend.name));
+            assert_eq!(from, udp);
+            // `udp_request` binds a socket of the address's family.
+            let echo = udp_request(topo.client_ns(), udp, b"y").unwrap();
+            assert_eq!(echo, format!("{} {} y", backend.colour, backend.name));
+        }
+        let b1 = topo.backend("b1");
+        assert_eq!(topo.http_server6("b1").unwrap().connections_accepted(), 1);
+        assert_eq!(topo.http_server("b1").unwrap().connections_accepted(), 0);
+        assert_eq!(
+            topo.http_server6("b1").unwrap().local_addr(),
+            SocketAddr::new(b1.addr6.into(), HTTP_PORT)
+        );
+        assert_eq!(
+            client.local_addr().unwrap().ip(),
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+        );
+        // The lb reaches the backends' IPv6 addresses on its own segment.
+        let reply = http_get(
+            topo.lb_ns(),
+            SocketAddr::new(topo.backend("g2").addr6.into(), HTTP_PORT),
+            "/",
+        )
+        .unwrap();
+        assert_eq!(reply.body, "green g2\n");
+        // Nothing answers for the IPv6 VIP (the lb has no route for it).
+        let t = Instant::now();
+        let err = http_get(
+            topo.client_ns(),
+            SocketAddr::new(VIP6.into(), HTTP_PORT),
+            "/",
+        )
+        .expect_err("the IPv6 VIP must be unreachable");
+        println!(
+            "client -> VIP6 failed after {:?} as expected: {err:#}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(1));
+        // IPv4 forwarding stays off: the daemon under test turns it on.
+        let err = http_get(topo.client_ns(), SocketAddrV4::new(b1.addr, HTTP_PORT), "/")
+            .expect_err("IPv4 is not forwarded yet");
+        println!("client -> b1 over IPv4 failed as expected: {err:#}");
+        println!(
+            "client reached all {} backends over IPv6 through the lb namespace",
+            topo.backends().len()
+        );
+    }
+
+    /// `client_mtu`: both ends of the client's link take the MTU, and a
+    /// download of many segments crosses it through the lb (plain
+    /// forwarding) over both families.
+    #[test]
+    fn a_narrow_client_link_carries_downloads_of_both_families() {
+        require_privileged("a_narrow_client_link_carries_downloads_of_both_families");
+        use std::net::SocketAddr;
+        let mut topo = Topology::create(TopologyOptions {
+            blue: 1,
+            green: 0,
+            client_mtu: Some(1280),
+            ..TopologyOptions::default()
+        })
+        .unwrap();
+        topo.start_servers(HTTP_PORT, UDP_PORT).unwrap();
+        for (ns, link) in [
+            (topo.client_ns(), "c0"),
+            (topo.lb_ns(), "lbc"),
+            (topo.lb_ns(), "lbb"),
+        ] {
+            let out = ns_exec(ns, "cat", &[&format!("/sys/class/net/{link}/mtu")]).unwrap();
+            let mtu = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let want = if link == "lbb" { "1500" } else { "1280" };
+            assert_eq!(mtu, want, "{link} in {ns}");
+        }
+        ns_exec(topo.lb_ns(), "sysctl", &["-w", "net.ipv4.ip_forward=1"]).unwrap();
+        let b1 = topo.backend("b1").clone();
+        const N: usize = 1 << 20;
+        for addr in [b1.addr.into(), b1.addr6.into()] {
+            let to: SocketAddr = SocketAddr::new(addr, HTTP_PORT);
+            let t = clients::http_download(topo.client_ns(), to, N).unwrap();
+            assert_eq!(t.backend, "b1");
+            println!(
+                "{N} bytes from {to} across the 1280-byte link in {:?}",
+                t.elapsed
+            );
+        }
+    }
+
     /// Several topologies at once, from several threads, with a custom shape
     /// and TX checksum offload turned off.
     #[test]
@@ -252,7 +358,7 @@ mod tests {
                     let opts = TopologyOptions {
                         blue: 1,
                         green: i + 1,
-                        like_physical_nics: false,
+                        ..TopologyOptions::default()
                     };
                     let mut topo = Topology::create(opts).expect("create topology");
                     topo.start_servers(80, 53).expect("start servers");
@@ -300,7 +406,7 @@ mod tests {
         let mut topo = Topology::create(TopologyOptions {
             blue: 1,
             green: 0,
-            like_physical_nics: false,
+            ..TopologyOptions::default()
         })
         .unwrap();
         topo.start_servers(80, 53).unwrap();

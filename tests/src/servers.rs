@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -159,7 +159,7 @@ struct HttpShared {
 /// listening socket in a backend namespace. See the [module docs](self).
 pub struct HttpServer {
     ns: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     shared: Arc<HttpShared>,
     listener: Option<Arc<TcpListener>>,
     acceptor: Option<JoinHandle<()>>,
@@ -170,7 +170,13 @@ impl HttpServer {
     /// connections. Responses carry the body `"{colour} {name}\n"` and the
     /// header `X-Backend: {name}`. Port 0 picks a free port (see
     /// [`local_addr`](Self::local_addr)).
-    pub fn start(ns: &str, bind: SocketAddrV4, colour: &str, name: &str) -> Result<HttpServer> {
+    pub fn start(
+        ns: &str,
+        bind: impl Into<SocketAddr>,
+        colour: &str,
+        name: &str,
+    ) -> Result<HttpServer> {
+        let bind = bind.into();
         let listener = in_netns(ns, || -> io::Result<TcpListener> {
             let listener = TcpListener::bind(bind)?;
             // std listens with a backlog of 128; raise it for bursts of
@@ -183,10 +189,7 @@ impl HttpServer {
             Ok(listener)
         })?
         .with_context(|| format!("HTTP server {name}: listening on {bind} in netns {ns:?}"))?;
-        let addr = match listener.local_addr() {
-            Ok(SocketAddr::V4(addr)) => addr,
-            _ => bind,
-        };
+        let addr = listener.local_addr().unwrap_or(bind);
         let listener = Arc::new(listener);
         let shared = Arc::new(HttpShared {
             colour: colour.to_owned(),
@@ -217,7 +220,7 @@ impl HttpServer {
     }
 
     /// The address the server listens on.
-    pub fn local_addr(&self) -> SocketAddrV4 {
+    pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
@@ -544,7 +547,7 @@ struct UdpShared {
 /// by the original payload. See the [module docs](self).
 pub struct UdpEchoServer {
     ns: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     name: String,
     shared: Arc<UdpShared>,
     worker: Option<JoinHandle<()>>,
@@ -553,17 +556,20 @@ pub struct UdpEchoServer {
 impl UdpEchoServer {
     /// Binds `bind` inside namespace `ns` and starts answering datagrams.
     /// Port 0 picks a free port (see [`local_addr`](Self::local_addr)).
-    pub fn start(ns: &str, bind: SocketAddrV4, colour: &str, name: &str) -> Result<UdpEchoServer> {
+    pub fn start(
+        ns: &str,
+        bind: impl Into<SocketAddr>,
+        colour: &str,
+        name: &str,
+    ) -> Result<UdpEchoServer> {
+        let bind = bind.into();
         let socket = in_netns(ns, || -> io::Result<UdpSocket> {
             let socket = UdpSocket::bind(bind)?;
             socket.set_read_timeout(Some(POLL_INTERVAL))?;
             Ok(socket)
         })?
         .with_context(|| format!("UDP server {name}: binding {bind} in netns {ns:?}"))?;
-        let addr = match socket.local_addr() {
-            Ok(SocketAddr::V4(addr)) => addr,
-            _ => bind,
-        };
+        let addr = socket.local_addr().unwrap_or(bind);
         let shared = Arc::new(UdpShared {
             stop: AtomicBool::new(false),
             answered: AtomicU64::new(0),
@@ -587,7 +593,7 @@ impl UdpEchoServer {
     }
 
     /// The address the server is bound to.
-    pub fn local_addr(&self) -> SocketAddrV4 {
+    pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 

@@ -1,21 +1,35 @@
-//! The network-namespace test bed.
+//! The network-namespace test bed, dual-stack.
 //!
 //! ```text
-//!  {p}-cli                {p}-lb                     {p}-sw            backends
-//! ┌──────────────┐      ┌──────────────────┐      ┌─────────────┐    ┌──────────────────┐
-//! │ c0           ├──────┤ lbc         lbb  ├──────┤ swl         │    │ {p}-b1: eth0     │
-//! │ 198.18.0.2/24│ veth │ 198.18.0.1/24    │ veth │     br0 ────┼────┤ 198.18.1.11/24   │
-//! │ default via  │      │    198.18.1.1/24 │      │  pb1 pb2 .. │    │ default via .1.1 │
-//! │  198.18.0.1  │      │  (XDP goes here) │      └─────────────┘    └──────────────────┘
-//! └──────────────┘      └──────────────────┘
+//!  {p}-cli                  {p}-lb                       {p}-sw            backends
+//! ┌────────────────┐      ┌────────────────────┐      ┌─────────────┐    ┌──────────────────────┐
+//! │ c0             ├──────┤ lbc           lbb  ├──────┤ swl         │    │ {p}-b1: eth0         │
+//! │ 198.18.0.2/24  │ veth │ 198.18.0.1/24      │ veth │     br0 ────┼────┤ 198.18.1.11/24       │
+//! │ 2001:db8:18::2 │      │ 2001:db8:18::1     │      │  pb1 pb2 .. │    │ 2001:db8:18:1::11/64 │
+//! │ default via    │      │    198.18.1.1/24   │      └─────────────┘    │ default via .1.1     │
+//! │  198.18.0.1,   │      │ 2001:db8:18:1::1/64│                         │  and 2001:db8:18:1::1│
+//! │  2001:db8:18::1│      │  (XDP goes here)   │                         └──────────────────────┘
+//! └────────────────┘      └────────────────────┘
 //! ```
 //!
-//! The client reaches the virtual IP [`VIP`] (configured nowhere) through its
-//! default route, i.e. through the load-balancer namespace, where the daemon
-//! under test attaches its XDP program to `lbc`/`lbb`. IP forwarding in the
-//! load-balancer namespace is explicitly off (`net.ipv4.ip_forward=0`, so a
-//! host default inherited by new namespaces does not leak in): the daemon
-//! has to turn it on. Reverse-path filtering is off there.
+//! Every segment has an IPv4 /24 and an IPv6 /64 that mirrors it
+//! (`198.18.S.H` ↔ `2001:db8:18:S::H`, the host part written the same in
+//! hex digits), and every IPv4 route has its IPv6 twin. IPv6 addresses are
+//! added with `nodad` and duplicate address detection is off in every
+//! namespace (also for link-local addresses, which neighbour discovery
+//! needs), so no test waits for it. The kernel's default offloads are kept.
+//!
+//! The client reaches the virtual IPs [`VIP`] and [`VIP6`] (configured
+//! nowhere) through its default routes, i.e. through the load-balancer
+//! namespace, where the daemon under test attaches its XDP program to
+//! `lbc`/`lbb`. IPv4 forwarding in the load-balancer namespace is explicitly
+//! off (`net.ipv4.ip_forward=0`, so a host default inherited by new
+//! namespaces does not leak in): the daemon has to turn it on. IPv6
+//! forwarding is on there (`net.ipv6.conf.all.forwarding=1`). Reverse-path
+//! filtering is off there.
+//!
+//! [`TopologyOptions::client_mtu`] narrows the client's link (both ends of
+//! `c0`/`lbc`), e.g. to IPv6's minimum of 1280 bytes.
 //!
 //! Every [`Topology`] has its own name prefix (`bgs{pid}x{n}`), so many can
 //! exist side by side in one process and across processes; dropping it
@@ -25,7 +39,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -45,6 +59,20 @@ pub const LB_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const LB_BACKEND_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 /// Prefix length of both subnets.
 pub const PREFIX_LEN: u8 = 24;
+
+/// The IPv6 virtual IP the client talks to (mirrors [`VIP`]); not
+/// configured on any interface.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 0x10);
+/// The client's IPv6 address (`c0`), mirroring [`CLIENT_ADDR`].
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x2);
+/// The load balancer's IPv6 address on the client side (`lbc`), the
+/// client's IPv6 gateway.
+pub const LB_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x1);
+/// The load balancer's IPv6 address on the backend side (`lbb`), the
+/// backends' IPv6 gateway.
+pub const LB_BACKEND_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 1, 0, 0, 0, 0x1);
+/// Prefix length of both IPv6 subnets.
+pub const PREFIX_LEN6: u8 = 64;
 
 /// Client interface, in the client namespace.
 pub const CLIENT_IF: &str = "c0";
@@ -126,12 +154,27 @@ pub struct Backend {
     pub ns: String,
     /// Its address on [`BACKEND_IF`]: `198.18.1.(10+i)` blue, `198.18.1.(20+i)` green.
     pub addr: Ipv4Addr,
+    /// Its IPv6 address on [`BACKEND_IF`]: `2001:db8:18:1::(10+i)` blue,
+    /// `2001:db8:18:1::(20+i)` green (the IPv4 host part's digits, in hex).
+    pub addr6: Ipv6Addr,
 }
 
 impl Backend {
     /// Name of its bridge port in the switch namespace (`p{name}`).
     pub fn switch_port(&self) -> String {
         format!("p{}", self.name)
+    }
+
+    /// Its address of `family` (4 or 6).
+    ///
+    /// # Panics
+    /// On another family (a bug in the calling test).
+    pub fn addr_of(&self, family: u8) -> std::net::IpAddr {
+        match family {
+            4 => self.addr.into(),
+            6 => self.addr6.into(),
+            _ => panic!("no IP family {family}"),
+        }
     }
 }
 
@@ -150,6 +193,10 @@ pub struct TopologyOptions {
     /// kernel's default offloads, as containers, VMs and namespace test beds
     /// do.
     pub like_physical_nics: bool,
+    /// The MTU of the client's link (`c0` and `lbc`), e.g. `Some(1280)`
+    /// (IPv6's minimum) for transfers through a narrow link; `None` (the
+    /// default) keeps the veth default of 1500.
+    pub client_mtu: Option<u32>,
 }
 
 impl Default for TopologyOptions {
@@ -158,6 +205,7 @@ impl Default for TopologyOptions {
             blue: 2,
             green: 2,
             like_physical_nics: false,
+            client_mtu: None,
         }
     }
 }
@@ -167,6 +215,9 @@ impl Default for TopologyOptions {
 struct BackendServers {
     http: Option<HttpServer>,
     udp: Option<UdpEchoServer>,
+    /// The same servers on the backend's IPv6 address.
+    http6: Option<HttpServer>,
+    udp6: Option<UdpEchoServer>,
 }
 
 /// A complete test bed; see the [module docs](self). Deleted on drop.
@@ -190,6 +241,12 @@ impl Topology {
     /// processes are removed first; if a step fails, whatever was already
     /// created is deleted again.
     pub fn create(opts: TopologyOptions) -> Result<Topology> {
+        if let Some(mtu) = opts.client_mtu {
+            ensure!(
+                (1280..=65535).contains(&mtu),
+                "client_mtu {mtu}: must be 1280..=65535 (IPv6's minimum MTU is 1280)"
+            );
+        }
         ensure!(
             opts.blue <= MAX_PER_COLOUR && opts.green <= MAX_PER_COLOUR,
             "at most {MAX_PER_COLOUR} backends per colour (asked for {} blue, {} green)",
@@ -224,9 +281,12 @@ impl Topology {
                 Colour::Green => ('g', 20),
             };
             let name = format!("{letter}{i}");
+            let host = (base + i) as u16;
             Backend {
                 ns: ns(&name),
-                addr: Ipv4Addr::new(198, 18, 1, (base + i) as u8),
+                addr: Ipv4Addr::new(198, 18, 1, host as u8),
+                // 198.18.1.11 ↔ 2001:db8:18:1::11: the same digits, in hex.
+                addr6: Ipv6Addr::new(0x2001, 0xdb8, 0x18, 1, 0, 0, 0, host / 10 * 16 + host % 10),
                 name,
                 colour,
             }
@@ -259,9 +319,32 @@ impl Topology {
             ip(&["netns", "add", ns])?;
             self.created.push(ns.clone());
             ip_ns(ns, &["link", "set", "lo", "up"])?;
+            // No duplicate address detection, before any link exists (a
+            // link takes the namespace's defaults, also a veth end moved
+            // in): the link-local addresses neighbour discovery sends from
+            // are usable at once, as are the global ones (added `nodad`).
+            let sysctls = [
+                ("net/ipv6/conf/all/accept_dad", "0"),
+                ("net/ipv6/conf/default/accept_dad", "0"),
+            ];
+            set_sysctls(ns, &sysctls)?;
         }
         let (cli, lb, sw) = (&self.client_ns, &self.lb_ns, &self.switch_ns);
         let cidr = |addr: Ipv4Addr| format!("{addr}/{PREFIX_LEN}");
+        let add6 = |ns: &str, addr: Ipv6Addr, dev: &str| {
+            ip_ns(
+                ns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr}/{PREFIX_LEN6}"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ],
+            )
+        };
 
         // client <-> load balancer
         ip_ns(
@@ -285,6 +368,13 @@ impl Topology {
             lb,
             &["addr", "add", &cidr(LB_CLIENT_ADDR), "dev", LB_CLIENT_IF],
         )?;
+        add6(cli, CLIENT_ADDR6, CLIENT_IF)?;
+        add6(lb, LB_CLIENT_ADDR6, LB_CLIENT_IF)?;
+        if let Some(mtu) = self.opts.client_mtu {
+            let mtu = mtu.to_string();
+            ip_ns(cli, &["link", "set", CLIENT_IF, "mtu", &mtu])?;
+            ip_ns(lb, &["link", "set", LB_CLIENT_IF, "mtu", &mtu])?;
+        }
 
         // load balancer <-> switch
         ip_ns(
@@ -307,6 +397,7 @@ impl Topology {
             lb,
             &["addr", "add", &cidr(LB_BACKEND_ADDR), "dev", LB_BACKEND_IF],
         )?;
+        add6(lb, LB_BACKEND_ADDR6, LB_BACKEND_IF)?;
         ip_ns(
             sw,
             &[
@@ -340,6 +431,7 @@ impl Topology {
                 bns,
                 &["addr", "add", &cidr(backend.addr), "dev", BACKEND_IF],
             )?;
+            add6(bns, backend.addr6, BACKEND_IF)?;
             ip_ns(sw, &["link", "set", &port, "up"])?;
             ip_ns(bns, &["link", "set", BACKEND_IF, "up"])?;
             ip_ns(
@@ -350,6 +442,17 @@ impl Topology {
                     "default",
                     "via",
                     &LB_BACKEND_ADDR.to_string(),
+                ],
+            )?;
+            ip_ns(
+                bns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &LB_BACKEND_ADDR6.to_string(),
                 ],
             )?;
         }
@@ -373,23 +476,31 @@ impl Topology {
                 &LB_CLIENT_ADDR.to_string(),
             ],
         )?;
+        ip_ns(
+            cli,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &LB_CLIENT_ADDR6.to_string(),
+            ],
+        )?;
 
         // Load-balancer sysctls: no reverse-path filtering (the effective
-        // value is the max of `all` and the interface's), and forwarding
-        // explicitly off so the daemon under test has to enable it.
+        // value is the max of `all` and the interface's), IPv4 forwarding
+        // explicitly off so the daemon under test has to enable it, IPv6
+        // forwarding on (`all` sets every interface's too).
         let lb_sysctls = [
             ("net/ipv4/conf/all/rp_filter", "0"),
             ("net/ipv4/conf/default/rp_filter", "0"),
             ("net/ipv4/conf/lbc/rp_filter", "0"),
             ("net/ipv4/conf/lbb/rp_filter", "0"),
             ("net/ipv4/ip_forward", "0"),
+            ("net/ipv6/conf/all/forwarding", "1"),
         ];
-        in_netns(lb, || {
-            lb_sysctls.iter().try_for_each(|(key, value)| {
-                std::fs::write(format!("/proc/sys/{key}"), value)
-                    .with_context(|| format!("setting {key}={value} in netns {lb:?}"))
-            })
-        })??;
+        set_sysctls(lb, &lb_sysctls)?;
 
         self.wait_links_up()?;
 
@@ -513,78 +624,104 @@ impl Topology {
     }
 
     /// Starts an [`HttpServer`] on `http_port` and a [`UdpEchoServer`] on
-    /// `udp_port` on every backend, bound to the backend's address. Servers
-    /// already running are replaced. They are stopped when the topology is
-    /// dropped.
+    /// `udp_port` on every backend, bound to the backend's address, and the
+    /// same two on its IPv6 address (each family's servers have their own
+    /// counters). Servers already running are replaced. They are stopped
+    /// when the topology is dropped.
     pub fn start_servers(&mut self, http_port: u16, udp_port: u16) -> Result<()> {
         self.servers.clear();
         self.ports = Some((http_port, udp_port));
         for backend in &self.backends {
             let colour = backend.colour.as_str();
-            let http = HttpServer::start(
-                &backend.ns,
-                SocketAddrV4::new(backend.addr, http_port),
-                colour,
-                &backend.name,
-            )?;
-            let udp = UdpEchoServer::start(
-                &backend.ns,
-                SocketAddrV4::new(backend.addr, udp_port),
-                colour,
-                &backend.name,
-            )?;
-            self.servers.insert(
-                backend.name.clone(),
-                BackendServers {
-                    http: Some(http),
-                    udp: Some(udp),
-                },
-            );
+            let http = |ip: std::net::IpAddr| {
+                HttpServer::start(
+                    &backend.ns,
+                    SocketAddr::new(ip, http_port),
+                    colour,
+                    &backend.name,
+                )
+            };
+            let udp = |ip: std::net::IpAddr| {
+                UdpEchoServer::start(
+                    &backend.ns,
+                    SocketAddr::new(ip, udp_port),
+                    colour,
+                    &backend.name,
+                )
+            };
+            let servers = BackendServers {
+                http: Some(http(backend.addr.into())?),
+                udp: Some(udp(backend.addr.into())?),
+                http6: Some(http(backend.addr6.into())?),
+                udp6: Some(udp(backend.addr6.into())?),
+            };
+            self.servers.insert(backend.name.clone(), servers);
         }
         Ok(())
     }
 
-    /// Stops the HTTP server of backend `name` (its UDP server keeps going):
-    /// new connections are refused and open ones are shut down.
+    /// Stops the HTTP servers of backend `name`, both families' (its UDP
+    /// servers keep going): new connections are refused and open ones are
+    /// shut down.
     pub fn stop_server(&mut self, name: &str) -> Result<()> {
         self.backend_checked(name)?;
         let servers = self
             .servers
             .get_mut(name)
             .with_context(|| format!("no servers started on backend {name}"))?;
-        if let Some(mut http) = servers.http.take() {
+        for mut http in [servers.http.take(), servers.http6.take()]
+            .into_iter()
+            .flatten()
+        {
             http.stop();
         }
         Ok(())
     }
 
-    /// (Re)starts the HTTP server of backend `name` on the port given to
-    /// [`start_servers`](Self::start_servers). Does nothing if it runs.
+    /// (Re)starts the HTTP servers of backend `name` (both families) on the
+    /// port given to [`start_servers`](Self::start_servers). Does nothing
+    /// for one that runs.
     pub fn start_server(&mut self, name: &str) -> Result<()> {
         let backend = self.backend_checked(name)?.clone();
         let (http_port, _) = self
             .ports
             .with_context(|| format!("start_server({name}): start_servers was never called"))?;
         let servers = self.servers.entry(backend.name.clone()).or_default();
-        if servers.http.is_none() {
-            servers.http = Some(HttpServer::start(
+        let start = |ip: std::net::IpAddr| {
+            HttpServer::start(
                 &backend.ns,
-                SocketAddrV4::new(backend.addr, http_port),
+                SocketAddr::new(ip, http_port),
                 backend.colour.as_str(),
                 &backend.name,
-            )?);
+            )
+        };
+        if servers.http.is_none() {
+            servers.http = Some(start(backend.addr.into())?);
+        }
+        if servers.http6.is_none() {
+            servers.http6 = Some(start(backend.addr6.into())?);
         }
         Ok(())
     }
 
-    /// The running HTTP server of backend `name`, if any.
+    /// The running HTTP server of backend `name` (IPv4), if any.
     pub fn http_server(&self, name: &str) -> Option<&HttpServer> {
         self.servers.get(name)?.http.as_ref()
     }
 
-    /// The running UDP server of backend `name`, if any.
+    /// The running UDP server of backend `name` (IPv4), if any.
     pub fn udp_server(&self, name: &str) -> Option<&UdpEchoServer> {
         self.servers.get(name)?.udp.as_ref()
+    }
+
+    /// The running HTTP server of backend `name` on its IPv6 address, if any.
+    pub fn http_server6(&self, name: &str) -> Option<&HttpServer> {
+        self.servers.get(name)?.http6.as_ref()
+    }
+
+    /// The running UDP server of backend `name` on its IPv6 address, if any.
+    pub fn udp_server6(&self, name: &str) -> Option<&UdpEchoServer> {
+        self.servers.get(name)?.udp6.as_ref()
     }
 
     /// The (HTTP, UDP) ports of [`start_servers`](Self::start_servers), if called.
@@ -606,6 +743,16 @@ impl Drop for Topology {
             let _ = ip(&["netns", "del", &ns]);
         }
     }
+}
+
+/// Writes `sysctls` (paths under `/proc/sys`, values) in namespace `ns`.
+fn set_sysctls(ns: &str, sysctls: &[(&str, &str)]) -> Result<()> {
+    in_netns(ns, || {
+        sysctls.iter().try_for_each(|(key, value)| {
+            std::fs::write(format!("/proc/sys/{key}"), value)
+                .with_context(|| format!("setting {key}={value} in netns {ns:?}"))
+        })
+    })?
 }
 
 /// Operational state of every link in namespace `ns` (`ip -br link`).
@@ -757,7 +904,7 @@ mod tests {
             let mut topology = Topology::create(TopologyOptions {
                 blue: 1,
                 green: 1,
-                like_physical_nics: false,
+                ..TopologyOptions::default()
             })
             .unwrap();
             topology.start_servers(80, 53).unwrap();
@@ -773,9 +920,15 @@ mod tests {
         let err = Topology::create(TopologyOptions {
             blue: 10,
             green: 0,
-            like_physical_nics: false,
+            ..TopologyOptions::default()
         })
         .unwrap_err();
         assert!(err.to_string().contains("at most 9"), "{err}");
+        let err = Topology::create(TopologyOptions {
+            client_mtu: Some(1279),
+            ..TopologyOptions::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("1280"), "{err}");
     }
 }

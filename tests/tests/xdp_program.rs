@@ -5,7 +5,7 @@
 //! network namespace so FIB lookups see a known routing table.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -512,7 +512,8 @@ fn everything_that_is_not_a_vip_flow_passes_byte_for_byte() {
         arp.extend_from_slice(&[0; 6]);
         arp.extend_from_slice(&VIP.octets());
         cases.push(("arp".into(), arp));
-        // IPv6 TCP to port 80.
+        // IPv6 TCP to port 80 of an address that is no VIP (the program
+        // parses IPv6: it passes as no service's).
         let mut v6 = Vec::new();
         PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
             .ipv6(
@@ -591,7 +592,12 @@ fn everything_that_is_not_a_vip_flow_passes_byte_for_byte() {
         };
         assert_eq!(delta("fragment"), 2);
         assert_eq!(delta("ttl_exceeded"), 2);
-        assert_eq!(delta("pass_not_ip"), 2, "arp and ipv6");
+        assert_eq!(delta("pass_not_ip"), 1, "arp");
+        assert_eq!(
+            delta("pass_not_service"),
+            6,
+            "ipv6, other port, other address, udp to tcp, tcp to udp, icmp"
+        );
         assert!(delta("malformed") >= 5 + 39, "{}", delta("malformed"));
         let st = fx.dp.colour_stats(0, Colour::Blue).unwrap();
         assert_eq!(
@@ -1473,5 +1479,892 @@ fn tc_checks_a_gso_packet_segment_by_segment_and_sends_unresolved_ones_to_the_ne
         assert_eq!(verdict, TC_ACT_REDIRECT, "to the neighbour output");
         assert_eq!(&out[0..12], &syn[0..12], "MACs are the neighbour output's");
         assert_eq!(verify(&out), (c2, v4("198.18.1.12:8080"), 63));
+    });
+}
+
+// ---------------------------------------------------------------------------
+// IPv6: the same program on IPv6 frames, checked the same way (etherparse).
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 0x10);
+/// Ids of the IPv6 services of [`Fixture::dual`].
+const TCP6: u32 = 2;
+const UDP6: u32 = 3;
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+
+fn blue6() -> Vec<SocketAddr> {
+    vec![
+        "[2001:db8:18:1::11]:8080".parse().unwrap(),
+        "[2001:db8:18:1::12]:8080".parse().unwrap(),
+    ]
+}
+fn green6() -> Vec<SocketAddr> {
+    vec![
+        "[2001:db8:18:1::21]:8080".parse().unwrap(),
+        "[2001:db8:18:1::22]:8080".parse().unwrap(),
+    ]
+}
+
+/// A pool of service `id`'s colour `c`, as the daemon writes it.
+fn pool(id: u32, c: Colour, addrs: &[SocketAddr]) -> Vec<bgswitch_common::Backend> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| backend_of(*a, backend_stat_id(id, c, i as u32)))
+        .collect()
+}
+
+impl Fixture {
+    /// [`Fixture::new`]'s IPv4 services and, beside them in the same
+    /// program, a TCP service on [VIP6]:80 (id 2) and a UDP service on
+    /// [VIP6]:53 (id 3).
+    fn dual() -> Fixture {
+        let mut fx = Fixture::new();
+        fx.dp
+            .write_service(
+                TCP6,
+                service_key(SocketAddr::V6(SocketAddrV6::new(VIP6, 80, 0, 0)), PROTO_TCP),
+                &pool(TCP6, Colour::Blue, &blue6()),
+                &pool(TCP6, Colour::Green, &green6()),
+                Colour::Blue,
+            )
+            .expect("the data plane takes an IPv6 service");
+        let ublue: Vec<SocketAddr> = vec!["[2001:db8:18:1::11]:5353".parse().unwrap()];
+        let ugreen: Vec<SocketAddr> = vec!["[2001:db8:18:1::21]:5353".parse().unwrap()];
+        fx.dp
+            .write_service(
+                UDP6,
+                service_key(SocketAddr::V6(SocketAddrV6::new(VIP6, 53, 0, 0)), PROTO_UDP),
+                &pool(UDP6, Colour::Blue, &ublue),
+                &pool(UDP6, Colour::Green, &ugreen),
+                Colour::Blue,
+            )
+            .unwrap();
+        fx
+    }
+}
+
+fn v6(a: &str) -> SocketAddrV6 {
+    a.parse().unwrap()
+}
+
+/// An IPv6 extension header to splice in: its type and its bytes (the
+/// next-header byte is filled in by [`frame6_ext`]).
+#[derive(Clone)]
+struct Ext {
+    kind: u8,
+    bytes: Vec<u8>,
+}
+
+/// Options filling `n` bytes: PadN options (Pad1 for a single byte).
+fn padding(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while n > 0 {
+        if n == 1 {
+            out.push(0);
+            n = 0;
+            continue;
+        }
+        let mut k = n.min(257);
+        if n - k == 1 {
+            k -= 1;
+        }
+        out.push(1);
+        out.push((k - 2) as u8);
+        out.extend(std::iter::repeat_n(0, k - 2));
+        n -= k;
+    }
+    out
+}
+
+/// A hop-by-hop (0) or destination options (60) header of `len` bytes (a
+/// multiple of 8), holding padding only.
+fn opts(kind: u8, len: usize) -> Ext {
+    assert!(len >= 8 && len.is_multiple_of(8) && len <= 2048);
+    let mut bytes = vec![0, (len / 8 - 1) as u8];
+    bytes.extend(padding(len - 2));
+    Ext { kind, bytes }
+}
+
+/// A routing header of `len` bytes, type 253 (experimental, RFC 4727),
+/// with `segments_left` segments left.
+fn routing(len: usize, segments_left: u8) -> Ext {
+    assert!(len >= 8 && len.is_multiple_of(8));
+    let mut bytes = vec![0, (len / 8 - 1) as u8, 253, segments_left];
+    bytes.resize(len, 0);
+    Ext {
+        kind: IPV6_ROUTING,
+        bytes,
+    }
+}
+
+/// A fragment header: offset (in 8-byte units) and the more-fragments flag.
+fn fragment(offset: u16, more: bool) -> Ext {
+    let field = offset << 3 | u16::from(more);
+    let mut bytes = vec![0, 0];
+    bytes.extend_from_slice(&field.to_be_bytes());
+    bytes.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    Ext {
+        kind: IPV6_FRAGMENT,
+        bytes,
+    }
+}
+
+/// An IPv6 frame built by etherparse (its checksums).
+fn frame6(src: SocketAddrV6, dst: SocketAddrV6, l4: L4, hop: u8, payload: &[u8]) -> Vec<u8> {
+    frame6_ext(src, dst, l4, hop, &[], payload)
+}
+
+/// [`frame6`] with the extension headers `exts` spliced in between the
+/// IPv6 header and TCP/UDP, chained by their next-header bytes, the payload
+/// length grown by theirs. The L4 checksum stays right: its pseudo-header
+/// holds the upper-layer length and the addresses, not the extension
+/// headers (a routing header with segments left would change the final
+/// destination; those built here have none unless a test says so).
+fn frame6_ext(
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    l4: L4,
+    hop: u8,
+    exts: &[Ext],
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv6(
+        src.ip().octets(),
+        dst.ip().octets(),
+        hop,
+    );
+    let mut out = Vec::new();
+    match l4 {
+        L4::Udp => b
+            .udp(src.port(), dst.port())
+            .write(&mut out, payload)
+            .unwrap(),
+        _ => {
+            let t = b.tcp(src.port(), dst.port(), 1000, 65535);
+            let t = match l4 {
+                L4::Syn => t.syn(),
+                L4::SynAck => t.syn().ack(1001),
+                L4::Ack => t.ack(1),
+                L4::Fin => t.fin().ack(1),
+                L4::Rst => t.rst(),
+                L4::Udp => unreachable!(),
+            };
+            t.write(&mut out, payload).unwrap()
+        }
+    }
+    if exts.is_empty() {
+        return out;
+    }
+    let upper = out[14 + 6];
+    let mut chain = Vec::new();
+    for (i, e) in exts.iter().enumerate() {
+        let mut bytes = e.bytes.clone();
+        bytes[0] = exts.get(i + 1).map_or(upper, |n| n.kind);
+        chain.extend(bytes);
+    }
+    out[14 + 6] = exts[0].kind;
+    let plen = usize::from(u16::from_be_bytes([out[18], out[19]])) + chain.len();
+    out[18..20].copy_from_slice(&u16::try_from(plen).unwrap().to_be_bytes());
+    out.splice(54..54, chain);
+    out
+}
+
+/// Checks an IPv6 frame with etherparse: the payload length is the
+/// frame's, the TCP/UDP checksum is right for the header's addresses;
+/// returns (src, dst, hop limit).
+fn verify6(frame: &[u8]) -> (SocketAddrV6, SocketAddrV6, u8) {
+    let p = SlicedPacket::from_ethernet(frame).expect("output frame parses");
+    let Some(NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6")
+    };
+    let h = ip.header();
+    assert_eq!(
+        usize::from(h.payload_length()),
+        frame.len() - 54,
+        "payload length"
+    );
+    let (src, dst) = (h.source(), h.destination());
+    let (sp, dp) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t.calc_checksum_ipv6(src, dst).unwrap();
+            assert_eq!(t.checksum(), want, "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let want = u
+                .to_header()
+                .calc_checksum_ipv6_raw(src, dst, u.payload())
+                .unwrap();
+            assert_eq!(u.checksum(), want, "UDP checksum");
+            (u.source_port(), u.destination_port())
+        }
+        _ => panic!("no TCP/UDP"),
+    };
+    (
+        SocketAddrV6::new(src.into(), sp, 0, 0),
+        SocketAddrV6::new(dst.into(), dp, 0, 0),
+        h.hop_limit(),
+    )
+}
+
+/// The backend the program must pick for a new IPv6 flow (the model's
+/// flow hash, see [`predicted`]).
+fn predicted6(
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    proto: u8,
+    pool: &[SocketAddr],
+) -> SocketAddrV6 {
+    let i = flowhash::backend_v6(
+        src.ip().octets(),
+        src.port(),
+        dst.ip().octets(),
+        dst.port(),
+        proto,
+        pool.len(),
+    );
+    match pool[i] {
+        SocketAddr::V6(a) => a,
+        SocketAddr::V4(_) => unreachable!(),
+    }
+}
+
+/// Global counters' changes since `before`.
+fn deltas(dp: &Dataplane, before: &[(&'static str, u64)]) -> Vec<(&'static str, u64)> {
+    let after = dp.global_stats().unwrap();
+    after
+        .iter()
+        .map(|(n, v)| {
+            let b = before.iter().find(|(m, _)| m == n).map_or(0, |(_, b)| *b);
+            (*n, v - b)
+        })
+        .collect()
+}
+
+fn delta(d: &[(&'static str, u64)], name: &str) -> u64 {
+    d.iter().find(|(n, _)| *n == name).unwrap().1
+}
+
+#[test]
+fn v6_syn_to_a_v6_vip_is_rewritten_to_the_predicted_backend_and_the_reply_back() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let client = SocketAddrV6::new(CLIENT6, 40000, 0, 0);
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let input = frame6(client, vip, L4::Syn, 64, b"");
+        let (action, out) = fx.run(&input);
+        // IPv6 forwarding is off in the scratch namespace: the rewritten
+        // frame goes to the stack, its hop limit left to the stack.
+        assert_eq!(action, XDP_PASS);
+        let backend = predicted6(client, vip, PROTO_TCP, &blue6());
+        assert_eq!(
+            out,
+            frame6(client, backend, L4::Syn, 64, b""),
+            "exactly the input with the destination rewritten"
+        );
+        assert_eq!(verify6(&out), (client, backend, 64));
+        let st = fx.dp.colour_stats(TCP6, Colour::Blue).unwrap();
+        assert_eq!((st.packets, st.new_flows), (1, 1));
+        let g = fx.dp.colour_stats(TCP6, Colour::Green).unwrap();
+        assert_eq!((g.packets, g.new_flows), (0, 0));
+        let v4 = fx.dp.colour_stats(0, Colour::Blue).unwrap();
+        assert_eq!(v4.packets, 0, "nothing counted on the IPv4 service");
+
+        // The flow's next packets follow it, with data.
+        let (_, out) = fx.run(&frame6(client, vip, L4::Ack, 64, b"GET / HTTP/1.1\r\n\r\n"));
+        assert_eq!(
+            out,
+            frame6(client, backend, L4::Ack, 64, b"GET / HTTP/1.1\r\n\r\n")
+        );
+
+        // The backend answers the client: back to the VIP.
+        let (action, out) = fx.run(&frame6(backend, client, L4::SynAck, 64, b""));
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame6(vip, client, L4::SynAck, 64, b""));
+        assert_eq!(verify6(&out), (vip, client, 64));
+        let st = fx.dp.colour_stats(TCP6, Colour::Blue).unwrap();
+        assert_eq!((st.reply_packets, st.syn_acks), (1, 1));
+
+        // From the same backend to another client port: no reply of ours.
+        let stranger = frame6(
+            backend,
+            SocketAddrV6::new(CLIENT6, 40999, 0, 0),
+            L4::Ack,
+            64,
+            b"x",
+        );
+        assert_eq!(fx.run(&stranger), (XDP_PASS, stranger.clone()));
+        // From the other blue backend for this flow: not the flow's backend.
+        let other = blue6()
+            .into_iter()
+            .map(|a| match a {
+                SocketAddr::V6(a) => a,
+                SocketAddr::V4(_) => unreachable!(),
+            })
+            .find(|a| *a != backend)
+            .unwrap();
+        let wrong = frame6(other, client, L4::Ack, 64, b"y");
+        assert_eq!(fx.run(&wrong), (XDP_PASS, wrong.clone()));
+    });
+}
+
+#[test]
+fn v6_new_flows_spread_over_the_pool_as_the_model_predicts() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 41000..41064 {
+            let c = SocketAddrV6::new(CLIENT6, port, 0, 0);
+            let (_, out) = fx.run(&frame6(c, vip, L4::Syn, 64, b""));
+            let backend = predicted6(c, vip, PROTO_TCP, &blue6());
+            assert_eq!(verify6(&out), (c, backend, 64), "client port {port}");
+            seen.insert(backend);
+        }
+        assert_eq!(seen.len(), 2, "both blue backends chosen: {seen:?}");
+        // A flip: open flows stay, new ones go green.
+        fx.dp.set_active(TCP6, Colour::Green).unwrap();
+        let old = SocketAddrV6::new(CLIENT6, 41000, 0, 0);
+        let (_, out) = fx.run(&frame6(old, vip, L4::Ack, 64, b"more"));
+        assert_eq!(verify6(&out).1, predicted6(old, vip, PROTO_TCP, &blue6()));
+        let new = SocketAddrV6::new(CLIENT6, 41100, 0, 0);
+        let (_, out) = fx.run(&frame6(new, vip, L4::Syn, 64, b""));
+        assert_eq!(verify6(&out).1, predicted6(new, vip, PROTO_TCP, &green6()));
+    });
+}
+
+#[test]
+fn v6_udp_is_rewritten_both_ways_with_a_right_checksum() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let vip = SocketAddrV6::new(VIP6, 53, 0, 0);
+        let c = SocketAddrV6::new(CLIENT6, 45000, 0, 0);
+        let backend = v6("[2001:db8:18:1::11]:5353");
+        let (action, out) = fx.run(&frame6(c, vip, L4::Udp, 64, b"query"));
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame6(c, backend, L4::Udp, 64, b"query"));
+        assert_eq!(verify6(&out), (c, backend, 64));
+        let (_, out) = fx.run(&frame6(backend, c, L4::Udp, 64, b"answer"));
+        assert_eq!(out, frame6(vip, c, L4::Udp, 64, b"answer"));
+        assert_eq!(verify6(&out), (vip, c, 64));
+        // An odd-length payload (the checksum's last word padded).
+        let c2 = SocketAddrV6::new(CLIENT6, 45001, 0, 0);
+        let (_, out) = fx.run(&frame6(c2, vip, L4::Udp, 64, b"abc"));
+        assert_eq!(out, frame6(c2, backend, L4::Udp, 64, b"abc"));
+        let st = fx.dp.colour_stats(UDP6, Colour::Blue).unwrap();
+        assert_eq!((st.packets, st.new_flows, st.reply_packets), (2, 2, 1));
+    });
+}
+
+/// A veth pair like [`veth_v0`]'s with IPv6 addresses on v0 (no duplicate
+/// address detection) and IPv6 forwarding on; returns v0's ifindex.
+fn veth_v0_v6(ns: &str, addrs: &[&str]) -> u32 {
+    let v0 = veth_v0(ns, &[]);
+    for a in addrs {
+        ip(&["-n", ns, "-6", "addr", "add", a, "dev", "v0", "nodad"]).unwrap();
+    }
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
+    v0
+}
+
+#[test]
+fn v6_forwarding_decrements_the_hop_limit_sets_the_macs_and_leaves_hop_limit_1_to_the_stack() {
+    in_scratch_ns(|ns| {
+        let v0 = veth_v0_v6(ns, &["2001:db8:18:1::1/64", "2001:db8:18::1/64"]);
+        neigh(ns, "2001:db8:18:1::11", "02:00:00:00:01:11");
+        neigh(ns, "2001:db8:18::2", "02:00:00:00:00:02");
+        let mut fx = Fixture::dual();
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let b11 = v6("[2001:db8:18:1::11]:8080");
+        let c = (48000..49000)
+            .map(|p| SocketAddrV6::new(CLIENT6, p, 0, 0))
+            .find(|c| predicted6(*c, vip, PROTO_TCP, &blue6()) == b11)
+            .unwrap();
+        let input = frame6(c, vip, L4::Syn, 64, b"");
+        let (action, out, _) = fx.dp.test_run(&input, Some(v0), 1).unwrap();
+        assert_eq!(action, XDP_TX, "egress = ingress: XDP_TX");
+        assert_eq!(verify6(&out), (c, b11, 63), "hop limit decremented");
+        let mac = bgswitch_tests::netns::mac_address(ns, "v0").unwrap();
+        let mut want = frame6(c, b11, L4::Syn, 63, b"");
+        want[0..6].copy_from_slice(&[2, 0, 0, 0, 1, 0x11]);
+        want[6..12].copy_from_slice(&mac);
+        assert_eq!(out, want, "addresses, hop limit and MACs: nothing else");
+
+        // The reply goes back out towards the client, from the VIP.
+        let (action, out, _) = fx
+            .dp
+            .test_run(&frame6(b11, c, L4::SynAck, 64, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(verify6(&out), (vip, c, 63));
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 2]);
+
+        // Hop limit 2 leaves with 1; hop limit 1 and 0 go to the stack
+        // untouched (it answers with time exceeded).
+        let (action, out, _) = fx
+            .dp
+            .test_run(&frame6(c, vip, L4::Ack, 2, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!((action, verify6(&out)), (XDP_TX, (c, b11, 1)));
+        let before = fx.dp.global_stats().unwrap();
+        for hop in [1, 0] {
+            let input = frame6(c, vip, L4::Ack, hop, b"");
+            let (action, out, _) = fx.dp.test_run(&input, Some(v0), 1).unwrap();
+            assert_eq!((action, &out), (XDP_PASS, &input), "hop limit {hop}");
+            let input = frame6(
+                SocketAddrV6::new(CLIENT6, 47999, 0, 0),
+                vip,
+                L4::Syn,
+                hop,
+                b"",
+            );
+            let (action, out, _) = fx.dp.test_run(&input, Some(v0), 1).unwrap();
+            assert_eq!(
+                (action, &out),
+                (XDP_PASS, &input),
+                "new flow, hop limit {hop}"
+            );
+        }
+        let d = deltas(&fx.dp, &before);
+        assert_eq!(delta(&d, "ttl_exceeded"), 4);
+
+        // No neighbour for ::12: rewritten, to the stack to resolve it.
+        let b12 = v6("[2001:db8:18:1::12]:8080");
+        let c3 = (50000..51000)
+            .map(|p| SocketAddrV6::new(CLIENT6, p, 0, 0))
+            .find(|c| predicted6(*c, vip, PROTO_TCP, &blue6()) == b12)
+            .unwrap();
+        let input = frame6(c3, vip, L4::Syn, 64, b"");
+        let (action, out, _) = fx.dp.test_run(&input, Some(v0), 1).unwrap();
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, frame6(c3, b12, L4::Syn, 64, b""));
+        let g = fx.dp.global_stats().unwrap();
+        let get = |n: &str| g.iter().find(|(k, _)| *k == n).unwrap().1;
+        assert_eq!((get("xdp_tx"), get("fib_no_neigh")), (3, 1));
+    });
+}
+
+#[test]
+fn v6_extension_headers_are_walked_and_the_flow_still_rewritten() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let uvip = SocketAddrV6::new(VIP6, 53, 0, 0);
+        let chains: Vec<(&str, Vec<Ext>)> = vec![
+            ("hop-by-hop", vec![opts(IPV6_HOP_BY_HOP, 8)]),
+            ("destination options", vec![opts(IPV6_DEST_OPTS, 16)]),
+            ("routing, no segments left", vec![routing(24, 0)]),
+            (
+                "hop-by-hop, destination options, routing",
+                vec![
+                    opts(IPV6_HOP_BY_HOP, 8),
+                    opts(IPV6_DEST_OPTS, 8),
+                    routing(8, 0),
+                ],
+            ),
+            (
+                "four headers (the most walked)",
+                vec![
+                    opts(IPV6_HOP_BY_HOP, 8),
+                    opts(IPV6_DEST_OPTS, 8),
+                    routing(8, 0),
+                    opts(IPV6_DEST_OPTS, 8),
+                ],
+            ),
+            (
+                "256 bytes of headers (the most walked)",
+                vec![opts(IPV6_HOP_BY_HOP, 256)],
+            ),
+            (
+                "256 bytes in three headers",
+                vec![
+                    opts(IPV6_HOP_BY_HOP, 128),
+                    opts(IPV6_DEST_OPTS, 120),
+                    routing(8, 0),
+                ],
+            ),
+        ];
+        for (i, (what, chain)) in chains.iter().enumerate() {
+            let c = SocketAddrV6::new(CLIENT6, 46000 + i as u16, 0, 0);
+            let backend = predicted6(c, vip, PROTO_TCP, &blue6());
+            let input = frame6_ext(c, vip, L4::Syn, 64, chain, b"");
+            let (action, out) = fx.run(&input);
+            assert_eq!(action, XDP_PASS, "{what}");
+            assert_eq!(
+                out,
+                frame6_ext(c, backend, L4::Syn, 64, chain, b""),
+                "{what}: the destination rewritten, the headers kept"
+            );
+            // etherparse follows a chain of one of each kind, in order.
+            if chain.len() <= 3 && !what.starts_with("256 bytes in") {
+                assert_eq!(verify6(&out), (c, backend, 64), "{what}");
+            }
+            // Data, and the reply with the same headers.
+            let (_, out) = fx.run(&frame6_ext(c, vip, L4::Ack, 64, chain, b"data"));
+            assert_eq!(
+                out,
+                frame6_ext(c, backend, L4::Ack, 64, chain, b"data"),
+                "{what}"
+            );
+            let (action, out) = fx.run(&frame6_ext(backend, c, L4::Ack, 64, chain, b"ok"));
+            assert_eq!(action, XDP_PASS);
+            assert_eq!(
+                out,
+                frame6_ext(vip, c, L4::Ack, 64, chain, b"ok"),
+                "{what}: reply"
+            );
+            // UDP behind the same headers.
+            let u = SocketAddrV6::new(CLIENT6, 46100 + i as u16, 0, 0);
+            let ub = v6("[2001:db8:18:1::11]:5353");
+            let (_, out) = fx.run(&frame6_ext(u, uvip, L4::Udp, 64, chain, b"q"));
+            assert_eq!(
+                out,
+                frame6_ext(u, ub, L4::Udp, 64, chain, b"q"),
+                "{what}: UDP"
+            );
+        }
+        // Ethernet padding after the IPv6 packet (the payload length is
+        // shorter than the frame): the packet is rewritten, the padding kept.
+        let c = SocketAddrV6::new(CLIENT6, 46050, 0, 0);
+        let backend = predicted6(c, vip, PROTO_TCP, &blue6());
+        let mut input = frame6(c, vip, L4::Syn, 64, b"");
+        input.extend_from_slice(&[0xee; 6]);
+        let (_, out) = fx.run(&input);
+        let mut want = frame6(c, backend, L4::Syn, 64, b"");
+        want.extend_from_slice(&[0xee; 6]);
+        assert_eq!(out, want, "padding after the packet");
+    });
+}
+
+#[test]
+fn v6_frames_that_are_not_ours_pass_byte_for_byte() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let c = SocketAddrV6::new(CLIENT6, 47000, 0, 0);
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let uvip = SocketAddrV6::new(VIP6, 53, 0, 0);
+        let syn = frame6(c, vip, L4::Syn, 64, b"");
+        // (what, frame, the counter it must count in)
+        let mut cases: Vec<(String, Vec<u8>, &str)> = Vec::new();
+        let mut case = |what: &str, frame: Vec<u8>, counter: &'static str| {
+            cases.push((what.to_owned(), frame, counter));
+        };
+        case(
+            "other port",
+            frame6(c, SocketAddrV6::new(VIP6, 81, 0, 0), L4::Syn, 64, b""),
+            "pass_not_service",
+        );
+        case(
+            "other address",
+            frame6(c, v6("[2001:db8:19::11]:80"), L4::Syn, 64, b""),
+            "pass_not_service",
+        );
+        case(
+            "the IPv4 VIP's bytes as an IPv6 address",
+            frame6(c, v6("[::c613:a]:80"), L4::Syn, 64, b""),
+            "pass_not_service",
+        );
+        case(
+            "udp to the tcp service",
+            frame6(c, vip, L4::Udp, 64, b"x"),
+            "pass_not_service",
+        );
+        case(
+            "tcp to the udp service",
+            frame6(c, uvip, L4::Syn, 64, b""),
+            "pass_not_service",
+        );
+        let mut echo = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            .ipv6(CLIENT6.octets(), VIP6.octets(), 64)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        case("icmpv6 echo to the VIP", echo, "pass_not_service");
+        case(
+            "hop limit 1",
+            frame6(c, vip, L4::Syn, 1, b""),
+            "ttl_exceeded",
+        );
+        case(
+            "hop limit 0",
+            frame6(c, vip, L4::Syn, 0, b""),
+            "ttl_exceeded",
+        );
+        case(
+            "first fragment",
+            frame6_ext(c, vip, L4::Syn, 64, &[fragment(0, true)], b""),
+            "fragment",
+        );
+        case(
+            "non-first fragment behind hop-by-hop",
+            frame6_ext(
+                c,
+                vip,
+                L4::Syn,
+                64,
+                &[opts(IPV6_HOP_BY_HOP, 8), fragment(2, false)],
+                b"",
+            ),
+            "fragment",
+        );
+        case(
+            "atomic fragment (offset 0, no more fragments)",
+            frame6_ext(c, vip, L4::Syn, 64, &[fragment(0, false)], b""),
+            "fragment",
+        );
+        for (kind, name) in [
+            (59u8, "no next header"),
+            (51, "AH"),
+            (135, "mobility"),
+            (253, "experimental"),
+        ] {
+            let mut unknown = routing(8, 0);
+            unknown.kind = kind;
+            case(
+                &format!("{name} header ({kind})"),
+                frame6_ext(c, vip, L4::Syn, 64, &[unknown.clone()], b""),
+                "pass_not_service",
+            );
+            case(
+                &format!("{name} header ({kind}) behind destination options"),
+                frame6_ext(
+                    c,
+                    vip,
+                    L4::Syn,
+                    64,
+                    &[opts(IPV6_DEST_OPTS, 8), unknown],
+                    b"",
+                ),
+                "pass_not_service",
+            );
+        }
+        case(
+            "five extension headers",
+            frame6_ext(
+                c,
+                vip,
+                L4::Syn,
+                64,
+                &[
+                    opts(IPV6_HOP_BY_HOP, 8),
+                    opts(IPV6_DEST_OPTS, 8),
+                    routing(8, 0),
+                    opts(IPV6_DEST_OPTS, 8),
+                    opts(IPV6_DEST_OPTS, 8),
+                ],
+                b"",
+            ),
+            "pass_not_service",
+        );
+        case(
+            "264 bytes of extension headers",
+            frame6_ext(c, vip, L4::Syn, 64, &[opts(IPV6_HOP_BY_HOP, 264)], b""),
+            "pass_not_service",
+        );
+        case(
+            "264 bytes in two headers",
+            frame6_ext(
+                c,
+                vip,
+                L4::Syn,
+                64,
+                &[opts(IPV6_HOP_BY_HOP, 256), opts(IPV6_DEST_OPTS, 8)],
+                b"",
+            ),
+            "pass_not_service",
+        );
+        // A jumbogram: payload length 0, the length in a hop-by-hop option.
+        let mut jumbo = opts(IPV6_HOP_BY_HOP, 8);
+        jumbo.bytes[2..8].copy_from_slice(&[0xc2, 4, 0, 1, 0, 20]);
+        let mut j = frame6_ext(c, vip, L4::Syn, 64, &[jumbo], b"");
+        j[18..20].copy_from_slice(&[0, 0]);
+        case("jumbogram (payload length 0)", j, "malformed");
+        let mut zero = syn.clone();
+        zero[18..20].copy_from_slice(&[0, 0]);
+        case("payload length 0, no hop-by-hop", zero, "malformed");
+        let mut long = syn.clone();
+        long[19] += 1;
+        case("payload length one beyond the frame", long, "malformed");
+        let mut longer = syn.clone();
+        longer[18] = 0x05;
+        case("payload length 1280+ beyond the frame", longer, "malformed");
+        // The payload length ends inside the extension headers.
+        let mut short = frame6_ext(c, vip, L4::Syn, 64, &[opts(IPV6_HOP_BY_HOP, 16)], b"");
+        short[18..20].copy_from_slice(&8u16.to_be_bytes());
+        case("payload length ends inside the headers", short, "malformed");
+        // The payload length ends inside the TCP header.
+        let mut cut_tcp = syn.clone();
+        cut_tcp[18..20].copy_from_slice(&12u16.to_be_bytes());
+        case("payload length ends inside TCP", cut_tcp, "malformed");
+        let mut ver = syn.clone();
+        ver[14] = 0x45;
+        case("version 4 in an IPv6 frame", ver, "malformed");
+        let mut doff = syn.clone();
+        doff[54 + 12] = 0x40;
+        case("tcp data offset 4", doff, "malformed");
+        let mut doff_long = syn.clone();
+        doff_long[54 + 12] = 0xf0;
+        case("tcp data offset beyond the payload", doff_long, "malformed");
+        let mut udp_len = frame6(c, uvip, L4::Udp, 64, b"abc");
+        udp_len[54 + 4..54 + 6].copy_from_slice(&0x10u16.to_be_bytes());
+        case("udp length beyond the payload", udp_len, "malformed");
+        let mut udp_short = frame6(c, uvip, L4::Udp, 64, b"abc");
+        udp_short[54 + 4..54 + 6].copy_from_slice(&7u16.to_be_bytes());
+        case("udp length below its header", udp_short, "malformed");
+        // An extension header running past the frame (its length lies).
+        let mut lying = frame6_ext(c, vip, L4::Syn, 64, &[opts(IPV6_HOP_BY_HOP, 8)], b"");
+        lying[54 + 1] = 20;
+        case(
+            "extension header length beyond the frame",
+            lying,
+            "malformed",
+        );
+        // Truncations of a SYN behind two extension headers, at every length
+        // from the Ethernet header on (the kernel refuses shorter test runs):
+        // the payload length then always lies.
+        let chained = frame6_ext(
+            c,
+            vip,
+            L4::Syn,
+            64,
+            &[opts(IPV6_HOP_BY_HOP, 8), opts(IPV6_DEST_OPTS, 16)],
+            b"",
+        );
+        for cut in 14..chained.len() {
+            case(
+                &format!("truncated at {cut}"),
+                chained[..cut].to_vec(),
+                "malformed",
+            );
+        }
+        for cut in 14..syn.len() {
+            case(
+                &format!("plain SYN truncated at {cut}"),
+                syn[..cut].to_vec(),
+                "malformed",
+            );
+        }
+
+        let before = fx.dp.global_stats().unwrap();
+        for (what, input, _) in &cases {
+            let (action, out) = fx.run(input);
+            assert_eq!(action, XDP_PASS, "{what}");
+            assert_eq!(&out, input, "{what}: must pass untouched");
+        }
+        let d = deltas(&fx.dp, &before);
+        for counter in [
+            "pass_not_service",
+            "ttl_exceeded",
+            "fragment",
+            "malformed",
+            "pass_not_ip",
+        ] {
+            let want = cases.iter().filter(|(_, _, c)| *c == counter).count() as u64;
+            assert_eq!(delta(&d, counter), want, "counter {counter}");
+        }
+        for colour in [Colour::Blue, Colour::Green] {
+            for id in [0, 1, TCP6, UDP6] {
+                let st = fx.dp.colour_stats(id, colour).unwrap();
+                assert_eq!(
+                    (st.packets, st.new_flows),
+                    (0, 0),
+                    "no untouched frame may count as service traffic ({id} {colour:?})"
+                );
+            }
+        }
+        // And the SYN itself, whole, is rewritten: the cases above were
+        // refused for what they changed, not for the flow.
+        let (_, out) = fx.run(&syn);
+        assert_eq!(verify6(&out).1, predicted6(c, vip, PROTO_TCP, &blue6()));
+    });
+}
+
+/// A routing header with segments left names the packet's final
+/// destination: the TCP/UDP checksum covers that address, not the VIP in
+/// the header, and the packet is not at its end (the stack processes the
+/// header). It passes untouched, as no service's; with no segments left
+/// the same header is walked (see above).
+#[test]
+fn v6_a_routing_header_with_segments_left_passes_untouched() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let c = SocketAddrV6::new(CLIENT6, 47500, 0, 0);
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let before = fx.dp.global_stats().unwrap();
+        for chain in [
+            vec![routing(24, 1)],
+            vec![opts(IPV6_HOP_BY_HOP, 8), routing(40, 2)],
+            vec![
+                opts(IPV6_DEST_OPTS, 8),
+                routing(24, 255),
+                opts(IPV6_DEST_OPTS, 8),
+            ],
+        ] {
+            let input = frame6_ext(c, vip, L4::Syn, 64, &chain, b"");
+            let (action, out) = fx.run(&input);
+            assert_eq!((action, &out), (XDP_PASS, &input));
+        }
+        assert_eq!(delta(&deltas(&fx.dp, &before), "pass_not_service"), 3);
+        let st = fx.dp.colour_stats(TCP6, Colour::Blue).unwrap();
+        assert_eq!(st.packets, 0);
+    });
+}
+
+#[test]
+fn v4_and_v6_services_side_by_side_keep_their_own_flows_and_colours() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::dual();
+        let vip4 = SocketAddrV4::new(VIP, 80);
+        let vip6 = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let c4 = SocketAddrV4::new(CLIENT, 52000);
+        let c6 = SocketAddrV6::new(CLIENT6, 52000, 0, 0);
+        let (_, out) = fx.run(&frame(c4, vip4, L4::Syn, 64, b""));
+        let b4 = predicted(c4, vip4, PROTO_TCP, &blue());
+        assert_eq!(out, frame(c4, b4, L4::Syn, 64, b""));
+        let (_, out) = fx.run(&frame6(c6, vip6, L4::Syn, 64, b""));
+        let b6 = predicted6(c6, vip6, PROTO_TCP, &blue6());
+        assert_eq!(out, frame6(c6, b6, L4::Syn, 64, b""));
+
+        // A flip of the IPv6 service moves its new flows only.
+        fx.dp.set_active(TCP6, Colour::Green).unwrap();
+        let n4 = SocketAddrV4::new(CLIENT, 52001);
+        let n6 = SocketAddrV6::new(CLIENT6, 52001, 0, 0);
+        let (_, out) = fx.run(&frame(n4, vip4, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(n4, vip4, PROTO_TCP, &blue()));
+        let (_, out) = fx.run(&frame6(n6, vip6, L4::Syn, 64, b""));
+        assert_eq!(verify6(&out).1, predicted6(n6, vip6, PROTO_TCP, &green6()));
+        // Open flows of both keep their backends, and their replies.
+        let (_, out) = fx.run(&frame6(c6, vip6, L4::Ack, 64, b"x"));
+        assert_eq!(verify6(&out).1, b6);
+        let (_, out) = fx.run(&frame(c4, vip4, L4::Ack, 64, b"x"));
+        assert_eq!(verify(&out).1, b4);
+        let (_, out) = fx.run(&frame6(b6, c6, L4::Ack, 64, b"y"));
+        assert_eq!(out, frame6(vip6, c6, L4::Ack, 64, b"y"));
+        let (_, out) = fx.run(&frame(b4, c4, L4::Ack, 64, b"y"));
+        assert_eq!(out, frame(vip4, c4, L4::Ack, 64, b"y"));
+        // A flip of the IPv4 service, the other way round.
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        fx.dp.set_active(TCP6, Colour::Blue).unwrap();
+        let m4 = SocketAddrV4::new(CLIENT, 52002);
+        let m6 = SocketAddrV6::new(CLIENT6, 52002, 0, 0);
+        let (_, out) = fx.run(&frame(m4, vip4, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(m4, vip4, PROTO_TCP, &green()));
+        let (_, out) = fx.run(&frame6(m6, vip6, L4::Syn, 64, b""));
+        assert_eq!(verify6(&out).1, predicted6(m6, vip6, PROTO_TCP, &blue6()));
+
+        // The same client port and backend port across families are two
+        // flows: a v6 reply never takes the v4 flow's VIP, nor the reverse.
+        let st4 = fx.dp.colour_stats(0, Colour::Blue).unwrap();
+        let st6 = fx.dp.colour_stats(TCP6, Colour::Blue).unwrap();
+        let g6 = fx.dp.colour_stats(TCP6, Colour::Green).unwrap();
+        assert_eq!((st4.new_flows, st4.reply_packets), (2, 1));
+        assert_eq!((st6.new_flows, st6.reply_packets), (2, 1));
+        assert_eq!(g6.new_flows, 1);
     });
 }
