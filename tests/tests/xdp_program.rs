@@ -171,6 +171,29 @@ fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ttl: u8, payload: &[u8]) 
     out
 }
 
+/// `frame` with the IPv4 header's DF bit cleared (and its checksum
+/// recomputed): a packet the stack may fragment.
+fn without_df(mut f: Vec<u8>) -> Vec<u8> {
+    let (mut h, _) = Ipv4Header::from_slice(&f[14..]).unwrap();
+    h.dont_fragment = false;
+    h.header_checksum = h.calc_header_checksum();
+    let b = h.to_bytes();
+    f[14..14 + b.len()].copy_from_slice(&b);
+    f
+}
+
+/// Whether `out` is an ICMP "fragmentation needed" with next-hop MTU `mtu`.
+fn is_frag_needed(out: &[u8], mtu: u16) -> bool {
+    let p = SlicedPacket::from_ethernet(out).expect("parses");
+    matches!(
+        &p.transport,
+        Some(TransportSlice::Icmpv4(i)) if i.icmp_type()
+            == etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu }
+            )
+    )
+}
+
 fn v4(a: &str) -> SocketAddrV4 {
     a.parse().unwrap()
 }
@@ -823,15 +846,22 @@ fn a_flows_next_hop_is_cached_and_follows_neighbour_and_mtu_changes() {
         assert_eq!(&out[0..6], &[2, 0, 0, 0, 2, 0x22], "the new neighbour MAC");
 
         // A packet longer than the one the hop was looked up for is looked up
-        // again, so the MTU check is never skipped: over the MTU, it goes to
-        // the stack (which sends the ICMP "fragmentation needed").
+        // again, so the MTU check is never skipped: over the MTU without DF,
+        // it goes to the stack (which fragments it); with DF, its sender
+        // gets "fragmentation needed" (tests/tests/icmp.rs checks that frame
+        // byte for byte).
         ip(&["-n", ns, "link", "set", "v0", "mtu", "1000"]).unwrap();
         let before = lookups(&fx);
-        let big = frame(c, vip, L4::Ack, 64, &[0u8; 1200]);
+        let big = without_df(frame(c, vip, L4::Ack, 64, &[0u8; 1200]));
         let (action, out, _) = fx.dp.test_run(&big, Some(v0), 1).unwrap();
         assert_eq!(action, XDP_PASS, "over the egress MTU: to the stack");
         assert_eq!(verify(&out).2, 64, "TTL left to the stack");
         assert_eq!(lookups(&fx), before + 1);
+        let (_, out, _) = fx
+            .dp
+            .test_run(&frame(c, vip, L4::Ack, 64, &[0u8; 1200]), Some(v0), 1)
+            .unwrap();
+        assert!(is_frag_needed(&out, 1000), "with DF: fragmentation needed");
         // A small packet still fits and is transmitted.
         let (action, _, _) = fx
             .dp
@@ -1019,7 +1049,11 @@ fn established_packets_come_from_the_per_cpu_cache_and_a_flush_reaches_them() {
         ip(&["-n", ns, "link", "set", "v0", "mtu", "1000"]).unwrap();
         let (action, _, _) = fx
             .dp
-            .test_run(&frame(c, vip, L4::Syn, 64, &[0u8; 1200]), Some(v0), 1)
+            .test_run(
+                &without_df(frame(c, vip, L4::Syn, 64, &[0u8; 1200])),
+                Some(v0),
+                1,
+            )
             .unwrap();
         assert_eq!(action, XDP_PASS, "over the MTU: to the stack");
         assert_eq!(
@@ -1454,12 +1488,18 @@ fn tc_checks_a_gso_packet_segment_by_segment_and_sends_unresolved_ones_to_the_ne
         assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, 0x11], "the neighbour's MAC");
         assert_eq!(verify(&out), (c, v4("198.18.1.11:8080"), 63));
         // 3 000 bytes of payload in one socket buffer: as one packet it is
-        // over the 1 500-byte MTU (the stack's, which sends "fragmentation
-        // needed"); as a GSO packet of 1 448-byte segments each fits.
+        // over the 1 500-byte MTU (without DF the stack's, which fragments
+        // it; with DF answered with "fragmentation needed"); as a GSO packet
+        // of 1 448-byte segments each fits.
         let big = frame(c, vip, L4::Ack, 64, &[0x5a; 3000]);
-        let (verdict, out, _) = fx.dp.test_run_tc(&big, Some(v0), 0, 1).unwrap();
+        let (verdict, out, _) = fx
+            .dp
+            .test_run_tc(&without_df(big.clone()), Some(v0), 0, 1)
+            .unwrap();
         assert_eq!(verdict, TC_ACT_UNSPEC, "over the MTU: the stack's");
         assert_eq!(verify(&out).2, 64, "TTL left to the stack");
+        let (_, out, _) = fx.dp.test_run_tc(&big, Some(v0), 0, 1).unwrap();
+        assert!(is_frag_needed(&out, 1500), "with DF: fragmentation needed");
         let (verdict, out, _) = fx.dp.test_run_tc(&big, Some(v0), 1448, 1).unwrap();
         assert_eq!(verdict, TC_ACT_REDIRECT, "each segment fits");
         assert_eq!(verify(&out), (c, v4("198.18.1.11:8080"), 63));
