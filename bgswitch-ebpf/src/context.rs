@@ -101,8 +101,8 @@ pub trait Packet: EbpfContext {
     /// bytes long (cut at its end), for an ICMP error built around the
     /// start of the packet it quotes; the new bytes are uninitialised and
     /// every packet pointer is stale afterwards. `None` when the context
-    /// cannot (TC: a GSO packet); an error after the first step leaves a
-    /// frame fit only to be dropped (`Some(false)`).
+    /// cannot (the frame as it was); an error after the first step leaves
+    /// a frame fit only to be dropped (`Some(false)`).
     fn room_for_error(&self, front: u32, total: u32) -> Option<bool>;
     /// Whether the frame may be sent out of `egress` by this program type:
     /// an interface bgswitch serves in a way it can send to.

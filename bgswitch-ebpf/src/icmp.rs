@@ -500,9 +500,8 @@ pub fn take_too_big() -> Option<u32> {
 /// where the packet was going, to its source), which is then translated
 /// and forwarded like an error from the network (so the client hears it
 /// from the VIP about its packet to the VIP, a backend from where its
-/// reply was going about its reply). IPv4 without DF, and packets the
-/// context cannot cut (TC: GSO), pass as they are: the stack fragments or
-/// forwards them.
+/// reply was going about its reply). IPv4 without DF passes as it is: the
+/// stack fragments it.
 #[inline(always)]
 pub fn too_big<C: Packet>(ctx: &C, mtu: u32) -> u32 {
     let Some(v6) = crate::parse::ip_family(ctx) else {
@@ -645,13 +644,18 @@ fn build_too_big<C: Packet>(ctx: &C, mtu: u32, v6: bool) -> Built {
             );
             store32(icmp, 4, mtu.to_be());
             // The pseudo-header: addresses, length, next header.
-            let mut pseudo = [0u32; 10];
-            for i in 0..4 {
-                pseudo[i] = dst[i];
-                pseudo[4 + i] = src[i];
-            }
-            pseudo[8] = msg.to_be();
-            pseudo[9] = u32::from(PROTO_ICMPV6).to_be();
+            let pseudo = [
+                dst[0],
+                dst[1],
+                dst[2],
+                dst[3],
+                src[0],
+                src[1],
+                src[2],
+                src[3],
+                msg.to_be(),
+                u32::from(PROTO_ICMPV6).to_be(),
+            ];
             let s = sum(pseudo.as_ptr().cast(), 40, 0);
             store16(icmp, 2, checksum(sum(icmp, msg, s)));
         } else {

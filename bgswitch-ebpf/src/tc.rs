@@ -171,20 +171,19 @@ impl Packet for TcContext {
         Some(())
     }
 
-    /// A GSO packet is not cut (it passes). The checksum state is reset: a
-    /// partial checksum's offsets would point into the quote.
+    /// Cut first: `bpf_skb_change_tail` also makes a GSO packet (many
+    /// segments, one of which was too long) one plain packet. Then the new
+    /// room at the front, and the checksum state reset: a partial
+    /// checksum's offsets would point into the quote.
     #[inline(always)]
     fn room_for_error(&self, front: u32, total: u32) -> Option<bool> {
-        if self.gso_size() != 0 {
-            return None;
-        }
         // SAFETY: the context's own socket buffer; flags 0.
-        if unsafe { bpf_skb_change_head(self.skb.skb, front, 0) } != 0 {
+        if unsafe { bpf_skb_change_tail(self.skb.skb, total - front, 0) } != 0 {
             return None;
         }
         // SAFETY: as above.
         let ok = unsafe {
-            bpf_skb_change_tail(self.skb.skb, total, 0) == 0
+            bpf_skb_change_head(self.skb.skb, front, 0) == 0
                 && bpf_csum_level(self.skb.skb, BPF_CSUM_LEVEL_RESET as u64) >= 0
         };
         Some(ok)

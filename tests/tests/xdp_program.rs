@@ -1503,10 +1503,14 @@ fn tc_checks_a_gso_packet_segment_by_segment_and_sends_unresolved_ones_to_the_ne
         let (verdict, out, _) = fx.dp.test_run_tc(&big, Some(v0), 1448, 1).unwrap();
         assert_eq!(verdict, TC_ACT_REDIRECT, "each segment fits");
         assert_eq!(verify(&out), (c, v4("198.18.1.11:8080"), 63));
-        let (verdict, _, _) = fx.dp.test_run_tc(&big, Some(v0), 1480, 1).unwrap();
+        let (verdict, out, _) = fx.dp.test_run_tc(&big, Some(v0), 1480, 1).unwrap();
         assert_eq!(
             verdict, TC_ACT_UNSPEC,
             "segments of 1480 + 40 bytes do not fit"
+        );
+        assert!(
+            is_frag_needed(&out, 1500),
+            "the GSO packet became one fragmentation-needed error"
         );
         // A backend whose neighbour is not resolved yet: TTL decremented,
         // MACs left to the kernel's neighbour output.
