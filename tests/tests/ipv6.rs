@@ -1,7 +1,8 @@
 //! IPv6 services end to end, beside IPv4 ones in one daemon: the real
 //! daemon and CLI switching real TCP and UDP traffic of both families
 //! between real servers in dual-stack namespaces with the kernel's default
-//! offloads (TC on the veths).
+//! offloads (TC on the veths), and path MTU discovery through both VIPs
+//! across links narrower than the senders'.
 
 use std::{
     collections::BTreeSet,
@@ -10,12 +11,13 @@ use std::{
 };
 
 use bgswitch_tests::{
+    clients::{http_download, http_upload},
     http_get,
     switcher::{
-        colour, dual_stack_services, require_root, served_topology, service, RequestLoad, Switcher,
-        HEALTH, HTTP_PORT, UDP_PORT,
+        colour, dual_stack_services, require_root, served_topology, served_topology_with, service,
+        RequestLoad, Switcher, HEALTH, HTTP_PORT, UDP_PORT,
     },
-    Colour, KeepAliveClient, Topology, UdpClient, VIP, VIP6,
+    Colour, KeepAliveClient, Topology, TopologyOptions, UdpClient, VIP, VIP6,
 };
 
 fn web() -> SocketAddr {
@@ -271,4 +273,220 @@ fn a_watched_v6_flip_rolls_back_when_greens_v6_backend_fails_its_health_checks()
     // The IPv4 service was not part of it.
     assert_eq!(service(&st, "web")["active"], "blue");
     assert!(topo.http_server("g1").is_some(), "g1's IPv4 server runs on");
+}
+
+/// A global data-plane counter from `status --json`.
+fn counter(sw: &Switcher, name: &str) -> u64 {
+    let st = sw.status().unwrap();
+    st["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}: {st}"))
+}
+
+/// Bytes in each transfer across a narrow link: thousands of segments.
+const BULK: usize = 4 << 20;
+
+/// One blue and one green backend, `opts`' links, all four services.
+fn setup_narrow(opts: TopologyOptions) -> (Topology, Switcher) {
+    require_root();
+    let topo = served_topology_with(TopologyOptions {
+        blue: 1,
+        green: 1,
+        ..opts
+    })
+    .expect("topology with servers");
+    let sw = started(&topo, &dual_stack_services(&topo));
+    (topo, sw)
+}
+
+/// Downloads (or uploads) [`BULK`] bytes through `to`, byte for byte,
+/// served by `want`; prints how long it took.
+fn transfer(topo: &Topology, sw: &Switcher, to: SocketAddr, upload: bool, want: &str) {
+    let (t, what) = if upload {
+        let data = bgswitch_tests::servers::bulk_pattern(BULK);
+        (http_upload(topo.client_ns(), to, &data), "to")
+    } else {
+        (http_download(topo.client_ns(), to, BULK), "from")
+    };
+    let t = t.unwrap_or_else(|e| {
+        panic!(
+            "{BULK} bytes {what} {to}: {e:#}\n{:#}\n{}",
+            sw.status().unwrap()["counters"],
+            sw.log_tail()
+        )
+    });
+    assert_eq!(t.backend, want, "through {to}");
+    eprintln!("{BULK} bytes {what} {to} ({want}) in {:?}", t.elapsed);
+}
+
+/// The path MTU namespace `ns` has learned towards `dst` (the `mtu` of
+/// `ip route get`, which shows a cached exception), if any.
+fn learned_mtu(ns: &str, dst: std::net::IpAddr) -> Option<u32> {
+    let o = bgswitch_tests::ns_exec(ns, "ip", &["route", "get", &dst.to_string()]).unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "mtu")?;
+    words.next()?.parse().ok()
+}
+
+#[test]
+fn downloads_through_both_vips_cross_a_1280_byte_client_link_before_and_after_a_flip() {
+    let (topo, sw) = setup_narrow(TopologyOptions {
+        client_mtu: Some(1280),
+        ..TopologyOptions::default()
+    });
+    for to in [web(), web6()] {
+        transfer(&topo, &sw, to, false, "b1");
+    }
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.cli_ok(&["flip", "web6"]).unwrap();
+    for to in [web(), web6()] {
+        transfer(&topo, &sw, to, false, "g1");
+    }
+    // The client's MSS fits its own link: nothing was too big.
+    assert_eq!(counter(&sw, "icmp_too_big_sent"), 0);
+}
+
+/// A hop narrower than both ends' links (the lb's end of the client link,
+/// 1280 bytes; client and backends 1500, so the backend sends segments of
+/// the client's MSS): each backend's first reply too long for the hop gets
+/// a "fragmentation needed" / "packet too big" from the program, translated
+/// to be about its reply (from the client), and the backend's kernel
+/// lowers its path MTU towards the client — per backend, so again after
+/// the flip. (TCP aggregates (GSO) too long for the hop are not cut into
+/// an error: they pass to the stack, which drops them and addresses its
+/// error to the VIP, where it is lost; the backend retransmits them at the
+/// MTU it learned from the program's error about a single segment.)
+#[test]
+fn path_mtu_discovery_through_both_vips_for_downloads_across_a_narrower_hop() {
+    let (topo, sw) = setup_narrow(TopologyOptions {
+        lb_client_mtu: Some(1280),
+        ..TopologyOptions::default()
+    });
+    let client = |to: SocketAddr| match to {
+        SocketAddr::V4(_) => bgswitch_tests::CLIENT_ADDR.into(),
+        SocketAddr::V6(_) => bgswitch_tests::CLIENT_ADDR6.into(),
+    };
+    for want in ["b1", "g1"] {
+        let ns = topo.backend(want).ns.clone();
+        for to in [web(), web6()] {
+            assert_eq!(learned_mtu(&ns, client(to)), None, "{want}, {to}");
+            let (sent, translated) = (
+                counter(&sw, "icmp_too_big_sent"),
+                counter(&sw, "icmp_translated"),
+            );
+            transfer(&topo, &sw, to, false, want);
+            let sent = counter(&sw, "icmp_too_big_sent") - sent;
+            let translated = counter(&sw, "icmp_translated") - translated;
+            assert!(sent >= 1, "{want} through {to}: no error sent");
+            assert!(translated >= sent, "{sent} sent, {translated} translated");
+            assert_eq!(
+                learned_mtu(&ns, client(to)),
+                Some(1280),
+                "{want} learned the hop's MTU towards the client ({to})"
+            );
+        }
+        if want == "b1" {
+            sw.cli_ok(&["flip", "web"]).unwrap();
+            sw.cli_ok(&["flip", "web6"]).unwrap();
+        }
+    }
+}
+
+/// The same narrower hop on the backend side (the lb's end of its backend
+/// link, 1280 bytes): a client's upload segments too long for it get the
+/// error from the VIP about the client's packet to the VIP, so the
+/// client's kernel lowers its path MTU towards the VIP. That MTU belongs to
+/// the VIP, not a backend: after the flip green's uploads need no error.
+#[test]
+fn path_mtu_discovery_through_both_vips_for_uploads_across_a_narrower_hop() {
+    let (topo, sw) = setup_narrow(TopologyOptions {
+        lb_backend_mtu: Some(1280),
+        ..TopologyOptions::default()
+    });
+    let cli = topo.client_ns().to_string();
+    for to in [web(), web6()] {
+        assert_eq!(learned_mtu(&cli, to.ip()), None, "{to}");
+        let sent = counter(&sw, "icmp_too_big_sent");
+        transfer(&topo, &sw, to, true, "b1");
+        assert!(
+            counter(&sw, "icmp_too_big_sent") > sent,
+            "{to}: no error sent"
+        );
+        assert_eq!(learned_mtu(&cli, to.ip()), Some(1280), "towards {to}");
+    }
+    let sent = counter(&sw, "icmp_too_big_sent");
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    sw.cli_ok(&["flip", "web6"]).unwrap();
+    for to in [web(), web6()] {
+        transfer(&topo, &sw, to, true, "g1");
+    }
+    assert_eq!(counter(&sw, "icmp_too_big_sent"), sent);
+}
+
+/// UDP through the same narrower hop, as an application that does its own
+/// path MTU discovery (QUIC, DNS) sees it: a connected socket that sets
+/// "don't fragment" sends a datagram too long for the hop; the program's
+/// error comes back from the VIP about it, so the socket's next receive
+/// reports EMSGSIZE, the kernel refuses the next datagram that long at
+/// once, and one that fits is answered.
+#[test]
+fn udp_datagrams_too_long_for_a_narrower_hop_get_the_error_through_both_vips() {
+    use std::os::fd::AsRawFd;
+    let (topo, sw) = setup_narrow(TopologyOptions {
+        lb_backend_mtu: Some(1280),
+        ..TopologyOptions::default()
+    });
+    let cli = topo.client_ns().to_string();
+    for to in [echo(), echo6()] {
+        let sock = bgswitch_tests::in_netns(&cli, || {
+            let local: SocketAddr = match to {
+                SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            std::net::UdpSocket::bind(local)
+        })
+        .unwrap()
+        .unwrap();
+        let (level, name, value) = match to {
+            SocketAddr::V4(_) => (
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DO,
+            ),
+            SocketAddr::V6(_) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DO,
+            ),
+        };
+        // SAFETY: setsockopt(2) on our socket with an int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        sock.connect(to).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let sent = counter(&sw, "icmp_too_big_sent");
+        let mut buf = [0u8; 2048];
+        assert_eq!(sock.send(&[b'x'; 1400]).unwrap(), 1400, "{to}");
+        let err = bgswitch_tests::retry_eintr(|| sock.recv(&mut buf))
+            .expect_err("the error, not an answer");
+        assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{to}: {err}");
+        assert_eq!(counter(&sw, "icmp_too_big_sent"), sent + 1, "{to}");
+        assert_eq!(learned_mtu(&cli, to.ip()), Some(1280), "towards {to}");
+        let err = sock.send(&[b'x'; 1400]).expect_err("known too long");
+        assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{to}: {err}");
+        let fits = [b'y'; 1200];
+        sock.send(&fits).unwrap();
+        let n = bgswitch_tests::retry_eintr(|| sock.recv(&mut buf)).unwrap();
+        assert_eq!(n, "blue b1 ".len() + fits.len(), "{to}");
+        assert!(buf.starts_with(b"blue b1 y"), "{to}");
+    }
 }
