@@ -11,19 +11,29 @@
 use std::{
     ffi::CString,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::topology::{Colour, Topology, TopologyOptions, LB_BACKEND_IF, LB_CLIENT_IF, VIP};
+use crate::topology::{Colour, Topology, TopologyOptions, LB_BACKEND_IF, LB_CLIENT_IF, VIP, VIP6};
 
 /// Port of the HTTP service on the VIP and on every backend.
 pub const HTTP_PORT: u16 = 8080;
 /// Port of the UDP echo service on the VIP and on every backend.
 pub const UDP_PORT: u16 = 5353;
+
+/// A `[service.health]` table of quick HTTP checks (every 200 ms, down
+/// after two failures, up after two successes), for the service table it
+/// follows.
+pub const HEALTH: &str = "[service.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n";
 
 /// Where the `bgswitch` binary is: `$BGSWITCH_BIN`, else next to the test
 /// binary's `deps/` directory (`target/<profile>/bgswitch`).
@@ -68,6 +78,48 @@ pub fn default_services(topo: &Topology) -> String {
     )
 }
 
+/// The IPv6 twins of [`default_services`]: `web6` (HTTP) and `echo6` (UDP
+/// echo) on `[VIP6]` and the same ports, with every backend's IPv6 address.
+pub fn v6_services(topo: &Topology) -> String {
+    let pool = |c: Colour, port: u16| {
+        topo.backends_of(c)
+            .map(|b| format!("\"[{}]:{port}\"", b.addr6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[[service]]\nname = \"web6\"\nvip = \"[{VIP6}]:{HTTP_PORT}\"\nprotocol = \"tcp\"\nblue = [{}]\ngreen = [{}]\n\n\
+         [[service]]\nname = \"echo6\"\nvip = \"[{VIP6}]:{UDP_PORT}\"\nprotocol = \"udp\"\nblue = [{}]\ngreen = [{}]\n",
+        pool(Colour::Blue, HTTP_PORT),
+        pool(Colour::Green, HTTP_PORT),
+        pool(Colour::Blue, UDP_PORT),
+        pool(Colour::Green, UDP_PORT),
+    )
+}
+
+/// IPv4 and IPv6 services side by side in one daemon: `web`, `echo`
+/// ([`default_services`]), then `web6`, `echo6` ([`v6_services`]).
+pub fn dual_stack_services(topo: &Topology) -> String {
+    format!("{}\n{}", default_services(topo), v6_services(topo))
+}
+
+/// Colour ("blue"/"green") of a test server's response body "colour name\n"
+/// (or of a UDP echo "colour name payload").
+pub fn colour(body: &str) -> &str {
+    body.split_whitespace().next().unwrap_or("")
+}
+
+/// The service called `name` in a `status --json` answer.
+///
+/// # Panics
+/// If there is none (a bug in the calling test).
+pub fn service<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no service {name:?} in status: {status}"))
+}
+
 /// Fails the calling test unless it runs as root: privileged tests run for
 /// real (in CI too) and are never skipped.
 pub fn require_root() {
@@ -95,9 +147,89 @@ pub fn served_and_started() -> (Topology, Switcher) {
 /// offloads (a veth hands TCP/UDP over with partial checksums, and TSO
 /// segments larger than the MTU): as containers and VMs send.
 pub fn served_topology() -> Result<Topology> {
-    let mut topo = Topology::create(TopologyOptions::default())?;
+    served_topology_with(TopologyOptions::default())
+}
+
+/// Like [`served_topology`], built with `opts`.
+pub fn served_topology_with(opts: TopologyOptions) -> Result<Topology> {
+    let mut topo = Topology::create(opts)?;
     topo.start_servers(HTTP_PORT, UDP_PORT)?;
     Ok(topo)
+}
+
+/// Requests in a loop on a thread of their own: `GET /` on a new
+/// connection each from namespace `ns` to `addr`, each answer checked to
+/// come from `colour`, until [`RequestLoad::stop`] (or 60 s).
+pub struct RequestLoad {
+    stop: Arc<AtomicBool>,
+    counts: Arc<[AtomicU64; 3]>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a [`RequestLoad`] saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadCounts {
+    /// Answered by the expected colour.
+    pub ok: u64,
+    /// Answered by the other colour.
+    pub wrong: u64,
+    /// Failed (connect, timeout, reset, a bad answer); each is printed.
+    pub failed: u64,
+}
+
+impl RequestLoad {
+    pub fn start(ns: &str, addr: impl Into<SocketAddr>, colour: Colour) -> Self {
+        let addr = addr.into();
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+        let thread = {
+            let (stop, counts, ns) = (stop.clone(), counts.clone(), ns.to_owned());
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let i = match crate::http_get(&ns, addr, "/") {
+                        Ok(r) if self::colour(&r.body) == colour.as_str() => 0,
+                        Ok(_) => 1,
+                        Err(e) => {
+                            eprintln!("request to {addr} failed: {e:#}");
+                            2
+                        }
+                    };
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        Self {
+            stop,
+            counts,
+            thread: Some(thread),
+        }
+    }
+
+    /// What it saw so far.
+    pub fn counts(&self) -> LoadCounts {
+        let c = |i: usize| self.counts[i].load(Ordering::Relaxed);
+        LoadCounts {
+            ok: c(0),
+            wrong: c(1),
+            failed: c(2),
+        }
+    }
+
+    /// Stops the loop and returns what it saw.
+    pub fn stop(mut self) -> LoadCounts {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("load thread");
+        }
+        self.counts()
+    }
+}
+
+impl Drop for RequestLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The output of one CLI call.
@@ -370,6 +502,33 @@ impl Switcher {
     pub fn status(&self) -> Result<serde_json::Value> {
         let text = self.cli_ok(&["status", "--json"])?;
         serde_json::from_str(&text).context("status --json is not JSON")
+    }
+
+    /// Polls `status --json` until `pred` holds (at most `within`), and
+    /// returns that status; fails the calling test, naming `what`, the last
+    /// status and the log's tail, otherwise.
+    ///
+    /// # Panics
+    /// When `pred` does not hold in time, or the daemon does not answer.
+    pub fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let st = self.status().expect("status --json");
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{what}: not within {within:?}\n{st:#}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The last 40 lines of the daemon's log.

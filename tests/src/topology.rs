@@ -29,7 +29,10 @@
 //! filtering is off there.
 //!
 //! [`TopologyOptions::client_mtu`] narrows the client's link (both ends of
-//! `c0`/`lbc`), e.g. to IPv6's minimum of 1280 bytes.
+//! `c0`/`lbc`), e.g. to IPv6's minimum of 1280 bytes;
+//! [`TopologyOptions::lb_client_mtu`] and
+//! [`TopologyOptions::lb_backend_mtu`] narrow only the load balancer's end
+//! of a link (a narrower hop than the sender's own link).
 //!
 //! Every [`Topology`] has its own name prefix (`bgs{pid}x{n}`), so many can
 //! exist side by side in one process and across processes; dropping it
@@ -197,6 +200,18 @@ pub struct TopologyOptions {
     /// (IPv6's minimum) for transfers through a narrow link; `None` (the
     /// default) keeps the veth default of 1500.
     pub client_mtu: Option<u32>,
+    /// The MTU of the load balancer's end of the client link alone (`lbc`;
+    /// the client's `c0` keeps 1500 or `client_mtu`): a hop narrower than
+    /// the client's own link, which the client's MSS does not reflect, so
+    /// a backend's full-sized segments towards the client need path MTU
+    /// discovery through the VIP. (A veth drops a frame longer than its
+    /// receiving end's MTU, unless GSO: the client's own frames to the lb
+    /// must stay within it, or be TCP segments the kernel aggregated.)
+    pub lb_client_mtu: Option<u32>,
+    /// The MTU of the load balancer's end of the backend link alone
+    /// (`lbb`; the bridge and the backends keep 1500): the same, for a
+    /// client's full-sized segments towards a backend.
+    pub lb_backend_mtu: Option<u32>,
 }
 
 impl Default for TopologyOptions {
@@ -206,6 +221,8 @@ impl Default for TopologyOptions {
             green: 2,
             like_physical_nics: false,
             client_mtu: None,
+            lb_client_mtu: None,
+            lb_backend_mtu: None,
         }
     }
 }
@@ -241,11 +258,17 @@ impl Topology {
     /// processes are removed first; if a step fails, whatever was already
     /// created is deleted again.
     pub fn create(opts: TopologyOptions) -> Result<Topology> {
-        if let Some(mtu) = opts.client_mtu {
-            ensure!(
-                (1280..=65535).contains(&mtu),
-                "client_mtu {mtu}: must be 1280..=65535 (IPv6's minimum MTU is 1280)"
-            );
+        for (what, mtu) in [
+            ("client_mtu", opts.client_mtu),
+            ("lb_client_mtu", opts.lb_client_mtu),
+            ("lb_backend_mtu", opts.lb_backend_mtu),
+        ] {
+            if let Some(mtu) = mtu {
+                ensure!(
+                    (1280..=65535).contains(&mtu),
+                    "{what} {mtu}: must be 1280..=65535 (IPv6's minimum MTU is 1280)"
+                );
+            }
         }
         ensure!(
             opts.blue <= MAX_PER_COLOUR && opts.green <= MAX_PER_COLOUR,
@@ -375,6 +398,9 @@ impl Topology {
             ip_ns(cli, &["link", "set", CLIENT_IF, "mtu", &mtu])?;
             ip_ns(lb, &["link", "set", LB_CLIENT_IF, "mtu", &mtu])?;
         }
+        if let Some(mtu) = self.opts.lb_client_mtu {
+            ip_ns(lb, &["link", "set", LB_CLIENT_IF, "mtu", &mtu.to_string()])?;
+        }
 
         // load balancer <-> switch
         ip_ns(
@@ -398,6 +424,9 @@ impl Topology {
             &["addr", "add", &cidr(LB_BACKEND_ADDR), "dev", LB_BACKEND_IF],
         )?;
         add6(lb, LB_BACKEND_ADDR6, LB_BACKEND_IF)?;
+        if let Some(mtu) = self.opts.lb_backend_mtu {
+            ip_ns(lb, &["link", "set", LB_BACKEND_IF, "mtu", &mtu.to_string()])?;
+        }
         ip_ns(
             sw,
             &[
@@ -673,6 +702,20 @@ impl Topology {
             .into_iter()
             .flatten()
         {
+            http.stop();
+        }
+        Ok(())
+    }
+
+    /// Stops only the IPv6 HTTP server of backend `name` (its IPv4 one and
+    /// its UDP servers keep going).
+    pub fn stop_server6(&mut self, name: &str) -> Result<()> {
+        self.backend_checked(name)?;
+        let servers = self
+            .servers
+            .get_mut(name)
+            .with_context(|| format!("no servers started on backend {name}"))?;
+        if let Some(mut http) = servers.http6.take() {
             http.stop();
         }
         Ok(())

@@ -3,20 +3,16 @@
 
 use std::{
     net::SocketAddrV4,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use bgswitch_tests::{
     http_get,
     switcher::{
-        default_services, require_root, served_and_started as setup, served_topology, Switcher,
-        HTTP_PORT, UDP_PORT,
+        colour, default_services, require_root, served_and_started as setup, served_topology,
+        RequestLoad, Switcher, HTTP_PORT, UDP_PORT,
     },
-    KeepAliveClient, Topology, UdpClient, VIP,
+    Colour, KeepAliveClient, Topology, UdpClient, VIP,
 };
 
 fn web() -> SocketAddrV4 {
@@ -24,11 +20,6 @@ fn web() -> SocketAddrV4 {
 }
 fn echo() -> SocketAddrV4 {
     SocketAddrV4::new(VIP, UDP_PORT)
-}
-
-/// Colour ("blue"/"green") of a response body "colour name\n".
-fn colour(body: &str) -> &str {
-    body.split_whitespace().next().unwrap_or("")
 }
 
 #[test]
@@ -128,46 +119,16 @@ fn udp_flows_are_pinned_and_new_ones_follow_the_flip() {
 #[test]
 fn daemon_killed_and_restarted_under_load_loses_nothing() {
     let (topo, mut sw) = setup();
-    let cli = topo.client_ns().to_string();
     sw.cli_ok(&["flip", "web"]).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let wrong = Arc::new(AtomicU64::new(0));
-    let load = {
-        let (stop, ok, failed, wrong, cli) = (
-            stop.clone(),
-            ok.clone(),
-            failed.clone(),
-            wrong.clone(),
-            cli.clone(),
-        );
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match http_get(&cli, web(), "/") {
-                    Ok(r) if colour(&r.body) == "green" => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(_) => wrong.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("request failed: {e:#}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        })
-    };
+    let load = RequestLoad::start(topo.client_ns(), web(), Colour::Green);
     std::thread::sleep(Duration::from_millis(500));
     sw.kill();
-    let during = ok.load(Ordering::Relaxed);
+    let during = load.counts().ok;
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(
-        ok.load(Ordering::Relaxed) > during,
-        "traffic flows with no daemon"
-    );
+    assert!(load.counts().ok > during, "traffic flows with no daemon");
     sw.start().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    let seen = load.stop();
     let st = sw.status().unwrap();
     assert_eq!(
         st["services"][0]["active"], "green",
@@ -179,18 +140,13 @@ fn daemon_killed_and_restarted_under_load_loses_nothing() {
         st["services"][0]["colours"][1]["new_flows"]
             .as_u64()
             .unwrap()
-            >= ok.load(Ordering::Relaxed),
+            >= seen.ok,
         "counters survive the restart: {st}"
     );
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "no failed request\n{}",
-        sw.log_tail()
-    );
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "no request reached blue");
-    assert!(ok.load(Ordering::Relaxed) > 20);
-    eprintln!("{} requests, none failed", ok.load(Ordering::Relaxed));
+    assert_eq!(seen.failed, 0, "no failed request\n{}", sw.log_tail());
+    assert_eq!(seen.wrong, 0, "no request reached blue");
+    assert!(seen.ok > 20);
+    eprintln!("{} requests, none failed", seen.ok);
 }
 
 #[test]

@@ -10,11 +10,12 @@ use std::{
 
 use bgswitch_tests::{
     http_get,
-    switcher::{default_services, require_root, served_topology, Switcher, HTTP_PORT},
+    switcher::{
+        colour, default_services, require_root, served_topology, Switcher, HEALTH, HTTP_PORT,
+    },
     KeepAliveClient, Topology, VIP,
 };
 
-const HEALTH: &str = "[service.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n";
 const METRICS: &str = "127.0.0.1:9477";
 
 /// A topology with servers and a daemon; `health` adds HTTP checks to "web".
@@ -41,32 +42,6 @@ fn web() -> SocketAddrV4 {
     SocketAddrV4::new(VIP, HTTP_PORT)
 }
 
-fn colour(body: &str) -> &str {
-    body.split_whitespace().next().unwrap_or("")
-}
-
-/// Polls `status --json` until `pred` holds (at most `within`).
-fn wait_for(
-    sw: &Switcher,
-    within: Duration,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let st = sw.status().unwrap();
-        if pred(&st) {
-            return st;
-        }
-        assert!(
-            start.elapsed() < within,
-            "{what}: not within {within:?}\n{st:#}\n{}",
-            sw.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn backends_are(st: &serde_json::Value, colour: usize, health: &str) -> bool {
     st["services"][0]["colours"][colour]["backends"]
         .as_array()
@@ -78,11 +53,11 @@ fn backends_are(st: &serde_json::Value, colour: usize, health: &str) -> bool {
 #[test]
 fn a_flip_to_an_unhealthy_pool_is_refused_unless_forced() {
     let (mut topo, sw) = setup(true);
-    wait_for(&sw, Duration::from_secs(5), "all up", |st| {
+    sw.wait_for(Duration::from_secs(5), "all up", |st| {
         backends_are(st, 0, "up") && backends_are(st, 1, "up")
     });
     topo.stop_server("g1").unwrap();
-    wait_for(&sw, Duration::from_secs(5), "g1 down", |st| {
+    sw.wait_for(Duration::from_secs(5), "g1 down", |st| {
         st["services"][0]["colours"][1]["backends"][0]["health"] == "down"
     });
     let out = sw.cli(&["flip", "web", "--reason", "release 3"]).unwrap();
@@ -131,7 +106,7 @@ fn a_flip_to_an_unhealthy_pool_is_refused_unless_forced() {
 #[test]
 fn a_watched_flip_rolls_back_by_itself_when_green_fails_its_health_checks() {
     let (mut topo, sw) = setup(true);
-    wait_for(&sw, Duration::from_secs(5), "all up", |st| {
+    sw.wait_for(Duration::from_secs(5), "all up", |st| {
         backends_are(st, 1, "up")
     });
     sw.cli_ok(&["flip", "web", "--watch", "30s", "--reason", "release 4"])
@@ -142,7 +117,7 @@ fn a_watched_flip_rolls_back_by_itself_when_green_fails_its_health_checks() {
     );
     let broke = Instant::now();
     topo.stop_server("g1").unwrap();
-    let st = wait_for(&sw, Duration::from_secs(3), "automatic rollback", |st| {
+    let st = sw.wait_for(Duration::from_secs(3), "automatic rollback", |st| {
         st["services"][0]["active"] == "blue"
     });
     // interval 200 ms × fall 2, plus the 200 ms tick and probe timeouts.
@@ -194,7 +169,7 @@ fn a_watched_flip_rolls_back_on_the_kernel_error_signal() {
             break;
         }
     }
-    let st = wait_for(&sw, Duration::from_secs(3), "rollback on RSTs", |st| {
+    let st = sw.wait_for(Duration::from_secs(3), "rollback on RSTs", |st| {
         st["services"][0]["active"] == "blue"
     });
     assert!(refused >= 10, "green refused connections ({refused})");
@@ -235,8 +210,7 @@ fn a_watched_flip_rolls_back_when_green_silently_drops_connections() {
         .filter(|failed| *failed)
         .count();
     assert_eq!(failed, 12, "green answers nothing");
-    let st = wait_for(
-        &sw,
+    let st = sw.wait_for(
         Duration::from_secs(6),
         "rollback on unanswered SYNs",
         |st| st["services"][0]["active"] == "blue",
@@ -259,7 +233,7 @@ fn confirm_within_rolls_back_unless_confirmed_even_across_restarts() {
         .cli_ok(&["status"])
         .unwrap()
         .contains("WAITING FOR CONFIRMATION"));
-    let st = wait_for(&sw, Duration::from_secs(3), "deadline rollback", |st| {
+    let st = sw.wait_for(Duration::from_secs(3), "deadline rollback", |st| {
         st["services"][0]["active"] == "blue"
     });
     assert!(st["services"][0]["rolled_back"]
@@ -292,7 +266,7 @@ fn confirm_within_rolls_back_unless_confirmed_even_across_restarts() {
     sw.kill();
     std::thread::sleep(Duration::from_millis(1500));
     sw.start().unwrap();
-    let st = wait_for(&sw, Duration::from_secs(2), "rollback at start", |st| {
+    let st = sw.wait_for(Duration::from_secs(2), "rollback at start", |st| {
         st["services"][0]["active"] == "green"
     });
     assert!(st["services"][0]["rolled_back"]
@@ -316,7 +290,7 @@ fn a_watch_that_passes_is_journalled_and_stays_ended_across_a_kill() {
     assert!(sw.status().unwrap()["services"][0]["watch"].is_object());
     // The flip's snapshot (1 s after it) still has the watch; the end comes
     // 3 s after the flip, and the kill within a poll of it.
-    wait_for(&sw, Duration::from_secs(6), "the watch ends", |st| {
+    sw.wait_for(Duration::from_secs(6), "the watch ends", |st| {
         st["services"][0]["watch"].is_null()
     });
     sw.kill();
@@ -510,7 +484,7 @@ fn wait_drained_returns_when_the_last_blue_connection_closes() {
 #[test]
 fn the_metrics_endpoint_serves_the_documented_series() {
     let (topo, sw) = setup(true);
-    wait_for(&sw, Duration::from_secs(5), "all up", |st| {
+    sw.wait_for(Duration::from_secs(5), "all up", |st| {
         backends_are(st, 0, "up")
     });
     for _ in 0..5 {
