@@ -447,7 +447,9 @@ fn ipv6_fwd_paragraph(w: &mut String, p2: &Value) {
             v.iter()
                 .filter_map(|x| {
                     let k = k["mpps"]["median"].as_f64()?;
-                    Some(format!("{:.2} × ({} flows)", x["ipv6_mpps"].as_f64()? / k, x["flows"]))
+                    let n = &x["flows"];
+                    let unit = if *n == 1 { "flow" } else { "flows" };
+                    Some(format!("{:.2} × ({n} {unit})", x["ipv6_mpps"].as_f64()? / k))
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
