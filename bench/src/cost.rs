@@ -23,7 +23,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd as _, AsRawFd as _},
     time::{Duration, Instant},
 };
@@ -39,12 +39,14 @@ use bgswitch::{
     dataplane::{backend_of, backend_stat_id, service_key, AttachMode, Dataplane, LoadOptions},
     model::Colour,
 };
-use bgswitch_common::{maps as names, FlowEntry, FlowKey4, PROTO_TCP, PROTO_UDP};
+use bgswitch_common::{
+    maps as names, FlowEntry, FlowEntry6, FlowKey, FlowKey4, PROTO_TCP, PROTO_UDP,
+};
 use bgswitch_tests::{in_netns, ip_ns, TempNetns};
 use serde_json::{json, Value};
 
 use crate::{
-    frames::{frame, verify, L4},
+    frames::{frame, frame6, verify, verify6, L4},
     objects,
     stats::{interquartile_mean, median, Summary},
     sys,
@@ -65,6 +67,18 @@ const TCP_PORT: u16 = 80;
 const STATELESS_PORT: u16 = 81;
 const UDP_PORT: u16 = 53;
 const FRAME_LEN: usize = 64;
+/// The IPv6 twins (`2001:db8:18:S::H` of `198.18.S.H`): the client, the
+/// VIP (of services 3, TCP, and 4, UDP, on the same ports as IPv4's), the
+/// next hop towards it. An IPv6 TCP frame is 74 bytes (its headers alone);
+/// an IPv6 UDP frame 64. None of these addresses shares an `ADDR_FILTER`
+/// bit with the IPv4 ones, so the IPv4 packets take the same path as
+/// without IPv6 services.
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 0x10);
+const NEXT_HOP6: &str = "2001:db8:18:1::2";
+/// Service ids of the IPv6 services.
+const TCP6_ID: u32 = 3;
+const UDP6_ID: u32 = 4;
 
 /// How much to measure.
 #[derive(Clone, Debug)]
@@ -117,9 +131,11 @@ impl CostOptions {
     }
 }
 
-/// A scratch namespace with two veths: v0 faces clients (198.18.0.1/24, the
-/// client's neighbour known), v1 faces the next hop towards the VIP
-/// (198.18.1.1/24, neighbour known); forwarding on.
+/// A scratch namespace with two veths: v0 faces clients (198.18.0.1/24 and
+/// 2001:db8:18::1/64, the client's neighbour known), v1 faces the next hop
+/// towards the VIP (198.18.1.1/24 and 2001:db8:18:1::1/64, neighbour
+/// known); forwarding on for both families, IPv6 addresses without
+/// duplicate address detection.
 pub struct Bed {
     ns: TempNetns,
     pub v0: u32,
@@ -131,9 +147,30 @@ impl Bed {
         let ns = TempNetns::create()?;
         let n = ns.name().to_string();
         let ipn = |args: &[&str]| ip_ns(&n, args);
+        // Before the links: they take the namespace's defaults.
+        sys::ns_sysctl(&n, "net.ipv6.conf.all.accept_dad", "0")?;
+        sys::ns_sysctl(&n, "net.ipv6.conf.default.accept_dad", "0")?;
         ipn(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])?;
         ipn(&["addr", "add", "198.18.0.1/24", "dev", "v0"])?;
         ipn(&["addr", "add", "198.18.1.1/24", "dev", "v1"])?;
+        ipn(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:18::1/64",
+            "dev",
+            "v0",
+            "nodad",
+        ])?;
+        ipn(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:18:1::1/64",
+            "dev",
+            "v1",
+            "nodad",
+        ])?;
         ipn(&["link", "set", "v0", "up"])?;
         ipn(&["link", "set", "v1", "up"])?;
         ipn(&[
@@ -176,7 +213,52 @@ impl Bed {
             "dev",
             "v0",
         ])?;
+        ipn(&[
+            "-6",
+            "neigh",
+            "replace",
+            &CLIENT6.to_string(),
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "v0",
+            "nud",
+            "permanent",
+        ])?;
+        ipn(&[
+            "-6",
+            "neigh",
+            "replace",
+            NEXT_HOP6,
+            "lladdr",
+            "02:00:00:00:01:02",
+            "dev",
+            "v1",
+            "nud",
+            "permanent",
+        ])?;
+        ipn(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            NEXT_HOP6,
+            "dev",
+            "v1",
+        ])?;
+        ipn(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:18:64::/64",
+            "via",
+            &CLIENT6.to_string(),
+            "dev",
+            "v0",
+        ])?;
         sys::ns_sysctl(&n, "net.ipv4.ip_forward", "1")?;
+        sys::ns_sysctl(&n, "net.ipv6.conf.all.forwarding", "1")?;
         let v0 = bgswitch_tests::netns::ifindex(&n, "v0")?;
         let v1 = bgswitch_tests::netns::ifindex(&n, "v1")?;
         Ok(Bed { ns, v0, v1 })
@@ -275,17 +357,30 @@ fn count_entries(id: u32) -> Result<u64> {
     Ok(map.keys().filter(Result::is_ok).count() as u64)
 }
 
+/// Number of entries in the FLOWS6 map with this id.
+fn count_entries6(id: u32) -> Result<u64> {
+    let data = MapData::from_id(id).context("opening FLOWS6 by id")?;
+    let map: HashMap<MapData, FlowKey, FlowEntry6> =
+        HashMap::try_from(Map::LruHashMap(data)).context("FLOWS6 as a hash map")?;
+    Ok(map.keys().filter(Result::is_ok).count() as u64)
+}
+
 /// A data plane with identity services: TCP VIP:80 and UDP VIP:53, each
-/// colour's only backend being the VIP itself.
+/// colour's only backend being the VIP itself, and their IPv6 twins on
+/// VIP6.
 pub struct Loaded {
     pub dp: Dataplane,
-    /// Kernel memory of the FLOWS map and of all of the program's maps.
+    /// Kernel memory of the FLOWS map (IPv4 flows).
     pub flows_memlock: Option<u64>,
     pub flows_id: Option<u32>,
+    /// The same of the FLOWS6 map (IPv6 flows).
+    pub flows6_memlock: Option<u64>,
+    pub flows6_id: Option<u32>,
 }
 
 pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
     let before = map_ids(names::FLOWS);
+    let before6 = map_ids(names::FLOWS6);
     let mut dp = Dataplane::load(&LoadOptions {
         bpffs: None,
         max_flows,
@@ -294,14 +389,20 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
     let flows = new_map(names::FLOWS, max_flows, &before);
     let flows_memlock = flows.as_ref().and_then(memlock);
     let flows_id = flows.as_ref().map(MapInfo::id);
+    let flows6 = new_map(names::FLOWS6, max_flows, &before6);
+    let flows6_memlock = flows6.as_ref().and_then(memlock);
+    let flows6_id = flows6.as_ref().map(MapInfo::id);
     dp.set_settings(Duration::from_secs(30), Duration::from_secs(3600))?;
     dp.set_stateless(2, true);
-    for (id, port, proto) in [
-        (0, TCP_PORT, PROTO_TCP),
-        (1, UDP_PORT, PROTO_UDP),
-        (2, STATELESS_PORT, PROTO_TCP),
+    let v4 = |port| SocketAddr::V4(SocketAddrV4::new(VIP, port));
+    let v6 = |port| SocketAddr::V6(SocketAddrV6::new(VIP6, port, 0, 0));
+    for (id, vip, proto) in [
+        (0, v4(TCP_PORT), PROTO_TCP),
+        (1, v4(UDP_PORT), PROTO_UDP),
+        (2, v4(STATELESS_PORT), PROTO_TCP),
+        (TCP6_ID, v6(TCP_PORT), PROTO_TCP),
+        (UDP6_ID, v6(UDP_PORT), PROTO_UDP),
     ] {
-        let vip = SocketAddr::V4(SocketAddrV4::new(VIP, port));
         let pool = |c: Colour| vec![backend_of(vip, backend_stat_id(id, c, 0))];
         dp.write_service(
             id,
@@ -320,6 +421,8 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
         dp,
         flows_memlock,
         flows_id,
+        flows6_memlock,
+        flows6_id,
     })
 }
 
@@ -350,6 +453,25 @@ fn client(block: u8, i: u32) -> SocketAddrV4 {
     )
 }
 
+/// The IPv6 twin of [`client`]: 2001:db8:18:64::block:(i >> 15).
+fn client6(block: u8, i: u32) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0x18,
+            0x64,
+            0,
+            0,
+            u16::from(block),
+            (i >> 15) as u16,
+        ),
+        1024 + (i & 0x7fff) as u16,
+        0,
+        0,
+    )
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Case {
     Pass,
@@ -367,6 +489,17 @@ enum Case {
     TcEstablished,
     TcReply,
     TcNonVip,
+    /// The IPv6 baselines: XDP_PASS on the IPv6 frames.
+    Pass6,
+    Pass6Single,
+    New6Fresh,
+    Established6Single,
+    Established6,
+    Udp6,
+    Reply6,
+    NonVip6,
+    TcEstablished6,
+    TcReply6,
 }
 
 impl Case {
@@ -387,6 +520,16 @@ impl Case {
             Case::TcEstablished => "tc_established_tcp",
             Case::TcReply => "tc_backend_reply",
             Case::TcNonVip => "tc_non_vip",
+            Case::Pass6 => "ipv6_xdp_pass",
+            Case::Pass6Single => "ipv6_xdp_pass_repeat1",
+            Case::New6Fresh => "ipv6_new_tcp_flow_cold",
+            Case::Established6Single => "ipv6_established_tcp_cold",
+            Case::Established6 => "ipv6_established_tcp",
+            Case::Udp6 => "ipv6_udp",
+            Case::Reply6 => "ipv6_backend_reply",
+            Case::NonVip6 => "ipv6_non_vip",
+            Case::TcEstablished6 => "ipv6_tc_established_tcp",
+            Case::TcReply6 => "ipv6_tc_backend_reply",
         }
     }
     fn label(self) -> &'static str {
@@ -408,13 +551,56 @@ impl Case {
             Case::TcEstablished => "TC program: established TCP packet",
             Case::TcReply => "TC program: backend reply",
             Case::TcNonVip => "TC program: non-VIP packet",
+            Case::Pass6 => "IPv6: XDP_PASS baseline (repeat N)",
+            Case::Pass6Single => "IPv6: XDP_PASS baseline (repeat 1)",
+            Case::New6Fresh => "IPv6: new TCP flow (SYN, fresh 5-tuple), cold: repeat 1",
+            Case::Established6Single => "IPv6: established TCP packet, cold: repeat 1",
+            Case::Established6 => "IPv6: established TCP packet",
+            Case::Udp6 => "IPv6: UDP packet (established flow)",
+            Case::Reply6 => "IPv6: backend reply",
+            Case::NonVip6 => "IPv6: non-VIP packet",
+            Case::TcEstablished6 => "IPv6, TC program: established TCP packet",
+            Case::TcReply6 => "IPv6, TC program: backend reply",
         }
     }
     fn single(self) -> bool {
         matches!(
             self,
-            Case::PassSingle | Case::NewFresh | Case::EstablishedSingle | Case::StatelessNewFresh
+            Case::PassSingle
+                | Case::NewFresh
+                | Case::EstablishedSingle
+                | Case::StatelessNewFresh
+                | Case::Pass6Single
+                | Case::New6Fresh
+                | Case::Established6Single
         )
+    }
+    fn baseline(self) -> bool {
+        matches!(
+            self,
+            Case::Pass | Case::PassSingle | Case::Pass6 | Case::Pass6Single
+        )
+    }
+    /// The XDP_PASS case this case's cost is taken over: the same family's
+    /// frames, the same repeat.
+    fn base(self) -> Case {
+        let v6 = matches!(
+            self,
+            Case::New6Fresh
+                | Case::Established6Single
+                | Case::Established6
+                | Case::Udp6
+                | Case::Reply6
+                | Case::NonVip6
+                | Case::TcEstablished6
+                | Case::TcReply6
+        );
+        match (v6, self.single()) {
+            (false, false) => Case::Pass,
+            (false, true) => Case::PassSingle,
+            (true, false) => Case::Pass6,
+            (true, true) => Case::Pass6Single,
+        }
     }
 }
 
@@ -452,6 +638,24 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         let nonvip = frame(
             SocketAddrV4::new(CLIENT, 40003),
             "198.18.1.99:80".parse()?,
+            L4::Ack,
+            255,
+            FRAME_LEN,
+        );
+        let v6 = |ip, port| SocketAddrV6::new(ip, port, 0, 0);
+        let vip6_80 = v6(VIP6, TCP_PORT);
+        let vip6_53 = v6(VIP6, UDP_PORT);
+        let est6_client = v6(CLIENT6, 40001);
+        let syn6_client = v6(CLIENT6, 40000);
+        let udp6_client = v6(CLIENT6, 40002);
+        let syn6 = frame6(syn6_client, vip6_80, L4::Syn, 255, FRAME_LEN);
+        let est6_open = frame6(est6_client, vip6_80, L4::Syn, 255, FRAME_LEN);
+        let est6 = frame6(est6_client, vip6_80, L4::Ack, 255, FRAME_LEN);
+        let udp6 = frame6(udp6_client, vip6_53, L4::Udp, 255, FRAME_LEN);
+        let reply6 = frame6(vip6_80, est6_client, L4::Ack, 255, FRAME_LEN);
+        let nonvip6 = frame6(
+            v6(CLIENT6, 40003),
+            "[2001:db8:18:1::99]:80".parse()?,
             L4::Ack,
             255,
             FRAME_LEN,
@@ -590,12 +794,143 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             a == TC_ACT_UNSPEC && out == nonvip,
             format!("action {a}"),
         );
-        let (a, _) = pass.run(&est, v0, opts.repeat)?;
+        // IPv6: the same checks on the IPv6 services (FLOWS6, no flow
+        // cache), hop limit for TTL.
+        let before = (
+            g(dp, "flow_hits"),
+            g(dp, "replies"),
+            g(dp, "pass_not_service"),
+        );
+        let nf = dp.colour_stats(TCP6_ID, Colour::Blue)?.new_flows;
+        let (a, out, _) = dp.test_run(&est6_open, Some(v0), 1)?;
+        let nf2 = dp.colour_stats(TCP6_ID, Colour::Blue)?.new_flows;
         check(
             &mut checks,
-            "baseline returns XDP_PASS",
-            a == XDP_PASS,
+            "IPv6: SYN to the VIP records a new flow (new_flows +1), is redirected, identity-rewritten, hop limit -1, checksum valid",
+            a == XDP_REDIRECT
+                && nf2 - nf == 1
+                && verify6(&out) == Some((est6_client, vip6_80, 254)),
+            format!("action {a}, new_flows +{}, {:?}", nf2 - nf, verify6(&out)),
+        );
+        let (a, out, _) = dp.test_run(&est6, Some(v0), 1)?;
+        check(
+            &mut checks,
+            "IPv6: established ACK follows its record (flow_hits +1) and is redirected",
+            a == XDP_REDIRECT
+                && verify6(&out) == Some((est6_client, vip6_80, 254))
+                && g(dp, "flow_hits") == before.0 + 1,
+            format!(
+                "action {a}, flow_hits {} -> {}, {:?}",
+                before.0,
+                g(dp, "flow_hits"),
+                verify6(&out)
+            ),
+        );
+        let (a, out, _) = dp.test_run(&reply6, Some(v1), 1)?;
+        check(
+            &mut checks,
+            "IPv6: backend reply is rewritten back (replies +1) and redirected",
+            a == XDP_REDIRECT
+                && verify6(&out) == Some((vip6_80, est6_client, 254))
+                && g(dp, "replies") == before.1 + 1,
+            format!(
+                "action {a}, replies {} -> {}, {:?}",
+                before.1,
+                g(dp, "replies"),
+                verify6(&out)
+            ),
+        );
+        let nf = dp.colour_stats(UDP6_ID, Colour::Blue)?.new_flows;
+        let (a, out, _) = dp.test_run(&udp6, Some(v0), 1)?;
+        let nf2 = dp.colour_stats(UDP6_ID, Colour::Blue)?.new_flows;
+        check(
+            &mut checks,
+            "IPv6: UDP to the VIP records its flow and is redirected, checksum valid",
+            a == XDP_REDIRECT
+                && nf2 - nf == 1
+                && verify6(&out) == Some((udp6_client, vip6_53, 254)),
+            format!("action {a}, new_flows +{}, {:?}", nf2 - nf, verify6(&out)),
+        );
+        let (a, out, _) = dp.test_run(&nonvip6, Some(v0), 1)?;
+        check(
+            &mut checks,
+            "IPv6: non-VIP packet passes byte for byte (pass_not_service +1)",
+            a == XDP_PASS && out == nonvip6 && g(dp, "pass_not_service") == before.2 + 1,
             format!("action {a}"),
+        );
+        let nf = dp.colour_stats(TCP6_ID, Colour::Blue)?.new_flows;
+        let (a, out, _) = dp.test_run(&syn6, Some(v0), 1)?;
+        let nf2 = dp.colour_stats(TCP6_ID, Colour::Blue)?.new_flows;
+        check(
+            &mut checks,
+            "IPv6: SYN of a fresh 5-tuple records a new flow (new_flows +1) and is redirected",
+            a == XDP_REDIRECT
+                && nf2 - nf == 1
+                && verify6(&out) == Some((syn6_client, vip6_80, 254)),
+            format!("action {a}, new_flows +{}", nf2 - nf),
+        );
+        let hits = g(dp, "flow_hits");
+        let (a, out, _) = dp.test_run(&est6, Some(v0), opts.repeat)?;
+        check(
+            &mut checks,
+            "IPv6: repeated established ACK hits its record and is forwarded on every run (flow_hits +N, hop limit 255 - N)",
+            a == XDP_REDIRECT
+                && verify6(&out).map(|v| v.2) == Some(255 - opts.repeat as u8)
+                && g(dp, "flow_hits") - hits == u64::from(opts.repeat),
+            format!(
+                "action {a}, hop limit {:?}, flow_hits +{}",
+                verify6(&out).map(|v| v.2),
+                g(dp, "flow_hits") - hits
+            ),
+        );
+        let replies = g(dp, "replies");
+        let (a, out, _) = dp.test_run(&reply6, Some(v1), opts.repeat)?;
+        check(
+            &mut checks,
+            "IPv6: repeated backend reply is rewritten back on every run (replies +N)",
+            a == XDP_REDIRECT
+                && verify6(&out) == Some((vip6_80, est6_client, 255 - opts.repeat as u8))
+                && g(dp, "replies") - replies == u64::from(opts.repeat),
+            format!("action {a}, replies +{}", g(dp, "replies") - replies),
+        );
+        let (a, out, _) = dp.test_run_tc(&est6, Some(v0), 0, 1)?;
+        check(
+            &mut checks,
+            "IPv6, TC program: established ACK is redirected (TC_ACT_REDIRECT), identity-rewritten, hop limit -1",
+            a == TC_ACT_REDIRECT && verify6(&out) == Some((est6_client, vip6_80, 254)),
+            format!("action {a}, {:?}", verify6(&out)),
+        );
+        let (a, out, _) = dp.test_run_tc(&reply6, Some(v1), 0, 1)?;
+        check(
+            &mut checks,
+            "IPv6, TC program: backend reply is rewritten back and redirected",
+            a == TC_ACT_REDIRECT && verify6(&out) == Some((vip6_80, est6_client, 254)),
+            format!("action {a}, {:?}", verify6(&out)),
+        );
+        // Three IPv6 flows recorded (the established ACK's, the UDP one's,
+        // the fresh SYN's), in their own table.
+        let held6 = l.flows6_id.map(count_entries6).transpose()?.unwrap_or(0);
+        let held4 = l.flows_id.map(count_entries).transpose()?.unwrap_or(0);
+        check(
+            &mut checks,
+            "IPv6 flows are recorded in FLOWS6 (3 entries), the IPv4 ones in FLOWS (3)",
+            held6 == 3 && held4 == 3,
+            format!("FLOWS6 {held6}, FLOWS {held4}"),
+        );
+        let (a, out, _) = dp.test_run_tc(&nonvip6, Some(v0), 0, 1)?;
+        check(
+            &mut checks,
+            "IPv6, TC program: non-VIP packet is left to the stack (TC_ACT_UNSPEC) byte for byte",
+            a == TC_ACT_UNSPEC && out == nonvip6,
+            format!("action {a}"),
+        );
+        let (a, _) = pass.run(&est, v0, opts.repeat)?;
+        let (a6, _) = pass.run(&est6, v0, opts.repeat)?;
+        check(
+            &mut checks,
+            "baseline returns XDP_PASS (IPv4 and IPv6 frames)",
+            a == XDP_PASS && a6 == XDP_PASS,
+            format!("actions {a}/{a6}"),
         );
         let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != true).collect();
         if !failed.is_empty() {
@@ -619,6 +954,16 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             Case::TcEstablished,
             Case::TcReply,
             Case::TcNonVip,
+            Case::Pass6,
+            Case::Pass6Single,
+            Case::New6Fresh,
+            Case::Established6Single,
+            Case::Established6,
+            Case::Udp6,
+            Case::Reply6,
+            Case::NonVip6,
+            Case::TcEstablished6,
+            Case::TcReply6,
         ];
         let mut per_round: BTreeMap<Case, Vec<f64>> = BTreeMap::new();
         let mut fresh = 0u32;
@@ -663,6 +1008,23 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
                         Case::TcEstablished => dp.test_run_tc(&est, Some(v0), 0, opts.repeat)?.2,
                         Case::TcReply => dp.test_run_tc(&reply, Some(v1), 0, opts.repeat)?.2,
                         Case::TcNonVip => dp.test_run_tc(&nonvip, Some(v0), 0, opts.repeat)?.2,
+                        Case::Pass6 => pass.run(&est6, v0, opts.repeat)?.1,
+                        Case::Pass6Single => {
+                            let f = frame6(client6(0, fresh), vip6_80, L4::Syn, 255, FRAME_LEN);
+                            pass.run(&f, v0, 1)?.1
+                        }
+                        Case::New6Fresh => {
+                            fresh += 1;
+                            let f = frame6(client6(0, fresh), vip6_80, L4::Syn, 255, FRAME_LEN);
+                            dp.test_run(&f, Some(v0), 1)?.2
+                        }
+                        Case::Established6Single => dp.test_run(&est6, Some(v0), 1)?.2,
+                        Case::Established6 => dp.test_run(&est6, Some(v0), opts.repeat)?.2,
+                        Case::Udp6 => dp.test_run(&udp6, Some(v0), opts.repeat)?.2,
+                        Case::Reply6 => dp.test_run(&reply6, Some(v1), opts.repeat)?.2,
+                        Case::NonVip6 => dp.test_run(&nonvip6, Some(v0), opts.repeat)?.2,
+                        Case::TcEstablished6 => dp.test_run_tc(&est6, Some(v0), 0, opts.repeat)?.2,
+                        Case::TcReply6 => dp.test_run_tc(&reply6, Some(v1), 0, opts.repeat)?.2,
                     };
                     v.push(ns.as_nanos() as f64);
                 }
@@ -677,14 +1039,11 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         }
         let elapsed = started.elapsed();
         let nf_total = dp.colour_stats(0, Colour::Blue)?.new_flows;
+        let nf6_total = dp.colour_stats(TCP6_ID, Colour::Blue)?.new_flows;
 
         let mut rows = Vec::new();
-        for &case in &cases[2..] {
-            let base = if case.single() {
-                Case::PassSingle
-            } else {
-                Case::Pass
-            };
+        for &case in cases.iter().filter(|c| !c.baseline()) {
+            let base = case.base();
             let diffs: Vec<f64> = per_round[&case]
                 .iter()
                 .zip(&per_round[&base])
@@ -703,25 +1062,99 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         }
         // The new flow, warm: the established packet's warm cost plus what a
         // new flow adds over it when both run cold (per round).
-        let new_warm: Vec<f64> = (0..opts.rounds)
-            .map(|i| {
-                per_round[&Case::Established][i] - per_round[&Case::Pass][i]
-                    + per_round[&Case::NewFresh][i]
-                    - per_round[&Case::EstablishedSingle][i]
-            })
-            .collect();
-        let d = Summary::of(&new_warm);
-        rows.insert(
-            0,
+        let new_warm = |est: Case, pass: Case, new: Case, est1: Case| -> Summary {
+            let v: Vec<f64> = (0..opts.rounds)
+                .map(|i| {
+                    per_round[&est][i] - per_round[&pass][i] + per_round[&new][i]
+                        - per_round[&est1][i]
+                })
+                .collect();
+            Summary::of(&v)
+        };
+        let warm_row = |key: &str, label: &str, d: Summary| {
             json!({
-                "case": "new_tcp_flow",
-                "label": "new TCP flow (SYN, fresh 5-tuple): established (repeat N) + (new − established, both repeat 1)",
+                "case": key,
+                "label": label,
                 "repeat": opts.repeat,
                 "absolute_ns": Value::Null,
                 "over_baseline_ns": d,
                 "program_only_mpps": if d.median > 0.0 { 1000.0 / d.median } else { f64::INFINITY },
-            }),
+            })
+        };
+        let d = new_warm(
+            Case::Established,
+            Case::Pass,
+            Case::NewFresh,
+            Case::EstablishedSingle,
         );
+        rows.insert(
+            0,
+            warm_row(
+                "new_tcp_flow",
+                "new TCP flow (SYN, fresh 5-tuple): established (repeat N) + (new − established, both repeat 1)",
+                d,
+            ),
+        );
+        let d6 = new_warm(
+            Case::Established6,
+            Case::Pass6,
+            Case::New6Fresh,
+            Case::Established6Single,
+        );
+        let at = rows
+            .iter()
+            .position(|r| r["case"] == Case::New6Fresh.key())
+            .unwrap_or(rows.len());
+        rows.insert(
+            at,
+            warm_row(
+                "ipv6_new_tcp_flow",
+                "IPv6: new TCP flow (SYN, fresh 5-tuple): established (repeat N) + (new − established, both repeat 1)",
+                d6,
+            ),
+        );
+        // IPv6 against IPv4, round by round (each over its own family's
+        // baseline): the established packet, the reply, the TC program's.
+        let ratio = |c6: Case, c4: Case| -> Summary {
+            let v: Vec<f64> = (0..opts.rounds)
+                .map(|i| {
+                    (per_round[&c6][i] - per_round[&c6.base()][i])
+                        / (per_round[&c4][i] - per_round[&c4.base()][i])
+                })
+                .collect();
+            Summary::of(&v)
+        };
+        let of_median = |c6: Case, c4: Case| -> Option<f64> {
+            let m = |c: Case| {
+                rows.iter()
+                    .find(|r| r["case"] == c.key())
+                    .and_then(|r| r["over_baseline_ns"]["median"].as_f64())
+            };
+            Some(m(c6)? / m(c4)?)
+        };
+        let v6_vs_v4 = json!({
+            "method": "cost over XDP_PASS of the IPv6 case / cost over XDP_PASS of the IPv4 case; per_round: the ratio in each round, median (min–max); of_medians: the ratio of the two medians",
+            "established_tcp": {
+                "per_round": ratio(Case::Established6, Case::Established),
+                "of_medians": of_median(Case::Established6, Case::Established),
+            },
+            "backend_reply": {
+                "per_round": ratio(Case::Reply6, Case::Reply),
+                "of_medians": of_median(Case::Reply6, Case::Reply),
+            },
+            "udp": {
+                "per_round": ratio(Case::Udp6, Case::Udp),
+                "of_medians": of_median(Case::Udp6, Case::Udp),
+            },
+            "tc_established_tcp": {
+                "per_round": ratio(Case::TcEstablished6, Case::TcEstablished),
+                "of_medians": of_median(Case::TcEstablished6, Case::TcEstablished),
+            },
+            "new_tcp_flow_cold": {
+                "per_round": ratio(Case::New6Fresh, Case::NewFresh),
+                "of_medians": of_median(Case::New6Fresh, Case::NewFresh),
+            },
+        });
         Ok(json!({
             "status": "measured",
             "method": "BPF_PROG_TEST_RUN on one pinned CPU; per round and case the median of several calls (of single runs, repeat 1, which the kernel times in steps of about 10 ns here: the mean of the middle half of the calls); cost = per-round difference to xdp_pass (same frame, same ingress, same repeat); median (min–max) over rounds; identity rewrite (backend = VIP) so repeat > 1 re-runs the full forwarding path",
@@ -735,10 +1168,15 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             "baseline_ns": {
                 "repeat_n": Summary::of(&per_round[&Case::Pass]),
                 "repeat_1": Summary::of(&per_round[&Case::PassSingle]),
+                "ipv6_repeat_n": Summary::of(&per_round[&Case::Pass6]),
+                "ipv6_repeat_1": Summary::of(&per_round[&Case::Pass6Single]),
             },
+            "ipv6_frame_bytes": { "tcp": est6.len(), "udp": udp6.len() },
             "cases": rows,
+            "ipv6_vs_ipv4": v6_vs_v4,
             "checks": checks,
             "new_flows_recorded": nf_total,
+            "ipv6_new_flows_recorded": nf6_total,
             "elapsed_s": elapsed.as_secs_f64(),
         }))
     })??;
@@ -760,17 +1198,20 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
         let small_flows = 65_536u32.min(opts.scale_max_flows / 2).max(1024);
         let small = load_identity(&bed, small_flows)?;
         let small_memlock = small.flows_memlock;
+        let small_memlock6 = small.flows6_memlock;
         drop(small);
         let avail_before = sys::meminfo("MemAvailable");
         let mut l = load_identity(&bed, opts.scale_max_flows)?;
         let avail_after = sys::meminfo("MemAvailable");
         let big_memlock = l.flows_memlock;
+        let big_memlock6 = l.flows6_memlock;
         let dp = &mut l.dp;
         keep_in_dispatcher(dp, &mut pass)?;
         let v0 = bed.v0;
         let vip80 = SocketAddrV4::new(VIP, TCP_PORT);
         let vip81 = SocketAddrV4::new(VIP, STATELESS_PORT);
         let key_value = std::mem::size_of::<FlowKey4>() + std::mem::size_of::<FlowEntry>();
+        let key_value6 = std::mem::size_of::<FlowKey>() + std::mem::size_of::<FlowEntry6>();
 
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
@@ -932,12 +1373,14 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
             level["stateless_spread_ns"] = json!(Summary::of(sl));
         }
         let entries = l.flows_id.map(count_entries).transpose()?;
-        let per_flow_slope = match (small_memlock, big_memlock) {
-            (Some(s), Some(b)) if opts.scale_max_flows > small_flows => {
+        let slope = |small: Option<u64>, big: Option<u64>| match (small, big) {
+            (Some(s), Some(b)) if opts.scale_max_flows > small_flows && b >= s => {
                 Some((b - s) as f64 / f64::from(opts.scale_max_flows - small_flows))
             }
             _ => None,
         };
+        let per_flow_slope = slope(small_memlock, big_memlock);
+        let per_flow_slope6 = slope(small_memlock6, big_memlock6);
         let meminfo_delta = match (avail_before, avail_after) {
             (Some(b), Some(a)) if b > a => Some((b - a) as f64 / f64::from(opts.scale_max_flows)),
             _ => None,
@@ -958,6 +1401,17 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
                 "bytes_per_flow_memlock": big_memlock.map(|b| b as f64 / f64::from(opts.scale_max_flows)),
                 "bytes_per_flow_slope": per_flow_slope,
                 "bytes_per_flow_memavailable_delta": meminfo_delta,
+                // FLOWS6, the IPv6 flows' table, sized alike (the same
+                // max_flows) in the same two data planes.
+                "ipv6": {
+                    "flow_key_plus_entry_bytes": key_value6,
+                    "flows_map_memlock_bytes": big_memlock6,
+                    "flows_map_memlock_bytes_small": small_memlock6,
+                    "bytes_per_flow_memlock": big_memlock6.map(|b| b as f64 / f64::from(opts.scale_max_flows)),
+                    "bytes_per_flow_slope": per_flow_slope6,
+                    "computed_bytes_per_flow": bgswitch::dataplane::FLOW_BYTES_V6,
+                },
+                "computed_bytes_per_flow": bgswitch::dataplane::FLOW_BYTES_V4,
             },
             "elapsed_s": fill_started.elapsed().as_secs_f64(),
         }))
@@ -1089,7 +1543,12 @@ pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64
         let vip80 = SocketAddrV4::new(VIP, TCP_PORT);
         let c = SocketAddrV4::new(CLIENT, 40001);
         dp.test_run(&frame(c, vip80, L4::Syn, 255, FRAME_LEN), Some(bed.v0), 1)?;
+        let vip6 = SocketAddrV6::new(VIP6, TCP_PORT, 0, 0);
+        let c6 = SocketAddrV6::new(CLIENT6, 40001, 0, 0);
+        dp.test_run(&frame6(c6, vip6, L4::Syn, 255, FRAME_LEN), Some(bed.v0), 1)?;
         let (f, ingress) = match case {
+            "established6" | "pass6" => (frame6(c6, vip6, L4::Ack, 255, FRAME_LEN), bed.v0),
+            "reply6" => (frame6(vip6, c6, L4::Ack, 255, FRAME_LEN), bed.v1),
             "established" | "pass" => (frame(c, vip80, L4::Ack, 255, FRAME_LEN), bed.v0),
             "reply" => (frame(vip80, c, L4::Ack, 255, FRAME_LEN), bed.v1),
             "nonvip" => (
@@ -1121,7 +1580,7 @@ pub fn spin(case: &str, seconds: f64, cpu: usize, max_flows: u32) -> Result<(u64
                 runs += 1;
                 continue;
             }
-            let d = if case == "pass" {
+            let d = if case == "pass" || case == "pass6" {
                 pass.run(&f, ingress, 200)?.1
             } else {
                 dp.test_run(&f, Some(ingress), 200)?.2

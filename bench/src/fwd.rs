@@ -18,14 +18,17 @@
 //! as the kernel and nftables paths do) with 1 and 10 000 flows; plain kernel forwarding (ip_forward, no XDP
 //! on l0, GRO on so l0 takes XDP frames); nftables DNAT (prerouting dnat to
 //! the sink) with 1 and 10 000 flows. Frames: 64 B Ethernet+IPv4+UDP, UDP
-//! checksum 0. Each round runs every configuration once (the order rotates),
+//! checksum 0. IPv6: bgswitch's table path (FLOWS6; IPv6 has no per-CPU
+//! flow cache) with 1 and 10 000 flows, the kernel's own IPv6 forwarding,
+//! and a floor of its own, from `xdp_gen6` (64 B Ethernet+IPv6+UDP, a
+//! valid UDP checksum). Each round runs every configuration once (the order rotates),
 //! counting generated frames (the run's `repeat`) and frames delivered to the
 //! sink; rates are delivered frames over the run's wall time.
 
 use std::{
     collections::BTreeMap,
     fs::File,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -69,6 +72,15 @@ const FRAME_LEN: usize = 64;
 /// Sources of generated flows: 198.18.16.0 + (flow >> 15), ports 1024 + (flow & 0x7fff).
 const SRC_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
 const SRC_PORT_BASE: u16 = 1024;
+/// The IPv6 twins (`2001:db8:18:S::H` of `198.18.S.H`): the VIP, the sink,
+/// the generator, and the sources of generated flows (2001:db8:18:16::
+/// + (flow >> 15) in the last word).
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 0x10);
+const SINK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 1, 0, 0, 0, 2);
+const GEN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 2);
+const SRC6_BASE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0x16, 0, 0, 0, 0);
+/// The IPv6 service: UDP VIP6:PORT → SINK6:PORT.
+const V6_ID: u32 = 3;
 
 #[derive(Clone, Copy)]
 #[allow(dead_code)] // read by the kernel
@@ -101,6 +113,10 @@ pub struct FwdOptions {
     pub stateless_flows: Vec<u32>,
     pub nft_flows: Vec<u32>,
     pub kernel_flows: u32,
+    /// IPv6: bgswitch flow counts (the table path), and the kernel's own
+    /// IPv6 forwarding (None: not run).
+    pub bg6_flows: Vec<u32>,
+    pub kernel6_flows: Option<u32>,
     /// Part 5: flows through a table of `scale_max_flows` (empty: skip).
     pub scale_max_flows: u32,
     pub scale_flows: Vec<u32>,
@@ -121,6 +137,9 @@ impl FwdOptions {
         if self.floor {
             v.push(Config::Floor);
             v.push(Config::Redirect);
+            if !self.bg6_flows.is_empty() || self.kernel6_flows.is_some() {
+                v.push(Config::Floor6);
+            }
         }
         v.extend(self.bg_flows.iter().map(|&n| Config::Bgswitch(n)));
         v.extend(self.tc_flows.iter().map(|&n| Config::BgswitchTc(n)));
@@ -129,6 +148,8 @@ impl FwdOptions {
             v.push(Config::NewFlows);
         }
         v.push(Config::Kernel(self.kernel_flows));
+        v.extend(self.bg6_flows.iter().map(|&n| Config::Bgswitch6(n)));
+        v.extend(self.kernel6_flows.map(Config::Kernel6));
         if sys::have("nft").is_some() {
             v.extend(self.nft_flows.iter().map(|&n| Config::Nft(n)));
             // The stateless rows' peer: the same DNAT for TCP ACKs.
@@ -153,6 +174,8 @@ impl FwdOptions {
             stateless_flows: vec![1, 10_000, 1_000_000],
             nft_flows: vec![1, 10_000],
             kernel_flows: 10_000,
+            bg6_flows: vec![1, 10_000],
+            kernel6_flows: Some(10_000),
             scale_max_flows: 1 << 20,
             scale_flows: vec![1, 10_000, 100_000, 500_000, 1_000_000, 1 << 20],
             floor: true,
@@ -175,6 +198,8 @@ impl FwdOptions {
             stateless_flows: vec![10_000],
             nft_flows: vec![10_000],
             kernel_flows: 10_000,
+            bg6_flows: vec![10_000],
+            kernel6_flows: Some(10_000),
             scale_max_flows: 0,
             scale_flows: vec![],
             floor: false,
@@ -204,6 +229,11 @@ enum Config {
     Stateless(u32),
     /// nftables DNAT of TCP ACKs (conntrack picks up mid-stream flows).
     NftTcp(u32),
+    /// IPv6 (`xdp_gen6`'s frames): the floor, bgswitch (table path), the
+    /// kernel's forwarding.
+    Floor6,
+    Bgswitch6(u32),
+    Kernel6(u32),
 }
 
 fn flows(n: u32) -> String {
@@ -227,6 +257,9 @@ impl Config {
             Config::Scale(n) => format!("bgswitch_full_table_{n}_flows"),
             Config::NewFlows => "bgswitch_new_flow_every_packet".into(),
             Config::Stateless(n) => format!("bgswitch_stateless_{n}_flows"),
+            Config::Floor6 => "ipv6_generator_to_drop_floor".into(),
+            Config::Bgswitch6(n) => format!("ipv6_bgswitch_{n}_flows"),
+            Config::Kernel6(n) => format!("ipv6_kernel_forwarding_{n}_flows"),
         }
     }
     fn label(self) -> String {
@@ -242,13 +275,27 @@ impl Config {
             Config::NftTcp(n) => format!("nftables DNAT (TCP), {}", flows(n)),
             Config::NewFlows => "bgswitch, a new flow in every packet".into(),
             Config::Stateless(n) => format!("bgswitch stateless (TCP), {}", flows(n)),
+            Config::Floor6 => "IPv6: generator → drop (floor)".into(),
+            Config::Bgswitch6(n) => format!("IPv6: bgswitch, {}", flows(n)),
+            Config::Kernel6(n) => format!("IPv6: plain kernel forwarding, {}", flows(n)),
         }
+    }
+    fn ipv6(self) -> bool {
+        matches!(
+            self,
+            Config::Floor6 | Config::Bgswitch6(_) | Config::Kernel6(_)
+        )
     }
     /// Flow-table size (max_flows) of the data plane this configuration
     /// uses; 0 for none.
     fn table(self, o: &FwdOptions) -> u32 {
         match self {
-            Config::Bgswitch(n) | Config::BgswitchTc(n) if n <= o.max_flows => o.max_flows,
+            Config::Bgswitch(n) | Config::BgswitchTc(n) | Config::Bgswitch6(n)
+                if n <= o.max_flows =>
+            {
+                o.max_flows
+            }
+            Config::Bgswitch6(_) => o.big_max_flows,
             Config::Bgswitch(_) | Config::BgswitchTc(_) => o.big_max_flows,
             Config::Scale(_) => o.scale_max_flows,
             // Its own data plane (evicting all the time), half the default size.
@@ -260,14 +307,16 @@ impl Config {
     }
     fn flows(self) -> u32 {
         match self {
-            Config::Floor | Config::Redirect => 1,
+            Config::Floor | Config::Redirect | Config::Floor6 => 1,
             Config::Bgswitch(n)
             | Config::BgswitchTc(n)
             | Config::Kernel(n)
             | Config::Nft(n)
             | Config::NftTcp(n)
             | Config::Scale(n)
-            | Config::Stateless(n) => n,
+            | Config::Stateless(n)
+            | Config::Bgswitch6(n)
+            | Config::Kernel6(n) => n,
             // Longer than any run: every frame of a run is a flow of its own.
             Config::NewFlows => u32::MAX,
         }
@@ -278,6 +327,8 @@ impl Config {
 /// Fields drop in order: programs and links first, namespaces last.
 struct Rig {
     g0: u32,
+    /// The generator program the next run uses: `xdp_gen` or `xdp_gen6`.
+    gen_prog: &'static str,
     l0_mac: [u8; 6],
     g0_mac: [u8; 6],
     genp: Ebpf,
@@ -345,8 +396,10 @@ fn attach(
 /// at most `chunk` (a small chunk paces it: each call returns only after the
 /// softirq work its frames caused, unless the kernel deferred it to
 /// ksoftirqd). Returns the frames generated and the wall time.
+#[allow(clippy::too_many_arguments)]
 fn generate(
     genp: &mut Ebpf,
+    prog: &str,
     gen_ns: &str,
     g0: u32,
     frames: u32,
@@ -358,7 +411,7 @@ fn generate(
         sys::pin_thread(cpu)?;
         let data = vec![0u8; FRAME_LEN];
         let ctx = xdp_ctx(FRAME_LEN, g0);
-        let prog = xdp(genp, "xdp_gen")?;
+        let prog = xdp(genp, prog)?;
         let t = Instant::now();
         let mut sent = 0u32;
         while sent < frames {
@@ -413,6 +466,15 @@ impl Rig {
             &s,
             &["addr", "add", &format!("{SINK_ADDR}/24"), "dev", "s0"],
         )?;
+        // IPv6 twins, without duplicate address detection.
+        for (ns, a, dev) in [
+            (&g, "2001:db8:18::2/64", "g0"),
+            (&l, "2001:db8:18::1/64", "l0"),
+            (&l, "2001:db8:18:1::1/64", "l1"),
+            (&s, "2001:db8:18:1::2/64", "s0"),
+        ] {
+            ip_ns(ns, &["-6", "addr", "add", a, "dev", dev, "nodad"])?;
+        }
         for (ns, i) in [(&g, "g0"), (&l, "l0"), (&l, "l1"), (&s, "s0")] {
             ip_ns(ns, &["link", "set", i, "up"])?;
         }
@@ -446,6 +508,36 @@ impl Rig {
                 ],
             )?;
         }
+        for (a, m, dev) in [(SINK6, s0_mac, "l1"), (GEN6, g0_mac, "l0")] {
+            ip_ns(
+                &l,
+                &[
+                    "-6",
+                    "neigh",
+                    "replace",
+                    &a.to_string(),
+                    "lladdr",
+                    &fmt_mac(m),
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
+        ip_ns(
+            &l,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{SRC6_BASE}/64"),
+                "via",
+                &GEN6.to_string(),
+                "dev",
+                "l0",
+            ],
+        )?;
         ip_ns(
             &l,
             &[
@@ -464,6 +556,7 @@ impl Rig {
             ("net.ipv4.conf.default.rp_filter", "0"),
             ("net.ipv4.conf.l0.rp_filter", "0"),
             ("net.ipv4.conf.l1.rp_filter", "0"),
+            ("net.ipv6.conf.all.forwarding", "1"),
         ] {
             sys::ns_sysctl(&l, k, v)?;
         }
@@ -480,19 +573,22 @@ impl Rig {
         // program that is not attached anywhere rebuilds the dispatcher and
         // waits for an RCU grace period (~20 ms) on every call. d0/d1 carry
         // no traffic (IPv6 off, so not even neighbour discovery).
-        ip_ns(
-            &g,
-            &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
-        )?;
-        for d in ["d0", "d1"] {
-            sys::ns_sysctl(&g, &format!("net.ipv6.conf.{d}.disable_ipv6"), "1")?;
-            ip_ns(&g, &["link", "set", d, "up"])?;
+        // The same for xdp_gen6, on d2/d3.
+        xdp(&mut genp, "xdp_gen6")?
+            .load()
+            .context("verifying xdp_gen6")?;
+        for (a, b, prog) in [("d0", "d1", "xdp_gen"), ("d2", "d3", "xdp_gen6")] {
+            ip_ns(&g, &["link", "add", a, "type", "veth", "peer", "name", b])?;
+            for d in [a, b] {
+                sys::ns_sysctl(&g, &format!("net.ipv6.conf.{d}.disable_ipv6"), "1")?;
+                ip_ns(&g, &["link", "set", d, "up"])?;
+            }
+            in_netns(&g, || {
+                xdp(&mut genp, prog)?
+                    .attach(a, XdpMode::Driver)
+                    .with_context(|| format!("attaching {prog} to the idle {a}"))
+            })??;
         }
-        in_netns(&g, || {
-            xdp(&mut genp, "xdp_gen")?
-                .attach("d0", XdpMode::Driver)
-                .context("attaching xdp_gen to the idle d0")
-        })??;
         let gen_state = PerCpuArray::try_from(genp.take_map("GEN_STATE").context("no GEN_STATE")?)?;
         let mut sinkp = Ebpf::load(objects::XDP_SINK).context("loading xdp_sink")?;
         for name in ["xdp_sink", "xdp_sink_seq"] {
@@ -579,6 +675,16 @@ impl Rig {
                 )],
                 Colour::Blue,
             )?;
+            // IPv6: UDP VIP6:PORT → SINK6:PORT (the table path).
+            let vip6 = SocketAddr::V6(SocketAddrV6::new(VIP6, PORT, 0, 0));
+            let b6 = SocketAddr::V6(SocketAddrV6::new(SINK6, PORT, 0, 0));
+            dp.write_service(
+                V6_ID,
+                service_key(vip6, PROTO_UDP),
+                &[backend_of(b6, backend_stat_id(V6_ID, Colour::Blue, 0))],
+                &[backend_of(b6, backend_stat_id(V6_ID, Colour::Green, 0))],
+                Colour::Blue,
+            )?;
             Ok(dp)
         };
         let mut dps = BTreeMap::new();
@@ -594,6 +700,7 @@ impl Rig {
             lb,
             sink,
             g0,
+            gen_prog: "xdp_gen",
             l0_mac,
             g0_mac,
             genp,
@@ -626,7 +733,7 @@ impl Rig {
             AttachSetting::Xdp
         };
         let lb = self.lb_name();
-        let want_floor = c == Config::Floor;
+        let want_floor = matches!(c, Config::Floor | Config::Floor6);
         if !want_floor {
             detach(&mut self.sinkp, "xdp_sink", &mut self.floor_link)?;
         }
@@ -721,6 +828,10 @@ impl Rig {
             Config::Kernel(_) => SINK_ADDR,
             _ => VIP,
         };
+        let dst6 = match c {
+            Config::Kernel6(_) => SINK6,
+            _ => VIP6,
+        };
         let cfg = GenConfig {
             dst_mac: self.l0_mac,
             src_mac: self.g0_mac,
@@ -736,7 +847,10 @@ impl Rig {
             },
             tag: 0,
             _pad: [0; 2],
+            src_ip6: SRC6_BASE.octets(),
+            dst_ip6: dst6.octets(),
         };
+        self.gen_prog = if c.ipv6() { "xdp_gen6" } else { "xdp_gen" };
         self.set_gen(cfg)
     }
 
@@ -765,7 +879,16 @@ impl Rig {
     ) -> Result<(u64, u64, Duration)> {
         let before = self.delivered()?;
         let g = self.gen.name().to_string();
-        let (sent, wall) = generate(&mut self.genp, &g, self.g0, frames, chunk, batch, cpu)?;
+        let (sent, wall) = generate(
+            &mut self.genp,
+            self.gen_prog,
+            &g,
+            self.g0,
+            frames,
+            chunk,
+            batch,
+            cpu,
+        )?;
         // Frames still in flight finish within microseconds.
         std::thread::sleep(Duration::from_millis(20));
         let delivered = self.delivered()? - before;
@@ -830,7 +953,10 @@ impl Rig {
             proto: PROTO_UDP,
             tag: 1,
             _pad: [0; 2],
+            src_ip6: [0; 16],
+            dst_ip6: [0; 16],
         })?;
+        self.gen_prog = "xdp_gen";
         let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
         let mut rows = Vec::new();
         for _ in 0..trials {
@@ -850,7 +976,9 @@ impl Rig {
             // The flip from a thread on another CPU than the generator's.
             let other = if cpu == 0 { 1 } else { 0 };
             let (before, run) = std::thread::scope(|sc| -> Result<_> {
-                let g = sc.spawn(move || generate(genp, &gen_ns, g0, frames, frames, batch, cpu));
+                let g = sc.spawn(move || {
+                    generate(genp, "xdp_gen", &gen_ns, g0, frames, frames, batch, cpu)
+                });
                 let f = sc.spawn(move || -> Result<u32> {
                     sys::pin_thread(other)?;
                     std::thread::sleep(delay);
@@ -1034,6 +1162,10 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
             .map(|v| median(&v.iter().map(|s| s.rate_mpps).collect::<Vec<_>>()))
     };
     let floor = rate(Config::Floor);
+    // IPv6 rows against the IPv6 generator's floor (its frames cost the
+    // generator more to write), and against the kernel's IPv6 forwarding.
+    let floor6 = rate(Config::Floor6);
+    let kernel6 = opts.kernel6_flows.and_then(|n| rate(Config::Kernel6(n)));
     let nft10k = rate(Config::Nft(10_000))
         .or_else(|| opts.nft_flows.last().and_then(|&n| rate(Config::Nft(n))));
     let nft10k_tcp = rate(Config::NftTcp(10_000))
@@ -1045,21 +1177,26 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
         let delivered: u64 = v.iter().map(|s| s.delivered).sum();
         let m = median(&rates);
         let hit = v.iter().filter_map(|s| s.hit_ratio).collect::<Vec<_>>();
+        let floor = if c.ipv6() { floor6 } else { floor };
         rows.push(json!({
             "config": c.key(),
             "label": c.label(),
+            "family": if c.ipv6() { 6 } else { 4 },
             "flows": c.flows(),
             "table_max_flows": (c.table(opts) != 0).then(|| c.table(opts)),
             "mpps": Summary::of(&rates),
             "ns_per_packet": if m > 0.0 { 1000.0 / m } else { f64::INFINITY },
             "lb_ns_per_packet_over_floor": floor.filter(|_| m > 0.0).map(|f| 1000.0 / m - 1000.0 / f),
             // TCP rows against nftables with TCP, the others with UDP.
-            "ratio_to_nftables_dnat": if matches!(c, Config::Stateless(_) | Config::NftTcp(_)) {
+            "ratio_to_nftables_dnat": if c.ipv6() {
+                None
+            } else if matches!(c, Config::Stateless(_) | Config::NftTcp(_)) {
                 nft10k_tcp
             } else {
                 nft10k
             }
             .map(|n| m / n),
+            "ratio_to_kernel_forwarding_ipv6": if c.ipv6() { kernel6.map(|k| m / k) } else { None },
             "ratio_to_floor": floor.map(|f| m / f),
             "sent": sent,
             "delivered": delivered,
@@ -1068,8 +1205,29 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
             "flow_hit_ratio": (!hit.is_empty()).then(|| median(&hit)),
         }));
     }
+    // bgswitch IPv6 against IPv4 with the same flows: rates and what each
+    // adds over its own family's floor.
+    let v6_vs_v4: Vec<Value> = opts
+        .bg6_flows
+        .iter()
+        .filter_map(|&n| {
+            let (r6, r4) = (rate(Config::Bgswitch6(n))?, rate(Config::Bgswitch(n))?);
+            let over = |r: f64, f: Option<f64>| f.map(|f| 1000.0 / r - 1000.0 / f);
+            Some(json!({
+                "flows": n,
+                "ipv6_mpps": r6,
+                "ipv4_mpps": r4,
+                "rate_ratio": r6 / r4,
+                "ipv6_ns_per_packet": 1000.0 / r6,
+                "ipv4_ns_per_packet": 1000.0 / r4,
+                "ipv6_lb_ns_over_floor": over(r6, floor6),
+                "ipv4_lb_ns_over_floor": over(r4, floor),
+            }))
+        })
+        .collect();
     Ok(json!({
         "status": "measured",
+        "ipv6_vs_ipv4": v6_vs_v4,
         "method": "xdp_gen in BPF_PROG_TEST_RUN live-frames mode on one pinned CPU (g0 XDP_TX → l0); xdp_sink counts at s0 (floor: at l0; the redirect ceiling: xdp_redirect on l0 writes the MACs and redirects to l1, nothing else); rate = frames delivered to the sink / wall time of the run; interleaved rounds with rotating order; median (min–max) over rounds",
         "frame_bytes": FRAME_LEN,
         "frames_per_run": opts.frames,
@@ -1094,6 +1252,32 @@ pub fn assert_gross(section: &Value) -> Result<()> {
         rows.iter()
             .find(|r| r["config"].as_str().is_some_and(|k| k.starts_with(prefix)))
     };
+    // IPv6 (when it ran): bgswitch's table path faster than the kernel's
+    // own IPv6 forwarding, every frame a flow-table hit, none lost when
+    // paced.
+    if let Some(b6) = find("ipv6_bgswitch_") {
+        let m = b6["mpps"]["median"].as_f64().unwrap_or(0.0);
+        if let Some(k) = find("ipv6_kernel_forwarding_").and_then(|r| r["mpps"]["median"].as_f64())
+        {
+            ensure!(
+                m > k,
+                "bgswitch IPv6 ({m:.3} Mpps) is not faster than the kernel's IPv6 forwarding ({k:.3} Mpps)"
+            );
+        }
+        ensure!(
+            b6["flow_hit_ratio"].as_f64().unwrap_or(0.0) > 0.99
+                && b6["delivered"].as_u64().unwrap_or(0) > 0,
+            "IPv6 frames did not follow their flow records: {b6}"
+        );
+        let paced = section["paced"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["config"] == b6["config"]))
+            .context("no paced IPv6 run")?;
+        ensure!(
+            paced["lost"] == 0 && paced["sent"].as_u64().unwrap_or(0) > 0,
+            "bgswitch IPv6 lost frames with a paced generator: {paced}"
+        );
+    }
     let bg = find("bgswitch_").context("no bgswitch run")?;
     let nft = find("nftables_dnat_").context("no nftables run (nft missing?)")?;
     let (b, n) = (
@@ -1179,7 +1363,7 @@ pub fn assert_gross(section: &Value) -> Result<()> {
 }
 
 /// Profiling aid: runs one configuration (`floor`, `redirect`, `bgswitch:N`, `tc:N`, `kernel:N`,
-/// `nft:N`, `stateless:N`, `nfttcp:N`, `new`) repeatedly for `seconds` (warmed up first); returns the median
+/// `nft:N`, `stateless:N`, `nfttcp:N`, `new`, `floor6`, `bgswitch6:N`, `kernel6:N`) repeatedly for `seconds` (warmed up first); returns the median
 /// rate in Mpps.
 pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     let (kind, n) = spec.split_once(':').unwrap_or((spec, "1"));
@@ -1194,6 +1378,9 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
         "nfttcp" => Config::NftTcp(n),
         "new" => Config::NewFlows,
         "stateless" => Config::Stateless(n),
+        "floor6" => Config::Floor6,
+        "bgswitch6" => Config::Bgswitch6(n),
+        "kernel6" => Config::Kernel6(n),
         other => bail!("unknown configuration {other}"),
     };
     let mut opts = FwdOptions::quick(cpu);
@@ -1201,6 +1388,14 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     opts.tc_flows = vec![];
     opts.nft_flows = vec![];
     opts.stateless_flows = vec![];
+    opts.bg6_flows = vec![];
+    opts.kernel6_flows = None;
+    if let Config::Bgswitch6(n) = c {
+        opts.bg6_flows = vec![n];
+    }
+    if let Config::Kernel6(n) = c {
+        opts.kernel6_flows = Some(n);
+    }
     if let Config::Stateless(n) = c {
         opts.stateless_flows = vec![n];
     }

@@ -49,14 +49,14 @@ struct Args {
     only: Vec<String>,
     /// Profiling aid: run one program-cost case (established, reply, nonvip,
     /// syn, pass, stateless: an ACK to the stateless service; newflow: a fresh
-    /// 5-tuple's SYN per call, repeat 1) in a
+    /// 5-tuple's SYN per call, repeat 1; established6, reply6, pass6: IPv6) in a
     /// loop for --seconds on the bench CPU, then exit.
     #[arg(long)]
     spin: Option<String>,
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Profiling aid: run one forwarding configuration (floor, redirect, bgswitch:N,
-    /// kernel:N, nft:N, stateless:N, nfttcp:N, new) repeatedly for
+    /// kernel:N, nft:N, stateless:N, nfttcp:N, new, floor6, bgswitch6:N, kernel6:N) repeatedly for
     /// --seconds, then exit.
     #[arg(long)]
     spin_fwd: Option<String>,

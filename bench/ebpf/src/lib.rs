@@ -5,7 +5,7 @@
 //!   against.
 //! * `xdp_gen` — a packet generator for BPF_PROG_TEST_RUN in live-frames mode:
 //!   writes a whole Ethernet/IPv4/UDP frame for flow `n % flows` and XDP_TXes
-//!   it.
+//!   it; `xdp_gen6`, in the same object, the same for Ethernet/IPv6/UDP.
 //! * `xdp_sink` — counts frames and bytes per CPU and drops them: the receiver.
 //!
 //! This library holds the layout both sides share.
@@ -36,6 +36,11 @@ pub struct GenConfig {
     /// [`SEQ_OFFSET`], the start of the UDP payload, for `xdp_sink_seq`.
     pub tag: u8,
     pub _pad: [u8; 2],
+    /// `xdp_gen6`'s addresses (UDP only): source of flow 0, whose last
+    /// 32-bit word grows by `f >> PORT_BITS` for flow `f`, and destination.
+    /// `xdp_gen` ignores them.
+    pub src_ip6: [u8; 16],
+    pub dst_ip6: [u8; 16],
 }
 
 /// Where a tagged frame carries its sequence number.
@@ -55,7 +60,7 @@ pub const PORT_MASK: u32 = (1 << PORT_BITS) - 1;
 /// Indexes of the per-CPU `SINK_STATS` array of `xdp_sink`.
 pub const SINK_PACKETS: u32 = 0;
 pub const SINK_BYTES: u32 = 1;
-/// Frames that are not IPv4/UDP (not counted as delivered).
+/// Frames that are not IPv4 or IPv6 UDP/TCP (not counted as delivered).
 pub const SINK_OTHER: u32 = 2;
 
 /// Configuration of `xdp_redirect` (its `REDIRECT_CONFIG` array, entry 0):

@@ -7,6 +7,11 @@
 //! IPv4), so no receiver pays for verifying one a NIC would have verified. A
 //! TCP ACK carries no payload (the IPv4 length says 40; the rest of the frame
 //! is Ethernet padding) and a valid checksum, which conntrack checks.
+//!
+//! `xdp_gen6` (same object, same maps) writes Ethernet/IPv6/UDP frames the
+//! same way: a UDP header and no payload (the IPv6 payload length says 8;
+//! the rest of a 64-byte frame is Ethernet padding) with a valid checksum,
+//! which IPv6 requires.
 // The program exists for the BPF target only; a host build (`cargo test
 // --workspace`) gets an empty binary.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -180,6 +185,109 @@ mod program {
                 // Inside the HDRS bytes checked above.
                 core::ptr::write_unaligned(p.add(SEQ_OFFSET).cast::<u32>(), seq);
             }
+        }
+        xdp_action::XDP_TX
+    }
+
+    const IP6_LEN: usize = 40;
+    const UDP_LEN: usize = 8;
+    const HDRS6: usize = ETH_LEN + IP6_LEN + UDP_LEN;
+
+    /// Sum of the eight 16-bit words of an IPv6 address.
+    #[inline(always)]
+    fn sum16(a: &[u8; 16]) -> u32 {
+        let mut s = 0u32;
+        let mut i = 0;
+        while i < 16 {
+            s += u32::from(u16::from_be_bytes([a[i], a[i + 1]]));
+            i += 2;
+        }
+        s
+    }
+
+    #[xdp]
+    pub fn xdp_gen6(ctx: XdpContext) -> u32 {
+        let data = ctx.data();
+        let end = ctx.data_end();
+        if data + HDRS6 > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        let Some(cfg) = GEN_CONFIG.get(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        if cfg.proto != 17 {
+            return xdp_action::XDP_ABORTED;
+        }
+        let Some(next) = GEN_STATE.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: per-CPU slot, only this CPU touches it while we run.
+        let flow = unsafe { *next };
+        let following = flow + 1;
+        // SAFETY: as above.
+        unsafe { *next = if following >= cfg.flows { 0 } else { following } };
+        if let Some(sent) = GEN_STATE.get_ptr_mut(1) {
+            // SAFETY: as above.
+            unsafe { *sent = (*sent).wrapping_add(1) };
+        }
+
+        let mut src = cfg.src_ip6;
+        let low = u32::from_be_bytes([src[12], src[13], src[14], src[15]])
+            .wrapping_add(flow >> PORT_BITS)
+            .to_be_bytes();
+        src[12] = low[0];
+        src[13] = low[1];
+        src[14] = low[2];
+        src[15] = low[3];
+        let dst = cfg.dst_ip6;
+        let sport = cfg.src_port_base.wrapping_add((flow & PORT_MASK) as u16);
+        let dport = u16::from_be_bytes(cfg.dst_port);
+        // Pseudo-header (addresses, UDP length, next header) and the UDP
+        // header (length again, checksum 0).
+        let sum = sum16(&src)
+            + sum16(&dst)
+            + UDP_LEN as u32
+            + 17
+            + u32::from(sport)
+            + u32::from(dport)
+            + UDP_LEN as u32;
+        let mut ck = fold(sum);
+        if ck == 0 {
+            ck = 0xffff;
+        }
+
+        let p = data as *mut u8;
+        // SAFETY: the frame holds at least HDRS6 bytes (checked above); every
+        // write below lies within them.
+        unsafe {
+            let w = |off: usize, b: &[u8]| {
+                for (i, v) in b.iter().enumerate() {
+                    *p.add(off + i) = *v;
+                }
+            };
+            w(0, &cfg.dst_mac);
+            w(6, &cfg.src_mac);
+            w(12, &[0x86, 0xdd]);
+            // Version 6, no traffic class or flow label, payload length 8,
+            // next header UDP, hop limit 64.
+            w(ETH_LEN, &[0x60, 0, 0, 0, 0, UDP_LEN as u8, 17, 64]);
+            w(ETH_LEN + 8, &src);
+            w(ETH_LEN + 24, &dst);
+            let sp = sport.to_be_bytes();
+            let c = ck.to_be_bytes();
+            w(
+                ETH_LEN + IP6_LEN,
+                &[
+                    sp[0],
+                    sp[1],
+                    cfg.dst_port[0],
+                    cfg.dst_port[1],
+                    0,
+                    UDP_LEN as u8,
+                    c[0],
+                    c[1],
+                ],
+            );
         }
         xdp_action::XDP_TX
     }

@@ -1,6 +1,6 @@
-//! The receivers. `xdp_sink` counts IPv4 UDP and TCP frames and their bytes
-//! (per CPU), counts anything else apart (IPv6 neighbour discovery and the
-//! like), and drops everything. `xdp_sink_seq` watches a flip: which
+//! The receivers. `xdp_sink` counts IPv4 and IPv6 UDP and TCP frames and
+//! their bytes (per CPU), counts anything else apart (IPv6 neighbour
+//! discovery and the like), and drops everything. `xdp_sink_seq` watches a flip: which
 //! sequence-tagged frames reached the old colour's backend and which the
 //! new one's.
 // The program exists for the BPF target only; a host build (`cargo test
@@ -39,7 +39,17 @@ mod program {
                     && *((data + 13) as *const u8) == 0x00
                     && matches!(*((data + 23) as *const u8), 6 | 17)
             };
-        if !udp4 {
+        // Or IPv6 (ethertype 0x86dd) whose next header (at 14 + 6) is UDP
+        // or TCP: what `xdp_gen6` sends.
+        let udp6 = !udp4
+            && data + 21 <= end
+            // SAFETY: bytes 12, 13 and 20 lie within the frame (checked).
+            && unsafe {
+                *((data + 12) as *const u8) == 0x86
+                    && *((data + 13) as *const u8) == 0xdd
+                    && matches!(*((data + 20) as *const u8), 6 | 17)
+            };
+        if !udp4 && !udp6 {
             if let Some(o) = SINK_STATS.get_ptr_mut(SINK_OTHER) {
                 // SAFETY: per-CPU slot.
                 unsafe { *o += 1 };
