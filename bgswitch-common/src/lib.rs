@@ -129,6 +129,32 @@ pub const PROGRAM_NAME: &str = "bgswitch";
 /// Name of the TC (clsact ingress) program in the object: the same path.
 pub const TC_PROGRAM_NAME: &str = "bgswitch_tc";
 
+/// The programs the entry points hand a frame to with a tail call (their
+/// own 512-byte stack, where a BPF-to-BPF call would add a frame to the
+/// entry point's and cost the IPv4 path a call): their index in the
+/// `TAIL_XDP` and `TAIL_TC` program arrays, and their names.
+pub mod tail {
+    /// IPv6 frames.
+    pub const IPV6: u32 = 0;
+    /// ICMP messages of either family.
+    pub const ICMP: u32 = 1;
+    /// A rewritten packet too long for its next hop.
+    pub const TOO_BIG: u32 = 2;
+    /// Entries of each program array.
+    pub const COUNT: u32 = 3;
+    /// The XDP programs, by index.
+    pub const XDP: [&str; 3] = ["bgswitch_ipv6", "bgswitch_icmp", "bgswitch_too_big"];
+    /// The TC programs, by index.
+    pub const TC: [&str; 3] = [
+        "bgswitch_tc_ipv6",
+        "bgswitch_tc_icmp",
+        "bgswitch_tc_too_big",
+    ];
+    /// The program arrays' names.
+    pub const XDP_MAP: &str = "TAIL_XDP";
+    pub const TC_MAP: &str = "TAIL_TC";
+}
+
 /// How bgswitch serves an interface (the values of the `ATTACHED` map).
 pub mod attach {
     /// XDP, native or generic: the XDP program redirects to it.

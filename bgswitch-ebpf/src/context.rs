@@ -50,6 +50,9 @@ pub trait Packet: EbpfContext {
     /// The IPv4 header's TOS, source and destination as they are now (after
     /// a rewrite).
     fn ip_fields(&self, f: &Frame) -> Option<(u8, u32, u32)>;
+    /// Whether the packet may be fragmented on its way: IPv4 with DF
+    /// clear (never IPv6).
+    fn may_fragment(&self, f: &Frame) -> bool;
     /// The IPv6 header's first word (version, traffic class, flow label),
     /// source and destination as they are now.
     fn ip6_fields(&self, f: &Frame) -> Option<(u32, Addr, Addr)>;
@@ -104,6 +107,10 @@ pub trait Packet: EbpfContext {
     /// cannot (the frame as it was); an error after the first step leaves
     /// a frame fit only to be dropped (`Some(false)`).
     fn room_for_error(&self, front: u32, total: u32) -> Option<bool>;
+    /// Hands the frame to the program at `index` of this program type's
+    /// tail-call array (`bgswitch_common::tail`); returns only if that
+    /// fails (the program not loaded).
+    fn tail_call(&self, index: u32);
     /// Whether the frame may be sent out of `egress` by this program type:
     /// an interface bgswitch serves in a way it can send to.
     fn may_send_to(&self, egress: u32) -> bool;

@@ -596,7 +596,12 @@ fn build_too_big<C: Packet>(ctx: &C, mtu: u32, v6: bool) -> Built {
             )
         }
     };
-    if ip_len < QUOTE {
+    // Never an error about an error (a translated ICMP message too long
+    // for its next hop goes to the stack).
+    // SAFETY: inside the IP header checked above (IPv4's protocol at 9,
+    // IPv6's next header at 6).
+    let proto = unsafe { *old.add(IP_OFF + if v6 { 6 } else { 9 }) };
+    if ip_len < QUOTE || proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
         return Built::No;
     }
     let msg = (ICMP_LEN + QUOTE) as u32;

@@ -52,6 +52,15 @@ pub unsafe fn rewrite_cached(ip: *mut Ipv4Hdr, side: Side, addr: u32, ip_delta: 
     core::ptr::write_volatile(check, c);
 }
 
+/// Whether the packet may be fragmented on its way (DF clear).
+///
+/// SAFETY: as for [`rewrite_addr`].
+#[inline(always)]
+pub unsafe fn may_fragment(ip: *const Ipv4Hdr) -> bool {
+    let frag = core::ptr::read_volatile(ip.cast::<u8>().add(6).cast::<u16>());
+    u16::from_be(frag) & 0x4000 == 0
+}
+
 /// Decrements the TTL and updates the checksum. The caller checked TTL > 1.
 ///
 /// SAFETY: as for [`rewrite_addr`].

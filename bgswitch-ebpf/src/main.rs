@@ -45,7 +45,7 @@ use aya_ebpf::{
     macros::{classifier, socket_filter, xdp},
     programs::{SkBuffContext, TcContext, XdpContext},
 };
-use bgswitch_common::global;
+use bgswitch_common::{global, tail};
 
 use crate::{
     context::Packet,
@@ -53,41 +53,43 @@ use crate::{
     parse::{parse, Skip},
 };
 
-/// The path for a frame of either context: ICMP messages take
-/// [`run_icmp`], other IPv6 frames [`run6`], the rest [`run4`]. Each is a
-/// BPF subprogram with a stack frame of its own: inlined side by side, the
-/// paths' stack slots pass the 512-byte limit; this dispatch keeps almost
-/// none, so each path may use nearly all of it (the verifier counts a call
-/// chain's frames together).
-///
-/// A packet the path passed because it is longer than its next hop's MTU
-/// becomes the ICMP error its sender needs ([`too_big`]).
+/// The path for a frame of either context: parsed, then `path::handle`
+/// (IPv4 TCP/UDP, inlined here: no call on its way); IPv6 frames and ICMP
+/// messages go to their own programs with a tail call (`bgswitch_common::
+/// tail`), each with a 512-byte stack of its own (a BPF-to-BPF call would
+/// count its frame with this one's, and cost the IPv4 path a call); what
+/// parsing skips is counted and passed.
 #[inline(always)]
 fn run<C: Packet>(ctx: &C) -> u32 {
-    let verdict = match parse::ip_family(ctx) {
-        Some(v6) if icmp::is_icmp(ctx, v6) => return run_icmp(ctx, v6),
-        Some(true) => run6(ctx),
-        _ => run4(ctx),
+    let frame = match parse(ctx) {
+        Ok(f) => f,
+        Err(Skip::Ipv6) => return tail(ctx, tail::IPV6),
+        Err(Skip::Icmp) => return tail(ctx, tail::ICMP),
+        Err(skip) => return skipped::<C>(skip),
     };
-    if verdict == C::PASS {
-        if let Some(mtu) = icmp::take_too_big() {
-            return too_big(ctx, mtu);
-        }
+    path::handle(ctx, &frame)
+}
+
+/// The IPv6 programs' path: ICMPv6 to the ICMP program, the rest parsed
+/// (extension headers walked), then `path::handle6`.
+#[inline(always)]
+fn run6<C: Packet>(ctx: &C) -> u32 {
+    if icmp::is_icmp(ctx, true) {
+        return tail(ctx, tail::ICMP);
     }
-    verdict
+    let frame = match parse::parse6(ctx) {
+        Ok(f) => f,
+        Err(skip) => return skipped::<C>(skip),
+    };
+    path::handle6(ctx, &frame)
 }
 
-/// See `icmp::too_big`.
-#[inline(never)]
-fn too_big<C: Packet>(ctx: &C, mtu: u32) -> u32 {
-    icmp::too_big(ctx, mtu)
-}
-
-/// ICMP, either family: errors about switched flows translated
-/// (`icmp.rs`), the rest passed.
-#[inline(never)]
-fn run_icmp<C: Packet>(ctx: &C, v6: bool) -> u32 {
-    icmp::run_icmp(ctx, v6)
+/// Hands the frame to the program at `index`; if that fails (the daemon
+/// did not load it), the frame passes as it is.
+#[inline(always)]
+fn tail<C: Packet>(ctx: &C, index: u32) -> u32 {
+    ctx.tail_call(index);
+    C::PASS
 }
 
 /// Counts why a frame is not the path's and passes it untouched.
@@ -95,29 +97,29 @@ fn run_icmp<C: Packet>(ctx: &C, v6: bool) -> u32 {
 fn skipped<C: Packet>(skip: Skip) -> u32 {
     count(match skip {
         Skip::NotIp => global::PASS_NOT_IP,
-        Skip::NotTcpUdp => global::PASS_NOT_SERVICE,
+        Skip::NotTcpUdp | Skip::Ipv6 | Skip::Icmp => global::PASS_NOT_SERVICE,
         Skip::Fragment => global::FRAGMENT,
         Skip::Malformed => global::MALFORMED,
     });
     C::PASS
 }
 
-/// Everything but IPv6: parsed as IPv4 (what is not is counted and
-/// passed), then `path::handle`.
-#[inline(never)]
-fn run4<C: Packet>(ctx: &C) -> u32 {
-    match parse(ctx) {
-        Ok(f) => path::handle(ctx, &f),
-        Err(skip) => skipped::<C>(skip),
+/// The ICMP programs' path: errors about switched flows translated
+/// (`icmp.rs`), the rest passed.
+#[inline(always)]
+fn run_icmp<C: Packet>(ctx: &C) -> u32 {
+    match parse::ip_family(ctx) {
+        Some(v6) => icmp::run_icmp(ctx, v6),
+        None => C::PASS,
     }
 }
 
-/// IPv6: parsed, then `path::handle6`.
-#[inline(never)]
-fn run6<C: Packet>(ctx: &C) -> u32 {
-    match parse::parse6(ctx) {
-        Ok(f) => path::handle6(ctx, &f),
-        Err(skip) => skipped::<C>(skip),
+/// The too-big programs' path (`icmp::too_big`).
+#[inline(always)]
+fn run_too_big<C: Packet>(ctx: &C) -> u32 {
+    match icmp::take_too_big() {
+        Some(mtu) => icmp::too_big(ctx, mtu),
+        None => C::PASS,
     }
 }
 
@@ -132,6 +134,45 @@ pub fn bgswitch(ctx: XdpContext) -> u32 {
 pub fn bgswitch_tc(ctx: TcContext) -> i32 {
     tc::pull_headers(&ctx);
     run(&ctx) as i32
+}
+
+// The tail-called programs (`bgswitch_common::tail`), XDP then TC. The TC
+// entry point has pulled the headers already.
+
+#[xdp]
+#[inline(always)]
+pub fn bgswitch_ipv6(ctx: XdpContext) -> u32 {
+    run6(&ctx)
+}
+
+#[xdp]
+#[inline(always)]
+pub fn bgswitch_icmp(ctx: XdpContext) -> u32 {
+    run_icmp(&ctx)
+}
+
+#[xdp]
+#[inline(always)]
+pub fn bgswitch_too_big(ctx: XdpContext) -> u32 {
+    run_too_big(&ctx)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn bgswitch_tc_ipv6(ctx: TcContext) -> i32 {
+    run6(&ctx) as i32
+}
+
+#[classifier]
+#[inline(always)]
+pub fn bgswitch_tc_icmp(ctx: TcContext) -> i32 {
+    run_icmp(&ctx) as i32
+}
+
+#[classifier]
+#[inline(always)]
+pub fn bgswitch_tc_too_big(ctx: TcContext) -> i32 {
+    run_too_big(&ctx) as i32
 }
 
 /// The data plane's clock, for userspace: `jiffies` and CLOCK_MONOTONIC side

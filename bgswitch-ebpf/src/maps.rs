@@ -4,8 +4,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
+use bgswitch_common::tail;
 use bgswitch_common::{
     global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowEntry6,
     FlowKey, FlowKey4, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
@@ -58,6 +59,15 @@ pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
 #[map]
 pub static FLOWS6: LruHashMap<FlowKey, FlowEntry6> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// The XDP programs the XDP entry point tail-calls (`bgswitch_common::tail`);
+/// filled by the daemon when it loads them. Not pinned.
+#[map]
+pub static TAIL_XDP: ProgramArray = ProgramArray::with_max_entries(tail::COUNT, 0);
+
+/// The TC programs the TC entry point tail-calls, as `TAIL_XDP`.
+#[map]
+pub static TAIL_TC: ProgramArray = ProgramArray::with_max_entries(tail::COUNT, 0);
 
 /// The next hop's MTU when `transmit::resolve` found a rewritten packet
 /// too long for it (0: none), per CPU, for the program's entry point to

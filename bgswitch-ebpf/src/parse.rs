@@ -1,7 +1,7 @@
 //! Bounds-checked header access and the parse of one frame into what the
 //! rest of the program needs. Nothing here writes to the packet.
 
-use bgswitch_common::{FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use bgswitch_common::{FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -26,6 +26,10 @@ pub enum Skip {
     Fragment,
     /// Truncated or inconsistent headers.
     Malformed,
+    /// IPv6: for the IPv6 program (`parse6`).
+    Ipv6,
+    /// ICMP (IPv4 here): for the ICMP program.
+    Icmp,
 }
 
 const ETH_P_IP: u16 = 0x0800;
@@ -92,6 +96,7 @@ pub fn ip_family<C: Packet>(ctx: &C) -> Option<bool> {
 pub fn parse<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     match ether_type(ctx)? {
         ETH_P_IP => parse4(ctx),
+        ETH_P_IPV6 => Err(Skip::Ipv6),
         _ => Err(Skip::NotIp),
     }
 }
@@ -172,7 +177,12 @@ fn parse4<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
     }
     let proto = iph.proto;
     let l4 = ip_off + ihl;
-    let (sport, dport, tcp_flags, l4_hdr) = parse_l4(ctx, proto, l4, tot_len - ihl)?;
+    let (sport, dport, tcp_flags, l4_hdr) = match parse_l4(ctx, proto, l4, tot_len - ihl) {
+        Ok(l4) => l4,
+        // Looked at only when the protocol is not TCP or UDP.
+        Err(Skip::NotTcpUdp) if proto == PROTO_ICMP => return Err(Skip::Icmp),
+        Err(e) => return Err(e),
+    };
     Ok(Frame {
         ip: ip.cast(),
         l4,

@@ -28,7 +28,7 @@ use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
     frame::{Frame, IP_OFF},
     ipv4, ipv6,
-    maps::ATTACHED,
+    maps::{ATTACHED, TAIL_TC},
 };
 
 /// What the path reads of a frame, at most: Ethernet, IPv6 with the
@@ -102,6 +102,18 @@ impl Packet for TcContext {
                 u32::from_ne_bytes((*ip).dst_addr),
             )
         })
+    }
+
+    #[inline(always)]
+    fn may_fragment(&self, f: &Frame) -> bool {
+        if f.v6() {
+            return false;
+        }
+        match ptr_at::<_, Ipv4Hdr>(self, IP_OFF) {
+            // SAFETY: bounds-checked just now.
+            Some(ip) => unsafe { ipv4::may_fragment(ip) },
+            None => false,
+        }
     }
 
     #[inline(always)]
@@ -187,6 +199,12 @@ impl Packet for TcContext {
                 && bpf_csum_level(self.skb.skb, BPF_CSUM_LEVEL_RESET as u64) >= 0
         };
         Some(ok)
+    }
+
+    #[inline(always)]
+    fn tail_call(&self, index: u32) {
+        // SAFETY: the context is this program's own.
+        unsafe { TAIL_TC.tail_call(self, index) };
     }
 
     /// Any interface bgswitch serves (`ATTACHED`), with XDP or TC: a socket

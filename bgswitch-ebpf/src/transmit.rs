@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
     helpers::bpf_fib_lookup,
 };
-use bgswitch_common::{global, BackendHop, FlowEntry};
+use bgswitch_common::{global, tail, BackendHop, FlowEntry};
 
 use aya_log_ebpf::warn;
 
@@ -211,16 +211,24 @@ pub fn resolve<C: Packet>(ctx: &C, f: &Frame) -> Result<Hop, Option<u32>> {
     let egress = p.ifindex;
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-            // Longer than the next hop's MTU: the packet passes (the stack
-            // fragments an IPv4 packet without DF), and the entry point
-            // answers the sender when it must (`icmp::too_big`).
+            // Longer than the next hop's MTU. An IPv4 packet without DF
+            // passes, rewritten: the stack fragments and forwards it (the
+            // path goes on, recording its flow). Any other goes to the
+            // too-big program, which answers its sender (`icmp::too_big`;
+            // the rest of this packet's path — a flow's record or next
+            // hop, a cache slot — is not needed for a packet that does not
+            // leave); if that program is not there, it passes too.
             // SAFETY: the helper wrote the MTU over `tot_len`.
             let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            count(global::FIB_OTHER);
+            if ctx.may_fragment(f) {
+                return Err(None);
+            }
             if let Some(t) = TOO_BIG.get_ptr_mut(0) {
                 // SAFETY: this CPU's slot.
                 unsafe { *t = u32::from(mtu) };
+                ctx.tail_call(tail::TOO_BIG);
             }
-            count(global::FIB_OTHER);
             return Err(None);
         }
         if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {

@@ -16,7 +16,7 @@ use crate::{
     context::{ptr_at, Packet, Side, TCP_CHECK, UDP_CHECK},
     frame::Frame,
     ipv4, ipv6,
-    maps::TX_PORTS,
+    maps::{TAIL_XDP, TX_PORTS},
 };
 
 impl Packet for XdpContext {
@@ -64,6 +64,12 @@ impl Packet for XdpContext {
                 u32::from_ne_bytes((*ip).dst_addr),
             )
         })
+    }
+
+    #[inline(always)]
+    fn may_fragment(&self, f: &Frame) -> bool {
+        // SAFETY: f.ip is the bounds-checked IPv4 header of an IPv4 frame.
+        !f.v6() && unsafe { ipv4::may_fragment(f.ip.cast()) }
     }
 
     #[inline(always)]
@@ -144,6 +150,12 @@ impl Packet for XdpContext {
         let len = unsafe { bpf_xdp_get_buff_len(self.ctx) } as i32;
         // SAFETY: as above; the frame only gets shorter.
         Some(unsafe { bpf_xdp_adjust_tail(self.ctx, total as i32 - len) } == 0)
+    }
+
+    #[inline(always)]
+    fn tail_call(&self, index: u32) {
+        // SAFETY: the context is this program's own.
+        unsafe { TAIL_XDP.tail_call(self, index) };
     }
 
     /// An interface bgswitch serves with XDP (`TX_PORTS`): a DevMap redirect

@@ -18,7 +18,7 @@ use aya::{
     util::KernelVersion,
     Ebpf,
 };
-use bgswitch_common::{PROGRAM_NAME, TC_PROGRAM_NAME};
+use bgswitch_common::{tail, PROGRAM_NAME, TC_PROGRAM_NAME};
 
 use super::{DataplaneError, Result};
 use crate::config::AttachSetting;
@@ -311,29 +311,76 @@ fn device_driver(iface: &str) -> Option<String> {
 }
 
 /// The data plane's XDP program in `ebpf`, loaded on first use (a daemon
-/// without XDP attachments does not pay for its verification).
+/// without XDP attachments does not pay for its verification), with the
+/// programs it tail-calls (`bgswitch_common::tail`: IPv6, ICMP, too big)
+/// loaded and put in its program array first.
 pub(super) fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| DataplaneError::Invalid(format!("no program {PROGRAM_NAME}")))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load()?;
+    if program::<Xdp>(ebpf, PROGRAM_NAME)?.fd().is_err() {
+        let mut fds = Vec::new();
+        for name in tail::XDP {
+            let prog: &mut Xdp = program(ebpf, name)?;
+            prog.load()?;
+            fds.push(prog.fd()?.try_clone().map_err(|e| DataplaneError::Io {
+                op: "duplicating the fd of",
+                path: name.into(),
+                source: e,
+            })?);
+        }
+        fill_tail_calls(ebpf, tail::XDP_MAP, &fds)?;
+        program::<Xdp>(ebpf, PROGRAM_NAME)?.load()?;
     }
-    Ok(prog)
+    program(ebpf, PROGRAM_NAME)
 }
 
 /// The data plane's TC program in `ebpf`, loaded on first use (a daemon
-/// without TC attachments does not pay for its verification).
+/// without TC attachments does not pay for its verification), with the
+/// programs it tail-calls, as for XDP.
 pub(super) fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(TC_PROGRAM_NAME)
-        .ok_or_else(|| DataplaneError::Invalid(format!("no program {TC_PROGRAM_NAME}")))?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load()?;
+    if program::<SchedClassifier>(ebpf, TC_PROGRAM_NAME)?
+        .fd()
+        .is_err()
+    {
+        let mut fds = Vec::new();
+        for name in tail::TC {
+            let prog: &mut SchedClassifier = program(ebpf, name)?;
+            prog.load()?;
+            fds.push(prog.fd()?.try_clone().map_err(|e| DataplaneError::Io {
+                op: "duplicating the fd of",
+                path: name.into(),
+                source: e,
+            })?);
+        }
+        fill_tail_calls(ebpf, tail::TC_MAP, &fds)?;
+        program::<SchedClassifier>(ebpf, TC_PROGRAM_NAME)?.load()?;
     }
-    Ok(prog)
+    program(ebpf, TC_PROGRAM_NAME)
+}
+
+/// The program `name` of `ebpf`, as its type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| DataplaneError::Invalid(format!("no program {name}")))?
+        .try_into()?)
+}
+
+/// Puts the tail-called programs' `fds` in the program array `map`, at
+/// their indexes.
+fn fill_tail_calls(ebpf: &mut Ebpf, map: &str, fds: &[aya::programs::ProgramFd]) -> Result<()> {
+    let data = ebpf
+        .map_mut(map)
+        .ok_or_else(|| DataplaneError::Invalid(format!("no map {map}")))?;
+    let mut array = aya::maps::ProgramArray::try_from(data)
+        .map_err(|e| DataplaneError::Invalid(format!("{map} is not a program array: {e}")))?;
+    for (i, fd) in fds.iter().enumerate() {
+        array
+            .set(i as u32, fd, 0)
+            .map_err(|e| DataplaneError::Invalid(format!("{map}[{i}]: {e}")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
