@@ -91,13 +91,15 @@ pub mod maps {
     /// rebuilt empty by each load).
     pub const BACKEND_HOPS: &str = "BACKEND_HOPS";
     /// Every pinned map, in the order they are pinned.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
         BACKENDS,
         FLOWS,
         FLOWS6,
+        super::tail::XDP_MAP,
+        super::tail::TC_MAP,
         SETTINGS,
         TX_PORTS,
         ATTACHED,
@@ -150,7 +152,9 @@ pub mod tail {
         "bgswitch_tc_icmp",
         "bgswitch_tc_too_big",
     ];
-    /// The program arrays' names.
+    /// The program arrays' names. Pinned with the other maps: the kernel
+    /// empties a program array when its last user reference goes, and the
+    /// programs must keep tail-calling while no daemon runs.
     pub const XDP_MAP: &str = "TAIL_XDP";
     pub const TC_MAP: &str = "TAIL_TC";
 }

@@ -22,7 +22,7 @@ use crate::{
     maps::{account, count, CONTROL, PREVIEW, SETTINGS},
     service::{no_backend, pick, vip_source},
     stateless::stateless,
-    transmit::{send, Nh},
+    transmit::{send, too_big_after, Nh},
 };
 
 /// Which colour a new flow takes, and whether a preview prefix decided it.
@@ -110,7 +110,7 @@ pub fn to_backend<C: Packet, F: Family>(
                 count(global::MALFORMED);
                 return C::PASS;
             }
-            let action = send(ctx, f, Nh::forward(entry), now, cache.fresh, None);
+            let action = send(ctx, f, Nh::forward(entry), now, cache.fresh, None, false);
             fill(cache, entry, Dir::Forward);
             return action;
         }
@@ -155,8 +155,22 @@ pub fn to_backend<C: Packet, F: Family>(
     );
     // The next hop is looked up before the flow is recorded, so the forward
     // entry is written once, with it; the frame leaves only after we return.
-    let action = send(ctx, f, Nh::forward(F::flow(rec)), now, cache.fresh, None);
+    // A packet too long for its next hop goes to the too-big program only
+    // once its flow is recorded: the error it becomes is translated
+    // through that record.
+    let action = send(
+        ctx,
+        f,
+        Nh::forward(F::flow(rec)),
+        now,
+        cache.fresh,
+        None,
+        true,
+    );
     record::<C, F>(ctx, key, rec);
+    if action == C::PASS {
+        too_big_after(ctx);
+    }
     if F::V4 {
         forget_replaced(cache, F::flow(rec), f, replaced, &b.addr, b.port);
     }

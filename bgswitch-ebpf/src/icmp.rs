@@ -515,9 +515,10 @@ pub fn too_big<C: Packet>(ctx: &C, mtu: u32) -> u32 {
             let f = if v6 { translate6(ctx) } else { translate4(ctx) };
             match f {
                 Some(f) => forward(ctx, &f),
-                // An error about no switched flow: it goes to the stack,
-                // which routes it to the packet's source.
-                None => C::PASS,
+                // About no recorded flow (a stateless service's packet):
+                // an error the sender could not match. The packet was
+                // too long to go on, as a router would drop it.
+                None => C::DROP,
             }
         }
     }

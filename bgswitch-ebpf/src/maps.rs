@@ -61,7 +61,8 @@ pub static FLOWS6: LruHashMap<FlowKey, FlowEntry6> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 /// The XDP programs the XDP entry point tail-calls (`bgswitch_common::tail`);
-/// filled by the daemon when it loads them. Not pinned.
+/// filled by the daemon when it loads them; pinned (the kernel empties a
+/// program array when its last user reference goes).
 #[map]
 pub static TAIL_XDP: ProgramArray = ProgramArray::with_max_entries(tail::COUNT, 0);
 

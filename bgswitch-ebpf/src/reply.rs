@@ -59,7 +59,7 @@ pub fn from_backend<C: Packet, F: Family>(
         count(global::MALFORMED);
         return C::PASS;
     }
-    let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None);
+    let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None, false);
     if F::V4 {
         fill(cache, entry, Dir::Reply { vip: vip[0], vport });
     }

@@ -104,6 +104,7 @@ pub fn stateless<C: Packet>(
         now,
         fresh,
         Some(global::STATELESS),
+        false,
     );
     let addr = Delta::ZERO.add32(vip, peer);
     hop.ip_delta = addr.ttl_decrement().folded();

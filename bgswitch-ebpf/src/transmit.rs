@@ -103,6 +103,7 @@ impl<'a> Nh<'a> {
 /// hop up (and keeps it) when there is none, when its generation is old, when
 /// it is older than the refresh, or when the packet is longer than the one
 /// it was looked up for (the MTU check). Counts `also` with the transmit.
+/// `defer`: as for [`resolve_as`].
 #[inline(always)]
 pub fn send<C: Packet>(
     ctx: &C,
@@ -111,11 +112,12 @@ pub fn send<C: Packet>(
     now: u64,
     fresh: Fresh,
     also: Option<u32>,
+    defer: bool,
 ) -> u32 {
     if nh.usable(f, now, fresh) {
         return transmit(ctx, f, *nh.ifindex, nh.dmac, nh.smac, also);
     }
-    let hop = match resolve(ctx, f) {
+    let hop = match resolve_as(ctx, f, defer) {
         Ok(hop) => hop,
         Err(unresolved) => {
             *nh.ifindex = 0;
@@ -160,6 +162,14 @@ pub struct Hop {
 /// interface the context cannot send to).
 #[inline(always)]
 pub fn resolve<C: Packet>(ctx: &C, f: &Frame) -> Result<Hop, Option<u32>> {
+    resolve_as(ctx, f, false)
+}
+
+/// [`resolve`]; with `defer`, a packet too long for its next hop is left
+/// for the caller to hand to the too-big program ([`too_big_after`]) once
+/// it has done what must be done first (a new flow recorded).
+#[inline(always)]
+pub fn resolve_as<C: Packet>(ctx: &C, f: &Frame, defer: bool) -> Result<Hop, Option<u32>> {
     // Zeroed with sixteen explicit stores: `mem::zeroed()` of 64 bytes becomes a
     // call to a byte-at-a-time memset on this target (~60 ns per packet).
     let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
@@ -227,7 +237,9 @@ pub fn resolve<C: Packet>(ctx: &C, f: &Frame) -> Result<Hop, Option<u32>> {
             if let Some(t) = TOO_BIG.get_ptr_mut(0) {
                 // SAFETY: this CPU's slot.
                 unsafe { *t = u32::from(mtu) };
-                ctx.tail_call(tail::TOO_BIG);
+                if !defer {
+                    ctx.tail_call(tail::TOO_BIG);
+                }
             }
             return Err(None);
         }
@@ -325,4 +337,18 @@ pub fn transmit_l2<C: Packet>(
         None => count(what),
     }
     ctx.send_to(egress)
+}
+
+/// After a deferred [`resolve_as`] passed the packet: if it was too long for
+/// its next hop (this CPU's `TOO_BIG` slot is set; the too-big program
+/// clears it), hand it to the too-big program now. A slot left set by a
+/// tail call that failed (the program not loaded) fails again here.
+#[inline(always)]
+pub fn too_big_after<C: Packet>(ctx: &C) {
+    if let Some(t) = TOO_BIG.get_ptr(0) {
+        // SAFETY: this CPU's slot.
+        if unsafe { *t } != 0 {
+            ctx.tail_call(tail::TOO_BIG);
+        }
+    }
 }

@@ -34,7 +34,7 @@ use crate::paths;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bgswitch"));
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 16] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 18] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -76,6 +76,24 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             sz(size_of::<FlowKey4>()),
             sz(size_of::<FlowEntry>()),
             max_flows,
+            0,
+        ),
+        // Pinned so their entries stay while no daemon runs: the kernel
+        // empties a program array when the last user reference to it goes.
+        (
+            bgswitch_common::tail::XDP_MAP,
+            MapType::ProgramArray,
+            4,
+            4,
+            bgswitch_common::tail::COUNT,
+            0,
+        ),
+        (
+            bgswitch_common::tail::TC_MAP,
+            MapType::ProgramArray,
+            4,
+            4,
+            bgswitch_common::tail::COUNT,
             0,
         ),
         (
@@ -162,7 +180,8 @@ fn map_data(m: &Map) -> Option<&MapData> {
         | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
         | Map::DevMapHash(d)
-        | Map::LpmTrie(d) => Some(d),
+        | Map::LpmTrie(d)
+        | Map::ProgramArray(d) => Some(d),
         _ => None,
     }
 }
