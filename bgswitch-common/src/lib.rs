@@ -87,6 +87,8 @@ pub mod maps {
     pub const CLOCK: &str = "CLOCK";
     /// Per-CPU flow cache (not pinned: rebuilt empty by each load).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// Per-CPU flow cache of IPv6 flows (not pinned either).
+    pub const FLOW_CACHE6: &str = "FLOW_CACHE6";
     /// Per-CPU next hop of each backend, for stateless services (not pinned:
     /// rebuilt empty by each load).
     pub const BACKEND_HOPS: &str = "BACKEND_HOPS";
@@ -523,6 +525,57 @@ pub struct CachedFlow {
     pub _pad: u32,
 }
 
+/// One slot of the per-CPU `FLOW_CACHE6`: as [`CachedFlow`], for an IPv6
+/// flow (the whole 5-tuple as key, the peer's whole address), under the
+/// same rules. No checksum deltas: the IPv6 header has no checksum, and the
+/// TCP/UDP one's delta is four words away. 96 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow6 {
+    pub key: FlowKey,
+    /// The backend (forward) or the VIP (reply).
+    pub peer: Addr,
+    pub gen: u32,
+    /// Low 32 bits of the entry's `last_seen`.
+    pub last_seen: u32,
+    pub service: u32,
+    pub nh_ifindex: u32,
+    /// Offset 76 (4-byte aligned), like [`FlowEntry::nh_dmac`].
+    pub nh_dmac: [u8; 6],
+    /// Offset 82 (2 mod 4).
+    pub nh_smac: [u8; 6],
+    pub nh_len: u16,
+    pub backend_stat: u16,
+    pub peer_port: u16,
+    pub colour: u8,
+    /// [`flow_flags::REVERSE`] or 0.
+    pub flags: u8,
+}
+
+/// `FLOW_CACHE6` has a quarter of `FLOW_CACHE`'s slots (each is half as
+/// large again): its shift is `cache_shift` plus this.
+pub const CACHE6_SHIFT_EXTRA: u32 = 2;
+
+/// The `FLOW_CACHE6` slot of an IPv6 5-tuple (as [`cache_slot`]).
+#[inline(always)]
+pub const fn cache6_slot(
+    src: &Addr,
+    dst: &Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    shift: u32,
+) -> u32 {
+    let x = src[0]
+        ^ src[1]
+        ^ src[2]
+        ^ src[3]
+        ^ (dst[0] ^ dst[1] ^ dst[2] ^ dst[3]).rotate_left(16)
+        ^ ((sport as u32) << 16 | dport as u32)
+        ^ proto as u32;
+    x.wrapping_mul(0x9e37_79b1) >> (shift & 31)
+}
+
 /// Words of each bitmap in `ADDR_FILTER`: words `0..ADDR_FILTER_WORDS`
 /// hold the VIP addresses, the next `ADDR_FILTER_WORDS` the backend
 /// addresses (65 536 bits each, indexed by [`addr_bit`]); after them come
@@ -828,6 +881,7 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for PreviewKey {}
     unsafe impl aya::Pod for CachedFlow {}
+    unsafe impl aya::Pod for CachedFlow6 {}
     unsafe impl aya::Pod for ReplySource {}
 }
 
@@ -852,6 +906,9 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 48);
         assert_eq!(size_of::<PreviewKey>(), 20);
         assert_eq!(size_of::<CachedFlow>(), 64);
+        assert_eq!(size_of::<CachedFlow6>(), 96);
+        assert_eq!(core::mem::offset_of!(CachedFlow6, nh_dmac) % 4, 0);
+        assert_eq!(core::mem::offset_of!(CachedFlow6, nh_smac) % 4, 2);
         // The program's MAC stores load each dmac as u32 + u16 and each smac
         // as u16 + u32.
         assert_eq!(core::mem::offset_of!(FlowEntry, nh_dmac) % 4, 0);

@@ -14,6 +14,7 @@ use aya_log_ebpf::error;
 
 use crate::{
     cache::{fill, forget, Cache, Dir},
+    cache6::{fill6, forget6, Dir6, Tuple},
     context::{Packet, Side},
     events,
     family::Family,
@@ -111,7 +112,17 @@ pub fn to_backend<C: Packet, F: Family>(
                 return C::PASS;
             }
             let action = send(ctx, f, Nh::forward(entry), now, cache.fresh, None, false);
-            fill(cache, entry, Dir::Forward);
+            if F::V4 {
+                fill(cache, entry, Dir::Forward);
+            } else {
+                fill6(
+                    Tuple::key(key),
+                    cache.shift,
+                    cache.fresh,
+                    entry,
+                    Dir6::Forward { backend: &peer },
+                );
+            }
             return action;
         }
     }
@@ -173,6 +184,30 @@ pub fn to_backend<C: Packet, F: Family>(
     }
     if F::V4 {
         forget_replaced(cache, F::flow(rec), f, replaced, &b.addr, b.port);
+    } else {
+        fill6(
+            Tuple::key(key),
+            cache.shift,
+            cache.fresh,
+            F::flow(rec),
+            Dir6::Forward { backend: &b.addr },
+        );
+        if let Some((old, old_port)) = replaced {
+            if (old, old_port) != (b.addr, b.port) {
+                // The old backend's late packets are no replies of the new
+                // flow: this CPU's slot of them goes.
+                forget6(
+                    Tuple {
+                        src: &old,
+                        dst: &f.src,
+                        sport: old_port,
+                        dport: f.sport,
+                        proto: f.proto,
+                    },
+                    cache.shift,
+                );
+            }
+        }
     }
     action
 }
@@ -287,12 +322,14 @@ fn record<C: Packet, F: Family>(ctx: &C, key: &FlowKey, rec: &F::Entry) {
                     e
                 );
             } else {
-                // SAFETY: four words are sixteen bytes, in wire order.
-                let peer: [u8; 16] = unsafe { core::mem::transmute(peer) };
+                // The service, not the backend's address: sixteen more
+                // bytes on this path's stack would pass the verifier's
+                // limit.
+                let service = F::flow_ref(rec).service;
                 error!(
                     ctx,
-                    "data plane: a new flow to {:i} could not be recorded in the IPv6 flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
-                    peer,
+                    "data plane: a new flow of service {} could not be recorded in the IPv6 flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
+                    service,
                     e
                 );
             }

@@ -18,6 +18,7 @@
 // The packet's path, stage by stage (ARCHITECTURE.md's diagram): parse,
 // path, stateless, cache, forward, reply, transmit.
 mod cache;
+mod cache6;
 mod forward;
 mod icmp;
 mod parse;

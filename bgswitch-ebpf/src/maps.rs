@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use bgswitch_common::tail;
 use bgswitch_common::{
-    global, Backend, BackendHop, BackendStats, CachedFlow, ColourStats, FlowEntry, FlowEntry6,
-    FlowKey, FlowKey4, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
+    global, Backend, BackendHop, BackendStats, CachedFlow, CachedFlow6, ColourStats, FlowEntry,
+    FlowEntry6, FlowKey, FlowKey4, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
     ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS,
     MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
 };
@@ -77,6 +77,11 @@ pub static TAIL_TC: ProgramArray = ProgramArray::with_max_entries(tail::COUNT, 0
 #[map]
 pub static TOO_BIG: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// Room for an IPv6 packet's `bpf_fib_lookup` parameters, one per CPU (off
+/// the IPv6 program's stack). Not pinned.
+#[map]
+pub static FIB6: PerCpuArray<[u32; 16]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Room for a new IPv6 flow's record while it is built, one per CPU (see
 /// `family::Family::with_room`). Not pinned.
 #[map]
@@ -117,6 +122,11 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0
 /// `bgswitch_common::attach`): those the TC program sends to.
 #[map]
 pub static ATTACHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// The flow cache of IPv6 flows (see `bgswitch_common::CachedFlow6`): as
+/// `FLOW_CACHE`, with a quarter of its slots per CPU id. The daemon sizes it.
+#[map]
+pub static FLOW_CACHE6: Array<CachedFlow6> = Array::with_max_entries(FLOW_CACHE_SLOTS / 4, 0);
 
 /// Per-CPU counters per service and colour, index `service * 2 + colour`:
 /// backend RSTs and SYN-ACKs only (the traffic is counted per backend).

@@ -10,6 +10,7 @@ use bgswitch_common::{
 
 use crate::{
     cache::{cache_hit, cache_index, cached, Cache},
+    cache6::{cached6, hit6, slot6, Tuple},
     clock::{flow_gen, now},
     context::Packet,
     family::{V4, V6},
@@ -163,15 +164,18 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
 }
 
 /// The IPv6 path after parsing: as [`handle`]'s table path, without the
-/// per-CPU flow cache and the stateless path (both IPv4's): for a
-/// destination in the VIP bitmap the flow table (`FLOWS6`) and the
+/// stateless path (IPv4's): this CPU's IPv6 flow cache (`FLOW_CACHE6`);
+/// for a destination in the VIP bitmap the flow table (`FLOWS6`) and the
 /// services, for a source in the backend bitmap the backend's reply source
 /// and its flow. Anything else passes untouched.
 #[inline(always)]
 pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     let now = now();
-    let refresh = SETTINGS.get(0).map_or(0, |s| s.refresh);
-    // No cache slot and shift 0: the stages' cache steps do nothing.
+    let (refresh, shift) = SETTINGS
+        .get(0)
+        .map_or((0, 0), |s| (s.refresh, s.cache_shift));
+    // No IPv4 slot: the IPv4 cache steps do nothing; `shift` is the IPv6
+    // cache's (`cache6.rs`).
     let cache = Cache {
         slot: None,
         key: FlowKey4::default(),
@@ -179,8 +183,19 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             gen: flow_gen(),
             refresh,
         },
-        shift: 0,
+        shift,
     };
+    if f.ttl > 1 && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        if let Some(c) = slot6(Tuple::of(f), shift) {
+            // SAFETY: this CPU's slot; runs are not nested on one CPU.
+            let c = unsafe { &*c };
+            if hit6(c, Tuple::of(f), cache.fresh, f, now) {
+                if let Some(action) = cached6(ctx, f, c) {
+                    return action;
+                }
+            }
+        }
+    }
     if maybe(0, &f.dst) {
         // The 5-tuple is the table's key.
         let key = flow_key(f);

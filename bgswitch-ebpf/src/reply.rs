@@ -8,6 +8,7 @@ use bgswitch_common::{flow_flags, global, Addr, Backend, FlowKey, PROTO_TCP};
 
 use crate::{
     cache::{fill, forget, write_slot, Cache, Decision, Dir},
+    cache6::{fill6, Dir6, Tuple},
     context::{Packet, Side},
     family::Family,
     flow::close_flags,
@@ -62,6 +63,14 @@ pub fn from_backend<C: Packet, F: Family>(
     let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None, false);
     if F::V4 {
         fill(cache, entry, Dir::Reply { vip: vip[0], vport });
+    } else {
+        fill6(
+            Tuple::of(f),
+            cache.shift,
+            cache.fresh,
+            entry,
+            Dir6::Reply { vip, vport },
+        );
     }
     action
 }

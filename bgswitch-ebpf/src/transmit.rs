@@ -21,7 +21,7 @@ use crate::{
     context::Packet,
     events,
     frame::Frame,
-    maps::{count, count2, TOO_BIG},
+    maps::{count, count2, FIB6, TOO_BIG},
 };
 
 const AF_INET: u8 = 2;
@@ -173,9 +173,19 @@ pub fn resolve_as<C: Packet>(ctx: &C, f: &Frame, defer: bool) -> Result<Hop, Opt
     // Zeroed with sixteen explicit stores: `mem::zeroed()` of 64 bytes becomes a
     // call to a byte-at-a-time memset on this target (~60 ns per packet).
     let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
-    // 4-byte stores: the struct is only 4-byte aligned, and the verifier
-    // refuses misaligned 8-byte stack stores.
-    let w = raw.as_mut_ptr().cast::<u32>();
+    // IPv6: this CPU's scratch slot (the IPv6 program's stack is near the
+    // verifier's limit); IPv4: the stack (`raw` is unused, and so never
+    // allocated, in the IPv6 program, and the other way round).
+    let w = if f.v6() {
+        match FIB6.get_ptr_mut(0) {
+            Some(p) => p.cast::<u32>(),
+            None => return Err(None),
+        }
+    } else {
+        // 4-byte stores: the struct is only 4-byte aligned, and the
+        // verifier refuses misaligned 8-byte stack stores.
+        raw.as_mut_ptr().cast::<u32>()
+    };
     // SAFETY: FibParams is 64 bytes of plain integers; every byte is written
     // (volatile, so the stores are not merged back into a memset call), and
     // zero is a valid value for all of them.
@@ -184,7 +194,7 @@ pub fn resolve_as<C: Packet>(ctx: &C, f: &Frame, defer: bool) -> Result<Hop, Opt
         for i in 0..16 {
             core::ptr::write_volatile(w.add(i), 0);
         }
-        &mut *raw.as_mut_ptr()
+        &mut *w.cast::<FibParams>()
     };
     p.l4_protocol = f.proto;
     p.__bindgen_anon_1.tot_len = f.tot_len;

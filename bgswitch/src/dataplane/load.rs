@@ -239,6 +239,12 @@ impl Dataplane {
                 ))
             })?,
         );
+        // IPv6: a quarter of the slots (`CACHE6_SHIFT_EXTRA`), one region
+        // per CPU id too.
+        loader.map_max_entries(
+            names::FLOW_CACHE6,
+            (cache_slots >> bgswitch_common::CACHE6_SHIFT_EXTRA) * cpu_ids,
+        );
         let pin_place = opts.bpffs.as_deref().map(bpffs::place).transpose()?;
         // One controller per pinned data plane: taken before any pin is
         // read or adopted.
