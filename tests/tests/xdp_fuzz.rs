@@ -52,7 +52,7 @@ use bgswitch::{
 use bgswitch_common::{flow_flags, PROTO_TCP, PROTO_UDP};
 use bgswitch_tests::{flowhash, rng::Rng};
 use bgswitch_tests::{in_netns, ip, netns::mac_address, TempNetns};
-use etherparse::{Ipv4Header, TcpHeader, UdpHeader};
+use etherparse::{Ipv4Header, NetSlice, SlicedPacket, TcpHeader, TransportSlice, UdpHeader};
 
 const XDP_ABORTED: u32 = 0;
 const XDP_PASS: u32 = 2;
@@ -1656,6 +1656,79 @@ fn sums(f: &[u8], p: &Parsed) -> Result<Sums, String> {
 
 /// Checks one test-run result against the prediction; returns the action's
 /// name for the statistics.
+/// A frame too long for the MTU, with DF: the error its sender gets, from
+/// where its packet was going (the VIP, or the client for a reply),
+/// quoting the first 504 bytes of the packet as the sender sent it, both
+/// checksums valid (etherparse); sent back when the sender's neighbour is
+/// known (XDP) or routed (TC), else to the stack. A stateless service's
+/// flow has no record to translate the error through: dropped.
+fn check_too_big(
+    prog: Prog,
+    input: &[u8],
+    p: &Parsed,
+    outcome: Outcome,
+    action: u32,
+    out: &[u8],
+    fib: Option<&Fib>,
+) -> Result<&'static str, String> {
+    let why = match outcome {
+        Outcome::Forward { why, .. } | Outcome::Reply { why, .. } => why,
+        Outcome::Pass(_) => unreachable!(),
+    };
+    if matches!(why, Why::Stateless | Why::ReplyStable | Why::ReplyOrphan) {
+        return if action == 1 || action == 1002 {
+            Ok("too long, no record: dropped")
+        } else {
+            Err(format!(
+                "action {action}, want a drop (too long, no record)"
+            ))
+        };
+    }
+    let routed = |d: [u8; 4]| d[0] == 198 && d[1] == 18 && d[2] <= 1 && d[3] != 1 && d[3] != 255;
+    let sent = match (prog, fib) {
+        (Prog::Xdp, Some(fib)) => fib.neighbours.contains_key(&p.src),
+        (Prog::Tc, Some(_)) => routed(p.src),
+        _ => false,
+    };
+    let want_action = if sent { XDP_TX } else { XDP_PASS };
+    if action != want_action {
+        return Err(format!("too long: action {action}, want {want_action}"));
+    }
+    let e =
+        SlicedPacket::from_ethernet(out).map_err(|e| format!("the error does not parse: {e}"))?;
+    let Some(NetSlice::Ipv4(ip)) = &e.net else {
+        return Err("the error is not IPv4".into());
+    };
+    let h = ip.header().to_header();
+    if h.header_checksum != h.calc_header_checksum() {
+        return Err("the error's IPv4 checksum is wrong".into());
+    }
+    if (h.source, h.destination) != (p.dst, p.src) {
+        return Err(format!(
+            "the error goes {:?} → {:?}, want {:?} → {:?}",
+            h.source, h.destination, p.dst, p.src
+        ));
+    }
+    let Some(TransportSlice::Icmpv4(icmp)) = &e.transport else {
+        return Err("the error is not ICMP".into());
+    };
+    let want_type = etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: MTU as u16,
+        },
+    );
+    if icmp.icmp_type() != want_type {
+        return Err(format!("ICMP {:?}, want {want_type:?}", icmp.icmp_type()));
+    }
+    if icmp.checksum() != icmp.icmp_type().calc_checksum(icmp.payload()) {
+        return Err("the ICMP checksum is wrong".into());
+    }
+    if icmp.payload() != &input[14..14 + 504] {
+        return Err("the quote is not the first 504 bytes of the packet as sent".into());
+    }
+    Ok("too long: fragmentation needed to the sender")
+}
+
 fn check(
     prog: Prog,
     input: &[u8],
@@ -1685,6 +1758,20 @@ fn check(
         Outcome::Reply { vip, .. } => (true, vip.0, vip.1),
         Outcome::Pass(_) => unreachable!(),
     };
+    // Routed, but longer than the MTU with DF set: the sender gets
+    // "fragmentation needed" about the packet it sent (icmp.rs), or, for a
+    // flow without a record to translate it through (a stateless
+    // service's), the packet is dropped. (The FIB checks the MTU of a
+    // route it found.)
+    let rewritten_dst = if side_src { p.dst } else { addr };
+    let routed_dst = rewritten_dst[0] == 198
+        && rewritten_dst[1] == 18
+        && rewritten_dst[2] <= 1
+        && rewritten_dst[3] != 1
+        && rewritten_dst[3] != 255;
+    if fib.is_some() && routed_dst && p.tot_len > MTU && input[20] & 0x40 != 0 {
+        return check_too_big(prog, input, &p, outcome, action, out, fib);
+    }
     let new_dst = if side_src { p.dst } else { addr };
     // XDP sends a frame whose neighbour is known (MACs written), and
     // leaves one whose neighbour is not to the stack; TC sends both (the
