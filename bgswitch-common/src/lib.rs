@@ -528,7 +528,7 @@ pub struct CachedFlow {
 /// One slot of the per-CPU `FLOW_CACHE6`: as [`CachedFlow`], for an IPv6
 /// flow (the whole 5-tuple as key, the peer's whole address), under the
 /// same rules. No checksum deltas: the IPv6 header has no checksum, and the
-/// TCP/UDP one's delta is four words away. 96 bytes.
+/// TCP/UDP one's delta is four words away. 92 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow6 {
@@ -540,9 +540,9 @@ pub struct CachedFlow6 {
     pub last_seen: u32,
     pub service: u32,
     pub nh_ifindex: u32,
-    /// Offset 76 (4-byte aligned), like [`FlowEntry::nh_dmac`].
+    /// Offset 72 (4-byte aligned), like [`FlowEntry::nh_dmac`].
     pub nh_dmac: [u8; 6],
-    /// Offset 82 (2 mod 4).
+    /// Offset 78 (2 mod 4).
     pub nh_smac: [u8; 6],
     pub nh_len: u16,
     pub backend_stat: u16,
@@ -906,7 +906,7 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 48);
         assert_eq!(size_of::<PreviewKey>(), 20);
         assert_eq!(size_of::<CachedFlow>(), 64);
-        assert_eq!(size_of::<CachedFlow6>(), 96);
+        assert_eq!(size_of::<CachedFlow6>(), 92);
         assert_eq!(core::mem::offset_of!(CachedFlow6, nh_dmac) % 4, 0);
         assert_eq!(core::mem::offset_of!(CachedFlow6, nh_smac) % 4, 2);
         // The program's MAC stores load each dmac as u32 + u16 and each smac

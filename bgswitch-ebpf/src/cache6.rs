@@ -1,4 +1,4 @@
-//! This CPU's flow cache of IPv6 flows (`FLOW_CACHE6`): as `cache.rs` for
+//! This CPU's flow cache of IPv6 flows (`FLOW_CACHE6`, 92-byte slots): as `cache.rs` for
 //! IPv4, under the same rules (`bgswitch_common::CachedFlow`), so an
 //! established IPv6 packet of a cached flow needs no `FLOWS6` lookup (a
 //! 40-byte key hashed, a bucket walked). The rewrite is the ordinary one
