@@ -315,51 +315,76 @@ fn device_driver(iface: &str) -> Option<String> {
 /// programs it tail-calls (`bgswitch_common::tail`: IPv6, ICMP, too big)
 /// loaded and put in its program array first.
 pub(super) fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    if program::<Xdp>(ebpf, PROGRAM_NAME)?.fd().is_err() {
-        let mut fds = Vec::new();
-        for name in tail::XDP {
-            let prog: &mut Xdp = program(ebpf, name)?;
-            prog.load()?;
-            fds.push(prog.fd()?.try_clone().map_err(|e| DataplaneError::Io {
-                op: "duplicating the fd of",
-                path: name.into(),
-                source: e,
-            })?);
-        }
-        fill_tail_calls(ebpf, tail::XDP_MAP, &fds)?;
-        program::<Xdp>(ebpf, PROGRAM_NAME)?.load()?;
-    }
-    program(ebpf, PROGRAM_NAME)
+    with_tail_calls::<Xdp>(ebpf, PROGRAM_NAME, &tail::XDP, tail::XDP_MAP)
 }
 
 /// The data plane's TC program in `ebpf`, loaded on first use (a daemon
 /// without TC attachments does not pay for its verification), with the
 /// programs it tail-calls, as for XDP.
 pub(super) fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    if program::<SchedClassifier>(ebpf, TC_PROGRAM_NAME)?
-        .fd()
-        .is_err()
-    {
-        let mut fds = Vec::new();
-        for name in tail::TC {
-            let prog: &mut SchedClassifier = program(ebpf, name)?;
-            prog.load()?;
-            fds.push(prog.fd()?.try_clone().map_err(|e| DataplaneError::Io {
-                op: "duplicating the fd of",
-                path: name.into(),
-                source: e,
-            })?);
-        }
-        fill_tail_calls(ebpf, tail::TC_MAP, &fds)?;
-        program::<SchedClassifier>(ebpf, TC_PROGRAM_NAME)?.load()?;
+    with_tail_calls::<SchedClassifier>(ebpf, TC_PROGRAM_NAME, &tail::TC, tail::TC_MAP)
+}
+
+/// What loading a program of either type takes.
+trait Loadable {
+    fn load_it(&mut self) -> std::result::Result<(), ProgramError>;
+    fn loaded_fd(&self) -> std::result::Result<&aya::programs::ProgramFd, ProgramError>;
+}
+
+impl Loadable for Xdp {
+    fn load_it(&mut self) -> std::result::Result<(), ProgramError> {
+        self.load()
     }
-    program(ebpf, TC_PROGRAM_NAME)
+    fn loaded_fd(&self) -> std::result::Result<&aya::programs::ProgramFd, ProgramError> {
+        self.fd()
+    }
+}
+
+impl Loadable for SchedClassifier {
+    fn load_it(&mut self) -> std::result::Result<(), ProgramError> {
+        self.load()
+    }
+    fn loaded_fd(&self) -> std::result::Result<&aya::programs::ProgramFd, ProgramError> {
+        self.fd()
+    }
+}
+
+/// The entry point `name`, loaded on first use after the programs it
+/// tail-calls (`tails`, by index), which go in the program array `map`.
+fn with_tail_calls<'a, P: Loadable + 'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    tails: &[&str],
+    map: &str,
+) -> Result<&'a mut P>
+where
+    for<'b> &'b mut P: TryFrom<&'b mut aya::programs::Program, Error = ProgramError>,
+{
+    if program::<P>(ebpf, name)?.loaded_fd().is_err() {
+        let mut fds = Vec::new();
+        for tail_name in tails {
+            let prog: &mut P = program(ebpf, tail_name)?;
+            prog.load_it()?;
+            fds.push(
+                prog.loaded_fd()?
+                    .try_clone()
+                    .map_err(|e| DataplaneError::Io {
+                        op: "duplicating the fd of",
+                        path: (*tail_name).into(),
+                        source: e,
+                    })?,
+            );
+        }
+        fill_tail_calls(ebpf, map, &fds)?;
+        program::<P>(ebpf, name)?.load_it()?;
+    }
+    program(ebpf, name)
 }
 
 /// The program `name` of `ebpf`, as its type.
-fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+fn program<'a, P: 'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
 where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    for<'b> &'b mut P: TryFrom<&'b mut aya::programs::Program, Error = ProgramError>,
 {
     Ok(ebpf
         .program_mut(name)
