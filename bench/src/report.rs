@@ -372,9 +372,11 @@ fn ipv6_cost_paragraph(w: &mut String, r: &Value, p1: &Value) {
         "**IPv6 beside IPv4.** Each family's cases are priced over XDP_PASS run on its own frames \
          (IPv6 frames: TCP {} B, its headers alone; UDP {} B). IPv6 costs {}; {}; {}; {}; a cold new \
          flow (repeat 1){}. The target for the established packet (at most 10 % over IPv4's) is \
-         {met}. IPv6 flows live in `FLOWS6` (a 40-byte key) and IPv6 has no per-CPU flow cache and \
-         no stateless period: every IPv6 packet to a VIP looks its flow up in the hash table, where \
-         an established IPv4 packet reads its cache slot.\n",
+         {met}. Both families' established packets take their per-CPU flow cache; IPv6's slot is \
+         keyed by the whole 40-byte 5-tuple (compared and hashed word by word) and its cached path \
+         uses the ordinary rewrite (four address words through the checksum update, both \
+         checksums' deltas computed per packet), where IPv4's compares 16 bytes and applies \
+         checksum deltas precomputed when the slot was filled.\n",
         num(&p1["ipv6_frame_bytes"]["tcp"], 0),
         num(&p1["ipv6_frame_bytes"]["udp"], 0),
         pair(
