@@ -24,7 +24,7 @@ pub mod hash;
 
 /// Version of the map layout below. Bump on any change to a map's key, value,
 /// type or meaning.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Most services one data plane serves (size of the per-service arrays).
 pub const MAX_SERVICES: u32 = 256;
@@ -69,6 +69,10 @@ pub mod maps {
     pub const FLOWS: &str = "FLOWS";
     /// The IPv6 flow table.
     pub const FLOWS6: &str = "FLOWS6";
+    /// Half-open TCP flows (IPv4): records until the handshake completes.
+    pub const HALF_OPEN: &str = "HALF_OPEN";
+    /// Half-open TCP flows (IPv6).
+    pub const HALF_OPEN6: &str = "HALF_OPEN6";
     pub const SETTINGS: &str = "SETTINGS";
     pub const TX_PORTS: &str = "TX_PORTS";
     /// Every interface bgswitch serves (XDP or TC), ifindex → how.
@@ -93,13 +97,15 @@ pub mod maps {
     /// rebuilt empty by each load).
     pub const BACKEND_HOPS: &str = "BACKEND_HOPS";
     /// Every pinned map, in the order they are pinned.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 20] = [
         SERVICES,
         CONTROL,
         POOL_SIZES,
         BACKENDS,
         FLOWS,
         FLOWS6,
+        HALF_OPEN,
+        HALF_OPEN6,
         super::tail::XDP_MAP,
         super::tail::TC_MAP,
         SETTINGS,
@@ -372,6 +378,9 @@ pub mod flow_flags {
     /// The flow was sent to the idle colour because its source is in a
     /// preview prefix.
     pub const PREVIEW: u8 = 1 << 5;
+    /// The backend sent something other than RST (a half-open record's
+    /// client may complete it: see `HALF_OPEN`).
+    pub const ANSWERED: u8 = 1 << 6;
 }
 
 /// Value of the `FLOWS` table (IPv4): one entry per flow, keyed by the
@@ -435,7 +444,11 @@ pub struct FlowEntry {
     /// Offset 58 (2 mod 4).
     pub rnh_smac: [u8; 6],
     pub rnh_len: u16,
-    pub _pad: u16,
+    /// In a half-open record (`HALF_OPEN`, `HALF_OPEN6`): the low 16 bits
+    /// of the backend's initial sequence number plus one, once its SYN-ACK
+    /// passed ([`flow_flags::ESTABLISHED`]); the client's ACK that completes
+    /// the handshake acknowledges it. Not read in `FLOWS`.
+    pub isn: u16,
     pub rnh_gen: u32,
     /// Low 32 bits of `jiffies` when the reply next hop was looked up.
     pub rnh_at: u32,
@@ -803,10 +816,25 @@ pub mod global {
     /// or IPv6), answered by the program with a "fragmentation needed" /
     /// "packet too big" error to their sender, about the packet it sent.
     pub const ICMP_TOO_BIG_SENT: u32 = 19;
+    /// TCP flows recorded half-open (`HALF_OPEN`, `HALF_OPEN6`): a SYN
+    /// without a record, or a packet of a connection whose record is
+    /// missing. A SYN flood shows here, not in the flow tables.
+    pub const HALF_OPEN: u32 = 20;
+    /// Half-open records moved to the flow table: the client completed the
+    /// handshake (its ACK acknowledged the backend's SYN-ACK), or, for a
+    /// connection whose record was missing, the backend answered and the
+    /// client sent again.
+    pub const PROMOTED: u32 = 21;
+    /// Packets (not SYN) of a table service's TCP connection that found no
+    /// record in either table outside a transition: the record was evicted
+    /// (more open flows than `max_flows`) or the connection is older than
+    /// the table. Such a packet goes to the active colour, which breaks the
+    /// connection if it was draining on the other one.
+    pub const RECORD_MISSING: u32 = 22;
     /// Number of counters.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 23;
     /// Names, for status and metrics, indexed like the constants.
-    pub const NAMES: [&str; 20] = [
+    pub const NAMES: [&str; 23] = [
         "pass_not_ip",
         "pass_not_service",
         "malformed",
@@ -827,6 +855,9 @@ pub mod global {
         "orphans",
         "icmp_translated",
         "icmp_too_big_sent",
+        "half_open",
+        "promoted",
+        "record_missing",
     ];
 }
 

@@ -6,13 +6,13 @@
 //! IPv6's longer addresses. The per-CPU flow cache and the stateless path
 //! serve IPv4 flows only ([`Family::V4`]).
 
-use bgswitch_common::{Addr, FlowEntry, FlowEntry6, FlowKey};
+use bgswitch_common::{Addr, FlowEntry, FlowEntry6, FlowKey, PROTO_TCP};
 
 use core::mem::MaybeUninit;
 
 use crate::{
     flow::key4,
-    maps::{FLOWS, FLOWS6, NEW_FLOW6},
+    maps::{FLOWS, FLOWS6, HALF_OPEN, HALF_OPEN6, NEW_FLOW6},
 };
 
 pub trait Family {
@@ -30,6 +30,23 @@ pub trait Family {
     fn lookup(k: &FlowKey) -> Option<*mut Self::Entry>;
     /// Records a flow in the family's table under its 5-tuple.
     fn insert(k: &FlowKey, e: &Self::Entry) -> Result<(), i32>;
+    /// The half-open record of a 5-tuple, if the family's half-open table
+    /// has one.
+    fn lookup_half(k: &FlowKey) -> Option<*mut Self::Entry>;
+    /// Records a half-open TCP flow.
+    fn insert_half(k: &FlowKey, e: &Self::Entry) -> Result<(), i32>;
+    /// Forgets a half-open record (it moved to the flow table).
+    fn remove_half(k: &FlowKey);
+    /// The record of a 5-tuple in either table (a TCP flow may be half
+    /// open).
+    #[inline(always)]
+    fn lookup_any(k: &FlowKey) -> Option<*mut Self::Entry> {
+        match Self::lookup(k) {
+            Some(e) => Some(e),
+            None if k.proto == PROTO_TCP => Self::lookup_half(k),
+            None => None,
+        }
+    }
     /// The record's family-independent part.
     fn flow(e: &mut Self::Entry) -> &mut FlowEntry;
     /// The record's family-independent part, to read.
@@ -60,6 +77,22 @@ impl Family for V4 {
     #[inline(always)]
     fn insert(k: &FlowKey, e: &FlowEntry) -> Result<(), i32> {
         FLOWS.insert(&key4(k), e, 0)
+    }
+
+    #[inline(always)]
+    fn lookup_half(k: &FlowKey) -> Option<*mut FlowEntry> {
+        HALF_OPEN.get_ptr_mut(&key4(k))
+    }
+
+    #[inline(always)]
+    fn insert_half(k: &FlowKey, e: &FlowEntry) -> Result<(), i32> {
+        HALF_OPEN.insert(&key4(k), e, 0)
+    }
+
+    #[inline(always)]
+    fn remove_half(k: &FlowKey) {
+        // Gone already (evicted) is as good.
+        let _ = HALF_OPEN.remove(&key4(k));
     }
 
     #[inline(always)]
@@ -105,6 +138,21 @@ impl Family for V6 {
     #[inline(always)]
     fn insert(k: &FlowKey, e: &FlowEntry6) -> Result<(), i32> {
         FLOWS6.insert(k, e, 0)
+    }
+
+    #[inline(always)]
+    fn lookup_half(k: &FlowKey) -> Option<*mut FlowEntry6> {
+        HALF_OPEN6.get_ptr_mut(k)
+    }
+
+    #[inline(always)]
+    fn insert_half(k: &FlowKey, e: &FlowEntry6) -> Result<(), i32> {
+        HALF_OPEN6.insert(k, e, 0)
+    }
+
+    #[inline(always)]
+    fn remove_half(k: &FlowKey) {
+        let _ = HALF_OPEN6.remove(k);
     }
 
     #[inline(always)]

@@ -20,6 +20,7 @@ use crate::{
     family::Family,
     flow::{close_flags, closed},
     frame::{Frame, TCP_ACK, TCP_SYN},
+    handshake::completes,
     maps::{account, count, CONTROL, PREVIEW, SETTINGS},
     service::{no_backend, pick, vip_source},
     stateless::stateless,
@@ -56,14 +57,25 @@ fn choose_colour(word: u32, service: u32, key: &FlowKey, orphan: bool) -> (u32, 
     (active, false)
 }
 
-/// Client → VIP, with the flow's record if it has one.
+/// Where a flow's record was found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// In the flow table (or none found: a new flow).
+    Table,
+    /// In the half-open table (`handshake.rs`).
+    HalfOpen,
+}
+
+/// Client → VIP, with the flow's record if it has one (and where).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn to_backend<C: Packet, F: Family>(
     ctx: &C,
     f: &Frame,
     key: &FlowKey,
     service: u32,
     entry: Option<&mut F::Entry>,
+    held: Held,
     now: u64,
     cache: &Cache,
 ) -> u32 {
@@ -93,9 +105,9 @@ pub fn to_backend<C: Packet, F: Family>(
     // The backend of an entry this packet replaces (port reuse after close
     // or idle).
     let mut replaced: Option<(Addr, u16)> = None;
-    if let Some(entry) = entry {
-        let peer = F::peer(entry);
-        let entry = F::flow(entry);
+    if let Some(full) = entry {
+        let peer = F::peer(full);
+        let entry = F::flow(full);
         replaced = Some((peer, entry.peer_port));
         if !expired(entry, f, syn, now) {
             if now.wrapping_sub(entry.last_seen) > cache.fresh.refresh {
@@ -107,6 +119,17 @@ pub fn to_backend<C: Packet, F: Family>(
             }
             count(global::FLOW_HITS);
             account(entry.backend_stat as u32, f.frame_len, false, false);
+            let promote = held == Held::HalfOpen && !syn && completes(ctx, f, entry);
+            if held == Held::HalfOpen && !promote {
+                // Not yet the flow table's: forwarded by its half-open
+                // record, and not cached (the cached path would not
+                // complete it).
+                if ctx.rewrite(f, Side::Dst, &peer, entry.peer_port).is_none() {
+                    count(global::MALFORMED);
+                    return C::PASS;
+                }
+                return send(ctx, f, Nh::forward(entry), now, cache.fresh, None, false);
+            }
             if ctx.rewrite(f, Side::Dst, &peer, entry.peer_port).is_none() {
                 count(global::MALFORMED);
                 return C::PASS;
@@ -122,6 +145,18 @@ pub fn to_backend<C: Packet, F: Family>(
                     entry,
                     Dir6::Forward { backend: &peer },
                 );
+            }
+            if promote {
+                // The handshake is complete: the record (as this packet
+                // left it) moves to the flow table, the copy first so some
+                // table always has it. Nothing reads it here afterwards: a
+                // deleted element of a preallocated map is reused at once.
+                if F::insert(key, full).is_err() {
+                    count(global::FLOW_INSERT_FAILED);
+                } else {
+                    F::remove_half(key);
+                    count(global::PROMOTED);
+                }
             }
             return action;
         }
@@ -141,6 +176,10 @@ pub fn to_backend<C: Packet, F: Family>(
             (colour, slot, false)
         }
         _ => {
+            if orphan {
+                // Its record was evicted, or it is older than the table.
+                count(global::RECORD_MISSING);
+            }
             let (colour, preview) = choose_colour(word, service, key, orphan);
             (colour, control::slot(word, colour), preview)
         }
@@ -178,20 +217,26 @@ pub fn to_backend<C: Packet, F: Family>(
         None,
         true,
     );
-    record::<C, F>(ctx, key, rec);
+    // A TCP flow waits in the half-open table until its handshake
+    // completes (`handshake.rs`), unless it replaces a record of the flow
+    // table (port reuse: that record must not outlive it there).
+    let half = f.proto == PROTO_TCP && !(replaced.is_some() && held == Held::Table);
+    record::<C, F>(ctx, key, rec, half);
     if action == C::PASS {
         too_big_after(ctx);
     }
     if F::V4 {
-        forget_replaced(cache, F::flow(rec), f, replaced, &b.addr, b.port);
+        forget_replaced(cache, F::flow(rec), f, replaced, &b.addr, b.port, half);
     } else {
-        fill6(
-            Tuple::key(key),
-            cache.shift,
-            cache.fresh,
-            F::flow(rec),
-            Dir6::Forward { backend: &b.addr },
-        );
+        if !half {
+            fill6(
+                Tuple::key(key),
+                cache.shift,
+                cache.fresh,
+                F::flow(rec),
+                Dir6::Forward { backend: &b.addr },
+            );
+        }
         if let Some((old, old_port)) = replaced {
             if (old, old_port) != (b.addr, b.port) {
                 // The old backend's late packets are no replies of the new
@@ -222,14 +267,18 @@ fn forget_replaced(
     replaced: Option<(Addr, u16)>,
     addr: &Addr,
     port: u16,
+    half: bool,
 ) {
     // A replaced entry (port reuse after close or idle) needs no
     // invalidation elsewhere: after idle, every CPU's slot of the flow is
     // older than the refresh; after a close, slots on other CPUs would
     // matter only if one 5-tuple's packets came in on two CPUs within the
     // refresh of the new SYN (RSS keeps a 5-tuple on one queue). The old
-    // backend's reply slot is cleared below (on this CPU).
-    fill(cache, fwd, Dir::Forward);
+    // backend's reply slot is cleared below (on this CPU). A half-open
+    // record is not cached: its packets must reach it to complete it.
+    if !half {
+        fill(cache, fwd, Dir::Forward);
+    }
     if let Some((old, old_port)) = replaced {
         if (old[0], old_port) != (addr[0], port) {
             // The old backend's late packets are no replies of the new flow:
@@ -307,10 +356,17 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
     syn && (closed(entry.flags) || idle > s.tcp_idle)
 }
 
-/// Writes a new flow's record (replies find it through `REPLY_SOURCES`).
+/// Writes a new flow's record (replies find it through `REPLY_SOURCES`),
+/// in the half-open table if `half`.
 #[inline(always)]
-fn record<C: Packet, F: Family>(ctx: &C, key: &FlowKey, rec: &F::Entry) {
-    if let Err(e) = F::insert(key, rec) {
+fn record<C: Packet, F: Family>(ctx: &C, key: &FlowKey, rec: &F::Entry, half: bool) {
+    let done = if half {
+        count(global::HALF_OPEN);
+        F::insert_half(key, rec)
+    } else {
+        F::insert(key, rec)
+    };
+    if let Err(e) = done {
         count(global::FLOW_INSERT_FAILED);
         if events::gate(global::FLOW_INSERT_FAILED) {
             let peer = F::peer(rec);

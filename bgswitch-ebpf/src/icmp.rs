@@ -130,7 +130,7 @@ fn match_quote<F: Family>(q: &Quote, family: u8) -> Option<Translation> {
             family,
             _pad: [0; 2],
         };
-        let e = F::lookup(&key)?;
+        let e = F::lookup_any(&key)?;
         // SAFETY: LRU values stay valid for the program's run (RCU); read
         // only.
         let e = unsafe { &mut *e };
@@ -156,7 +156,7 @@ fn match_quote<F: Family>(q: &Quote, family: u8) -> Option<Translation> {
         family,
         _pad: [0; 2],
     };
-    let e = F::lookup(&key)?;
+    let e = F::lookup_any(&key)?;
     // SAFETY: as above.
     let e = unsafe { &mut *e };
     let (backend, bport) = (F::peer(e), F::flow(e).peer_port);

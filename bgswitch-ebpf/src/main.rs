@@ -20,6 +20,7 @@
 mod cache;
 mod cache6;
 mod forward;
+mod handshake;
 mod icmp;
 mod parse;
 mod path;

@@ -22,6 +22,9 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entri
 /// 32-bit store (a map update is a memcpy of unspecified width).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// `BPF_F_NO_COMMON_LRU`: an LRU hash with one LRU list per CPU.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 /// Per-service control word (see `bgswitch_common::control`).
 #[map]
 pub static CONTROL: Array<u32> = Array::with_max_entries(MAX_SERVICES, BPF_F_MMAPABLE);
@@ -59,6 +62,22 @@ pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
 #[map]
 pub static FLOWS6: LruHashMap<FlowKey, FlowEntry6> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Half-open TCP flows (IPv4), keyed and valued like `FLOWS`: a SYN's
+/// record stays here until the client's ACK completes the handshake (it
+/// acknowledges the backend's SYN-ACK), and only then moves to `FLOWS`. A
+/// flood of SYNs from spoofed sources churns this table alone: it cannot
+/// evict an established connection's record. Per-CPU LRU lists
+/// (`BPF_F_NO_COMMON_LRU`): an insert takes no lock shared between CPUs.
+/// The daemon sizes it from `max_flows` (`half_open_slots`).
+#[map]
+pub static HALF_OPEN: LruHashMap<FlowKey4, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+
+/// Half-open TCP flows (IPv6), as `HALF_OPEN`.
+#[map]
+pub static HALF_OPEN6: LruHashMap<FlowKey, FlowEntry6> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 
 /// The XDP programs the XDP entry point tail-calls (`bgswitch_common::tail`);
 /// filled by the daemon when it loads them; pinned (the kernel empties a

@@ -15,9 +15,11 @@ use crate::{
     context::Packet,
     family::{V4, V6},
     flow::flow_key,
-    forward::to_backend,
+    forward::{to_backend, Held},
     frame::{Frame, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{count, FLOWS, FLOWS6, FLOW_CACHE, REPLY_SOURCES, SERVICES, SETTINGS},
+    maps::{
+        count, FLOWS, FLOWS6, FLOW_CACHE, HALF_OPEN, HALF_OPEN6, REPLY_SOURCES, SERVICES, SETTINGS,
+    },
     reply::{from_backend, hashed_here, stateless_reply},
     service::{control_word, maybe},
     stateless::{stateless, stateless_service},
@@ -93,7 +95,34 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             // SAFETY: LRU values stay valid for the program's run (RCU);
             // fields are read and written as whole integers.
             let entry = unsafe { &mut *e };
-            return to_backend::<_, V4>(ctx, f, &key, entry.service, Some(entry), now, &cache);
+            let service = entry.service;
+            return to_backend::<_, V4>(
+                ctx,
+                f,
+                &key,
+                service,
+                Some(entry),
+                Held::Table,
+                now,
+                &cache,
+            );
+        }
+        if f.proto == PROTO_TCP {
+            if let Some(e) = HALF_OPEN.get_ptr_mut(&cache.key) {
+                // SAFETY: as above.
+                let entry = unsafe { &mut *e };
+                let service = entry.service;
+                return to_backend::<_, V4>(
+                    ctx,
+                    f,
+                    &key,
+                    service,
+                    Some(entry),
+                    Held::HalfOpen,
+                    now,
+                    &cache,
+                );
+            }
         }
         let skey = ServiceKey {
             addr: f.dst,
@@ -103,7 +132,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         };
         // SAFETY: the value is a plain Copy integer read once.
         if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            return to_backend::<_, V4>(ctx, f, &key, svc.id, None, now, &cache);
+            return to_backend::<_, V4>(ctx, f, &key, svc.id, None, Held::Table, now, &cache);
         }
     }
     if !maybe(ADDR_FILTER_WORDS, &f.src) {
@@ -143,11 +172,19 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             _pad0: 0,
             _pad1: 0,
         };
-        if let Some(e) = FLOWS.get_ptr_mut(&fkey) {
+        let held = match FLOWS.get_ptr_mut(&fkey) {
+            Some(e) => Some((e, Held::Table)),
+            None if f.proto == PROTO_TCP => {
+                HALF_OPEN.get_ptr_mut(&fkey).map(|e| (e, Held::HalfOpen))
+            }
+            None => None,
+        };
+        if let Some((e, held)) = held {
             // SAFETY: as above.
             let entry = unsafe { &mut *e };
             if entry.peer == f.src[0] && entry.peer_port == f.sport {
-                return from_backend::<_, V4>(ctx, f, entry, &[vip, 0, 0, 0], vport, now, &cache);
+                let vip = [vip, 0, 0, 0];
+                return from_backend::<_, V4>(ctx, f, entry, held, &vip, vport, now, &cache);
             }
         }
         // In a transition, a connection of the last stateless period that
@@ -199,11 +236,18 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     if maybe(0, &f.dst) {
         // The 5-tuple is the table's key.
         let key = flow_key(f);
-        if let Some(e) = FLOWS6.get_ptr_mut(&key) {
+        let held = match FLOWS6.get_ptr_mut(&key) {
+            Some(e) => Some((e, Held::Table)),
+            None if f.proto == PROTO_TCP => {
+                HALF_OPEN6.get_ptr_mut(&key).map(|e| (e, Held::HalfOpen))
+            }
+            None => None,
+        };
+        if let Some((e, held)) = held {
             // SAFETY: as in `handle`.
             let entry = unsafe { &mut *e };
             let service = entry.e.service;
-            return to_backend::<_, V6>(ctx, f, &key, service, Some(entry), now, &cache);
+            return to_backend::<_, V6>(ctx, f, &key, service, Some(entry), held, now, &cache);
         }
         let skey = ServiceKey {
             addr: f.dst,
@@ -213,7 +257,7 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         };
         // SAFETY: the value is a plain Copy integer read once.
         if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            return to_backend::<_, V6>(ctx, f, &key, svc.id, None, now, &cache);
+            return to_backend::<_, V6>(ctx, f, &key, svc.id, None, Held::Table, now, &cache);
         }
     }
     if !maybe(ADDR_FILTER_WORDS, &f.src) {
@@ -238,11 +282,18 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             family: f.family,
             _pad: [0; 2],
         };
-        if let Some(e) = FLOWS6.get_ptr_mut(&fkey) {
+        let held = match FLOWS6.get_ptr_mut(&fkey) {
+            Some(e) => Some((e, Held::Table)),
+            None if f.proto == PROTO_TCP => {
+                HALF_OPEN6.get_ptr_mut(&fkey).map(|e| (e, Held::HalfOpen))
+            }
+            None => None,
+        };
+        if let Some((e, held)) = held {
             // SAFETY: as above.
             let entry = unsafe { &mut *e };
             if entry.peer6 == f.src && entry.e.peer_port == f.sport {
-                return from_backend::<_, V6>(ctx, f, entry, &vip, vport, now, &cache);
+                return from_backend::<_, V6>(ctx, f, entry, held, &vip, vport, now, &cache);
             }
         }
     }

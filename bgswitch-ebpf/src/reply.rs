@@ -12,7 +12,9 @@ use crate::{
     context::{Packet, Side},
     family::Family,
     flow::close_flags,
+    forward::Held,
     frame::{Frame, TCP_ACK, TCP_RST, TCP_SYN},
+    handshake::backend_said,
     maps::{account, count, SERVICE_STATS},
     service::pick,
     transmit::{resolve, send, transmit, Nh},
@@ -21,10 +23,12 @@ use crate::{
 /// Backend → client: a reply of a flow we forwarded gets the VIP back as its
 /// source (either family; `vip[0]` is an IPv4 VIP).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn from_backend<C: Packet, F: Family>(
     ctx: &C,
     f: &Frame,
     entry: &mut F::Entry,
+    held: Held,
     vip: &Addr,
     vport: u16,
     now: u64,
@@ -53,6 +57,9 @@ pub fn from_backend<C: Packet, F: Family>(
         if mirror != 0 {
             entry.flags |= mirror;
         }
+        if held == Held::HalfOpen {
+            backend_said(ctx, f, entry);
+        }
     }
     account(stat, f.frame_len, false, true);
     count(global::REPLIES);
@@ -61,6 +68,10 @@ pub fn from_backend<C: Packet, F: Family>(
         return C::PASS;
     }
     let action = send(ctx, f, Nh::reply(entry), now, cache.fresh, None, false);
+    if held == Held::HalfOpen {
+        // Cached once the record is the flow table's.
+        return action;
+    }
     if F::V4 {
         fill(cache, entry, Dir::Reply { vip: vip[0], vport });
     } else {

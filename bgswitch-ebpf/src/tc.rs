@@ -37,6 +37,16 @@ use crate::{
 /// length (or the frame's, if shorter) when it holds less.
 pub const HEADERS: u32 = (EthHdr::LEN + Ipv6Hdr::LEN + 256 + 60) as u32;
 
+/// The context's socket buffer, as a value LLVM cannot see through: each
+/// read of `data` and `data_end` then loads at its offset from the context
+/// pointer itself. Otherwise LLVM keeps `ctx + 76` and `ctx + 80` in
+/// registers for the whole path, and the verifier refuses a load through a
+/// context pointer so moved ("dereference of modified ctx ptr").
+#[inline(always)]
+fn opaque(ctx: &TcContext) -> *mut aya_ebpf::bindings::__sk_buff {
+    core::hint::black_box(ctx.skb.skb)
+}
+
 /// Makes the headers readable directly (see [`HEADERS`]). A frame whose
 /// data cannot be pulled is parsed as it is (and found short, passed).
 #[inline(always)]
@@ -60,12 +70,18 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn data(&self) -> usize {
-        TcContext::data(self)
+        // SAFETY: the context's own socket buffer. Volatile, like the
+        // other fields below: every read a load at its offset from the
+        // context pointer itself. Plain loads let LLVM keep `ctx + 76` and
+        // `ctx + 80` in registers across the path, and the verifier
+        // refuses a load through a context pointer so moved.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*opaque(self)).data)) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        TcContext::data_end(self)
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*opaque(self)).data_end)) as usize }
     }
 
     #[inline(always)]
@@ -75,20 +91,20 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn gso_size(&self) -> u32 {
-        // SAFETY: the context's own socket buffer.
-        unsafe { (*self.skb.skb).gso_size }
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.skb.skb).gso_size)) }
     }
 
     #[inline(always)]
     fn vlan_tagged(&self) -> bool {
         // SAFETY: as above.
-        unsafe { (*self.skb.skb).vlan_present != 0 }
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.skb.skb).vlan_present)) != 0 }
     }
 
     #[inline(always)]
     fn ingress(&self) -> u32 {
         // SAFETY: as above (at clsact ingress, the receiving device).
-        unsafe { (*self.skb.skb).ifindex }
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.skb.skb).ifindex)) }
     }
 
     #[inline(always)]

@@ -1,19 +1,21 @@
-//! Reading the flow tables, `FLOWS` (IPv4) and `FLOWS6` (IPv6), with
-//! BPF_MAP_LOOKUP_BATCH (off the daemon's loop when they are large) to
-//! count live, unanswered, preview and disagreeing flows, and flushing a
-//! service's flows from both.
+//! Reading the flow tables, `FLOWS` (IPv4) and `FLOWS6` (IPv6), and the
+//! half-open tables beside them (`HALF_OPEN`, `HALF_OPEN6`: TCP flows
+//! before their handshake completes), with BPF_MAP_LOOKUP_BATCH (off the
+//! daemon's loop when they are large) to count live, unanswered, preview
+//! and disagreeing flows, and flushing a service's flows from all four.
 
 use std::{
     collections::HashMap as StdHashMap,
     io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
     time::Duration,
 };
 
+use aya::maps::{HashMap, Map, MapData};
+
 use bgswitch_common::{
-    control, flow_flags, maps as names, Addr, Backend, FlowEntry, FlowEntry6, FlowKey, FlowKey4,
-    FAMILY_IPV4,
+    control, flow_flags, Addr, Backend, FlowEntry, FlowEntry6, FlowKey, FlowKey4, FAMILY_IPV4,
 };
 
 use super::{io_err, map_err, Dataplane, DataplaneError, Result};
@@ -59,12 +61,116 @@ pub const FLOW_BYTES_V6: usize = kernel_bytes_per_flow(
 /// A TCP SYN unanswered for this long counts as an error.
 pub const SYN_TIMEOUT_S: u64 = 2;
 
+/// A half-open record (a handshake not completed) idle this long is no
+/// longer live: a client retries its SYN within this time (Linux: after 1,
+/// 3, 7, 15 and 31 s), and a SYN flood's records stop holding up
+/// `--wait-drained` this long after the flood.
+pub const HALF_OPEN_LIVE_S: u64 = 32;
+
+/// One table of flows: its map, and a duplicate of its descriptor for
+/// batch reads (aya 0.14 has no batch API).
+pub(super) struct Table<K, V> {
+    name: &'static str,
+    map: HashMap<MapData, K, V>,
+    fd: OwnedFd,
+}
+
+impl<K: aya::Pod + Default, V: aya::Pod + Default> Table<K, V> {
+    /// The LRU hash `map`, pinned or loaded as `name`.
+    pub(super) fn open(name: &'static str, map: Map) -> Result<Self> {
+        let fd = match &map {
+            Map::LruHashMap(d) => d
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("duplicating the fd of", Path::new(name)))?,
+            _ => {
+                return Err(DataplaneError::Invalid(format!(
+                    "{name} is not an LRU hash"
+                )))
+            }
+        };
+        let map = HashMap::try_from(map).map_err(map_err(name, "open"))?;
+        Ok(Table { name, map, fd })
+    }
+
+    /// Every entry: read in batches (BPF_MAP_LOOKUP_BATCH, thousands of
+    /// entries per syscall), or entry by entry where the kernel refuses
+    /// batches.
+    fn entries(&self) -> Result<Vec<(K, V)>> {
+        match lookup_batch::<K, V>(self.fd.as_fd()) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
+                let mut v = Vec::new();
+                for item in self.map.iter() {
+                    match item {
+                        Ok(kv) => v.push(kv),
+                        // Evicted between "next key" and "lookup": skip it.
+                        Err(aya::maps::MapError::KeyNotFound) => continue,
+                        Err(e) => return Err(map_err(self.name, "iterate")(e)),
+                    }
+                }
+                Ok(v)
+            }
+            Err(e) => Err(DataplaneError::Io {
+                op: "BPF_MAP_LOOKUP_BATCH on",
+                path: self.name.into(),
+                source: e,
+            }),
+        }
+    }
+
+    /// A descriptor of the table for a read on another thread.
+    fn dup(&self) -> Result<OwnedFd> {
+        self.fd.try_clone().map_err(io_err(
+            "duplicating the descriptor of",
+            Path::new(self.name),
+        ))
+    }
+
+    /// Removes the entries `doomed` picks; how many it removed (one gone
+    /// meanwhile does not count).
+    fn remove_where(&mut self, doomed: impl Fn(&V) -> bool) -> Result<u64> {
+        let keys: Vec<K> = self
+            .entries()?
+            .into_iter()
+            .filter(|(_, v)| doomed(v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in keys {
+            match self.map.remove(&k) {
+                Ok(()) => removed += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(self.name, "remove")(e)),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// The flow tables of both families, and their half-open tables.
+pub(super) struct FlowTables {
+    pub(super) v4: Table<FlowKey4, FlowEntry>,
+    pub(super) v6: Table<FlowKey, FlowEntry6>,
+    pub(super) half4: Table<FlowKey4, FlowEntry>,
+    pub(super) half6: Table<FlowKey, FlowEntry6>,
+}
+
+/// Every entry of the four tables, as read at one time.
+#[derive(Default)]
+struct Entries {
+    v4: Vec<(FlowKey4, FlowEntry)>,
+    v6: Vec<(FlowKey, FlowEntry6)>,
+    half4: Vec<(FlowKey4, FlowEntry)>,
+    half6: Vec<(FlowKey, FlowEntry6)>,
+}
+
 /// A flow-table read prepared on the daemon's loop, to run on another
 /// thread (see `Dataplane::flow_scan`).
 pub struct FlowScan {
-    fd: std::os::fd::OwnedFd,
-    /// The IPv6 table's.
-    fd6: std::os::fd::OwnedFd,
+    /// The tables' descriptors, in `FlowTables`' order.
+    fds: [OwnedFd; 4],
     rules: FlowRules,
     /// The control word of each service in a transition when the scan was
     /// prepared (`Dataplane::end_transition` wants it unchanged).
@@ -72,12 +178,15 @@ pub struct FlowScan {
 }
 
 impl FlowScan {
-    /// Reads the whole flow tables, IPv4's and IPv6's (batches), and
-    /// counts them.
+    /// Reads the whole tables (batches), and counts them.
     pub fn count(&self) -> io::Result<StdHashMap<(u32, Colour), FlowCounts>> {
-        let v4 = lookup_batch::<FlowKey4, FlowEntry>(self.fd.as_fd())?;
-        let v6 = lookup_batch::<FlowKey, FlowEntry6>(self.fd6.as_fd())?;
-        Ok(self.rules.count_entries(v4, v6))
+        let [v4, v6, h4, h6] = &self.fds;
+        Ok(self.rules.count_entries(Entries {
+            v4: lookup_batch(v4.as_fd())?,
+            v6: lookup_batch(v6.as_fd())?,
+            half4: lookup_batch(h4.as_fd())?,
+            half6: lookup_batch(h6.as_fd())?,
+        }))
     }
 }
 
@@ -88,45 +197,48 @@ struct FlowRules {
     udp_idle: u64,
     tcp_idle: u64,
     syn_timeout: u64,
+    /// A half-open record's idle limit (`HALF_OPEN_LIVE_S`).
+    half_open_live: u64,
     /// The active pool of each service in a transition.
     choices: StdHashMap<u32, Vec<Backend>>,
 }
 
 impl FlowRules {
-    /// Counts the IPv4 and the IPv6 table's entries together: a service's
-    /// flows are all in one of them (one family per service).
-    fn count_entries(
-        &self,
-        v4: Vec<(FlowKey4, FlowEntry)>,
-        v6: Vec<(FlowKey, FlowEntry6)>,
-    ) -> StdHashMap<(u32, Colour), FlowCounts> {
+    /// Counts the tables' entries together: a service's flows are all of
+    /// one family (one family per service), established or half open.
+    fn count_entries(&self, all: Entries) -> StdHashMap<(u32, Colour), FlowCounts> {
         let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
-        for (k, e) in &v4 {
-            let key = FlowKey {
-                src: [k.src, 0, 0, 0],
-                dst: [k.dst, 0, 0, 0],
-                sport: k.sport,
-                dport: k.dport,
-                proto: k.proto,
-                family: FAMILY_IPV4,
-                _pad: [0; 2],
-            };
-            self.count_flow(&mut out, &key, e, &[e.peer, 0, 0, 0]);
+        for (table, half) in [(&all.v4, false), (&all.half4, true)] {
+            for (k, e) in table {
+                let key = FlowKey {
+                    src: [k.src, 0, 0, 0],
+                    dst: [k.dst, 0, 0, 0],
+                    sport: k.sport,
+                    dport: k.dport,
+                    proto: k.proto,
+                    family: FAMILY_IPV4,
+                    _pad: [0; 2],
+                };
+                self.count_flow(&mut out, &key, e, &[e.peer, 0, 0, 0], half);
+            }
         }
-        for (key, e) in &v6 {
-            self.count_flow(&mut out, key, &e.e, &e.peer6);
+        for (table, half) in [(&all.v6, false), (&all.half6, true)] {
+            for (key, e) in table {
+                self.count_flow(&mut out, key, &e.e, &e.peer6, half);
+            }
         }
         out
     }
 
     /// Counts one flow (`key` as the client sent it, `peer` its backend's
-    /// address) into `out`.
+    /// address; `half`: a half-open record) into `out`.
     fn count_flow(
         &self,
         out: &mut StdHashMap<(u32, Colour), FlowCounts>,
         key: &FlowKey,
         e: &FlowEntry,
         peer: &Addr,
+        half: bool,
     ) {
         let now = self.now;
         let c = out
@@ -152,7 +264,12 @@ impl FlowRules {
             let closed = e.flags & flow_flags::RST != 0
                 || e.flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
                     == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND);
-            !closed && idle <= self.tcp_idle
+            let limit = if half {
+                self.tcp_idle.min(self.half_open_live)
+            } else {
+                self.tcp_idle
+            };
+            !closed && idle <= limit
         };
         if !live {
             return;
@@ -182,30 +299,30 @@ impl Dataplane {
     ) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
         let rules = self.flow_rules(udp_idle, tcp_idle)?;
         self.table_reads.set(self.table_reads.get() + 1);
-        Ok(rules.count_entries(self.flow_entries()?, self.flow_entries6()?))
+        let t = &self.flows;
+        Ok(rules.count_entries(Entries {
+            v4: t.v4.entries()?,
+            v6: t.v6.entries()?,
+            half4: t.half4.entries()?,
+            half6: t.half6.entries()?,
+        }))
     }
 
-    /// Whole reads of the flow tables (IPv4's and IPv6's, together) begun
-    /// through this handle: each takes about 0.8 s of a thread per million
-    /// flows.
+    /// Whole reads of the flow tables (both families', with their
+    /// half-open tables, together) begun through this handle: each takes
+    /// about 0.8 s of a thread per million flows.
     pub fn flow_table_reads(&self) -> u64 {
         self.table_reads.get()
     }
 
     /// The same count, prepared to run on another thread (the daemon's
-    /// event loop must not wait for a large table): a duplicate of the
-    /// table's descriptor and the clock read now. `FlowScan::count` reads
-    /// the table in batches only; where the kernel refuses batches it says
+    /// event loop must not wait for a large table): duplicates of the
+    /// tables' descriptors and the clock read now. `FlowScan::count` reads
+    /// the tables in batches only; where the kernel refuses batches it says
     /// so (`EINVAL`/`ENOTSUPP`) and `flow_counts` is the way.
     pub fn flow_scan(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowScan> {
-        let fd = self.flows_fd.try_clone().map_err(io_err(
-            "duplicating the descriptor of",
-            Path::new(names::FLOWS),
-        ))?;
-        let fd6 = self.flows6_fd.try_clone().map_err(io_err(
-            "duplicating the descriptor of",
-            Path::new(names::FLOWS6),
-        ))?;
+        let t = &self.flows;
+        let fds = [t.v4.dup()?, t.v6.dup()?, t.half4.dup()?, t.half6.dup()?];
         let rules = self.flow_rules(udp_idle, tcp_idle)?;
         let words = rules
             .choices
@@ -213,12 +330,7 @@ impl Dataplane {
             .map(|id| (*id, self.control.load(*id)))
             .collect();
         self.table_reads.set(self.table_reads.get() + 1);
-        Ok(FlowScan {
-            fd,
-            fd6,
-            rules,
-            words,
-        })
+        Ok(FlowScan { fds, rules, words })
     }
 
     fn flow_rules(&self, udp_idle: Duration, tcp_idle: Duration) -> Result<FlowRules> {
@@ -240,57 +352,9 @@ impl Dataplane {
             udp_idle: self.clock.ticks(udp_idle),
             tcp_idle: self.clock.ticks(tcp_idle),
             syn_timeout: SYN_TIMEOUT_S * self.clock.hz,
+            half_open_live: HALF_OPEN_LIVE_S * self.clock.hz,
             choices,
         })
-    }
-
-    /// Every entry of the flow table: read in batches (BPF_MAP_LOOKUP_BATCH,
-    /// thousands of entries per syscall), or entry by entry where the kernel
-    /// refuses batches.
-    fn flow_entries(&self) -> Result<Vec<(FlowKey4, FlowEntry)>> {
-        match lookup_batch::<FlowKey4, FlowEntry>(self.flows_fd.as_fd()) {
-            Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
-                let mut v = Vec::new();
-                for item in self.flows.iter() {
-                    match item {
-                        Ok(kv) => v.push(kv),
-                        // Evicted between "next key" and "lookup": skip it.
-                        Err(aya::maps::MapError::KeyNotFound) => continue,
-                        Err(e) => return Err(map_err(names::FLOWS, "iterate")(e)),
-                    }
-                }
-                Ok(v)
-            }
-            Err(e) => Err(DataplaneError::Io {
-                op: "BPF_MAP_LOOKUP_BATCH on",
-                path: names::FLOWS.into(),
-                source: e,
-            }),
-        }
-    }
-
-    /// Every entry of the IPv6 flow table, as `flow_entries`.
-    fn flow_entries6(&self) -> Result<Vec<(FlowKey, FlowEntry6)>> {
-        match lookup_batch::<FlowKey, FlowEntry6>(self.flows6_fd.as_fd()) {
-            Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
-                let mut v = Vec::new();
-                for item in self.flows6.iter() {
-                    match item {
-                        Ok(kv) => v.push(kv),
-                        Err(aya::maps::MapError::KeyNotFound) => continue,
-                        Err(e) => return Err(map_err(names::FLOWS6, "iterate")(e)),
-                    }
-                }
-                Ok(v)
-            }
-            Err(e) => Err(DataplaneError::Io {
-                op: "BPF_MAP_LOOKUP_BATCH on",
-                path: names::FLOWS6.into(),
-                source: e,
-            }),
-        }
     }
 
     /// Forgets every flow of service `id` not on `keep` (both directions), so
@@ -312,52 +376,25 @@ impl Dataplane {
         self.flush(id, None)
     }
 
+    /// Removes the flows of `id` (not on `keep`) from the four tables.
     pub(super) fn flush(&mut self, id: u32, keep: Option<Colour>) -> Result<u64> {
         let doomed =
             |e: &FlowEntry| e.service == id && keep.is_none_or(|k| e.colour as u32 != k.index());
-        let doomed4: Vec<FlowKey4> = self
-            .flow_entries()?
-            .into_iter()
-            .filter(|(_, e)| doomed(e))
-            .map(|(k, _)| k)
-            .collect();
-        let doomed6: Vec<FlowKey> = self
-            .flow_entries6()?
-            .into_iter()
-            .filter(|(_, e)| doomed(&e.e))
-            .map(|(k, _)| k)
-            .collect();
-        let mut moved = 0;
-        let mut result = Ok(());
-        for k in doomed4 {
-            match self.flows.remove(&k) {
-                Ok(()) => moved += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => {
-                    result = Err(map_err(names::FLOWS, "remove")(e));
-                    break;
-                }
-            }
-        }
-        if result.is_ok() {
-            for k in doomed6 {
-                match self.flows6.remove(&k) {
-                    Ok(()) => moved += 1,
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => {
-                        result = Err(map_err(names::FLOWS6, "remove")(e));
-                        break;
-                    }
-                }
-            }
-        }
+        let t = &mut self.flows;
+        let mut remove = || -> Result<u64> {
+            Ok(t.v4.remove_where(doomed)?
+                + t.v6.remove_where(|e| doomed(&e.e))?
+                + t.half4.remove_where(doomed)?
+                + t.half6.remove_where(|e| doomed(&e.e))?)
+        };
+        let result = remove();
         // After the deletions: per-CPU cache slots of deleted flows stop
         // being used (a CPU that reads the new generation no longer finds
-        // the entries).
-        if moved > 0 || result.is_err() {
+        // the entries). Half-open records are never cached.
+        if result.as_ref().is_ok_and(|n| *n > 0) || result.is_err() {
             self.bump_flow_gen();
         }
-        result.map(|()| moved)
+        result
     }
 }
 
@@ -431,6 +468,7 @@ mod tests {
             udp_idle: 3_000,
             tcp_idle: 100_000,
             syn_timeout: 200,
+            half_open_live: 3_200,
             choices,
         }
     }
@@ -501,7 +539,11 @@ mod tests {
                 },
             ),
         ];
-        let out = rules(StdHashMap::new()).count_entries(v4, v6);
+        let out = rules(StdHashMap::new()).count_entries(Entries {
+            v4,
+            v6,
+            ..Default::default()
+        });
         assert_eq!(out[&(1, Colour::Blue)].live, 1);
         let g = out[&(2, Colour::Green)];
         assert_eq!((g.recorded, g.live, g.unanswered), (3, 2, 1));
@@ -537,10 +579,14 @@ mod tests {
             },
         };
         let r = rules(StdHashMap::from([(5, pool)]));
-        let out = r.count_entries(vec![], vec![(key, rec([10, 11, 12, 13]))]);
+        let only6 = |e| Entries {
+            v6: vec![(key, e)],
+            ..Default::default()
+        };
+        let out = r.count_entries(only6(rec([10, 11, 12, 13])));
         assert_eq!(out[&(5, Colour::Blue)].disagreeing, 0);
         // Same first word, another address: another backend.
-        let out = r.count_entries(vec![], vec![(key, rec([10, 11, 12, 14]))]);
+        let out = r.count_entries(only6(rec([10, 11, 12, 14])));
         assert_eq!(out[&(5, Colour::Blue)].disagreeing, 1);
     }
 }

@@ -25,8 +25,13 @@ use bgswitch_common::{
 };
 
 use super::{
-    bpffs, clock::Clock, flow_gen::GenCounter, hook, io_err, map_err, mapped::MappedArray, pins,
-    Dataplane, DataplaneError, LoadOptions, Result, BPF_F_MMAPABLE,
+    bpffs,
+    clock::Clock,
+    flow_gen::GenCounter,
+    flows::{FlowTables, Table},
+    hook, io_err, map_err,
+    mapped::MappedArray,
+    pins, Dataplane, DataplaneError, LoadOptions, Result, BPF_F_MMAPABLE,
 };
 use crate::paths;
 
@@ -34,7 +39,7 @@ use crate::paths;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bgswitch"));
 
 /// The expected shape of each map, checked against pins before adopting them.
-fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 18] {
+fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32); 20] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -103,6 +108,22 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             sz(size_of::<FlowEntry6>()),
             max_flows,
             0,
+        ),
+        (
+            names::HALF_OPEN,
+            MapType::LruHash,
+            sz(size_of::<FlowKey4>()),
+            sz(size_of::<FlowEntry>()),
+            half_open_slots(max_flows),
+            BPF_F_NO_COMMON_LRU,
+        ),
+        (
+            names::HALF_OPEN6,
+            MapType::LruHash,
+            sz(size_of::<FlowKey>()),
+            sz(size_of::<FlowEntry6>()),
+            half_open_slots(max_flows),
+            BPF_F_NO_COMMON_LRU,
         ),
         (
             names::SETTINGS,
@@ -228,6 +249,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, opts.max_flows);
         loader.map_max_entries(names::FLOWS6, opts.max_flows);
+        loader.map_max_entries(names::HALF_OPEN, half_open_slots(opts.max_flows));
+        loader.map_max_entries(names::HALF_OPEN6, half_open_slots(opts.max_flows));
         let cache_slots = flow_cache_slots(opts.max_flows);
         // One region of `cache_slots` per CPU id (see the map's doc).
         let cpu_ids = cpu_id_bound();
@@ -307,36 +330,12 @@ impl Dataplane {
             .map_err(map_err(names::POOL_SIZES, "open"))?;
         let backends =
             Array::try_from(take(names::BACKENDS)?).map_err(map_err(names::BACKENDS, "open"))?;
-        let flows_map = take(names::FLOWS)?;
-        let flows_fd = match &flows_map {
-            Map::LruHashMap(d) => {
-                d.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| DataplaneError::Io {
-                        op: "duplicating the fd of",
-                        path: names::FLOWS.into(),
-                        source: e,
-                    })?
-            }
-            _ => return Err(DataplaneError::Invalid("FLOWS is not an LRU hash".into())),
+        let flows = FlowTables {
+            v4: Table::open(names::FLOWS, take(names::FLOWS)?)?,
+            v6: Table::open(names::FLOWS6, take(names::FLOWS6)?)?,
+            half4: Table::open(names::HALF_OPEN, take(names::HALF_OPEN)?)?,
+            half6: Table::open(names::HALF_OPEN6, take(names::HALF_OPEN6)?)?,
         };
-        let flows = HashMap::try_from(flows_map).map_err(map_err(names::FLOWS, "open"))?;
-        let flows6_map = take(names::FLOWS6)?;
-        let flows6_fd = match &flows6_map {
-            Map::LruHashMap(d) => {
-                d.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| DataplaneError::Io {
-                        op: "duplicating the fd of",
-                        path: names::FLOWS6.into(),
-                        source: e,
-                    })?
-            }
-            _ => return Err(DataplaneError::Invalid("FLOWS6 is not an LRU hash".into())),
-        };
-        let flows6 = HashMap::try_from(flows6_map).map_err(map_err(names::FLOWS6, "open"))?;
         let settings =
             Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
         let tx_ports = DevMapHash::try_from(take(names::TX_PORTS)?)
@@ -391,9 +390,6 @@ impl Dataplane {
             pool_sizes,
             backends,
             flows,
-            flows_fd,
-            flows6,
-            flows6_fd,
             settings,
             tx_ports,
             attached,
@@ -498,6 +494,18 @@ impl Dataplane {
     pub fn flow_cache_slots(&self) -> u32 {
         self.cache_slots
     }
+}
+
+/// `BPF_F_NO_COMMON_LRU`: the half-open tables keep one LRU list per CPU.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// The size of each half-open table (TCP flows between their SYN and the
+/// client's ACK, and connections whose record was missing, see
+/// `bgswitch-ebpf/src/handshake.rs`): a quarter of `max_flows`, at least
+/// 1024. Honest handshakes stay in it for one round trip; a SYN flood
+/// churns it, and only it.
+pub fn half_open_slots(max_flows: u32) -> u32 {
+    (max_flows / 4).max(1024)
 }
 
 /// The per-CPU flow cache's size: the flows one CPU would see if `max_flows`

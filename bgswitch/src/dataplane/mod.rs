@@ -42,7 +42,6 @@ use std::{
     cell::Cell,
     collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     io,
-    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
@@ -54,8 +53,8 @@ use aya::{
     Ebpf,
 };
 use bgswitch_common::{
-    global, Backend, BackendStats, ColourStats, FlowEntry, FlowEntry6, FlowKey, FlowKey4,
-    PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
+    global, Backend, BackendStats, ColourStats, PreviewKey, ReplySource, ServiceKey, ServiceValue,
+    Settings,
 };
 
 pub use attach::{ifindex, ifname, Attachment};
@@ -65,7 +64,7 @@ pub use flows::{
     kernel_bytes_per_flow, FlowCounts, FlowScan, FLOW_BYTES_V4, FLOW_BYTES_V6, SYN_TIMEOUT_S,
 };
 pub use hook::AttachMode;
-pub use load::cpu_id_bound;
+pub use load::{cpu_id_bound, half_open_slots};
 pub use pins::{lock_pins, remove_pins, PinLock};
 pub use services::{addr_of, backend_of, backend_stat_id, service_key};
 
@@ -167,13 +166,8 @@ pub struct Dataplane {
     control: MappedArray,
     pool_sizes: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    flows: HashMap<MapData, FlowKey4, FlowEntry>,
-    /// The same map, for batch reads (aya 0.14 has no batch API).
-    flows_fd: OwnedFd,
-    /// The IPv6 flow table (keyed by the whole 5-tuple), and its descriptor
-    /// for batch reads.
-    flows6: HashMap<MapData, FlowKey, FlowEntry6>,
-    flows6_fd: OwnedFd,
+    /// The flow tables and the half-open tables, both families.
+    flows: flows::FlowTables,
     settings: Array<MapData, Settings>,
     /// Where the XDP program redirects: the XDP attachments.
     tx_ports: DevMapHash<MapData>,
