@@ -15,13 +15,15 @@
 //! `run` (the loop and its tick), `start` (start-up and adoption),
 //! `apply` (the config applied, reload), `changes` (requests that change a
 //! service), `guards` (watch and confirm), `probes` (health), `scans`
-//! (flow-table scans, transitions), `status`, `kernel_log`.
+//! (flow-table scans, transitions), `pressure` (warnings of a flow table
+//! under pressure), `status`, `kernel_log`.
 
 mod apply;
 mod changes;
 mod event;
 mod guards;
 mod kernel_log;
+mod pressure;
 mod probes;
 mod run;
 mod scans;
@@ -72,6 +74,8 @@ pub struct Daemon {
     /// cannot end (live records still disagree), a whole-table read at most
     /// every `TRANSITION_SCAN_EVERY`.
     transition_scan_at: Option<std::time::Instant>,
+    /// The flow-table counters as last read (`pressure`).
+    pressure: pressure::Pressure,
     _lock: File,
 }
 

@@ -205,7 +205,8 @@ impl Daemon {
     }
 
     /// The store's upkeep and the guards; every second, the interfaces,
-    /// the routing rules and the transitions that may end.
+    /// the routing rules, the transitions that may end and the flow
+    /// table's pressure.
     fn on_tick(&mut self) {
         self.ticks += 1;
         self.store.upkeep(&self.state);
@@ -215,6 +216,7 @@ impl Daemon {
             }
             self.check_rules();
             self.scan_for_transitions();
+            self.check_pressure();
         }
         self.check_guards();
     }

@@ -345,6 +345,7 @@ impl Daemon {
             scan_waiting: Vec::new(),
             rules_by_destination: false,
             transition_scan_at: None,
+            pressure: Default::default(),
             _lock: lock,
         };
         daemon.rules_by_destination = daemon.read_rules();
