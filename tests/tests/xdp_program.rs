@@ -47,9 +47,13 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::with_max_flows(4096)
+    }
+
+    fn with_max_flows(max_flows: u32) -> Fixture {
         let mut dp = Dataplane::load(&LoadOptions {
             bpffs: None,
-            max_flows: 4096,
+            max_flows,
         })
         .expect("load the XDP program (verifier)");
         dp.set_settings(
@@ -133,7 +137,7 @@ fn in_scratch_ns(f: impl FnOnce(&str) + Send) {
     in_netns(&name, || f(&name)).expect("enter the namespace");
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum L4 {
     Syn,
     SynAck,
@@ -141,6 +145,12 @@ enum L4 {
     Fin,
     Rst,
     Udp,
+}
+
+/// A global counter of the data plane, by name.
+fn global(dp: &Dataplane, name: &str) -> u64 {
+    let g = dp.global_stats().unwrap();
+    g.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v)
 }
 
 fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ttl: u8, payload: &[u8]) -> Vec<u8> {
@@ -156,7 +166,11 @@ fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ttl: u8, payload: &[u8]) 
             .write(&mut out, payload)
             .unwrap(),
         _ => {
-            let t = b.tcp(src.port(), dst.port(), 1000, 65535);
+            // The client's sequence numbers start at 1000, the backend's
+            // at 0: an ACK (acknowledging 1) completes the handshake a
+            // SYN-ACK began.
+            let seq = if l4 == L4::SynAck { 0 } else { 1000 };
+            let t = b.tcp(src.port(), dst.port(), seq, 65535);
             let t = match l4 {
                 L4::Syn => t.syn(),
                 L4::SynAck => t.syn().ack(1001),
@@ -395,6 +409,142 @@ fn non_syn_without_record_goes_to_the_active_colour_and_is_recorded() {
         fx.dp.set_active(0, Colour::Blue).unwrap();
         let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b"more"));
         assert_eq!(verify(&out).1, first, "recorded on its first packet");
+    });
+}
+
+/// A client's ACK acknowledging `ack` (`frame`'s ACKs acknowledge 1).
+fn ack_frame(src: SocketAddrV4, dst: SocketAddrV4, ack: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), 1000, 65535)
+        .ack(ack)
+        .write(&mut out, b"")
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_syn_waits_half_open_until_the_clients_ack_acknowledges_the_backends_syn_ack() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = SocketAddrV4::new(CLIENT, 43100);
+        let b = predicted(c, vip, PROTO_TCP, &blue());
+        let day = std::time::Duration::from_secs(86_400);
+        let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, b);
+        assert_eq!(global(&fx.dp, "half_open"), 1);
+        // Counted (it is a connection being opened on blue), not yet in FLOWS.
+        assert_eq!(
+            fx.dp.flow_counts(day, day).unwrap()[&(0, Colour::Blue)].live,
+            1
+        );
+        // An ACK before any SYN-ACK, and after it one acknowledging the
+        // wrong number (a blind guess): forwarded by the half-open record,
+        // not promoted.
+        let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b""));
+        assert_eq!(verify(&out).1, b);
+        let (_, out) = fx.run(&frame(b, c, L4::SynAck, 64, b""));
+        assert_eq!(verify(&out).0, vip, "the SYN-ACK is rewritten back");
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        let (_, out) = fx.run(&ack_frame(c, vip, 7));
+        assert_eq!(
+            verify(&out).1,
+            b,
+            "follows its half-open record across a flip"
+        );
+        assert_eq!(global(&fx.dp, "promoted"), 0);
+        // The ACK that acknowledges the SYN-ACK completes it.
+        let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b""));
+        assert_eq!(verify(&out).1, b);
+        assert_eq!(global(&fx.dp, "promoted"), 1);
+        let hits = global(&fx.dp, "flow_hits");
+        let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b"data"));
+        assert_eq!(verify(&out).1, b);
+        assert_eq!(global(&fx.dp, "flow_hits"), hits + 1);
+        let blue = fx.dp.flow_counts(day, day).unwrap()[&(0, Colour::Blue)];
+        assert_eq!((blue.recorded, blue.live), (1, 1), "one record, moved");
+        assert_eq!(global(&fx.dp, "record_missing"), 0);
+    });
+}
+
+#[test]
+fn a_connection_without_a_record_is_completed_only_once_its_backend_answers_other_than_rst() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let c = SocketAddrV4::new(CLIENT, 43200);
+        let b = predicted(c, vip, PROTO_TCP, &blue());
+        let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b"data"));
+        assert_eq!(verify(&out).1, b);
+        assert_eq!(global(&fx.dp, "record_missing"), 1);
+        assert_eq!(global(&fx.dp, "half_open"), 1);
+        // The backend resets it (a spoofed segment): never promoted.
+        fx.run(&frame(b, c, L4::Rst, 64, b""));
+        fx.run(&frame(c, vip, L4::Ack, 64, b""));
+        assert_eq!(global(&fx.dp, "promoted"), 0);
+        // Another such connection, which its backend answers: promoted at
+        // the client's next packet.
+        let c2 = SocketAddrV4::new(CLIENT, 43201);
+        let b2 = predicted(c2, vip, PROTO_TCP, &blue());
+        fx.run(&frame(c2, vip, L4::Ack, 64, b"data"));
+        fx.run(&frame(c2, vip, L4::Ack, 64, b""));
+        assert_eq!(
+            global(&fx.dp, "promoted"),
+            0,
+            "not before the backend answered"
+        );
+        let (_, out) = fx.run(&frame(b2, c2, L4::Ack, 64, b"reply"));
+        assert_eq!(verify(&out).0, vip);
+        fx.run(&frame(c2, vip, L4::Ack, 64, b""));
+        assert_eq!(global(&fx.dp, "promoted"), 1);
+        assert_eq!(global(&fx.dp, "record_missing"), 2);
+    });
+}
+
+#[test]
+fn a_syn_flood_larger_than_the_tables_evicts_no_established_flow() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new(); // FLOWS 4096, HALF_OPEN 1024
+        let vip = SocketAddrV4::new(VIP, 80);
+        // 100 established connections on blue.
+        let open: Vec<SocketAddrV4> = (0..100)
+            .map(|i| SocketAddrV4::new(CLIENT, 30000 + i))
+            .collect();
+        for &c in &open {
+            let b = predicted(c, vip, PROTO_TCP, &blue());
+            fx.run(&frame(c, vip, L4::Syn, 64, b""));
+            fx.run(&frame(b, c, L4::SynAck, 64, b""));
+            fx.run(&frame(c, vip, L4::Ack, 64, b""));
+        }
+        assert_eq!(global(&fx.dp, "promoted"), 100);
+        fx.dp.set_active(0, Colour::Green).unwrap();
+        // 20 000 SYNs from distinct spoofed sources (198.19.0.0/16): five
+        // times the flow table, twenty times the half-open table.
+        for i in 0..20_000u32 {
+            let src =
+                std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0)) + i);
+            let c = SocketAddrV4::new(src, 1024 + (i % 50_000) as u16);
+            let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+            assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, &green()));
+        }
+        assert_eq!(global(&fx.dp, "half_open"), 100 + 20_000);
+        assert_eq!(
+            fx.dp.colour_stats(0, Colour::Green).unwrap().new_flows,
+            20_000
+        );
+        // Every established connection still drains on blue, by its record.
+        for &c in &open {
+            let (_, out) = fx.run(&frame(c, vip, L4::Ack, 64, b"next request"));
+            assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, &blue()));
+        }
+        assert_eq!(global(&fx.dp, "record_missing"), 0);
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(
+            fx.dp.flow_counts(day, day).unwrap()[&(0, Colour::Blue)].live,
+            100
+        );
     });
 }
 
@@ -1161,21 +1311,30 @@ fn preview_prefixes_and_canary_share_choose_the_idle_colour_for_new_flows_only()
 #[test]
 fn flow_counts_read_the_whole_table_in_batches() {
     in_scratch_ns(|_| {
-        let mut fx = Fixture::new();
+        let mut fx = Fixture::with_max_flows(16_384);
         let vip = SocketAddrV4::new(VIP, 80);
-        // 3000 flows = 6000 entries: more than one 4096-entry batch.
-        for p in 0..3000u16 {
+        // 5000 whole handshakes (SYN, the backend's SYN-ACK, the client's
+        // ACK): 5000 entries in FLOWS, more than one 4096-entry batch; and
+        // 300 SYNs alone, which wait in HALF_OPEN and are counted too.
+        for p in 0..5300u16 {
             let c = SocketAddrV4::new(CLIENT, 20000 + p);
             fx.run(&frame(c, vip, L4::Syn, 64, b""));
+            if p < 5000 {
+                let b = predicted(c, vip, PROTO_TCP, &blue());
+                fx.run(&frame(b, c, L4::SynAck, 64, b""));
+                fx.run(&frame(c, vip, L4::Ack, 64, b""));
+            }
         }
+        assert_eq!(global(&fx.dp, "half_open"), 5300);
+        assert_eq!(global(&fx.dp, "promoted"), 5000);
         let day = std::time::Duration::from_secs(86_400);
         let counts = fx.dp.flow_counts(day, day).unwrap();
         let blue = counts[&(0, Colour::Blue)];
-        assert_eq!(blue.recorded, 3000);
-        assert_eq!(blue.live, 3000);
+        assert_eq!(blue.recorded, 5300);
+        assert_eq!(blue.live, 5300);
         assert!(!counts.contains_key(&(0, Colour::Green)));
-        // Flushing uses the same reader.
-        assert_eq!(fx.dp.flush_flows(0, Colour::Green).unwrap(), 3000);
+        // Flushing uses the same reader, and empties both tables.
+        assert_eq!(fx.dp.flush_flows(0, Colour::Green).unwrap(), 5300);
         assert!(fx.dp.flow_counts(day, day).unwrap().is_empty());
     });
 }
@@ -1689,7 +1848,11 @@ fn frame6_ext(
             .write(&mut out, payload)
             .unwrap(),
         _ => {
-            let t = b.tcp(src.port(), dst.port(), 1000, 65535);
+            // The client's sequence numbers start at 1000, the backend's
+            // at 0: an ACK (acknowledging 1) completes the handshake a
+            // SYN-ACK began.
+            let seq = if l4 == L4::SynAck { 0 } else { 1000 };
+            let t = b.tcp(src.port(), dst.port(), seq, 65535);
             let t = match l4 {
                 L4::Syn => t.syn(),
                 L4::SynAck => t.syn().ack(1001),
