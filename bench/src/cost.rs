@@ -376,11 +376,16 @@ pub struct Loaded {
     /// The same of the FLOWS6 map (IPv6 flows).
     pub flows6_memlock: Option<u64>,
     pub flows6_id: Option<u32>,
+    /// The half-open tables' ids.
+    pub half_open_id: Option<u32>,
+    pub half_open6_id: Option<u32>,
 }
 
 pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
     let before = map_ids(names::FLOWS);
     let before6 = map_ids(names::FLOWS6);
+    let before_half = map_ids(names::HALF_OPEN);
+    let before_half6 = map_ids(names::HALF_OPEN6);
     let mut dp = Dataplane::load(&LoadOptions {
         bpffs: None,
         max_flows,
@@ -392,6 +397,13 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
     let flows6 = new_map(names::FLOWS6, max_flows, &before6);
     let flows6_memlock = flows6.as_ref().and_then(memlock);
     let flows6_id = flows6.as_ref().map(MapInfo::id);
+    let half = bgswitch::dataplane::half_open_slots(max_flows);
+    let half_open_id = new_map(names::HALF_OPEN, half, &before_half)
+        .as_ref()
+        .map(MapInfo::id);
+    let half_open6_id = new_map(names::HALF_OPEN6, half, &before_half6)
+        .as_ref()
+        .map(MapInfo::id);
     dp.set_settings(Duration::from_secs(30), Duration::from_secs(3600))?;
     dp.set_stateless(2, true);
     let v4 = |port| SocketAddr::V4(SocketAddrV4::new(VIP, port));
@@ -423,6 +435,8 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
         flows_id,
         flows6_memlock,
         flows6_id,
+        half_open_id,
+        half_open6_id,
     })
 }
 
@@ -477,6 +491,10 @@ enum Case {
     Pass,
     PassSingle,
     NewFresh,
+    /// The client's ACK that completes a fresh handshake (its SYN and the
+    /// backend's SYN-ACK run untimed first): the record moves from the
+    /// half-open table to `FLOWS`.
+    CompleteFresh,
     EstablishedSingle,
     Established,
     Udp,
@@ -508,6 +526,7 @@ impl Case {
             Case::Pass => "xdp_pass",
             Case::PassSingle => "xdp_pass_repeat1",
             Case::NewFresh => "new_tcp_flow_cold",
+            Case::CompleteFresh => "handshake_completion_cold",
             Case::EstablishedSingle => "established_tcp_cold",
             Case::Established => "established_tcp",
             Case::Udp => "udp",
@@ -537,6 +556,9 @@ impl Case {
             Case::Pass => "XDP_PASS baseline (repeat N)",
             Case::PassSingle => "XDP_PASS baseline (repeat 1)",
             Case::NewFresh => "new TCP flow (SYN, fresh 5-tuple), cold: repeat 1",
+            Case::CompleteFresh => {
+                "the client's ACK completing a fresh handshake (record moved to FLOWS), cold: repeat 1"
+            }
             Case::EstablishedSingle => "established TCP packet, cold: repeat 1",
             Case::Established => "established TCP packet",
             Case::Udp => "UDP packet (established flow)",
@@ -568,6 +590,7 @@ impl Case {
             self,
             Case::PassSingle
                 | Case::NewFresh
+                | Case::CompleteFresh
                 | Case::EstablishedSingle
                 | Case::StatelessNewFresh
                 | Case::Pass6Single
@@ -628,6 +651,7 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         let syn = frame(syn_client, vip80, L4::Syn, 255, FRAME_LEN);
         let est_open = frame(est_client, vip80, L4::Syn, 255, FRAME_LEN);
         let est = frame(est_client, vip80, L4::Ack, 255, FRAME_LEN);
+        let est_synack = frame(vip80, est_client, L4::SynAck, 255, FRAME_LEN);
         let udp = frame(udp_client, vip53, L4::Udp, 255, FRAME_LEN);
         let reply = frame(vip80, est_client, L4::Ack, 255, FRAME_LEN);
         let vip81 = SocketAddrV4::new(VIP, STATELESS_PORT);
@@ -651,6 +675,7 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         let syn6 = frame6(syn6_client, vip6_80, L4::Syn, 255, FRAME_LEN);
         let est6_open = frame6(est6_client, vip6_80, L4::Syn, 255, FRAME_LEN);
         let est6 = frame6(est6_client, vip6_80, L4::Ack, 255, FRAME_LEN);
+        let est6_synack = frame6(vip6_80, est6_client, L4::SynAck, 255, FRAME_LEN);
         let udp6 = frame6(udp6_client, vip6_53, L4::Udp, 255, FRAME_LEN);
         let reply6 = frame6(vip6_80, est6_client, L4::Ack, 255, FRAME_LEN);
         let nonvip6 = frame6(
@@ -667,10 +692,20 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         let (a, out, _) = dp.test_run(&est_open, Some(v0), 1)?;
         check(
             &mut checks,
-            "SYN to the VIP is redirected, identity-rewritten, TTL-1, checksums valid",
-            a == XDP_REDIRECT && verify(&out) == Some((est_client, vip80, 254)),
+            "SYN to the VIP is redirected, identity-rewritten, TTL-1, checksums valid, recorded half-open",
+            a == XDP_REDIRECT
+                && verify(&out) == Some((est_client, vip80, 254))
+                && g(dp, "half_open") == 1,
+            format!("action {a}, {:?}, half_open {}", verify(&out), g(dp, "half_open")),
+        );
+        let (a, out, _) = dp.test_run(&est_synack, Some(v1), 1)?;
+        check(
+            &mut checks,
+            "the backend's SYN-ACK follows the half-open record back",
+            a == XDP_REDIRECT && verify(&out) == Some((vip80, est_client, 254)),
             format!("action {a}, {:?}", verify(&out)),
         );
+        let promoted = g(dp, "promoted");
         let before = (
             g(dp, "flow_hits"),
             g(dp, "replies"),
@@ -679,14 +714,16 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         let (a, out, _) = dp.test_run(&est, Some(v0), 1)?;
         check(
             &mut checks,
-            "established ACK follows its record (flow_hits +1) and is redirected",
+            "the client's ACK completes the handshake (promoted +1), follows its record (flow_hits +1) and is redirected",
             a == XDP_REDIRECT
                 && verify(&out) == Some((est_client, vip80, 254))
-                && g(dp, "flow_hits") == before.0 + 1,
+                && g(dp, "flow_hits") == before.0 + 1
+                && g(dp, "promoted") == promoted + 1,
             format!(
-                "action {a}, flow_hits {} -> {}",
+                "action {a}, flow_hits {} -> {}, promoted +{}",
                 before.0,
-                g(dp, "flow_hits")
+                g(dp, "flow_hits"),
+                g(dp, "promoted") - promoted
             ),
         );
         let (a, out, _) = dp.test_run(&reply, Some(v1), 1)?;
@@ -812,17 +849,28 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
                 && verify6(&out) == Some((est6_client, vip6_80, 254)),
             format!("action {a}, new_flows +{}, {:?}", nf2 - nf, verify6(&out)),
         );
+        let (a, out, _) = dp.test_run(&est6_synack, Some(v1), 1)?;
+        check(
+            &mut checks,
+            "IPv6: the backend's SYN-ACK follows the half-open record back",
+            a == XDP_REDIRECT && verify6(&out) == Some((vip6_80, est6_client, 254)),
+            format!("action {a}, {:?}", verify6(&out)),
+        );
+        let before = (before.0, g(dp, "replies"), before.2);
+        let promoted = g(dp, "promoted");
         let (a, out, _) = dp.test_run(&est6, Some(v0), 1)?;
         check(
             &mut checks,
-            "IPv6: established ACK follows its record (flow_hits +1) and is redirected",
+            "IPv6: the client's ACK completes the handshake (promoted +1), follows its record (flow_hits +1) and is redirected",
             a == XDP_REDIRECT
                 && verify6(&out) == Some((est6_client, vip6_80, 254))
-                && g(dp, "flow_hits") == before.0 + 1,
+                && g(dp, "flow_hits") == before.0 + 1
+                && g(dp, "promoted") == promoted + 1,
             format!(
-                "action {a}, flow_hits {} -> {}, {:?}",
+                "action {a}, flow_hits {} -> {}, promoted +{}, {:?}",
                 before.0,
                 g(dp, "flow_hits"),
+                g(dp, "promoted") - promoted,
                 verify6(&out)
             ),
         );
@@ -907,15 +955,22 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             a == TC_ACT_REDIRECT && verify6(&out) == Some((vip6_80, est6_client, 254)),
             format!("action {a}, {:?}", verify6(&out)),
         );
-        // Three IPv6 flows recorded (the established ACK's, the UDP one's,
-        // the fresh SYN's), in their own table.
+        // Two flows of each family in its flow table (the completed
+        // handshake's, the UDP flow's); the fresh SYN's record waits in the
+        // family's half-open table.
         let held6 = l.flows6_id.map(count_entries6).transpose()?.unwrap_or(0);
         let held4 = l.flows_id.map(count_entries).transpose()?.unwrap_or(0);
+        let half6 = l
+            .half_open6_id
+            .map(count_entries6)
+            .transpose()?
+            .unwrap_or(0);
+        let half4 = l.half_open_id.map(count_entries).transpose()?.unwrap_or(0);
         check(
             &mut checks,
-            "IPv6 flows are recorded in FLOWS6 (3 entries), the IPv4 ones in FLOWS (3)",
-            held6 == 3 && held4 == 3,
-            format!("FLOWS6 {held6}, FLOWS {held4}"),
+            "IPv6 flows are recorded in FLOWS6 (2 entries) and HALF_OPEN6 (1), the IPv4 ones in FLOWS (2) and HALF_OPEN (1)",
+            held6 == 2 && held4 == 2 && half6 == 1 && half4 == 1,
+            format!("FLOWS6 {held6}, FLOWS {held4}, HALF_OPEN6 {half6}, HALF_OPEN {half4}"),
         );
         let (a, out, _) = dp.test_run_tc(&nonvip6, Some(v0), 0, 1)?;
         check(
@@ -942,6 +997,7 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
             Case::Pass,
             Case::PassSingle,
             Case::NewFresh,
+            Case::CompleteFresh,
             Case::EstablishedSingle,
             Case::Established,
             Case::Udp,
@@ -988,6 +1044,15 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
                         Case::NewFresh => {
                             fresh += 1;
                             let f = frame(client(0, fresh), vip80, L4::Syn, 255, FRAME_LEN);
+                            dp.test_run(&f, Some(v0), 1)?.2
+                        }
+                        Case::CompleteFresh => {
+                            fresh += 1;
+                            let c = client(3, fresh);
+                            dp.test_run(&frame(c, vip80, L4::Syn, 255, FRAME_LEN), Some(v0), 1)?;
+                            let sa = frame(vip80, c, L4::SynAck, 255, FRAME_LEN);
+                            dp.test_run(&sa, Some(v1), 1)?;
+                            let f = frame(c, vip80, L4::Ack, 255, FRAME_LEN);
                             dp.test_run(&f, Some(v0), 1)?.2
                         }
                         Case::EstablishedSingle => dp.test_run(&est, Some(v0), 1)?.2,
@@ -1093,6 +1158,24 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
                 "new_tcp_flow",
                 "new TCP flow (SYN, fresh 5-tuple): established (repeat N) + (new − established, both repeat 1)",
                 d,
+            ),
+        );
+        // A whole new connection records twice: the SYN (half-open) and
+        // the client's ACK that completes the handshake (into FLOWS).
+        let whole: Vec<f64> = (0..opts.rounds)
+            .map(|i| {
+                let est1 = per_round[&Case::EstablishedSingle][i];
+                per_round[&Case::Established][i] - per_round[&Case::Pass][i]
+                    + (per_round[&Case::NewFresh][i] - est1)
+                    + (per_round[&Case::CompleteFresh][i] - est1)
+            })
+            .collect();
+        rows.insert(
+            1,
+            warm_row(
+                "new_tcp_connection",
+                "new TCP connection, both recording packets: established (repeat N) + (SYN − established) + (completing ACK − established), the cold ones repeat 1",
+                Summary::of(&whole),
             ),
         );
         let d6 = new_warm(
@@ -1238,9 +1321,20 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
         for &level in &opts.fill_levels {
             let level = level.min(opts.scale_max_flows);
             let (fill_from, rec0) = (filled, recorded(dp)?);
+            // Each flow's whole handshake: the SYN (half-open), the
+            // backend's SYN-ACK, the client's ACK (into FLOWS).
             while filled < level {
-                let f = frame(client(1, filled), vip80, L4::Syn, 255, FRAME_LEN);
+                let c = client(1, filled);
+                let f = frame(c, vip80, L4::Syn, 255, FRAME_LEN);
                 if dp.test_run(&f, Some(v0), 1)?.0 != XDP_REDIRECT {
+                    not_redirected += 1;
+                }
+                let sa = frame(vip80, c, L4::SynAck, 255, FRAME_LEN);
+                if dp.test_run(&sa, Some(v0), 1)?.0 != XDP_REDIRECT {
+                    not_redirected += 1;
+                }
+                let ack = frame(c, vip80, L4::Ack, 255, FRAME_LEN);
+                if dp.test_run(&ack, Some(v0), 1)?.0 != XDP_REDIRECT {
                     not_redirected += 1;
                 }
                 filled += 1;

@@ -10,7 +10,12 @@ pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
+    /// Sequence number 1000.
     Syn,
+    /// A backend's SYN-ACK: sequence number 0, acknowledging the SYN.
+    SynAck,
+    /// Acknowledges the SYN-ACK (acknowledgement number 1): the client's
+    /// ACK that completes the handshake, and every later packet.
     Ack,
     Udp,
 }
@@ -34,6 +39,12 @@ pub fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ttl: u8, len: usize) 
         L4::Syn => b
             .tcp(src.port(), dst.port(), 1000, 65535)
             .syn()
+            .write(&mut out, &payload)
+            .expect("TCP frame"),
+        L4::SynAck => b
+            .tcp(src.port(), dst.port(), 0, 65535)
+            .syn()
+            .ack(1001)
             .write(&mut out, &payload)
             .expect("TCP frame"),
         L4::Ack => b
@@ -63,6 +74,12 @@ pub fn frame6(src: SocketAddrV6, dst: SocketAddrV6, l4: L4, hop: u8, len: usize)
         L4::Syn => b
             .tcp(src.port(), dst.port(), 1000, 65535)
             .syn()
+            .write(&mut out, &payload)
+            .expect("TCP frame"),
+        L4::SynAck => b
+            .tcp(src.port(), dst.port(), 0, 65535)
+            .syn()
+            .ack(1001)
             .write(&mut out, &payload)
             .expect("TCP frame"),
         L4::Ack => b
