@@ -1003,7 +1003,7 @@ mod tests {
         assert_eq!(a[0].to_ne_bytes(), [198, 18, 0, 1]);
         assert_eq!(port_to_wire(80).to_ne_bytes(), [0, 80]);
         assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
-        assert_eq!(global::NAMES.len() as u32, global::ICMP_TOO_BIG_SENT + 1);
+        assert_eq!(global::NAMES.len() as u32, global::RECORD_MISSING + 1);
         assert!(global::NAMES.len() as u32 <= global::COUNT);
     }
 }
