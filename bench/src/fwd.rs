@@ -48,11 +48,12 @@ use bgswitch_bench_ebpf::{
     GenConfig, RedirectConfig, SEQ_NEW_COUNT, SEQ_NEW_MIN, SEQ_OLD_COUNT, SEQ_OLD_MAX, SINK_PACKETS,
 };
 use bgswitch_common::{PROTO_TCP, PROTO_UDP};
-use bgswitch_tests::{in_netns, ip_ns, netns::netns_path, TempNetns};
+use bgswitch_tests::{in_netns, ip_ns, netns::ifindex, netns::netns_path, TempNetns};
 use serde_json::{json, Value};
 
 use crate::{
     cost::xdp_ctx,
+    frames::{frame, verify, L4},
     objects,
     stats::{median, Summary},
     sys,
@@ -68,6 +69,16 @@ const PORT: u16 = 5353;
 /// green → SINK_ADDR2.
 const FOLLOW_PORT: u16 = PORT + 1;
 const FOLLOW_ID: u32 = 2;
+/// The SYN-flood measurement's service: TCP VIP:FLOOD_PORT (a table
+/// service), blue → SINK_ADDR, green → SINK_ADDR2.
+const FLOOD_PORT: u16 = PORT + 2;
+const FLOOD_ID: u32 = 4;
+/// Its established connections' sources: 198.18.40.0 + (i >> 8), ports
+/// 40000 + (i & 0xff).
+const ESTABLISHED_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 0);
+/// The flood's spoofed sources: 198.19.64.0 + (flow >> 15), inside the
+/// test bed's own 198.18.0.0/15 and apart from its VIP (198.19.0.10).
+const FLOOD_SRC_BASE: Ipv4Addr = Ipv4Addr::new(198, 19, 64, 0);
 const FRAME_LEN: usize = 64;
 /// Sources of generated flows: 198.18.16.0 + (flow >> 15), ports 1024 + (flow & 0x7fff).
 const SRC_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
@@ -128,6 +139,9 @@ pub struct FwdOptions {
     /// Flips watched frame by frame (`Rig::follow`), and frames per trial.
     pub follow_trials: usize,
     pub follow_frames: u32,
+    /// The SYN flood: connections open before it, and its frames (0: skip).
+    pub flood_established: u32,
+    pub flood_frames: u32,
 }
 
 impl FwdOptions {
@@ -183,6 +197,8 @@ impl FwdOptions {
             paced_frames: 500_000,
             follow_trials: 20,
             follow_frames: 300_000,
+            flood_established: 1000,
+            flood_frames: 4_000_000,
         }
     }
     pub fn quick(cpu: usize) -> Self {
@@ -207,6 +223,8 @@ impl FwdOptions {
             paced_frames: 200_000,
             follow_trials: 3,
             follow_frames: 200_000,
+            flood_established: 200,
+            flood_frames: 600_000,
         }
     }
 }
@@ -675,6 +693,21 @@ impl Rig {
                 )],
                 Colour::Blue,
             )?;
+            // The SYN flood's: a TCP table service whose colours differ.
+            let fport = |a: Ipv4Addr| SocketAddr::V4(SocketAddrV4::new(a, FLOOD_PORT));
+            dp.write_service(
+                FLOOD_ID,
+                service_key(fport(VIP), PROTO_TCP),
+                &[backend_of(
+                    fport(SINK_ADDR),
+                    backend_stat_id(FLOOD_ID, Colour::Blue, 0),
+                )],
+                &[backend_of(
+                    fport(SINK_ADDR2),
+                    backend_stat_id(FLOOD_ID, Colour::Green, 0),
+                )],
+                Colour::Blue,
+            )?;
             // IPv6: UDP VIP6:PORT → SINK6:PORT (the table path).
             let vip6 = SocketAddr::V6(SocketAddrV6::new(VIP6, PORT, 0, 0));
             let b6 = SocketAddr::V6(SocketAddrV6::new(SINK6, PORT, 0, 0));
@@ -846,7 +879,8 @@ impl Rig {
                 PROTO_UDP
             },
             tag: 0,
-            _pad: [0; 2],
+            syn: 0,
+            _pad: 0,
             src_ip6: SRC6_BASE.octets(),
             dst_ip6: dst6.octets(),
         };
@@ -952,7 +986,8 @@ impl Rig {
             flows: u32::MAX,
             proto: PROTO_UDP,
             tag: 1,
-            _pad: [0; 2],
+            syn: 0,
+            _pad: 0,
             src_ip6: [0; 16],
             dst_ip6: [0; 16],
         })?;
@@ -1033,6 +1068,122 @@ impl Rig {
             "trials": rows,
             "all_clean": rows.iter().all(|r| r["clean_cut"] == true),
             "lag_frames": Summary::of(&lags),
+        }))
+    }
+
+    /// A spoofed SYN flood at the generator's full rate against a table
+    /// service while `established` connections drain on blue after a flip:
+    /// the flood's rate, and whether every established connection kept its
+    /// record (its next packet still goes to blue's backend).
+    fn syn_flood(&mut self, established: u32, frames: u32, cpu: usize) -> Result<Value> {
+        let table = self.opts.max_flows;
+        let batch = self.opts.batch;
+        self.set(Config::Bgswitch(1))?;
+        ensure!(
+            self.attached == table,
+            "the default data plane is not attached"
+        );
+        let lb = self.lb_name();
+        let (l0, l1) = (ifindex(&lb, "l0")?, ifindex(&lb, "l1")?);
+        let vip = SocketAddrV4::new(VIP, FLOOD_PORT);
+        let blue = SocketAddrV4::new(SINK_ADDR, FLOOD_PORT);
+        let client = |i: u32| {
+            SocketAddrV4::new(
+                Ipv4Addr::from(u32::from(ESTABLISHED_BASE) + (i >> 8)),
+                40000 + (i & 0xff) as u16,
+            )
+        };
+        let dp = self.dps.get_mut(&table).context("no data plane")?;
+        dp.set_active(FLOOD_ID, Colour::Blue)?;
+        let g = |dp: &Dataplane, n: &str| {
+            dp.global_stats()
+                .ok()
+                .and_then(|g| g.iter().find(|(k, _)| *k == n).map(|(_, v)| *v))
+                .unwrap_or(0)
+        };
+        // Whole handshakes through the program: SYN, the backend's SYN-ACK,
+        // the client's ACK.
+        let promoted0 = g(dp, "promoted");
+        in_netns(&lb, || -> Result<()> {
+            for i in 0..established {
+                let c = client(i);
+                dp.test_run(&frame(c, vip, L4::Syn, 64, FRAME_LEN), Some(l0), 1)?;
+                dp.test_run(&frame(blue, c, L4::SynAck, 64, FRAME_LEN), Some(l1), 1)?;
+                dp.test_run(&frame(c, vip, L4::Ack, 64, FRAME_LEN), Some(l0), 1)?;
+            }
+            Ok(())
+        })??;
+        let promoted = g(dp, "promoted") - promoted0;
+        ensure!(
+            promoted == u64::from(established),
+            "{promoted} of {established} handshakes completed before the flood"
+        );
+        dp.set_active(FLOOD_ID, Colour::Green)?;
+        let (half0, missing0) = (g(dp, "half_open"), g(dp, "record_missing"));
+        // Every frame a SYN of a new 5-tuple (2^21 of them, eight times the
+        // flow table), to the flipped service.
+        let flows = 1u32 << 21;
+        self.set_gen(GenConfig {
+            dst_mac: self.l0_mac,
+            src_mac: self.g0_mac,
+            src_ip: FLOOD_SRC_BASE.octets(),
+            dst_ip: VIP.octets(),
+            dst_port: FLOOD_PORT.to_be_bytes(),
+            src_port_base: SRC_PORT_BASE,
+            flows,
+            proto: PROTO_TCP,
+            tag: 0,
+            syn: 1,
+            _pad: 0,
+            src_ip6: [0; 16],
+            dst_ip6: [0; 16],
+        })?;
+        self.gen_prog = "xdp_gen";
+        let delivered0 = self.delivered()?;
+        let gen_ns = self.gen.name().to_string();
+        let (sent, wall) = generate(
+            &mut self.genp,
+            "xdp_gen",
+            &gen_ns,
+            self.g0,
+            frames,
+            frames,
+            batch,
+            cpu,
+        )?;
+        std::thread::sleep(Duration::from_millis(20));
+        let delivered = self.delivered()? - delivered0;
+        let dp = self.dps.get_mut(&table).context("no data plane")?;
+        let half = g(dp, "half_open") - half0;
+        // Each established connection's next packet, after the flood.
+        let hits0 = g(dp, "flow_hits");
+        let mut on_blue = 0u32;
+        in_netns(&lb, || -> Result<()> {
+            for i in 0..established {
+                let c = client(i);
+                let (_, out, _) =
+                    dp.test_run(&frame(c, vip, L4::Ack, 64, FRAME_LEN), Some(l0), 1)?;
+                if verify(&out).is_some_and(|(_, to, _)| to == blue) {
+                    on_blue += 1;
+                }
+            }
+            Ok(())
+        })??;
+        let hits = g(dp, "flow_hits") - hits0;
+        let missing = g(dp, "record_missing") - missing0;
+        dp.set_active(FLOOD_ID, Colour::Blue)?;
+        Ok(json!({
+            "method": format!("{established} connections opened through the program (SYN, the backend's SYN-ACK, the client's ACK: BPF_PROG_TEST_RUN on l0/l1) on blue; the service flipped to green; then the generator sends {frames} TCP SYNs (64 B, batch {batch}, CPU {cpu}) at its full rate, every one a new 5-tuple from spoofed sources in 198.19.64.0/26 ({flows} tuples: {}x the flow table of {table}, {}x its half-open table); afterwards each established connection's next ACK is run through the program", flows / table.max(1), flows / bgswitch::dataplane::half_open_slots(table).max(1)),
+            "flow_table": table,
+            "half_open_table": bgswitch::dataplane::half_open_slots(table),
+            "established": established,
+            "flood_frames": sent,
+            "flood_delivered": delivered,
+            "flood_mpps": delivered as f64 / wall.as_secs_f64() / 1e6,
+            "flood_half_open_records": half,
+            "established_still_on_blue": on_blue,
+            "established_flow_hits": hits,
+            "record_missing": missing,
         }))
     }
 
@@ -1153,6 +1304,13 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
     } else {
         Value::Null
     };
+    let flood = if opts.flood_frames > 0 {
+        let f = rig.syn_flood(opts.flood_established, opts.flood_frames, opts.cpu)?;
+        eprintln!("bench: forwarding: SYN flood against draining connections");
+        f
+    } else {
+        Value::Null
+    };
     rig.set(Config::Kernel(1))?;
     let elapsed = started.elapsed();
 
@@ -1239,6 +1397,7 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
         "configs": rows,
         "paced": paced,
         "follow": follow,
+        "syn_flood": flood,
         "paced_method": format!("each configuration once more with {} frames sent in calls of one batch ({} frames), so the generator cannot outrun the receiving path; loss here is the path's own", opts.paced_frames, opts.batch),
         "elapsed_s": elapsed.as_secs_f64(),
     }))
@@ -1317,6 +1476,25 @@ pub fn assert_gross(section: &Value) -> Result<()> {
                 "a flip did not cut the frames cleanly between the colours: {t}"
             );
         }
+    }
+    // A SYN flood broke no draining connection, and made records only in
+    // the half-open table.
+    let f = &section["syn_flood"];
+    if !f.is_null() {
+        let n = f["established"].as_u64().unwrap_or(0);
+        ensure!(
+            n > 0 && f["established_still_on_blue"].as_u64() == Some(n),
+            "a SYN flood moved draining connections off their colour: {f}"
+        );
+        ensure!(
+            f["record_missing"] == 0 && f["established_flow_hits"].as_u64() == Some(n),
+            "draining connections lost their records to a SYN flood: {f}"
+        );
+        ensure!(
+            f["flood_half_open_records"].as_u64() >= f["flood_delivered"].as_u64()
+                && f["flood_delivered"].as_u64().unwrap_or(0) > 0,
+            "the flood's SYNs were not recorded half-open (or none reached the sink): {f}"
+        );
     }
     // The TC program's path too: faster than nftables DNAT, none lost when
     // paced.

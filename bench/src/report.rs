@@ -606,6 +606,25 @@ pub fn targets(r: &Value) -> Vec<Value> {
             }
         ),
     ));
+    let flood = &r["forwarding"]["syn_flood"];
+    if !flood.is_null() {
+        let n = flood["established"].as_f64();
+        let kept = flood["established_still_on_blue"].as_f64();
+        let broken = n.zip(kept).map(|(n, k)| n - k);
+        t.push(target(
+            "a SYN flood (more spoofed 5-tuples than max_flows, full rate) moves no draining connection",
+            "0",
+            broken,
+            "connections re-chosen",
+            broken.map(|b| b == 0.0 && flood["record_missing"] == 0),
+            &format!(
+                "part 4, \"A SYN flood against draining connections\": {} of {} kept their record; the flood ran at {} Mpps",
+                flood["established_still_on_blue"],
+                flood["established"],
+                num(&flood["flood_mpps"], 2)
+            ),
+        ));
+    }
     let at = |key: &str, max: bool| -> Option<f64> {
         let levels = r["scale_cost"]["levels"].as_array()?;
         let l = if max {
@@ -1091,6 +1110,7 @@ pub fn markdown(all: &Value) -> String {
         let _ = writeln!(w);
     }
     follow_section(w, &r["forwarding"]["follow"]);
+    flood_section(w, &r["forwarding"]["syn_flood"]);
 
     // Part 5.
     let _ = writeln!(w, "## 5. Scale\n");
@@ -1310,6 +1330,38 @@ fn follow_section(w: &mut String, f: &Value) {
         summ(&f["lag_frames"], 0),
         trials[0]["on_old"],
         trials[0]["on_new"]
+    );
+}
+
+/// Part 4's SYN flood against draining connections (on part 2's rig).
+fn flood_section(w: &mut String, f: &Value) {
+    if f.is_null() {
+        return;
+    }
+    let _ = writeln!(w, "### A SYN flood against draining connections\n");
+    let _ = writeln!(
+        w,
+        "On part 2's namespaces: {}. A SYN's record waits in the half-open table until the \
+         client's ACK acknowledges the backend's SYN-ACK, so spoofed SYNs churn that table \
+         alone.\n",
+        f["method"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        w,
+        "| flood, Mpps | SYNs sent / delivered | half-open records made | established: still on blue | their packets that found their record | packets that found no record |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| {} | {} / {} | {} | {} of {} | {} | {} |\n",
+        num(&f["flood_mpps"], 3),
+        f["flood_frames"],
+        f["flood_delivered"],
+        f["flood_half_open_records"],
+        f["established_still_on_blue"],
+        f["established"],
+        f["established_flow_hits"],
+        f["record_missing"]
     );
 }
 

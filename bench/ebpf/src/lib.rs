@@ -4,8 +4,8 @@
 //! * `xdp_pass` — returns XDP_PASS: the baseline program cost is measured
 //!   against.
 //! * `xdp_gen` — a packet generator for BPF_PROG_TEST_RUN in live-frames mode:
-//!   writes a whole Ethernet/IPv4/UDP frame for flow `n % flows` and XDP_TXes
-//!   it; `xdp_gen6`, in the same object, the same for Ethernet/IPv6/UDP.
+//!   writes a whole Ethernet/IPv4/UDP (or TCP ACK, or TCP SYN) frame for
+//!   flow `n % flows` and XDP_TXes it; `xdp_gen6`, in the same object, the same for Ethernet/IPv6/UDP.
 //! * `xdp_sink` — counts frames and bytes per CPU and drops them: the receiver.
 //!
 //! This library holds the layout both sides share.
@@ -35,7 +35,10 @@ pub struct GenConfig {
     /// CPU's count of frames generated before it) as a native `u32` at
     /// [`SEQ_OFFSET`], the start of the UDP payload, for `xdp_sink_seq`.
     pub tag: u8,
-    pub _pad: [u8; 2],
+    /// Non-zero (TCP only): every frame is a SYN (acknowledgement number
+    /// 0) instead of an ACK — with as many flows as sources, a SYN flood.
+    pub syn: u8,
+    pub _pad: u8,
     /// `xdp_gen6`'s addresses (UDP only): source of flow 0, whose last
     /// 32-bit word grows by `f >> PORT_BITS` for flow `f`, and destination.
     /// `xdp_gen` ignores them.

@@ -128,6 +128,10 @@ mod program {
                 // Sequence 1, ACK 1, data offset 5, ACK flag, window 65535;
                 // the checksum over the pseudo-header and these 20 bytes.
                 let dport = u16::from_be_bytes(cfg.dst_port) as u32;
+                // An ACK (sequence 1, acknowledging 1), or a SYN (sequence
+                // 1, acknowledgement 0).
+                let syn = cfg.syn != 0;
+                let (ack, flags) = if syn { (0u8, 0x02u8) } else { (1u8, 0x10u8) };
                 let tsum = (src_ip >> 16)
                     + (src_ip & 0xffff)
                     + (dst_ip >> 16)
@@ -137,8 +141,8 @@ mod program {
                     + sport as u32
                     + dport
                     + 1
-                    + 1
-                    + 0x5010
+                    + ack as u32
+                    + (0x5000 | flags as u32)
                     + 0xffff;
                 let tc = fold(tsum).to_be_bytes();
                 w(
@@ -155,9 +159,9 @@ mod program {
                         0,
                         0,
                         0,
-                        1,
+                        ack,
                         0x50,
-                        0x10,
+                        flags,
                         0xff,
                         0xff,
                         tc[0],
