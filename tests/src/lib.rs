@@ -12,6 +12,7 @@
 //!   with their sockets in a backend namespace.
 //! * [`clients`]: HTTP (one-shot and keep-alive) and UDP clients with
 //!   timeouts on every operation.
+//! * [`flood`]: spoofed TCP SYN floods from a namespace (raw socket).
 //!
 //! ```no_run
 //! use bgswitch_tests::{http_get, Topology, TopologyOptions, VIP};
@@ -28,6 +29,7 @@
 //! ```
 
 pub mod clients;
+pub mod flood;
 pub mod flowhash;
 mod http;
 pub mod netns;
