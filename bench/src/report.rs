@@ -100,8 +100,15 @@ cold node), 14 % in the FIB lookup and 17 % in the program itself. A cache miss 
 on this VM (nested paging), and a new flow's table memory is cold by nature: the 80-ns target is
 below the cost of one such miss, so no design that writes per-flow state can meet it here. The
 table is full in steady state (entries age out by eviction), so in the forwarding pipeline every
-new flow also evicts; part 2's "a new flow in every packet" row is what a SYN flood or heavy churn
-costs per core.
+new flow also evicts; part 2's "a new flow in every packet" row (UDP) is what heavy churn costs per
+core.
+
+**A TCP connection records twice** since half-open flows have a table of their own (so a SYN flood
+evicts no established connection: part 4, "A SYN flood against draining connections"): its SYN
+misses `FLOWS` and `HALF_OPEN` and inserts into `HALF_OPEN` (per-CPU LRU lists), and the client's
+ACK that completes the handshake misses `FLOWS`, finds the half-open record, inserts it into
+`FLOWS` and deletes it from `HALF_OPEN`. Part 1's "new TCP connection" row adds both; before,
+a connection's one recording packet was the SYN.
 
 What meets the flatness target is a path with no per-flow memory at all, the issue's
 "stateless fast path outside transitions", now built as `stateless = true` for TCP services
