@@ -4,6 +4,7 @@
 //! a backend's reply (`reply`); anything else passes untouched. Each stage
 //! rewrites (`rewrite`) and forwards (`transmit`) what it takes.
 
+use aya_ebpf::maps::LruHashMap;
 use bgswitch_common::{
     control, global, FlowKey, FlowKey4, ServiceKey, ADDR_FILTER_WORDS, PROTO_TCP,
 };
@@ -25,6 +26,22 @@ use crate::{
     stateless::{stateless, stateless_service},
     transmit::Fresh,
 };
+
+/// A flow's record and where it was found: the flow table, else (TCP
+/// only) the half-open table (`handshake.rs`).
+#[inline(always)]
+fn record<K, E>(
+    table: &LruHashMap<K, E>,
+    half_open: &LruHashMap<K, E>,
+    key: &K,
+    proto: u8,
+) -> Option<(*mut E, Held)> {
+    match table.get_ptr_mut(key) {
+        Some(e) => Some((e, Held::Table)),
+        None if proto == PROTO_TCP => half_open.get_ptr_mut(key).map(|e| (e, Held::HalfOpen)),
+        None => None,
+    }
+}
 
 /// The packet's path after parsing: this CPU's flow cache first (an inlined
 /// array read: established packets of a cached flow need no hash lookup).
@@ -91,38 +108,12 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     if maybe(0, &f.dst) {
         // The whole 5-tuple (the flow hash's input).
         let key = flow_key(f);
-        if let Some(e) = FLOWS.get_ptr_mut(&cache.key) {
+        if let Some((e, held)) = record(&FLOWS, &HALF_OPEN, &cache.key, f.proto) {
             // SAFETY: LRU values stay valid for the program's run (RCU);
             // fields are read and written as whole integers.
             let entry = unsafe { &mut *e };
             let service = entry.service;
-            return to_backend::<_, V4>(
-                ctx,
-                f,
-                &key,
-                service,
-                Some(entry),
-                Held::Table,
-                now,
-                &cache,
-            );
-        }
-        if f.proto == PROTO_TCP {
-            if let Some(e) = HALF_OPEN.get_ptr_mut(&cache.key) {
-                // SAFETY: as above.
-                let entry = unsafe { &mut *e };
-                let service = entry.service;
-                return to_backend::<_, V4>(
-                    ctx,
-                    f,
-                    &key,
-                    service,
-                    Some(entry),
-                    Held::HalfOpen,
-                    now,
-                    &cache,
-                );
-            }
+            return to_backend::<_, V4>(ctx, f, &key, service, Some(entry), held, now, &cache);
         }
         let skey = ServiceKey {
             addr: f.dst,
@@ -172,13 +163,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             _pad0: 0,
             _pad1: 0,
         };
-        let held = match FLOWS.get_ptr_mut(&fkey) {
-            Some(e) => Some((e, Held::Table)),
-            None if f.proto == PROTO_TCP => {
-                HALF_OPEN.get_ptr_mut(&fkey).map(|e| (e, Held::HalfOpen))
-            }
-            None => None,
-        };
+        let held = record(&FLOWS, &HALF_OPEN, &fkey, f.proto);
         if let Some((e, held)) = held {
             // SAFETY: as above.
             let entry = unsafe { &mut *e };
@@ -236,13 +221,7 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     if maybe(0, &f.dst) {
         // The 5-tuple is the table's key.
         let key = flow_key(f);
-        let held = match FLOWS6.get_ptr_mut(&key) {
-            Some(e) => Some((e, Held::Table)),
-            None if f.proto == PROTO_TCP => {
-                HALF_OPEN6.get_ptr_mut(&key).map(|e| (e, Held::HalfOpen))
-            }
-            None => None,
-        };
+        let held = record(&FLOWS6, &HALF_OPEN6, &key, f.proto);
         if let Some((e, held)) = held {
             // SAFETY: as in `handle`.
             let entry = unsafe { &mut *e };
@@ -282,13 +261,7 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             family: f.family,
             _pad: [0; 2],
         };
-        let held = match FLOWS6.get_ptr_mut(&fkey) {
-            Some(e) => Some((e, Held::Table)),
-            None if f.proto == PROTO_TCP => {
-                HALF_OPEN6.get_ptr_mut(&fkey).map(|e| (e, Held::HalfOpen))
-            }
-            None => None,
-        };
+        let held = record(&FLOWS6, &HALF_OPEN6, &fkey, f.proto);
         if let Some((e, held)) = held {
             // SAFETY: as above.
             let entry = unsafe { &mut *e };
