@@ -3,7 +3,9 @@
 
 use std::net::{SocketAddrV4, SocketAddrV6};
 
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{
+    IpHeaders, NetSlice, PacketBuilder, PacketBuilderStep, SlicedPacket, TransportSlice,
+};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -29,26 +31,38 @@ pub fn frame(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, ttl: u8, len: usize) 
         ttl,
     );
     let hdr = 14 + 20 + if l4 == L4::Udp { 8 } else { 20 };
-    let payload = vec![0x5a; len.saturating_sub(hdr)];
-    let mut out = Vec::with_capacity(len.max(hdr));
+    transport(b, src.port(), dst.port(), l4, len.saturating_sub(hdr))
+}
+
+/// The transport part of a frame (`b`: its Ethernet and IP headers), with
+/// `pad` bytes of payload.
+fn transport(
+    b: PacketBuilderStep<IpHeaders>,
+    sport: u16,
+    dport: u16,
+    l4: L4,
+    pad: usize,
+) -> Vec<u8> {
+    let payload = vec![0x5a; pad];
+    let mut out = Vec::new();
     match l4 {
         L4::Udp => b
-            .udp(src.port(), dst.port())
+            .udp(sport, dport)
             .write(&mut out, &payload)
             .expect("UDP frame"),
         L4::Syn => b
-            .tcp(src.port(), dst.port(), 1000, 65535)
+            .tcp(sport, dport, 1000, 65535)
             .syn()
             .write(&mut out, &payload)
             .expect("TCP frame"),
         L4::SynAck => b
-            .tcp(src.port(), dst.port(), 0, 65535)
+            .tcp(sport, dport, 0, 65535)
             .syn()
             .ack(1001)
             .write(&mut out, &payload)
             .expect("TCP frame"),
         L4::Ack => b
-            .tcp(src.port(), dst.port(), 1000, 65535)
+            .tcp(sport, dport, 1000, 65535)
             .ack(1)
             .write(&mut out, &payload)
             .expect("TCP frame"),
@@ -64,31 +78,7 @@ pub fn frame6(src: SocketAddrV6, dst: SocketAddrV6, l4: L4, hop: u8, len: usize)
         hop,
     );
     let hdr = 14 + 40 + if l4 == L4::Udp { 8 } else { 20 };
-    let payload = vec![0x5a; len.saturating_sub(hdr)];
-    let mut out = Vec::with_capacity(len.max(hdr));
-    match l4 {
-        L4::Udp => b
-            .udp(src.port(), dst.port())
-            .write(&mut out, &payload)
-            .expect("UDP frame"),
-        L4::Syn => b
-            .tcp(src.port(), dst.port(), 1000, 65535)
-            .syn()
-            .write(&mut out, &payload)
-            .expect("TCP frame"),
-        L4::SynAck => b
-            .tcp(src.port(), dst.port(), 0, 65535)
-            .syn()
-            .ack(1001)
-            .write(&mut out, &payload)
-            .expect("TCP frame"),
-        L4::Ack => b
-            .tcp(src.port(), dst.port(), 1000, 65535)
-            .ack(1)
-            .write(&mut out, &payload)
-            .expect("TCP frame"),
-    }
-    out
+    transport(b, src.port(), dst.port(), l4, len.saturating_sub(hdr))
 }
 
 /// Source, destination and hop limit of an IPv6 frame whose L4 checksum is

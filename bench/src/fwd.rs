@@ -678,36 +678,27 @@ impl Rig {
                 dp.is_stateless(1),
                 "the TCP service did not become stateless"
             );
-            // The follow measurement's service: blue and green differ.
-            let port = |a: Ipv4Addr| SocketAddr::V4(SocketAddrV4::new(a, FOLLOW_PORT));
-            dp.write_service(
-                FOLLOW_ID,
-                service_key(port(VIP), PROTO_UDP),
-                &[backend_of(
-                    port(SINK_ADDR),
-                    backend_stat_id(FOLLOW_ID, Colour::Blue, 0),
-                )],
-                &[backend_of(
-                    port(SINK_ADDR2),
-                    backend_stat_id(FOLLOW_ID, Colour::Green, 0),
-                )],
-                Colour::Blue,
-            )?;
-            // The SYN flood's: a TCP table service whose colours differ.
-            let fport = |a: Ipv4Addr| SocketAddr::V4(SocketAddrV4::new(a, FLOOD_PORT));
-            dp.write_service(
-                FLOOD_ID,
-                service_key(fport(VIP), PROTO_TCP),
-                &[backend_of(
-                    fport(SINK_ADDR),
-                    backend_stat_id(FLOOD_ID, Colour::Blue, 0),
-                )],
-                &[backend_of(
-                    fport(SINK_ADDR2),
-                    backend_stat_id(FLOOD_ID, Colour::Green, 0),
-                )],
-                Colour::Blue,
-            )?;
+            // The follow measurement's service (UDP) and the SYN flood's (a
+            // TCP table service): blue → SINK_ADDR, green → SINK_ADDR2.
+            for (id, port, proto) in [
+                (FOLLOW_ID, FOLLOW_PORT, PROTO_UDP),
+                (FLOOD_ID, FLOOD_PORT, PROTO_TCP),
+            ] {
+                let at = |a: Ipv4Addr| SocketAddr::V4(SocketAddrV4::new(a, port));
+                dp.write_service(
+                    id,
+                    service_key(at(VIP), proto),
+                    &[backend_of(
+                        at(SINK_ADDR),
+                        backend_stat_id(id, Colour::Blue, 0),
+                    )],
+                    &[backend_of(
+                        at(SINK_ADDR2),
+                        backend_stat_id(id, Colour::Green, 0),
+                    )],
+                    Colour::Blue,
+                )?;
+            }
             // IPv6: UDP VIP6:PORT → SINK6:PORT (the table path).
             let vip6 = SocketAddr::V6(SocketAddrV6::new(VIP6, PORT, 0, 0));
             let b6 = SocketAddr::V6(SocketAddrV6::new(SINK6, PORT, 0, 0));
