@@ -18,10 +18,15 @@
 //! as the kernel and nftables paths do) with 1 and 10 000 flows; plain kernel forwarding (ip_forward, no XDP
 //! on l0, GRO on so l0 takes XDP frames); nftables DNAT (prerouting dnat to
 //! the sink) with 1 and 10 000 flows. Frames: 64 B Ethernet+IPv4+UDP, UDP
-//! checksum 0. IPv6: bgswitch's table path (FLOWS6; IPv6 has no per-CPU
-//! flow cache) with 1 and 10 000 flows, the kernel's own IPv6 forwarding,
+//! checksum 0. IPv6: bgswitch's table path (FLOWS6 and its per-CPU flow
+//! cache) with 1 and 10 000 flows, the kernel's own IPv6 forwarding,
 //! and a floor of its own, from `xdp_gen6` (64 B Ethernet+IPv6+UDP, a
-//! valid UDP checksum). Each round runs every configuration once (the order rotates),
+//! valid UDP checksum). Two CPUs: the veths have two queues each, and two
+//! generators run at once, pinned to CPUs 0 and 1, each with flows of its
+//! own (`GenConfig::spread`): a frame is sent, forwarded and received on
+//! its generator's CPU, as RSS keeps a flow on one queue; bgswitch's table
+//! path and a stateless service, 10 000 flows per CPU, against the same
+//! with one generator. Each round runs every configuration once (the order rotates),
 //! counting generated frames (the run's `repeat`) and frames delivered to the
 //! sink; rates are delivered frames over the run's wall time.
 
@@ -139,6 +144,8 @@ pub struct FwdOptions {
     /// Flips watched frame by frame (`Rig::follow`), and frames per trial.
     pub follow_trials: usize,
     pub follow_frames: u32,
+    /// Flows per CPU of the two-CPU rows (empty: none).
+    pub two_cpu_flows: Vec<u32>,
     /// The SYN flood: connections open before it, and its frames (0: skip).
     pub flood_established: u32,
     pub flood_frames: u32,
@@ -172,6 +179,12 @@ impl FwdOptions {
             }
         }
         v.extend(self.scale_flows.iter().map(|&n| Config::Scale(n)));
+        if sys::cpus() >= 2 {
+            for &n in &self.two_cpu_flows {
+                v.push(Config::Bgswitch2(n));
+                v.push(Config::Stateless2(n));
+            }
+        }
         v
     }
 
@@ -197,6 +210,7 @@ impl FwdOptions {
             paced_frames: 500_000,
             follow_trials: 20,
             follow_frames: 300_000,
+            two_cpu_flows: vec![10_000],
             flood_established: 1000,
             flood_frames: 4_000_000,
         }
@@ -223,6 +237,7 @@ impl FwdOptions {
             paced_frames: 200_000,
             follow_trials: 3,
             follow_frames: 200_000,
+            two_cpu_flows: vec![10_000],
             flood_established: 200,
             flood_frames: 600_000,
         }
@@ -252,6 +267,11 @@ enum Config {
     Floor6,
     Bgswitch6(u32),
     Kernel6(u32),
+    /// Two generators at once, on CPUs 0 and 1 (two-queue veths: each
+    /// CPU's frames are received and forwarded on that CPU), each with
+    /// flows of its own: bgswitch's table path, and a stateless service.
+    Bgswitch2(u32),
+    Stateless2(u32),
 }
 
 fn flows(n: u32) -> String {
@@ -278,6 +298,8 @@ impl Config {
             Config::Floor6 => "ipv6_generator_to_drop_floor".into(),
             Config::Bgswitch6(n) => format!("ipv6_bgswitch_{n}_flows"),
             Config::Kernel6(n) => format!("ipv6_kernel_forwarding_{n}_flows"),
+            Config::Bgswitch2(n) => format!("bgswitch_{n}_flows_two_cpus"),
+            Config::Stateless2(n) => format!("bgswitch_stateless_{n}_flows_two_cpus"),
         }
     }
     fn label(self) -> String {
@@ -296,7 +318,14 @@ impl Config {
             Config::Floor6 => "IPv6: generator → drop (floor)".into(),
             Config::Bgswitch6(n) => format!("IPv6: bgswitch, {}", flows(n)),
             Config::Kernel6(n) => format!("IPv6: plain kernel forwarding, {}", flows(n)),
+            Config::Bgswitch2(n) => format!("two CPUs: bgswitch, {} per CPU", flows(n)),
+            Config::Stateless2(n) => {
+                format!("two CPUs: bgswitch stateless (TCP), {} per CPU", flows(n))
+            }
         }
+    }
+    fn two_cpus(self) -> bool {
+        matches!(self, Config::Bgswitch2(_) | Config::Stateless2(_))
     }
     fn ipv6(self) -> bool {
         matches!(
@@ -319,7 +348,8 @@ impl Config {
             // Its own data plane (evicting all the time), half the default size.
             Config::NewFlows => o.max_flows / 2,
             // Records nothing: the default table, unused.
-            Config::Stateless(_) => o.max_flows,
+            Config::Stateless(_) | Config::Stateless2(_) => o.max_flows,
+            Config::Bgswitch2(_) => o.max_flows,
             _ => 0,
         }
     }
@@ -334,7 +364,9 @@ impl Config {
             | Config::Scale(n)
             | Config::Stateless(n)
             | Config::Bgswitch6(n)
-            | Config::Kernel6(n) => n,
+            | Config::Kernel6(n)
+            | Config::Bgswitch2(n)
+            | Config::Stateless2(n) => n,
             // Longer than any run: every frame of a run is a flow of its own.
             Config::NewFlows => u32::MAX,
         }
@@ -369,6 +401,8 @@ struct Rig {
     attached: u32,
     attached_as: AttachSetting,
     nft_on: bool,
+    /// Queues each veth end uses now (2 for the two-CPU rows, else 1).
+    queues: u32,
     lb_file: File,
     opts: FwdOptions,
     gen: TempNetns,
@@ -425,11 +459,24 @@ fn generate(
     batch: u32,
     cpu: usize,
 ) -> Result<(u64, Duration)> {
+    generate_with(xdp(genp, prog)?, gen_ns, g0, frames, chunk, batch, cpu)
+}
+
+/// `frames` frames from the generator program `prog` on CPU `cpu`, in calls
+/// of `chunk`.
+fn generate_with(
+    prog: &Xdp,
+    gen_ns: &str,
+    g0: u32,
+    frames: u32,
+    chunk: u32,
+    batch: u32,
+    cpu: usize,
+) -> Result<(u64, Duration)> {
     in_netns(gen_ns, || -> Result<(u64, Duration)> {
         sys::pin_thread(cpu)?;
         let data = vec![0u8; FRAME_LEN];
         let ctx = xdp_ctx(FRAME_LEN, g0);
-        let prog = xdp(genp, prog)?;
         let t = Instant::now();
         let mut sent = 0u32;
         while sent < frames {
@@ -468,13 +515,47 @@ impl Rig {
         ip_ns(
             &g,
             &[
-                "link", "add", "g0", "type", "veth", "peer", "name", "l0", "netns", &l,
+                "link",
+                "add",
+                "g0",
+                "numtxqueues",
+                "2",
+                "numrxqueues",
+                "2",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "l0",
+                "numtxqueues",
+                "2",
+                "numrxqueues",
+                "2",
+                "netns",
+                &l,
             ],
         )?;
         ip_ns(
             &l,
             &[
-                "link", "add", "l1", "type", "veth", "peer", "name", "s0", "netns", &s,
+                "link",
+                "add",
+                "l1",
+                "numtxqueues",
+                "2",
+                "numrxqueues",
+                "2",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "s0",
+                "numtxqueues",
+                "2",
+                "numrxqueues",
+                "2",
+                "netns",
+                &s,
             ],
         )?;
         ip_ns(&g, &["addr", "add", "198.18.0.2/24", "dev", "g0"])?;
@@ -739,6 +820,7 @@ impl Rig {
             attached: 0,
             attached_as: AttachSetting::Xdp,
             nft_on: false,
+            queues: 2,
             lb_file,
             opts: opts.clone(),
         })
@@ -750,6 +832,34 @@ impl Rig {
 
     /// Puts the load balancer in the state `c` needs.
     fn set(&mut self, c: Config) -> Result<()> {
+        // One queue per veth end except for the two-CPU rows: with two,
+        // the socket-buffer paths (TC, the kernel, nftables) became
+        // bimodal from run to run here.
+        let queues = if c.two_cpus() { 2 } else { 1 };
+        if queues != self.queues {
+            let n = queues.to_string();
+            let ends = [
+                (self.gen.name(), "g0"),
+                (self.lb.name(), "l0"),
+                (self.lb.name(), "l1"),
+                (self.sink.name(), "s0"),
+            ];
+            // A veth end may not send on more queues than its peer
+            // receives on (with XDP there): receive queues grow first and
+            // shrink last.
+            let order = if queues > self.queues {
+                ["rx", "tx"]
+            } else {
+                ["tx", "rx"]
+            };
+            for dir in order {
+                for (ns, dev) in ends {
+                    sys::ns_run(ns, "ethtool", &["-L", dev, dir, &n])
+                        .with_context(|| format!("{dev}: {n} {dir} queues"))?;
+                }
+            }
+            self.queues = queues;
+        }
         let want_attached = c.table(&self.opts);
         let want_as = if matches!(c, Config::BgswitchTc(_)) {
             AttachSetting::Tc
@@ -864,14 +974,17 @@ impl Rig {
             dst_port: PORT.to_be_bytes(),
             src_port_base: SRC_PORT_BASE,
             flows: c.flows().max(1),
-            proto: if matches!(c, Config::Stateless(_) | Config::NftTcp(_)) {
+            proto: if matches!(
+                c,
+                Config::Stateless(_) | Config::NftTcp(_) | Config::Stateless2(_)
+            ) {
                 PROTO_TCP
             } else {
                 PROTO_UDP
             },
             tag: 0,
             syn: 0,
-            _pad: 0,
+            spread: u8::from(c.two_cpus()),
             src_ip6: SRC6_BASE.octets(),
             dst_ip6: dst6.octets(),
         };
@@ -915,6 +1028,36 @@ impl Rig {
             cpu,
         )?;
         // Frames still in flight finish within microseconds.
+        std::thread::sleep(Duration::from_millis(20));
+        let delivered = self.delivered()? - before;
+        Ok((sent, delivered, wall))
+    }
+
+    /// `run` with two generators at once, on CPUs 0 and 1, `frames` each.
+    fn run_two(&mut self, frames: u32, chunk: u32, batch: u32) -> Result<(u64, u64, Duration)> {
+        let before = self.delivered()?;
+        let g = self.gen.name().to_string();
+        let prog: &Xdp = xdp(&mut self.genp, self.gen_prog)?;
+        let g0 = self.g0;
+        let t = Instant::now();
+        let sent = std::thread::scope(|sc| -> Result<u64> {
+            let runs: Vec<_> = [0usize, 1]
+                .into_iter()
+                .map(|cpu| {
+                    let g = g.as_str();
+                    sc.spawn(move || generate_with(prog, g, g0, frames, chunk, batch, cpu))
+                })
+                .collect();
+            let mut sent = 0;
+            for r in runs {
+                sent += r
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a generator thread panicked"))??
+                    .0;
+            }
+            Ok(sent)
+        })?;
+        let wall = t.elapsed();
         std::thread::sleep(Duration::from_millis(20));
         let delivered = self.delivered()? - before;
         Ok((sent, delivered, wall))
@@ -978,7 +1121,7 @@ impl Rig {
             proto: PROTO_UDP,
             tag: 1,
             syn: 0,
-            _pad: 0,
+            spread: 0,
             src_ip6: [0; 16],
             dst_ip6: [0; 16],
         })?;
@@ -1125,7 +1268,7 @@ impl Rig {
             proto: PROTO_TCP,
             tag: 0,
             syn: 1,
-            _pad: 0,
+            spread: 0,
             src_ip6: [0; 16],
             dst_ip6: [0; 16],
         })?;
@@ -1209,14 +1352,18 @@ fn run_config_chunked(
     rig.configure_gen(c)?;
     let which = rig.attached;
     // Stateless packets are no flow-table hits: their own counter.
-    let hit = if matches!(c, Config::Stateless(_)) {
+    let hit = if matches!(c, Config::Stateless(_) | Config::Stateless2(_)) {
         "stateless"
     } else {
         "flow_hits"
     };
     let hits0 = rig.bg_global(which, hit);
     let redir0 = rig.bg_global(which, "redirect");
-    let (sent, delivered, wall) = rig.run(frames, chunk, opts.batch, opts.cpu)?;
+    let (sent, delivered, wall) = if c.two_cpus() {
+        rig.run_two(frames, chunk, opts.batch)?
+    } else {
+        rig.run(frames, chunk, opts.batch, opts.cpu)?
+    };
     let hits = rig.bg_global(which, hit) - hits0;
     let redir = rig.bg_global(which, "redirect") - redir0;
     Ok(Sample {

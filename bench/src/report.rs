@@ -760,6 +760,30 @@ pub fn targets(r: &Value) -> Vec<Value> {
         srn.map(|v| v >= 4.0),
         "part 2 (TCP ACKs through both)",
     ));
+    // Two CPUs against one, each path with 10 000 flows (per CPU).
+    for (two, one, what) in [
+        (
+            "bgswitch_10000_flows_two_cpus",
+            "bgswitch_10000_flows",
+            "table path",
+        ),
+        (
+            "bgswitch_stateless_10000_flows_two_cpus",
+            "bgswitch_stateless_10000_flows",
+            "stateless service",
+        ),
+    ] {
+        let m = |k: &str| f(&fwd(r, k)["mpps"]["median"]);
+        let ratio = m(two).zip(m(one)).map(|(a, b)| a / b);
+        t.push(target(
+            &format!("two CPUs against one, {what}, 10 000 flows per CPU"),
+            "≥ 1.8×",
+            ratio,
+            "×",
+            ratio.map(|v| v >= 1.8),
+            "part 2; two-queue veths, one generator per CPU, each with flows of its own",
+        ));
+    }
     let srf = f(&s10k["ratio_to_floor"]);
     t.push(target(
         "stateless service: forwarding rate vs floor, 10 000 flows",

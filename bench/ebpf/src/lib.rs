@@ -38,7 +38,10 @@ pub struct GenConfig {
     /// Non-zero (TCP only): every frame is a SYN (acknowledgement number
     /// 0) instead of an ACK — with as many flows as sources, a SYN flood.
     pub syn: u8,
-    pub _pad: u8,
+    /// Non-zero (IPv4): each CPU generates flows of its own, the source
+    /// address moved by `cpu << 12` (one generator per CPU, as RSS keeps a
+    /// flow on one queue).
+    pub spread: u8,
     /// `xdp_gen6`'s addresses (UDP only): source of flow 0, whose last
     /// 32-bit word grows by `f >> PORT_BITS` for flow `f`, and destination.
     /// `xdp_gen` ignores them.

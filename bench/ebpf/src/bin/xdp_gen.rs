@@ -83,7 +83,12 @@ mod program {
             (frame_len - ETH_LEN as u32) as u16
         };
         let udp_len = ip_total - IP_LEN as u16; // UDP's length field
-        let src_ip = u32::from_be_bytes(cfg.src_ip).wrapping_add(flow >> PORT_BITS);
+        let mut src_ip = u32::from_be_bytes(cfg.src_ip).wrapping_add(flow >> PORT_BITS);
+        if cfg.spread != 0 {
+            // SAFETY: a helper without arguments.
+            let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() };
+            src_ip = src_ip.wrapping_add(cpu << 12);
+        }
         let sport = cfg.src_port_base.wrapping_add((flow & PORT_MASK) as u16);
         let dst_ip = u32::from_be_bytes(cfg.dst_ip);
 
