@@ -99,7 +99,8 @@ pub(super) fn enable_ipv6_forward(config: &Config) -> anyhow::Result<()> {
 }
 
 /// The kernel memory the flow tables may take, per family a service of
-/// the config has (each family's table holds up to `max_flows`).
+/// the config has (each family's table holds up to `max_flows`, its
+/// half-open table a quarter of that, at least 1024).
 fn flow_memory(config: &Config) -> String {
     let mut parts = Vec::new();
     for (v6, name, per_flow) in [
@@ -107,10 +108,11 @@ fn flow_memory(config: &Config) -> String {
         (true, "IPv6", dataplane::FLOW_BYTES_V6),
     ] {
         if config.services.iter().any(|s| s.vip.is_ipv6() == v6) {
-            let bytes = config.max_flows as f64 * per_flow as f64;
+            let mib = |n: u32| n as f64 * per_flow as f64 / f64::from(1 << 20);
             parts.push(format!(
-                "{name} {per_flow} B each, up to {:.1} MiB",
-                bytes / f64::from(1 << 20)
+                "{name} {per_flow} B each, up to {:.1} MiB, and {:.1} MiB of half-open TCP records",
+                mib(config.max_flows),
+                mib(dataplane::half_open_slots(config.max_flows))
             ));
         }
     }
