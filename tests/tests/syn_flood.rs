@@ -6,8 +6,9 @@
 //! own address of 198.19.128.0/17, nobody's in the test bed, with a random
 //! port) reached the data plane in between — more half-open flows than the
 //! table holds — while new connections go to green; and after a flood new
-//! connections (keep-alive ones too) are recorded and served normally, and
-//! `status` answers as before.
+//! connections (keep-alive ones too) are recorded and served normally,
+//! `status` answers as before, and a flip made while a flood arrives
+//! completes.
 //!
 //! The flood is sent from the client namespace through a raw socket, so it
 //! takes the client's own path to the load balancer (TC on the veths, the
@@ -285,5 +286,25 @@ fn after_a_spoofed_syn_flood_new_connections_are_served_and_status_answers() {
     assert_eq!(colour(&r.body), "green", "{r:?}");
     let r = fresh.get("/").expect("the fresh connection, once more");
     assert_eq!(r.backend, first.backend, "{r:?}");
+
+    // A flip made while a flood arrives completes (how long it took is
+    // printed: a figure, not a test), and new connections follow it.
+    let ns = topo.client_ns().to_string();
+    let (flip, took, flood_report) = std::thread::scope(|sc| {
+        let flooding = sc.spawn(|| send_syn_flood(&ns, web(), &flood()));
+        let t = Instant::now();
+        let flip = sw.cli_ok(&["flip", "web", "--reason", "back to blue under a SYN flood"]);
+        let took = t.elapsed();
+        (flip, took, flooding.join().expect("the flood thread"))
+    });
+    let flip = flip.expect("a flip during the flood");
+    let flood_report = flood_report.unwrap_or_else(|e| panic!("the second flood: {e:#}"));
+    eprintln!(
+        "flip during a flood of {} spoofed SYNs ({:?}): {took:?}",
+        flood_report.sent, flood_report.elapsed
+    );
+    assert!(flip.contains("green → blue"), "{flip}");
+    let r = http_get(&cli, web(), "/").expect("a new connection after the flip");
+    assert_eq!(colour(&r.body), "blue", "{r:?}");
     eprintln!("web at the end: {}", flows(&sw.status().unwrap()));
 }
