@@ -1577,13 +1577,16 @@ pub fn assert_gross(section: &Value) -> Result<()> {
     }
     let bg = find("bgswitch_").context("no bgswitch run")?;
     let nft = find("nftables_dnat_").context("no nftables run (nft missing?)")?;
-    let (b, n) = (
-        bg["mpps"]["median"].as_f64().unwrap_or(0.0),
-        nft["mpps"]["median"].as_f64().unwrap_or(f64::MAX),
-    );
+    // The gross ratios compare each system's best round: on this shared
+    // 2-CPU VM a run of the socket-buffer paths (TC, nftables) lands in a
+    // fast or a slow mode (1.3 against 2.4 Mpps for TC in one phase), so a
+    // median of three rounds can set a slow mode of one against a fast mode
+    // of the other.
+    let best = |r: &Value, or: f64| r["mpps"]["max"].as_f64().unwrap_or(or);
+    let (b, n) = (best(bg, 0.0), best(nft, f64::MAX));
     ensure!(
         b > n,
-        "bgswitch ({b:.3} Mpps) is not faster than nftables DNAT ({n:.3} Mpps)"
+        "bgswitch ({b:.3} Mpps, best round) is not faster than nftables DNAT ({n:.3} Mpps)"
     );
     let paced = section["paced"]
         .as_array()
@@ -1637,10 +1640,10 @@ pub fn assert_gross(section: &Value) -> Result<()> {
     // The TC program's path too: faster than nftables DNAT, none lost when
     // paced.
     if let Some(tc) = find("bgswitch_tc_") {
-        let m = tc["mpps"]["median"].as_f64().unwrap_or(0.0);
+        let m = best(tc, 0.0);
         ensure!(
             m > n,
-            "bgswitch TC ({m:.3} Mpps) is not faster than nftables DNAT ({n:.3} Mpps)"
+            "bgswitch TC ({m:.3} Mpps, best round) is not faster than nftables DNAT ({n:.3} Mpps)"
         );
         let paced = section["paced"]
             .as_array()
@@ -1654,13 +1657,11 @@ pub fn assert_gross(section: &Value) -> Result<()> {
     // A stateless service's path too, when it ran: faster than nftables,
     // every frame its own counter's, none lost when paced.
     if let Some(sl) = find("bgswitch_stateless_") {
-        let m = sl["mpps"]["median"].as_f64().unwrap_or(0.0);
-        let n = find("nftables_dnat_tcp_")
-            .and_then(|r| r["mpps"]["median"].as_f64())
-            .unwrap_or(n);
+        let m = best(sl, 0.0);
+        let n = find("nftables_dnat_tcp_").map_or(n, |r| best(r, n));
         ensure!(
             m > n,
-            "bgswitch stateless ({m:.3} Mpps) is not faster than nftables DNAT ({n:.3} Mpps)"
+            "bgswitch stateless ({m:.3} Mpps, best round) is not faster than nftables DNAT ({n:.3} Mpps)"
         );
         ensure!(
             sl["flow_hit_ratio"].as_f64().unwrap_or(0.0) > 0.99,
