@@ -453,10 +453,7 @@ pub fn keep_in_dispatcher(dp: &mut Dataplane, pass: &mut PassProgram) -> Result<
 }
 
 fn global(dp: &Dataplane, name: &str) -> u64 {
-    dp.global_stats()
-        .ok()
-        .and_then(|g| g.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
-        .unwrap_or(0)
+    dp.global_stat(name).ok().flatten().unwrap_or(0)
 }
 
 /// Source of the i-th distinct client flow of a block.

@@ -1229,12 +1229,7 @@ impl Rig {
         };
         let dp = self.dps.get_mut(&table).context("no data plane")?;
         dp.set_active(FLOOD_ID, Colour::Blue)?;
-        let g = |dp: &Dataplane, n: &str| {
-            dp.global_stats()
-                .ok()
-                .and_then(|g| g.iter().find(|(k, _)| *k == n).map(|(_, v)| *v))
-                .unwrap_or(0)
-        };
+        let g = |dp: &Dataplane, n: &str| dp.global_stat(n).ok().flatten().unwrap_or(0);
         // Whole handshakes through the program: SYN, the backend's SYN-ACK,
         // the client's ACK.
         let promoted0 = g(dp, "promoted");
@@ -1324,8 +1319,7 @@ impl Rig {
     fn bg_global(&self, which: u32, name: &str) -> u64 {
         self.dps
             .get(&which)
-            .and_then(|d| d.global_stats().ok())
-            .and_then(|g| g.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+            .and_then(|d| d.global_stat(name).ok().flatten())
             .unwrap_or(0)
     }
 }

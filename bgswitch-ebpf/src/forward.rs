@@ -120,21 +120,17 @@ pub fn to_backend<C: Packet, F: Family>(
             count(global::FLOW_HITS);
             account(entry.backend_stat as u32, f.frame_len, false, false);
             let promote = held == Held::HalfOpen && !syn && completes(ctx, f, entry);
-            if held == Held::HalfOpen && !promote {
-                // Not yet the flow table's: forwarded by its half-open
-                // record, and not cached (the cached path would not
-                // complete it).
-                if ctx.rewrite(f, Side::Dst, &peer, entry.peer_port).is_none() {
-                    count(global::MALFORMED);
-                    return C::PASS;
-                }
-                return send(ctx, f, Nh::forward(entry), now, cache.fresh, None, false);
-            }
             if ctx.rewrite(f, Side::Dst, &peer, entry.peer_port).is_none() {
                 count(global::MALFORMED);
                 return C::PASS;
             }
             let action = send(ctx, f, Nh::forward(entry), now, cache.fresh, None, false);
+            if held == Held::HalfOpen && !promote {
+                // Not yet the flow table's: forwarded by its half-open
+                // record, and not cached (the cached path would not
+                // complete it).
+                return action;
+            }
             if F::V4 {
                 fill(cache, entry, Dir::Forward);
             } else {

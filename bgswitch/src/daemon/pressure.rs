@@ -70,15 +70,8 @@ impl Pressure {
 impl Daemon {
     /// Once a second: reads the counters and warns as `Pressure` says.
     pub(super) fn check_pressure(&mut self) {
-        let Ok(stats) = self.dataplane.global_stats() else {
-            return;
-        };
-        let get = |name: &str| {
-            stats
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0, |(_, v)| *v)
-        };
+        let dp = &self.dataplane;
+        let get = |name: &str| dp.global_stat(name).ok().flatten().unwrap_or(0);
         let notes = self.pressure.read(
             get("record_missing"),
             get("half_open"),

@@ -47,6 +47,23 @@ impl Dataplane {
         }))
     }
 
+    /// One global counter (`bgswitch_common::global::NAMES`), summed over
+    /// CPUs; `None` for a name that is not a counter.
+    pub fn global_stat(&self, name: &str) -> Result<Option<u64>> {
+        let i = global::NAMES.iter().position(|n| *n == name);
+        Ok(match i {
+            None => None,
+            Some(i) => Some(
+                self.global_stats
+                    .get(&0, 0)
+                    .map_err(map_err(names::GLOBAL_STATS, "get"))?
+                    .iter()
+                    .map(|c| c[i])
+                    .sum(),
+            ),
+        })
+    }
+
     /// The global counters, summed over CPUs, with their names.
     pub fn global_stats(&self) -> Result<Vec<(&'static str, u64)>> {
         let per_cpu = self
