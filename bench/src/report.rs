@@ -97,8 +97,10 @@ BPF_PROG_TEST_RUN call, the table filling up) puts 36 % of the program's time (w
 it calls) in the LRU update (27 % in `bpf_lru_pop_free` alone: taking a free node, or evicting
 when full), 31 % in the `FLOWS` lookup that misses (`lookup_nulls_elem_raw`: a cold bucket and a
 cold node), 14 % in the FIB lookup and 17 % in the program itself. A cache miss costs 150–250 ns
-on this VM (nested paging), and a new flow's table memory is cold by nature: the 80-ns target is
-below the cost of one such miss, so no design that writes per-flow state can meet it here. The
+on this VM (nested paging), and a new flow's table memory is cold by nature: the 250-ns target
+(issue 17; the 80 ns before it was below the cost of one such miss) leaves room for about one,
+where a new TCP connection's SYN misses `FLOWS` and `HALF_OPEN` and inserts into `HALF_OPEN`
+(below): {new_flow} ns in this run (the targets table). The
 table is full in steady state (entries age out by eviction), so in the forwarding pipeline every
 new flow also evicts; part 2's "a new flow in every packet" row (UDP) is what heavy churn costs per
 core.
@@ -157,14 +159,18 @@ redirect 12.7 — of which the redirect helper alone is about 10 ns (component t
 the backend's and the global counters, 3.5 ns less (56 against 59.7 ns, three rounds). So 30 ns
 would leave the stateless logic 20 ns beside the redirect; it takes 28.
 
-**60 % of the floor.** The floor is the generator and the receiver on one veth pair. Any load
-balancer adds a second hop: one more NAPI poll and XDP run, a redirect, its bulk queue and flush.
-Part 2's ceiling row measures that hop alone: `xdp_redirect` writes the two MACs and redirects
-through a DevMap, with no parse and no lookup. It reaches {ceiling_percent} % of the floor
-({ceiling_over_floor_ns} ns per packet over it), so 60 % leaves a whole load-balancing program
-{floor_budget_ns} ns per packet beyond a bare redirect. In this run bgswitch takes
-{table_1_over_ceiling} ns beyond it with one flow (table), {table_10k_over_ceiling} ns with
-10 000 flows (table) and {stateless_10k_over_ceiling} ns with 10 000 flows (stateless). Where the
+**85 % of the redirect ceiling.** The floor is the generator and the receiver on one veth pair.
+Any load balancer adds a second hop: one more NAPI poll and XDP run, a redirect, its bulk queue
+and flush. Part 2's ceiling row measures that hop alone: `xdp_redirect` writes the two MACs and
+redirects through a DevMap, with no parse and no lookup. It reaches {ceiling_percent} % of the
+floor ({ceiling_over_floor_ns} ns per packet over it). That hop is the limit of this path, so the
+forwarding targets (issue 17) measure against the ceiling, no longer against the floor (60 % of
+the floor, the target before, leaves a whole load-balancing program {floor_budget_ns} ns per
+packet beyond a bare redirect); 85 % of the ceiling's rate leaves it {ceiling_budget_ns} ns. In
+this run bgswitch takes {table_1_over_ceiling} ns beyond the ceiling with one flow (table),
+{table_10k_over_ceiling} ns with 10 000 flows (table: {table_10k_ceiling_percent} % of the
+ceiling's rate) and {stateless_10k_over_ceiling} ns with 10 000 flows (stateless:
+{stateless_10k_ceiling_percent} %). Where the
 stateless path's time goes in the pipeline was measured with builds that leave it early through
 the kept next hop, without rewriting (interleaved `--spin-fwd stateless:10000`, before this
 round's trims): parse about 8 ns; service slot and control word about 5; spoofing guard, hash,
@@ -172,8 +178,11 @@ pool and backend about 10; next hop and counters about 6; the checks, the rewrit
 about 11. Each piece is a few dozen BPF instructions. No single removal (the counters, the pool
 size, the spoofing guard) moved the rate by more than the noise (±1 %); removing both counter
 updates together gained 2 %. The DevMap (array) and `bpf_redirect` rows of the component table
-show that the redirect costs the same whichever way it is made. 60 % would need the whole path in
-about what its parse costs now.
+show that the redirect costs the same whichever way it is made. 85 % needs
+{stateless_10k_ceiling_gap} ns less per packet on the stateless path and
+{table_10k_ceiling_gap} ns less on the table path with 10 000 flows, of which
+{table_10k_over_1} ns is what 10 000 flows cost it over one (the cold cache slot: "Many flows",
+below).
 
 **Many flows.** With 10 000 flows the per-CPU cache holds them all, but its slots, like the
 `FLOWS` buckets, are spread over memory that misses the CPU caches and (in this VM, with nested
@@ -211,7 +220,11 @@ changes pause for a second, and loading replays the journal's later changes (REA
 two daemons on part 4 alone (`BGSWITCH_BIN=… bgswitch-bench --only flip`, two pairs), the median
 flip under load went from 4.87 and 4.62 ms to 3.43 and 3.40 ms; without load 2.76 and 3.23 ms
 against 2.81 and 2.87 ms, within the noise. Under client load the two CPUs are shared with the
-prober, the keep-alive clients and the servers.
+prober, the keep-alive clients and the servers. The target (issue 17) is the whole command faster
+than HAProxy's runtime-API switch in the same run (a process that sends one line and reads the
+answer): {flip_ms} ms against {haproxy_flip_ms} ms under load, {idle_flip_ms} ms against
+{haproxy_idle_flip_ms} ms idle. HAProxy's switch changes its memory only; bgswitch's waits for
+its journal line's fdatasync.
 
 A flip also copied every service's state (to make the change on) and, for the state file,
 serialised it: with the most services (256) each holding 16 changes, a flip took 11–13 ms
@@ -523,10 +536,10 @@ pub fn targets(r: &Value) -> Vec<Value> {
     let fresh = f(&case(r, "new_tcp_flow_cold")["over_baseline_ns"]["median"]);
     t.push(target(
         "new-flow program cost over XDP_PASS",
-        "≤ 80 ns",
+        "≤ 250 ns",
         new,
         "ns",
-        new.map(|v| v <= 80.0),
+        new.map(|v| v <= 250.0),
         &format!(
             "part 1, warm estimate (established, repeat N, + what a new flow adds when both run cold); measured cold (repeat 1): {} ns; in the forwarding pipeline (part 2) a new flow in every packet costs {} ns/packet more than one established flow",
             fresh.map_or("—".into(), |v| format!("{v:.0}")),
@@ -545,45 +558,68 @@ pub fn targets(r: &Value) -> Vec<Value> {
         rn.map(|v| v >= 4.0),
         "part 2",
     ));
-    let rf = f(&bg10k["ratio_to_floor"]);
-    // What the path itself allows: an XDP program that only writes the MACs
-    // and redirects, and the time per packet 60 % of the floor leaves a
-    // program beyond that.
+    // Against what the path itself allows (issue 17): an XDP program that
+    // only writes the MACs and redirects. The generator-to-drop floor (the
+    // targets before) is kept in the note: the redirect alone stays well
+    // below it on veth.
     let ceiling = fwd(r, "xdp_redirect_ceiling");
-    let floor_where = match (
-        f(&ceiling["ratio_to_floor"]),
-        f(&ceiling["ns_per_packet"]),
-        f(&fwd(r, "generator_to_drop_floor")["ns_per_packet"]),
-    ) {
-        (Some(c), Some(cns), Some(fns)) => format!(
-            "part 2; on this path an XDP program that only writes the MACs and redirects (no parse, no lookup) reaches {:.0} % of the floor, so 60 % leaves the whole program {:.0} ns per packet beyond that",
-            c * 100.0,
-            fns / 0.6 - cns
-        ),
-        _ => "part 2".into(),
+    let ceiling_ns = f(&ceiling["ns_per_packet"]);
+    let of_ceiling = |row: &Value| -> (Option<f64>, String) {
+        // Rates, as ratio_to_floor compares them: ceiling ns / row's ns.
+        let share = f(&row["mpps"]["median"])
+            .zip(f(&ceiling["mpps"]["median"]))
+            .map(|(m, c)| m / c);
+        let note = match (
+            ceiling_ns,
+            f(&row["ns_per_packet"]),
+            f(&row["ratio_to_floor"]),
+            f(&ceiling["ratio_to_floor"]),
+        ) {
+            (Some(cns), Some(ns), Some(rf), Some(cf)) => format!(
+                "part 2; the ceiling, an XDP program that only writes the MACs and redirects (no parse, no lookup), takes {cns:.0} ns per packet: 85 % of its rate leaves the whole program {:.0} ns per packet beyond it; bgswitch takes {:.0} ns; of the generator-to-drop floor: {:.0} %, the ceiling {:.0} % (the target before, 60 % of the floor, is retired: on veth the redirect ceiling is this path's limit)",
+                cns / 0.85 - cns,
+                ns - cns,
+                rf * 100.0,
+                cf * 100.0
+            ),
+            _ => "part 2".into(),
+        };
+        (share, note)
     };
+    let (rc, rc_note) = of_ceiling(bg10k);
     t.push(target(
-        "forwarding rate vs generator-to-drop floor, 10 000 flows",
-        "≥ 60 %",
-        rf.map(|v| v * 100.0),
+        "forwarding rate vs the redirect ceiling, 10 000 flows",
+        "≥ 85 %",
+        rc.map(|v| v * 100.0),
         "%",
-        rf.map(|v| v >= 0.6),
-        &floor_where,
+        rc.map(|v| v >= 0.85),
+        &rc_note,
     ));
     let b = &r["flip"]["systems"]["bgswitch"];
-    let cmd = f(&b["command_ms"]["median"]);
-    t.push(target(
-        "`bgswitch flip`, whole process, median",
-        "< 5 ms",
-        cmd,
-        "ms",
-        cmd.map(|v| v < 5.0),
-        &format!(
-            "part 4, {} flips under client load; without load: {} ms",
-            b["flips"],
-            num(&b["without_load"]["command_ms"]["median"], 2)
-        ),
-    ));
+    let h = &r["flip"]["systems"]["haproxy_tcp"];
+    for (load, what) in [(true, "under client load"), (false, "idle")] {
+        let (bs, hs) = if load {
+            (b, h)
+        } else {
+            (&b["without_load"], &h["without_load"])
+        };
+        let cmd = f(&bs["command_ms"]["median"]);
+        let peer = f(&hs["command_ms"]["median"]);
+        t.push(target(
+            &format!("`bgswitch flip`, whole process, median, {what}"),
+            "< HAProxy's runtime-API switch",
+            cmd,
+            "ms",
+            cmd.zip(peer).map(|(c, p)| c < p),
+            &format!(
+                "part 4, {} flips each; HAProxy's switch (a process sending one runtime-API line): {} ms; applied (the new state in place): bgswitch {} ms, HAProxy {} ms",
+                bs["flips"],
+                num(&hs["command_ms"]["median"], 2),
+                num(&bs["applied_ms"]["median"], 2),
+                num(&hs["applied_ms"]["median"], 2)
+            ),
+        ));
+    }
     let failed = b["failed_requests"].as_u64().map(|v| v as f64);
     t.push(target(
         "failed requests during the flips",
@@ -784,14 +820,14 @@ pub fn targets(r: &Value) -> Vec<Value> {
             "part 2; two-queue veths, one generator per CPU, each with flows of its own",
         ));
     }
-    let srf = f(&s10k["ratio_to_floor"]);
+    let (sc, sc_note) = of_ceiling(s10k);
     t.push(target(
-        "stateless service: forwarding rate vs floor, 10 000 flows",
-        "≥ 60 %",
-        srf.map(|v| v * 100.0),
+        "stateless service: forwarding rate vs the redirect ceiling, 10 000 flows",
+        "≥ 85 %",
+        sc.map(|v| v * 100.0),
         "%",
-        srf.map(|v| v >= 0.6),
-        &floor_where,
+        sc.map(|v| v >= 0.85),
+        &sc_note,
     ));
     let sl = change("stateless_spread_ns");
     t.push(target(
@@ -1431,6 +1467,37 @@ fn fill_profile(text: &str, r: &Value) -> String {
             None if key == "ceiling_percent" => {
                 f(&fwd(r, "xdp_redirect_ceiling")["ratio_to_floor"]).map(|v| (v * 100.0).round())
             }
+            None if key == "new_flow" => {
+                f(&case(r, "new_tcp_flow")["over_baseline_ns"]["median"]).map(f64::round)
+            }
+            None if key == "ceiling_budget_ns" => {
+                f(&fwd(r, "xdp_redirect_ceiling")["ns_per_packet"]).map(|c| (c / 0.85 - c).round())
+            }
+            None if key.ends_with("_ceiling_percent") || key.ends_with("_ceiling_gap") => {
+                let row = if key.starts_with("table_") {
+                    "bgswitch_10000_flows"
+                } else {
+                    "bgswitch_stateless_10000_flows"
+                };
+                let c = &fwd(r, "xdp_redirect_ceiling");
+                if key.ends_with("_percent") {
+                    // Rates, as ratio_to_floor compares them.
+                    f(&fwd(r, row)["mpps"]["median"])
+                        .zip(f(&c["mpps"]["median"]))
+                        .map(|(m, c)| (m / c * 100.0).round())
+                } else {
+                    // The row's ns per packet against what 85 % of the
+                    // ceiling's rate allows.
+                    f(&fwd(r, row)["ns_per_packet"])
+                        .zip(f(&c["ns_per_packet"]))
+                        .map(|(ns, c)| (ns - c / 0.85).round())
+                }
+            }
+            None if key == "table_10k_over_1" => {
+                f(&fwd(r, "bgswitch_10000_flows")["ns_per_packet"])
+                    .zip(f(&fwd(r, "bgswitch_1_flows")["ns_per_packet"]))
+                    .map(|(a, b)| (a - b).round())
+            }
             None if key == "floor_budget_ns" => {
                 f(&fwd(r, "generator_to_drop_floor")["ns_per_packet"])
                     .zip(f(&fwd(r, "xdp_redirect_ceiling")["ns_per_packet"]))
@@ -1472,9 +1539,19 @@ fn fill_profile(text: &str, r: &Value) -> String {
                     _ => &u["history_ms"]["median"],
                 })
             }
-            None if key == "idle_flip_ms" => two_decimals(
-                &r["flip"]["systems"]["bgswitch"]["without_load"]["command_ms"]["median"],
-            ),
+            None if key.ends_with("flip_ms") && key != "most_services_flip_ms" => {
+                let s = &r["flip"]["systems"][if key.starts_with("haproxy_") {
+                    "haproxy_tcp"
+                } else {
+                    "bgswitch"
+                }];
+                let s = if key.contains("idle") {
+                    &s["without_load"]
+                } else {
+                    s
+                };
+                two_decimals(&s["command_ms"]["median"])
+            }
             None => comp(key),
         };
         out.push_str(&v.map_or("?".into(), |v| {
@@ -1514,4 +1591,67 @@ fn fwd_row(w: &mut String, c: &Value) {
         num(&c["lost"], 0),
         num(&c["flow_hit_ratio"], 3),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<'a>(t: &'a [Value], name: &str) -> &'a Value {
+        t.iter()
+            .find(|x| x["target"] == name)
+            .unwrap_or_else(|| panic!("no targets row {name:?}"))
+    }
+
+    #[test]
+    fn forwarding_is_measured_against_the_redirect_ceiling_and_flips_against_haproxy() {
+        let config = |key: &str, mpps: f64| {
+            json!({"config": key, "mpps": {"median": mpps}, "ns_per_packet": 1000.0 / mpps,
+                   "ratio_to_floor": mpps / 8.0})
+        };
+        let flip = |load: f64, idle: f64| {
+            json!({"command_ms": {"median": load}, "applied_ms": {"median": load - 0.5},
+                   "flips": 100, "without_load": {"command_ms": {"median": idle},
+                   "applied_ms": {"median": idle - 0.5}, "flips": 100}})
+        };
+        let r = json!({
+            "forwarding": {"configs": [
+                config("generator_to_drop_floor", 8.0),
+                config("xdp_redirect_ceiling", 5.0),
+                config("bgswitch_10000_flows", 4.0),
+                config("bgswitch_stateless_10000_flows", 4.5),
+            ]},
+            "flip": {"systems": {"bgswitch": flip(3.0, 1.0), "haproxy_tcp": flip(2.0, 1.5)}},
+        });
+        let t = targets(&r);
+        let table = row(&t, "forwarding rate vs the redirect ceiling, 10 000 flows");
+        assert!((table["value"].as_f64().unwrap() - 80.0).abs() < 1e-9);
+        assert_eq!(table["met"], false);
+        let stateless = row(
+            &t,
+            "stateless service: forwarding rate vs the redirect ceiling, 10 000 flows",
+        );
+        assert!((stateless["value"].as_f64().unwrap() - 90.0).abs() < 1e-9);
+        assert_eq!(stateless["met"], true);
+        assert!(!t
+            .iter()
+            .any(|x| x["target"].as_str().unwrap().contains("floor")));
+        let load = row(
+            &t,
+            "`bgswitch flip`, whole process, median, under client load",
+        );
+        assert_eq!(
+            (load["value"].as_f64(), &load["met"]),
+            (Some(3.0), &json!(false))
+        );
+        let idle = row(&t, "`bgswitch flip`, whole process, median, idle");
+        assert_eq!(
+            (idle["value"].as_f64(), &idle["met"]),
+            (Some(1.0), &json!(true))
+        );
+        assert!(idle["note"]
+            .as_str()
+            .unwrap()
+            .contains("HAProxy's switch (a process sending one runtime-API line): 1.50 ms"));
+    }
 }
