@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     dataplane::AttachMode,
     health::Health,
-    model::{Change, Colour, Confirm, Watch},
+    model::{Change, CheckPhase, CheckRecord, Colour, Confirm, Watch},
     state::JournalEntry,
 };
 
@@ -49,6 +49,16 @@ pub enum Request {
         percent: f64,
         #[serde(default)]
         reason: Option<String>,
+        /// Skip the before-flip checks (journalled as forced).
+        #[serde(default)]
+        force: bool,
+    },
+    /// Run the service's before-flip checks against `colour` (default: the
+    /// idle one) and report; changes nothing.
+    Check {
+        service: String,
+        #[serde(default)]
+        colour: Option<Colour>,
     },
     /// Add, remove or list preview prefixes.
     Preview {
@@ -136,10 +146,20 @@ impl Request {
                 to,
                 percent,
                 reason,
+                force,
             } => format!(
-                "shift {percent}% of {service}'s new flows to {to}{}",
+                "shift {percent}% of {service}'s new flows to {to}{}{}",
+                if *force { ", forced" } else { "" },
                 why(reason)
             ),
+            Self::Check {
+                service,
+                colour: None,
+            } => format!("check {service}"),
+            Self::Check {
+                service,
+                colour: Some(c),
+            } => format!("check {service} against {c}"),
             Self::Preview {
                 service,
                 action,
@@ -195,6 +215,10 @@ pub struct Response {
     pub history: Option<Vec<JournalEntry>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<Vec<String>>,
+    /// The user's checks that ran for this request (a flip or shift they
+    /// cleared or refused, `check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Vec<CheckRecord>>,
 }
 
 impl Response {
@@ -273,6 +297,26 @@ pub struct ServiceStatus {
     /// In a transition: how far it is.
     #[serde(default)]
     pub transition: Option<TransitionStatus>,
+    /// The user's checks (`[[service.check]]`).
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
+}
+
+/// One of a service's checks: how it is configured, its last run, its
+/// runs since the daemon started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    pub name: String,
+    pub when: Vec<CheckPhase>,
+    pub user: String,
+    pub timeout_ms: u64,
+    pub interval_ms: u64,
+    /// A run is under way (a gate or a watch).
+    pub running: bool,
+    pub last: Option<CheckRecord>,
+    /// Runs since the daemon started, by result (passed, failed, timeout,
+    /// error).
+    pub runs: BTreeMap<String, u64>,
 }
 
 /// A stateless service's transition (see `ServiceStatus::fast_path`).

@@ -65,7 +65,8 @@ pub enum Command {
         #[arg(long, value_parser = parse_colour, value_name = "blue|green")]
         to: Option<Colour>,
         /// Also move open flows (they break: their backend changes), and
-        /// switch even to a pool whose health checks fail.
+        /// switch even to a pool whose health checks fail, without running
+        /// the service's before-flip checks (journalled as forced).
         #[arg(long)]
         force: bool,
         /// Why, for the journal (`history` shows it).
@@ -103,6 +104,35 @@ pub enum Command {
         /// Why, for the journal (`history` shows it).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        /// Skip the service's before-flip checks (journalled as forced).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run SERVICE's before-flip checks (`[[service.check]]`) against a
+    /// colour now and report each; changes nothing. Exit 0 when all
+    /// passed, 1 otherwise.
+    Check {
+        /// The service (its `name` in the config).
+        service: String,
+        /// The colour under test (default: the idle one, as a flip would).
+        #[arg(long, value_parser = parse_colour, value_name = "blue|green")]
+        colour: Option<Colour>,
+        /// Machine-readable output (one JSON array of runs).
+        #[arg(long)]
+        json: bool,
+    },
+    /// (Internal) the supervisor of one run of a check, started by the
+    /// daemon: see `checks::supervise`.
+    #[command(name = "__check-supervise", hide = true)]
+    CheckSupervise {
+        #[arg(long)]
+        parent: i32,
+        #[arg(long)]
+        uid: u32,
+        #[arg(long)]
+        gid: u32,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
     },
     /// New flows from these source prefixes always reach the idle colour.
     Preview {
@@ -295,7 +325,15 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
 
 /// One request and its answer on a connected socket.
 fn exchange(stream: UnixStream, req: &Request) -> anyhow::Result<Response> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // A flip, a shift or `check` may wait for the service's checks (each
+    // at most 10 minutes, run in parallel).
+    let answer_within = match req {
+        Request::Flip { .. } | Request::Shift { .. } | Request::Check { .. } => {
+            Duration::from_secs(11 * 60)
+        }
+        _ => Duration::from_secs(30),
+    };
+    stream.set_read_timeout(Some(answer_within))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut stream = stream;
     let mut line = serde_json::to_vec(req)?;
@@ -360,15 +398,29 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             to,
             percent,
             reason,
+            force,
         } => (
             Request::Shift {
                 service: service.clone(),
                 to: *to,
                 percent: *percent,
                 reason: reason.clone(),
+                force: *force,
             },
             false,
         ),
+        Command::Check {
+            service,
+            colour,
+            json,
+        } => (
+            Request::Check {
+                service: service.clone(),
+                colour: *colour,
+            },
+            *json,
+        ),
+        Command::CheckSupervise { .. } => unreachable!("handled by main"),
         Command::Preview {
             service,
             action,
@@ -464,6 +516,15 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         }
     };
     let resp = exchange(stream, &req)?;
+    if let Some(runs) = &resp.checks {
+        if json {
+            println!("{}", serde_json::to_string_pretty(runs)?);
+        } else if resp.ok {
+            print!("{}", render_checks(runs));
+        } else {
+            eprint!("{}", render_checks(runs));
+        }
+    }
     if !resp.ok {
         eprintln!(
             "bgswitch: error: {}",
@@ -472,7 +533,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         return Ok(1);
     }
     if json {
-        if let Some(h) = &resp.history {
+        if resp.checks.is_some() {
+        } else if let Some(h) = &resp.history {
             println!("{}", serde_json::to_string_pretty(h)?);
         } else {
             println!("{}", serde_json::to_string_pretty(&resp.status)?);
@@ -539,6 +601,35 @@ fn wait_drained(
     }
 }
 
+/// The report of the user's checks that ran for a request: one line per
+/// run, then the tail of the output of each that did not pass.
+pub fn render_checks(runs: &[crate::model::CheckRecord]) -> String {
+    let mut out = String::new();
+    for r in runs {
+        out += &format!(
+            "check {:<20} {:<6} {} ({:.1} s)\n",
+            r.name,
+            r.colour.to_string(),
+            r.outcome,
+            r.duration_ms as f64 / 1000.0
+        );
+        if !r.outcome.passed() {
+            for l in r
+                .output
+                .lines()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                out += &format!("    | {l}\n");
+            }
+        }
+    }
+    out
+}
+
 /// The text form of `history`.
 pub fn render_history(h: &[JournalEntry]) -> String {
     let mut out = String::new();
@@ -567,6 +658,9 @@ pub fn render_history(h: &[JournalEntry]) -> String {
                 format!(" [{}]", e.outcome)
             },
         );
+        for r in &c.checks {
+            out += &format!("    {}\n", r.describe());
+        }
     }
     if out.is_empty() {
         out = "no changes recorded\n".into();
@@ -766,6 +860,27 @@ pub fn render_status(s: &Status) -> String {
                         .unwrap_or_default()
                 );
             }
+        }
+        for c in &svc.checks {
+            let when: Vec<String> = c.when.iter().map(ToString::to_string).collect();
+            out += &format!(
+                "  check {:<20} ({}, as {}){}: {}\n",
+                c.name,
+                when.join(", "),
+                c.user,
+                if c.running { " RUNNING" } else { "" },
+                match &c.last {
+                    None => "not run yet".to_string(),
+                    Some(r) => format!(
+                        "last {} against {} at {} UTC: {} ({:.1} s)",
+                        r.phase,
+                        r.colour,
+                        unix_time(r.at_ms / 1000),
+                        r.outcome,
+                        r.duration_ms as f64 / 1000.0
+                    ),
+                }
+            );
         }
         if let Some(ch) = &svc.last_change {
             out += &format!(

@@ -6,6 +6,7 @@
 //! socket protocol) → [`cli`].
 
 pub mod api;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -11,6 +11,12 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match &cli.command {
+        Command::CheckSupervise {
+            parent,
+            uid,
+            gid,
+            argv,
+        } => bgswitch::checks::supervise(*parent, *uid, *gid, argv),
         Command::Daemon { check: true } => match Daemon::check(&cli.config_path()) {
             Ok(summary) => {
                 print!("{summary}");

@@ -106,6 +106,18 @@ pub fn render(status: &Status) -> String {
         "bgswitch_fast_path",
         "1 for how the service's packets find their backend now (table, stateless, transition).",
     );
+    let check_runs = f.counter(
+        "bgswitch_check_runs",
+        "Runs of the user's checks ([[service.check]]) since the daemon started, by service, check and result (passed, failed, timeout, error).",
+    );
+    let check_seconds = f.gauge_f(
+        "bgswitch_check_duration_seconds",
+        "How long the check's last run took, by service and check.",
+    );
+    let check_passed = f.gauge(
+        "bgswitch_check_last_passed",
+        "1 when the check's last run passed, 0 when it did not (no series before its first run).",
+    );
     let xdp = f.counter(
         "bgswitch_xdp_events",
         "Data plane events by kind (passed, malformed, fragments, FIB outcomes, ...).",
@@ -165,6 +177,26 @@ pub fn render(status: &Status) -> String {
         disagreeing
             .get_or_create(&sl)
             .set(s.transition.as_ref().map_or(0, |t| t.disagreeing) as i64);
+        for c in &s.checks {
+            let cl = labels(&[("service", svc), ("check", &c.name)]);
+            for result in ["passed", "failed", "timeout", "error"] {
+                check_runs
+                    .get_or_create(&labels(&[
+                        ("service", svc),
+                        ("check", &c.name),
+                        ("result", result),
+                    ]))
+                    .inc_by(c.runs.get(result).copied().unwrap_or(0));
+            }
+            if let Some(last) = &c.last {
+                check_seconds
+                    .get_or_create(&cl)
+                    .set(last.duration_ms as f64 / 1000.0);
+                check_passed
+                    .get_or_create(&cl)
+                    .set(i64::from(last.outcome.passed()));
+            }
+        }
         for mode in ["table", "stateless", "transition"] {
             fast_path
                 .get_or_create(&labels(&[("service", svc), ("mode", mode)]))

@@ -22,6 +22,9 @@ pub const JOURNAL_ROTATED_FILE: &str = "journal.1.jsonl";
 pub const TICK_RATE_FILE: &str = "tick-rate";
 /// The lock file that keeps a second daemon out.
 pub const LOCK_FILE: &str = "daemon.lock";
+/// The `PATH` a user's check runs with (its environment is otherwise
+/// clean), and where a bare program name in its `command` is looked up.
+pub const CHECK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// This boot's id (the kernel's, random per boot).
 pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 

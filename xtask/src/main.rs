@@ -23,7 +23,12 @@ use clap::{Parser, Subcommand};
 const TOOLCHAIN_DEFAULT: &str = "/opt/bgswitch/toolchain";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages used by the tests and the demo, with a command each provides.
-const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    // The smoke-test check of tests/tests/checks.rs (and of the README).
+    ("curl", "curl"),
+];
 
 #[derive(Parser)]
 #[command(about = "bgswitch project tasks")]

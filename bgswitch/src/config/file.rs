@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 use super::{
     units::{endpoint, parse_duration, parse_size},
-    AttachSetting, Config, ConfigError, HealthConfig, HealthKind, Protocol, ServiceConfig,
+    AttachSetting, CheckConfig, Config, ConfigError, HealthConfig, HealthKind, Protocol,
+    ServiceConfig,
 };
 use crate::paths;
 
@@ -84,6 +85,18 @@ struct RawService {
     green: Option<Vec<String>>,
     health: Option<RawHealth>,
     stateless: Option<bool>,
+    check: Option<Vec<RawCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: Option<String>,
+    command: Option<Vec<String>>,
+    when: Option<Vec<String>>,
+    timeout: Option<String>,
+    interval: Option<String>,
+    user: Option<String>,
 }
 
 /// The `socket` key alone, for the commands that talk to the daemon: found
@@ -373,6 +386,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 "IPv6 services use the flow table; stateless periods are IPv4-only".into(),
             ));
         }
+        let mut checks: Vec<CheckConfig> = Vec::new();
+        for (j, c) in s.check.unwrap_or_default().into_iter().enumerate() {
+            let c = check(c, &|k: &str, r: String| {
+                err(&at(&format!("check[{j}].{k}")), r)
+            })?;
+            if let Some(k) = checks.iter().position(|o| o.name == c.name) {
+                return Err(err(
+                    &at(&format!("check[{j}].name")),
+                    format!("'{}' is also the name of check[{k}]", c.name),
+                ));
+            }
+            checks.push(c);
+        }
+        if checks.len() > MAX_CHECKS {
+            return Err(err(
+                &at("check"),
+                format!("{} checks; at most {MAX_CHECKS}", checks.len()),
+            ));
+        }
         services.push(ServiceConfig {
             name,
             vip,
@@ -381,6 +413,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             green,
             health,
             stateless,
+            checks,
         });
     }
     for (i, s) in services.iter().enumerate() {
@@ -512,6 +545,102 @@ fn health(
         timeout,
         rise: count(h.rise, 2, "rise")?,
         fall: count(h.fall, 3, "fall")?,
+    })
+}
+
+/// Checks per service at most.
+const MAX_CHECKS: usize = 16;
+
+/// Bounds of a check's `timeout` and `interval`.
+const CHECK_TIMEOUT_MAX: Duration = Duration::from_secs(600);
+
+fn check(
+    c: RawCheck,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<CheckConfig, ConfigError> {
+    let name = c.name.ok_or_else(|| err("name", "is required".into()))?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+    {
+        return Err(err(
+            "name",
+            format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+        ));
+    }
+    let command = c.command.unwrap_or_default();
+    let Some(program) = command.first() else {
+        return Err(err(
+            "command",
+            "is required: the program and its arguments, e.g. [\"/usr/local/bin/smoke\", \"--fast\"] (run directly, never through a shell)".into(),
+        ));
+    };
+    if program.is_empty() || (program.contains('/') && !program.starts_with('/')) {
+        return Err(err(
+            "command",
+            format!(
+                "'{program}' must be an absolute path or a bare program name (looked up in {})",
+                crate::paths::CHECK_PATH
+            ),
+        ));
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        return Err(err("command", "an argument contains a NUL byte".into()));
+    }
+    let (mut before_flip, mut during_watch) = (false, false);
+    match c.when {
+        None => (before_flip, during_watch) = (true, true),
+        Some(list) if list.is_empty() => {
+            return Err(err(
+                "when",
+                "names no phase: give before-flip, during-watch or both".into(),
+            ))
+        }
+        Some(list) => {
+            for w in list {
+                match w.as_str() {
+                    "before-flip" => before_flip = true,
+                    "during-watch" => during_watch = true,
+                    other => {
+                        return Err(err(
+                            "when",
+                            format!("'{other}' is not before-flip or during-watch"),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    let dur = |v: &Option<String>, default: &str, key: &str, min: Duration| {
+        let t = v.as_deref().unwrap_or(default);
+        let d = parse_duration(t).map_err(|r| err(key, r))?;
+        if d < min || d > CHECK_TIMEOUT_MAX {
+            return Err(err(key, format!("'{t}' is outside {min:?}..=10m")));
+        }
+        Ok(d)
+    };
+    let timeout = dur(&c.timeout, "30s", "timeout", Duration::from_millis(100))?;
+    let interval = dur(&c.interval, "10s", "interval", Duration::from_secs(1))?;
+    let user = c.user.unwrap_or_else(|| "nobody".into());
+    if user.is_empty() || user.contains([':', '/', ' ', '\0']) {
+        return Err(err("user", format!("'{user}' is not a user name")));
+    }
+    if user == "root" || user.parse::<u32>() == Ok(0) {
+        return Err(err(
+            "user",
+            "checks never run as root: name an unprivileged user (default: nobody)".into(),
+        ));
+    }
+    Ok(CheckConfig {
+        name,
+        command,
+        before_flip,
+        during_watch,
+        timeout,
+        interval,
+        user,
     })
 }
 

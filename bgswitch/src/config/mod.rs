@@ -79,6 +79,33 @@ pub struct HealthConfig {
     pub fall: u32,
 }
 
+/// A user's check program (`[[service.check]]`): run against a colour
+/// before a flip and during a watch; it passes by exiting 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckConfig {
+    pub name: String,
+    /// argv (never through a shell); `command[0]` an absolute path, or a
+    /// bare name looked up in the check's `PATH` (`checks::CHECK_PATH`).
+    pub command: Vec<String>,
+    pub before_flip: bool,
+    pub during_watch: bool,
+    pub timeout: Duration,
+    /// How often it runs during a watch.
+    pub interval: Duration,
+    /// Who it runs as (never root).
+    pub user: String,
+}
+
+impl CheckConfig {
+    pub fn runs_in(&self, phase: crate::model::CheckPhase) -> bool {
+        match phase {
+            crate::model::CheckPhase::BeforeFlip => self.before_flip,
+            crate::model::CheckPhase::DuringWatch => self.during_watch,
+            crate::model::CheckPhase::OnDemand => true,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HealthKind {
     /// A TCP connect.
@@ -167,6 +194,8 @@ pub struct ServiceConfig {
     /// Stable periods without the flow table (TCP only): see
     /// `bgswitch_common::control`.
     pub stateless: bool,
+    /// The user's own checks (`[[service.check]]`), in the file's order.
+    pub checks: Vec<CheckConfig>,
 }
 
 impl ServiceConfig {
@@ -175,6 +204,14 @@ impl ServiceConfig {
     /// the config refuses `stateless` for them, this holds anyway).
     pub fn may_run_stateless(&self) -> bool {
         self.stateless && self.vip.is_ipv4()
+    }
+
+    /// Its checks that run in `phase`.
+    pub fn checks_in(
+        &self,
+        phase: crate::model::CheckPhase,
+    ) -> impl Iterator<Item = &CheckConfig> + '_ {
+        self.checks.iter().filter(move |c| c.runs_in(phase))
     }
 
     pub fn pool(&self, colour: Colour) -> &[SocketAddr] {

@@ -408,3 +408,110 @@ fn ipv6_services_keep_one_family_and_the_flow_table() {
         "already a backend of a.blue",
     );
 }
+
+const SVC: &str = "name = \"web\"\nvip = \"198.19.0.10:80\"\nprotocol = \"tcp\"\nblue = [\"198.18.1.11:8080\"]\ngreen = [\"198.18.1.21:8080\"]\n";
+
+#[test]
+fn checks_parse_with_their_defaults() {
+    let text = with_service(&format!(
+        "{SVC}[[service.check]]\nname = \"checkout\"\ncommand = [\"/usr/local/bin/smoke\", \"--fast\"]\n\
+         [[service.check]]\nname = \"login\"\ncommand = [\"curl\"]\nwhen = [\"during-watch\"]\n\
+         timeout = \"5s\"\ninterval = \"2s\"\nuser = \"bgswitch-check\"\n"
+    ));
+    let c = parse(Path::new("x.toml"), &text).unwrap();
+    let checks = &c.services[0].checks;
+    assert_eq!(checks.len(), 2);
+    let a = &checks[0];
+    assert_eq!(a.name, "checkout");
+    assert_eq!(a.command, ["/usr/local/bin/smoke", "--fast"]);
+    assert!(a.before_flip && a.during_watch);
+    assert_eq!(a.timeout, Duration::from_secs(30));
+    assert_eq!(a.interval, Duration::from_secs(10));
+    assert_eq!(a.user, "nobody");
+    let b = &checks[1];
+    assert!(!b.before_flip && b.during_watch);
+    assert_eq!(
+        (b.timeout, b.interval),
+        (Duration::from_secs(5), Duration::from_secs(2))
+    );
+    assert_eq!(b.user, "bgswitch-check");
+    assert_eq!(
+        c.services[0]
+            .checks_in(crate::model::CheckPhase::BeforeFlip)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn bad_checks_are_refused_naming_the_key() {
+    let k = |j: usize, key: &str| format!("service[0] (web).check[{j}].{key}");
+    let one = |body: &str| with_service(&format!("{SVC}[[service.check]]\n{body}"));
+    check_err(
+        &one("command = [\"/bin/true\"]\n"),
+        &k(0, "name"),
+        "required",
+    );
+    check_err(
+        &one("name = \"a b\"\ncommand = [\"/bin/true\"]\n"),
+        &k(0, "name"),
+        "1-64",
+    );
+    check_err(
+        &one("name = \"a\"\n"),
+        &k(0, "command"),
+        "never through a shell",
+    );
+    check_err(
+        &one("name = \"a\"\ncommand = []\n"),
+        &k(0, "command"),
+        "required",
+    );
+    check_err(
+        &one("name = \"a\"\ncommand = [\"bin/smoke\"]\n"),
+        &k(0, "command"),
+        "absolute path or a bare program name",
+    );
+    check_err(
+        &one("name = \"a\"\ncommand = [\"/bin/true\"]\nwhen = [\"after-flip\"]\n"),
+        &k(0, "when"),
+        "not before-flip or during-watch",
+    );
+    check_err(
+        &one("name = \"a\"\ncommand = [\"/bin/true\"]\nwhen = []\n"),
+        &k(0, "when"),
+        "names no phase",
+    );
+    check_err(
+        &one("name = \"a\"\ncommand = [\"/bin/true\"]\ntimeout = \"11m\"\n"),
+        &k(0, "timeout"),
+        "outside",
+    );
+    check_err(
+        &one("name = \"a\"\ncommand = [\"/bin/true\"]\ninterval = \"500ms\"\n"),
+        &k(0, "interval"),
+        "outside",
+    );
+    for root in ["root", "0"] {
+        check_err(
+            &one(&format!(
+                "name = \"a\"\ncommand = [\"/bin/true\"]\nuser = \"{root}\"\n"
+            )),
+            &k(0, "user"),
+            "never run as root",
+        );
+    }
+    check_err(
+        &one("name = \"a\"\ncommand = [\"/bin/true\"]\nshell = true\n"),
+        "line 11 column 1",
+        "unknown field",
+    );
+    check_err(
+        &with_service(&format!(
+            "{SVC}[[service.check]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n\
+             [[service.check]]\nname = \"a\"\ncommand = [\"/bin/false\"]\n"
+        )),
+        &k(1, "name"),
+        "also the name of check[0]",
+    );
+}

@@ -27,6 +27,18 @@ static FAULT_DELAY_COMMIT: std::sync::LazyLock<Option<Duration>> = std::sync::La
 
 impl Daemon {
     pub(super) fn handle(&mut self, req: Request, peer: &Peer) -> Response {
+        self.handle_checked(req, peer, Vec::new())
+    }
+
+    /// `handle`, for a flip or a shift that `checks` (the service's
+    /// before-flip checks, `gates`) cleared: they are journalled with it.
+    /// With `--force` the checks did not run, and the journal says so.
+    pub(super) fn handle_checked(
+        &mut self,
+        req: Request,
+        peer: &Peer,
+        checks: Vec<model::CheckRecord>,
+    ) -> Response {
         let summary = req.describe();
         let resp = match req {
             Request::Flip {
@@ -37,16 +49,23 @@ impl Daemon {
                 watch_ms,
                 max_error_rate,
                 confirm_within_ms,
-            } => self.flip(
-                &service,
-                to,
-                self.request(peer, reason, force),
-                FlipGuards {
-                    watch_ms,
-                    max_error_rate,
-                    confirm_within_ms,
-                },
-            ),
+            } => {
+                let mut r = self.request(peer, reason, force);
+                r.checks = match self.state.service(&service) {
+                    Ok(st) if force => self.skipped_checks(&service, to.unwrap_or(st.active.other())),
+                    _ => checks,
+                };
+                self.flip(
+                    &service,
+                    to,
+                    r,
+                    FlipGuards {
+                        watch_ms,
+                        max_error_rate,
+                        confirm_within_ms,
+                    },
+                )
+            }
             Request::Rollback { service, reason } => {
                 let req = self.request(peer, reason, false);
                 self.change(&service, |s| s.rollback(&service, &req))
@@ -56,6 +75,7 @@ impl Daemon {
                 to,
                 percent,
                 reason,
+                force,
             } => {
                 let steps = percent * 100.0;
                 if !(0.0..=100.0).contains(&percent) || !percent.is_finite() {
@@ -66,7 +86,12 @@ impl Daemon {
                     ))
                 } else {
                     let bp = (percent * 100.0).round() as u32;
-                    let req = self.request(peer, reason, false);
+                    let mut req = self.request(peer, reason, force);
+                    req.checks = if force && bp > 0 {
+                        self.skipped_checks(&service, to)
+                    } else {
+                        checks
+                    };
                     self.change(&service, |s| s.shift(&service, to, bp, &req))
                 }
             }
@@ -87,6 +112,14 @@ impl Daemon {
                 Ok(_) => history_response(self.store.history(), &service),
             },
             Request::Undo { service, reason } => self.undo(&service, reason, peer),
+            // (A service with before-flip checks is answered by `gates`.)
+            Request::Check { service, .. } => match self.state.service(&service) {
+                Err(e) => Response::error(e.to_string()),
+                Ok(_) => Response::error(format!(
+                    "{service} has no before-flip checks ([[service.check]] with when = [\"before-flip\", …] in {})",
+                    self.config.path.display()
+                )),
+            },
             Request::Status { service } => self.status(service.as_deref()),
             Request::Reload => self.reload(),
             Request::Detach => self.detach(),
@@ -113,6 +146,7 @@ impl Daemon {
             reason,
             force,
             at_ms: now_ms(),
+            checks: Vec::new(),
         }
     }
 
@@ -216,7 +250,13 @@ impl Daemon {
         }
     }
 
-    fn journal_refusal(&mut self, service: &str, req: &model::Request, to: Colour, why: &str) {
+    pub(super) fn journal_refusal(
+        &mut self,
+        service: &str,
+        req: &model::Request,
+        to: Colour,
+        why: &str,
+    ) {
         let Ok(st) = self.state.service(service) else {
             return;
         };
@@ -230,6 +270,7 @@ impl Daemon {
             user: req.user.clone(),
             reason: req.reason.clone(),
             forced: req.force,
+            checks: req.checks.clone(),
             before: st.snapshot(),
             after: st.snapshot(),
         };

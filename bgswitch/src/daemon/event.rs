@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use crate::{
     api::{Request, Response},
     dataplane::FlowCounts,
-    model::Colour,
+    model::{CheckRecord, Colour},
     state::ExternalChange,
 };
 
@@ -55,6 +55,18 @@ pub enum Event {
     },
     Reload,
     Shutdown(&'static str),
+    /// A request's before-flip checks (run off the loop) are done.
+    Gated {
+        gate: Gate,
+        records: Vec<CheckRecord>,
+    },
+    /// A `during-watch` check's run is done.
+    WatchChecked {
+        service: String,
+        /// The service's generation when it began.
+        generation: u64,
+        record: CheckRecord,
+    },
     /// A change made elsewhere (`DesiredStore::changes`): followed here.
     Followed(ExternalChange),
     /// A flow-table scan (run off the loop) is done; its waiters get their
@@ -67,6 +79,18 @@ pub enum Event {
         words: HashMap<u32, u32>,
         at: std::time::Instant,
     },
+}
+
+/// A request waiting for its before-flip checks (`gates`).
+pub struct Gate {
+    pub(super) req: Request,
+    pub(super) peer: Peer,
+    pub(super) reply: oneshot::Sender<Response>,
+    pub(super) service: String,
+    pub(super) colour: Colour,
+    /// The service's generation when the checks began: a change made
+    /// meanwhile voids them.
+    pub(super) generation: u64,
 }
 
 /// A status answer that waits for a flow-table scan.

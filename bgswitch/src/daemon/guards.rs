@@ -51,7 +51,7 @@ impl Daemon {
                         "not confirmed within the deadline (bgswitch confirm {name}); back to {}",
                         c.colour.other()
                     );
-                    self.auto_rollback(&name, &why);
+                    self.auto_rollback(&name, &why, Vec::new());
                     continue;
                 }
             }
@@ -66,7 +66,7 @@ impl Daemon {
                 continue;
             }
             if let Some(why) = self.watch_failure(&name, st.id, w) {
-                self.auto_rollback(&name, &why);
+                self.auto_rollback(&name, &why, Vec::new());
             }
         }
     }
@@ -139,9 +139,11 @@ impl Daemon {
         })
     }
 
-    fn auto_rollback(&mut self, name: &str, why: &str) {
+    /// Rolls `name` back by itself, journalling why (and the user's
+    /// `checks` that failed, when one did).
+    pub(super) fn auto_rollback(&mut self, name: &str, why: &str, checks: Vec<model::CheckRecord>) {
         let mut next = self.scratch(name);
-        match next.auto_rollback(name, why, now_ms()) {
+        match next.auto_rollback(name, why, now_ms(), checks) {
             Ok(change) => {
                 log::warn!(
                     "{name}: AUTOMATIC ROLLBACK {} → {}: {why}",

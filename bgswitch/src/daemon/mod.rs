@@ -14,13 +14,15 @@
 //! Inside: `event` (what the loop reacts to), `server` (the IO edges),
 //! `run` (the loop and its tick), `start` (start-up and adoption),
 //! `apply` (the config applied, reload), `changes` (requests that change a
-//! service), `guards` (watch and confirm), `probes` (health), `scans`
+//! service), `guards` (watch and confirm), `gates` (the user's checks before a
+//! change and during a watch), `probes` (health), `scans`
 //! (flow-table scans, transitions), `pressure` (warnings of a flow table
 //! under pressure), `status`, `kernel_log`.
 
 mod apply;
 mod changes;
 mod event;
+mod gates;
 mod guards;
 mod kernel_log;
 mod pressure;
@@ -39,7 +41,7 @@ use std::{
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
-pub use event::{Event, Peer, StatusWaiter};
+pub use event::{Event, Gate, Peer, StatusWaiter};
 
 use crate::{
     config::Config,
@@ -76,6 +78,8 @@ pub struct Daemon {
     transition_scan_at: Option<std::time::Instant>,
     /// The flow-table counters as last read (`pressure`).
     pressure: pressure::Pressure,
+    /// The user's checks: runs under way, last results (`gates`).
+    checks: gates::CheckBook,
     _lock: File,
 }
 

@@ -129,6 +129,18 @@ impl Daemon {
                     req,
                     peer,
                     reply,
+                    written: _,
+                } if self.needs_checks(&req) => self.start_gate(req, peer, reply),
+                Event::Gated { gate, records } => self.on_gated(gate, records),
+                Event::WatchChecked {
+                    service,
+                    generation,
+                    record,
+                } => self.on_watch_checked(&service, generation, record),
+                Event::Request {
+                    req,
+                    peer,
+                    reply,
                     written,
                 } => {
                     let detach = matches!(req, Request::Detach);
@@ -219,5 +231,6 @@ impl Daemon {
             self.check_pressure();
         }
         self.check_guards();
+        self.run_watch_checks();
     }
 }

@@ -34,6 +34,7 @@ pub(super) fn check_environment(config: &Config) -> anyhow::Result<()> {
     if let Some(g) = &config.socket_group {
         group_id(g).with_context(|| format!("{}: socket_group", config.path.display()))?;
     }
+    crate::checks::check_host(config)?;
     Ok(())
 }
 
@@ -235,6 +236,25 @@ impl Daemon {
                     .unwrap_or_default(),
                 if svc.stateless { ", stateless" } else { "" },
             );
+            for c in &svc.checks {
+                out += &format!(
+                    "    check {}: {} as {}, {}{}, timeout {:?}\n",
+                    c.name,
+                    c.command.join(" "),
+                    c.user,
+                    match (c.before_flip, c.during_watch) {
+                        (true, true) => "before flips and during watches",
+                        (true, false) => "before flips",
+                        _ => "during watches",
+                    },
+                    if c.during_watch {
+                        format!(" (every {:?})", c.interval)
+                    } else {
+                        String::new()
+                    },
+                    c.timeout
+                );
+            }
         }
         for name in &config.interfaces {
             let (tries, why) = dataplane::AttachMode::choose(config.attach_of(name), name);
@@ -348,6 +368,7 @@ impl Daemon {
             rules_by_destination: false,
             transition_scan_at: None,
             pressure: Default::default(),
+            checks: Default::default(),
             _lock: lock,
         };
         daemon.rules_by_destination = daemon.read_rules();

@@ -135,6 +135,7 @@ impl Daemon {
                         idle_timeout_s: self.config.tcp_idle_timeout.as_secs(),
                         disagreeing: disagreeing(flows, st.id),
                     }),
+                checks: self.check_status(&svc.name),
                 fast_path: if self.dataplane.is_stateless(st.id) {
                     "stateless"
                 } else if self.dataplane.transition_since(st.id).is_some() {

@@ -131,6 +131,11 @@ pub struct Change {
     pub reason: Option<String>,
     /// `--force`: open flows were moved and/or a health refusal overridden.
     pub forced: bool,
+    /// The user's checks that decided the change (before a flip or shift:
+    /// passed, or skipped by `--force`; during a watch: the one that
+    /// failed), or its refusal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckRecord>,
     #[serde(default)]
     pub before: Snapshot,
     #[serde(default)]
@@ -198,6 +203,136 @@ pub struct Request {
     pub reason: Option<String>,
     pub force: bool,
     pub at_ms: u64,
+    /// The checks that cleared the change (carried into its `Change`).
+    pub checks: Vec<CheckRecord>,
+}
+
+/// When a user's check runs (`[[service.check]] when`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckPhase {
+    /// Against the target colour before a flip (or a shift to a non-zero
+    /// share) is made; a failure refuses it.
+    BeforeFlip,
+    /// Every `interval` against the new colour while a flip is watched; a
+    /// failure rolls back.
+    DuringWatch,
+    /// `bgswitch check`: asked for, deciding nothing.
+    OnDemand,
+}
+
+impl fmt::Display for CheckPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BeforeFlip => "before-flip",
+            Self::DuringWatch => "during-watch",
+            Self::OnDemand => "on demand",
+        })
+    }
+}
+
+/// How one run of a user's check ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum CheckOutcome {
+    /// Exited 0.
+    Passed,
+    /// Exited non-zero (`code`) or was killed by a signal (`signal`).
+    Failed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+    /// Killed, with its process group, at its timeout.
+    Timeout { after_ms: u64 },
+    /// Could not be started (a missing user or program, fork failed, …).
+    Error { why: String },
+    /// Not run: `--force` overrode the checks.
+    Skipped,
+}
+
+impl CheckOutcome {
+    pub fn passed(&self) -> bool {
+        matches!(self, Self::Passed | Self::Skipped)
+    }
+
+    /// The metrics label: passed, failed, timeout, error, skipped.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Passed => "passed",
+            Self::Failed { .. } => "failed",
+            Self::Timeout { .. } => "timeout",
+            Self::Error { .. } => "error",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+impl fmt::Display for CheckOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Passed => f.write_str("passed"),
+            Self::Failed {
+                code: Some(c),
+                signal: _,
+            } => write!(f, "failed: exit status {c}"),
+            Self::Failed {
+                code: None,
+                signal: Some(s),
+            } => write!(f, "failed: killed by signal {s}"),
+            Self::Failed { .. } => f.write_str("failed"),
+            Self::Timeout { after_ms } => write!(
+                f,
+                "timed out after {:.1} s (killed with its process group)",
+                *after_ms as f64 / 1000.0
+            ),
+            Self::Error { why } => write!(f, "could not run: {why}"),
+            Self::Skipped => f.write_str("skipped (--force)"),
+        }
+    }
+}
+
+/// One run of a user's check (`[[service.check]]`): what ran against
+/// which colour, when, how it ended, and the tail of its output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRecord {
+    pub name: String,
+    pub phase: CheckPhase,
+    pub colour: Colour,
+    /// Unix time in milliseconds when it started.
+    pub at_ms: u64,
+    pub duration_ms: u64,
+    #[serde(flatten)]
+    pub outcome: CheckOutcome,
+    /// The last lines of its output (stdout and stderr together).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
+}
+
+impl CheckRecord {
+    /// One line: `check 'checkout' against green: failed: exit status 1
+    /// (0.4 s); last output: …`.
+    pub fn describe(&self) -> String {
+        let last: Vec<&str> = self
+            .output
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let tail = last[last.len().saturating_sub(3)..].join(" | ");
+        format!(
+            "check '{}' against {}: {} ({:.1} s){}",
+            self.name,
+            self.colour,
+            self.outcome,
+            self.duration_ms as f64 / 1000.0,
+            if tail.is_empty() || self.outcome.passed() {
+                String::new()
+            } else {
+                format!("; last output: {tail}")
+            }
+        )
+    }
 }
 
 /// A watch after a flip: roll back if the new colour fails before `until_ms`.

@@ -178,18 +178,22 @@ impl DesiredState {
         self.roll_back(name, req, ChangeKind::Rollback)
     }
 
-    /// The daemon's own rollback: a watch failed or a confirmation was missed.
+    /// The daemon's own rollback: a watch failed (its health checks, its
+    /// error signal, or one of `checks`, the user's checks that failed) or
+    /// a confirmation was missed.
     pub fn auto_rollback(
         &mut self,
         name: &str,
         why: &str,
         at_ms: u64,
+        checks: Vec<CheckRecord>,
     ) -> Result<Change, ModelError> {
         let req = Request {
             user: "bgswitch".into(),
             reason: Some(why.to_string()),
             force: false,
             at_ms,
+            checks,
         };
         let c = self.roll_back(name, &req, ChangeKind::AutoRollback)?;
         self.service_mut(name)?.rolled_back = Some(why.to_string());
@@ -449,6 +453,7 @@ impl ServiceState {
             user: req.user.clone(),
             reason: req.reason.clone(),
             forced: req.force,
+            checks: req.checks.clone(),
             before,
             after: self.snapshot(),
         };
@@ -481,6 +486,7 @@ impl ServiceState {
             user: "bgswitch".into(),
             reason: Some(why),
             forced: false,
+            checks: Vec::new(),
             before: self.snapshot(),
             after: self.snapshot(),
         }
@@ -502,6 +508,7 @@ mod tests {
             reason: Some("release 42".into()),
             force: false,
             at_ms: 1000,
+            checks: Vec::new(),
         }
     }
 
@@ -718,7 +725,9 @@ mod tests {
             ended.clear_guard("web", "cannot", 7000).is_err(),
             "no guard left"
         );
-        let c = s.auto_rollback("web", "green failed", 2000).unwrap();
+        let c = s
+            .auto_rollback("web", "green failed", 2000, Vec::new())
+            .unwrap();
         assert_eq!(
             (c.kind, c.to, c.user.as_str()),
             (ChangeKind::AutoRollback, Colour::Blue, "bgswitch")
