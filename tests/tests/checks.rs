@@ -8,6 +8,7 @@
 
 use std::{
     fs,
+    net::SocketAddrV4,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -94,7 +95,7 @@ fn bed(checks: &dyn Fn(&Path) -> String) -> Bed {
     fs::create_dir_all(&out).unwrap();
     fs::set_permissions(&out, fs::Permissions::from_mode(0o1777)).unwrap();
     let services = format!(
-        "[[service]]\nname = \"web\"\nvip = \"{}:{HTTP_PORT}\"\nprotocol = \"tcp\"\nblue = [{}]\ngreen = [{}]\n{}",
+        "metrics_listen = \"{METRICS}\"\n\n[[service]]\nname = \"web\"\nvip = \"{}:{HTTP_PORT}\"\nprotocol = \"tcp\"\nblue = [{}]\ngreen = [{}]\n{}",
         bgswitch_tests::VIP,
         pool(Colour::Blue),
         pool(Colour::Green),
@@ -104,6 +105,8 @@ fn bed(checks: &dyn Fn(&Path) -> String) -> Bed {
     sw.start().expect("daemon starts");
     Bed { topo, sw, out }
 }
+
+const METRICS: &str = "127.0.0.1:9479";
 
 fn alive(pid: i32) -> bool {
     // A zombie is dead; the supervisor reaps what it kills.
@@ -182,6 +185,15 @@ fn a_smoke_test_refuses_a_flip_to_a_broken_green_and_allows_a_fixed_one() {
         .parse()
         .unwrap();
     assert_eq!(uid, nobody_uid());
+    // A canary share of green is gated the same way.
+    let out =
+        b.sw.cli(&["shift", "web", "--to", "green", "--percent", "10"])
+            .unwrap();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("refusing to shift 10% of web to green"),
+        "{out:?}"
+    );
     // `bgswitch check` gives the same report and says so in its exit code.
     let out = b.sw.cli(&["check", "web"]).unwrap();
     assert_eq!(out.code, 1, "{out:?}");
@@ -224,8 +236,24 @@ fn a_smoke_test_refuses_a_flip_to_a_broken_green_and_allows_a_fixed_one() {
     let c = &service(&st, "web")["checks"][0];
     assert_eq!(c["name"], "smoke");
     assert_eq!(c["last"]["result"], "passed");
-    assert_eq!(c["runs"]["failed"], 2);
+    assert_eq!(c["runs"]["failed"], 3);
     assert_eq!(c["runs"]["passed"], 2);
+    let m = http_get(
+        b.topo.lb_ns(),
+        METRICS.parse::<SocketAddrV4>().unwrap(),
+        "/metrics",
+    )
+    .unwrap()
+    .body;
+    for series in [
+        "bgswitch_check_runs_total{service=\"web\",check=\"smoke\",result=\"failed\"} 3",
+        "bgswitch_check_runs_total{service=\"web\",check=\"smoke\",result=\"passed\"} 2",
+        "bgswitch_check_runs_total{service=\"web\",check=\"smoke\",result=\"timeout\"} 0",
+        "bgswitch_check_last_passed{service=\"web\",check=\"smoke\"} 1",
+        "bgswitch_check_duration_seconds{service=\"web\",check=\"smoke\"} ",
+    ] {
+        assert!(m.contains(series), "no {series} in\n{m}");
+    }
 
     // --force skips the checks, and the journal says so.
     b.topo.stop_server("b1").unwrap();
@@ -334,6 +362,12 @@ fn a_daemon_killed_during_a_check_leaves_no_process_behind() {
     let check = read_pid(&b.out.join("check.pid"), Duration::from_secs(10));
     let child = read_pid(&b.out.join("child.pid"), Duration::from_secs(10));
     assert!(alive(check) && alive(child));
+    // The loop answers other requests while a check runs.
+    let t = Instant::now();
+    let st = b.sw.status().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(service(&st, "web")["checks"][0]["running"], true);
+    b.sw.cli_ok(&["rollback", "web"]).unwrap_err();
     b.sw.kill();
     let start = Instant::now();
     while (alive(check) || alive(child)) && start.elapsed() < Duration::from_secs(5) {
@@ -347,4 +381,77 @@ fn a_daemon_killed_during_a_check_leaves_no_process_behind() {
     );
     let _ = client.kill();
     let _ = client.wait();
+}
+
+#[test]
+fn a_check_the_host_cannot_run_is_a_config_error_naming_file_and_key() {
+    let mut b = bed(&|dir| {
+        format!(
+            "[[service.check]]\nname = \"smoke\"\ncommand = [\"{}\"]\n",
+            script(dir, "smoke.sh", SMOKE).display()
+        )
+    });
+    let good = fs::read_to_string(b.sw.config_path()).unwrap();
+    let key = "service[0] (web).check[0] (smoke)";
+    // Root may execute it, the check's user may not.
+    let private = b.sw.dir().join("private.sh");
+    fs::write(&private, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o744)).unwrap();
+    for (command, user, want) in [
+        (
+            "/nonexistent/smoke".to_string(),
+            "nobody",
+            format!("{key}.command: /nonexistent/smoke does not exist"),
+        ),
+        (
+            private.display().to_string(),
+            "nobody",
+            format!(
+                "{key}.command: {} is not executable by user nobody",
+                private.display()
+            ),
+        ),
+        (
+            "no-such-program-bgswitch".to_string(),
+            "nobody",
+            format!("{key}.command: 'no-such-program-bgswitch' is not found in"),
+        ),
+        (
+            "/bin/true".to_string(),
+            "no-such-user-bgswitch",
+            format!("{key}.user: user 'no-such-user-bgswitch' does not exist"),
+        ),
+    ] {
+        let bad = good.replace(
+            &format!("command = [\"{}\"]", b.sw.dir().join("smoke.sh").display()),
+            &format!("command = [\"{command}\"]\nuser = \"{user}\""),
+        );
+        assert_ne!(bad, good);
+        b.sw.write_config(&bad).unwrap();
+        let out = b.sw.cli(&["reload"]).unwrap();
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(
+            out.stderr
+                .contains(&b.sw.config_path().display().to_string())
+                && out.stderr.contains(&want)
+                && out.stderr.contains("the running state is unchanged"),
+            "want {want:?} in {out:?}"
+        );
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", b.topo.lb_ns()])
+            .arg(bgswitch_tests::switcher::bgswitch_bin().unwrap())
+            .args(["daemon", "--check", "--config"])
+            .arg(b.sw.config_path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&want),
+            "{out:?}"
+        );
+    }
+    // The daemon kept its config: the check still gates.
+    b.sw.write_config(&good).unwrap();
+    let out = b.sw.cli(&["check", "web"]).unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
 }
