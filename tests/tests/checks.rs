@@ -385,7 +385,7 @@ fn a_daemon_killed_during_a_check_leaves_no_process_behind() {
 
 #[test]
 fn a_check_the_host_cannot_run_is_a_config_error_naming_file_and_key() {
-    let mut b = bed(&|dir| {
+    let b = bed(&|dir| {
         format!(
             "[[service.check]]\nname = \"smoke\"\ncommand = [\"{}\"]\n",
             script(dir, "smoke.sh", SMOKE).display()
