@@ -125,12 +125,7 @@ impl Daemon {
 
     fn target(&self, service: &str, colour: Colour) -> Option<Target> {
         let svc = self.config.services.iter().find(|s| s.name == service)?;
-        Some(Target {
-            service: service.to_string(),
-            vip: svc.vip,
-            colour,
-            backends: svc.pool(colour).to_vec(),
-        })
+        Some(target_of(svc, colour))
     }
 
     /// Starts the before-flip checks of `req` off the loop; `on_gated`
@@ -293,12 +288,7 @@ impl Daemon {
                     .watch_started
                     .insert(key.clone(), (st.generation, now));
                 *self.checks.running.entry(key).or_default() += 1;
-                let target = Target {
-                    service: svc.name.clone(),
-                    vip: svc.vip,
-                    colour: w.colour,
-                    backends: svc.pool(w.colour).to_vec(),
-                };
+                let target = target_of(svc, w.colour);
                 let (c, tx, generation) = (c.clone(), tx.clone(), st.generation);
                 let service = svc.name.clone();
                 tokio::spawn(async move {
@@ -363,6 +353,17 @@ impl Daemon {
                 }
             })
             .collect()
+    }
+}
+
+/// What `svc`'s checks run against when they test `colour`: every
+/// configured backend of it.
+fn target_of(svc: &crate::config::ServiceConfig, colour: Colour) -> Target {
+    Target {
+        service: svc.name.clone(),
+        vip: svc.vip,
+        colour,
+        backends: svc.pool(colour).to_vec(),
     }
 }
 
