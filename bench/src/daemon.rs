@@ -211,6 +211,7 @@ fn flip_request(service: &str) -> bgswitch::api::Request {
         watch_ms: None,
         max_error_rate: None,
         confirm_within_ms: None,
+        local: false,
     }
 }
 

@@ -12,7 +12,7 @@ use crate::{
     dataplane::AttachMode,
     health::Health,
     model::{Change, CheckPhase, CheckRecord, Colour, Confirm, Watch},
-    state::JournalEntry,
+    state::{FleetLocal, FleetStatus, JournalEntry},
 };
 
 /// Longest request line the daemon reads.
@@ -41,6 +41,9 @@ pub enum Request {
         /// Roll back unless `confirm` arrives within this long (ms).
         #[serde(default)]
         confirm_within_ms: Option<u64>,
+        /// This host alone (a fleet's emergency path: etcd is not asked).
+        #[serde(default)]
+        local: bool,
     },
     /// Send `percent` of new flows to the idle colour `to` (0 ends it).
     Shift {
@@ -52,6 +55,9 @@ pub enum Request {
         /// Skip the before-flip checks (journalled as forced).
         #[serde(default)]
         force: bool,
+        /// This host alone (a fleet's emergency path: etcd is not asked).
+        #[serde(default)]
+        local: bool,
     },
     /// Run the service's before-flip checks against `colour` (default: the
     /// idle one) and report; changes nothing.
@@ -71,12 +77,18 @@ pub enum Request {
         force: bool,
         #[serde(default)]
         reason: Option<String>,
+        /// This host alone (a fleet's emergency path: etcd is not asked).
+        #[serde(default)]
+        local: bool,
     },
     /// Confirm a flip made with a confirmation deadline.
     Confirm {
         service: String,
         #[serde(default)]
         reason: Option<String>,
+        /// This host alone (a fleet's emergency path: etcd is not asked).
+        #[serde(default)]
+        local: bool,
     },
     /// The journal of a service.
     History { service: String },
@@ -85,13 +97,21 @@ pub enum Request {
         service: String,
         #[serde(default)]
         reason: Option<String>,
+        /// This host alone (a fleet's emergency path: etcd is not asked).
+        #[serde(default)]
+        local: bool,
     },
     /// Back to the colour before the last flip.
     Rollback {
         service: String,
         #[serde(default)]
         reason: Option<String>,
+        /// This host alone (a fleet's emergency path: etcd is not asked).
+        #[serde(default)]
+        local: bool,
     },
+    /// The fleet's desired state and every host's view (`status --fleet`).
+    Fleet,
     /// The state of one or all services, interfaces and counters.
     Status {
         #[serde(default)]
@@ -104,9 +124,31 @@ pub enum Request {
 }
 
 impl Request {
+    /// Whether the request asks for this host alone (`--local`).
+    pub fn local(&self) -> bool {
+        match self {
+            Self::Flip { local, .. }
+            | Self::Shift { local, .. }
+            | Self::Preview { local, .. }
+            | Self::Confirm { local, .. }
+            | Self::Undo { local, .. }
+            | Self::Rollback { local, .. } => *local,
+            _ => false,
+        }
+    }
+
     /// The request in words, as the command line says it (for the log):
     /// `preview add 198.18.0.0/24 on web`, `flip web to green, forced`.
     pub fn describe(&self) -> String {
+        let words = self.words();
+        if self.local() {
+            words + ", on this host alone (--local)"
+        } else {
+            words
+        }
+    }
+
+    fn words(&self) -> String {
         let why = |r: &Option<String>| {
             r.as_deref()
                 .map(|r| format!(" (reason: {r})"))
@@ -122,6 +164,7 @@ impl Request {
                 watch_ms,
                 max_error_rate,
                 confirm_within_ms,
+                ..
             } => {
                 let mut t = format!("flip {service}");
                 if let Some(c) = to {
@@ -147,6 +190,7 @@ impl Request {
                 percent,
                 reason,
                 force,
+                ..
             } => format!(
                 "shift {percent}% of {service}'s new flows to {to}{}{}",
                 if *force { ", forced" } else { "" },
@@ -166,6 +210,7 @@ impl Request {
                 cidr,
                 force,
                 reason,
+                ..
             } => format!(
                 "preview {}{} on {service}{}{}",
                 match action {
@@ -177,10 +222,17 @@ impl Request {
                 if *force { ", forced" } else { "" },
                 why(reason)
             ),
-            Self::Confirm { service, reason } => format!("confirm {service}{}", why(reason)),
+            Self::Confirm {
+                service, reason, ..
+            } => format!("confirm {service}{}", why(reason)),
             Self::History { service } => format!("history of {service}"),
-            Self::Undo { service, reason } => format!("undo {service}{}", why(reason)),
-            Self::Rollback { service, reason } => format!("rollback {service}{}", why(reason)),
+            Self::Undo {
+                service, reason, ..
+            } => format!("undo {service}{}", why(reason)),
+            Self::Rollback {
+                service, reason, ..
+            } => format!("rollback {service}{}", why(reason)),
+            Self::Fleet => "status --fleet".into(),
             Self::Status { service: None } => "status".into(),
             Self::Status { service: Some(s) } => format!("status of {s}"),
             Self::Reload => "reload".into(),
@@ -219,6 +271,9 @@ pub struct Response {
     /// cleared or refused, `check`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checks: Option<Vec<CheckRecord>>,
+    /// `status --fleet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
 }
 
 impl Response {
@@ -254,6 +309,9 @@ pub struct Status {
     pub pins: Option<PinsStatus>,
     pub config: String,
     pub pid: u32,
+    /// This host's view of its fleet (`[fleet]`).
+    #[serde(default)]
+    pub fleet: Option<FleetLocal>,
 }
 
 /// Where the data plane is pinned.
@@ -407,6 +465,7 @@ mod tests {
                 watch_ms: None,
                 max_error_rate: None,
                 confirm_within_ms: None,
+                local: false,
             }
         );
         let text = serde_json::to_string(&r).unwrap();

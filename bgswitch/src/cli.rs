@@ -90,6 +90,8 @@ pub enum Command {
         /// With --wait-drained: give up after this long (non-zero exit).
         #[arg(long, value_parser = parse_dur, default_value = "10m", requires = "wait_drained", value_name = "DURATION")]
         timeout: Duration,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Send PERCENT of new flows to the idle colour (0 ends the split).
     Shift {
@@ -107,6 +109,8 @@ pub enum Command {
         /// Skip the service's before-flip checks (journalled as forced).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Run SERVICE's before-flip checks (`[[service.check]]`) against a
     /// colour now and report each; changes nothing. Exit 0 when all
@@ -151,6 +155,8 @@ pub enum Command {
         /// Why, for the journal (`history` shows it).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Confirm a flip made with --confirm-within.
     Confirm {
@@ -159,6 +165,8 @@ pub enum Command {
         /// Why, for the journal (`history` shows it).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// The journal of every change of SERVICE.
     History {
@@ -176,6 +184,8 @@ pub enum Command {
         /// Why, for the journal (`history` shows it).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Go back to the colour before the last flip.
     Rollback {
@@ -184,6 +194,8 @@ pub enum Command {
         /// Why, for the journal (`history` shows it).
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Show services, colours, flows, counters and interfaces.
     Status {
@@ -192,6 +204,11 @@ pub enum Command {
         /// Machine-readable output (one JSON object).
         #[arg(long)]
         json: bool,
+        /// The fleet's state and every host's view of it (`[fleet]`): per
+        /// service and host, the generation applied, lag, health view, last
+        /// seen, reachable.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Make the daemon re-read its config (a bad config changes nothing).
     Reload,
@@ -226,6 +243,21 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// What a change of a fleet's state may add (`[fleet]` in the config).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct FleetArgs {
+    /// Return once every live host of the fleet has applied the change
+    /// (or fail after this long, naming the hosts that have not).
+    #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
+    pub fleet_wait: Option<Duration>,
+    /// This host alone, now, without etcd (an emergency path: a rollback
+    /// must never wait for a quorum). The host is marked diverged; when
+    /// etcd answers again the fleet takes the change if it did not move
+    /// meanwhile, else the fleet's state wins (journalled).
+    #[arg(long, conflicts_with = "fleet_wait")]
+    pub local: bool,
 }
 
 impl Cli {
@@ -357,6 +389,11 @@ fn exchange(stream: UnixStream, req: &Request) -> anyhow::Result<Response> {
 /// Runs a client command; returns the process exit code.
 pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     let mut wait: Option<(String, Duration)> = None;
+    let mut fleet_wait: Option<(String, Duration)> = None;
+    let mut fleet_args = |service: &str, f: &FleetArgs| {
+        fleet_wait = f.fleet_wait.map(|d| (service.to_string(), d));
+        f.local
+    };
     let (req, json) = match &cli.command {
         Command::Daemon { .. } => unreachable!("handled by main"),
         Command::Flip {
@@ -369,6 +406,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             confirm_within,
             wait_drained,
             timeout,
+            fleet,
         } => {
             if let Some(r) = max_error_rate {
                 if !(0.0..=1000.0).contains(r) {
@@ -389,6 +427,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                     watch_ms: watch.map(|d| d.as_millis() as u64),
                     max_error_rate: *max_error_rate,
                     confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
+                    local: fleet_args(service, fleet),
                 },
                 false,
             )
@@ -399,6 +438,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             percent,
             reason,
             force,
+            fleet,
         } => (
             Request::Shift {
                 service: service.clone(),
@@ -406,6 +446,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 percent: *percent,
                 reason: reason.clone(),
                 force: *force,
+                local: fleet_args(service, fleet),
             },
             false,
         ),
@@ -427,6 +468,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             cidr,
             force,
             reason,
+            fleet,
         } => (
             Request::Preview {
                 service: service.clone(),
@@ -438,13 +480,19 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 cidr: cidr.clone(),
                 force: *force,
                 reason: reason.clone(),
+                local: fleet_args(service, fleet),
             },
             false,
         ),
-        Command::Confirm { service, reason } => (
+        Command::Confirm {
+            service,
+            reason,
+            fleet,
+        } => (
             Request::Confirm {
                 service: service.clone(),
                 reason: reason.clone(),
+                local: fleet_args(service, fleet),
             },
             false,
         ),
@@ -454,21 +502,40 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             },
             *json,
         ),
-        Command::Undo { service, reason } => (
+        Command::Undo {
+            service,
+            reason,
+            fleet,
+        } => (
             Request::Undo {
                 service: service.clone(),
                 reason: reason.clone(),
+                local: fleet_args(service, fleet),
             },
             false,
         ),
-        Command::Rollback { service, reason } => (
+        Command::Rollback {
+            service,
+            reason,
+            fleet,
+        } => (
             Request::Rollback {
                 service: service.clone(),
                 reason: reason.clone(),
+                local: fleet_args(service, fleet),
             },
             false,
         ),
-        Command::Status { service, json } => (
+        Command::Status {
+            service: _,
+            json,
+            fleet: true,
+        } => (Request::Fleet, *json),
+        Command::Status {
+            service,
+            json,
+            fleet: false,
+        } => (
             Request::Status {
                 service: service.clone(),
             },
@@ -534,11 +601,15 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     }
     if json {
         if resp.checks.is_some() {
+        } else if let Some(f) = &resp.fleet {
+            println!("{}", serde_json::to_string_pretty(f)?);
         } else if let Some(h) = &resp.history {
             println!("{}", serde_json::to_string_pretty(h)?);
         } else {
             println!("{}", serde_json::to_string_pretty(&resp.status)?);
         }
+    } else if let Some(f) = &resp.fleet {
+        print!("{}", render_fleet(f));
     } else if let Some(status) = &resp.status {
         print!("{}", render_status(status));
     } else if let Some(h) = &resp.history {
@@ -550,10 +621,129 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     } else if let Some(m) = &resp.message {
         println!("{m}");
     }
+    if let (Some((service, within)), Some(change)) = (fleet_wait, &resp.change) {
+        let code = wait_fleet(&socket, &service, change.generation, within)?;
+        if code != 0 {
+            return Ok(code);
+        }
+    }
     if let (Some((service, timeout)), Some(change)) = (wait, &resp.change) {
         return wait_drained(&socket, &service, change.from, timeout);
     }
     Ok(0)
+}
+
+/// Polls the fleet until every live host has applied `generation` of
+/// `service` (exit 0), or `within` passes (exit 1, naming those that
+/// have not).
+fn wait_fleet(
+    socket: &Path,
+    service: &str,
+    generation: u64,
+    within: Duration,
+) -> anyhow::Result<i32> {
+    let start = std::time::Instant::now();
+    loop {
+        let resp = call(socket, &Request::Fleet)?;
+        let Some(f) = resp.fleet else {
+            return Err(anyhow!(
+                "--fleet-wait: {}",
+                resp.error.as_deref().unwrap_or("no fleet status")
+            ));
+        };
+        let behind = f.behind(service, generation);
+        if behind.is_empty() {
+            println!(
+                "{service}: generation {generation} applied by every live host ({}) after {:.3} s",
+                f.hosts.iter().filter(|h| h.live).count(),
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+        if start.elapsed() >= within {
+            eprintln!(
+                "bgswitch: error: {service}: generation {generation} not applied within {within:?} by: {}",
+                behind.join(", ")
+            );
+            return Ok(1);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The text form of `status --fleet`.
+pub fn render_fleet(f: &crate::state::FleetStatus) -> String {
+    let l = &f.local;
+    let mut out = format!(
+        "fleet {} (this host: {}), etcd {}: {}\n",
+        l.cluster,
+        l.host,
+        l.etcd.join(", "),
+        if l.reachable {
+            "reachable".to_string()
+        } else {
+            format!(
+                "UNREACHABLE{}{}",
+                l.unreachable_since_ms
+                    .map(|s| format!(" since {} UTC", unix_time(s / 1000)))
+                    .unwrap_or_default(),
+                l.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )
+        }
+    );
+    if !l.diverged.is_empty() {
+        out += &format!("  DIVERGED here (--local): {}\n", l.diverged.join(", "));
+    }
+    for s in &f.services {
+        out += &format!(
+            "{}  generation {}  active: {}{}\n",
+            s.name,
+            s.generation,
+            s.active.map_or("?".into(), |c| c.to_string()),
+            s.changed_by
+                .as_deref()
+                .map(|c| format!("  (last: {c})"))
+                .unwrap_or_default()
+        );
+        if !s.mismatched.is_empty() {
+            out += &format!(
+                "  DEFINITIONS DIFFER on {}: changes are refused until they agree (or --force)\n",
+                s.mismatched.join(", ")
+            );
+        }
+        for h in &f.hosts {
+            let applied = h.report.applied.get(&s.name).copied();
+            let health = h
+                .report
+                .unhealthy
+                .get(&s.name)
+                .map(|m| {
+                    m.iter()
+                        .map(|(c, b)| format!("{c}: {}", b.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_else(|| "all up".into());
+            out += &format!(
+                "  {:<16} applied {:<6} lag {:<4} {:<10} last seen {:.1} s ago  health: {}{}\n",
+                h.report.host,
+                applied.map_or("-".into(), |a| a.to_string()),
+                applied.map_or("-".into(), |a| s.generation.saturating_sub(a).to_string()),
+                if h.live { "reachable" } else { "GONE" },
+                h.last_seen_ms_ago as f64 / 1000.0,
+                health,
+                if h.report.diverged.contains(&s.name) {
+                    "  DIVERGED (--local)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    out
 }
 
 /// Polls status until `colour` of `service` has no live flows.

@@ -118,6 +118,18 @@ pub fn render(status: &Status) -> String {
         "bgswitch_check_last_passed",
         "1 when the check's last run passed, 0 when it did not (no series before its first run).",
     );
+    let fleet_reachable = f.gauge(
+        "bgswitch_fleet_etcd_reachable",
+        "1 while the fleet's etcd answers this host, 0 while it does not (the data plane keeps the state last applied).",
+    );
+    let fleet_unreachable = f.gauge(
+        "bgswitch_fleet_etcd_unreachable_since_seconds",
+        "Unix time since which the fleet's etcd has not answered (0 while it answers).",
+    );
+    let fleet_diverged = f.gauge(
+        "bgswitch_fleet_diverged",
+        "1 for a service changed on this host alone (--local) and not yet reconciled with the fleet.",
+    );
     let xdp = f.counter(
         "bgswitch_xdp_events",
         "Data plane events by kind (passed, malformed, fragments, FIB outcomes, ...).",
@@ -206,6 +218,20 @@ pub fn render(status: &Status) -> String {
     scans
         .get_or_create(&labels(&[]))
         .inc_by(status.flow_table_scans);
+    if let Some(fl) = &status.fleet {
+        let l = labels(&[("cluster", &fl.cluster), ("host", &fl.host)]);
+        fleet_reachable
+            .get_or_create(&l)
+            .set(i64::from(fl.reachable));
+        fleet_unreachable
+            .get_or_create(&l)
+            .set(fl.unreachable_since_ms.map_or(0, |m| (m / 1000) as i64));
+        for s in &status.services {
+            fleet_diverged
+                .get_or_create(&labels(&[("service", &s.name)]))
+                .set(i64::from(fl.diverged.contains(&s.name)));
+        }
+    }
     for (k, v) in &status.counters {
         xdp.get_or_create(&labels(&[("event", k)])).inc_by(*v);
     }

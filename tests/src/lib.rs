@@ -29,6 +29,7 @@
 //! ```
 
 pub mod clients;
+pub mod fleet;
 pub mod flood;
 pub mod flowhash;
 mod http;

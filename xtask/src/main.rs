@@ -28,6 +28,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     // The smoke-test check of tests/tests/checks.rs (and of the README).
     ("curl", "curl"),
+    // etcd-client's build compiles etcd's protobuf definitions.
+    ("protobuf-compiler", "protoc"),
+    // The fleet's tests and demo run their own etcd members.
+    ("etcd-server", "etcd"),
 ];
 
 #[derive(Parser)]

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use super::{
     units::{endpoint, parse_duration, parse_size},
-    AttachSetting, CheckConfig, Config, ConfigError, HealthConfig, HealthKind, Protocol,
-    ServiceConfig,
+    AttachSetting, CheckConfig, Config, ConfigError, FleetConfig, HealthConfig, HealthKind,
+    Protocol, ServiceConfig,
 };
 use crate::paths;
 
@@ -37,6 +37,20 @@ struct RawConfig {
     metrics_listen: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    etcd: Option<Vec<String>>,
+    cluster: Option<String>,
+    host: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 /// An interface: its name, or a table naming it and its attachment on one
@@ -442,8 +456,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         })?),
     };
 
+    let fleet = match raw.fleet {
+        None => None,
+        Some(f) => Some(fleet(f, &|k: &str, r: String| {
+            err(&format!("fleet.{k}"), r)
+        })?),
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
+        fleet,
         metrics_listen,
         interfaces,
         attach,
@@ -545,6 +567,112 @@ fn health(
         timeout,
         rise: count(h.rise, 2, "rise")?,
         fall: count(h.fall, 3, "fall")?,
+    })
+}
+
+fn fleet(
+    f: RawFleet,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<FleetConfig, ConfigError> {
+    let etcd = f.etcd.unwrap_or_default();
+    if etcd.is_empty() {
+        return Err(err(
+            "etcd",
+            "give the client URLs of the etcd members, e.g. [\"http://10.0.0.5:2379\"]".into(),
+        ));
+    }
+    let tls = f.ca.is_some() || f.cert.is_some();
+    for (i, u) in etcd.iter().enumerate() {
+        let Some((scheme, rest)) = u.split_once("://") else {
+            return Err(err(
+                &format!("etcd[{i}]"),
+                format!("'{u}' is not a URL like http://10.0.0.5:2379"),
+            ));
+        };
+        if !matches!(scheme, "http" | "https") || rest.is_empty() || rest.contains(['/', ' ']) {
+            return Err(err(
+                &format!("etcd[{i}]"),
+                format!("'{u}' is not http://HOST:PORT or https://HOST:PORT"),
+            ));
+        }
+        if (scheme == "https") != tls {
+            return Err(err(
+                &format!("etcd[{i}]"),
+                if tls {
+                    format!("'{u}' is http:// but ca/cert are given: use https:// for every member")
+                } else {
+                    format!(
+                        "'{u}' is https://: give `ca` (and `cert`, `key` for client certificates)"
+                    )
+                },
+            ));
+        }
+    }
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 64
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let cluster = f.cluster.ok_or_else(|| {
+        err(
+            "cluster",
+            "is required (the key prefix /bgswitch/<cluster>/)".into(),
+        )
+    })?;
+    if !name_ok(&cluster) {
+        return Err(err(
+            "cluster",
+            format!("'{cluster}' must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+        ));
+    }
+    let host = match f.host {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    if !name_ok(&host) {
+        return Err(err(
+            "host",
+            format!(
+                "'{host}' must be 1-64 characters of A-Z a-z 0-9 - _ . (default: the host name)"
+            ),
+        ));
+    }
+    if f.cert.is_some() != f.key.is_some() {
+        return Err(err("cert", "give `cert` and `key` together".into()));
+    }
+    if f.user.is_some() != f.password_file.is_some() {
+        return Err(err(
+            "user",
+            "give `user` and `password_file` together".into(),
+        ));
+    }
+    for (k, p) in [
+        ("ca", &f.ca),
+        ("cert", &f.cert),
+        ("key", &f.key),
+        ("password_file", &f.password_file),
+    ] {
+        if let Some(p) = p {
+            if !p.is_absolute() {
+                return Err(err(
+                    k,
+                    format!("'{}' must be an absolute path", p.display()),
+                ));
+            }
+        }
+    }
+    Ok(FleetConfig {
+        etcd,
+        cluster,
+        host,
+        ca: f.ca,
+        cert: f.cert,
+        key: f.key,
+        user: f.user,
+        password_file: f.password_file,
     })
 }
 

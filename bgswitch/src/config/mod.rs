@@ -49,6 +49,29 @@ pub struct Config {
     /// Where the Prometheus endpoint listens (`/metrics`); off when unset.
     pub metrics_listen: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
+    /// A fleet sharing one desired state through etcd (`[fleet]`); this
+    /// host alone when unset.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// `[fleet]`: the etcd cluster that keeps the fleet's desired state, and
+/// this host's name in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// Client URLs of the etcd members (`http://` or `https://`).
+    pub etcd: Vec<String>,
+    /// Keys live under `/bgswitch/<cluster>/`.
+    pub cluster: String,
+    /// This host's name in the fleet (default: the host name).
+    pub host: String,
+    /// TLS: the CA that signed the members' certificates, and this host's
+    /// client certificate and key (all PEM files).
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd authentication: the user, and a file holding the password.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -204,6 +227,22 @@ impl ServiceConfig {
     /// the config refuses `stateless` for them, this holds anyway).
     pub fn may_run_stateless(&self) -> bool {
         self.stateless && self.vip.is_ipv4()
+    }
+
+    /// A digest of what every host of a fleet must agree on for this
+    /// service to switch as one: its VIP, protocol and pools, in order (the
+    /// order picks backends), and whether it is stateless. FNV-1a, hex.
+    pub fn definition_digest(&self) -> String {
+        let text = format!(
+            "{}|{}|{:?}|{:?}|{}",
+            self.vip, self.protocol, self.blue, self.green, self.stateless
+        );
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
     }
 
     /// Its checks that run in `phase`.

@@ -153,6 +153,7 @@ impl Daemon {
                 "metrics_listen",
                 new.metrics_listen == self.config.metrics_listen,
             ),
+            ("fleet", new.fleet == self.config.fleet),
         ] {
             if !same {
                 bail!(

@@ -40,6 +40,7 @@ impl Daemon {
         checks: Vec<model::CheckRecord>,
     ) -> Response {
         let summary = req.describe();
+        self.asking_local = req.local();
         let resp = match req {
             Request::Flip {
                 service,
@@ -49,6 +50,7 @@ impl Daemon {
                 watch_ms,
                 max_error_rate,
                 confirm_within_ms,
+                ..
             } => {
                 let mut r = self.request(peer, reason, force);
                 r.checks = match self.state.service(&service) {
@@ -66,7 +68,9 @@ impl Daemon {
                     },
                 )
             }
-            Request::Rollback { service, reason } => {
+            Request::Rollback {
+                service, reason, ..
+            } => {
                 let req = self.request(peer, reason, false);
                 self.change(&service, |s| s.rollback(&service, &req))
             }
@@ -76,6 +80,7 @@ impl Daemon {
                 percent,
                 reason,
                 force,
+                ..
             } => {
                 let steps = percent * 100.0;
                 if !(0.0..=100.0).contains(&percent) || !percent.is_finite() {
@@ -101,8 +106,11 @@ impl Daemon {
                 cidr,
                 force,
                 reason,
+                ..
             } => self.preview(&service, action, cidr, force, reason, peer),
-            Request::Confirm { service, reason } => {
+            Request::Confirm {
+                service, reason, ..
+            } => {
                 let req = self.request(peer, reason, false);
                 self.change(&service, |s| s.confirm(&service, &req))
             }
@@ -111,7 +119,13 @@ impl Daemon {
                 Err(e) => Response::error(e.to_string()),
                 Ok(_) => history_response(self.store.history(), &service),
             },
-            Request::Undo { service, reason } => self.undo(&service, reason, peer),
+            Request::Undo {
+                service, reason, ..
+            } => self.undo(&service, reason, peer),
+            // (Read off the loop, in `run`, with a fleet.)
+            Request::Fleet => Response::error(
+                "this daemon has no [fleet] in its config: it keeps its desired state alone",
+            ),
             // (A service with before-flip checks is answered by `gates`.)
             Request::Check { service, .. } => match self.state.service(&service) {
                 Err(e) => Response::error(e.to_string()),
@@ -124,6 +138,7 @@ impl Daemon {
             Request::Reload => self.reload(),
             Request::Detach => self.detach(),
         };
+        self.asking_local = false;
         if resp.ok {
             log::debug!("{peer}: {summary}: ok");
         } else {
@@ -147,6 +162,7 @@ impl Daemon {
             force,
             at_ms: now_ms(),
             checks: Vec::new(),
+            local: self.asking_local,
         }
     }
 
@@ -225,6 +241,21 @@ impl Daemon {
                     bad.join(", ")
                 );
             }
+            if !req.local {
+                if let Some(why) = self.fleet_refusal(service, target) {
+                    if !req.force {
+                        let msg = format!(
+                            "refusing to flip {service} to {target}: {why}; use --force to override"
+                        );
+                        self.journal_refusal(service, &req, target, &msg);
+                        return Response::error(msg);
+                    }
+                    log::warn!(
+                        "{service}: flip to {target} forced by {} over the fleet: {why}",
+                        req.user
+                    );
+                }
+            }
         }
         let mut next = self.scratch(service);
         match next.flip(service, to, &req, &guards) {
@@ -271,6 +302,8 @@ impl Daemon {
             reason: req.reason.clone(),
             forced: req.force,
             checks: req.checks.clone(),
+            host: None,
+            local: req.local,
             before: st.snapshot(),
             after: st.snapshot(),
         };
@@ -335,7 +368,22 @@ impl Daemon {
             return Response::error(format!("no service named '{service}'"));
         };
         let id = after.id;
-        if let Err(e) = self.store.record(service, &change, &after) {
+        let recorded = if change.local {
+            self.store.record_local(service, &change, &after)
+        } else {
+            match self.store.record(service, &change, &after) {
+                // A rollback never waits for a quorum: the daemon's own
+                // goes ahead on this host alone while etcd does not answer.
+                Err(e) if e.unreachable() && change.kind == model::ChangeKind::AutoRollback => {
+                    log::warn!("{service}: {e}: rolling back on this host alone");
+                    let mut change = change.clone();
+                    change.local = true;
+                    self.store.record_local(service, &change, &after)
+                }
+                r => r,
+            }
+        };
+        if let Err(e) = recorded {
             return Response::error(format!("{e}; nothing changed"));
         }
         if let Some(d) = *FAULT_DELAY_COMMIT {
@@ -375,8 +423,14 @@ impl Daemon {
             kind => format!("{kind} {}", change.describe()),
         };
         let msg = format!(
-            "{service}: {what} (generation {} → {}){moved}",
-            change.generation_before, change.generation
+            "{service}: {what} (generation {} → {}){moved}{}",
+            change.generation_before,
+            change.generation,
+            if change.local && self.store.fleet_local().is_some() {
+                " on this host alone (--local): the fleet gets it when etcd answers, unless it moved meanwhile"
+            } else {
+                ""
+            }
         );
         log::info!(
             "{msg} by {}{}",
@@ -387,6 +441,7 @@ impl Daemon {
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default()
         );
+        self.publish_report();
         Response {
             ok: true,
             message: Some(msg),
@@ -452,13 +507,83 @@ impl Daemon {
     /// A change made elsewhere (another host of a fleet, through the
     /// store): the service takes the state recorded with it and the data
     /// plane follows, as for a change of this daemon's own, without
-    /// recording it again. A service this host does not serve is skipped.
+    /// recording it again (the store keeps it as applied). A service this
+    /// host does not serve is skipped; one it has at that generation
+    /// already (its own change coming back, a resynchronisation) is left
+    /// as it is. A service changed here alone (`--local`) while etcd did
+    /// not answer: if the fleet is still where that change started, the
+    /// change is proposed to the fleet (which then follows it); if the
+    /// fleet moved meanwhile, the fleet's state wins, journalled.
     pub(super) fn follow(&mut self, ext: ExternalChange) {
+        let Ok(current) = self.state.service(&ext.service).cloned() else {
+            return;
+        };
+        if let Some(base) = self.store.diverged(&ext.service) {
+            self.store.seen(&ext.service, ext.revision);
+            self.store.clear_diverged(&ext.service);
+            if ext.after.generation == base {
+                let mut mine = current.clone();
+                let Some(mut change) = mine.history.last().cloned() else {
+                    return;
+                };
+                change.reason = Some(format!(
+                    "{} [made with --local while etcd did not answer; proposed to the fleet]",
+                    change.reason.as_deref().unwrap_or("")
+                ));
+                change.local = false;
+                mine.history = vec![change.clone()];
+                match self.store.record(&ext.service, &change, &mine) {
+                    Ok(()) => log::warn!(
+                        "fleet: {}: the change made on this host alone ({}) is now the fleet's (generation {} → {})",
+                        ext.service,
+                        change.describe(),
+                        base,
+                        mine.generation
+                    ),
+                    Err(e) => log::error!(
+                        "fleet: {}: proposing the change made on this host alone: {e}",
+                        ext.service
+                    ),
+                }
+                return;
+            }
+            log::warn!(
+                "fleet: {}: the fleet moved while this host was cut off (generation {base} → {} by {}): the fleet's state wins over the change made here alone ({})",
+                ext.service,
+                ext.after.generation,
+                ext.change.user,
+                current.history.last().map(|c| c.describe()).unwrap_or_default()
+            );
+            let mut why = ext.change.clone();
+            why.local = true;
+            if let Err(e) = self.store.record_refusal(
+                &ext.service,
+                "a change made on this host alone (--local) was superseded by the fleet's when etcd answered again",
+                &why,
+            ) {
+                log::error!("journal: {e}");
+            }
+        } else if ext.after.generation <= current.generation {
+            if ext.after.snapshot() == current.snapshot() {
+                // This host's own change coming back, or one it has.
+                self.store.seen(&ext.service, ext.revision);
+                return;
+            }
+            // The fleet keeps another state at a generation this host has
+            // passed (hosts that started apart): the fleet's wins.
+            log::warn!(
+                "fleet: {}: the fleet's state (generation {}) differs from this host's (generation {}): taking the fleet's",
+                ext.service,
+                ext.after.generation,
+                current.generation
+            );
+        }
         let ExternalChange {
             service,
             change,
             after,
-        } = ext;
+            revision: _,
+        } = ext.clone();
         let before = match self.state.follow(&service, &after) {
             Ok(b) => b,
             Err(e) => {
@@ -467,7 +592,15 @@ impl Daemon {
             }
         };
         self.baselines.remove(&service);
-        if let Err(e) = self.move_dataplane(&service, before.id, &change) {
+        self.store.applied(&ext);
+        // From this host's state (it may have missed changes in between),
+        // not from the change's own before.
+        let mut step = change.clone();
+        step.before = before.snapshot();
+        step.after = after.snapshot();
+        step.from = before.active;
+        step.to = after.active;
+        if let Err(e) = self.move_dataplane(&service, before.id, &step) {
             log::error!(
                 "{service}: following a change made elsewhere ({}): data plane: {e:#}; rewriting the service",
                 change.kind
@@ -477,15 +610,26 @@ impl Daemon {
             }
             return;
         }
+        if change.forced && change.kind == model::ChangeKind::Flip {
+            if let Err(e) = self.dataplane.flush_flows(before.id, after.active) {
+                log::error!("{service}: moving open flows: {e}");
+            }
+        }
         log::info!(
-            "{service}: {} {} → {} (generation {} → {}) by {}, made elsewhere: followed",
+            "{service}: {} {} → {} (generation {} → {}) by {}{}, made elsewhere: followed",
             change.kind,
-            change.from,
-            change.to,
-            change.generation_before,
-            change.generation,
-            change.user
+            before.active,
+            after.active,
+            before.generation,
+            after.generation,
+            change.user,
+            change
+                .host
+                .as_deref()
+                .map(|h| format!(" on {h}"))
+                .unwrap_or_default()
         );
+        self.publish_report();
     }
 }
 

@@ -15,13 +15,15 @@
 //! `run` (the loop and its tick), `start` (start-up and adoption),
 //! `apply` (the config applied, reload), `changes` (requests that change a
 //! service), `guards` (watch and confirm), `gates` (the user's checks before a
-//! change and during a watch), `probes` (health), `scans`
+//! change and during a watch), `fleet` (what this host tells a fleet, the
+//! fleet's guard of a flip), `probes` (health), `scans`
 //! (flow-table scans, transitions), `pressure` (warnings of a flow table
 //! under pressure), `status`, `kernel_log`.
 
 mod apply;
 mod changes;
 mod event;
+mod fleet;
 mod gates;
 mod guards;
 mod kernel_log;
@@ -80,6 +82,8 @@ pub struct Daemon {
     pressure: pressure::Pressure,
     /// The user's checks: runs under way, last results (`gates`).
     checks: gates::CheckBook,
+    /// The request being handled asked for `--local` (`changes`).
+    asking_local: bool,
     _lock: File,
 }
 

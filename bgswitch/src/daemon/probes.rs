@@ -96,6 +96,7 @@ impl Daemon {
         if let Err(e) = self.sync_service(service) {
             log::error!("{service}: updating the pools after a health change failed: {e:#}");
         }
+        self.publish_report();
     }
 }
 

@@ -82,6 +82,7 @@ impl Daemon {
             Err(e) => log::warn!("{e}; its messages will not be shown"),
         }
         self.start_probes();
+        self.publish_report();
         log::info!(
             "bgswitch daemon ready: {} services, interfaces {:?}, socket {}",
             self.config.services.len(),
@@ -124,6 +125,29 @@ impl Daemon {
                     tokio::task::spawn_blocking(move || {
                         let _ = reply.send(history_response(read, &service));
                     });
+                }
+                Event::Request {
+                    req: Request::Fleet,
+                    peer,
+                    reply,
+                    written: _,
+                } if self.store.fleet_local().is_some() => {
+                    // etcd is read on a blocking thread.
+                    log::debug!("{peer}: status --fleet");
+                    if let Some(read) = self.store.fleet() {
+                        tokio::task::spawn_blocking(move || {
+                            let _ = reply.send(match read() {
+                                Ok(f) => crate::api::Response {
+                                    ok: true,
+                                    fleet: Some(f),
+                                    ..Default::default()
+                                },
+                                Err(e) => crate::api::Response::error(format!(
+                                    "the fleet's state: etcd: {e}"
+                                )),
+                            });
+                        });
+                    }
                 }
                 Event::Request {
                     req,
@@ -229,6 +253,7 @@ impl Daemon {
             self.check_rules();
             self.scan_for_transitions();
             self.check_pressure();
+            self.publish_report();
         }
         self.check_guards();
         self.run_watch_checks();

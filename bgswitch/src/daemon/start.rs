@@ -18,7 +18,7 @@ use crate::{
     dataplane::{self, service_key, Dataplane, LoadOptions},
     model::{self, Colour, DesiredState},
     paths,
-    state::{DesiredStore as _, LocalStore, StateDir},
+    state::{DesiredStore, EtcdStore, LocalStore, StateDir},
 };
 
 /// Host checks a config must pass before the daemon acts on it.
@@ -286,7 +286,19 @@ impl Daemon {
         let socket_gid = config.socket_group.as_deref().map(group_id).transpose()?;
         let dir = StateDir::open(&config.state_dir)?;
         let lock = dir.lock()?;
-        let mut store = LocalStore::open(dir.path())?;
+        let local = LocalStore::open(dir.path())?;
+        let mut store: Box<dyn DesiredStore> = match &config.fleet {
+            None => Box::new(local),
+            Some(f) => {
+                log::info!(
+                    "fleet {}: this host is {}; desired state shared through etcd at {}",
+                    f.cluster,
+                    f.host,
+                    f.etcd.join(", ")
+                );
+                Box::new(EtcdStore::open(local, f)?)
+            }
+        };
         store.reconfigure(&config);
         let mut state = store.load()?;
         state.trim_history();
@@ -354,7 +366,7 @@ impl Daemon {
         }
         let mut daemon = Self {
             config,
-            store: Box::new(store),
+            store,
             state,
             dataplane,
             socket_gid,
@@ -369,6 +381,7 @@ impl Daemon {
             transition_scan_at: None,
             pressure: Default::default(),
             checks: Default::default(),
+            asking_local: false,
             _lock: lock,
         };
         daemon.rules_by_destination = daemon.read_rules();

@@ -181,6 +181,7 @@ impl Daemon {
             }),
             config: self.config.path.display().to_string(),
             pid: std::process::id(),
+            fleet: self.store.fleet_local(),
         })
     }
 }

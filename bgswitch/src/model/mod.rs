@@ -136,6 +136,12 @@ pub struct Change {
     /// failed), or its refusal.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckRecord>,
+    /// The host it was made on (a fleet's journal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Made on this host alone (`--local`), not through the fleet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
     #[serde(default)]
     pub before: Snapshot,
     #[serde(default)]
@@ -205,6 +211,8 @@ pub struct Request {
     pub at_ms: u64,
     /// The checks that cleared the change (carried into its `Change`).
     pub checks: Vec<CheckRecord>,
+    /// `--local`: this host alone (a fleet's emergency path).
+    pub local: bool,
 }
 
 /// When a user's check runs (`[[service.check]] when`).

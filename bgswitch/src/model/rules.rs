@@ -194,6 +194,7 @@ impl DesiredState {
             force: false,
             at_ms,
             checks,
+            local: false,
         };
         let c = self.roll_back(name, &req, ChangeKind::AutoRollback)?;
         self.service_mut(name)?.rolled_back = Some(why.to_string());
@@ -454,6 +455,8 @@ impl ServiceState {
             reason: req.reason.clone(),
             forced: req.force,
             checks: req.checks.clone(),
+            host: None,
+            local: req.local,
             before,
             after: self.snapshot(),
         };
@@ -487,6 +490,8 @@ impl ServiceState {
             reason: Some(why),
             forced: false,
             checks: Vec::new(),
+            host: None,
+            local: false,
             before: self.snapshot(),
             after: self.snapshot(),
         }
@@ -509,6 +514,7 @@ mod tests {
             force: false,
             at_ms: 1000,
             checks: Vec::new(),
+            local: false,
         }
     }
 

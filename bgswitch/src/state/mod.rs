@@ -28,6 +28,7 @@
 //! `snapshot` (the file and its writers), `dir` (lock, tick rate).
 
 mod dir;
+mod fleet;
 mod journal;
 mod local;
 mod snapshot;
@@ -39,6 +40,7 @@ use std::path::PathBuf;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use dir::StateDir;
+pub use fleet::{EtcdStore, FleetHost, FleetLocal, FleetService, FleetStatus, HostReport};
 pub use journal::{read_history, JournalEntry};
 pub use local::LocalStore;
 pub use snapshot::STATE_VERSION;
@@ -78,6 +80,22 @@ pub enum StateError {
     Missing { path: PathBuf, journal: PathBuf },
     #[error("another bgswitch daemon holds {path} (pid {pid})")]
     Locked { path: PathBuf, pid: String },
+    /// The fleet's store (etcd) refused or did not answer.
+    #[error("{0}")]
+    Fleet(String),
+}
+
+impl StateError {
+    /// Whether the fleet's store did not answer (as opposed to refusing).
+    pub fn unreachable(&self) -> bool {
+        matches!(self, Self::Fleet(m) if m.contains("unreachable"))
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where the desired state is kept: the seam between the daemon's loop and
@@ -134,7 +152,57 @@ pub trait DesiredStore {
     /// made, for the loop to follow; taken once. `None`: this store's
     /// changes are all the loop's own.
     fn changes(&mut self) -> Option<UnboundedReceiver<ExternalChange>>;
+
+    // What a fleet's store adds; a store of this host alone has none of it.
+
+    /// Records a change of this host alone (`--local`): a fleet's store
+    /// keeps it here and marks the service diverged from the fleet.
+    fn record_local(
+        &mut self,
+        service: &str,
+        change: &Change,
+        after: &ServiceState,
+    ) -> Result<(), StateError> {
+        self.record(service, change, after)
+    }
+
+    /// A change made elsewhere has been applied here (`changes`): kept.
+    fn applied(&mut self, _ext: &ExternalChange) {}
+
+    /// A change made elsewhere was seen at `revision` and left as it was
+    /// (this host has it already): later changes compare against it.
+    fn seen(&mut self, _service: &str, _revision: i64) {}
+
+    /// For a service changed here alone (`record_local`): the generation
+    /// its first such change started from.
+    fn diverged(&self, _service: &str) -> Option<u64> {
+        None
+    }
+
+    /// The service is one with the fleet again.
+    fn clear_diverged(&mut self, _service: &str) {}
+
+    /// Tells the fleet what this host applied, sees and serves.
+    fn report(&mut self, _report: HostReport) {}
+
+    /// The live hosts' reports (`None`: no fleet).
+    fn peers(&self) -> Option<Result<Vec<HostReport>, String>> {
+        None
+    }
+
+    /// This host's view of the fleet's store (`None`: no fleet).
+    fn fleet_local(&self) -> Option<FleetLocal> {
+        None
+    }
+
+    /// A reader of `status --fleet`, to run off the loop (`None`: no fleet).
+    fn fleet(&self) -> Option<FleetReader> {
+        None
+    }
 }
+
+/// Reads the fleet's status off the loop (see [`DesiredStore::fleet`]).
+pub type FleetReader = Box<dyn FnOnce() -> Result<FleetStatus, String> + Send>;
 
 /// Reads a store's history off the loop (see [`DesiredStore::history`]).
 pub type HistoryReader =
@@ -147,4 +215,6 @@ pub struct ExternalChange {
     pub service: String,
     pub change: Change,
     pub after: ServiceState,
+    /// Where the store has it (etcd's revision of the service's state).
+    pub revision: i64,
 }
