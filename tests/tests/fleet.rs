@@ -289,3 +289,193 @@ fn hosts_with_other_definitions_are_flagged_and_changes_refused_until_forced() {
     );
     a.sw.cli_ok(&["flip", "web", "--force"]).unwrap();
 }
+
+/// `ip netns exec NS curl --local-port PORT http://VIP/`: the backend that
+/// answers a connection from one fixed 5-tuple.
+fn backend_for(h: &Host, port: u16) -> String {
+    let out = bgswitch_tests::ns_exec(
+        h.topo.client_ns(),
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "3",
+            "--local-port",
+            &port.to_string(),
+            &format!("http://{VIP}:{HTTP_PORT}/"),
+        ],
+    )
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_same_flow_reaches_the_same_backend_through_every_host() {
+    let (_etcd, a, b) = fleet(&[]);
+    a.sw.cli_ok(&["flip", "web", "--fleet-wait", "5s"]).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41000..41016 {
+        let (x, y) = (backend_for(&a, port), backend_for(&b, port));
+        assert!(x.starts_with("green "), "{x}");
+        assert_eq!(x, y, "client port {port}");
+        seen.insert(x);
+    }
+    // Not one backend for all: the choice spreads.
+    assert!(seen.len() > 1, "{seen:?}");
+}
+
+#[test]
+fn a_watch_runs_on_every_host_and_the_first_that_sees_green_fail_rolls_back_for_all() {
+    require_root();
+    let mut etcd = Etcd::start(1).expect("etcd");
+    let with_health = |t: &Topology| {
+        let mut s = default_services(t);
+        let at = s
+            .find("\n\n[[service]]\nname = \"echo\"")
+            .expect("echo service");
+        s.insert_str(at, &format!("\n{}", bgswitch_tests::switcher::HEALTH));
+        s
+    };
+    let topo = served_topology().unwrap();
+    let services = with_health(&topo);
+    drop(topo);
+    let a = host(&mut etcd, "lb1", &services, &[]);
+    let mut b = host(&mut etcd, "lb2", &services, &[]);
+    wait_live(&a, 2);
+    // Every host sees every backend up before the flip.
+    let start = Instant::now();
+    while a.sw.cli(&["flip", "web", "--watch", "60s"]).unwrap().code != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            a.sw.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_active(&b, "green", Duration::from_secs(5));
+    // Green fails as lb2 sees it (its own green backends), not as lb1 does.
+    for g in ["g1", "g2"] {
+        b.topo.stop_server(g).unwrap();
+    }
+    wait_active(&a, "blue", Duration::from_secs(10));
+    wait_active(&b, "blue", Duration::from_secs(5));
+    let h: serde_json::Value =
+        serde_json::from_str(&a.sw.cli_ok(&["history", "web", "--json"]).unwrap()).unwrap();
+    let rollbacks: Vec<_> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "auto_rollback")
+        .collect();
+    assert_eq!(rollbacks.len(), 1, "one rollback for the fleet: {h:#}");
+    assert_eq!(rollbacks[0]["host"], "lb2");
+    assert!(
+        rollbacks[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed health checks"),
+        "{:#}",
+        rollbacks[0]
+    );
+    for g in ["g1", "g2"] {
+        b.topo.start_server(g).unwrap();
+    }
+}
+
+#[test]
+fn a_confirmation_deadline_is_enforced_by_any_live_host() {
+    let (_etcd, mut a, b) = fleet(&[]);
+    a.sw.cli_ok(&[
+        "flip",
+        "web",
+        "--confirm-within",
+        "3s",
+        "--fleet-wait",
+        "5s",
+    ])
+    .unwrap();
+    assert_eq!(active(&b), "green");
+    // The host the flip was made on goes away; lb2 keeps the deadline.
+    a.sw.kill();
+    wait_active(&b, "blue", Duration::from_secs(8));
+    let st = b.sw.status().unwrap();
+    assert!(
+        service(&st, "web")["rolled_back"]
+            .as_str()
+            .unwrap()
+            .contains("not confirmed"),
+        "{st:#}"
+    );
+}
+
+#[test]
+fn a_three_member_etcd_loses_its_leader_during_flips_under_load() {
+    require_root();
+    let mut etcd = Etcd::start(3).expect("etcd");
+    let topo = served_topology().unwrap();
+    let services = default_services(&topo);
+    drop(topo);
+    let a = host(&mut etcd, "lb1", &services, &[]);
+    let b = host(&mut etcd, "lb2", &services, &[]);
+    wait_live(&a, 2);
+    let loads = [
+        bgswitch_tests::switcher::RequestLoad::start(
+            a.topo.client_ns(),
+            (VIP, HTTP_PORT),
+            bgswitch_tests::Colour::Blue,
+        ),
+        bgswitch_tests::switcher::RequestLoad::start(
+            b.topo.client_ns(),
+            (VIP, HTTP_PORT),
+            bgswitch_tests::Colour::Blue,
+        ),
+    ];
+    let first = generation(&a);
+    let mut refused = 0;
+    for i in 0..20 {
+        if i == 6 {
+            let leader = etcd.leader().unwrap();
+            etcd.stop_member(leader);
+        }
+        let to = if i % 2 == 0 { "green" } else { "blue" };
+        // A flip refused while the members elect a leader is asked again;
+        // one that was made although its answer was lost says so then
+        // ("already …, nothing changed").
+        let start = Instant::now();
+        loop {
+            let out =
+                a.sw.cli(&["flip", "web", "--to", to, "--fleet-wait", "5s"])
+                    .unwrap();
+            if out.code == 0 {
+                break;
+            }
+            refused += 1;
+            assert!(
+                out.stderr.contains("etcd") || out.stderr.contains("not applied"),
+                "{out:?}"
+            );
+            assert!(start.elapsed() < Duration::from_secs(20), "{out:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        wait_active(&b, to, Duration::from_secs(5));
+    }
+    let counts: Vec<_> = loads.into_iter().map(|l| l.stop()).collect();
+    for c in &counts {
+        assert_eq!(c.failed, 0, "{counts:?}");
+        assert!(c.ok + c.wrong > 20, "{counts:?}");
+    }
+    // Every flip once: 20 generations, the same on both hosts, and the
+    // fleet's journal has each exactly once.
+    assert_eq!(generation(&a), first + 20, "{refused} refused attempts");
+    assert_eq!(generation(&b), generation(&a));
+    let h: serde_json::Value =
+        serde_json::from_str(&b.sw.cli_ok(&["history", "web", "--json"]).unwrap()).unwrap();
+    let gens: Vec<u64> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["outcome"] == "ok" && e["kind"] == "flip")
+        .map(|e| e["generation"].as_u64().unwrap())
+        .collect();
+    assert_eq!(gens, ((first + 1)..=(first + 20)).collect::<Vec<_>>());
+}
