@@ -827,7 +827,7 @@ pub fn render_history(h: &[JournalEntry]) -> String {
         let c = &e.change;
         let secs = c.at_ms / 1000;
         out += &format!(
-            "{} gen {}→{} {:<18} {}→{} canary {:.2}% preview [{}] by {}{}{}{}\n",
+            "{} gen {}→{} {:<18} {}→{} canary {:.2}% preview [{}] by {}{}{}{}{}\n",
             unix_time(secs),
             c.generation_before,
             c.generation,
@@ -837,6 +837,12 @@ pub fn render_history(h: &[JournalEntry]) -> String {
             f64::from(c.after.canary_bp) / 100.0,
             c.after.preview.join(","),
             c.user,
+            match (&c.host, c.local) {
+                (Some(h), false) => format!(" on {h}"),
+                (Some(h), true) => format!(" on {h} alone (--local)"),
+                (None, true) => " on this host alone (--local)".to_string(),
+                (None, false) => String::new(),
+            },
             if c.forced { " (forced)" } else { "" },
             c.reason
                 .as_deref()

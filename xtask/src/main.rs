@@ -60,7 +60,11 @@ enum Task {
         rest: Vec<String>,
     },
     /// Set up, build, and show a blue/green switch on a throwaway topology.
-    Demo,
+    /// `--fleet`: two load-balancer hosts following one flip through etcd.
+    Demo {
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Set up, build (release) and run the benchmarks: writes bench/RESULTS.md
     /// and bench/results.json. `--quick`: correctness counters and gross
     /// ratios only (what `test` runs), results under target/bench-quick.
@@ -87,7 +91,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Build { release } => setup().and_then(|()| build(release)),
         Task::Test { no_lint, rest } => setup().and_then(|()| test(no_lint, &rest)),
-        Task::Demo => setup().and_then(|()| demo()),
+        Task::Demo { fleet } => setup().and_then(|()| demo(fleet)),
         Task::Bench { quick } => setup().and_then(|()| bench(quick)),
         Task::Soak { flips, frames } => setup().and_then(|()| soak(flips, frames)),
     };
@@ -343,7 +347,7 @@ fn test(no_lint: bool, rest: &[String]) -> Result<()> {
     bench(true)
 }
 
-fn demo() -> Result<()> {
+fn demo(fleet: bool) -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and attaches XDP: run it as root");
     }
@@ -358,6 +362,12 @@ fn demo() -> Result<()> {
             "--bin",
             "bgswitch-demo",
         ])
+        .args(
+            fleet
+                .then_some("--")
+                .into_iter()
+                .chain(fleet.then_some("--fleet")),
+        )
         .env("BGSWITCH_BIN", &bin))
 }
 

@@ -3,6 +3,10 @@
 //! `bgswitch daemon`, two blue and two green backends with real HTTP servers
 //! behind a bridge, every veth with the kernel's default offloads.
 //! Everything is torn down at the end, on Ctrl-C and on failure.
+//!
+//! `--fleet`: two load-balancer hosts (each its own test bed) whose daemons
+//! share one desired state through a real etcd (Debian's) in a namespace
+//! of its own: one flip, both follow.
 
 use std::{
     net::SocketAddrV4,
@@ -12,6 +16,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use bgswitch_tests::{
+    fleet::{fleet_table, Etcd},
     http_get,
     switcher::{default_services, served_topology, Switcher, HTTP_PORT},
     KeepAliveClient, VIP,
@@ -52,7 +57,8 @@ fn main() {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    match run() {
+    let fleet = std::env::args().any(|a| a == "--fleet");
+    match if fleet { run_fleet() } else { run() } {
         Ok(()) => println!("\ndemo finished; topology removed."),
         Err(e) => {
             eprintln!("\ndemo failed: {e:#}");
@@ -126,5 +132,74 @@ fn run() -> Result<()> {
     sw.stop()?;
     drop(sw);
     drop(topo);
+    Ok(())
+}
+
+fn run_fleet() -> Result<()> {
+    step("Starting etcd (Debian's etcd-server) in a network namespace of its own")?;
+    let mut etcd = Etcd::start(1)?;
+    let mut hosts = Vec::new();
+    for name in ["lb1", "lb2"] {
+        step(&format!(
+            "Building load-balancer host {name}: client, load balancer, 2 blue + 2 green backends behind a bridge, linked to etcd"
+        ))?;
+        let topo = served_topology()?;
+        let endpoints = etcd.link(topo.lb_ns())?;
+        let mut sw = Switcher::new(
+            &topo,
+            &format!(
+                "{}\n{}",
+                default_services(&topo),
+                fleet_table(&endpoints, "demo", name)
+            ),
+        )?;
+        sw.start()?;
+        println!(
+            "  {name}: bgswitch daemon running, [fleet] etcd = {endpoints:?}, cluster \"demo\""
+        );
+        hosts.push((name, topo, sw));
+    }
+    // Both hosts report (their lease) within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (name, topo, _) in &hosts {
+        println!("\n  clients of {name}:");
+        requests(topo.client_ns(), 2)?;
+    }
+
+    step("bgswitch status --fleet (on lb2)")?;
+    for line in hosts[1].2.cli_ok(&["status", "--fleet"])?.lines() {
+        println!("  {line}");
+    }
+
+    step("On lb1: bgswitch flip web --reason 'release 2' --fleet-wait 5s")?;
+    for line in hosts[0]
+        .2
+        .cli_ok(&["flip", "web", "--reason", "release 2", "--fleet-wait", "5s"])?
+        .lines()
+    {
+        println!("  {line}");
+    }
+    for (name, topo, _) in &hosts {
+        println!("\n  clients of {name}:");
+        requests(topo.client_ns(), 2)?;
+    }
+
+    step("bgswitch history web (on lb2: the fleet's journal)")?;
+    for line in hosts[1].2.cli_ok(&["history", "web"])?.lines() {
+        println!("  {line}");
+    }
+
+    step("bgswitch status --fleet (on lb1)")?;
+    for line in hosts[0].2.cli_ok(&["status", "--fleet"])?.lines() {
+        println!("  {line}");
+    }
+
+    step("Tearing down")?;
+    for (_, topo, mut sw) in hosts {
+        sw.stop()?;
+        drop(sw);
+        drop(topo);
+    }
+    etcd.stop();
     Ok(())
 }

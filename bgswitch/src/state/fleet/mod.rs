@@ -41,6 +41,9 @@ use crate::{
     model::{Change, DesiredState, ServiceState},
 };
 
+/// A host's report is put again at least this often (ms).
+const REPORT_EVERY_MS: u64 = 2000;
+
 /// The fleet's key layout.
 #[derive(Clone, Debug)]
 pub(crate) struct Keys {
@@ -456,10 +459,11 @@ impl DesiredStore for EtcdStore {
                 .publish(self.keys.clone(), self.reports.subscribe());
         }
         self.reports.send_if_modified(|r| {
-            // The time alone does not make a new report.
+            // A new report when something changed, and every 2 s anyway
+            // (its time is the host's "last seen").
             let mut a = report.clone();
             a.at_ms = r.at_ms;
-            if a == *r {
+            if a == *r && report.at_ms < r.at_ms + REPORT_EVERY_MS {
                 false
             } else {
                 *r = report;
