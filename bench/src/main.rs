@@ -16,6 +16,7 @@
 
 mod cost;
 mod daemon;
+mod fleet;
 mod flip;
 mod frames;
 mod fwd;
@@ -43,8 +44,8 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run only these parts (comma-separated): cost, components, flip,
-    /// scale, forwarding, http, daemon (services: only its flips with the
-    /// most services and the daemon under work).
+    /// scale, forwarding, http, fleet, daemon (services: only its flips
+    /// with the most services and the daemon under work).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Profiling aid: run one program-cost case (established, reply, nonvip,
@@ -212,6 +213,21 @@ fn run(args: &Args) -> Result<()> {
     if want("http") && !args.quick {
         eprintln!("bench: part 3, TCP/HTTP");
         record("http", http::run(&http::HttpOptions::full()))?;
+    }
+    if want("fleet") {
+        eprintln!("bench: part 6, a fleet of three hosts (etcd)");
+        let o = if args.quick {
+            fleet::FleetOptions::quick()
+        } else {
+            fleet::FleetOptions::full()
+        };
+        let r = fleet::run(&o);
+        if args.quick {
+            if let Ok(v) = &r {
+                fleet::assert_gross(v)?;
+            }
+        }
+        record("fleet", r)?;
     }
     let services_only = args.quick || args.only.iter().any(|o| o == "services");
     if want("daemon") || services_only {

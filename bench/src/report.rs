@@ -873,7 +873,79 @@ pub fn targets(r: &Value) -> Vec<Value> {
         mem.map(|v| v <= 256.0),
         "part 5, FLOWS map, kernel's own accounting",
     ));
+    let fl = &r["fleet"];
+    if !fl.is_null() && status(fl).is_none() {
+        let p99 = f(&fl["bgswitch"]["all_applied_ms"]["p99"]);
+        t.push(target(
+            "a fleet of three hosts: the flip applied on all, p99",
+            "≤ 50 ms",
+            p99,
+            "ms",
+            p99.map(|v| v <= 50.0),
+            &format!(
+                "part 6, {} flips; median {} ms",
+                fl["flips"],
+                num(&fl["bgswitch"]["all_applied_ms"]["median"], 2)
+            ),
+        ));
+        let ours = f(&fl["bgswitch"]["disagreement_ms"]["p99"]);
+        let peer = f(&fl["nftables_host_by_host"]["disagreement_ms"]["p99"]);
+        let ratio = ours.zip(peer).map(|(a, b)| a / b * 100.0);
+        t.push(target(
+            "a fleet of three hosts: window in which hosts disagree, against nft -f host by host (p99)",
+            "≤ 10 % of the peer's",
+            ratio,
+            "% of the peer's",
+            ratio.map(|v| v <= 10.0),
+            &format!(
+                "part 6; bgswitch {} ms, nft -f host by host {} ms (p99)",
+                num(&fl["bgswitch"]["disagreement_ms"]["p99"], 2),
+                num(&fl["nftables_host_by_host"]["disagreement_ms"]["p99"], 2)
+            ),
+        ));
+    }
     t
+}
+
+/// Part 6: a fleet of hosts flipping as one.
+fn fleet_section(w: &mut String, fl: &Value) {
+    if fl.is_null() {
+        return;
+    }
+    let _ = writeln!(w, "## 6. A fleet of hosts (etcd)\n");
+    if let Some(st) = status(fl) {
+        let _ = writeln!(w, "{st}\n");
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "{} load-balancer hosts (each a served test bed with its daemon), one etcd member (Debian's etcd-server) in a namespace of its own linked to each; {} flips with `bgswitch flip` on the first host, the service's control word watched on every host through its mapped `CONTROL` array (polled every ~10 µs). \"All applied\": the command's start to the last host's store; \"disagreement\": the first host's store to the last's. The peer makes the same change host by host with `nft -f` on each (as a loop over hosts does), the daemons stopped; its window is the first host's `nft -f` returning to the last's. Median (min–max), p99.\n",
+        fl["hosts"], fl["flips"]
+    );
+    let _ = writeln!(
+        w,
+        "| system | all applied, ms | p99 | hosts disagree, ms | p99 | command, ms |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    let b = &fl["bgswitch"];
+    let _ = writeln!(
+        w,
+        "| bgswitch (etcd) | {} | {} | {} | {} | {} |",
+        summ(&b["all_applied_ms"], 2),
+        num(&b["all_applied_ms"]["p99"], 2),
+        summ(&b["disagreement_ms"], 2),
+        num(&b["disagreement_ms"]["p99"], 2),
+        summ(&b["command_ms"], 2),
+    );
+    let p = &fl["nftables_host_by_host"];
+    let _ = writeln!(
+        w,
+        "| nftables DNAT, `nft -f` host by host | {} | {} | {} | {} | — |\n",
+        summ(&p["all_applied_ms"], 2),
+        num(&p["all_applied_ms"]["p99"], 2),
+        summ(&p["disagreement_ms"], 2),
+        num(&p["disagreement_ms"]["p99"], 2),
+    );
 }
 
 fn met(v: &Value) -> &'static str {
@@ -1300,6 +1372,7 @@ pub fn markdown(all: &Value) -> String {
             under_work_section(w, &m["under_work"]);
         }
     }
+    fleet_section(w, &r["fleet"]);
     if let Some(n) = all["notes"].as_str() {
         let _ = writeln!(w, "{n}\n");
     }
