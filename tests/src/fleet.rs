@@ -276,3 +276,141 @@ pub fn fleet_table(endpoints: &[String], cluster: &str, host: &str) -> String {
             .join(", ")
     )
 }
+
+/// A standby load balancer beside a topology's active one, as a VRRP pair
+/// has: a namespace of its own with its own `lbc` (to the client: the
+/// client's `c1`) and `lbb` (to the bridge: port `swl2`), the active's
+/// addresses and MACs on them (VRRP's virtual MAC), and the client's and
+/// the switch's ends down until [`Standby::take_over`].
+pub struct Standby {
+    ns: TempNetns,
+    client_ns: String,
+    switch_ns: String,
+    lb_ns: String,
+}
+
+fn mac_of(ns: &str, dev: &str) -> Result<String> {
+    let out = crate::netns::ns_exec(ns, "cat", &[&format!("/sys/class/net/{dev}/address")])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl Standby {
+    pub fn create(topo: &crate::Topology) -> Result<Self> {
+        use crate::topology::{
+            BRIDGE_IF, LB_BACKEND_ADDR, LB_BACKEND_IF, LB_CLIENT_ADDR, LB_CLIENT_IF, PREFIX_LEN,
+        };
+        let ns = TempNetns::create()?;
+        let s = Self {
+            client_ns: topo.client_ns().to_string(),
+            switch_ns: topo.switch_ns().to_string(),
+            lb_ns: topo.lb_ns().to_string(),
+            ns,
+        };
+        let me = s.ns.name();
+        ip(&[
+            "link",
+            "add",
+            "c1",
+            "netns",
+            &s.client_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            LB_CLIENT_IF,
+            "netns",
+            me,
+        ])?;
+        ip(&[
+            "link",
+            "add",
+            "swl2",
+            "netns",
+            &s.switch_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            LB_BACKEND_IF,
+            "netns",
+            me,
+        ])?;
+        ip_ns(&s.switch_ns, &["link", "set", "swl2", "master", BRIDGE_IF])?;
+        for (dev, addr) in [
+            (LB_CLIENT_IF, LB_CLIENT_ADDR),
+            (LB_BACKEND_IF, LB_BACKEND_ADDR),
+        ] {
+            let mac = mac_of(&s.lb_ns, dev)?;
+            ip_ns(me, &["link", "set", dev, "address", &mac])?;
+            ip_ns(
+                me,
+                &["addr", "add", &format!("{addr}/{PREFIX_LEN}"), "dev", dev],
+            )?;
+            ip_ns(me, &["link", "set", dev, "up"])?;
+        }
+        crate::in_netns(me, || -> Result<()> {
+            for (k, v) in [
+                ("net/ipv4/conf/all/rp_filter", "0"),
+                ("net/ipv4/conf/default/rp_filter", "0"),
+                ("net/ipv4/conf/lbc/rp_filter", "0"),
+                ("net/ipv4/conf/lbb/rp_filter", "0"),
+            ] {
+                fs::write(format!("/proc/sys/{k}"), v)?;
+            }
+            Ok(())
+        })??;
+        Ok(s)
+    }
+
+    /// The standby's namespace (its daemon runs there).
+    pub fn ns(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// The active fails and the standby takes its addresses: the active's
+    /// links to the client and the switch go down, the standby's come up,
+    /// the client's route follows (its link to the standby), and the
+    /// standby announces its MAC to the bridge (an ARP request out of its
+    /// backend link, as VRRP's gratuitous ARP would).
+    pub fn take_over(&self) -> Result<()> {
+        use crate::topology::{
+            CLIENT_ADDR, CLIENT_IF, LB_CLIENT_ADDR, PREFIX_LEN, SWITCH_UPLINK_IF,
+        };
+        ip_ns(&self.switch_ns, &["link", "set", SWITCH_UPLINK_IF, "down"])?;
+        ip_ns(&self.client_ns, &["link", "set", CLIENT_IF, "down"])?;
+        ip_ns(&self.switch_ns, &["link", "set", "swl2", "up"])?;
+        ip_ns(
+            &self.client_ns,
+            &[
+                "addr",
+                "add",
+                &format!("{CLIENT_ADDR}/{PREFIX_LEN}"),
+                "dev",
+                "c1",
+            ],
+        )?;
+        ip_ns(&self.client_ns, &["link", "set", "c1", "up"])?;
+        ip_ns(
+            &self.client_ns,
+            &[
+                "route",
+                "replace",
+                "default",
+                "via",
+                &LB_CLIENT_ADDR.to_string(),
+                "dev",
+                "c1",
+            ],
+        )?;
+        // Any frame out of the standby's backend link teaches the bridge
+        // where the (shared) MAC is now.
+        let _ = crate::in_netns(self.ns.name(), || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            for host in 10..30u8 {
+                let _ = s.send_to(b"x", (std::net::Ipv4Addr::new(198, 18, 1, host), 9));
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        Ok(())
+    }
+}

@@ -264,10 +264,23 @@ impl Switcher {
         Self::prepared(topo, services, false)
     }
 
+    /// A daemon of a second load-balancer host beside `topo`'s: in
+    /// namespace `ns`, with a directory of its own (`<prefix>-<tag>`), and
+    /// the same interface names (each namespace has its own `lbc`, `lbb`).
+    pub fn new_in(topo: &Topology, ns: &str, tag: &str, services: &str) -> Result<Self> {
+        let mut s = Self::prepared_at(topo, &format!("{}-{tag}", topo.prefix()), services, true)?;
+        s.lb_ns = ns.to_string();
+        Ok(s)
+    }
+
     fn prepared(topo: &Topology, services: &str, mount: bool) -> Result<Self> {
+        Self::prepared_at(topo, topo.prefix(), services, mount)
+    }
+
+    fn prepared_at(topo: &Topology, name: &str, services: &str, mount: bool) -> Result<Self> {
         let bin = bgswitch_bin()?;
         remove_stale_dirs();
-        let dir = PathBuf::from("/run/bgswitch-test").join(topo.prefix());
+        let dir = PathBuf::from("/run/bgswitch-test").join(name);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("bpf"))
             .with_context(|| format!("creating {}", dir.display()))?;

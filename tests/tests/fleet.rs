@@ -479,3 +479,94 @@ fn a_three_member_etcd_loses_its_leader_during_flips_under_load() {
         .collect();
     assert_eq!(gens, ((first + 1)..=(first + 20)).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_standby_taking_over_under_load_serves_the_same_colour_and_keeps_stateless_connections() {
+    require_root();
+    let mut etcd = Etcd::start(1).expect("etcd");
+    let topo = served_topology().unwrap();
+    let standby = bgswitch_tests::fleet::Standby::create(&topo).expect("standby");
+    // `web` stateless, with a short idle timeout: its transitions end
+    // within the test.
+    let services = format!(
+        "tcp_idle_timeout = \"5s\"\n{}",
+        default_services(&topo).replacen(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nstateless = true\n",
+            1
+        )
+    );
+    let endpoints = etcd.link(topo.lb_ns()).unwrap();
+    let mut active_sw = Switcher::new(
+        &topo,
+        &format!("{services}\n{}", fleet_table(&endpoints, "test", "lb1")),
+    )
+    .unwrap();
+    active_sw.start().unwrap();
+    let endpoints = etcd.link(standby.ns()).unwrap();
+    let mut standby_sw = Switcher::new_in(
+        &topo,
+        standby.ns(),
+        "standby",
+        &format!("{services}\n{}", fleet_table(&endpoints, "test", "lb2")),
+    )
+    .unwrap();
+    standby_sw.start().unwrap();
+    let a = Host {
+        topo,
+        sw: active_sw,
+    };
+    wait_live(&a, 2);
+    a.sw.cli_ok(&["flip", "web", "--fleet-wait", "5s"]).unwrap();
+    // The flip's transition ends on both hosts: a stable period, nothing
+    // recorded per connection.
+    for sw in [&a.sw, &standby_sw] {
+        let start = Instant::now();
+        while service(&sw.status().unwrap(), "web")["fast_path"] != "stateless" {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{}",
+                sw.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let cli = a.topo.client_ns().to_string();
+    let mut open: Vec<(bgswitch_tests::KeepAliveClient, String)> = (0..4)
+        .map(|_| {
+            let mut c = bgswitch_tests::KeepAliveClient::connect(&cli, (VIP, HTTP_PORT)).unwrap();
+            let body = c.get("/").unwrap().body;
+            assert!(body.starts_with("green "), "{body}");
+            (c, body)
+        })
+        .collect();
+    let load = bgswitch_tests::switcher::RequestLoad::start(
+        &cli,
+        (VIP, HTTP_PORT),
+        bgswitch_tests::Colour::Green,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = load.counts();
+    standby.take_over().unwrap();
+    // The open connections go on, through the standby, to the same backend.
+    for (c, body) in &mut open {
+        let again = c.get("/").unwrap().body;
+        assert_eq!(&again, body);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = load.stop();
+    assert!(
+        after.ok > before.ok + 5,
+        "new connections through the standby: {before:?} → {after:?}"
+    );
+    assert_eq!(after.wrong, 0, "{after:?}");
+    // The standby is the fleet's: a flip made there reaches the active too.
+    standby_sw
+        .cli_ok(&["flip", "web", "--fleet-wait", "5s"])
+        .unwrap();
+    assert_eq!(active(&a), "blue");
+    let r = http_get(&cli, (VIP, HTTP_PORT), "/").unwrap();
+    assert!(r.body.starts_with("blue "), "{}", r.body);
+    drop(standby_sw);
+    drop(standby);
+}
