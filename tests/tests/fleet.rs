@@ -287,7 +287,15 @@ fn hosts_with_other_definitions_are_flagged_and_changes_refused_until_forced() {
         out.stderr.contains("lb2 serves another definition of web"),
         "{out:?}"
     );
+    let out = a
+        .sw
+        .cli(&["shift", "web", "--to", "green", "--percent", "5"])
+        .unwrap();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("lb2 serves another definition"), "{out:?}");
+    // A rollback is never held up by it.
     a.sw.cli_ok(&["flip", "web", "--force"]).unwrap();
+    a.sw.cli_ok(&["rollback", "web"]).unwrap();
 }
 
 /// `ip netns exec NS curl --local-port PORT http://VIP/`: the backend that
@@ -342,6 +350,30 @@ fn a_watch_runs_on_every_host_and_the_first_that_sees_green_fail_rolls_back_for_
     let a = host(&mut etcd, "lb1", &services, &[]);
     let mut b = host(&mut etcd, "lb2", &services, &[]);
     wait_live(&a, 2);
+    // A green backend down as lb2 sees it: a flip on lb1 is refused,
+    // naming the host and the backend.
+    b.topo.stop_server("g1").unwrap();
+    let start = Instant::now();
+    loop {
+        let out = a.sw.cli(&["flip", "web"]).unwrap();
+        if out.code == 1
+            && out
+                .stderr
+                .contains("lb2 sees green unhealthy: 198.18.1.21:8080")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never refused for lb2's view: {out:?}"
+        );
+        if out.code == 0 {
+            a.sw.cli_ok(&["rollback", "web"]).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(active(&b), "blue");
+    b.topo.start_server("g1").unwrap();
     // Every host sees every backend up before the flip.
     let start = Instant::now();
     while a.sw.cli(&["flip", "web", "--watch", "60s"]).unwrap().code != 0 {

@@ -92,12 +92,22 @@ impl Daemon {
                 } else {
                     let bp = (percent * 100.0).round() as u32;
                     let mut req = self.request(peer, reason, force);
-                    req.checks = if force && bp > 0 {
-                        self.skipped_checks(&service, to)
-                    } else {
-                        checks
-                    };
-                    self.change(&service, |s| s.shift(&service, to, bp, &req))
+                    match (!force && !req.local && bp > 0)
+                        .then(|| self.fleet_refusal(&service, None))
+                        .flatten()
+                    {
+                        Some(why) => Response::error(format!(
+                            "refusing to shift {percent}% of {service} to {to}: {why}; use --force to override"
+                        )),
+                        None => {
+                            req.checks = if force && bp > 0 {
+                                self.skipped_checks(&service, to)
+                            } else {
+                                checks
+                            };
+                            self.change(&service, |s| s.shift(&service, to, bp, &req))
+                        }
+                    }
                 }
             }
             Request::Preview {
@@ -242,7 +252,7 @@ impl Daemon {
                 );
             }
             if !req.local {
-                if let Some(why) = self.fleet_refusal(service, target) {
+                if let Some(why) = self.fleet_refusal(service, Some(target)) {
                     if !req.force {
                         let msg = format!(
                             "refusing to flip {service} to {target}: {why}; use --force to override"
@@ -332,6 +342,12 @@ impl Daemon {
                 Err(e) => Response::error(e.to_string()),
             },
             (_, None) => Response::error("preview add/del needs a CIDR"),
+            (_, Some(_)) if !force && !req.local && self.fleet_refusal(service, None).is_some() => {
+                let why = self.fleet_refusal(service, None).unwrap_or_default();
+                Response::error(format!(
+                    "refusing to change {service}'s preview prefixes: {why}; use --force to override"
+                ))
+            }
             (PreviewAction::Add, Some(c)) => {
                 let Some(vip) = self.config.services.iter().find(|s| s.name == service) else {
                     return Response::error(format!("no service named '{service}'"));

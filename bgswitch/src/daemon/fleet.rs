@@ -43,12 +43,14 @@ impl Daemon {
         self.store.report(report);
     }
 
-    /// Why the fleet refuses a flip of `service` to `target`: a live host
-    /// that sees the target unhealthy (naming host and backends), or one
-    /// whose definition of the service differs from this host's. `None`
-    /// without a fleet, or when etcd does not answer (the change itself is
-    /// refused then).
-    pub(super) fn fleet_refusal(&self, service: &str, target: Colour) -> Option<String> {
+    /// Why the fleet refuses a change of `service` sending new flows to
+    /// `target` (a flip; a shift or preview prefix, with `None` health
+    /// being asked): a live host that sees the target unhealthy (naming
+    /// host and backends), or one whose definition of the service differs
+    /// from this host's. `None` without a fleet, or when etcd does not
+    /// answer (the change itself is refused then). Rollbacks, undos and
+    /// confirmations are never held up by it.
+    pub(super) fn fleet_refusal(&self, service: &str, target: Option<Colour>) -> Option<String> {
         let me = self.store.fleet_local()?.host;
         let peers = self.store.peers()?.ok()?;
         let mine = self
@@ -59,12 +61,10 @@ impl Daemon {
             .definition_digest();
         let mut why = Vec::new();
         for p in peers.iter().filter(|p| p.host != me) {
-            if let Some(bad) = p.unhealthy.get(service).and_then(|m| m.get(&target)) {
-                why.push(format!(
-                    "{} sees {target} unhealthy: {}",
-                    p.host,
-                    bad.join(", ")
-                ));
+            if let Some((t, bad)) =
+                target.and_then(|t| Some((t, p.unhealthy.get(service)?.get(&t)?)))
+            {
+                why.push(format!("{} sees {t} unhealthy: {}", p.host, bad.join(", ")));
             }
             match p.definitions.get(service) {
                 Some(d) if *d != mine => why.push(format!(
