@@ -1092,6 +1092,28 @@ pub fn render_status(s: &Status) -> String {
             );
         }
     }
+    if let Some(f) = &s.fleet {
+        out += &format!(
+            "fleet {} (this host: {}): etcd {}{}\n",
+            f.cluster,
+            f.host,
+            if f.reachable {
+                "reachable".to_string()
+            } else {
+                format!(
+                    "UNREACHABLE{}: serving the state last applied; changes need --local",
+                    f.unreachable_since_ms
+                        .map(|t| format!(" since {} UTC", unix_time(t / 1000)))
+                        .unwrap_or_default()
+                )
+            },
+            if f.diverged.is_empty() {
+                String::new()
+            } else {
+                format!("; DIVERGED (--local): {}", f.diverged.join(", "))
+            }
+        );
+    }
     if let Some(p) = &s.pins {
         out += &format!(
             "pins: {} ({}): {}\n",

@@ -287,12 +287,14 @@ fn hosts_with_other_definitions_are_flagged_and_changes_refused_until_forced() {
         out.stderr.contains("lb2 serves another definition of web"),
         "{out:?}"
     );
-    let out = a
-        .sw
-        .cli(&["shift", "web", "--to", "green", "--percent", "5"])
-        .unwrap();
+    let out =
+        a.sw.cli(&["shift", "web", "--to", "green", "--percent", "5"])
+            .unwrap();
     assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("lb2 serves another definition"), "{out:?}");
+    assert!(
+        out.stderr.contains("lb2 serves another definition"),
+        "{out:?}"
+    );
     // A rollback is never held up by it.
     a.sw.cli_ok(&["flip", "web", "--force"]).unwrap();
     a.sw.cli_ok(&["rollback", "web"]).unwrap();

@@ -515,3 +515,48 @@ fn bad_checks_are_refused_naming_the_key() {
         "also the name of check[0]",
     );
 }
+
+#[test]
+fn a_fleet_table_parses_and_bad_ones_name_the_key() {
+    let base = "interfaces = [\"eth0\"]\n";
+    let c = parse(
+        Path::new("x.toml"),
+        &format!("{base}[fleet]\netcd = [\"http://10.0.0.5:2379\", \"http://10.0.0.6:2379\"]\ncluster = \"prod\"\nhost = \"lb1\"\n"),
+    )
+    .unwrap();
+    let f = c.fleet.unwrap();
+    assert_eq!(f.etcd.len(), 2);
+    assert_eq!((f.cluster.as_str(), f.host.as_str()), ("prod", "lb1"));
+    assert!(parse(Path::new("x.toml"), base).unwrap().fleet.is_none());
+    for (body, key, reason) in [
+        ("cluster = \"prod\"\n", "fleet.etcd", "client URLs"),
+        ("etcd = [\"10.0.0.5:2379\"]\ncluster = \"prod\"\n", "fleet.etcd[0]", "not a URL"),
+        ("etcd = [\"ftp://10.0.0.5:2379\"]\ncluster = \"prod\"\n", "fleet.etcd[0]", "not http://"),
+        ("etcd = [\"https://10.0.0.5:2379\"]\ncluster = \"prod\"\n", "fleet.etcd[0]", "give `ca`"),
+        (
+            "etcd = [\"http://10.0.0.5:2379\"]\ncluster = \"prod\"\nca = \"/etc/ca.pem\"\n",
+            "fleet.etcd[0]",
+            "use https://",
+        ),
+        ("etcd = [\"http://10.0.0.5:2379\"]\n", "fleet.cluster", "required"),
+        ("etcd = [\"http://10.0.0.5:2379\"]\ncluster = \"a/b\"\n", "fleet.cluster", "1-64"),
+        ("etcd = [\"http://10.0.0.5:2379\"]\ncluster = \"p\"\nhost = \"\"\n", "fleet.host", "1-64"),
+        (
+            "etcd = [\"https://10.0.0.5:2379\"]\ncluster = \"p\"\nca = \"/ca\"\ncert = \"/c\"\n",
+            "fleet.cert",
+            "together",
+        ),
+        (
+            "etcd = [\"http://10.0.0.5:2379\"]\ncluster = \"p\"\nuser = \"u\"\n",
+            "fleet.user",
+            "together",
+        ),
+        (
+            "etcd = [\"http://10.0.0.5:2379\"]\ncluster = \"p\"\nuser = \"u\"\npassword_file = \"pw\"\n",
+            "fleet.password_file",
+            "absolute",
+        ),
+    ] {
+        check_err(&format!("{base}[fleet]\n{body}"), key, reason);
+    }
+}

@@ -549,19 +549,23 @@ impl Daemon {
                 change.local = false;
                 mine.history = vec![change.clone()];
                 match self.store.record(&ext.service, &change, &mine) {
-                    Ok(()) => log::warn!(
-                        "fleet: {}: the change made on this host alone ({}) is now the fleet's (generation {} → {})",
-                        ext.service,
-                        change.describe(),
-                        base,
-                        mine.generation
-                    ),
+                    Ok(()) => {
+                        log::warn!(
+                            "fleet: {}: the change made on this host alone ({}) is now the fleet's (generation {} → {})",
+                            ext.service,
+                            change.describe(),
+                            base,
+                            mine.generation
+                        );
+                        self.publish_report();
+                        return;
+                    }
+                    // The fleet moved in the meantime: it wins, below.
                     Err(e) => log::error!(
                         "fleet: {}: proposing the change made on this host alone: {e}",
                         ext.service
                     ),
                 }
-                return;
             }
             log::warn!(
                 "fleet: {}: the fleet moved while this host was cut off (generation {base} → {} by {}): the fleet's state wins over the change made here alone ({})",

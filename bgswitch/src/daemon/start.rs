@@ -256,6 +256,14 @@ impl Daemon {
                 );
             }
         }
+        if let Some(f) = &config.fleet {
+            out += &format!(
+                "  fleet {} as host {}: desired state shared through etcd at {} (not contacted by --check)\n",
+                f.cluster,
+                f.host,
+                f.etcd.join(", ")
+            );
+        }
         for name in &config.interfaces {
             let (tries, why) = dataplane::AttachMode::choose(config.attach_of(name), name);
             let modes: Vec<&str> = tries.iter().map(|m| m.describe()).collect();

@@ -297,7 +297,12 @@ impl DesiredStore for EtcdStore {
             self.revs.insert(service.to_string(), h.revision());
         }
         // This host keeps what it applied, for a start while etcd is down.
-        self.local.record(service, change, after)?;
+        // The fleet has the change: it is made whatever this copy does.
+        if let Err(e) = self.local.record(service, change, after) {
+            log::error!(
+                "{service}: the fleet has the change, this host's copy of it failed: {e} (a start while etcd is down would serve the state before it)"
+            );
+        }
         self.diverged.remove(service);
         Ok(())
     }
