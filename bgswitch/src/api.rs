@@ -312,6 +312,9 @@ pub struct Status {
     /// This host's view of its fleet (`[fleet]`).
     #[serde(default)]
     pub fleet: Option<FleetLocal>,
+    /// Configured interfaces the program does not serve now.
+    #[serde(default)]
+    pub unserved: Vec<String>,
 }
 
 /// Where the data plane is pinned.

@@ -25,22 +25,115 @@ struct Families {
     registry: Registry,
 }
 
+// prometheus-client ends every HELP text with a period: ours are written
+// as sentences, so theirs is taken off first.
+fn help(text: &str) -> &str {
+    text.trim_end_matches('.')
+}
+
 impl Families {
-    fn counter(&mut self, name: &str, help: &str) -> Family<Labels, Counter> {
+    fn counter(&mut self, name: &str, text: &str) -> Family<Labels, Counter> {
         let f = Family::<Labels, Counter>::default();
-        self.registry.register(name, help, f.clone());
+        self.registry.register(name, help(text), f.clone());
         f
     }
-    fn gauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge> {
+    fn gauge(&mut self, name: &str, text: &str) -> Family<Labels, Gauge> {
         let f = Family::<Labels, Gauge>::default();
-        self.registry.register(name, help, f.clone());
+        self.registry.register(name, help(text), f.clone());
         f
     }
-    fn gauge_f(&mut self, name: &str, help: &str) -> Family<Labels, Gauge<f64, AtomicU64>> {
+    fn gauge_f(&mut self, name: &str, text: &str) -> Family<Labels, Gauge<f64, AtomicU64>> {
         let f = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-        self.registry.register(name, help, f.clone());
+        self.registry.register(name, help(text), f.clone());
         f
     }
+}
+
+/// The exposition formats a scraper may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0 (what `render` writes).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Prometheus,
+}
+
+impl Format {
+    /// Content negotiation on an `Accept` header: the Prometheus text
+    /// format when the scraper prefers `text/plain` (by its q-values) or
+    /// asks for nothing else it knows; OpenMetrics otherwise (also with no
+    /// header, or `*/*` alone).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return Self::OpenMetrics;
+        };
+        let (mut om, mut text) = (None::<f64>, None::<f64>);
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f64>().ok())
+                .unwrap_or(1.0);
+            let slot = match media.as_str() {
+                "application/openmetrics-text" => &mut om,
+                "text/plain" => &mut text,
+                _ => continue,
+            };
+            *slot = Some(slot.map_or(q, |o| o.max(q)));
+        }
+        match (om, text) {
+            (_, None) | (None, Some(0.0)) => Self::OpenMetrics,
+            (None, Some(_)) => Self::Prometheus,
+            (Some(o), Some(t)) if t > o => Self::Prometheus,
+            _ => Self::OpenMetrics,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// `openmetrics` (what `render` wrote) in this format.
+    pub fn encode(self, openmetrics: String) -> String {
+        match self {
+            Self::OpenMetrics => openmetrics,
+            Self::Prometheus => to_prometheus_text(&openmetrics),
+        }
+    }
+}
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: a counter's
+/// family is named by its samples (`…_total`) in HELP and TYPE, and
+/// `# UNIT` and `# EOF` go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out += &l,
+            None => out += line,
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Renders the OpenMetrics text for `status`.
@@ -138,6 +231,14 @@ pub fn render(status: &Status) -> String {
         "bgswitch_interface_attached",
         "1 per interface bgswitch serves, by mode (native, generic: XDP; tc, tc-netlink: TC).",
     );
+    let serving = f.gauge(
+        "bgswitch_interface_serving",
+        "1 per configured interface the program serves now, 0 for one it does not (gone, not attached yet, or taken by something else).",
+    );
+    let auto_rollback = f.gauge(
+        "bgswitch_automatic_rollback",
+        "1 while the service's last change is an automatic rollback (a watch failed or a confirmation was missed), until the next change.",
+    );
     let attachment = f.gauge(
         "bgswitch_interface_attachment",
         "1 per interface bgswitch serves, by mode and why it was chosen.",
@@ -181,6 +282,9 @@ pub fn render(status: &Status) -> String {
             }
         }
         let sl = labels(&[("service", svc)]);
+        auto_rollback
+            .get_or_create(&sl)
+            .set(i64::from(s.rolled_back.is_some()));
         canary.get_or_create(&sl).set(s.canary_percent / 100.0);
         flips.get_or_create(&sl).inc_by(s.flips);
         rollbacks.get_or_create(&sl).inc_by(s.rollbacks);
@@ -235,7 +339,17 @@ pub fn render(status: &Status) -> String {
     for (k, v) in &status.counters {
         xdp.get_or_create(&labels(&[("event", k)])).inc_by(*v);
     }
+    for name in &status.unserved {
+        serving
+            .get_or_create(&labels(&[("interface", name)]))
+            .set(0);
+    }
     for i in &status.interfaces {
+        if !status.unserved.contains(&i.name) {
+            serving
+                .get_or_create(&labels(&[("interface", &i.name)]))
+                .set(1);
+        }
         attached
             .get_or_create(&labels(&[
                 ("interface", &i.name),
@@ -254,4 +368,51 @@ pub fn render(status: &Status) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &f.registry);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scraper_chooses_the_format() {
+        use Format::*;
+        for (accept, want) in [
+            (None, OpenMetrics),
+            (Some("*/*"), OpenMetrics),
+            (Some("text/plain"), Prometheus),
+            (Some("text/plain; version=0.0.4"), Prometheus),
+            (Some("application/openmetrics-text; version=1.0.0"), OpenMetrics),
+            // Prometheus 2.x's own Accept: OpenMetrics first.
+            (
+                Some("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+                OpenMetrics,
+            ),
+            (
+                Some("application/openmetrics-text;q=0.2, text/plain;q=0.9"),
+                Prometheus,
+            ),
+            (Some("text/plain;q=0"), OpenMetrics),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples_and_has_no_eof() {
+        let om = "# HELP a_b Packets switched.\n# TYPE a_b counter\na_b_total{x=\"1\"} 5\n# HELP g Live.\n# TYPE g gauge\ng 0\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_b_total Packets switched.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 5\n# HELP g Live.\n# TYPE g gauge\ng 0\n"
+        );
+    }
+
+    #[test]
+    fn every_help_text_ends_with_one_period() {
+        let text = render(&Status::default());
+        for l in text.lines().filter(|l| l.starts_with("# HELP ")) {
+            assert!(l.ends_with('.') && !l.ends_with(".."), "{l}");
+        }
+        assert!(text.lines().any(|l| l.starts_with("# HELP ")));
+    }
 }

@@ -32,6 +32,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc"),
     // The fleet's tests and demo run their own etcd members.
     ("etcd-server", "etcd"),
+    // promtool: the exposition and the alert rules are checked in the suite.
+    ("prometheus", "promtool"),
 ];
 
 #[derive(Parser)]

@@ -7,7 +7,7 @@ use std::{io, time::Duration};
 use anyhow::anyhow;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    net::{TcpListener, UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
@@ -217,74 +217,106 @@ async fn serve_client(
     }
 }
 
-/// Serves `GET /metrics` on `listener`; the text comes from the daemon loop.
+/// Serves `/metrics` on `listener` with hyper (HTTP/1.1: GET and HEAD,
+/// keep-alive, content negotiation between OpenMetrics and the Prometheus
+/// text format); the text comes from the daemon loop. Limits: 16
+/// connections (more are closed at once), 16 KiB of request head read
+/// within 5 s, an idle keep-alive connection closed after 30 s.
 pub async fn metrics_loop(listener: TcpListener, tx: mpsc::Sender<Event>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            log::debug!("metrics client {peer}: {METRICS_CONNECTIONS} connections open; closed");
             continue;
         };
         let tx = tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_metrics(stream, tx).await {
-                log::debug!("metrics client {peer}: {e}");
+            let service = hyper::service::service_fn(move |req| {
+                let tx = tx.clone();
+                async move { Ok::<_, std::convert::Infallible>(metrics_answer(req, tx).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .max_buf_size(16 * 1024)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            // A keep-alive connection idle (or slow) this long is closed.
+            let idle = tokio::time::sleep(METRICS_IDLE);
+            tokio::pin!(idle);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        log::debug!("metrics client {peer}: {e}");
+                    }
+                }
+                () = &mut idle => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
             }
             drop(permit);
         });
     }
 }
 
-async fn serve_metrics(mut stream: TcpStream, tx: mpsc::Sender<Event>) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    let read = async {
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 || buf.len() > 8192 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        io::Result::Ok(())
+const METRICS_CONNECTIONS: usize = 16;
+const METRICS_IDLE: Duration = Duration::from_secs(30);
+
+async fn metrics_answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    tx: mpsc::Sender<Event>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{header, Method, StatusCode};
+    let reply = |status: StatusCode, ctype: &str, body: String| {
+        hyper::Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, ctype)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap_or_default()
     };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timeout"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method != "GET" {
-        (
-            "405 Method Not Allowed",
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "see /metrics\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET\n".to_string(),
-        )
-    } else if path != "/metrics" && !path.starts_with("/metrics?") {
-        ("404 Not Found", "text/plain", "see /metrics\n".to_string())
-    } else {
-        let (reply, rx) = oneshot::channel();
-        if tx.send(Event::Scrape { reply }).await.is_err() {
-            return Ok(());
-        }
-        match rx.await {
-            Ok(Ok(text)) => (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                text,
-            ),
-            Ok(Err(e)) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
-            Err(_) => return Ok(()),
-        }
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+            "GET or HEAD\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let format = crate::metrics::Format::negotiate(
+        req.headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    let (tell, rx) = oneshot::channel();
+    if tx.send(Event::Scrape { reply: tell }).await.is_err() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the daemon is stopping\n".into(),
+        );
+    }
+    match rx.await {
+        Ok(Ok(text)) => reply(StatusCode::OK, format.content_type(), format.encode(text)),
+        Ok(Err(e)) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+        Err(_) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the daemon is stopping\n".into(),
+        ),
+    }
 }

@@ -146,9 +146,22 @@ impl Daemon {
                 .to_string(),
             });
         }
-        let interfaces = self
-            .dataplane
-            .attachments()
+        let attachments = self.dataplane.attachments();
+        // Configured interfaces the program does not serve now (gone,
+        // re-created and not attached yet, or taken by someone else).
+        let unserved = self
+            .config
+            .interfaces
+            .iter()
+            .filter(|name| {
+                let now = dataplane::ifindex(name);
+                !attachments
+                    .iter()
+                    .any(|a| &a.interface == *name && Some(a.ifindex) == now)
+            })
+            .cloned()
+            .collect();
+        let interfaces = attachments
             .into_iter()
             .map(|a| InterfaceStatus {
                 name: a.interface,
@@ -182,6 +195,7 @@ impl Daemon {
             config: self.config.path.display().to_string(),
             pid: std::process::id(),
             fleet: self.store.fleet_local(),
+            unserved,
         })
     }
 }
