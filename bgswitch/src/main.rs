@@ -9,14 +9,39 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
+    // Internal commands, outside clap (so completions and help never
+    // offer them): a check's supervisor, and the man pages.
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some(bgswitch::checks::SUPERVISE_COMMAND) => {
+            std::process::exit(bgswitch::checks::supervise_args(&args[2..]))
+        }
+        Some("__man") => std::process::exit(match args.get(2) {
+            None => {
+                eprintln!("usage: bgswitch __man DIR");
+                2
+            }
+            Some(dir) => match cli::man_pages(std::path::Path::new(dir)) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("bgswitch: error: {e:#}");
+                    1
+                }
+            },
+        }),
+        _ => {}
+    }
     let cli = Cli::parse();
     let code = match &cli.command {
-        Command::CheckSupervise {
-            parent,
-            uid,
-            gid,
-            argv,
-        } => bgswitch::checks::supervise(*parent, *uid, *gid, argv),
+        Command::Completions { shell } => {
+            cli::completions(*shell);
+            0
+        }
         Command::Daemon { check: true } => match Daemon::check(&cli.config_path()) {
             Ok(summary) => {
                 print!("{summary}");

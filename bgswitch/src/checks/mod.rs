@@ -25,4 +25,4 @@ mod supervise;
 
 pub use host::{check_host, program, user, User};
 pub use run::{run, run_all, Target, OUTPUT_KEPT};
-pub use supervise::{supervise, SUPERVISE_COMMAND};
+pub use supervise::{supervise, supervise_args, SUPERVISE_COMMAND};

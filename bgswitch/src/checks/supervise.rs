@@ -32,6 +32,34 @@ pub(super) const NOT_RUN: &str = "bgswitch: check not run:";
 /// The supervisor's exit code when it could not start the check.
 pub(super) const NOT_RUN_CODE: i32 = 125;
 
+/// The supervisor's command line after its name: `--parent PID --uid U
+/// --gid G -- PROGRAM ARGS…` (the daemon writes it; anything else is
+/// refused).
+pub fn supervise_args(args: &[String]) -> i32 {
+    let mut it = args.iter();
+    let (mut parent, mut uid, mut gid) = (None, None, None);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--parent" => parent = it.next().and_then(|v| v.parse::<i32>().ok()),
+            "--uid" => uid = it.next().and_then(|v| v.parse::<u32>().ok()),
+            "--gid" => gid = it.next().and_then(|v| v.parse::<u32>().ok()),
+            "--" => break,
+            other => {
+                println!("{NOT_RUN} unknown supervisor argument {other:?}");
+                return NOT_RUN_CODE;
+            }
+        }
+    }
+    let argv: Vec<String> = it.cloned().collect();
+    match (parent, uid, gid) {
+        (Some(p), Some(u), Some(g)) => supervise(p, u, g, &argv),
+        _ => {
+            println!("{NOT_RUN} usage: bgswitch {SUPERVISE_COMMAND} --parent PID --uid UID --gid GID -- PROGRAM [ARG…]");
+            NOT_RUN_CODE
+        }
+    }
+}
+
 /// Runs the supervisor; returns the exit code (or does not return: a
 /// check killed by a signal is mirrored by raising it).
 pub fn supervise(parent: i32, uid: u32, gid: u32, argv: &[String]) -> i32 {

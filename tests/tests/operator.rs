@@ -1,0 +1,94 @@
+//! What an operator installs beside the binary: shell completions and man
+//! pages generated from the clap definitions (not hand-written, so they
+//! cannot drift from the commands).
+
+use std::process::Command;
+
+fn bgswitch(args: &[&str]) -> std::process::Output {
+    Command::new(bgswitch_tests::switcher::bgswitch_bin().unwrap())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The visible subcommands, as `bgswitch --help` lists them.
+fn subcommands() -> Vec<String> {
+    let help = String::from_utf8(bgswitch(&["--help"]).stdout).unwrap();
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_know_every_command_and_flag() {
+    let subs = subcommands();
+    assert!(
+        subs.len() >= 14 && subs.contains(&"flip".into()),
+        "{subs:?}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let out = bgswitch(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        for s in &subs {
+            assert!(text.contains(s.as_str()), "{shell}: no {s}");
+        }
+        for flag in ["fleet-wait", "watch", "confirm-within", "colour"] {
+            assert!(text.contains(flag), "{shell}: no --{flag}");
+        }
+        assert!(
+            !text.contains("__check-supervise") && !text.contains("__man"),
+            "{shell}: a hidden command is offered"
+        );
+    }
+    let out = bgswitch(&["completions", "tcsh"]);
+    assert!(!out.status.success());
+    // bash can load it.
+    let script = bgswitch(&["completions", "bash"]).stdout;
+    let dir = std::env::temp_dir().join(format!("bgswitch-completion-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("bgswitch"), &script).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p bgswitch",
+            dir.join("bgswitch").display()
+        ))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bgswitch"));
+}
+
+#[test]
+fn a_man_page_for_bgswitch_and_for_each_command() {
+    let dir = std::env::temp_dir().join(format!("bgswitch-man-{}", std::process::id()));
+    let out = bgswitch(&["__man", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let mut want = vec!["bgswitch.8".to_string()];
+    want.extend(subcommands().iter().map(|s| format!("bgswitch-{s}.8")));
+    for page in &want {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH "),
+            "{page}: not roff"
+        );
+        assert!(
+            text.contains(".SH NAME") && text.contains(".SH SYNOPSIS"),
+            "{page}"
+        );
+    }
+    let flip = std::fs::read_to_string(dir.join("bgswitch-flip.8")).unwrap();
+    assert!(
+        flip.contains("bgswitch flip") && flip.contains("fleet\\-wait"),
+        "{flip}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
