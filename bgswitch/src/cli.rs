@@ -30,7 +30,11 @@ use crate::{
                   socket: the `socket` of the config (--config, default \
                   /etc/bgswitch/bgswitch.toml), unless --socket or BGSWITCH_SOCKET names \
                   another.\n\n\
-                  Durations are written like 500ms, 30s, 5m, 1h."
+                  Durations are written like 500ms, 30s, 5m, 1h.\n\n\
+                  Exit codes: 0 done; 1 refused or failed (nothing changed; the reason on \
+                  stderr); 2 a wrong command line; 3 `flip --watch D --wait`: the watch rolled \
+                  the flip back; 4 a wait ran out (--wait-drained, --fleet-wait); 5 no daemon \
+                  answers at the socket (not running, or no permission)."
 )]
 pub struct Cli {
     /// The config file. The daemon runs from it; every other command finds
@@ -84,6 +88,10 @@ pub enum Command {
         /// long (e.g. 10m).
         #[arg(long, value_parser = parse_dur, value_name = "DURATION")]
         confirm_within: Option<Duration>,
+        /// With --watch: return only when the watch ends — exit 0 when it
+        /// passed, 3 when it rolled the flip back (for pipelines).
+        #[arg(long, requires = "watch")]
+        wait: bool,
         /// Return only once the old colour has no live flows (or --timeout passes).
         #[arg(long)]
         wait_drained: bool,
@@ -237,6 +245,36 @@ pub enum Command {
         force: bool,
     },
 }
+
+/// The exit codes of every command, for scripts and pipelines (also in the
+/// README and `bgswitch --help`).
+pub mod exit {
+    /// Done (a watched flip waited for with `--wait`: its watch passed).
+    pub const SUCCESS: i32 = 0;
+    /// The daemon refused (or the command failed): the reason on stderr;
+    /// nothing changed.
+    pub const REFUSED: i32 = 1;
+    /// The command line is wrong (clap's own code).
+    pub const USAGE: i32 = 2;
+    /// `flip --watch D --wait`: the watch rolled the flip back.
+    pub const ROLLED_BACK: i32 = 3;
+    /// A wait ran out: `--wait-drained` (`--timeout`), `--fleet-wait`.
+    pub const TIMED_OUT: i32 = 4;
+    /// No daemon answers at the socket (not running, or no permission).
+    pub const UNREACHABLE: i32 = 5;
+}
+
+/// A client error that carries its exit code.
+#[derive(Debug)]
+pub struct Exit(pub i32, pub String);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 /// The shells `completions` writes for.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -436,6 +474,7 @@ fn exchange(stream: UnixStream, req: &Request) -> anyhow::Result<Response> {
 /// Runs a client command; returns the process exit code.
 pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     let mut wait: Option<(String, Duration)> = None;
+    let mut watch_wait: Option<String> = None;
     let mut fleet_wait: Option<(String, Duration)> = None;
     let mut fleet_args = |service: &str, f: &FleetArgs| {
         fleet_wait = f.fleet_wait.map(|d| (service.to_string(), d));
@@ -454,7 +493,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             wait_drained,
             timeout,
             fleet,
+            wait: wait_watch,
         } => {
+            if *wait_watch {
+                watch_wait = Some(service.clone());
+            }
             if let Some(r) = max_error_rate {
                 if !(0.0..=1000.0).contains(r) {
                     return Err(anyhow!(
@@ -617,16 +660,22 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     let (socket, source) = cli.socket()?;
     let stream = match reach(&socket) {
         Reach::Connected(s) => s,
-        Reach::Denied(e) => return Err(denied(&socket, &e)),
+        Reach::Denied(e) => {
+            return Err(Exit(exit::UNREACHABLE, format!("{:#}", denied(&socket, &e))).into())
+        }
         Reach::NoDaemon(e) => {
             if let Command::Detach { force } = &cli.command {
                 return detach_offline(&cli.config_path(), &socket, &source, *force);
             }
-            return Err(anyhow!(
-                "no bgswitch daemon answers at {} ({e}): is it running? (the socket is {source}; \
-                 --socket overrides)",
-                socket.display()
-            ));
+            return Err(Exit(
+                exit::UNREACHABLE,
+                format!(
+                    "no bgswitch daemon answers at {} ({e}): is it running? (the socket is {source}; \
+                     --socket overrides)",
+                    socket.display()
+                ),
+            )
+            .into());
         }
     };
     let resp = exchange(stream, &req)?;
@@ -674,10 +723,77 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             return Ok(code);
         }
     }
+    if let (Some(service), Some(change)) = (watch_wait, &resp.change) {
+        let code = wait_watch(&socket, &service, change.generation)?;
+        if code != exit::SUCCESS {
+            return Ok(code);
+        }
+    }
     if let (Some((service, timeout)), Some(change)) = (wait, &resp.change) {
         return wait_drained(&socket, &service, change.from, timeout);
     }
     Ok(0)
+}
+
+/// `flip --watch D --wait`: polls the service until its watch ends; exit 0
+/// when it passed, 3 when it rolled the flip (generation `flipped`) back.
+/// The time left is shown on a terminal, a line every 10 s otherwise.
+fn wait_watch(socket: &Path, service: &str, flipped: u64) -> anyhow::Result<i32> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stderr().is_terminal();
+    let mut said = std::time::Instant::now();
+    loop {
+        let resp = call(
+            socket,
+            &Request::Status {
+                service: Some(service.to_string()),
+            },
+        )?;
+        let s = resp
+            .status
+            .as_ref()
+            .and_then(|s| s.services.first())
+            .ok_or_else(|| anyhow!("no status for {service}"))?;
+        let rolled_back = s.last_change.as_ref().is_some_and(|c| {
+            c.kind == crate::model::ChangeKind::AutoRollback && c.generation_before >= flipped
+        });
+        if rolled_back {
+            if tty {
+                eprintln!();
+            }
+            eprintln!(
+                "bgswitch: {service}: ROLLED BACK by the watch: {}",
+                s.rolled_back.as_deref().unwrap_or("")
+            );
+            return Ok(exit::ROLLED_BACK);
+        }
+        match &s.watch {
+            Some(w) if s.generation >= flipped => {
+                let left = w.until_ms.saturating_sub(crate::state::now_ms()) / 1000;
+                if tty {
+                    eprint!("\r{service}: watching {} — {left} s left   ", w.colour);
+                } else if said.elapsed() >= Duration::from_secs(10) {
+                    eprintln!("{service}: watching {} — {left} s left", w.colour);
+                    said = std::time::Instant::now();
+                }
+            }
+            _ => {
+                if tty {
+                    eprintln!();
+                }
+                if s.generation != flipped && !rolled_back {
+                    println!(
+                        "{service}: the watch ended (generation {} now: changed since the flip)",
+                        s.generation
+                    );
+                } else {
+                    println!("{service}: the watch passed; {} stays", s.active);
+                }
+                return Ok(exit::SUCCESS);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Polls the fleet until every live host has applied `generation` of
@@ -712,7 +828,7 @@ fn wait_fleet(
                 "bgswitch: error: {service}: generation {generation} not applied within {within:?} by: {}",
                 behind.join(", ")
             );
-            return Ok(1);
+            return Ok(exit::TIMED_OUT);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -832,7 +948,7 @@ fn wait_drained(
                     "bgswitch: error: {service}: {live} flows still live on {colour} after {timeout:?}"
                 );
             }
-            return Ok(1);
+            return Ok(exit::TIMED_OUT);
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -63,7 +63,8 @@ fn main() {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("bgswitch: error: {e:#}");
-                1
+                e.downcast_ref::<cli::Exit>()
+                    .map_or(cli::exit::REFUSED, |x| x.0)
             }
         },
     };

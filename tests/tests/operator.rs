@@ -92,3 +92,81 @@ fn a_man_page_for_bgswitch_and_for_each_command() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The documented exit codes, each from a real situation.
+#[test]
+fn exit_codes_tell_a_pipeline_what_happened() {
+    use bgswitch_tests::switcher::{
+        default_services, require_root, served_topology, Switcher, HEALTH, HTTP_PORT,
+    };
+    require_root();
+    let mut topo = served_topology().unwrap();
+    let mut services = default_services(&topo);
+    let at = services
+        .find("\n\n[[service]]\nname = \"echo\"")
+        .expect("echo service");
+    services.insert_str(at, &format!("\n{HEALTH}"));
+    let mut sw = Switcher::new(&topo, &services).unwrap();
+    sw.start().unwrap();
+    let up = |sw: &Switcher| {
+        let start = std::time::Instant::now();
+        while sw.cli(&["flip", "web", "--to", "blue"]).unwrap().code != 0
+            || bgswitch_tests::switcher::service(&sw.status().unwrap(), "web")["colours"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["pool_healthy"] != true)
+        {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    up(&sw);
+    // 2: a wrong command line; 1: refused; 5: no daemon there.
+    assert_eq!(sw.cli(&["flip"]).unwrap().code, 2);
+    assert_eq!(sw.cli(&["flip", "nosuch"]).unwrap().code, 1);
+    let out = bgswitch(&["--socket", "/run/bgswitch-test/no-such.sock", "status"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    // 0: a watch that passes, waited for.
+    let out = sw.cli(&["flip", "web", "--watch", "2s", "--wait"]).unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("the watch passed"), "{out:?}");
+    // 3: a watch that rolls back (green's backends go down mid-watch).
+    sw.cli_ok(&["flip", "web", "--to", "blue"]).unwrap();
+    let sock = sw.socket();
+    let waiter = std::thread::spawn(move || {
+        Command::new(bgswitch_tests::switcher::bgswitch_bin().unwrap())
+            .arg("--socket")
+            .arg(&sock)
+            .args(["flip", "web", "--watch", "60s", "--wait"])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for g in ["g1", "g2"] {
+        topo.stop_server(g).unwrap();
+    }
+    let out = waiter.join().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ROLLED BACK"),
+        "{out:?}"
+    );
+    // 4: a wait that runs out (a keep-alive connection holds blue).
+    for g in ["g1", "g2"] {
+        topo.start_server(g).unwrap();
+    }
+    up(&sw);
+    let mut held = bgswitch_tests::KeepAliveClient::connect(
+        topo.client_ns(),
+        (bgswitch_tests::VIP, HTTP_PORT),
+    )
+    .unwrap();
+    held.get("/").unwrap();
+    let out = sw
+        .cli(&["flip", "web", "--wait-drained", "--timeout", "1s"])
+        .unwrap();
+    assert_eq!(out.code, 4, "{out:?}");
+    drop(held);
+    sw.stop().unwrap();
+}
