@@ -216,6 +216,8 @@ pub enum Command {
     /// Run the frames of a pcap file through the XDP (or TC) program with the
     /// configured services and saved state, on private maps (the live flow
     /// table and counters are not touched): where would each packet go?
+    /// Uses the running daemon's config (and so its state) unless --config
+    /// names another.
     Simulate {
         /// Report only this service's frames; all without it.
         service: Option<String>,
@@ -640,8 +642,19 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             ingress,
             program,
         } => {
+            // The running daemon's config (it knows its path), unless
+            // --config names another; the packaged path without a daemon.
+            let config = match &cli.config {
+                Some(c) => c.clone(),
+                None => cli
+                    .socket()
+                    .ok()
+                    .and_then(|(s, _)| call(&s, &Request::Status { service: None }).ok())
+                    .and_then(|r| r.status)
+                    .map_or_else(|| cli.config_path(), |s| PathBuf::from(s.config)),
+            };
             let outcomes = crate::simulate::run(
-                &cli.config_path(),
+                &config,
                 pcap,
                 out.as_deref(),
                 service.as_deref(),

@@ -71,6 +71,11 @@ fn simulate_reports_colour_and_backend_and_touches_nothing_live() {
             "--json",
         ])
         .unwrap();
+    // Without --config: the running daemon's config (and its state).
+    let again = sw
+        .cli_ok(&["simulate", "--pcap", &pcap.display().to_string(), "--json"])
+        .unwrap();
+    assert_eq!(again, text);
     let o: serde_json::Value = serde_json::from_str(&text).unwrap();
     let o = o.as_array().unwrap();
     assert_eq!(o.len(), 3);
