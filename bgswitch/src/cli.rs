@@ -213,6 +213,14 @@ pub enum Command {
     },
     /// Make the daemon re-read its config (a bad config changes nothing).
     Reload,
+    /// Every service live, refreshed each second: active colour, per colour
+    /// packets/s, new flows/s, live flows, RSTs/s, unanswered SYNs, backend
+    /// health, guards running. Needs only the socket. q quits.
+    Top {
+        /// How often it refreshes.
+        #[arg(long, value_parser = parse_dur, default_value = "1s", value_name = "DURATION")]
+        interval: Duration,
+    },
     /// Run the frames of a pcap file through the XDP (or TC) program with the
     /// configured services and saved state, on private maps (the live flow
     /// table and counters are not touched): where would each packet go?
@@ -554,6 +562,17 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             *json,
         ),
         Command::Completions { .. } => unreachable!("handled by main"),
+        Command::Top { interval } => {
+            let (socket, _) = cli.socket()?;
+            return crate::top::run(
+                || {
+                    let r = call(&socket, &Request::Status { service: None })?;
+                    r.status
+                        .ok_or_else(|| anyhow!(r.error.unwrap_or_else(|| "no status".into())))
+                },
+                *interval,
+            );
+        }
         Command::Preview {
             service,
             action,

@@ -18,3 +18,4 @@ pub mod netlink;
 pub mod paths;
 pub mod simulate;
 pub mod state;
+pub mod top;

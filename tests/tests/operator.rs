@@ -170,3 +170,93 @@ fn exit_codes_tell_a_pipeline_what_happened() {
     drop(held);
     sw.stop().unwrap();
 }
+
+/// A tmux session, killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn capture(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_for(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let screen = self.capture();
+            if ok(&screen) {
+                return screen;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "{what}: not on the screen:\n{screen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn alive(&self) -> bool {
+        Command::new("tmux")
+            .args(["has-session", "-t", &self.0])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn top_shows_a_flip_happen_in_a_terminal() {
+    use bgswitch_tests::switcher::{default_services, require_root, served_topology, Switcher};
+    require_root();
+    let topo = served_topology().unwrap();
+    let mut sw = Switcher::new(&topo, &default_services(&topo)).unwrap();
+    sw.start().unwrap();
+    let bin = bgswitch_tests::switcher::bgswitch_bin().unwrap();
+    let tmux = Tmux(format!("bgswitch-top-{}", std::process::id()));
+    let status = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &tmux.0, "-x", "160", "-y", "30"])
+        .arg(format!(
+            "{} --socket {} top --interval 200ms",
+            bin.display(),
+            sw.socket().display()
+        ))
+        .status()
+        .expect("tmux (`cargo xtask setup` installs it)");
+    assert!(status.success());
+    let screen = tmux.wait_for("web on blue", |s| {
+        s.contains("bgswitch top") && s.contains("web") && s.contains("*blue")
+    });
+    assert!(
+        screen.contains("PKT/S") && screen.contains("echo"),
+        "{screen}"
+    );
+    sw.cli_ok(&["flip", "web"]).unwrap();
+    tmux.wait_for("web on green", |s| s.contains("*green"));
+    sw.cli_ok(&["flip", "web", "--watch", "60s"]).unwrap();
+    tmux.wait_for("the watch", |s| {
+        s.contains("watch blue") && s.contains("s left")
+    });
+    Command::new("tmux")
+        .args(["send-keys", "-t", &tmux.0, "q"])
+        .status()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while tmux.alive() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "top did not quit on q"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    sw.stop().unwrap();
+}

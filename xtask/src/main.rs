@@ -36,6 +36,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool"),
     // The package's checks (tests/tests/package.rs).
     ("lintian", "lintian"),
+    // `bgswitch top` in a terminal (tests/tests/operator.rs).
+    ("tmux", "tmux"),
 ];
 
 #[derive(Parser)]
