@@ -103,7 +103,7 @@ fn detach_finds_the_daemon_through_the_config_and_never_removes_a_live_data_plan
     assert!(!sw.bpffs().join("bgswitch").exists(), "pins removed");
     // A config naming no socket that answers: the error says where it looked.
     let out = bgswitch(&["--config", &config, "status"]);
-    assert_eq!(out.code, 1);
+    assert_eq!(out.code, 5, "no daemon answers: the documented exit code");
     assert!(
         out.stderr.contains("no bgswitch daemon answers at")
             && out.stderr.contains(&format!("the `socket` of {config}")),
