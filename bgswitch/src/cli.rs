@@ -92,6 +92,10 @@ pub enum Command {
         /// passed, 3 when it rolled the flip back (for pipelines).
         #[arg(long, requires = "watch")]
         wait: bool,
+        /// One JSON event per line on stdout (the change, then what
+        /// --wait, --wait-drained and --fleet-wait see), for pipelines.
+        #[arg(long)]
+        json: bool,
         /// Return only once the old colour has no live flows (or --timeout passes).
         #[arg(long)]
         wait_drained: bool,
@@ -504,6 +508,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             timeout,
             fleet,
             wait: wait_watch,
+            json,
         } => {
             if *wait_watch {
                 watch_wait = Some(service.clone());
@@ -529,7 +534,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                     confirm_within_ms: confirm_within.map(|d| d.as_millis() as u64),
                     local: fleet_args(service, fleet),
                 },
-                false,
+                *json,
             )
         }
         Command::Shift {
@@ -728,7 +733,12 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         return Ok(1);
     }
     if json {
-        if resp.checks.is_some() {
+        if let (Some(c), Request::Flip { service, .. }) = (&resp.change, &req) {
+            println!(
+                "{}",
+                serde_json::json!({"event": "changed", "service": service, "change": c})
+            );
+        } else if resp.checks.is_some() {
         } else if let Some(f) = &resp.fleet {
             println!("{}", serde_json::to_string_pretty(f)?);
         } else if let Some(h) = &resp.history {
@@ -755,25 +765,94 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             return Ok(code);
         }
     }
+    let mut progress = Progress::new(json);
     if let (Some(service), Some(change)) = (watch_wait, &resp.change) {
-        let code = wait_watch(&socket, &service, change.generation)?;
+        let code = wait_watch(&socket, &service, change.generation, &mut progress)?;
         if code != exit::SUCCESS {
             return Ok(code);
         }
     }
     if let (Some((service, timeout)), Some(change)) = (wait, &resp.change) {
-        return wait_drained(&socket, &service, change.from, timeout);
+        return wait_drained(&socket, &service, change.from, timeout, &mut progress);
     }
     Ok(0)
 }
 
+/// How a long wait reports as it goes: on a terminal one line rewritten
+/// in place; otherwise a plain line when what it says changes (at most
+/// every 10 s); with `--json` one JSON event per line on stdout, for
+/// pipelines.
+pub struct Progress {
+    mode: ProgressMode,
+    said: Option<(std::time::Instant, String)>,
+}
+
+enum ProgressMode {
+    Tty,
+    Plain,
+    Json,
+}
+
+impl Progress {
+    pub fn new(json: bool) -> Self {
+        use std::io::IsTerminal as _;
+        Self {
+            mode: if json {
+                ProgressMode::Json
+            } else if std::io::stderr().is_terminal() {
+                ProgressMode::Tty
+            } else {
+                ProgressMode::Plain
+            },
+            said: None,
+        }
+    }
+
+    /// How it stands now (`text` for people, `event` for pipelines).
+    pub fn update(&mut self, text: &str, event: serde_json::Value) {
+        match self.mode {
+            ProgressMode::Json => println!("{event}"),
+            ProgressMode::Tty => eprint!("\r{text}\x1b[K"),
+            ProgressMode::Plain => {
+                let due = self.said.as_ref().is_none_or(|(at, last)| {
+                    last != text && at.elapsed() >= Duration::from_secs(10)
+                });
+                if due {
+                    eprintln!("{text}");
+                    self.said = Some((std::time::Instant::now(), text.to_string()));
+                }
+            }
+        }
+    }
+
+    /// The end of the wait: said once, on stdout (stderr for `failed`).
+    pub fn finish(&mut self, text: &str, event: serde_json::Value, failed: bool) {
+        match self.mode {
+            ProgressMode::Json => println!("{event}"),
+            ProgressMode::Tty | ProgressMode::Plain => {
+                if matches!(self.mode, ProgressMode::Tty) && self.said.is_none() {
+                    eprint!("\r\x1b[K");
+                }
+                if failed {
+                    eprintln!("bgswitch: error: {text}");
+                } else {
+                    println!("{text}");
+                }
+            }
+        }
+    }
+}
+
 /// `flip --watch D --wait`: polls the service until its watch ends; exit 0
 /// when it passed, 3 when it rolled the flip (generation `flipped`) back.
-/// The time left is shown on a terminal, a line every 10 s otherwise.
-fn wait_watch(socket: &Path, service: &str, flipped: u64) -> anyhow::Result<i32> {
-    use std::io::IsTerminal as _;
-    let tty = std::io::stderr().is_terminal();
-    let mut said = std::time::Instant::now();
+/// Shows the time left and the watched colour's signals (new flows, backend
+/// RSTs, unanswered SYNs, health) as it goes.
+fn wait_watch(
+    socket: &Path,
+    service: &str,
+    flipped: u64,
+    progress: &mut Progress,
+) -> anyhow::Result<i32> {
     loop {
         let resp = call(
             socket,
@@ -790,37 +869,58 @@ fn wait_watch(socket: &Path, service: &str, flipped: u64) -> anyhow::Result<i32>
             c.kind == crate::model::ChangeKind::AutoRollback && c.generation_before >= flipped
         });
         if rolled_back {
-            if tty {
-                eprintln!();
-            }
-            eprintln!(
-                "bgswitch: {service}: ROLLED BACK by the watch: {}",
-                s.rolled_back.as_deref().unwrap_or("")
+            let why = s.rolled_back.clone().unwrap_or_default();
+            progress.finish(
+                &format!("{service}: ROLLED BACK by the watch: {why}"),
+                serde_json::json!({"event": "rolled_back", "service": service, "active": s.active, "why": why}),
+                true,
             );
             return Ok(exit::ROLLED_BACK);
         }
         match &s.watch {
             Some(w) if s.generation >= flipped => {
                 let left = w.until_ms.saturating_sub(crate::state::now_ms()) / 1000;
-                if tty {
-                    eprint!("\r{service}: watching {} — {left} s left   ", w.colour);
-                } else if said.elapsed() >= Duration::from_secs(10) {
-                    eprintln!("{service}: watching {} — {left} s left", w.colour);
-                    said = std::time::Instant::now();
-                }
+                let c = s.colours.iter().find(|c| c.colour == w.colour);
+                let (new, rsts, unanswered) = c.map_or((0, 0, 0), |c| {
+                    (c.new_flows, c.backend_rsts, c.unanswered_syns)
+                });
+                let health = c.map_or(String::new(), |c| {
+                    if s.health_checks {
+                        format!(
+                            ", health {}/{} up",
+                            c.backends
+                                .iter()
+                                .filter(|b| b.health == crate::health::Health::Up)
+                                .count(),
+                            c.backends.len()
+                        )
+                    } else {
+                        String::new()
+                    }
+                });
+                progress.update(
+                    &format!(
+                        "{service}: watching {} — {left} s left; {new} new flows, {rsts} backend RSTs, {unanswered} unanswered SYNs{health}",
+                        w.colour
+                    ),
+                    serde_json::json!({"event": "watch", "service": service, "colour": w.colour, "left_s": left,
+                        "new_flows": new, "backend_rsts": rsts, "unanswered_syns": unanswered}),
+                );
             }
             _ => {
-                if tty {
-                    eprintln!();
-                }
-                if s.generation != flipped && !rolled_back {
-                    println!(
+                let text = if s.generation != flipped {
+                    format!(
                         "{service}: the watch ended (generation {} now: changed since the flip)",
                         s.generation
-                    );
+                    )
                 } else {
-                    println!("{service}: the watch passed; {} stays", s.active);
-                }
+                    format!("{service}: the watch passed; {} stays", s.active)
+                };
+                progress.finish(
+                    &text,
+                    serde_json::json!({"event": "watch_passed", "service": service, "active": s.active, "generation": s.generation}),
+                    false,
+                );
                 return Ok(exit::SUCCESS);
             }
         }
@@ -947,6 +1047,7 @@ fn wait_drained(
     service: &str,
     colour: Colour,
     timeout: Duration,
+    progress: &mut Progress,
 ) -> anyhow::Result<i32> {
     let start = std::time::Instant::now();
     loop {
@@ -963,25 +1064,38 @@ fn wait_drained(
             .and_then(|s| s.colours.iter().find(|c| c.colour == colour))
             .map(|c| (c.live_flows, c.untracked))
             .ok_or_else(|| anyhow!("no status for {service}"))?;
+        let elapsed = start.elapsed().as_secs_f64();
         if live == 0 && !untracked {
-            println!(
-                "{service}: {colour} drained after {:.1}s",
-                start.elapsed().as_secs_f64()
+            progress.finish(
+                &format!("{service}: {colour} drained after {elapsed:.1}s"),
+                serde_json::json!({"event": "drained", "service": service, "colour": colour, "after_s": elapsed}),
+                false,
             );
             return Ok(0);
         }
         if start.elapsed() >= timeout {
-            if untracked {
-                eprintln!(
-                    "bgswitch: error: {service}: {colour} may still have connections of its stateless period after {timeout:?} ({live} recorded live): it is drained once the transition is over, a TCP idle timeout after the change"
-                );
+            let text = if untracked {
+                format!(
+                    "{service}: {colour} may still have connections of its stateless period after {timeout:?} ({live} recorded live): it is drained once the transition is over, a TCP idle timeout after the change"
+                )
             } else {
-                eprintln!(
-                    "bgswitch: error: {service}: {live} flows still live on {colour} after {timeout:?}"
-                );
-            }
+                format!("{service}: {live} flows still live on {colour} after {timeout:?}")
+            };
+            progress.finish(
+                &text,
+                serde_json::json!({"event": "drain_timed_out", "service": service, "colour": colour, "live_flows": live}),
+                true,
+            );
             return Ok(exit::TIMED_OUT);
         }
+        progress.update(
+            &format!(
+                "{service}: draining {colour}: {live} live flow{}{} ({elapsed:.0} s)",
+                if live == 1 { "" } else { "s" },
+                if untracked { " (and its stateless period's)" } else { "" }
+            ),
+            serde_json::json!({"event": "draining", "service": service, "colour": colour, "live_flows": live, "elapsed_s": elapsed}),
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -5,10 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 use crate::config::{HealthConfig, HealthKind};
 
@@ -73,65 +70,221 @@ pub fn serving(pool: &[Health]) -> (Vec<usize>, bool) {
     }
 }
 
-/// One probe of `addr`.
+/// One probe of `addr` (see [`Prober`]).
 pub async fn probe(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> {
-    match tokio::time::timeout(cfg.timeout, probe_inner(addr, &cfg.kind)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", cfg.timeout)),
-    }
+    Prober::new(cfg)?.probe(addr).await
 }
 
-async fn probe_inner(addr: SocketAddr, kind: &HealthKind) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let HealthKind::Http { path, status } = kind else {
-        return Ok(());
-    };
-    let req = request(path, addr);
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 256];
-    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("receive: {e}"))?;
-        if n == 0 {
-            break;
+/// What a backend's probes need that is made once: the TLS client of an
+/// HTTPS check (its roots read from the CA file, or the host's bundle).
+pub struct Prober {
+    cfg: HealthConfig,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// The host's CA bundle (Debian's ca-certificates), for HTTPS checks
+/// without `ca`.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The longest body an `expect` check reads.
+const BODY_LIMIT: usize = 64 * 1024;
+
+impl Prober {
+    /// Fails when the TLS client cannot be made (an unreadable CA file).
+    pub fn new(cfg: &HealthConfig) -> Result<Self, String> {
+        let tls = match &cfg.kind {
+            HealthKind::Http { tls: Some(t), .. } => Some(tls_connector(t)?),
+            _ => None,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            tls,
+        })
+    }
+
+    /// One probe of `addr` within the check's timeout.
+    pub async fn probe(&self, addr: SocketAddr) -> Result<(), String> {
+        match tokio::time::timeout(self.cfg.timeout, self.probe_inner(addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {:?}", self.cfg.timeout)),
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
-    let line = String::from_utf8_lossy(&buf);
-    let line = line.lines().next().unwrap_or("");
-    let code: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {:?}", truncate(line)))?;
-    if (status.0..=status.1).contains(&code) {
+
+    async fn probe_inner(&self, addr: SocketAddr) -> Result<(), String> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let HealthKind::Http {
+            path,
+            status,
+            host,
+            expect,
+            tls,
+        } = &self.cfg.kind
+        else {
+            return Ok(());
+        };
+        let host = host.clone().unwrap_or_else(|| addr.to_string());
+        match (&self.tls, tls) {
+            (Some(connector), Some(t)) => {
+                let name = match &t.sni {
+                    Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
+                        .map_err(|e| format!("sni {n}: {e}"))?,
+                    None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                };
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                http_get(stream, path, &host, *status, expect.as_deref()).await
+            }
+            _ => http_get(stream, path, &host, *status, expect.as_deref()).await,
+        }
+    }
+}
+
+/// `GET path` on a connected stream with hyper's HTTP/1.1 client: the
+/// status in `status`, and the body containing `expect` when given.
+async fn http_get<S>(
+    stream: S,
+    path: &str,
+    host: &str,
+    status: (u16, u16),
+    expect: Option<&str>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt as _;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::USER_AGENT, "bgswitch-health")
+        .header(hyper::header::CONNECTION, "close")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+        let code = resp.status().as_u16();
+        if !(status.0..=status.1).contains(&code) {
+            return Err(format!("HTTP {code} (expected {}-{})", status.0, status.1));
+        }
+        if let Some(want) = expect {
+            let body = http_body_util::Limited::new(resp.into_body(), BODY_LIMIT)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the body: {e}"))?
+                .to_bytes();
+            if !body.windows(want.len()).any(|w| w == want.as_bytes()) {
+                return Err(format!(
+                    "HTTP {code}, but the body (its first {} bytes) does not contain {want:?}",
+                    body.len().min(BODY_LIMIT)
+                ));
+            }
+        }
         Ok(())
-    } else {
-        Err(format!("HTTP {code} (expected {}-{})", status.0, status.1))
     }
+    .await;
+    driver.abort();
+    result
 }
 
-/// The HTTP probe's request. The Host header is the backend's address and
-/// port as a URL writes them: an IPv6 address in brackets
-/// (`[2001:db8::11]:8443`, RFC 3986), which `SocketAddr` prints so (the
-/// config refuses zones, which would add `%…`).
-fn request(path: &str, addr: SocketAddr) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: bgswitch-health\r\nConnection: close\r\n\r\n"
-    )
+/// The TLS client of an HTTPS check: roots from `ca` (or the host's
+/// bundle), or — `insecure` — no verification at all.
+fn tls_connector(t: &crate::config::TlsProbe) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    // ring, the provider etcd-client's TLS already builds (aws-lc-rs, with
+    // post-quantum key exchange, would add a C toolchain to the build);
+    // backends' health checks need no post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let config = if t.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(NoVerification(provider)))
+            .with_no_client_auth()
+    } else {
+        let path =
+            t.ca.clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(SYSTEM_CA_BUNDLE));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&path)
+            .map_err(|e| format!("reading CA file {}: {e}", path.display()))?
+        {
+            let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("CA file {}: no certificate in it", path.display()));
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
 }
 
-fn truncate(s: &str) -> &str {
-    let end = s.char_indices().nth(60).map_or(s.len(), |(i, _)| i);
-    &s[..end]
+/// `insecure = true`: any certificate is taken (logged loudly at start).
+#[derive(Debug)]
+struct NoVerification(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// A small deterministic jitter (0..interval/10) so probes of many backends
@@ -176,17 +329,6 @@ mod tests {
         assert_eq!(serving(&[Down, Down]), (vec![0, 1], true));
     }
 
-    #[test]
-    fn the_host_header_brackets_an_ipv6_address() {
-        let r = request("/healthz", "[2001:db8:1::11]:8443".parse().unwrap());
-        assert!(
-            r.starts_with("GET /healthz HTTP/1.1\r\nHost: [2001:db8:1::11]:8443\r\n"),
-            "{r}"
-        );
-        let r = request("/", "198.18.1.11:8080".parse().unwrap());
-        assert!(r.contains("\r\nHost: 198.18.1.11:8080\r\n"), "{r}");
-    }
-
     #[tokio::test]
     async fn probes_against_real_sockets() {
         probes_against_real_sockets_at("127.0.0.1:0").await;
@@ -198,13 +340,16 @@ mod tests {
     }
 
     async fn probes_against_real_sockets_at(bind: &str) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (heads, mut seen) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             for status in [200, 503] {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf).await;
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let _ = heads.send(String::from_utf8_lossy(&buf[..n]).into_owned());
                 let _ = s
                     .write_all(
                         format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes(),
@@ -216,6 +361,9 @@ mod tests {
             kind: HealthKind::Http {
                 path: "/healthz".into(),
                 status: (200, 399),
+                host: None,
+                expect: None,
+                tls: None,
             },
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
@@ -223,6 +371,15 @@ mod tests {
             fall: 1,
         };
         assert_eq!(probe(addr, &http).await, Ok(()));
+        // The Host header as a URL writes the address (IPv6 in brackets).
+        let head = seen.recv().await.unwrap();
+        assert!(
+            head.starts_with("GET /healthz HTTP/1.1\r\n")
+                && head
+                    .to_ascii_lowercase()
+                    .contains(&format!("host: {addr}\r\n")),
+            "{head}"
+        );
         let e = probe(addr, &http).await.unwrap_err();
         assert!(e.contains("HTTP 503"), "{e}");
         // Nothing listens there any more: refused.

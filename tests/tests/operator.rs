@@ -127,10 +127,28 @@ fn exit_codes_tell_a_pipeline_what_happened() {
     assert_eq!(sw.cli(&["flip", "nosuch"]).unwrap().code, 1);
     let out = bgswitch(&["--socket", "/run/bgswitch-test/no-such.sock", "status"]);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
-    // 0: a watch that passes, waited for.
+    // 0: a watch that passes, waited for; with --json, one event a line.
     let out = sw.cli(&["flip", "web", "--watch", "2s", "--wait"]).unwrap();
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("the watch passed"), "{out:?}");
+    // (Not a terminal: the progress is plain lines on stderr.)
+    assert!(out.stderr.contains("watching green"), "{out:?}");
+    let out = sw
+        .cli(&["flip", "web", "--watch", "2s", "--wait", "--json"])
+        .unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
+    let events: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(events[0]["event"], "changed", "{events:?}");
+    assert_eq!(events[0]["change"]["to"], "blue");
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "watch" && e["left_s"].is_u64()));
+    assert_eq!(events.last().unwrap()["event"], "watch_passed");
+    sw.cli_ok(&["flip", "web", "--to", "blue"]).unwrap();
     // 3: a watch that rolls back (green's backends go down mid-watch).
     sw.cli_ok(&["flip", "web", "--to", "blue"]).unwrap();
     let sock = sw.socket();
@@ -164,9 +182,21 @@ fn exit_codes_tell_a_pipeline_what_happened() {
     .unwrap();
     held.get("/").unwrap();
     let out = sw
-        .cli(&["flip", "web", "--wait-drained", "--timeout", "1s"])
+        .cli(&["flip", "web", "--wait-drained", "--timeout", "1s", "--json"])
         .unwrap();
     assert_eq!(out.code, 4, "{out:?}");
+    let events: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "draining" && e["live_flows"].as_u64() >= Some(1)),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap()["event"], "drain_timed_out");
     drop(held);
     sw.stop().unwrap();
 }

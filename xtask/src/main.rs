@@ -38,6 +38,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("lintian", "lintian"),
     // `bgswitch top` in a terminal (tests/tests/operator.rs).
     ("tmux", "tmux"),
+    // TLS backends and certificates for the HTTPS health checks' tests.
+    ("openssl", "openssl"),
 ];
 
 #[derive(Parser)]

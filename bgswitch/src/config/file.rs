@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::{
     units::{endpoint, parse_duration, parse_size},
     AttachSetting, CheckConfig, Config, ConfigError, FleetConfig, HealthConfig, HealthKind,
-    Protocol, ServiceConfig,
+    Protocol, ServiceConfig, TlsProbe,
 };
 use crate::paths;
 
@@ -83,6 +83,11 @@ struct RawHealth {
     kind: Option<String>,
     path: Option<String>,
     status: Option<String>,
+    host: Option<String>,
+    expect: Option<String>,
+    sni: Option<String>,
+    ca: Option<PathBuf>,
+    insecure: Option<bool>,
     interval: Option<String>,
     timeout: Option<String>,
     rise: Option<i64>,
@@ -492,17 +497,30 @@ fn health(
     h: RawHealth,
     err: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<HealthConfig, ConfigError> {
-    let kind = match h.kind.as_deref().unwrap_or("tcp") {
+    let kind_text = h.kind.as_deref().unwrap_or("tcp");
+    if kind_text != "https" {
+        for (key, given) in [
+            ("sni", h.sni.is_some()),
+            ("ca", h.ca.is_some()),
+            ("insecure", h.insecure.is_some()),
+        ] {
+            if given {
+                return Err(err(key, "applies to kind = \"https\" only".into()));
+            }
+        }
+    }
+    let kind = match kind_text {
         "tcp" => {
-            if h.path.is_some() || h.status.is_some() {
+            if h.path.is_some() || h.status.is_some() || h.host.is_some() || h.expect.is_some() {
                 return Err(err(
                     "kind",
-                    "path and status apply to kind = \"http\" only".into(),
+                    "path, status, host and expect apply to kind = \"http\" or \"https\" only"
+                        .into(),
                 ));
             }
             HealthKind::Tcp
         }
-        "http" => {
+        "http" | "https" => {
             let path = h.path.unwrap_or_else(|| "/".into());
             if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(err(
@@ -534,12 +552,63 @@ fn health(
                     format!("'{status_text}' is not a range within 100-599"),
                 ));
             }
+            if let Some(host) = &h.host {
+                if host.is_empty()
+                    || host.len() > 255
+                    || host.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(err("host", format!("'{host}' is not a Host header value")));
+                }
+            }
+            if let Some(e) = &h.expect {
+                if e.is_empty() || e.len() > 256 {
+                    return Err(err("expect", "must be 1 to 256 bytes of the body".into()));
+                }
+            }
+            let tls = if kind_text == "https" {
+                let insecure = h.insecure.unwrap_or(false);
+                if insecure && h.ca.is_some() {
+                    return Err(err(
+                        "insecure",
+                        "give `ca` (verify against it) or `insecure = true` (verify nothing), not both"
+                            .into(),
+                    ));
+                }
+                if let Some(ca) = &h.ca {
+                    if !ca.is_absolute() {
+                        return Err(err(
+                            "ca",
+                            format!("'{}' must be an absolute path", ca.display()),
+                        ));
+                    }
+                }
+                if let Some(sni) = &h.sni {
+                    if sni.is_empty()
+                        || sni.len() > 253
+                        || !sni
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+                    {
+                        return Err(err("sni", format!("'{sni}' is not a DNS name")));
+                    }
+                }
+                Some(TlsProbe {
+                    sni: h.sni,
+                    ca: h.ca,
+                    insecure,
+                })
+            } else {
+                None
+            };
             HealthKind::Http {
                 path,
                 status: (lo, hi),
+                host: h.host,
+                expect: h.expect,
+                tls,
             }
         }
-        other => return Err(err("kind", format!("'{other}' is not tcp or http"))),
+        other => return Err(err("kind", format!("'{other}' is not tcp, http or https"))),
     };
     let dur = |v: &Option<String>, default: &str, key: &str| -> Result<Duration, ConfigError> {
         let t = v.as_deref().unwrap_or(default);

@@ -133,8 +133,26 @@ impl CheckConfig {
 pub enum HealthKind {
     /// A TCP connect.
     Tcp,
-    /// `GET path`; a status in `status` (inclusive) is a success.
-    Http { path: String, status: (u16, u16) },
+    /// `GET path`; a status in `status` (inclusive) is a success, and,
+    /// with `expect`, a body containing it. `host`: the Host header (default:
+    /// the backend's address and port). `tls`: over TLS (`kind = "https"`).
+    Http {
+        path: String,
+        status: (u16, u16),
+        host: Option<String>,
+        expect: Option<String>,
+        tls: Option<TlsProbe>,
+    },
+}
+
+/// An HTTPS health check's TLS: the name the certificate must carry (and
+/// the SNI sent; default: the backend's IP address), the CA that signs it
+/// (default: the host's CA bundle), or no verification at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsProbe {
+    pub sni: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
 }
 
 /// How bgswitch meets an interface (`attach`, globally or per interface).

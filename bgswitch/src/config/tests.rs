@@ -268,7 +268,10 @@ fn health_tables() {
         h.kind,
         HealthKind::Http {
             path: "/healthz".into(),
-            status: (200, 399)
+            status: (200, 399),
+            host: None,
+            expect: None,
+            tls: None,
         }
     );
     assert_eq!(
@@ -280,7 +283,7 @@ fn health_tables() {
     check_err(
         &format!("{base}kind = \"icmp\"\n"),
         "service[0] (a).health.kind",
-        "not tcp or http",
+        "not tcp, http or https",
     );
     check_err(
         &format!("{base}kind = \"http\"\nstatus = \"500-200\"\n"),

@@ -113,9 +113,14 @@ async fn probe_loop(
     tokio::time::sleep(offset).await;
     let mut t = tokio::time::interval(cfg.interval);
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (The host checks at start and reload made it once already.)
+    let prober = health::Prober::new(&cfg);
     loop {
         t.tick().await;
-        let result = health::probe(addr, &cfg).await;
+        let result = match &prober {
+            Ok(p) => p.probe(addr).await,
+            Err(e) => Err(e.clone()),
+        };
         let ev = Event::Probe {
             service: service.clone(),
             colour,

@@ -35,6 +35,25 @@ pub(super) fn check_environment(config: &Config) -> anyhow::Result<()> {
         group_id(g).with_context(|| format!("{}: socket_group", config.path.display()))?;
     }
     crate::checks::check_host(config)?;
+    for (i, svc) in config.services.iter().enumerate() {
+        let Some(h) = &svc.health else { continue };
+        if let config::HealthKind::Http { tls: Some(t), .. } = &h.kind {
+            crate::health::Prober::new(h).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: service[{i}] ({}).health.ca: {e}",
+                    config.path.display(),
+                    svc.name
+                )
+            })?;
+            if t.insecure {
+                log::warn!(
+                    "{}: HTTPS health checks of {} do NOT verify the backends' certificates (insecure = true): anyone on the path can answer for them",
+                    config.path.display(),
+                    svc.name
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -230,8 +249,19 @@ impl Daemon {
                     .as_ref()
                     .map(|h| match &h.kind {
                         config::HealthKind::Tcp => ", TCP health checks".to_string(),
-                        config::HealthKind::Http { path, .. } =>
-                            format!(", HTTP health checks of {path}"),
+                        config::HealthKind::Http {
+                            path, tls: None, ..
+                        } => format!(", HTTP health checks of {path}"),
+                        config::HealthKind::Http {
+                            path, tls: Some(t), ..
+                        } => format!(
+                            ", HTTPS health checks of {path}{}",
+                            if t.insecure {
+                                " (certificates NOT verified)"
+                            } else {
+                                ""
+                            }
+                        ),
                     })
                     .unwrap_or_default(),
                 if svc.stateless { ", stateless" } else { "" },
