@@ -843,6 +843,24 @@ impl Progress {
     }
 }
 
+/// One service's status, as a wait polls it.
+fn service_status(socket: &Path, service: &str) -> anyhow::Result<crate::api::ServiceStatus> {
+    let resp = call(
+        socket,
+        &Request::Status {
+            service: Some(service.to_string()),
+        },
+    )?;
+    resp.status
+        .and_then(|s| s.services.into_iter().next())
+        .ok_or_else(|| {
+            anyhow!(
+                "no status for {service}: {}",
+                resp.error.as_deref().unwrap_or("")
+            )
+        })
+}
+
 /// `flip --watch D --wait`: polls the service until its watch ends; exit 0
 /// when it passed, 3 when it rolled the flip (generation `flipped`) back.
 /// Shows the time left and the watched colour's signals (new flows, backend
@@ -854,17 +872,8 @@ fn wait_watch(
     progress: &mut Progress,
 ) -> anyhow::Result<i32> {
     loop {
-        let resp = call(
-            socket,
-            &Request::Status {
-                service: Some(service.to_string()),
-            },
-        )?;
-        let s = resp
-            .status
-            .as_ref()
-            .and_then(|s| s.services.first())
-            .ok_or_else(|| anyhow!("no status for {service}"))?;
+        let s = service_status(socket, service)?;
+        let s = &s;
         let rolled_back = s.last_change.as_ref().is_some_and(|c| {
             c.kind == crate::model::ChangeKind::AutoRollback && c.generation_before >= flipped
         });
@@ -1051,19 +1060,12 @@ fn wait_drained(
 ) -> anyhow::Result<i32> {
     let start = std::time::Instant::now();
     loop {
-        let resp = call(
-            socket,
-            &Request::Status {
-                service: Some(service.to_string()),
-            },
-        )?;
-        let (live, untracked) = resp
-            .status
-            .as_ref()
-            .and_then(|s| s.services.first())
-            .and_then(|s| s.colours.iter().find(|c| c.colour == colour))
+        let (live, untracked) = service_status(socket, service)?
+            .colours
+            .iter()
+            .find(|c| c.colour == colour)
             .map(|c| (c.live_flows, c.untracked))
-            .ok_or_else(|| anyhow!("no status for {service}"))?;
+            .ok_or_else(|| anyhow!("no status for {service}'s {colour}"))?;
         let elapsed = start.elapsed().as_secs_f64();
         if live == 0 && !untracked {
             progress.finish(
