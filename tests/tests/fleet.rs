@@ -587,7 +587,12 @@ fn a_standby_taking_over_under_load_serves_the_same_colour_and_keeps_stateless_c
         let again = c.get("/").unwrap().body;
         assert_eq!(&again, body);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // New connections go through the standby (one caught in the take-over
+    // may wait out its connect timeout first).
+    let start = Instant::now();
+    while load.counts().ok <= before.ok + 5 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let after = load.stop();
     assert!(
         after.ok > before.ok + 5,
