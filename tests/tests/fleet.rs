@@ -609,3 +609,46 @@ fn a_standby_taking_over_under_load_serves_the_same_colour_and_keeps_stateless_c
     drop(standby_sw);
     drop(standby);
 }
+
+#[test]
+fn a_local_change_gives_way_when_the_fleet_moved_meanwhile() {
+    let (etcd, a, b) = fleet(&[]);
+    a.sw.cli_ok(&["flip", "web", "--fleet-wait", "5s"]).unwrap();
+    // lb1 cut off: its emergency rollback is its own.
+    etcd.cut(a.topo.lb_ns(), true).unwrap();
+    let out = a.sw.cli(&["flip", "web"]).unwrap();
+    assert_eq!(out.code, 1, "{out:?}");
+    a.sw.cli_ok(&["rollback", "web", "--local"]).unwrap();
+    assert_eq!(served(&a), "blue");
+    // Meanwhile the fleet moves on without lb1.
+    b.sw.cli_ok(&["shift", "web", "--to", "blue", "--percent", "20"])
+        .unwrap();
+    let fleet_generation = generation(&b);
+    // lb1 back: the fleet's state wins over its local rollback.
+    etcd.cut(a.topo.lb_ns(), false).unwrap();
+    wait_active(&a, "green", Duration::from_secs(15));
+    let start = Instant::now();
+    while generation(&a) != fleet_generation {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            a.sw.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = a.sw.status().unwrap();
+    assert_eq!(service(&st, "web")["canary_percent"], 20.0);
+    assert!(
+        st["fleet"]["diverged"]
+            .as_array()
+            .is_some_and(|d| d.is_empty()),
+        "{st:#}"
+    );
+    assert!(
+        a.sw.log().contains("the fleet's state wins"),
+        "{}",
+        a.sw.log_tail()
+    );
+    // lb2 never left the fleet's state.
+    assert_eq!(active(&b), "green");
+}
