@@ -34,8 +34,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "etcd"),
     // promtool: the exposition and the alert rules are checked in the suite.
     ("prometheus", "promtool"),
-    // The package's checks (tests/tests/package.rs).
+    // The package's checks (tests/tests/package.rs: lintian, `man -w`).
     ("lintian", "lintian"),
+    ("man-db", "man"),
     // `bgswitch top` in a terminal (tests/tests/operator.rs).
     ("tmux", "tmux"),
     // TLS backends and certificates for the HTTPS health checks' tests.
