@@ -21,6 +21,7 @@ use crate::{
     config::CheckConfig,
     model::{CheckOutcome, CheckPhase, CheckRecord, Colour},
     paths,
+    state::now_ms,
 };
 
 /// Output kept per run: its last bytes (stdout and stderr together).
@@ -214,12 +215,6 @@ async fn run_inner(
         (code, signal) => CheckOutcome::Failed { code, signal },
     };
     Ok((outcome, output))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The last `OUTPUT_KEPT` bytes of a stream.

@@ -35,11 +35,7 @@ mod server;
 mod start;
 mod status;
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, fs::File, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -87,11 +83,7 @@ pub struct Daemon {
     _lock: File,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::state::now_ms;
 
 fn ms(d: Duration) -> String {
     format!("{d:?}")

@@ -92,6 +92,7 @@ impl StateError {
     }
 }
 
+/// Unix time in milliseconds (journal lines, reports, checks, deadlines).
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -18,7 +18,11 @@ use etcd_client::{
 use tokio::sync::{mpsc::UnboundedSender, watch};
 
 use super::{report::HostReport, Keys};
-use crate::{config::FleetConfig, model::ServiceState, state::ExternalChange};
+use crate::{
+    config::FleetConfig,
+    model::ServiceState,
+    state::{now_ms, ExternalChange},
+};
 
 /// Fault injection (tests only): `BGSWITCH_FAULT_DELAY_FOLLOW_MS` makes
 /// the follower hold every change of the fleet this long before the loop
@@ -48,12 +52,6 @@ pub(super) struct Etcd {
     rt: tokio::runtime::Runtime,
     client: Client,
     pub reach: Arc<Mutex<Reach>>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Reach {
