@@ -1,5 +1,11 @@
 //! Every default path and bpffs name in one place.
 
+/// The full binary (daemon, `top`, `simulate`, …) as packaged; the
+/// client binary looks beside itself first (a build tree).
+pub const FULL_BINARY: &str = "/usr/libexec/bgswitch/bgswitchd";
+/// Its file name.
+pub const FULL_BINARY_NAME: &str = "bgswitchd";
+
 /// Default config file.
 pub const DEFAULT_CONFIG: &str = "/etc/bgswitch/bgswitch.toml";
 /// Default control socket.

@@ -81,6 +81,7 @@ fn the_package_is_lint_clean_installs_and_its_binary_flips() {
         .collect();
     let mut want = vec![
         "./usr/sbin/bgswitch".to_string(),
+        "./usr/libexec/bgswitch/bgswitchd".into(),
         "./lib/systemd/system/bgswitch.service".into(),
         "./etc/bgswitch/bgswitch.toml".into(),
         "./usr/share/man/man8/bgswitch.8.gz".into(),
@@ -159,4 +160,5 @@ fn the_package_is_lint_clean_installs_and_its_binary_flips() {
     drop(sw);
     drop(installed);
     assert!(!std::path::Path::new("/usr/sbin/bgswitch").exists());
+    assert!(!std::path::Path::new("/usr/libexec/bgswitch/bgswitchd").exists());
 }

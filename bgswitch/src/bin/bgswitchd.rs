@@ -1,3 +1,11 @@
+//! `bgswitchd`: the full binary — the daemon, and the commands that need
+//! the data plane or a terminal UI (`top`, `simulate`, `detach` with no
+//! daemon), completions, man pages and the checks' supervisor. Users type
+//! `bgswitch`, the small client binary, which becomes this one (exec: same
+//! pid, arguments, environment and descriptors) for these commands;
+//! installed as /usr/libexec/bgswitch/bgswitchd, beside `bgswitch` in a
+//! build tree. Every client command runs here too.
+
 use clap::Parser as _;
 
 use bgswitch::{
@@ -59,14 +67,10 @@ fn main() {
                 1
             }
         },
-        _ => match cli::run_client(&cli) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("bgswitch: error: {e:#}");
-                e.downcast_ref::<cli::Exit>()
-                    .map_or(cli::exit::REFUSED, |x| x.0)
-            }
-        },
+        _ => cli::exit_code(
+            cli::local::run_local(&cli)
+                .unwrap_or_else(|| cli::run_client(&cli, cli::local::detach_offline)),
+        ),
     };
     std::process::exit(code);
 }

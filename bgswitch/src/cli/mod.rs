@@ -1,7 +1,9 @@
 //! The command line: argument definitions (this file) and what each command
 //! does with the daemon (`run_client`); the socket client (`client.rs`), the
 //! waits after a change (`wait.rs`), text output (`render.rs`), exit codes
-//! (`exit_codes.rs`), completions and man pages (`docs.rs`).
+//! (`exit_codes.rs`), completions and man pages (`docs.rs`). The commands
+//! that need the data plane or draw a terminal UI run in the full binary
+//! (`local.rs`); the client binary (`bin/bgswitch.rs`) links none of that.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -23,6 +25,7 @@ use crate::{
 mod client;
 mod docs;
 mod exit_codes;
+pub mod local;
 mod render;
 mod wait;
 
@@ -346,8 +349,26 @@ fn parse_dur(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
 }
 
-/// Runs a client command; returns the process exit code.
-pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
+/// A command's exit code: its own, or for an error (printed here) the one
+/// an [`Exit`] carries, else [`exit::REFUSED`].
+pub fn exit_code(r: anyhow::Result<i32>) -> i32 {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bgswitch: error: {e:#}");
+            e.downcast_ref::<Exit>().map_or(exit::REFUSED, |x| x.0)
+        }
+    }
+}
+
+/// What `detach` does when no daemon answers: the full binary removes the
+/// pins ([`local::detach_offline`]); the client binary hands the command to
+/// the full one.
+pub type OfflineDetach = fn(&Cli, &Path, &str, bool) -> anyhow::Result<i32>;
+
+/// Runs a client command (every command but `daemon`, `completions` and
+/// those of [`local`]); returns the process exit code.
+pub fn run_client(cli: &Cli, offline_detach: OfflineDetach) -> anyhow::Result<i32> {
     let mut wait: Option<(String, Duration)> = None;
     let mut watch_wait: Option<String> = None;
     let mut fleet_wait: Option<(String, Duration)> = None;
@@ -428,16 +449,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             *json,
         ),
         Command::Completions { .. } => unreachable!("handled by main"),
-        Command::Top { interval } => {
-            let (socket, _) = cli.socket()?;
-            return crate::top::run(
-                || {
-                    let r = call(&socket, &Request::Status { service: None })?;
-                    r.status
-                        .ok_or_else(|| anyhow!(r.error.unwrap_or_else(|| "no status".into())))
-                },
-                *interval,
-            );
+        Command::Top { .. } | Command::Simulate { .. } => {
+            unreachable!("run by the full binary (cli::local)")
         }
         Command::Preview {
             service,
@@ -519,40 +532,6 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             *json,
         ),
         Command::Reload => (Request::Reload, false),
-        Command::Simulate {
-            service,
-            pcap,
-            out,
-            json,
-            ingress,
-            program,
-        } => {
-            // The running daemon's config (it knows its path), unless
-            // --config names another; the packaged path without a daemon.
-            let config = match &cli.config {
-                Some(c) => c.clone(),
-                None => cli
-                    .socket()
-                    .ok()
-                    .and_then(|(s, _)| call(&s, &Request::Status { service: None }).ok())
-                    .and_then(|r| r.status)
-                    .map_or_else(|| cli.config_path(), |s| PathBuf::from(s.config)),
-            };
-            let outcomes = crate::simulate::run(
-                &config,
-                pcap,
-                out.as_deref(),
-                service.as_deref(),
-                ingress.as_deref(),
-                *program,
-            )?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&outcomes)?);
-            } else {
-                print!("{}", crate::simulate::render(&outcomes));
-            }
-            return Ok(0);
-        }
         Command::Detach { .. } => (Request::Detach, false),
     };
     let (socket, source) = cli.socket()?;
@@ -563,7 +542,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         }
         Reach::NoDaemon(e) => {
             if let Command::Detach { force } = &cli.command {
-                return detach_offline(&cli.config_path(), &socket, &source, *force);
+                return offline_detach(cli, &socket, &source, *force);
             }
             return Err(Exit(
                 exit::UNREACHABLE,
@@ -636,57 +615,5 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     if let (Some((service, timeout)), Some(change)) = (wait, &resp.change) {
         return wait_drained(&socket, &service, change.from, timeout, &mut progress);
     }
-    Ok(0)
-}
-
-/// `detach` when no daemon answers at `socket`: the pins go only with
-/// `--force`, and never while a daemon holds the data plane (one that
-/// listens on another socket, say).
-fn detach_offline(config: &Path, socket: &Path, source: &str, force: bool) -> anyhow::Result<i32> {
-    let c = crate::config::load(config)?;
-    let pins = c.bpffs.join(paths::PIN_DIR);
-    // Where a daemon started like this command put them (through an outer
-    // mount namespace when this one is private, as `ip netns exec` makes).
-    let place =
-        crate::dataplane::locate_pins(&c.bpffs).filter(|p| p.root.join(paths::PIN_DIR).exists());
-    let Some(place) = place else {
-        println!(
-            "no daemon answered at {}, and nothing is pinned under {}: nothing to detach",
-            socket.display(),
-            pins.display()
-        );
-        return Ok(0);
-    };
-    let _lock = match crate::dataplane::lock_pins(&place.root) {
-        Ok(lock) => lock,
-        Err(crate::dataplane::DataplaneError::Held { pid, .. }) => {
-            eprintln!(
-                "bgswitch: error: no daemon answered at {} ({source}), but a bgswitch daemon{} \
-                 holds the data plane under {}: nothing removed. Reach it on its own socket \
-                 (--config with its config, or --socket), or stop it first",
-                socket.display(),
-                pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-                pins.display()
-            );
-            return Ok(1);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if !force {
-        eprintln!(
-            "bgswitch: error: no daemon answered at {} ({source}); the data plane under {} \
-             keeps switching without one. `bgswitch detach --force` removes its pins: the \
-             programs detach and traffic to the VIPs is no longer switched",
-            socket.display(),
-            pins.display()
-        );
-        return Ok(1);
-    }
-    crate::dataplane::remove_pins(&place.root)?;
-    println!(
-        "no daemon answered; removed the pins under {} ({}): the programs are detached (run it in the daemon's network namespace for netlink filters)",
-        pins.display(),
-        place.note
-    );
     Ok(0)
 }
