@@ -540,8 +540,9 @@ pub struct CachedFlow {
 
 /// One slot of the per-CPU `FLOW_CACHE6`: as [`CachedFlow`], for an IPv6
 /// flow (the whole 5-tuple as key, the peer's whole address), under the
-/// same rules. No checksum deltas: the IPv6 header has no checksum, and the
-/// TCP/UDP one's delta is four words away. 92 bytes.
+/// same rules. One checksum delta (the IPv6 header has none): the TCP/UDP
+/// checksum's, for the address through the pseudo-header and the port.
+/// 96 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow6 {
@@ -563,6 +564,11 @@ pub struct CachedFlow6 {
     pub colour: u8,
     /// [`flow_flags::REVERSE`] or 0.
     pub flags: u8,
+    /// The TCP/UDP checksum change of this direction's rewrite (the four
+    /// address words through the pseudo-header, and the port), folded; the
+    /// hop limit is in no checksum.
+    pub l4_delta: u16,
+    pub _pad: u16,
 }
 
 /// `FLOW_CACHE6` has a quarter of `FLOW_CACHE`'s slots (each is half as
@@ -937,7 +943,7 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 48);
         assert_eq!(size_of::<PreviewKey>(), 20);
         assert_eq!(size_of::<CachedFlow>(), 64);
-        assert_eq!(size_of::<CachedFlow6>(), 92);
+        assert_eq!(size_of::<CachedFlow6>(), 96);
         assert_eq!(core::mem::offset_of!(CachedFlow6, nh_dmac) % 4, 0);
         assert_eq!(core::mem::offset_of!(CachedFlow6, nh_smac) % 4, 2);
         // The program's MAC stores load each dmac as u32 + u16 and each smac

@@ -1,12 +1,13 @@
-//! This CPU's flow cache of IPv6 flows (`FLOW_CACHE6`, 92-byte slots): as `cache.rs` for
+//! This CPU's flow cache of IPv6 flows (`FLOW_CACHE6`, 96-byte slots): as `cache.rs` for
 //! IPv4, under the same rules (`bgswitch_common::CachedFlow`), so an
 //! established IPv6 packet of a cached flow needs no `FLOWS6` lookup (a
-//! 40-byte key hashed, a bucket walked). The rewrite is the ordinary one
-//! (four address words, the port, the L4 checksum), without precomputed
-//! deltas.
+//! 40-byte key hashed, a bucket walked). The slot keeps its direction's
+//! TCP/UDP checksum delta, computed once when it is filled: the cached
+//! rewrite stores the four address words and the port and applies it
+//! (`Packet::rewrite_cached6`).
 
 use bgswitch_common::{
-    cache6_slot, control, flow_flags, global, Addr, CachedFlow6, FlowEntry, FlowKey,
+    cache6_slot, control, csum::Delta, flow_flags, global, Addr, CachedFlow6, FlowEntry, FlowKey,
     CACHE6_SHIFT_EXTRA, FAMILY_IPV6,
 };
 
@@ -77,11 +78,32 @@ pub fn slot6(t: Tuple, cache_shift: u32) -> Option<*mut CachedFlow6> {
     FLOW_CACHE6.get_ptr_mut((cpu << ((32 - shift) & 31)) | slot)
 }
 
+/// Whether the slot holds the frame's 5-tuple: the addresses compared as
+/// four 64-bit words read straight from the IPv6 header (as the key holds
+/// them, source then destination), the ports and the protocol from the
+/// frame.
+#[inline(always)]
+fn holds(c: &CachedFlow6, f: &Frame) -> bool {
+    let key = (&c.key as *const FlowKey).cast::<u64>();
+    // SAFETY: `f.ip` is the frame's 40-byte IPv6 header, bounds-checked by
+    // parse6 (no helper has moved the data since); its addresses are the
+    // 32 bytes from offset 8 (unaligned packet loads are fine on the 64-bit
+    // JITs). The key is the slot's first field (array values are 8-byte
+    // aligned) and starts with the same 32 bytes.
+    let addrs = unsafe {
+        let ip = f.ip.add(8).cast::<u64>();
+        let word =
+            |i: usize| core::ptr::read_volatile(ip.add(i)) == core::ptr::read_volatile(key.add(i));
+        word(0) && word(1) && word(2) && word(3)
+    };
+    addrs && c.key.sport == f.sport && c.key.dport == f.dport && c.key.proto == f.proto
+}
+
 /// Whether the packet can take the slot's decision (the caller checked
 /// hop limit > 1 and no SYN, FIN or RST).
 #[inline(always)]
-pub fn hit6(c: &CachedFlow6, t: Tuple, fresh: Fresh, f: &Frame, now: u64) -> bool {
-    t.is(&c.key)
+pub fn hit6(c: &CachedFlow6, fresh: Fresh, f: &Frame, now: u64) -> bool {
+    holds(c, f)
         && c.gen == fresh.gen
         && c.nh_ifindex != 0
         && u64::from((now as u32).wrapping_sub(c.last_seen)) <= fresh.refresh
@@ -106,7 +128,10 @@ pub fn cached6<C: Packet>(ctx: &C, f: &Frame, c: &CachedFlow6) -> Option<u32> {
     } else {
         (Side::Dst, global::FLOW_HITS)
     };
-    if ctx.rewrite(f, side, &c.peer, c.peer_port).is_none() {
+    if ctx
+        .rewrite_cached6(f, side, &c.peer, c.peer_port, c.l4_delta)
+        .is_none()
+    {
         count(global::MALFORMED);
         return Some(C::PASS);
     }
@@ -139,7 +164,7 @@ pub fn fill6(t: Tuple, cache_shift: u32, fresh: Fresh, e: &FlowEntry, dir: Dir6)
     };
     // SAFETY: this CPU's slot; every field written as a whole integer.
     let c = unsafe { &mut *c };
-    let (ifindex, dmac, smac, len, gen, at, peer, peer_port, flags) = match dir {
+    let (ifindex, dmac, smac, len, gen, at, peer, peer_port, flags, old, old_port) = match dir {
         Dir6::Forward { backend } => (
             e.nh_ifindex,
             &e.nh_dmac,
@@ -150,6 +175,8 @@ pub fn fill6(t: Tuple, cache_shift: u32, fresh: Fresh, e: &FlowEntry, dir: Dir6)
             backend,
             e.peer_port,
             0,
+            t.dst,
+            t.dport,
         ),
         Dir6::Reply { vip, vport } => (
             e.rnh_ifindex,
@@ -161,6 +188,8 @@ pub fn fill6(t: Tuple, cache_shift: u32, fresh: Fresh, e: &FlowEntry, dir: Dir6)
             vip,
             vport,
             flow_flags::REVERSE,
+            t.src,
+            t.sport,
         ),
     };
     if ifindex == 0 || gen != fresh.gen {
@@ -198,6 +227,11 @@ pub fn fill6(t: Tuple, cache_shift: u32, fresh: Fresh, e: &FlowEntry, dir: Dir6)
     c.peer_port = peer_port;
     c.colour = e.colour;
     c.flags = flags;
+    // What this direction's rewrite changes, for every packet alike.
+    c.l4_delta = Delta::ZERO
+        .add_addr(old, peer, 4)
+        .add16(old_port, peer_port)
+        .folded();
 }
 
 /// Clears this CPU's slot of `t`, if it holds it.

@@ -74,6 +74,21 @@ pub trait Packet: EbpfContext {
         ip_delta: u16,
         l4_delta: u16,
     ) -> Option<()>;
+    /// The IPv6 cached path's rewrite: the address and port of `side`, with
+    /// the flow's precomputed TCP/UDP checksum delta where the context can
+    /// use it (see `bgswitch_common::CachedFlow6`); else the ordinary
+    /// rewrite.
+    #[inline(always)]
+    fn rewrite_cached6(
+        &self,
+        f: &Frame,
+        side: Side,
+        addr: &Addr,
+        port: u16,
+        _l4_delta: u16,
+    ) -> Option<()> {
+        self.rewrite(f, side, addr, port)
+    }
     /// Decrements the TTL or hop limit (the caller checked it is > 1).
     fn decrement_ttl(&self, f: &Frame) -> Option<()>;
     /// Writes the next hop's MACs (the same in both contexts; after the

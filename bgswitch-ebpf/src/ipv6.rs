@@ -18,15 +18,28 @@ const DST: usize = 24;
 /// else taken afresh).
 #[inline(always)]
 pub unsafe fn rewrite_addr(ip: *mut u8, f: &Frame, side: Side, addr: &Addr) -> Delta {
-    let (old, off) = match side {
-        Side::Dst => (&f.dst, DST),
-        Side::Src => (&f.src, SRC),
+    let old = match side {
+        Side::Dst => &f.dst,
+        Side::Src => &f.src,
+    };
+    write_addr(ip, side, addr);
+    Delta::ZERO.add_addr(old, addr, 4)
+}
+
+/// Replaces the address of `side` (four whole-word stores), for a caller
+/// that knows the checksum change already (the cached path).
+///
+/// SAFETY: as for [`rewrite_addr`].
+#[inline(always)]
+pub unsafe fn write_addr(ip: *mut u8, side: Side, addr: &Addr) {
+    let off = match side {
+        Side::Dst => DST,
+        Side::Src => SRC,
     };
     let w = ip.add(off).cast::<u32>();
     for (i, a) in addr.iter().enumerate() {
         core::ptr::write_volatile(w.add(i), *a);
     }
-    Delta::ZERO.add_addr(old, addr, 4)
 }
 
 /// Decrements the hop limit. The caller checked it is > 1.

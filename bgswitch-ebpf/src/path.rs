@@ -211,7 +211,7 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         if let Some(c) = slot6(Tuple::of(f), shift) {
             // SAFETY: this CPU's slot; runs are not nested on one CPU.
             let c = unsafe { &*c };
-            if hit6(c, Tuple::of(f), cache.fresh, f, now) {
+            if hit6(c, cache.fresh, f, now) {
                 if let Some(action) = cached6(ctx, f, c) {
                     return action;
                 }

@@ -125,6 +125,30 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
+    fn rewrite_cached6(
+        &self,
+        f: &Frame,
+        side: Side,
+        addr: &Addr,
+        port: u16,
+        l4_delta: u16,
+    ) -> Option<()> {
+        // SAFETY: as above (an IPv6 frame: the cache6 path).
+        unsafe { ipv6::write_addr(f.ip, side, addr) };
+        let (port_ptr, check, tcp) = l4_fields(self, f, side)?;
+        // SAFETY: bounds-checked by l4_fields.
+        unsafe {
+            *port_ptr = port;
+            *check = if tcp {
+                Delta::apply_folded(l4_delta, *check)
+            } else {
+                Delta::from_folded(l4_delta).apply_udp(*check)
+            };
+        }
+        Some(())
+    }
+
+    #[inline(always)]
     fn decrement_ttl(&self, f: &Frame) -> Option<()> {
         // SAFETY: as above; ttl > 1 (caller).
         unsafe {

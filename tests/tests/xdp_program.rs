@@ -2148,6 +2148,82 @@ fn v6_forwarding_decrements_the_hop_limit_sets_the_macs_and_leaves_hop_limit_1_t
 }
 
 #[test]
+fn v6_established_packets_come_from_the_per_cpu_cache_rewritten_with_right_checksums() {
+    in_scratch_ns(|ns| {
+        let v0 = veth_v0_v6(ns, &["2001:db8:18:1::1/64", "2001:db8:18::1/64"]);
+        neigh(ns, "2001:db8:18:1::11", "02:00:00:00:01:11");
+        neigh(ns, "2001:db8:18::2", "02:00:00:00:00:02");
+        let mut fx = Fixture::dual();
+        let fills = |fx: &Fixture| counter(&fx.dp, "flow_cache_fills");
+        let mac = bgswitch_tests::netns::mac_address(ns, "v0").unwrap();
+        let expect = |src, dst, l4, payload: &[u8], to: [u8; 6]| {
+            let mut want = frame6(src, dst, l4, 63, payload);
+            want[0..6].copy_from_slice(&to);
+            want[6..12].copy_from_slice(&mac);
+            want
+        };
+        let (to_backend, to_client) = ([2, 0, 0, 0, 1, 0x11], [2, 0, 0, 0, 0, 2]);
+        // TCP: port 80 to 8080, every address word changed (the cached
+        // rewrite applies the slot's one checksum delta for all of it).
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+        let b11 = v6("[2001:db8:18:1::11]:8080");
+        let c = (52000..53000)
+            .map(|p| SocketAddrV6::new(CLIENT6, p, 0, 0))
+            .find(|c| predicted6(*c, vip, PROTO_TCP, &blue6()) == b11)
+            .unwrap();
+        let send = |fx: &mut Fixture, src, dst, l4, payload: &[u8]| {
+            let (action, out, _) = fx
+                .dp
+                .test_run(&frame6(src, dst, l4, 64, payload), Some(v0), 1)
+                .unwrap();
+            assert_eq!(action, XDP_TX);
+            verify6(&out);
+            out
+        };
+        // The slots keep the next hop's length limit from the packet that
+        // looked it up: the longest first.
+        send(&mut fx, c, vip, L4::Syn, b"");
+        send(&mut fx, b11, c, L4::SynAck, b"");
+        send(&mut fx, c, vip, L4::Ack, &[0xff; 301]);
+        send(&mut fx, b11, c, L4::Ack, &[0xff; 301]);
+        let before = fills(&fx);
+        for (i, payload) in [&b"GET / HTTP/1.1"[..], b"odd", b"", &[0xff; 301]]
+            .into_iter()
+            .enumerate()
+        {
+            let out = send(&mut fx, c, vip, L4::Ack, payload);
+            assert_eq!(
+                out,
+                expect(c, b11, L4::Ack, payload, to_backend),
+                "request {i}"
+            );
+            let out = send(&mut fx, b11, c, L4::Ack, payload);
+            assert_eq!(
+                out,
+                expect(vip, c, L4::Ack, payload, to_client),
+                "answer {i}"
+            );
+        }
+        assert_eq!(fills(&fx), before, "all served from the cache");
+
+        // UDP both ways, 53 to 5353.
+        let uvip = SocketAddrV6::new(VIP6, 53, 0, 0);
+        let u11 = v6("[2001:db8:18:1::11]:5353");
+        let uc = SocketAddrV6::new(CLIENT6, 45100, 0, 0);
+        send(&mut fx, uc, uvip, L4::Udp, b"query");
+        send(&mut fx, u11, uc, L4::Udp, b"query");
+        let before = fills(&fx);
+        for payload in [&b"query"[..], b"abc"] {
+            let out = send(&mut fx, uc, uvip, L4::Udp, payload);
+            assert_eq!(out, expect(uc, u11, L4::Udp, payload, to_backend));
+            let out = send(&mut fx, u11, uc, L4::Udp, payload);
+            assert_eq!(out, expect(uvip, uc, L4::Udp, payload, to_client));
+        }
+        assert_eq!(fills(&fx), before, "UDP served from the cache too");
+    });
+}
+
+#[test]
 fn v6_extension_headers_are_walked_and_the_flow_still_rewritten() {
     in_scratch_ns(|_| {
         let mut fx = Fixture::dual();
