@@ -37,6 +37,18 @@ pub const HEALTH: &str = "[service.health]\nkind = \"http\"\npath = \"/\"\ninter
 
 /// Where the `bgswitch` binary is: `$BGSWITCH_BIN`, else next to the test
 /// binary's `deps/` directory (`target/<profile>/bgswitch`).
+/// The niceness the packaged unit gives the daemon (`Nice=` of
+/// packaging/bgswitch.service, 0 without one): daemons started here run
+/// with it, as installed.
+pub fn daemon_nice() -> i32 {
+    include_str!("../../packaging/bgswitch.service")
+        .lines()
+        .find_map(|l| l.strip_prefix("Nice="))
+        .map_or(0, |v| {
+            v.trim().parse().expect("the unit's Nice= is a number")
+        })
+}
+
 pub fn bgswitch_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("BGSWITCH_BIN") {
         return Ok(PathBuf::from(p));
@@ -357,6 +369,7 @@ impl Switcher {
             .open(self.log_path())?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.lb_ns])
+            .args(["nice", "-n", &daemon_nice().to_string()])
             .arg(&self.bin)
             .arg("daemon")
             .arg("--config")

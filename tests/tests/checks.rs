@@ -22,12 +22,13 @@ use bgswitch_tests::{
 
 /// The smoke test of the README: `GET /checkout` through every backend of
 /// the colour under test; each must answer 200 with a body naming that
-/// colour (the test servers answer "COLOUR NAME"). It writes its uid where
-/// the test reads it.
+/// colour (the test servers answer "COLOUR NAME"). It writes its uid and
+/// niceness where the test reads them.
 const SMOKE: &str = r#"#!/bin/sh
 # A smoke test of the colour bgswitch is about to expose.
 set -u
 id -u > "$OUT/uid"
+nice > "$OUT/nice"
 for b in $(echo "$BGSWITCH_BACKENDS" | tr ',' ' '); do
     body=$(curl -sS --fail --max-time 2 "http://$b/checkout") || {
         echo "$b: request failed"; exit 2; }
@@ -185,6 +186,21 @@ fn a_smoke_test_refuses_a_flip_to_a_broken_green_and_allows_a_fixed_one() {
         .parse()
         .unwrap();
     assert_eq!(uid, nobody_uid());
+    // At nice 0, not at the daemon's raised priority (the unit's Nice=).
+    let nice = fs::read_to_string(b.out.join("nice")).unwrap();
+    assert_eq!(nice.trim(), "0");
+    let stat = fs::read_to_string(format!("/proc/{}/stat", b.sw.pid().unwrap())).unwrap();
+    let daemon_nice: i32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(16))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(daemon_nice, bgswitch_tests::switcher::daemon_nice());
+    assert!(
+        daemon_nice < 0,
+        "the test bed runs the daemon as the unit does"
+    );
     // A canary share of green is gated the same way.
     let out =
         b.sw.cli(&["shift", "web", "--to", "green", "--percent", "10"])

@@ -73,6 +73,16 @@ pub fn supervise(parent: i32, uid: u32, gid: u32, argv: &[String]) -> i32 {
     if uid == 0 {
         return fail("refusing to run a check as root".into());
     }
+    // The daemon may run at a raised priority (the packaged unit's
+    // `Nice=`: its loop answers a rollback before the load it serves); the
+    // user's checks do not share it: back to nice 0 (a lower priority is
+    // always allowed; a daemon at a positive nice keeps its own).
+    // SAFETY: plain calls on this process.
+    unsafe {
+        if libc::getpriority(libc::PRIO_PROCESS, 0) < 0 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+        }
+    }
     // SAFETY: plain signal-mask and prctl calls on this thread, with
     // initialised arguments; the supervisor has one thread.
     let set = unsafe {
