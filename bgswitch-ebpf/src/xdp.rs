@@ -111,17 +111,7 @@ impl Packet for XdpContext {
     ) -> Option<()> {
         // SAFETY: as above; ttl > 1 (caller).
         unsafe { ipv4::rewrite_cached(f.ip.cast(), side, addr, ip_delta) };
-        let (port_ptr, check, tcp) = l4_fields(self, f, side)?;
-        // SAFETY: bounds-checked by l4_fields.
-        unsafe {
-            *port_ptr = port;
-            *check = if tcp {
-                Delta::apply_folded(l4_delta, *check)
-            } else {
-                Delta::from_folded(l4_delta).apply_udp(*check)
-            };
-        }
-        Some(())
+        rewrite_l4_cached(self, f, side, port, l4_delta)
     }
 
     #[inline(always)]
@@ -135,17 +125,7 @@ impl Packet for XdpContext {
     ) -> Option<()> {
         // SAFETY: as above (an IPv6 frame: the cache6 path).
         unsafe { ipv6::write_addr(f.ip, side, addr) };
-        let (port_ptr, check, tcp) = l4_fields(self, f, side)?;
-        // SAFETY: bounds-checked by l4_fields.
-        unsafe {
-            *port_ptr = port;
-            *check = if tcp {
-                Delta::apply_folded(l4_delta, *check)
-            } else {
-                Delta::from_folded(l4_delta).apply_udp(*check)
-            };
-        }
-        Some(())
+        rewrite_l4_cached(self, f, side, port, l4_delta)
     }
 
     #[inline(always)]
@@ -225,6 +205,24 @@ fn l4_fields(ctx: &XdpContext, f: &Frame, side: Side) -> Option<(*mut u16, *mut 
     // SAFETY: both offsets lie inside the bounds-checked header (2-byte
     // aligned fields; packet pointers allow such stores on the 64-bit JITs).
     Some(unsafe { (h.add(port_off).cast(), h.add(check_off).cast(), tcp) })
+}
+
+/// Writes the port of `side` and applies a cached path's folded `delta`
+/// (address through the pseudo-header, and port) to the TCP or UDP
+/// checksum; a UDP checksum of 0 stays 0.
+#[inline(always)]
+fn rewrite_l4_cached(ctx: &XdpContext, f: &Frame, side: Side, port: u16, delta: u16) -> Option<()> {
+    let (port_ptr, check, tcp) = l4_fields(ctx, f, side)?;
+    // SAFETY: bounds-checked by l4_fields.
+    unsafe {
+        *port_ptr = port;
+        *check = if tcp {
+            Delta::apply_folded(delta, *check)
+        } else {
+            Delta::from_folded(delta).apply_udp(*check)
+        };
+    }
+    Some(())
 }
 
 /// Writes the port of `side` and applies `delta` (address through the
