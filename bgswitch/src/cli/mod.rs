@@ -3,7 +3,7 @@
 //! waits after a change (`wait.rs`), text output (`render.rs`), exit codes
 //! (`exit_codes.rs`), completions and man pages (`docs.rs`). The commands
 //! that need the data plane or draw a terminal UI run in the full binary
-//! (`local.rs`); the client binary (`bin/bgswitch.rs`) links none of that.
+//! (`local.rs`); the client binary (`main.rs`) links none of that.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
