@@ -1,7 +1,16 @@
 //! The control-socket client: reaching the daemon (running, absent, or
 //! refusing this user), one request and its answer.
 
-use super::*;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _};
+
+use crate::api::{Request, Response};
 
 /// How a connection to the daemon's socket went.
 pub enum Reach {

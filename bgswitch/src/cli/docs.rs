@@ -1,7 +1,11 @@
 //! Shell completions (clap_complete) and man pages (clap_mangen), from the
 //! same clap definitions as the commands.
 
-use super::*;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use super::Cli;
 
 /// The shells `completions` writes for.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]

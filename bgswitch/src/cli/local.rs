@@ -3,7 +3,12 @@
 //! in BPF_PROG_TEST_RUN) and `detach` when no daemon answers (the pins).
 //! The client binary hands these over (exec) and links none of their code.
 
-use super::*;
+use std::path::{Path, PathBuf};
+
+use anyhow::anyhow;
+
+use super::{call, Cli, Command};
+use crate::{api::Request, paths};
 
 /// Runs `top` or `simulate`; `None` for any other command.
 pub fn run_local(cli: &Cli) -> Option<anyhow::Result<i32>> {

@@ -6,20 +6,17 @@
 //! (`local.rs`); the client binary (`main.rs`) links none of that.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use anyhow::{anyhow, Context as _};
+use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 
 use crate::{
-    api::{PreviewAction, Request, Response, Status},
+    api::{PreviewAction, Request},
     model::Colour,
     paths,
-    state::JournalEntry,
 };
 
 mod client;

@@ -1,7 +1,7 @@
 //! The text output of `status`, `status --fleet`, `history` and the checks'
 //! report.
 
-use super::*;
+use crate::{api::Status, state::JournalEntry};
 
 /// The text form of `status --fleet`.
 pub fn render_fleet(f: &crate::state::FleetStatus) -> String {

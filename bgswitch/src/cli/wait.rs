@@ -2,7 +2,12 @@
 //! `--fleet-wait`) and how they report as they go (`Progress`: a line on a
 //! terminal, plain lines otherwise, JSON events with `--json`).
 
-use super::*;
+use std::{path::Path, time::Duration};
+
+use anyhow::anyhow;
+
+use super::{call, exit};
+use crate::{api::Request, model::Colour};
 
 /// How a long wait reports as it goes: on a terminal one line rewritten
 /// in place; otherwise a plain line when what it says changes (at most
