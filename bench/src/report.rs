@@ -354,14 +354,8 @@ pub fn rate_ratio(r: &Value, a: &str, b: &str) -> Option<f64> {
     };
     if let (Some(x), Some(y)) = (by_round(a), by_round(b)) {
         if !x.is_empty() && x.len() == y.len() && y.iter().all(|v| *v > 0.0) {
-            let mut q: Vec<f64> = x.iter().zip(&y).map(|(a, b)| a / b).collect();
-            q.sort_by(f64::total_cmp);
-            let n = q.len();
-            return Some(if n % 2 == 1 {
-                q[n / 2]
-            } else {
-                (q[n / 2 - 1] + q[n / 2]) / 2.0
-            });
+            let q: Vec<f64> = x.iter().zip(&y).map(|(a, b)| a / b).collect();
+            return Some(crate::stats::median(&q));
         }
     }
     f(&fwd(r, a)["mpps"]["median"])
