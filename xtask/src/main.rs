@@ -41,6 +41,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tmux", "tmux"),
     // TLS backends and certificates for the HTTPS health checks' tests.
     ("openssl", "openssl"),
+    // `nm`: tests/tests/binaries.rs reads the client binary's symbols
+    // (the linker's package; named so the dependency is not implicit).
+    ("binutils", "nm"),
 ];
 
 #[derive(Parser)]
