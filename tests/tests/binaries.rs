@@ -52,6 +52,58 @@ fn the_client_binary_links_none_of_the_daemons_parts() {
     }
 }
 
+/// The ELF file type and program header types of a 64-bit little-endian
+/// binary.
+fn elf_kinds(bin: &std::path::Path) -> (u16, Vec<u32>) {
+    let b = std::fs::read(bin).unwrap_or_else(|e| panic!("reading {}: {e}", bin.display()));
+    assert!(
+        b.len() > 64 && b[..4] == *b"\x7fELF" && b[4] == 2 && b[5] == 1,
+        "{} is not a 64-bit little-endian ELF file",
+        bin.display()
+    );
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, count) = (usize::from(u16_at(0x36)), usize::from(u16_at(0x38)));
+    let types = (0..count)
+        .map(|i| {
+            let o = phoff + i * size;
+            u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+        })
+        .collect();
+    (u16_at(0x10), types)
+}
+
+#[test]
+fn the_client_is_a_static_pie_and_the_full_binary_is_not() {
+    // ET_DYN: position-independent (address randomisation kept);
+    // PT_INTERP: the program asks for the dynamic loader.
+    const ET_DYN: u16 = 3;
+    const PT_INTERP: u32 = 3;
+    let client = bgswitch_bin().unwrap();
+    let full = client.with_file_name("bgswitchd");
+    let (full_type, full_headers) = elf_kinds(&full);
+    assert_eq!(full_type, ET_DYN, "{}", full.display());
+    assert!(
+        full_headers.contains(&PT_INTERP),
+        "{} has no PT_INTERP: the check below would prove nothing",
+        full.display()
+    );
+    let (client_type, client_headers) = elf_kinds(&client);
+    assert_eq!(
+        client_type,
+        ET_DYN,
+        "{} is not position-independent",
+        client.display()
+    );
+    assert!(
+        !client_headers.contains(&PT_INTERP),
+        "the client {} is linked dynamically: `cargo xtask build` (and test, package, bench) links \
+         it static (a flip is a whole process, and the dynamic loader's work is about 0.3 ms of it); \
+         a plain `cargo build` puts the dynamic one back",
+        client.display()
+    );
+}
+
 #[test]
 fn the_client_becomes_the_full_binary_for_the_daemons_commands() {
     let client = bgswitch_bin().unwrap();
