@@ -405,6 +405,9 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
         .as_ref()
         .map(MapInfo::id);
     dp.set_settings(Duration::from_secs(30), Duration::from_secs(3600))?;
+    // As the daemon does: new flows take their backend's kept next hop
+    // while the routing rules select by destination alone.
+    dp.set_backend_hops(bgswitch::netlink::ipv4_rules_by_destination_only()?)?;
     dp.set_stateless(2, true);
     let v4 = |port| SocketAddr::V4(SocketAddrV4::new(VIP, port));
     let v6 = |port| SocketAddr::V6(SocketAddrV6::new(VIP6, port, 0, 0));

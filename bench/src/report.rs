@@ -100,7 +100,20 @@ cold node), 14 % in the FIB lookup and 17 % in the program itself. A cache miss 
 on this VM (nested paging), and a new flow's table memory is cold by nature: the 250-ns target
 (issue 17; the 80 ns before it was below the cost of one such miss) leaves room for about one,
 where a new TCP connection's SYN misses `FLOWS` and `HALF_OPEN` and inserts into `HALF_OPEN`
-(below): {new_flow} ns in this run (the targets table). The
+(below): {new_flow} ns in this run (the targets table).
+
+Since then a new IPv4 flow takes its backend's next hop as a stateless service's packets do
+(`BACKEND_HOPS`, per backend and CPU, under the same freshness, generation and MTU rules; only
+while the host's routing rules select by destination alone, which the daemon reads once a
+second): the FIB lookup is made once per backend and refresh, not once per flow. Part 1 alone
+(`--only cost`), four interleaved pairs with the per-backend hop on and off (a bench build reading
+an environment variable, not kept): the new TCP flow 400/451, 361/398, 396/440 and 348/429 ns,
+cold 412/463, 367/408, 402/445 and 361/442 ns, 40–80 ns less in every pair; the established
+packet unchanged (25–27 ns). What is left is the two lookups that miss cold buckets and the
+insert: the target needs one cold miss fewer than a SYN's `FLOWS` and `HALF_OPEN` lookups
+make, and a SYN cannot skip `FLOWS` (a closed flow's record of the same 5-tuple must be replaced
+there, or the handshake's ACK would follow it) nor `HALF_OPEN` (its retransmission must keep
+its backend). The
 table is full in steady state (entries age out by eviction), so in the forwarding pipeline every
 new flow also evicts; part 2's "a new flow in every packet" row (UDP) is what heavy churn costs per
 core.

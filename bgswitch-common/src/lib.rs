@@ -711,7 +711,14 @@ pub struct Settings {
     /// Non-zero while some service may be in a stable period (set before
     /// its stateless word, cleared after the last one's): without it the
     /// program skips the stateless check (one load) on every TCP packet.
-    pub stateless: u32,
+    pub stateless: u8,
+    /// Non-zero while the host's IPv4 routing rules select by destination
+    /// alone: a table service's new IPv4 flow may then take its backend's
+    /// kept next hop (`BACKEND_HOPS`) instead of a `bpf_fib_lookup` of its
+    /// own. (Before, `stateless` was a u32 here: a program of that layout
+    /// reads this byte as part of it, which only costs it a lookup.)
+    pub backend_hops: u8,
+    pub _pad: u16,
 }
 
 /// What the daemon sets [`Settings::refresh`] to.

@@ -23,6 +23,9 @@ pub struct Cache {
     pub fresh: Fresh,
     /// `Settings::cache_shift`.
     pub shift: u32,
+    /// `Settings::backend_hops`: a new IPv4 flow may take its backend's
+    /// kept next hop.
+    pub backend_hops: bool,
 }
 
 /// This CPU's `FLOW_CACHE` slot of a 5-tuple: its region (`1 << (32 -

@@ -24,7 +24,7 @@ use crate::{
     maps::{account, count, CONTROL, PREVIEW, SETTINGS},
     service::{no_backend, pick, vip_source},
     stateless::stateless,
-    transmit::{send, too_big_after, Nh},
+    transmit::{send, send_new_by_backend, too_big_after, Nh},
 };
 
 /// Which colour a new flow takes, and whether a preview prefix decided it.
@@ -204,15 +204,19 @@ pub fn to_backend<C: Packet, F: Family>(
     // A packet too long for its next hop goes to the too-big program only
     // once its flow is recorded: the error it becomes is translated
     // through that record.
-    let action = send(
-        ctx,
-        f,
-        Nh::forward(F::flow(rec)),
-        now,
-        cache.fresh,
-        None,
-        true,
-    );
+    let action = if F::V4 && cache.backend_hops {
+        send_new_by_backend(ctx, f, F::flow(rec), b.stat_id, now, cache.fresh)
+    } else {
+        send(
+            ctx,
+            f,
+            Nh::forward(F::flow(rec)),
+            now,
+            cache.fresh,
+            None,
+            true,
+        )
+    };
     // A TCP flow waits in the half-open table until its handshake
     // completes (`handshake.rs`), unless it replaces a record of the flow
     // table (port reuse: that record must not outlive it there).

@@ -52,9 +52,9 @@ fn record<K, E>(
 #[inline(always)]
 pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     let now = now();
-    let (refresh, shift, any_stateless) = SETTINGS
-        .get(0)
-        .map_or((0, 0, 0), |s| (s.refresh, s.cache_shift, s.stateless));
+    let (refresh, shift, any_stateless, backend_hops) = SETTINGS.get(0).map_or((0, 0, 0, 0), |s| {
+        (s.refresh, s.cache_shift, s.stateless, s.backend_hops)
+    });
     let fresh = Fresh {
         gen: flow_gen(),
         refresh,
@@ -88,6 +88,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
         key,
         fresh,
         shift,
+        backend_hops: backend_hops != 0,
     };
     // The packet's own conditions first: a SYN (a new flow's first packet,
     // mostly) never reads its slot, which is cold memory then — one cache
@@ -206,6 +207,8 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             refresh,
         },
         shift,
+        // IPv6 routes follow IPv6 rules, which are not read.
+        backend_hops: false,
     };
     if f.ttl > 1 && f.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
         if let Some(c) = slot6(Tuple::of(f), shift) {

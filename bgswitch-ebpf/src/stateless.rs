@@ -4,8 +4,7 @@
 //! of its `ADDR_FILTER` slot; the next hop is the backend's).
 
 use bgswitch_common::{
-    control, csum::Delta, global, stateless_entry, stateless_slot, ADDR_FILTER_WORDS,
-    STATELESS_ID_MASK,
+    control, global, stateless_entry, stateless_slot, ADDR_FILTER_WORDS, STATELESS_ID_MASK,
 };
 
 use crate::{
@@ -14,7 +13,7 @@ use crate::{
     frame::{Frame, TCP_ACK, TCP_SYN},
     maps::{account, count, ADDR_FILTER, BACKEND_HOPS},
     service::{no_backend, pick, vip_source},
-    transmit::{send, transmit_l2, Fresh, Nh},
+    transmit::{keep_for, send, transmit_l2, Fresh, Nh},
 };
 
 /// The stateless service in its stable period the packet's VIP and port
@@ -106,12 +105,6 @@ pub fn stateless<C: Packet>(
         Some(global::STATELESS),
         false,
     );
-    let addr = Delta::ZERO.add32(vip, peer);
-    hop.ip_delta = addr.ttl_decrement().folded();
-    hop.l4_delta = addr.add16(vport, b.port).folded();
-    hop.peer = peer;
-    hop.peer_port = b.port;
-    hop.vip = vip;
-    hop.vport = vport;
+    keep_for(hop, vip, vport, peer, b.port);
     action
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
     helpers::bpf_fib_lookup,
 };
-use bgswitch_common::{global, tail, BackendHop, FlowEntry};
+use bgswitch_common::{csum::Delta, global, tail, BackendHop, FlowEntry};
 
 use aya_log_ebpf::warn;
 
@@ -21,7 +21,7 @@ use crate::{
     context::Packet,
     events,
     frame::Frame,
-    maps::{count, count2, FIB6, TOO_BIG},
+    maps::{count, count2, BACKEND_HOPS, FIB6, TOO_BIG},
 };
 
 const AF_INET: u8 = 2;
@@ -140,6 +140,78 @@ pub fn send<C: Packet>(
     *nh.at = now as u32;
     *nh.ifindex = hop.ifindex;
     transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, also)
+}
+
+/// Copies one kept next hop into another (byte stores for the MACs: an
+/// array assignment may become a memcpy call here).
+#[inline(always)]
+fn copy_nh(from: &Nh, to: &mut Nh) {
+    for i in 0..6 {
+        // SAFETY: in-bounds writes to fields of valid entries.
+        unsafe {
+            core::ptr::write_volatile(&mut to.dmac[i], from.dmac[i]);
+            core::ptr::write_volatile(&mut to.smac[i], from.smac[i]);
+        }
+    }
+    *to.len = *from.len;
+    *to.gen = *from.gen;
+    *to.at = *from.at;
+    *to.ifindex = *from.ifindex;
+}
+
+/// Records what a backend's kept next hop (`BACKEND_HOPS`) is now for:
+/// the backend and the VIP, with the rewrite's checksum deltas, which are
+/// the same for every packet from `vip:vport` to `peer:peer_port` (IPv4,
+/// wire order). The next hop itself depends on the backend alone.
+#[inline(always)]
+pub fn keep_for(hop: &mut BackendHop, vip: u32, vport: u16, peer: u32, peer_port: u16) {
+    let addr = Delta::ZERO.add32(vip, peer);
+    hop.ip_delta = addr.ttl_decrement().folded();
+    hop.l4_delta = addr.add16(vport, peer_port).folded();
+    hop.peer = peer;
+    hop.peer_port = peer_port;
+    hop.vip = vip;
+    hop.vport = vport;
+}
+
+/// Sends a new IPv4 flow of a table service (`e` its record, rewritten
+/// already) by its backend's kept next hop when that one is this
+/// backend's and serves this packet ([`Nh::usable`]), the record taking a
+/// copy: no `bpf_fib_lookup` per new flow, as a stateless service's
+/// packets have none. Else [`send`] looks it up for the record (deferring
+/// a too-long packet, as for any new flow) and the backend's hop keeps
+/// it. Only while the host's routing rules select by destination alone
+/// (`Settings::backend_hops`): then the next hop towards a backend is the
+/// same for every client.
+#[inline(always)]
+pub fn send_new_by_backend<C: Packet>(
+    ctx: &C,
+    f: &Frame,
+    e: &mut FlowEntry,
+    stat: u32,
+    now: u64,
+    fresh: Fresh,
+) -> u32 {
+    let Some(hop) = BACKEND_HOPS.get_ptr_mut(stat) else {
+        return send(ctx, f, Nh::forward(e), now, fresh, None, true);
+    };
+    // SAFETY: this CPU's slot; runs of the program are not nested on one
+    // CPU.
+    let hop = unsafe { &mut *hop };
+    let peer = e.peer;
+    // The slot is the backend position's: after a reload it may be
+    // another address's.
+    if hop.peer == peer && Nh::backend(hop).usable(f, now, fresh) {
+        copy_nh(&Nh::backend(hop), &mut Nh::forward(e));
+        return transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, None);
+    }
+    let action = send(ctx, f, Nh::forward(e), now, fresh, None, true);
+    if e.nh_ifindex != 0 {
+        let port = e.peer_port;
+        copy_nh(&Nh::forward(e), &mut Nh::backend(hop));
+        keep_for(hop, f.dst[0], f.dport, peer, port);
+    }
+    action
 }
 
 /// Where a rewritten frame goes next: the egress interface and both MACs,

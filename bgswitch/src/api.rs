@@ -304,6 +304,11 @@ pub struct Status {
     /// and for transitions that may end), since it started.
     #[serde(default)]
     pub flow_table_scans: u64,
+    /// Whether new IPv4 flows take their backend's kept next hop (the
+    /// host's routing rules select by destination alone, read once a
+    /// second), or each looks its own up.
+    #[serde(default)]
+    pub backend_hops: bool,
     /// Where the pins are, and whether the data plane outlives the daemon.
     #[serde(default)]
     pub pins: Option<PinsStatus>,

@@ -373,6 +373,7 @@ fn a_stateless_service_keeps_connections_through_a_flip_and_a_routing_rule() {
     }
     let st = sw.status().unwrap();
     assert!(st["counters"]["stateless"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(st["backend_hops"], true, "the default rules: {st}");
     let web_st = &st["services"][0];
     assert_eq!(web_st["colours"][0]["recorded_flows"], 0, "{web_st}");
     assert_eq!(web_st["colours"][0]["untracked"], true, "{web_st}");
@@ -465,10 +466,19 @@ fn a_stateless_service_keeps_connections_through_a_flip_and_a_routing_rule() {
     .unwrap();
     wait_fast_path(&sw, "transition", Duration::from_secs(3));
     assert!(sw.log().contains("routing rule"), "{}", sw.log_tail());
+    // Table services' new flows look their own next hops up too.
+    let st = sw.status().unwrap();
+    assert_eq!(st["backend_hops"], false, "{st}");
+    let text = sw.cli_ok(&["status"]).unwrap();
+    assert!(
+        text.contains("next hops: every new flow looks its own up"),
+        "{text}"
+    );
     let r = http_get(&cli, web(), "/").unwrap();
     assert_eq!(colour(&r.body), "green", "{r:?}");
     bgswitch_tests::ip_ns(topo.lb_ns(), &["rule", "del", "pref", "100"]).unwrap();
     wait_fast_path(&sw, "stateless", Duration::from_secs(15));
+    assert_eq!(sw.status().unwrap()["backend_hops"], true);
 }
 
 #[test]

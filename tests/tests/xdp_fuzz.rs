@@ -215,6 +215,9 @@ fn load(svcs: &[Service]) -> Dataplane {
     // Long timeouts: no flow may expire during a run (the model has no clock).
     dp.set_settings(Duration::from_secs(86_400), Duration::from_secs(86_400))
         .unwrap();
+    // As a daemon under the default routing rules: new flows take their
+    // backend's kept next hop (the frames must not differ).
+    dp.set_backend_hops(true).unwrap();
     for s in svcs {
         let pool = |c: usize| {
             s.pools[c]

@@ -1613,6 +1613,106 @@ fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_client
     });
 }
 
+#[test]
+fn table_new_flows_take_their_backends_kept_next_hop_only_while_rules_allow() {
+    in_scratch_ns(|ns| {
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
+        neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
+        let mut fx = Fixture::new();
+        fx.dp.set_backend_hops(true).unwrap();
+        assert_eq!(fx.dp.settings().unwrap().backend_hops, 1);
+        let vip = SocketAddrV4::new(VIP, 80);
+        let run = |fx: &mut Fixture, c: SocketAddrV4, payload: &[u8]| {
+            let (action, out, _) = fx
+                .dp
+                .test_run(&frame(c, vip, L4::Syn, 64, payload), Some(v0), 1)
+                .unwrap();
+            assert_eq!(action, XDP_TX, "client {c}");
+            out
+        };
+        let mac_of = |b: SocketAddrV4| if b.ip().octets()[3] == 11 { 0x11 } else { 0x12 };
+        // Forty new flows to two backends: one FIB lookup per backend,
+        // every rewrite right and every MAC its backend's neighbour's.
+        let clients: Vec<_> = (52000..52040)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .collect();
+        for &c in &clients {
+            let b = predicted(c, vip, PROTO_TCP, &blue());
+            let out = run(&mut fx, c, b"");
+            assert_eq!(verify(&out), (c, b, 63), "client {c}");
+            assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, mac_of(b)], "client {c}");
+        }
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 2, "one per backend");
+        // Each flow's record took a copy: its retransmitted SYN (which its
+        // half-open record forwards) looks nothing up.
+        for &c in &clients {
+            let out = run(&mut fx, c, b"");
+            assert_eq!(&out[0..6], &[2, 0, 0, 0, 1, mac_of(verify(&out).1)]);
+        }
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 2);
+        // A packet longer than the one the hop was looked up for is looked
+        // up again (the MTU check is never skipped).
+        let to_11 = |ports: std::ops::Range<u16>| {
+            ports
+                .map(|p| SocketAddrV4::new(CLIENT, p))
+                .find(|c| predicted(*c, vip, PROTO_TCP, &blue()) == v4("198.18.1.11:8080"))
+                .unwrap()
+        };
+        run(&mut fx, to_11(53000..53500), &[0u8; 600]);
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 3);
+        // A neighbour's new MAC reaches the kept hop (a generation).
+        neigh(ns, "198.18.1.11", "02:00:00:00:02:11");
+        fx.dp.bump_flow_gen();
+        let out = run(&mut fx, to_11(53500..54000), b"");
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 2, 0x11]);
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 4);
+        // The same backend position with another address (a reload): the
+        // hop is another backend's, so the new flow looks its own up.
+        let key = service_key(SocketAddr::V4(vip), PROTO_TCP);
+        let moved: Vec<SocketAddr> = vec![
+            "198.18.1.12:8081".parse().unwrap(),
+            "198.18.1.11:8080".parse().unwrap(),
+        ];
+        let pool = |addrs: &[SocketAddr], col: Colour| {
+            addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| backend_of(*a, backend_stat_id(0, col, i as u32)))
+                .collect::<Vec<_>>()
+        };
+        fx.dp
+            .write_service(
+                0,
+                key,
+                &pool(&moved, Colour::Blue),
+                &pool(&green(), Colour::Green),
+                Colour::Blue,
+            )
+            .unwrap();
+        let c = (54000..54500)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .find(|c| predicted(*c, vip, PROTO_TCP, &moved) == v4("198.18.1.12:8081"))
+            .unwrap();
+        let out = run(&mut fx, c, b"");
+        assert_eq!(verify(&out).1, v4("198.18.1.12:8081"));
+        assert_eq!(
+            &out[0..6],
+            &[2, 0, 0, 0, 1, 0x12],
+            "the moved backend's neighbour"
+        );
+        // Off (a routing rule that selects on the client): every new flow
+        // looks its own next hop up.
+        fx.dp.set_backend_hops(false).unwrap();
+        assert_eq!(fx.dp.settings().unwrap().backend_hops, 0);
+        let before = counter(&fx.dp, "fib_lookups");
+        for p in 55000..55010 {
+            run(&mut fx, SocketAddrV4::new(CLIENT, p), b"");
+        }
+        assert_eq!(counter(&fx.dp, "fib_lookups"), before + 10);
+    });
+}
+
 const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
 

@@ -361,6 +361,11 @@ pub fn render_status(s: &Status) -> String {
             }
         );
     }
+    out += if s.backend_hops {
+        "next hops: new IPv4 flows take their backend's (the routing rules select by destination)\n"
+    } else {
+        "next hops: every new flow looks its own up (a routing rule selects on more than the destination)\n"
+    };
     out += "interfaces:";
     if s.interfaces.is_empty() {
         out += " none";

@@ -67,8 +67,9 @@ pub struct Daemon {
     /// next one: every answer comes from a scan begun after its request.
     scan_running: bool,
     scan_waiting: Vec<StatusWaiter>,
-    /// Whether the host's routing rules pick routes by destination only
-    /// (stateless services need it: they keep one next hop per backend).
+    /// Whether the host's IPv4 routing rules pick routes by destination
+    /// only: stateless services need it, and table services' new flows
+    /// use it (both keep one next hop per backend).
     rules_by_destination: bool,
     /// When the last scan for due transitions began: while a transition
     /// cannot end (live records still disagree), a whole-table read at most

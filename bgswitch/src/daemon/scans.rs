@@ -119,28 +119,30 @@ impl Daemon {
         }
     }
 
-    /// Whether the routing rules pick routes by destination only; read
-    /// only while a service is configured stateless (a failure to read them
-    /// counts as "no").
+    /// Whether the IPv4 routing rules pick routes by destination only (a
+    /// failure to read them counts as "no").
     pub(super) fn read_rules(&self) -> bool {
-        if !self.config.services.iter().any(|s| s.may_run_stateless()) {
-            return false;
-        }
         crate::netlink::ipv4_rules_by_destination_only().unwrap_or_else(|e| {
-            log::warn!("cannot read the IPv4 routing rules ({e}): stateless services keep their flow table");
+            log::warn!("cannot read the IPv4 routing rules ({e}): every new flow looks its next hop up, and stateless services keep their flow table");
             false
         })
     }
 
     /// Once a second: a routing rule that selects on more than the
-    /// destination ends every stable period (each flow records its own
-    /// next hop again); when the rules are back, stable periods may start.
+    /// destination makes every new IPv4 flow look its own next hop up
+    /// (not its backend's) and ends every stable period (each flow records
+    /// its own next hop again); when the rules are back, both return.
     pub(super) fn check_rules(&mut self) {
         let ok = self.read_rules();
         if ok == self.rules_by_destination {
             return;
         }
         self.rules_by_destination = ok;
+        if let Err(e) = self.dataplane.set_backend_hops(ok) {
+            log::error!(
+                "routing rules changed, but the data plane's settings could not follow: {e:#}"
+            );
+        }
         if self.config.services.iter().any(|s| s.may_run_stateless()) {
             if ok {
                 log::info!("routing rules select by destination only: stateless services may start stable periods");

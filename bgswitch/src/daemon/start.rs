@@ -423,6 +423,10 @@ impl Daemon {
             _lock: lock,
         };
         daemon.rules_by_destination = daemon.read_rules();
+        // Written with the settings `apply_config` writes.
+        daemon
+            .dataplane
+            .set_backend_hops(daemon.rules_by_destination)?;
         daemon.apply_config()?;
         Ok(daemon)
     }

@@ -187,6 +187,7 @@ impl Daemon {
             interfaces,
             counters,
             flow_table_scans: self.dataplane.flow_table_reads(),
+            backend_hops: self.rules_by_destination,
             pins: self.dataplane.pin_place().map(|p| api::PinsStatus {
                 bpffs: p.configured.display().to_string(),
                 outlive_daemon: true,

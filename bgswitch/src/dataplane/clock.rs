@@ -153,7 +153,9 @@ impl Dataplane {
             tcp_idle: self.clock.ticks(tcp_idle).max(refresh + 1),
             refresh,
             cache_shift: 32 - self.cache_slots.trailing_zeros(),
-            stateless: u32::from(self.any_stable()),
+            stateless: u8::from(self.any_stable()),
+            backend_hops: u8::from(self.backend_hops),
+            _pad: 0,
         };
         self.settings
             .set(0, s, 0)

@@ -408,6 +408,7 @@ impl Dataplane {
             stateless: Default::default(),
             transitions: StdHashMap::new(),
             settings_now: None,
+            backend_hops: false,
             clock,
             cache_slots,
             addr_filter,

@@ -195,6 +195,9 @@ pub struct Dataplane {
     stateless: HashSet<u32>,
     /// What `SETTINGS` holds (once written).
     settings_now: Option<Settings>,
+    /// Whether table services' new IPv4 flows may take their backend's
+    /// kept next hop (`Settings::backend_hops`; see `set_backend_hops`).
+    backend_hops: bool,
     /// Services in a transition that has an orphan pool, and since when
     /// (this process's view: a transition found at load starts then).
     transitions: StdHashMap<u32, Instant>,

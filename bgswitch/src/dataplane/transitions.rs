@@ -177,6 +177,28 @@ impl Dataplane {
             .any(|(_, v)| control::stateless(self.control.load(v.id)))
     }
 
+    /// Lets table services' new IPv4 flows take their backend's kept next
+    /// hop (`BACKEND_HOPS`) instead of a `bpf_fib_lookup` each: only while
+    /// the host's IPv4 routing rules select by destination alone (the
+    /// daemon reads them once a second), so the next hop towards a backend
+    /// is the same for every client. Off until said; written into
+    /// `SETTINGS` now if settings are written, else with them.
+    pub fn set_backend_hops(&mut self, on: bool) -> Result<()> {
+        self.backend_hops = on;
+        let Some(mut s) = self.settings_now else {
+            return Ok(());
+        };
+        if (s.backend_hops != 0) == on {
+            return Ok(());
+        }
+        s.backend_hops = u8::from(on);
+        self.settings
+            .set(0, s, 0)
+            .map_err(map_err(names::SETTINGS, "set"))?;
+        self.settings_now = Some(s);
+        Ok(())
+    }
+
     /// Sets `Settings::stateless` (once settings are written): on before a
     /// stable period starts, off after the last one ended.
     pub(super) fn set_stateless_flag(&mut self, on: bool) -> Result<()> {
@@ -186,7 +208,7 @@ impl Dataplane {
         if (s.stateless != 0) == on {
             return Ok(());
         }
-        s.stateless = u32::from(on);
+        s.stateless = u8::from(on);
         self.settings
             .set(0, s, 0)
             .map_err(map_err(names::SETTINGS, "set"))?;
