@@ -1500,7 +1500,7 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
             "table_max_flows": (c.table(opts) != 0).then(|| c.table(opts)),
             "mpps": Summary::of(&rates),
             // In round order: rows of the same rounds pair up (see
-            // `report::rate_ratio`).
+            // `rate_ratio` in report/targets.rs).
             "mpps_by_round": rates,
             "ns_per_packet": if m > 0.0 { 1000.0 / m } else { f64::INFINITY },
             "lb_ns_per_packet_over_floor": floor.filter(|_| m > 0.0).map(|f| 1000.0 / m - 1000.0 / f),
