@@ -378,7 +378,9 @@ fn install_bpf_linker() -> Result<()> {
 /// `cargo build` puts the dynamic client back, and this puts the static
 /// one back without linking again. The client uses nothing of glibc's that
 /// loads modules at run time (no NSS lookups): `tests/tests/binaries.rs`
-/// checks it is static.
+/// checks it is static. The static libraries it takes (glibc's `libc.a`,
+/// gcc's `libgcc_eh.a`) come with the packages every link here needs
+/// already (libc6-dev for `crt1.o`, gcc's libgcc-dev).
 fn build(release: bool) -> Result<()> {
     let profile: &[&str] = if release { &["--release"] } else { &[] };
     run(cargo()
