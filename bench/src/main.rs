@@ -57,7 +57,8 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Profiling aid: run one forwarding configuration (floor, redirect, bgswitch:N,
-    /// kernel:N, nft:N, stateless:N, nfttcp:N, new, floor6, bgswitch6:N, kernel6:N) repeatedly for
+    /// kernel:N, nft:N, stateless:N, nfttcp:N, new, floor6, bgswitch6:N, kernel6:N; two CPUs:
+    /// bgswitch2:N, stateless2:N, N flows per CPU) repeatedly for
     /// --seconds, then exit.
     #[arg(long)]
     spin_fwd: Option<String>,

@@ -9,7 +9,8 @@ use super::{run_config, Config, FwdOptions, Rig};
 use crate::stats::median;
 
 /// Profiling aid: runs one configuration (`floor`, `redirect`, `bgswitch:N`, `tc:N`, `kernel:N`,
-/// `nft:N`, `stateless:N`, `nfttcp:N`, `new`, `floor6`, `bgswitch6:N`, `kernel6:N`) repeatedly for `seconds` (warmed up first); returns the median
+/// `nft:N`, `stateless:N`, `nfttcp:N`, `new`, `floor6`, `bgswitch6:N`, `kernel6:N`, `bgswitch2:N`,
+/// `stateless2:N`) repeatedly for `seconds` (warmed up first); returns the median
 /// rate in Mpps.
 pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     let (kind, n) = spec.split_once(':').unwrap_or((spec, "1"));
@@ -27,6 +28,8 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
         "floor6" => Config::Floor6,
         "bgswitch6" => Config::Bgswitch6(n),
         "kernel6" => Config::Kernel6(n),
+        "bgswitch2" => Config::Bgswitch2(n),
+        "stateless2" => Config::Stateless2(n),
         other => bail!("unknown configuration {other}"),
     };
     let mut opts = FwdOptions::quick(cpu);
@@ -53,6 +56,10 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     }
     if let Config::Nft(n) | Config::NftTcp(n) = c {
         opts.nft_flows = vec![n];
+    }
+    opts.two_cpu_flows = vec![];
+    if let Config::Bgswitch2(n) | Config::Stateless2(n) = c {
+        opts.two_cpu_flows = vec![n];
     }
     opts.new_flows = c == Config::NewFlows;
     opts.frames = 1_000_000;

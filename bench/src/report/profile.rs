@@ -208,6 +208,15 @@ the generator cycling through the flows). Beyond 65 536 flows per CPU most packe
 previous round's profile) is the dominant cost at that end. Size `max_flows` to the expected
 working set: a table far larger than the live flows costs misses on every new lookup.
 
+**Two CPUs.** Each CPU keeps its own cache region, counters and backend next hops; the flow
+table is shared, but an established packet reads its CPU's cache slot and touches `FLOWS` only
+once a refresh, so nothing a packet writes is shared between the cores. What the two-CPU rows
+measure moves with the machine more than with the path: `bgswitch-bench --spin-fwd` (3 s each,
+one CPU then two, three interleaved rounds, the same build) gave the table path with 10 000 flows
+per CPU 1.99×, 1.82× and 1.37× one CPU's rate, the stateless service 1.94×, 1.51× and 1.86×, and
+the table path with one flow per CPU (no memory to miss) 2.41×, 1.21× and 2.06×: the second
+CPU is this VM's to give or take from round to round, whichever path runs.
+
 **Memory.** `FLOWS` takes 160 B of kernel memory per flow (one 80-B value with its key,
 element header and bucket; part 5 measures it); the per-CPU cache adds a fixed 64 B × its
 slots (`max_flows` ÷ CPUs, 1 024 to 65 536) per possible CPU: 4 MiB here.
