@@ -1348,6 +1348,26 @@ fn recorded(dp: &Dataplane) -> u64 {
         .sum()
 }
 
+/// Reloads service 0 (TCP) with another address, 198.18.1.12:8081, in
+/// blue's first position (whose counter and next-hop slots were
+/// 198.18.1.11:8080's) and returns that pool.
+fn reload_blue_moved(fx: &mut Fixture) -> Vec<SocketAddr> {
+    let moved: Vec<SocketAddr> = vec![
+        "198.18.1.12:8081".parse().unwrap(),
+        "198.18.1.11:8080".parse().unwrap(),
+    ];
+    fx.dp
+        .write_service(
+            0,
+            service_key(SocketAddr::V4(SocketAddrV4::new(VIP, 80)), PROTO_TCP),
+            &pool(0, Colour::Blue, &moved),
+            &pool(0, Colour::Green, &green()),
+            Colour::Blue,
+        )
+        .unwrap();
+    moved
+}
+
 /// Makes service 0 (TCP) stateless and starts its stable period.
 fn stable(fx: &mut Fixture) {
     fx.dp.set_stateless(0, true);
@@ -1582,27 +1602,7 @@ fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_client
         assert_eq!(&out[0..6], &[2, 0, 0, 0, 2, 0x11]);
         // The same backend position with another address (a reload): the
         // kept deltas are not this rewrite's, so it is done afresh.
-        let key = service_key(SocketAddr::V4(vip), PROTO_TCP);
-        let moved: Vec<SocketAddr> = vec![
-            "198.18.1.12:8081".parse().unwrap(),
-            "198.18.1.11:8080".parse().unwrap(),
-        ];
-        let pool = |addrs: &[SocketAddr], col: Colour| {
-            addrs
-                .iter()
-                .enumerate()
-                .map(|(i, a)| backend_of(*a, backend_stat_id(0, col, i as u32)))
-                .collect::<Vec<_>>()
-        };
-        fx.dp
-            .write_service(
-                0,
-                key,
-                &pool(&moved, Colour::Blue),
-                &pool(&green(), Colour::Green),
-                Colour::Blue,
-            )
-            .unwrap();
+        let moved = reload_blue_moved(&mut fx);
         let w = fx.dp.control_word(0);
         fx.dp.end_transition(0, w).unwrap();
         for port in 54000..54020 {
@@ -1669,27 +1669,7 @@ fn table_new_flows_take_their_backends_kept_next_hop_only_while_rules_allow() {
         assert_eq!(counter(&fx.dp, "fib_lookups"), 4);
         // The same backend position with another address (a reload): the
         // hop is another backend's, so the new flow looks its own up.
-        let key = service_key(SocketAddr::V4(vip), PROTO_TCP);
-        let moved: Vec<SocketAddr> = vec![
-            "198.18.1.12:8081".parse().unwrap(),
-            "198.18.1.11:8080".parse().unwrap(),
-        ];
-        let pool = |addrs: &[SocketAddr], col: Colour| {
-            addrs
-                .iter()
-                .enumerate()
-                .map(|(i, a)| backend_of(*a, backend_stat_id(0, col, i as u32)))
-                .collect::<Vec<_>>()
-        };
-        fx.dp
-            .write_service(
-                0,
-                key,
-                &pool(&moved, Colour::Blue),
-                &pool(&green(), Colour::Green),
-                Colour::Blue,
-            )
-            .unwrap();
+        let moved = reload_blue_moved(&mut fx);
         let c = (54000..54500)
             .map(|p| SocketAddrV4::new(CLIENT, p))
             .find(|c| predicted(*c, vip, PROTO_TCP, &moved) == v4("198.18.1.12:8081"))

@@ -5,7 +5,7 @@
 use std::{sync::atomic::Ordering, time::Instant};
 
 use bgswitch_common::{
-    control, maps as names, ServiceKey, ADDR_FILTER_WORDS, FAMILY_IPV4, STATELESS_SLOTS,
+    control, maps as names, ServiceKey, Settings, ADDR_FILTER_WORDS, FAMILY_IPV4, STATELESS_SLOTS,
 };
 
 use super::{map_err, Dataplane, DataplaneError, Result};
@@ -185,30 +185,25 @@ impl Dataplane {
     /// `SETTINGS` now if settings are written, else with them.
     pub fn set_backend_hops(&mut self, on: bool) -> Result<()> {
         self.backend_hops = on;
-        let Some(mut s) = self.settings_now else {
-            return Ok(());
-        };
-        if (s.backend_hops != 0) == on {
-            return Ok(());
-        }
-        s.backend_hops = u8::from(on);
-        self.settings
-            .set(0, s, 0)
-            .map_err(map_err(names::SETTINGS, "set"))?;
-        self.settings_now = Some(s);
-        Ok(())
+        self.set_settings_flag(|s| &mut s.backend_hops, on)
     }
 
     /// Sets `Settings::stateless` (once settings are written): on before a
     /// stable period starts, off after the last one ended.
     pub(super) fn set_stateless_flag(&mut self, on: bool) -> Result<()> {
+        self.set_settings_flag(|s| &mut s.stateless, on)
+    }
+
+    /// Sets one flag byte of `SETTINGS` (once settings are written), a
+    /// whole-entry update only when it changes.
+    fn set_settings_flag(&mut self, flag: fn(&mut Settings) -> &mut u8, on: bool) -> Result<()> {
         let Some(mut s) = self.settings_now else {
             return Ok(());
         };
-        if (s.stateless != 0) == on {
+        if (*flag(&mut s) != 0) == on {
             return Ok(());
         }
-        s.stateless = u8::from(on);
+        *flag(&mut s) = u8::from(on);
         self.settings
             .set(0, s, 0)
             .map_err(map_err(names::SETTINGS, "set"))?;
