@@ -671,7 +671,12 @@ pub struct BackendHop {
     pub vport: u16,
     /// As [`CachedFlow::l4_delta`].
     pub l4_delta: u16,
-    pub _pad: u16,
+    /// The program that looked the next hop up ([`attach::XDP`] or
+    /// [`attach::TC`]): only that one uses it. What the TC program may send
+    /// to, the XDP program may not (an interface only TC serves): a frame
+    /// XDP rewrote for such a hop would reach the stack with the next hop's
+    /// MAC and be dropped as another host's.
+    pub by: u16,
     pub _pad1: u32,
 }
 

@@ -30,6 +30,9 @@ pub trait Packet: EbpfContext {
     /// The verdict that drops the frame (one the program could not finish
     /// rewriting: never expected).
     const DROP: u32;
+    /// This program type, as `bgswitch_common::attach` says it (kept with
+    /// a backend's next hop: `BackendHop::by`).
+    const KIND: u32;
 
     /// The start of the packet data the program may read directly.
     fn data(&self) -> usize;

@@ -13,7 +13,7 @@ use crate::{
     frame::{Frame, TCP_ACK, TCP_SYN},
     maps::{account, count, ADDR_FILTER, BACKEND_HOPS},
     service::{no_backend, pick, vip_source},
-    transmit::{keep_for, send, transmit_l2, Fresh, Nh},
+    transmit::{hop_serves, keep_for, send, transmit_l2, Fresh, Nh},
 };
 
 /// The stateless service in its stable period the packet's VIP and port
@@ -66,9 +66,9 @@ pub fn stateless<C: Packet>(
     account(b.stat_id, f.frame_len, syn, false);
     let peer = b.addr[0];
     // The backend's next hop and deltas, if they are for this VIP and
-    // backend, current, fresh and long enough: the cached path's rewrite.
-    if Nh::backend(hop).usable(f, now, fresh)
-        && hop.peer == peer
+    // backend, this program type's, current, fresh and long enough: the
+    // cached path's rewrite.
+    if hop_serves::<C>(hop, peer, f, now, fresh)
         && hop.peer_port == b.port
         && hop.vip == f.dst[0]
         && hop.vport == f.dport
@@ -105,6 +105,6 @@ pub fn stateless<C: Packet>(
         Some(global::STATELESS),
         false,
     );
-    keep_for(hop, vip, vport, peer, b.port);
+    keep_for::<C>(hop, vip, vport, peer, b.port);
     action
 }

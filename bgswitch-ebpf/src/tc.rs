@@ -67,6 +67,7 @@ impl Packet for TcContext {
     /// clsact filter, the stack) decides, as if bgswitch were not there.
     const PASS: u32 = TC_ACT_UNSPEC as u32;
     const DROP: u32 = TC_ACT_SHOT as u32;
+    const KIND: u32 = bgswitch_common::attach::TC;
 
     #[inline(always)]
     fn data(&self) -> usize {

@@ -159,12 +159,28 @@ fn copy_nh(from: &Nh, to: &mut Nh) {
     *to.ifindex = *from.ifindex;
 }
 
+/// Whether a backend's kept next hop (`BACKEND_HOPS`) serves this packet:
+/// kept for this backend address, by this program type, and usable
+/// ([`Nh::usable`]).
+#[inline(always)]
+pub fn hop_serves<C: Packet>(
+    hop: &mut BackendHop,
+    peer: u32,
+    f: &Frame,
+    now: u64,
+    fresh: Fresh,
+) -> bool {
+    hop.peer == peer && u32::from(hop.by) == C::KIND && Nh::backend(hop).usable(f, now, fresh)
+}
+
 /// Records what a backend's kept next hop (`BACKEND_HOPS`) is now for:
 /// the backend and the VIP, with the rewrite's checksum deltas, which are
 /// the same for every packet from `vip:vport` to `peer:peer_port` (IPv4,
-/// wire order). The next hop itself depends on the backend alone.
+/// wire order), and the program type that looked it up. The next hop
+/// itself depends on the backend alone.
 #[inline(always)]
-pub fn keep_for(hop: &mut BackendHop, vip: u32, vport: u16, peer: u32, peer_port: u16) {
+pub fn keep_for<C: Packet>(hop: &mut BackendHop, vip: u32, vport: u16, peer: u32, peer_port: u16) {
+    hop.by = C::KIND as u16;
     let addr = Delta::ZERO.add32(vip, peer);
     hop.ip_delta = addr.ttl_decrement().folded();
     hop.l4_delta = addr.add16(vport, peer_port).folded();
@@ -201,7 +217,7 @@ pub fn send_new_by_backend<C: Packet>(
     let peer = e.peer;
     // The slot is the backend position's: after a reload it may be
     // another address's.
-    if hop.peer == peer && Nh::backend(hop).usable(f, now, fresh) {
+    if hop_serves::<C>(hop, peer, f, now, fresh) {
         copy_nh(&Nh::backend(hop), &mut Nh::forward(e));
         return transmit(ctx, f, hop.ifindex, &hop.dmac, &hop.smac, None);
     }
@@ -209,7 +225,7 @@ pub fn send_new_by_backend<C: Packet>(
     if e.nh_ifindex != 0 {
         let port = e.peer_port;
         copy_nh(&Nh::forward(e), &mut Nh::backend(hop));
-        keep_for(hop, f.dst[0], f.dport, peer, port);
+        keep_for::<C>(hop, f.dst[0], f.dport, peer, port);
     }
     action
 }

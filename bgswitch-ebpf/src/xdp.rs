@@ -22,6 +22,7 @@ use crate::{
 impl Packet for XdpContext {
     const PASS: u32 = xdp_action::XDP_PASS;
     const DROP: u32 = xdp_action::XDP_DROP;
+    const KIND: u32 = bgswitch_common::attach::XDP;
 
     #[inline(always)]
     fn data(&self) -> usize {

@@ -1558,6 +1558,8 @@ fn a_pool_change_in_a_stable_period_moves_no_open_connection() {
 #[test]
 fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_clients() {
     in_scratch_ns(|ns| {
+        // Next hops are kept per CPU: every run on one.
+        bgswitch_tests::pin_to_cpu(0);
         let v0 = veth_v0(ns, &["198.18.1.1/24"]);
         neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
         neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
@@ -1614,14 +1616,27 @@ fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_client
 }
 
 #[test]
-fn table_new_flows_take_their_backends_kept_next_hop_only_while_rules_allow() {
+fn table_new_flows_take_their_backends_kept_next_hop_of_their_program_type_while_rules_allow() {
     in_scratch_ns(|ns| {
+        // Next hops are kept per CPU: every run on one.
+        bgswitch_tests::pin_to_cpu(0);
         let v0 = veth_v0(ns, &["198.18.1.1/24"]);
         neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
         neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
         let mut fx = Fixture::new();
         fx.dp.set_backend_hops(true).unwrap();
         assert_eq!(fx.dp.settings().unwrap().backend_hops, 1);
+        // The TC program's first run loads it, which takes longer than a
+        // next hop stays fresh: done here, before any hop is kept.
+        let other = SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 9), 80);
+        fx.dp
+            .test_run_tc(
+                &frame(SocketAddrV4::new(CLIENT, 40000), other, L4::Syn, 64, b""),
+                Some(v0),
+                0,
+                1,
+            )
+            .unwrap();
         let vip = SocketAddrV4::new(VIP, 80);
         let run = |fx: &mut Fixture, c: SocketAddrV4, payload: &[u8]| {
             let (action, out, _) = fx
@@ -1667,6 +1682,26 @@ fn table_new_flows_take_their_backends_kept_next_hop_only_while_rules_allow() {
         let out = run(&mut fx, to_11(53500..54000), b"");
         assert_eq!(&out[0..6], &[2, 0, 0, 0, 2, 0x11]);
         assert_eq!(counter(&fx.dp, "fib_lookups"), 4);
+        // Each program type uses the hops it looked up itself: the XDP
+        // program cannot send to every interface the TC program may (one
+        // only TC serves), and a frame it rewrote for such a hop would go
+        // to the stack with another host's MAC.
+        let tc_syn = |fx: &mut Fixture, c: SocketAddrV4| {
+            let (verdict, out, _) = fx
+                .dp
+                .test_run_tc(&frame(c, vip, L4::Syn, 64, b""), Some(v0), 0, 1)
+                .unwrap();
+            assert_eq!(verdict, TC_ACT_REDIRECT, "client {c}");
+            assert_eq!(&out[0..6], &[2, 0, 0, 0, 2, 0x11], "client {c}");
+        };
+        tc_syn(&mut fx, to_11(56000..56500));
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 5, "not XDP's hop");
+        tc_syn(&mut fx, to_11(56500..57000));
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 5, "TC's own hop");
+        run(&mut fx, to_11(57000..57500), b"");
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 6, "not TC's hop");
+        run(&mut fx, to_11(57500..58000), b"");
+        assert_eq!(counter(&fx.dp, "fib_lookups"), 6, "XDP's own hop");
         // The same backend position with another address (a reload): the
         // hop is another backend's, so the new flow looks its own up.
         let moved = reload_blue_moved(&mut fx);
