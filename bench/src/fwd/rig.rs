@@ -356,7 +356,7 @@ impl Rig {
             })?;
             // Long idle timeout: a flow idle between rounds must not be re-chosen.
             dp.set_settings(Duration::from_secs(3600), Duration::from_secs(3600))?;
-            // As the daemon does (see cost.rs).
+            // As the daemon does (see cost/mod.rs).
             dp.set_backend_hops(bgswitch::netlink::ipv4_rules_by_destination_only()?)?;
             let vip = SocketAddr::V4(SocketAddrV4::new(VIP, PORT));
             let b = SocketAddr::V4(SocketAddrV4::new(SINK_ADDR, PORT));
