@@ -1348,6 +1348,17 @@ fn recorded(dp: &Dataplane) -> u64 {
         .sum()
 }
 
+/// For the per-backend next-hop tests: this thread pinned to one CPU
+/// (next hops are kept per CPU), v0 with both blue backends' neighbours,
+/// and a fixture; returns v0's ifindex with it.
+fn two_blue_neighbours(ns: &str) -> (u32, Fixture) {
+    bgswitch_tests::pin_to_cpu(0);
+    let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+    neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
+    neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
+    (v0, Fixture::new())
+}
+
 /// Reloads service 0 (TCP) with another address, 198.18.1.12:8081, in
 /// blue's first position (whose counter and next-hop slots were
 /// 198.18.1.11:8080's) and returns that pool.
@@ -1558,12 +1569,7 @@ fn a_pool_change_in_a_stable_period_moves_no_open_connection() {
 #[test]
 fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_clients() {
     in_scratch_ns(|ns| {
-        // Next hops are kept per CPU: every run on one.
-        bgswitch_tests::pin_to_cpu(0);
-        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
-        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
-        neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
-        let mut fx = Fixture::new();
+        let (v0, mut fx) = two_blue_neighbours(ns);
         stable(&mut fx);
         let vip = SocketAddrV4::new(VIP, 80);
         let run = |fx: &mut Fixture, c: SocketAddrV4, l4: L4, payload: &[u8]| {
@@ -1618,12 +1624,7 @@ fn a_stable_period_keeps_one_next_hop_and_rewrite_per_backend_for_all_its_client
 #[test]
 fn table_new_flows_take_their_backends_kept_next_hop_of_their_program_type_while_rules_allow() {
     in_scratch_ns(|ns| {
-        // Next hops are kept per CPU: every run on one.
-        bgswitch_tests::pin_to_cpu(0);
-        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
-        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
-        neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
-        let mut fx = Fixture::new();
+        let (v0, mut fx) = two_blue_neighbours(ns);
         fx.dp.set_backend_hops(true).unwrap();
         assert_eq!(fx.dp.settings().unwrap().backend_hops, 1);
         // The TC program's first run loads it, which takes longer than a
