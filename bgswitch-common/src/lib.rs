@@ -24,7 +24,7 @@ pub mod hash;
 
 /// Version of the map layout below. Bump on any change to a map's key, value,
 /// type or meaning.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Most services one data plane serves (size of the per-service arrays).
 pub const MAX_SERVICES: u32 = 256;
@@ -472,6 +472,101 @@ pub struct FlowEntry6 {
     pub e: FlowEntry,
 }
 
+/// A bucket of a half-open table (`HALF_OPEN`: IPv4, `HALF_OPEN6`: IPv6):
+/// room for two TCP flows between their SYN and the client's ACK that
+/// completes the handshake. The tables are arrays with one bucket per hash
+/// of the 5-tuple ([`cache_slot`], [`cache6_slot`] at
+/// [`Settings::half_shift`]), not LRU hash tables: a SYN reads its bucket's
+/// seals and keys (one cache line) and writes one way (the one holding its
+/// 5-tuple already, else an empty one, else the older), with no free list,
+/// no eviction and no bucket lock. A record is lost only to two later SYNs
+/// of the same bucket before its handshake completes (a flood, or
+/// collisions at very high connection rates); its flow then takes the path
+/// of a missing record (`bgswitch-ebpf/src/handshake.rs`).
+///
+/// A way is written in place, so a reader on another CPU could see half of
+/// one record and half of the next; its seal ([`HalfOpen4::seal_of`]: the
+/// key and the fields a record never changes, mixed) tells a whole record
+/// from a torn one, and 0 marks an empty way. The fields a record's packets
+/// change in place (times, flags, next hops) are single aligned integers,
+/// as in an LRU table's element.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HalfOpen<K, E, T> {
+    pub seal: [u32; 2],
+    pub key: [K; 2],
+    pub entry: [E; 2],
+    /// Up to a multiple of 64 bytes: the tables are memory-mapped arrays,
+    /// whose values start page-aligned, so a bucket's seals and keys share
+    /// one cache line and no bucket shares one with another.
+    pub _tail: T,
+}
+
+/// An IPv4 half-open bucket: 200 bytes, 256 with its tail (seals and keys
+/// in the first 40).
+pub type HalfOpen4 = HalfOpen<FlowKey4, FlowEntry, [u64; 7]>;
+/// An IPv6 half-open bucket: 280 bytes, 320 with its tail (seals and keys
+/// in the first 88).
+pub type HalfOpen6 = HalfOpen<FlowKey, FlowEntry6, [u64; 5]>;
+
+const _: () = assert!(core::mem::size_of::<HalfOpen4>() == 256);
+const _: () = assert!(core::mem::size_of::<HalfOpen6>() == 320);
+
+/// One step of a half-open record's seal.
+#[inline(always)]
+const fn seal_mix(h: u32, w: u32) -> u32 {
+    (h ^ w).wrapping_mul(0x9e37_79b1).rotate_left(15)
+}
+
+/// The seal's last step: never 0 (an empty way's).
+#[inline(always)]
+const fn seal_end(h: u32, e: &FlowEntry) -> u32 {
+    let h = seal_mix(h, (e.peer_port as u32) << 16 | (e.colour as u32) << 8);
+    seal_mix(h, e.service) | 1
+}
+
+impl HalfOpen4 {
+    /// The seal of a way holding `key` and `entry`.
+    #[inline(always)]
+    pub const fn seal_of(key: &FlowKey4, entry: &FlowEntry) -> u32 {
+        let h = seal_mix(0, key.src);
+        let h = seal_mix(h, key.dst);
+        let h = seal_mix(h, (key.sport as u32) << 16 | key.dport as u32);
+        let h = seal_mix(h, key.proto as u32);
+        seal_end(seal_mix(h, entry.peer), entry)
+    }
+
+    /// Whether way `w` holds a whole record.
+    #[inline(always)]
+    pub const fn holds(&self, w: usize) -> bool {
+        self.seal[w] != 0 && self.seal[w] == Self::seal_of(&self.key[w], &self.entry[w])
+    }
+}
+
+impl HalfOpen6 {
+    /// The seal of a way holding `key` and `entry`.
+    #[inline(always)]
+    pub const fn seal_of(key: &FlowKey, entry: &FlowEntry6) -> u32 {
+        let mut h = 0;
+        let mut i = 0;
+        while i < 4 {
+            h = seal_mix(h, key.src[i]);
+            h = seal_mix(h, key.dst[i]);
+            h = seal_mix(h, entry.peer6[i]);
+            i += 1;
+        }
+        let h = seal_mix(h, (key.sport as u32) << 16 | key.dport as u32);
+        let h = seal_mix(h, (key.proto as u32) << 8 | key.family as u32);
+        seal_end(h, &entry.e)
+    }
+
+    /// Whether way `w` holds a whole record.
+    #[inline(always)]
+    pub const fn holds(&self, w: usize) -> bool {
+        self.seal[w] != 0 && self.seal[w] == Self::seal_of(&self.key[w], &self.entry[w])
+    }
+}
+
 /// Value of `REPLY_SOURCES`, keyed by a backend as a [`ServiceKey`]
 /// (address, port, protocol, family): the VIP and port its replies get back
 /// as their source, and the service. A backend address:port belongs to one
@@ -723,7 +818,11 @@ pub struct Settings {
     /// own. (Before, `stateless` was a u32 here: a program of that layout
     /// reads this byte as part of it, which only costs it a lookup.)
     pub backend_hops: u8,
-    pub _pad: u16,
+    /// `32 - log2(buckets of each half-open table)` ([`HalfOpen`]); 0: no
+    /// half-open table (settings not written), so no TCP flow is recorded
+    /// before its handshake completes.
+    pub half_shift: u8,
+    pub _pad: u8,
 }
 
 /// What the daemon sets [`Settings::refresh`] to.
@@ -932,6 +1031,8 @@ mod pod {
     unsafe impl aya::Pod for CachedFlow {}
     unsafe impl aya::Pod for CachedFlow6 {}
     unsafe impl aya::Pod for ReplySource {}
+    unsafe impl aya::Pod for HalfOpen4 {}
+    unsafe impl aya::Pod for HalfOpen6 {}
 }
 
 #[cfg(test)]
@@ -1023,5 +1124,97 @@ mod tests {
         assert_eq!(port_from_wire(port_to_wire(8080)), 8080);
         assert_eq!(global::NAMES.len() as u32, global::RECORD_MISSING + 1);
         assert!(global::NAMES.len() as u32 <= global::COUNT);
+    }
+
+    #[test]
+    fn a_half_open_seal_is_never_empty_and_follows_the_key_and_the_fixed_fields() {
+        let key = FlowKey4 {
+            src: 1,
+            dst: 2,
+            sport: 3,
+            dport: 4,
+            proto: PROTO_TCP,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let entry = FlowEntry {
+            peer: 5,
+            peer_port: 6,
+            colour: 1,
+            service: 7,
+            ..FlowEntry::default()
+        };
+        let seal = HalfOpen4::seal_of(&key, &entry);
+        assert_ne!(seal, 0);
+        assert_ne!(
+            HalfOpen4::seal_of(&FlowKey4::default(), &FlowEntry::default()),
+            0
+        );
+        let keys = [
+            FlowKey4 { src: 9, ..key },
+            FlowKey4 { dst: 9, ..key },
+            FlowKey4 { sport: 9, ..key },
+            FlowKey4 { dport: 9, ..key },
+            FlowKey4 {
+                proto: PROTO_UDP,
+                ..key
+            },
+        ];
+        for k in keys {
+            assert_ne!(HalfOpen4::seal_of(&k, &entry), seal, "{k:?}");
+        }
+        let entries = [
+            FlowEntry { peer: 9, ..entry },
+            FlowEntry {
+                peer_port: 9,
+                ..entry
+            },
+            FlowEntry { colour: 0, ..entry },
+            FlowEntry {
+                service: 9,
+                ..entry
+            },
+        ];
+        for e in entries {
+            assert_ne!(HalfOpen4::seal_of(&key, &e), seal, "{e:?}");
+        }
+        // What a record's packets change in place does not touch it.
+        let moving = FlowEntry {
+            flags: flow_flags::ANSWERED,
+            last_seen: 99,
+            isn: 9,
+            nh_ifindex: 9,
+            ..entry
+        };
+        assert_eq!(HalfOpen4::seal_of(&key, &moving), seal);
+        let mut bucket = HalfOpen4::default();
+        assert!(!bucket.holds(0) && !bucket.holds(1), "an empty bucket");
+        bucket.key[1] = key;
+        bucket.entry[1] = entry;
+        bucket.seal[1] = seal;
+        assert!(bucket.holds(1));
+        bucket.entry[1].peer = 9; // torn: half of another record
+        assert!(!bucket.holds(1));
+        let key6 = FlowKey {
+            src: [1, 2, 3, 4],
+            dst: [5, 6, 7, 8],
+            sport: 3,
+            dport: 4,
+            proto: PROTO_TCP,
+            family: FAMILY_IPV6,
+            _pad: [0; 2],
+        };
+        let entry6 = FlowEntry6 {
+            peer6: [9, 10, 11, 12],
+            e: entry,
+        };
+        let seal6 = HalfOpen6::seal_of(&key6, &entry6);
+        assert_ne!(seal6, 0);
+        let mut other = key6;
+        other.src[3] = 0;
+        assert_ne!(HalfOpen6::seal_of(&other, &entry6), seal6);
+        let mut peer = entry6;
+        peer.peer6[2] = 0;
+        assert_ne!(HalfOpen6::seal_of(&key6, &peer), seal6);
     }
 }

@@ -12,7 +12,8 @@ use core::mem::MaybeUninit;
 
 use crate::{
     flow::key4,
-    maps::{FLOWS, FLOWS6, HALF_OPEN, HALF_OPEN6, NEW_FLOW6},
+    half_open,
+    maps::{FLOWS, FLOWS6, NEW_FLOW6},
 };
 
 pub trait Family {
@@ -81,18 +82,18 @@ impl Family for V4 {
 
     #[inline(always)]
     fn lookup_half(k: &FlowKey) -> Option<*mut FlowEntry> {
-        HALF_OPEN.get_ptr_mut(&key4(k))
+        half_open::lookup4(&key4(k))
     }
 
     #[inline(always)]
     fn insert_half(k: &FlowKey, e: &FlowEntry) -> Result<(), i32> {
-        HALF_OPEN.insert(&key4(k), e, 0)
+        half_open::insert4(&key4(k), e)
     }
 
     #[inline(always)]
     fn remove_half(k: &FlowKey) {
-        // Gone already (evicted) is as good.
-        let _ = HALF_OPEN.remove(&key4(k));
+        // Gone already (another SYN took its slot) is as good.
+        half_open::remove4(&key4(k));
     }
 
     #[inline(always)]
@@ -142,17 +143,17 @@ impl Family for V6 {
 
     #[inline(always)]
     fn lookup_half(k: &FlowKey) -> Option<*mut FlowEntry6> {
-        HALF_OPEN6.get_ptr_mut(k)
+        half_open::lookup6(k)
     }
 
     #[inline(always)]
     fn insert_half(k: &FlowKey, e: &FlowEntry6) -> Result<(), i32> {
-        HALF_OPEN6.insert(k, e, 0)
+        half_open::insert6(k, e)
     }
 
     #[inline(always)]
     fn remove_half(k: &FlowKey) {
-        let _ = HALF_OPEN6.remove(k);
+        half_open::remove6(k);
     }
 
     #[inline(always)]

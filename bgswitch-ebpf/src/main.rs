@@ -20,6 +20,7 @@
 mod cache;
 mod cache6;
 mod forward;
+mod half_open;
 mod handshake;
 mod icmp;
 mod parse;

@@ -9,9 +9,10 @@ use aya_ebpf::{
 use bgswitch_common::tail;
 use bgswitch_common::{
     global, Backend, BackendHop, BackendStats, CachedFlow, CachedFlow6, ColourStats, FlowEntry,
-    FlowEntry6, FlowKey, FlowKey4, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
-    ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS,
-    MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
+    FlowEntry6, FlowKey, FlowKey4, HalfOpen4, HalfOpen6, PreviewKey, ReplySource, ServiceKey,
+    ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES,
+    DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
+    POOL_SLOTS, STATELESS_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -21,9 +22,6 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entri
 /// `BPF_F_MMAPABLE`: userspace maps this array and flips with one aligned
 /// 32-bit store (a map update is a memcpy of unspecified width).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
-
-/// `BPF_F_NO_COMMON_LRU`: an LRU hash with one LRU list per CPU.
-pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// Per-service control word (see `bgswitch_common::control`).
 #[map]
@@ -63,21 +61,23 @@ pub static FLOWS: LruHashMap<FlowKey4, FlowEntry> =
 pub static FLOWS6: LruHashMap<FlowKey, FlowEntry6> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Half-open TCP flows (IPv4), keyed and valued like `FLOWS`: a SYN's
-/// record stays here until the client's ACK completes the handshake (it
-/// acknowledges the backend's SYN-ACK), and only then moves to `FLOWS`. A
-/// flood of SYNs from spoofed sources churns this table alone: it cannot
-/// evict an established connection's record. Per-CPU LRU lists
-/// (`BPF_F_NO_COMMON_LRU`): an insert takes no lock shared between CPUs.
-/// The daemon sizes it from `max_flows` (`half_open_slots`).
+/// Half-open TCP flows (IPv4): a SYN's record stays here until the
+/// client's ACK completes the handshake (it acknowledges the backend's
+/// SYN-ACK), and only then moves to `FLOWS`. A flood of SYNs from spoofed
+/// sources churns this table alone: it cannot evict an established
+/// connection's record. Two-way buckets, one per hash of the 5-tuple
+/// (`bgswitch_common::HalfOpen`, `half_open.rs`), memory-mapped so each
+/// bucket starts on a cache line; the daemon sizes it from `max_flows`
+/// (`half_open_buckets`, a power of two) and tells the program its size in
+/// `Settings::half_shift`.
 #[map]
-pub static HALF_OPEN: LruHashMap<FlowKey4, FlowEntry> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+pub static HALF_OPEN: Array<HalfOpen4> =
+    Array::with_max_entries(DEFAULT_MAX_FLOWS / 8, BPF_F_MMAPABLE);
 
 /// Half-open TCP flows (IPv6), as `HALF_OPEN`.
 #[map]
-pub static HALF_OPEN6: LruHashMap<FlowKey, FlowEntry6> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+pub static HALF_OPEN6: Array<HalfOpen6> =
+    Array::with_max_entries(DEFAULT_MAX_FLOWS / 8, BPF_F_MMAPABLE);
 
 /// The XDP programs the XDP entry point tail-calls (`bgswitch_common::tail`);
 /// filled by the daemon when it loads them; pinned (the kernel empties a

@@ -18,9 +18,8 @@ use crate::{
     flow::flow_key,
     forward::{to_backend, Held},
     frame::{Frame, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{
-        count, FLOWS, FLOWS6, FLOW_CACHE, HALF_OPEN, HALF_OPEN6, REPLY_SOURCES, SERVICES, SETTINGS,
-    },
+    half_open,
+    maps::{count, FLOWS, FLOWS6, FLOW_CACHE, REPLY_SOURCES, SERVICES, SETTINGS},
     reply::{from_backend, hashed_here, stateless_reply},
     service::{control_word, maybe},
     stateless::{stateless, stateless_service},
@@ -32,13 +31,13 @@ use crate::{
 #[inline(always)]
 fn record<K, E>(
     table: &LruHashMap<K, E>,
-    half_open: &LruHashMap<K, E>,
+    half_open: fn(&K) -> Option<*mut E>,
     key: &K,
     proto: u8,
 ) -> Option<(*mut E, Held)> {
     match table.get_ptr_mut(key) {
         Some(e) => Some((e, Held::Table)),
-        None if proto == PROTO_TCP => half_open.get_ptr_mut(key).map(|e| (e, Held::HalfOpen)),
+        None if proto == PROTO_TCP => half_open(key).map(|e| (e, Held::HalfOpen)),
         None => None,
     }
 }
@@ -109,7 +108,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     if maybe(0, &f.dst) {
         // The whole 5-tuple (the flow hash's input).
         let key = flow_key(f);
-        if let Some((e, held)) = record(&FLOWS, &HALF_OPEN, &cache.key, f.proto) {
+        if let Some((e, held)) = record(&FLOWS, half_open::lookup4, &cache.key, f.proto) {
             // SAFETY: LRU values stay valid for the program's run (RCU);
             // fields are read and written as whole integers.
             let entry = unsafe { &mut *e };
@@ -164,7 +163,7 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             _pad0: 0,
             _pad1: 0,
         };
-        let held = record(&FLOWS, &HALF_OPEN, &fkey, f.proto);
+        let held = record(&FLOWS, half_open::lookup4, &fkey, f.proto);
         if let Some((e, held)) = held {
             // SAFETY: as above.
             let entry = unsafe { &mut *e };
@@ -224,7 +223,7 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
     if maybe(0, &f.dst) {
         // The 5-tuple is the table's key.
         let key = flow_key(f);
-        let held = record(&FLOWS6, &HALF_OPEN6, &key, f.proto);
+        let held = record(&FLOWS6, half_open::lookup6, &key, f.proto);
         if let Some((e, held)) = held {
             // SAFETY: as in `handle`.
             let entry = unsafe { &mut *e };
@@ -264,7 +263,7 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             family: f.family,
             _pad: [0; 2],
         };
-        let held = record(&FLOWS6, &HALF_OPEN6, &fkey, f.proto);
+        let held = record(&FLOWS6, half_open::lookup6, &fkey, f.proto);
         if let Some((e, held)) = held {
             // SAFETY: as above.
             let entry = unsafe { &mut *e };

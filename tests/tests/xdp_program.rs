@@ -542,6 +542,77 @@ fn a_syn_flood_larger_than_the_tables_evicts_no_established_flow() {
     });
 }
 
+/// The half-open bucket of an IPv4 client → VIP 5-tuple, as the program
+/// computes it (`bgswitch_common::cache_slot` at `half_shift`).
+fn half_open_bucket(c: SocketAddrV4, vip: SocketAddrV4, shift: u8) -> u32 {
+    let key = bgswitch_common::FlowKey4 {
+        src: u32::from_ne_bytes(c.ip().octets()),
+        dst: u32::from_ne_bytes(vip.ip().octets()),
+        sport: c.port().to_be(),
+        dport: vip.port().to_be(),
+        proto: PROTO_TCP,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    bgswitch_common::cache_slot(&key, u32::from(shift))
+}
+
+#[test]
+fn half_open_records_share_two_way_buckets_and_a_lost_one_costs_its_flow_one_retransmitted_syn() {
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new(); // half-open: 1024 records, 512 buckets
+        let shift = fx.dp.settings().unwrap().half_shift;
+        assert_eq!(shift, 32 - 9, "512 buckets");
+        let vip = SocketAddrV4::new(VIP, 80);
+        // Three clients whose 5-tuples share one bucket.
+        let first = SocketAddrV4::new(CLIENT, 40000);
+        let bucket = half_open_bucket(first, vip, shift);
+        let same: Vec<SocketAddrV4> = (40001..u16::MAX)
+            .map(|p| SocketAddrV4::new(CLIENT, p))
+            .filter(|c| half_open_bucket(*c, vip, shift) == bucket)
+            .take(2)
+            .collect();
+        let (c1, c2, c3) = (first, same[0], same[1]);
+        let day = std::time::Duration::from_secs(86_400);
+        let half_live =
+            |fx: &Fixture| fx.dp.flow_counts(day, day).unwrap()[&(0, Colour::Blue)].live;
+        for c in [c1, c2] {
+            fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        }
+        assert_eq!(half_live(&fx), 2, "two ways: both held");
+        // A third SYN of the bucket takes the older way, c1's.
+        fx.run(&frame(c3, vip, L4::Syn, 64, b""));
+        assert_eq!(half_live(&fx), 2);
+        // c2's handshake completes by its record.
+        let b2 = predicted(c2, vip, PROTO_TCP, &blue());
+        let (_, out) = fx.run(&frame(b2, c2, L4::SynAck, 64, b""));
+        assert_eq!(verify(&out).0, vip, "c2's SYN-ACK is rewritten back");
+        fx.run(&frame(c2, vip, L4::Ack, 64, b""));
+        assert_eq!(counter(&fx.dp, "promoted"), 1);
+        // c1's record is gone: its backend's SYN-ACK is not translated
+        // (the client will send its SYN again)...
+        let b1 = predicted(c1, vip, PROTO_TCP, &blue());
+        let (action, out) = fx.run(&frame(b1, c1, L4::SynAck, 64, b""));
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(verify(&out).0, b1, "left as the backend sent it");
+        // ... and its retransmitted SYN is recorded again (in the way c2's
+        // promotion emptied), to the same backend, and completes.
+        let (_, out) = fx.run(&frame(c1, vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, b1);
+        let (_, out) = fx.run(&frame(b1, c1, L4::SynAck, 64, b""));
+        assert_eq!(verify(&out).0, vip);
+        let (_, out) = fx.run(&frame(c1, vip, L4::Ack, 64, b""));
+        assert_eq!(verify(&out).1, b1);
+        assert_eq!(counter(&fx.dp, "promoted"), 2);
+        // c3 still waits half open in the bucket; flushing the service
+        // empties its way.
+        let blue = fx.dp.flow_counts(day, day).unwrap()[&(0, Colour::Blue)];
+        assert_eq!((blue.recorded, blue.live), (3, 3));
+        assert_eq!(fx.dp.flush_service(0).unwrap(), 3);
+        assert!(fx.dp.flow_counts(day, day).unwrap().is_empty());
+    });
+}
+
 #[test]
 fn a_syn_after_close_chooses_afresh_but_a_retransmitted_syn_does_not() {
     in_scratch_ns(|_| {

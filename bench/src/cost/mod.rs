@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 use aya::{
-    maps::{loaded_maps, HashMap, Map, MapData, MapInfo},
+    maps::{loaded_maps, Array, HashMap, Map, MapData, MapInfo},
     programs::{TestRun as _, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
@@ -40,7 +40,8 @@ use bgswitch::{
     model::Colour,
 };
 use bgswitch_common::{
-    maps as names, FlowEntry, FlowEntry6, FlowKey, FlowKey4, PROTO_TCP, PROTO_UDP,
+    maps as names, FlowEntry, FlowEntry6, FlowKey, FlowKey4, HalfOpen4, HalfOpen6, PROTO_TCP,
+    PROTO_UDP,
 };
 use bgswitch_tests::{ip_ns, TempNetns};
 use serde_json::{json, Value};
@@ -372,6 +373,47 @@ fn count_entries6(id: u32) -> Result<u64> {
     Ok(map.keys().filter(Result::is_ok).count() as u64)
 }
 
+/// Records held in the half-open table (IPv4 or IPv6, by bucket type) with
+/// this id: its ways that hold a whole record.
+fn count_half<B: aya::Pod + HalfBucket>(id: u32) -> Result<u64> {
+    let data = MapData::from_id(id).context("opening a half-open table by id")?;
+    let map: Array<MapData, B> =
+        Array::try_from(Map::Array(data)).context("a half-open table as an array")?;
+    let mut n = 0;
+    for b in map.iter() {
+        let b = b.context("reading a half-open bucket")?;
+        n += u64::from(b.holds(0)) + u64::from(b.holds(1));
+    }
+    Ok(n)
+}
+
+/// A half-open table's bucket type.
+pub trait HalfBucket {
+    fn holds(&self, way: usize) -> bool;
+}
+
+impl HalfBucket for HalfOpen4 {
+    fn holds(&self, way: usize) -> bool {
+        HalfOpen4::holds(self, way)
+    }
+}
+
+impl HalfBucket for HalfOpen6 {
+    fn holds(&self, way: usize) -> bool {
+        HalfOpen6::holds(self, way)
+    }
+}
+
+/// Records in the IPv4 half-open table with this id.
+pub fn count_half4(id: u32) -> Result<u64> {
+    count_half::<HalfOpen4>(id)
+}
+
+/// Records in the IPv6 half-open table with this id.
+pub fn count_half6(id: u32) -> Result<u64> {
+    count_half::<HalfOpen6>(id)
+}
+
 /// A data plane with identity services: TCP VIP:80 and UDP VIP:53, each
 /// colour's only backend being the VIP itself, and their IPv6 twins on
 /// VIP6.
@@ -404,7 +446,7 @@ pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
     let flows6 = new_map(names::FLOWS6, max_flows, &before6);
     let flows6_memlock = flows6.as_ref().and_then(memlock);
     let flows6_id = flows6.as_ref().map(MapInfo::id);
-    let half = bgswitch::dataplane::half_open_slots(max_flows);
+    let half = bgswitch::dataplane::half_open_buckets(max_flows);
     let half_open_id = new_map(names::HALF_OPEN, half, &before_half)
         .as_ref()
         .map(MapInfo::id);

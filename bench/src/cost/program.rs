@@ -13,10 +13,10 @@ use bgswitch_tests::in_netns;
 use serde_json::{json, Value};
 
 use super::{
-    check, client, client6, count_entries, count_entries6, global, keep_in_dispatcher,
-    load_identity, Bed, Case, CostOptions, PassProgram, CLIENT, CLIENT6, FRAME_LEN, STATELESS_PORT,
-    TCP6_ID, TCP_PORT, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UDP6_ID, UDP_PORT, VIP, VIP6, XDP_PASS,
-    XDP_REDIRECT,
+    check, client, client6, count_entries, count_entries6, count_half4, count_half6, global,
+    keep_in_dispatcher, load_identity, Bed, Case, CostOptions, PassProgram, CLIENT, CLIENT6,
+    FRAME_LEN, STATELESS_PORT, TCP6_ID, TCP_PORT, TC_ACT_REDIRECT, TC_ACT_UNSPEC, UDP6_ID,
+    UDP_PORT, VIP, VIP6, XDP_PASS, XDP_REDIRECT,
 };
 use crate::{
     frames::{frame, frame6, verify, verify6, L4},
@@ -352,12 +352,8 @@ pub fn program_cost(opts: &CostOptions) -> Result<Value> {
         // family's half-open table.
         let held6 = l.flows6_id.map(count_entries6).transpose()?.unwrap_or(0);
         let held4 = l.flows_id.map(count_entries).transpose()?.unwrap_or(0);
-        let half6 = l
-            .half_open6_id
-            .map(count_entries6)
-            .transpose()?
-            .unwrap_or(0);
-        let half4 = l.half_open_id.map(count_entries).transpose()?.unwrap_or(0);
+        let half6 = l.half_open6_id.map(count_half6).transpose()?.unwrap_or(0);
+        let half4 = l.half_open_id.map(count_half4).transpose()?.unwrap_or(0);
         check(
             &mut checks,
             "IPv6 flows are recorded in FLOWS6 (2 entries) and HALF_OPEN6 (1), the IPv4 ones in FLOWS (2) and HALF_OPEN (1)",

@@ -10,8 +10,8 @@ use bgswitch_tests::in_netns;
 use serde_json::{json, Value};
 
 use super::{
-    client, count_entries, global, keep_in_dispatcher, load_identity, Bed, CostOptions,
-    PassProgram, FRAME_LEN, STATELESS_PORT, TCP_PORT, VIP, XDP_REDIRECT,
+    client, count_entries, count_half4, global, keep_in_dispatcher, load_identity, Bed,
+    CostOptions, PassProgram, FRAME_LEN, STATELESS_PORT, TCP_PORT, VIP, XDP_REDIRECT,
 };
 use crate::{
     frames::{frame, L4},
@@ -70,7 +70,7 @@ pub fn scale(opts: &CostOptions) -> Result<Value> {
         let entries = || -> Result<u64> {
             Ok(
                 count_entries(flows_id.context("the FLOWS map was not found by id")?)?
-                    + count_entries(half_id.context("the HALF_OPEN map was not found by id")?)?,
+                    + count_half4(half_id.context("the HALF_OPEN map was not found by id")?)?,
             )
         };
         let mut not_redirected = 0u64;

@@ -132,7 +132,7 @@ fn flow_memory(config: &Config) -> String {
             parts.push(format!(
                 "{name} {per_flow} B each, up to {:.1} MiB, and {:.1} MiB of half-open TCP records",
                 mib(config.max_flows),
-                mib(dataplane::half_open_slots(config.max_flows))
+                dataplane::half_open_bytes(config.max_flows, v6) as f64 / f64::from(1 << 20)
             ));
         }
     }

@@ -155,6 +155,7 @@ impl Dataplane {
             cache_shift: 32 - self.cache_slots.trailing_zeros(),
             stateless: u8::from(self.any_stable()),
             backend_hops: u8::from(self.backend_hops),
+            half_shift: (32 - self.half_buckets.trailing_zeros()) as u8,
             _pad: 0,
         };
         self.settings

@@ -12,10 +12,11 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 
 use bgswitch_common::{
-    control, flow_flags, Addr, Backend, FlowEntry, FlowEntry6, FlowKey, FlowKey4, FAMILY_IPV4,
+    control, flow_flags, Addr, Backend, FlowEntry, FlowEntry6, FlowKey, FlowKey4, HalfOpen4,
+    HalfOpen6, FAMILY_IPV4,
 };
 
 use super::{io_err, map_err, Dataplane, DataplaneError, Result};
@@ -149,12 +150,135 @@ impl<K: aya::Pod + Default, V: aya::Pod + Default> Table<K, V> {
     }
 }
 
+/// A half-open table's bucket ([`HalfOpen4`], [`HalfOpen6`]) as read
+/// here: the record each of its two ways holds whole, if any.
+pub(super) trait Bucket: aya::Pod + Default + PartialEq {
+    type K: Copy;
+    type V: Copy;
+    fn way(&self, w: usize) -> Option<(Self::K, Self::V)>;
+    /// Empties way `w`.
+    fn clear(&mut self, w: usize);
+}
+
+impl Bucket for HalfOpen4 {
+    type K = FlowKey4;
+    type V = FlowEntry;
+    fn way(&self, w: usize) -> Option<(FlowKey4, FlowEntry)> {
+        self.holds(w).then(|| (self.key[w], self.entry[w]))
+    }
+    fn clear(&mut self, w: usize) {
+        self.seal[w] = 0;
+    }
+}
+
+impl Bucket for HalfOpen6 {
+    type K = FlowKey;
+    type V = FlowEntry6;
+    fn way(&self, w: usize) -> Option<(FlowKey, FlowEntry6)> {
+        self.holds(w).then(|| (self.key[w], self.entry[w]))
+    }
+    fn clear(&mut self, w: usize) {
+        self.seal[w] = 0;
+    }
+}
+
+/// One half-open table: an array of two-way buckets, one per hash of the
+/// 5-tuple (`bgswitch_common::HalfOpen`), most ways empty.
+pub(super) struct HalfTable<B: aya::Pod> {
+    name: &'static str,
+    map: Array<MapData, B>,
+    fd: OwnedFd,
+}
+
+impl<B: Bucket> HalfTable<B> {
+    /// The array `map`, pinned or loaded as `name`.
+    pub(super) fn open(name: &'static str, map: Map) -> Result<Self> {
+        let fd = match &map {
+            Map::Array(d) => d
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("duplicating the fd of", Path::new(name)))?,
+            _ => return Err(DataplaneError::Invalid(format!("{name} is not an array"))),
+        };
+        let map = Array::try_from(map).map_err(map_err(name, "open"))?;
+        Ok(HalfTable { name, map, fd })
+    }
+
+    /// Every bucket, with its index: in batches, or one by one where the
+    /// kernel refuses batches.
+    fn buckets(&self) -> Result<Vec<(u32, B)>> {
+        match lookup_batch::<u32, B>(self.fd.as_fd()) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
+                let mut v = Vec::new();
+                for i in 0..self.map.len() {
+                    v.push((i, self.map.get(&i, 0).map_err(map_err(self.name, "read"))?));
+                }
+                Ok(v)
+            }
+            Err(e) => Err(DataplaneError::Io {
+                op: "BPF_MAP_LOOKUP_BATCH on",
+                path: self.name.into(),
+                source: e,
+            }),
+        }
+    }
+
+    /// The records the table holds.
+    fn entries(&self) -> Result<Vec<(B::K, B::V)>> {
+        Ok(held(self.buckets()?))
+    }
+
+    /// A descriptor of the table for a read on another thread.
+    fn dup(&self) -> Result<OwnedFd> {
+        self.fd.try_clone().map_err(io_err(
+            "duplicating the descriptor of",
+            Path::new(self.name),
+        ))
+    }
+
+    /// Empties the ways whose records `doomed` picks; how many it emptied.
+    /// A bucket is written only if it still holds what was read (the data
+    /// plane may have given a way to another flow meanwhile; a record
+    /// taken between that second read and the write is lost, which costs
+    /// its flow the path of a missing record, no more).
+    fn remove_where(&mut self, doomed: impl Fn(&B::V) -> bool) -> Result<u64> {
+        let mut removed = 0;
+        for (i, read) in self.buckets()? {
+            let mut b = read;
+            let mut n = 0;
+            for w in 0..2 {
+                if read.way(w).is_some_and(|(_, v)| doomed(&v)) {
+                    b.clear(w);
+                    n += 1;
+                }
+            }
+            if n == 0 || self.map.get(&i, 0).map_err(map_err(self.name, "read"))? != read {
+                continue;
+            }
+            self.map.set(i, b, 0).map_err(map_err(self.name, "clear"))?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+}
+
+/// The records among a half-open table's buckets.
+fn held<B: Bucket>(buckets: Vec<(u32, B)>) -> Vec<(B::K, B::V)> {
+    buckets
+        .iter()
+        .flat_map(|(_, b)| [b.way(0), b.way(1)])
+        .flatten()
+        .collect()
+}
+
 /// The flow tables of both families, and their half-open tables.
 pub(super) struct FlowTables {
     pub(super) v4: Table<FlowKey4, FlowEntry>,
     pub(super) v6: Table<FlowKey, FlowEntry6>,
-    pub(super) half4: Table<FlowKey4, FlowEntry>,
-    pub(super) half6: Table<FlowKey, FlowEntry6>,
+    pub(super) half4: HalfTable<HalfOpen4>,
+    pub(super) half6: HalfTable<HalfOpen6>,
 }
 
 /// Every entry of the four tables, as read at one time.
@@ -184,8 +308,8 @@ impl FlowScan {
         Ok(self.rules.count_entries(Entries {
             v4: lookup_batch(v4.as_fd())?,
             v6: lookup_batch(v6.as_fd())?,
-            half4: lookup_batch(h4.as_fd())?,
-            half6: lookup_batch(h6.as_fd())?,
+            half4: held(lookup_batch::<u32, HalfOpen4>(h4.as_fd())?),
+            half6: held(lookup_batch::<u32, HalfOpen6>(h6.as_fd())?),
         }))
     }
 }

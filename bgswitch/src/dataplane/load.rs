@@ -19,16 +19,16 @@ use aya::{
 };
 use bgswitch_common::{
     global, maps as names, Backend, BackendStats, ColourStats, FlowEntry, FlowEntry6, FlowKey,
-    FlowKey4, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS,
-    BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
-    POOL_SLOTS, STATELESS_SLOTS,
+    FlowKey4, HalfOpen4, HalfOpen6, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
+    ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, MAX_INTERFACES, MAX_PREVIEW_PREFIXES,
+    MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
 };
 
 use super::{
     bpffs,
     clock::Clock,
     flow_gen::GenCounter,
-    flows::{FlowTables, Table},
+    flows::{FlowTables, HalfTable, Table},
     hook, io_err, map_err,
     mapped::MappedArray,
     pins, Dataplane, DataplaneError, LoadOptions, Result, BPF_F_MMAPABLE,
@@ -111,19 +111,19 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
         ),
         (
             names::HALF_OPEN,
-            MapType::LruHash,
-            sz(size_of::<FlowKey4>()),
-            sz(size_of::<FlowEntry>()),
-            half_open_slots(max_flows),
-            BPF_F_NO_COMMON_LRU,
+            MapType::Array,
+            4,
+            sz(size_of::<HalfOpen4>()),
+            half_open_buckets(max_flows),
+            BPF_F_MMAPABLE,
         ),
         (
             names::HALF_OPEN6,
-            MapType::LruHash,
-            sz(size_of::<FlowKey>()),
-            sz(size_of::<FlowEntry6>()),
-            half_open_slots(max_flows),
-            BPF_F_NO_COMMON_LRU,
+            MapType::Array,
+            4,
+            sz(size_of::<HalfOpen6>()),
+            half_open_buckets(max_flows),
+            BPF_F_MMAPABLE,
         ),
         (
             names::SETTINGS,
@@ -249,8 +249,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, opts.max_flows);
         loader.map_max_entries(names::FLOWS6, opts.max_flows);
-        loader.map_max_entries(names::HALF_OPEN, half_open_slots(opts.max_flows));
-        loader.map_max_entries(names::HALF_OPEN6, half_open_slots(opts.max_flows));
+        loader.map_max_entries(names::HALF_OPEN, half_open_buckets(opts.max_flows));
+        loader.map_max_entries(names::HALF_OPEN6, half_open_buckets(opts.max_flows));
         let cache_slots = flow_cache_slots(opts.max_flows);
         // One region of `cache_slots` per CPU id (see the map's doc).
         let cpu_ids = cpu_id_bound();
@@ -333,8 +333,8 @@ impl Dataplane {
         let flows = FlowTables {
             v4: Table::open(names::FLOWS, take(names::FLOWS)?)?,
             v6: Table::open(names::FLOWS6, take(names::FLOWS6)?)?,
-            half4: Table::open(names::HALF_OPEN, take(names::HALF_OPEN)?)?,
-            half6: Table::open(names::HALF_OPEN6, take(names::HALF_OPEN6)?)?,
+            half4: HalfTable::open(names::HALF_OPEN, take(names::HALF_OPEN)?)?,
+            half6: HalfTable::open(names::HALF_OPEN6, take(names::HALF_OPEN6)?)?,
         };
         let settings =
             Array::try_from(take(names::SETTINGS)?).map_err(map_err(names::SETTINGS, "open"))?;
@@ -411,6 +411,7 @@ impl Dataplane {
             backend_hops: false,
             clock,
             cache_slots,
+            half_buckets: half_open_buckets(opts.max_flows),
             addr_filter,
             flow_gen,
             table_reads: std::cell::Cell::new(0),
@@ -497,16 +498,29 @@ impl Dataplane {
     }
 }
 
-/// `BPF_F_NO_COMMON_LRU`: the half-open tables keep one LRU list per CPU.
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
-
-/// The size of each half-open table (TCP flows between their SYN and the
-/// client's ACK, and connections whose record was missing, see
+/// The records each half-open table holds (TCP flows between their SYN
+/// and the client's ACK, and connections whose record was missing, see
 /// `bgswitch-ebpf/src/handshake.rs`): a quarter of `max_flows`, at least
-/// 1024. Honest handshakes stay in it for one round trip; a SYN flood
-/// churns it, and only it.
+/// 1024, as a power of two (a bucket is a hash's top bits). Honest
+/// handshakes stay in it for one round trip; a SYN flood churns it, and
+/// only it.
 pub fn half_open_slots(max_flows: u32) -> u32 {
-    (max_flows / 4).max(1024)
+    (max_flows / 4).clamp(1024, 1 << 30).next_power_of_two()
+}
+
+/// The two-way buckets of each half-open table (`bgswitch_common::HalfOpen`).
+pub fn half_open_buckets(max_flows: u32) -> u32 {
+    half_open_slots(max_flows) / 2
+}
+
+/// Kernel memory of one half-open table (IPv6's if `v6`).
+pub fn half_open_bytes(max_flows: u32, v6: bool) -> u64 {
+    let bucket = if v6 {
+        std::mem::size_of::<HalfOpen6>()
+    } else {
+        std::mem::size_of::<HalfOpen4>()
+    };
+    u64::from(half_open_buckets(max_flows)) * bucket as u64
 }
 
 /// The per-CPU flow cache's size: the flows one CPU would see if `max_flows`

@@ -64,7 +64,7 @@ pub use flows::{
     kernel_bytes_per_flow, FlowCounts, FlowScan, FLOW_BYTES_V4, FLOW_BYTES_V6, SYN_TIMEOUT_S,
 };
 pub use hook::AttachMode;
-pub use load::{cpu_id_bound, half_open_slots};
+pub use load::{cpu_id_bound, half_open_buckets, half_open_bytes, half_open_slots};
 pub use pins::{lock_pins, remove_pins, PinLock};
 pub use services::{addr_of, backend_of, backend_stat_id, service_key};
 
@@ -205,6 +205,8 @@ pub struct Dataplane {
     clock: Clock,
     /// Slots of this load's per-CPU flow cache.
     cache_slots: u32,
+    /// Buckets of each half-open table (`Settings::half_shift`).
+    half_buckets: u32,
     /// The mapped `ADDR_FILTER` bitmaps.
     addr_filter: MappedArray,
     /// The mapped `FLOW_GEN` counter (shared with the netlink watcher).
