@@ -475,10 +475,10 @@ pub struct FlowEntry6 {
 /// A bucket of a half-open table (`HALF_OPEN`: IPv4, `HALF_OPEN6`: IPv6):
 /// room for two TCP flows between their SYN and the client's ACK that
 /// completes the handshake. The tables are arrays with one bucket per hash
-/// of the 5-tuple ([`cache_slot`], [`cache6_slot`] at
-/// [`Settings::half_shift`]), not LRU hash tables: a SYN reads its bucket's
+/// of the 5-tuple ([`half_open_bucket4`], [`half_open_bucket6`]), not LRU
+/// hash tables: a SYN reads its bucket's
 /// seals and keys (one cache line) and writes one way (the one holding its
-/// 5-tuple already, else an empty one, else the older), with no free list,
+/// 5-tuple already, else an empty one, else the one written first), with no free list,
 /// no eviction and no bucket lock. A record is lost only to two later SYNs
 /// of the same bucket before its handshake completes (a flood, or
 /// collisions at very high connection rates); its flow then takes the path
@@ -494,6 +494,10 @@ pub struct FlowEntry6 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HalfOpen<K, E, T> {
     pub seal: [u32; 2],
+    /// The way written last (the other is the older, which a third SYN
+    /// takes).
+    pub last: u32,
+    pub _pad: u32,
     pub key: [K; 2],
     pub entry: [E; 2],
     /// Up to a multiple of 64 bytes: the tables are memory-mapped arrays,
@@ -502,15 +506,39 @@ pub struct HalfOpen<K, E, T> {
     pub _tail: T,
 }
 
-/// An IPv4 half-open bucket: 200 bytes, 256 with its tail (seals and keys
-/// in the first 40).
-pub type HalfOpen4 = HalfOpen<FlowKey4, FlowEntry, [u64; 7]>;
-/// An IPv6 half-open bucket: 280 bytes, 320 with its tail (seals and keys
-/// in the first 88).
-pub type HalfOpen6 = HalfOpen<FlowKey, FlowEntry6, [u64; 5]>;
+/// An IPv4 half-open bucket: 208 bytes, 256 with its tail (seals and keys
+/// in the first 48).
+pub type HalfOpen4 = HalfOpen<FlowKey4, FlowEntry, [u64; 6]>;
+/// An IPv6 half-open bucket: 288 bytes, 320 with its tail (seals and keys
+/// in the first 96).
+pub type HalfOpen6 = HalfOpen<FlowKey, FlowEntry6, [u64; 4]>;
 
 const _: () = assert!(core::mem::size_of::<HalfOpen4>() == 256);
 const _: () = assert!(core::mem::size_of::<HalfOpen6>() == 320);
+
+/// The half-open bucket of an IPv4 5-tuple (client → VIP) at `shift`
+/// ([`Settings::half_shift`]): the top bits of its flow hash, a full mix,
+/// so 5-tuples that differ anywhere spread over the buckets (the flow
+/// cache's cheaper index keeps structure: clients of one /16 share 2^16
+/// values of it).
+#[inline(always)]
+pub const fn half_open_bucket4(k: &FlowKey4, shift: u32) -> u32 {
+    hash::flow_hash4(
+        k.src,
+        k.dst,
+        k.sport,
+        k.dport,
+        k.proto,
+        hash::HALF_OPEN_SEED,
+    ) >> (shift & 31)
+}
+
+/// The half-open bucket of an IPv6 5-tuple, as [`half_open_bucket4`]
+/// with [`hash::index_hash6`].
+#[inline(always)]
+pub const fn half_open_bucket6(k: &FlowKey, shift: u32) -> u32 {
+    hash::index_hash6(k, hash::HALF_OPEN_SEED) >> (shift & 31)
+}
 
 /// One step of a half-open record's seal.
 #[inline(always)]

@@ -3,7 +3,7 @@
 //! (`handshake.rs` says when). Each is an array of two-way buckets
 //! (`bgswitch_common::HalfOpen`), one per hash of the 5-tuple: a SYN reads
 //! its bucket's seals and keys and writes one way (the one holding its
-//! 5-tuple already, else an empty one, else the older), which is all a new
+//! 5-tuple already, else an empty one, else the one written first), which is all a new
 //! flow records — no free list, no eviction, no bucket lock. A record is
 //! lost only to two later SYNs of the same bucket before its handshake
 //! completes; its flow then takes the path of a missing record. A way
@@ -11,7 +11,8 @@
 //! another CPU) holds nothing.
 
 use bgswitch_common::{
-    cache6_slot, cache_slot, FlowEntry, FlowEntry6, FlowKey, FlowKey4, HalfOpen4, HalfOpen6,
+    half_open_bucket4, half_open_bucket6, FlowEntry, FlowEntry6, FlowKey, FlowKey4, HalfOpen4,
+    HalfOpen6,
 };
 
 use crate::{
@@ -29,8 +30,8 @@ trait Bucket {
     fn seal_of(k: &Self::K, e: &Self::E) -> u32;
     /// Way `w`: its seal, key and record.
     fn way(&mut self, w: usize) -> (&mut u32, &mut Self::K, &mut Self::E);
-    /// Low 32 bits of `jiffies` when way `w`'s record was made.
-    fn created(&self, w: usize) -> u32;
+    /// The way written last.
+    fn last(&mut self) -> &mut u32;
 }
 
 impl Bucket for HalfOpen4 {
@@ -49,8 +50,8 @@ impl Bucket for HalfOpen4 {
         (&mut self.seal[w], &mut self.key[w], &mut self.entry[w])
     }
     #[inline(always)]
-    fn created(&self, w: usize) -> u32 {
-        self.entry[w].created
+    fn last(&mut self) -> &mut u32 {
+        &mut self.last
     }
 }
 
@@ -75,8 +76,8 @@ impl Bucket for HalfOpen6 {
         (&mut self.seal[w], &mut self.key[w], &mut self.entry[w])
     }
     #[inline(always)]
-    fn created(&self, w: usize) -> u32 {
-        self.entry[w].e.created
+    fn last(&mut self) -> &mut u32 {
+        &mut self.last
     }
 }
 
@@ -118,20 +119,23 @@ fn empty<B: Bucket>(b: &mut B, w: usize) -> bool {
 }
 
 /// Records `k`'s flow in its bucket: in the way that holds `k` already,
-/// else an empty one, else the one whose record is older.
+/// else an empty one, else the one written before the other (the older).
 #[inline(always)]
-fn insert<B: Bucket>(b: *mut B, k: &B::K, e: &B::E, now: u32) {
+fn insert<B: Bucket>(b: *mut B, k: &B::K, e: &B::E) {
     // SAFETY: as in `held`.
     let b = unsafe { &mut *b };
     let w = if b.is(0, k) {
         0
-    } else if b.is(1, k) || empty(b, 1) && !empty(b, 0) {
+    } else if b.is(1, k) {
         1
-    } else if empty(b, 0) || now.wrapping_sub(b.created(0)) >= now.wrapping_sub(b.created(1)) {
+    } else if empty(b, 0) {
         0
-    } else {
+    } else if empty(b, 1) {
         1
+    } else {
+        1 - (*b.last() & 1) as usize
     };
+    *b.last() = w as u32;
     let (seal, key, entry) = b.way(w);
     // SAFETY: as in `held`. The seal is cleared first (readers on other
     // CPUs see an empty way while it is rewritten) and set last.
@@ -163,7 +167,7 @@ fn bucket4(k: &FlowKey4) -> Option<*mut HalfOpen4> {
     if shift == 0 {
         return None;
     }
-    HALF_OPEN.get_ptr_mut(cache_slot(k, shift))
+    HALF_OPEN.get_ptr_mut(half_open_bucket4(k, shift))
 }
 
 /// The bucket of an IPv6 5-tuple.
@@ -173,9 +177,7 @@ fn bucket6(k: &FlowKey) -> Option<*mut HalfOpen6> {
     if shift == 0 {
         return None;
     }
-    HALF_OPEN6.get_ptr_mut(cache6_slot(
-        &k.src, &k.dst, k.sport, k.dport, k.proto, shift,
-    ))
+    HALF_OPEN6.get_ptr_mut(half_open_bucket6(k, shift))
 }
 
 /// The half-open record of an IPv4 5-tuple.
@@ -188,7 +190,7 @@ pub fn lookup4(k: &FlowKey4) -> Option<*mut FlowEntry> {
 #[inline(always)]
 pub fn insert4(k: &FlowKey4, e: &FlowEntry) -> Result<(), i32> {
     let b = bucket4(k).ok_or(-7)?; // E2BIG
-    insert(b, k, e, e.created);
+    insert(b, k, e);
     Ok(())
 }
 
@@ -210,7 +212,7 @@ pub fn lookup6(k: &FlowKey) -> Option<*mut FlowEntry6> {
 #[inline(always)]
 pub fn insert6(k: &FlowKey, e: &FlowEntry6) -> Result<(), i32> {
     let b = bucket6(k).ok_or(-7)?;
-    insert(b, k, e, e.e.created);
+    insert(b, k, e);
     Ok(())
 }
 

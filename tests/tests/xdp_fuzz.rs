@@ -49,7 +49,7 @@ use bgswitch::{
     dataplane::{backend_of, backend_stat_id, service_key, Dataplane, LoadOptions},
     model::Colour,
 };
-use bgswitch_common::{flow_flags, PROTO_TCP, PROTO_UDP};
+use bgswitch_common::{flow_flags, FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
 use bgswitch_tests::{flowhash, rng::Rng};
 use bgswitch_tests::{in_netns, ip, netns::mac_address, TempNetns};
 use etherparse::{Ipv4Header, NetSlice, SlicedPacket, TcpHeader, TransportSlice, UdpHeader};
@@ -890,6 +890,15 @@ impl Model {
                 .svcs
                 .iter()
                 .any(|s| p.sport == s.port && p.proto == s.proto)
+    }
+
+    /// Forgets a flow the data plane no longer holds (a half-open record
+    /// pushed out of its bucket: `pushed_out`).
+    fn forget(&mut self, key: &Key) {
+        self.flows.remove(key);
+        if self.seen_set.remove(key) {
+            self.seen.retain(|k| k != key);
+        }
     }
 
     fn saw(&mut self, key: Key) {
@@ -1887,6 +1896,9 @@ struct Stats {
     /// Control-plane changes made.
     events: BTreeMap<&'static str, u64>,
     failures: u64,
+    /// Half-open records the data plane pushed out of a full bucket (two
+    /// later SYNs of it), which the model then forgets (`pushed_out`).
+    pushed_out: u64,
     reported: Vec<String>,
     counter_mismatches: Vec<String>,
     elapsed: Duration,
@@ -1914,6 +1926,7 @@ impl Stats {
             *self.events.entry(k).or_default() += v;
         }
         self.failures += o.failures;
+        self.pushed_out += o.pushed_out;
         self.reported.extend(o.reported);
         self.counter_mismatches.extend(o.counter_mismatches);
         self.elapsed = self.elapsed.max(o.elapsed);
@@ -1950,6 +1963,10 @@ impl Stats {
         table(
             "control-plane changes",
             &mut self.events.iter().map(|(k, v)| (k.to_string(), *v)),
+        );
+        println!(
+            "  half-open records pushed out of a full bucket (the model forgot them): {}",
+            self.pushed_out
         );
         println!("  failures: {}", self.failures);
         for r in &self.reported {
@@ -2021,6 +2038,53 @@ fn short_of(prog: Prog, stats: &Stats, min: u64) -> Vec<String> {
 }
 
 /// Runs one frame and checks it; returns the failure description if any.
+/// The data plane's half-open bucket of a TCP packet's 5-tuple (client →
+/// VIP), read before the packet runs; `None` for any other packet.
+fn bucket_before(dp: &Dataplane, key: Option<FlowKey>) -> Option<(FlowKey, Vec<FlowKey>)> {
+    let key = key?;
+    Some((
+        key,
+        dp.half_open_bucket(&key).expect("read a half-open bucket"),
+    ))
+}
+
+/// The half-open records the packet pushed out of its bucket: there before,
+/// gone after, and not moved to the flow table. The design allows it only
+/// when two other records fill the bucket (`bgswitch_common::HalfOpen`);
+/// the model, which keeps no half-open table, then forgets them.
+fn pushed_out(
+    dp: &Dataplane,
+    before: Option<(FlowKey, Vec<FlowKey>)>,
+) -> Result<Vec<FlowKey>, String> {
+    let Some((key, pre)) = before else {
+        return Ok(Vec::new());
+    };
+    let post = dp.half_open_bucket(&key).expect("read a half-open bucket");
+    let gone: Vec<FlowKey> = pre
+        .into_iter()
+        .filter(|k| !post.contains(k) && !dp.has_flow(k).expect("look up a flow"))
+        .collect();
+    if !gone.is_empty() && post.len() < 2 {
+        return Err(format!(
+            "half-open records {gone:?} left a bucket that is not full: {post:?}"
+        ));
+    }
+    Ok(gone)
+}
+
+/// A TCP packet's 5-tuple as the data plane keys IPv4 flows (wire order).
+fn tcp_key4(p: &Parsed) -> Option<FlowKey> {
+    (p.proto == PROTO_TCP && p.dst == VIP).then(|| FlowKey {
+        src: [u32::from_ne_bytes(p.src), 0, 0, 0],
+        dst: [u32::from_ne_bytes(p.dst), 0, 0, 0],
+        sport: p.sport.to_be(),
+        dport: p.dport.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    })
+}
+
 fn run_one(
     prog: Prog,
     dp: &mut Dataplane,
@@ -2058,12 +2122,28 @@ fn run_one(
                 .map(|e| format!("{e}\ninput:\n{}", hex(frame))),
         };
     }
+    let before = bucket_before(dp, parsed.as_ref().ok().and_then(tcp_key4));
     let run = match prog {
         Prog::Xdp => dp.test_run(frame, ingress, 1),
         Prog::Tc => dp
             .test_run_tc(frame, ingress, 0, 1)
             .map(|(v, out, d)| (tc_as_xdp(v), out, d)),
     };
+    match pushed_out(dp, before) {
+        Ok(gone) => {
+            for k in gone {
+                stats.pushed_out += 1;
+                model.forget(&Key {
+                    src: k.src[0].to_ne_bytes(),
+                    dst: k.dst[0].to_ne_bytes(),
+                    sport: u16::from_be(k.sport),
+                    dport: u16::from_be(k.dport),
+                    proto: k.proto,
+                });
+            }
+        }
+        Err(e) => return Some(format!("{e}\ninput:\n{}", hex(frame))),
+    }
     let result = match run {
         Err(e) => Err(format!("test run failed: {e} ({e:?})")),
         Ok((action, out, _)) => check(prog, frame, parsed, outcome, action, &out, fib)
@@ -3076,6 +3156,7 @@ fn fuzz6_worker(prog: Prog, seed: u64, frames: u64) -> (u64, BTreeMap<String, u6
         let mut classes: BTreeMap<String, u64> = BTreeMap::new();
         let mut failures = Vec::new();
         let mut failed = 0;
+        let mut pushed = 0;
         let mut done = 0;
         while done < frames {
             let mut dp = load6(&services6());
@@ -3112,14 +3193,27 @@ fn fuzz6_worker(prog: Prog, seed: u64, frames: u64) -> (u64, BTreeMap<String, u6
                         Ok((v, out, _)) => check6(&frame, &parsed, &outcome, tc_as_xdp(v), &out),
                     }
                 } else {
+                    let before = bucket_before(&dp, parsed.as_ref().ok().and_then(tcp_key6));
                     let run = match prog {
                         Prog::Xdp => dp.test_run(&frame, None, 1),
                         Prog::Tc => dp
                             .test_run_tc(&frame, None, 0, 1)
                             .map(|(v, out, d)| (tc_as_xdp(v), out, d)),
                     };
-                    match run {
-                        Err(e) => Err(format!("test run failed: {e}")),
+                    let gone = pushed_out(&dp, before);
+                    for k in gone.iter().flatten() {
+                        pushed += 1;
+                        let key = Key6 {
+                            src: words_to_bytes(&k.src),
+                            sport: u16::from_be(k.sport),
+                            dport: u16::from_be(k.dport),
+                            proto: k.proto,
+                        };
+                        model.flows.remove(&key);
+                        model.seen.retain(|s| *s != key);
+                    }
+                    match gone.and(run.map_err(|e| format!("test run failed: {e}"))) {
+                        Err(e) => Err(e),
                         Ok((action, out, _)) => check6(&frame, &parsed, &outcome, action, &out)
                             .map_err(|e| format!("{e}\noutput:\n{}", hex(&out))),
                     }
@@ -3152,8 +3246,33 @@ fn fuzz6_worker(prog: Prog, seed: u64, frames: u64) -> (u64, BTreeMap<String, u6
             }
             done += n;
         }
+        classes.insert(
+            "(half-open records pushed out of a full bucket: the model forgot them)".into(),
+            pushed,
+        );
         (failed, classes, failures)
     })
+}
+
+/// An IPv6 TCP packet's 5-tuple as the data plane keys IPv6 flows.
+fn tcp_key6(p: &Parsed6) -> Option<FlowKey> {
+    let words = |a: &[u8; 16]| {
+        core::array::from_fn(|i| u32::from_ne_bytes(a[4 * i..4 * i + 4].try_into().unwrap()))
+    };
+    (p.proto == PROTO_TCP && p.dst == VIP6).then(|| FlowKey {
+        src: words(&p.src),
+        dst: words(&p.dst),
+        sport: p.sport.to_be(),
+        dport: p.dport.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_IPV6,
+        _pad: [0; 2],
+    })
+}
+
+/// An address as four words (`FlowKey`'s) back to its bytes.
+fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
+    core::array::from_fn(|i| w[i / 4].to_ne_bytes()[i % 4])
 }
 
 #[test]

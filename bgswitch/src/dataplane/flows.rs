@@ -225,6 +225,11 @@ impl<B: Bucket> HalfTable<B> {
         }
     }
 
+    /// Bucket `i`.
+    fn bucket(&self, i: u32) -> Result<B> {
+        self.map.get(&i, 0).map_err(map_err(self.name, "read"))
+    }
+
     /// The records the table holds.
     fn entries(&self) -> Result<Vec<(B::K, B::V)>> {
         Ok(held(self.buckets()?))
@@ -261,6 +266,19 @@ impl<B: Bucket> HalfTable<B> {
             removed += n;
         }
         Ok(removed)
+    }
+}
+
+/// An IPv4 5-tuple as `FLOWS` keys it.
+fn v4_key(k: &FlowKey) -> FlowKey4 {
+    FlowKey4 {
+        src: k.src[0],
+        dst: k.dst[0],
+        sport: k.sport,
+        dport: k.dport,
+        proto: k.proto,
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
@@ -415,6 +433,50 @@ impl FlowRules {
 }
 
 impl Dataplane {
+    /// The 5-tuples (client → VIP) whose half-open records share `key`'s
+    /// bucket now, `key`'s own among them if it has one: for the tests that
+    /// check a record leaves its bucket only when two others fill it.
+    pub fn half_open_bucket(&self, key: &FlowKey) -> Result<Vec<FlowKey>> {
+        let shift = 32 - self.half_buckets.trailing_zeros();
+        let t = &self.flows;
+        if key.family == FAMILY_IPV4 {
+            let b = t
+                .half4
+                .bucket(bgswitch_common::half_open_bucket4(&v4_key(key), shift))?;
+            Ok((0..2)
+                .filter_map(|w| b.way(w))
+                .map(|(k, _)| FlowKey {
+                    src: [k.src, 0, 0, 0],
+                    dst: [k.dst, 0, 0, 0],
+                    sport: k.sport,
+                    dport: k.dport,
+                    proto: k.proto,
+                    family: FAMILY_IPV4,
+                    _pad: [0; 2],
+                })
+                .collect())
+        } else {
+            let b = t
+                .half6
+                .bucket(bgswitch_common::half_open_bucket6(key, shift))?;
+            Ok((0..2).filter_map(|w| b.way(w)).map(|(k, _)| k).collect())
+        }
+    }
+
+    /// Whether the flow table of `key`'s family holds a record of it.
+    pub fn has_flow(&self, key: &FlowKey) -> Result<bool> {
+        let found = if key.family == FAMILY_IPV4 {
+            self.flows.v4.map.get(&v4_key(key), 0).map(|_| ())
+        } else {
+            self.flows.v6.map.get(key, 0).map(|_| ())
+        };
+        match found {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(map_err("FLOWS", "lookup")(e)),
+        }
+    }
+
     /// Counts forward flow entries per (service id, colour).
     pub fn flow_counts(
         &self,
