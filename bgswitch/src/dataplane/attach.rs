@@ -6,12 +6,7 @@
 //! meets an interface is the hook's (`hook.rs`); nothing here knows XDP or
 //! TC.
 
-use std::{
-    ffi::CString,
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _},
-    path::Path,
-};
+use std::{ffi::CString, io, os::fd::AsRawFd as _, path::Path};
 
 use bgswitch_common::{attach as kind, maps as map_names};
 
@@ -411,25 +406,8 @@ fn oper_up(iface: &str) -> Option<bool> {
 /// gone), read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD (the `xdp` and
 /// `tcx` members of `bpf_link_info` both start with it).
 fn link_ifindex(pin: &Path) -> io::Result<u32> {
-    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let path = CString::new(pin.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
-    // SAFETY: bpf(2) with a zeroed attr whose first field points at a valid C string.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by the kernel and is owned here.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let fd = super::pins::open_pin(pin)?;
     // struct bpf_link_info: type, id, prog_id, (pad), then the union;
     // xdp.ifindex and tcx.ifindex at 16.
     let mut info = [0u8; 256];

@@ -106,9 +106,65 @@ fn pin_name(name: &str) -> Option<(AttachMode, &str)> {
 /// detaches once no process holds it; a netlink filter is removed.
 fn unpin(links: &Path, name: &str) -> Result<()> {
     let path = links.join(name);
+    // Detached first, at once: removing the pin alone frees the link (and
+    // takes the program off its hook) later, on a kernel work queue, so
+    // for a moment after `detach` says so the program would still switch.
+    // (A netlink filter's pin is its program, not a link.)
+    let netlink = matches!(pin_name(name), Some((AttachMode::TcNetlink, _)));
+    if let Err(e) = (!netlink).then(|| detach_link(&path)).unwrap_or(Ok(())) {
+        log::warn!(
+            "{}: could not detach the link before unpinning it ({e}); it goes with its pin",
+            path.display()
+        );
+    }
     std::fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
     if let Some((AttachMode::TcNetlink, iface)) = pin_name(name) {
         hook::remove_filter(iface);
+    }
+    Ok(())
+}
+
+/// A descriptor of the BPF object pinned at `pin` (BPF_OBJ_GET).
+pub(super) fn open_pin(pin: &Path) -> std::io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zeroed attr whose first field points at a valid C string.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by the kernel and is owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Takes the link pinned at `pin` off its hook now (BPF_LINK_DETACH; XDP
+/// and tcx links support it). The link object stays, detached, until its
+/// last reference goes.
+fn detach_link(pin: &Path) -> std::io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let fd = open_pin(pin)?;
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(fd.as_raw_fd() as u32);
+    // SAFETY: bpf(2) with a zeroed attr naming a link descriptor owned here.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
