@@ -111,7 +111,8 @@ fn unpin(links: &Path, name: &str) -> Result<()> {
     // for a moment after `detach` says so the program would still switch.
     // (A netlink filter's pin is its program, not a link.)
     let netlink = matches!(pin_name(name), Some((AttachMode::TcNetlink, _)));
-    if let Err(e) = (!netlink).then(|| detach_link(&path)).unwrap_or(Ok(())) {
+    let detached = if netlink { Ok(()) } else { detach_link(&path) };
+    if let Err(e) = detached {
         log::warn!(
             "{}: could not detach the link before unpinning it ({e}); it goes with its pin",
             path.display()
