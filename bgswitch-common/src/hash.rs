@@ -322,16 +322,7 @@ mod tests {
             let (c, d) = ((i >> 4) as u8, (i * 7) as u8);
             let sport = 32768 + (i * 13 % 28000) as u16;
             let k = v4([10, 1, c, d], sport, [198, 19, 0, 10], 443, 6);
-            let k4 = crate::FlowKey4 {
-                src: k.src[0],
-                dst: k.dst[0],
-                sport: k.sport,
-                dport: k.dport,
-                proto: k.proto,
-                _pad0: 0,
-                _pad1: 0,
-            };
-            n4[crate::half_open_bucket4(&k4, shift) as usize] += 1;
+            n4[crate::half_open_bucket4(&crate::FlowKey4::of(&k), shift) as usize] += 1;
             let k6 = FlowKey {
                 src: [0x2001_0db8u32.to_be(), 0, u32::from(c), u32::from(d)],
                 dst: [0x2001_0db8u32.to_be(), 0, 0, 0x10],

@@ -363,6 +363,22 @@ pub struct FlowKey4 {
     pub _pad1: u16,
 }
 
+impl FlowKey4 {
+    /// The `FLOWS` key of an IPv4 5-tuple (the first word of each address).
+    #[inline(always)]
+    pub const fn of(k: &FlowKey) -> FlowKey4 {
+        FlowKey4 {
+            src: k.src[0],
+            dst: k.dst[0],
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
+
 /// Flag bits of [`FlowEntry::flags`].
 pub mod flow_flags {
     /// A `FLOW_CACHE` slot of the reply direction (flow entries never have it).

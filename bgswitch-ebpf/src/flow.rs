@@ -7,15 +7,7 @@ use crate::frame::{Frame, TCP_FIN, TCP_RST};
 /// The `FLOWS` key of a 5-tuple (IPv4: the first address word).
 #[inline(always)]
 pub fn key4(k: &FlowKey) -> FlowKey4 {
-    FlowKey4 {
-        src: k.src[0],
-        dst: k.dst[0],
-        sport: k.sport,
-        dport: k.dport,
-        proto: k.proto,
-        _pad0: 0,
-        _pad1: 0,
-    }
+    FlowKey4::of(k)
 }
 
 #[inline(always)]

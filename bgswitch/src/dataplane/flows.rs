@@ -79,18 +79,12 @@ pub(super) struct Table<K, V> {
 impl<K: aya::Pod + Default, V: aya::Pod + Default> Table<K, V> {
     /// The LRU hash `map`, pinned or loaded as `name`.
     pub(super) fn open(name: &'static str, map: Map) -> Result<Self> {
-        let fd = match &map {
-            Map::LruHashMap(d) => d
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(io_err("duplicating the fd of", Path::new(name)))?,
-            _ => {
-                return Err(DataplaneError::Invalid(format!(
-                    "{name} is not an LRU hash"
-                )))
-            }
+        let Map::LruHashMap(d) = &map else {
+            return Err(DataplaneError::Invalid(format!(
+                "{name} is not an LRU hash"
+            )));
         };
+        let fd = dup_fd(name, d.fd().as_fd())?;
         let map = HashMap::try_from(map).map_err(map_err(name, "open"))?;
         Ok(Table { name, map, fd })
     }
@@ -99,34 +93,23 @@ impl<K: aya::Pod + Default, V: aya::Pod + Default> Table<K, V> {
     /// entries per syscall), or entry by entry where the kernel refuses
     /// batches.
     fn entries(&self) -> Result<Vec<(K, V)>> {
-        match lookup_batch::<K, V>(self.fd.as_fd()) {
-            Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
-                let mut v = Vec::new();
-                for item in self.map.iter() {
-                    match item {
-                        Ok(kv) => v.push(kv),
-                        // Evicted between "next key" and "lookup": skip it.
-                        Err(aya::maps::MapError::KeyNotFound) => continue,
-                        Err(e) => return Err(map_err(self.name, "iterate")(e)),
-                    }
+        read_all(self.name, self.fd.as_fd(), || {
+            let mut v = Vec::new();
+            for item in self.map.iter() {
+                match item {
+                    Ok(kv) => v.push(kv),
+                    // Evicted between "next key" and "lookup": skip it.
+                    Err(aya::maps::MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(map_err(self.name, "iterate")(e)),
                 }
-                Ok(v)
             }
-            Err(e) => Err(DataplaneError::Io {
-                op: "BPF_MAP_LOOKUP_BATCH on",
-                path: self.name.into(),
-                source: e,
-            }),
-        }
+            Ok(v)
+        })
     }
 
     /// A descriptor of the table for a read on another thread.
     fn dup(&self) -> Result<OwnedFd> {
-        self.fd.try_clone().map_err(io_err(
-            "duplicating the descriptor of",
-            Path::new(self.name),
-        ))
+        dup_fd(self.name, self.fd.as_fd())
     }
 
     /// Removes the entries `doomed` picks; how many it removed (one gone
@@ -193,14 +176,10 @@ pub(super) struct HalfTable<B: aya::Pod> {
 impl<B: Bucket> HalfTable<B> {
     /// The array `map`, pinned or loaded as `name`.
     pub(super) fn open(name: &'static str, map: Map) -> Result<Self> {
-        let fd = match &map {
-            Map::Array(d) => d
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(io_err("duplicating the fd of", Path::new(name)))?,
-            _ => return Err(DataplaneError::Invalid(format!("{name} is not an array"))),
+        let Map::Array(d) = &map else {
+            return Err(DataplaneError::Invalid(format!("{name} is not an array")));
         };
+        let fd = dup_fd(name, d.fd().as_fd())?;
         let map = Array::try_from(map).map_err(map_err(name, "open"))?;
         Ok(HalfTable { name, map, fd })
     }
@@ -208,21 +187,11 @@ impl<B: Bucket> HalfTable<B> {
     /// Every bucket, with its index: in batches, or one by one where the
     /// kernel refuses batches.
     fn buckets(&self) -> Result<Vec<(u32, B)>> {
-        match lookup_batch::<u32, B>(self.fd.as_fd()) {
-            Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
-                let mut v = Vec::new();
-                for i in 0..self.map.len() {
-                    v.push((i, self.map.get(&i, 0).map_err(map_err(self.name, "read"))?));
-                }
-                Ok(v)
-            }
-            Err(e) => Err(DataplaneError::Io {
-                op: "BPF_MAP_LOOKUP_BATCH on",
-                path: self.name.into(),
-                source: e,
-            }),
-        }
+        read_all(self.name, self.fd.as_fd(), || {
+            (0..self.map.len())
+                .map(|i| Ok((i, self.bucket(i)?)))
+                .collect()
+        })
     }
 
     /// Bucket `i`.
@@ -237,10 +206,7 @@ impl<B: Bucket> HalfTable<B> {
 
     /// A descriptor of the table for a read on another thread.
     fn dup(&self) -> Result<OwnedFd> {
-        self.fd.try_clone().map_err(io_err(
-            "duplicating the descriptor of",
-            Path::new(self.name),
-        ))
+        dup_fd(self.name, self.fd.as_fd())
     }
 
     /// Empties the ways whose records `doomed` picks; how many it emptied.
@@ -269,16 +235,29 @@ impl<B: Bucket> HalfTable<B> {
     }
 }
 
-/// An IPv4 5-tuple as `FLOWS` keys it.
-fn v4_key(k: &FlowKey) -> FlowKey4 {
-    FlowKey4 {
-        src: k.src[0],
-        dst: k.dst[0],
-        sport: k.sport,
-        dport: k.dport,
-        proto: k.proto,
-        _pad0: 0,
-        _pad1: 0,
+/// A duplicate of the descriptor of the map `name`.
+fn dup_fd(name: &str, fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    fd.try_clone_to_owned()
+        .map_err(io_err("duplicating the descriptor of", Path::new(name)))
+}
+
+/// Every entry of the map `name`, in batches (BPF_MAP_LOOKUP_BATCH), or by
+/// `one_by_one` where the kernel refuses batches (`EINVAL`, `ENOTSUPP`).
+fn read_all<K: Copy + Default, V: Copy + Default>(
+    name: &str,
+    fd: BorrowedFd<'_>,
+    one_by_one: impl FnOnce() -> Result<Vec<(K, V)>>,
+) -> Result<Vec<(K, V)>> {
+    match lookup_batch::<K, V>(fd) {
+        Ok(v) => Ok(v),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(524) => {
+            one_by_one()
+        }
+        Err(e) => Err(DataplaneError::Io {
+            op: "BPF_MAP_LOOKUP_BATCH on",
+            path: name.into(),
+            source: e,
+        }),
     }
 }
 
@@ -440,9 +419,10 @@ impl Dataplane {
         let shift = 32 - self.half_buckets.trailing_zeros();
         let t = &self.flows;
         if key.family == FAMILY_IPV4 {
-            let b = t
-                .half4
-                .bucket(bgswitch_common::half_open_bucket4(&v4_key(key), shift))?;
+            let b = t.half4.bucket(bgswitch_common::half_open_bucket4(
+                &FlowKey4::of(key),
+                shift,
+            ))?;
             Ok((0..2)
                 .filter_map(|w| b.way(w))
                 .map(|(k, _)| FlowKey {
@@ -466,7 +446,7 @@ impl Dataplane {
     /// Whether the flow table of `key`'s family holds a record of it.
     pub fn has_flow(&self, key: &FlowKey) -> Result<bool> {
         let found = if key.family == FAMILY_IPV4 {
-            self.flows.v4.map.get(&v4_key(key), 0).map(|_| ())
+            self.flows.v4.map.get(&FlowKey4::of(key), 0).map(|_| ())
         } else {
             self.flows.v6.map.get(key, 0).map(|_| ())
         };
