@@ -90,41 +90,48 @@ The previous round (on the data plane of commit 9d96570) removed a byte-loop `me
 parameters ({part_fib_zeroed - part_fib_words} ns), looked up `FLOWS` before `SERVICES`, and shrank
 the flow key to 16 B (IPv4 in its own table).
 
-**New flows.** A new flow makes one LRU insert ({part_lru16_update} ns here when warm), one
-`SERVICES` lookup ({part_hash20} ns; the spoofing guard on the source is looked up only for a
-source in the VIP bitmap) and one `bpf_fib_lookup` ({part_fib_words} ns). Cold, as a new flow is,
-it costs far more: a profile of `bgswitch-bench --spin newflow` (a fresh 5-tuple's SYN per
-BPF_PROG_TEST_RUN call, the table filling up) puts 36 % of the program's time (with the helpers
-it calls) in the LRU update (27 % in `bpf_lru_pop_free` alone: taking a free node, or evicting
-when full), 31 % in the `FLOWS` lookup that misses (`lookup_nulls_elem_raw`: a cold bucket and a
-cold node), 14 % in the FIB lookup and 17 % in the program itself. A cache miss costs 150–250 ns
-on this VM (nested paging), and a new flow's table memory is cold by nature: the 250-ns target
-(issue 17; the 80 ns before it was below the cost of one such miss) leaves room for about one,
-where a new TCP connection's SYN misses `FLOWS` and `HALF_OPEN` and inserts into `HALF_OPEN`
-(below): {new_flow} ns in this run (the targets table).
+**New flows.** A new TCP flow's SYN looks up `FLOWS` and misses (a cold bucket), reads its
+half-open bucket (one cold cache line of seals and keys) and writes one way of it, looks up
+`SERVICES` ({part_hash20} ns when warm) and takes its backend's kept next hop (`BACKEND_HOPS`,
+per backend and CPU, under the same freshness, generation and MTU rules as a flow's; only while
+the host's routing rules select by destination alone, which the daemon reads once a second): no
+`bpf_fib_lookup` per flow (four interleaved pairs of part 1 with it on and off, in an earlier
+round: 40–80 ns less in every pair). A cache miss costs 150–250 ns on this VM (nested paging),
+and a new flow's table memory is cold by nature: the 250-ns target (issue 17) leaves room for
+little more than one. {new_flow} ns in this run (the targets table).
 
-Since then a new IPv4 flow takes its backend's next hop as a stateless service's packets do
-(`BACKEND_HOPS`, per backend and CPU, under the same freshness, generation and MTU rules; only
-while the host's routing rules select by destination alone, which the daemon reads once a
-second): the FIB lookup is made once per backend and refresh, not once per flow. Part 1 alone
-(`--only cost`), four interleaved pairs with the per-backend hop on and off (a bench build reading
-an environment variable, not kept): the new TCP flow 400/451, 361/398, 396/440 and 348/429 ns,
-cold 412/463, 367/408, 402/445 and 361/442 ns, 40–80 ns less in every pair; the established
-packet unchanged (25–27 ns). What is left is the two lookups that miss cold buckets and the
-insert: the target needs one cold miss fewer than a SYN's `FLOWS` and `HALF_OPEN` lookups
-make, and a SYN cannot skip `FLOWS` (a closed flow's record of the same 5-tuple must be replaced
-there, or the handshake's ACK would follow it) nor `HALF_OPEN` (its retransmission must keep
-its backend). The
-table is full in steady state (entries age out by eviction), so in the forwarding pipeline every
-new flow also evicts; part 2's "a new flow in every packet" row (UDP) is what heavy churn costs per
-core.
+**The half-open table is an array of two-way buckets**, no longer an LRU hash. With the LRU
+table a profile of `bgswitch-bench --spin newflow` put 36 % of the program's time in the LRU
+update (27 % in `bpf_lru_pop_free`: taking a free node, or evicting when full) and 31 % in the
+lookups that miss (`lookup_nulls_elem_raw`); an LRU element is also 144 bytes plus a bucket, in
+three cache lines. A bucket (`bgswitch_common::HalfOpen`, 256 bytes for IPv4, page-aligned in a
+memory-mapped array) holds two records; its seals and keys share its first line. A SYN reads
+that line and writes one way: its own, else an empty one, else the one written first — no free
+list, no eviction, no lock. A record is lost only when two later SYNs of its bucket come before
+its handshake completes (a flood, or collisions at very high connection rates); its client's
+retransmitted SYN is recorded again (tested: `xdp_program.rs`,
+`half_open_records_share_two_way_buckets_and_a_lost_one_costs_its_flow_one_retransmitted_syn`).
+Readers check a seal over the key and the record's fixed fields, so a way rewritten on another
+CPU is never half read. The bucket is the top bits of the 5-tuple's flow hash (its own seed; the
+flow cache's cheaper index folds the clients of one /16 into 2^16 values: in the IPv6 fuzz it
+pushed out 2 925 of 60 000 frames' records, the flow hash none). Part 1 alone (`--only cost`),
+interleaved runs of the same phase: the new TCP flow 407 and 428 ns with the LRU table, 289 and
+286 ns with one record per slot, 267 and 275 ns with the two-way buckets (276 and 274 ns for
+one-way in the same pair of rounds); the IPv6 new flow 675–726 → 483–508 ns; the completing ACK
+511–516 → 417–453 ns. Tried and dropped: an index of the services in `ADDR_FILTER` (one 64-bit
+load instead of the `SERVICES` lookup, {part_hash20} ns) made the XDP program exceed the
+verifier's million processed instructions in the bench's configuration.
+
+The flow table is full in steady state (entries age out by eviction), so in the forwarding
+pipeline every new flow also evicts; part 2's "a new flow in every packet" row (UDP) is what
+heavy churn costs per core.
 
 **A TCP connection records twice** since half-open flows have a table of their own (so a SYN flood
 evicts no established connection: part 4, "A SYN flood against draining connections"): its SYN
-misses `FLOWS` and `HALF_OPEN` and inserts into `HALF_OPEN` (per-CPU LRU lists), and the client's
-ACK that completes the handshake misses `FLOWS`, finds the half-open record, inserts it into
-`FLOWS` and deletes it from `HALF_OPEN`. Part 1's "new TCP connection" row adds both; before,
-a connection's one recording packet was the SYN.
+misses `FLOWS` and writes its half-open bucket, and the client's ACK that completes the
+handshake misses `FLOWS`, finds the half-open record, inserts it into `FLOWS` and empties its
+way. Part 1's "new TCP connection" row adds both; before, a connection's one recording packet
+was the SYN.
 
 What meets the flatness target is a path with no per-flow memory at all, the issue's
 "stateless fast path outside transitions", now built as `stateless = true` for TCP services
