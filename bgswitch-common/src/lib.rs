@@ -363,6 +363,22 @@ pub struct FlowKey4 {
     pub _pad1: u16,
 }
 
+impl FlowKey {
+    /// An IPv4 `FLOWS` key as a 5-tuple of either family (`family` 4).
+    #[inline(always)]
+    pub const fn from4(k: &FlowKey4) -> FlowKey {
+        FlowKey {
+            src: [k.src, 0, 0, 0],
+            dst: [k.dst, 0, 0, 0],
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        }
+    }
+}
+
 impl FlowKey4 {
     /// The `FLOWS` key of an IPv4 5-tuple (the first word of each address).
     #[inline(always)]

@@ -331,15 +331,7 @@ impl FlowRules {
         let mut out: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
         for (table, half) in [(&all.v4, false), (&all.half4, true)] {
             for (k, e) in table {
-                let key = FlowKey {
-                    src: [k.src, 0, 0, 0],
-                    dst: [k.dst, 0, 0, 0],
-                    sport: k.sport,
-                    dport: k.dport,
-                    proto: k.proto,
-                    family: FAMILY_IPV4,
-                    _pad: [0; 2],
-                };
+                let key = FlowKey::from4(k);
                 self.count_flow(&mut out, &key, e, &[e.peer, 0, 0, 0], half);
             }
         }
@@ -425,15 +417,7 @@ impl Dataplane {
             ))?;
             Ok((0..2)
                 .filter_map(|w| b.way(w))
-                .map(|(k, _)| FlowKey {
-                    src: [k.src, 0, 0, 0],
-                    dst: [k.dst, 0, 0, 0],
-                    sport: k.sport,
-                    dport: k.dport,
-                    proto: k.proto,
-                    family: FAMILY_IPV4,
-                    _pad: [0; 2],
-                })
+                .map(|(k, _)| FlowKey::from4(&k))
                 .collect())
         } else {
             let b = t
