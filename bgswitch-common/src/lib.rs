@@ -24,7 +24,7 @@ pub mod hash;
 
 /// Version of the map layout below. Bump on any change to a map's key, value,
 /// type or meaning.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Most services one data plane serves (size of the per-service arrays).
 pub const MAX_SERVICES: u32 = 256;
@@ -150,15 +150,24 @@ pub mod tail {
     pub const ICMP: u32 = 1;
     /// A rewritten packet too long for its next hop.
     pub const TOO_BIG: u32 = 2;
+    /// A rare event's log message ([`crate::Event`]), written once the
+    /// path has decided the frame's verdict.
+    pub const LOG: u32 = 3;
     /// Entries of each program array.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
     /// The XDP programs, by index.
-    pub const XDP: [&str; 3] = ["bgswitch_ipv6", "bgswitch_icmp", "bgswitch_too_big"];
+    pub const XDP: [&str; 4] = [
+        "bgswitch_ipv6",
+        "bgswitch_icmp",
+        "bgswitch_too_big",
+        "bgswitch_log",
+    ];
     /// The TC programs, by index.
-    pub const TC: [&str; 3] = [
+    pub const TC: [&str; 4] = [
         "bgswitch_tc_ipv6",
         "bgswitch_tc_icmp",
         "bgswitch_tc_too_big",
+        "bgswitch_tc_log",
     ];
     /// The program arrays' names. Pinned with the other maps: the kernel
     /// empties a program array when its last user reference goes, and the
@@ -893,6 +902,28 @@ pub const REFRESH_MS: u64 = 100;
 /// not record, an empty pool) at most once per this many refreshes (one
 /// second) on each CPU.
 pub const LOG_INTERVAL_REFRESHES: u64 = 10;
+
+/// A rare event the data plane logs (`bgswitch-ebpf/src/events.rs`): the
+/// path notes it in this CPU's slot and goes on; once the frame's verdict
+/// is known, the log program (`tail::LOG`) writes the message through
+/// aya-log and returns the verdict. The message's formatting is verified
+/// once, in that program, not on every path that can reach an event (it
+/// was nine tenths of the packet programs' verification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The event's `global` counter index, plus one (0: no event noted).
+    pub kind: u32,
+    /// The frame's verdict, for the log program to return.
+    pub action: u32,
+    /// The address the message names (IPv4: the first word, wire order).
+    pub addr: Addr,
+    /// The message's number (an error code, an ifindex, a service).
+    pub arg: u32,
+    /// The second one (a colour, a service); 1 in `v6` for IPv6's `addr`.
+    pub arg2: u16,
+    pub v6: u16,
+}
 
 /// The clock program (a socket filter run through BPF_PROG_TEST_RUN by the
 /// daemon): writes `jiffies` and `bpf_ktime_get_ns()` into [`maps::CLOCK`],

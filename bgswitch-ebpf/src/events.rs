@@ -4,12 +4,23 @@
 //! message per kind per [`LOG_INTERVAL_REFRESHES`] refreshes (one second),
 //! whatever the number of CPUs: the global counters say how often each
 //! happened. Nothing on the established path logs.
+//!
+//! The path only notes an event ([`note`]: its kind and numbers in this
+//! CPU's `EVENT` slot) and goes on; when the frame's verdict is known,
+//! [`flush`] hands the frame to the log program (`tail::LOG`), which
+//! writes the message and returns the verdict ([`log`]). aya-log's
+//! formatting is many instructions, and the verifier walks it once per
+//! path that reaches it: inlined at each site it was nine tenths of the
+//! packet programs' verification (840 000 of the XDP program's million
+//! instructions), leaving no room for a new branch.
 
-use bgswitch_common::LOG_INTERVAL_REFRESHES;
+use aya_log_ebpf::{error, warn};
+use bgswitch_common::{global, tail, Addr, Event, LOG_INTERVAL_REFRESHES};
 
 use crate::{
     clock::now,
-    maps::{LOG_GATE, SETTINGS},
+    context::Packet,
+    maps::{EVENT, LOG_GATE, SETTINGS},
 };
 
 /// Ticks between two messages of one kind before the daemon wrote the
@@ -23,9 +34,11 @@ const INTERVAL_WITHOUT_SETTINGS: u64 = 1000;
 /// few messages, not one per CPU every second.
 #[inline(always)]
 pub fn gate(kind: u32) -> bool {
-    let interval = SETTINGS.get(0).map_or(INTERVAL_WITHOUT_SETTINGS, |s| {
-        s.refresh * LOG_INTERVAL_REFRESHES
-    });
+    // The array's one element always exists: zero until the daemon writes it.
+    let interval = match SETTINGS.get(0) {
+        Some(s) if s.refresh != 0 => s.refresh * LOG_INTERVAL_REFRESHES,
+        _ => INTERVAL_WITHOUT_SETTINGS,
+    };
     let Some(last) = LOG_GATE.get_ptr_mut(kind) else {
         return false;
     };
@@ -39,4 +52,112 @@ pub fn gate(kind: u32) -> bool {
         core::ptr::write_volatile(last, now);
     }
     true
+}
+
+/// Notes an event of `kind` (a `global` counter index) for [`flush`], if
+/// its gate is open: the address and numbers its message names (`v6`:
+/// `addr` is an IPv6 address). The slot holds one event: a second one on
+/// the same packet's path is left to the next packet that has it (its gate
+/// stays open).
+#[inline(always)]
+pub fn note(kind: u32, addr: &Addr, v6: bool, arg: u32, arg2: u16) -> bool {
+    let Some(e) = EVENT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; runs are not nested on one CPU.
+    let e = unsafe { &mut *e };
+    if e.kind != 0 || !gate(kind) {
+        return false;
+    }
+    e.kind = kind + 1;
+    e.addr = *addr;
+    e.arg = arg;
+    e.arg2 = arg2;
+    e.v6 = u16::from(v6);
+    true
+}
+
+/// The frame's verdict, after the log program wrote the message of an
+/// event this run noted: a tail call, which returns `action` (as does
+/// this if no event was noted, or the log program is not loaded).
+#[inline(always)]
+pub fn flush<C: Packet>(ctx: &C, action: u32) -> u32 {
+    let Some(e) = EVENT.get_ptr_mut(0) else {
+        return action;
+    };
+    // SAFETY: as in `note`.
+    let e = unsafe { &mut *e };
+    if e.kind == 0 {
+        return action;
+    }
+    e.action = action;
+    ctx.tail_call(tail::LOG);
+    // Not loaded: the event goes unlogged (its counter has it).
+    e.kind = 0;
+    action
+}
+
+/// The log program: writes the message of this CPU's noted event and
+/// returns the verdict [`flush`] left.
+#[inline(always)]
+pub fn log<C: Packet>(ctx: &C) -> u32 {
+    let Some(e) = EVENT.get_ptr_mut(0) else {
+        return C::PASS;
+    };
+    // SAFETY: as in `note`.
+    let slot = unsafe { &mut *e };
+    let e: Event = *slot;
+    slot.kind = 0;
+    let ip4 = e.addr[0].to_ne_bytes();
+    let mut ip6 = [0u8; 16];
+    for (i, w) in e.addr.iter().enumerate() {
+        ip6[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = e.v6 != 0;
+    match e.kind.wrapping_sub(1) {
+        global::FLOW_INSERT_FAILED if v6 => error!(
+            ctx,
+            "data plane: a new flow to {:i} could not be recorded in the IPv6 flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
+            ip6,
+            e.arg as i32
+        ),
+        global::FLOW_INSERT_FAILED => error!(
+            ctx,
+            "data plane: a new flow to {:i} could not be recorded in the flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
+            ip4,
+            e.arg as i32
+        ),
+        global::NO_BACKEND => warn!(
+            ctx,
+            "data plane: service {} has no backend in its pool of colour {} (0 blue, 1 green): new flows pass to the kernel stack untouched (counter no_backend)",
+            e.arg,
+            e.arg2
+        ),
+        global::FIB_OTHER if v6 => warn!(
+            ctx,
+            "data plane: no usable route towards {:i} (bpf_fib_lookup: {}; no route, unreachable, forwarding off, or over the MTU): rewritten frames go to the kernel stack (counter fib_other)",
+            ip6,
+            e.arg as i32
+        ),
+        global::FIB_OTHER => warn!(
+            ctx,
+            "data plane: no usable route towards {:i} (bpf_fib_lookup: {}; no route, unreachable, forwarding off, or over the MTU): rewritten frames go to the kernel stack (counter fib_other)",
+            ip4,
+            e.arg as i32
+        ),
+        global::EGRESS_UNKNOWN if v6 => warn!(
+            ctx,
+            "data plane: the route towards {:i} leaves through ifindex {}, which this program cannot send to (bgswitch does not serve it, or serves it with TC where XDP cannot redirect): rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
+            ip6,
+            e.arg
+        ),
+        global::EGRESS_UNKNOWN => warn!(
+            ctx,
+            "data plane: the route towards {:i} leaves through ifindex {}, which this program cannot send to (bgswitch does not serve it, or serves it with TC where XDP cannot redirect): rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
+            ip4,
+            e.arg
+        ),
+        _ => {}
+    }
+    e.action
 }

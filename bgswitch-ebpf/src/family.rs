@@ -50,8 +50,6 @@ pub trait Family {
     }
     /// The record's family-independent part.
     fn flow(e: &mut Self::Entry) -> &mut FlowEntry;
-    /// The record's family-independent part, to read.
-    fn flow_ref(e: &Self::Entry) -> &FlowEntry;
     /// The backend's address.
     fn peer(e: &Self::Entry) -> Addr;
     /// Sets the backend's address.
@@ -98,11 +96,6 @@ impl Family for V4 {
 
     #[inline(always)]
     fn flow(e: &mut FlowEntry) -> &mut FlowEntry {
-        e
-    }
-
-    #[inline(always)]
-    fn flow_ref(e: &FlowEntry) -> &FlowEntry {
         e
     }
 
@@ -159,11 +152,6 @@ impl Family for V6 {
     #[inline(always)]
     fn flow(e: &mut FlowEntry6) -> &mut FlowEntry {
         &mut e.e
-    }
-
-    #[inline(always)]
-    fn flow_ref(e: &FlowEntry6) -> &FlowEntry {
-        &e.e
     }
 
     #[inline(always)]

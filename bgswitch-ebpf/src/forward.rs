@@ -10,8 +10,6 @@ use bgswitch_common::{
     Addr, FlowEntry, FlowKey, FlowKey4, PreviewKey, PROTO_TCP, PROTO_UDP,
 };
 
-use aya_log_ebpf::error;
-
 use crate::{
     cache::{fill, forget, Cache, Dir},
     cache6::{fill6, forget6, Dir6, Tuple},
@@ -221,7 +219,7 @@ pub fn to_backend<C: Packet, F: Family>(
     // completes (`handshake.rs`), unless it replaces a record of the flow
     // table (port reuse: that record must not outlive it there).
     let half = f.proto == PROTO_TCP && !(replaced.is_some() && held == Held::Table);
-    record::<C, F>(ctx, key, rec, half);
+    let noted = record::<F>(key, rec, half);
     if action == C::PASS {
         too_big_after(ctx);
     }
@@ -253,6 +251,9 @@ pub fn to_backend<C: Packet, F: Family>(
                 );
             }
         }
+    }
+    if noted {
+        return events::flush(ctx, action);
     }
     action
 }
@@ -357,9 +358,10 @@ fn expired(entry: &FlowEntry, f: &Frame, syn: bool, now: u64) -> bool {
 }
 
 /// Writes a new flow's record (replies find it through `REPLY_SOURCES`),
-/// in the half-open table if `half`.
+/// in the half-open table if `half`; whether a failure was noted for the
+/// log (`events::flush` then).
 #[inline(always)]
-fn record<C: Packet, F: Family>(ctx: &C, key: &FlowKey, rec: &F::Entry, half: bool) {
+fn record<F: Family>(key: &FlowKey, rec: &F::Entry, half: bool) -> bool {
     let done = if half {
         count(global::HALF_OPEN);
         F::insert_half(key, rec)
@@ -368,27 +370,13 @@ fn record<C: Packet, F: Family>(ctx: &C, key: &FlowKey, rec: &F::Entry, half: bo
     };
     if let Err(e) = done {
         count(global::FLOW_INSERT_FAILED);
-        if events::gate(global::FLOW_INSERT_FAILED) {
-            let peer = F::peer(rec);
-            if F::V4 {
-                error!(
-                    ctx,
-                    "data plane: a new flow to {:i} could not be recorded in the flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
-                    peer[0].to_ne_bytes(),
-                    e
-                );
-            } else {
-                // The service, not the backend's address: sixteen more
-                // bytes on this path's stack would pass the verifier's
-                // limit.
-                let service = F::flow_ref(rec).service;
-                error!(
-                    ctx,
-                    "data plane: a new flow of service {} could not be recorded in the IPv6 flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
-                    service,
-                    e
-                );
-            }
-        }
+        return events::note(
+            global::FLOW_INSERT_FAILED,
+            &F::peer(rec),
+            !F::V4,
+            e as u32,
+            0,
+        );
     }
+    false
 }

@@ -70,7 +70,21 @@ fn run<C: Packet>(ctx: &C) -> u32 {
         Err(Skip::Icmp) => return tail(ctx, tail::ICMP),
         Err(skip) => return skipped::<C>(skip),
     };
-    path::handle(ctx, &frame)
+    logged(ctx, path::handle(ctx, &frame))
+}
+
+/// The verdict, once the message of a rare event noted on the path is
+/// written (`events.rs`). Such an event ends in PASS (no route, an egress
+/// this program cannot send to, an empty pool), but for a flow that could
+/// not be recorded, whose path writes it; a packet forwarded by the program
+/// reads nothing more here.
+#[inline(always)]
+fn logged<C: Packet>(ctx: &C, action: u32) -> u32 {
+    if action == C::PASS {
+        events::flush(ctx, action)
+    } else {
+        action
+    }
 }
 
 /// The IPv6 programs' path: ICMPv6 to the ICMP program, the rest parsed
@@ -84,7 +98,7 @@ fn run6<C: Packet>(ctx: &C) -> u32 {
         Ok(f) => f,
         Err(skip) => return skipped::<C>(skip),
     };
-    path::handle6(ctx, &frame)
+    logged(ctx, path::handle6(ctx, &frame))
 }
 
 /// Hands the frame to the program at `index`; if that fails (the daemon
@@ -112,7 +126,7 @@ fn skipped<C: Packet>(skip: Skip) -> u32 {
 #[inline(always)]
 fn run_icmp<C: Packet>(ctx: &C) -> u32 {
     match parse::ip_family(ctx) {
-        Some(v6) => icmp::run_icmp(ctx, v6),
+        Some(v6) => logged(ctx, icmp::run_icmp(ctx, v6)),
         None => C::PASS,
     }
 }
@@ -121,7 +135,7 @@ fn run_icmp<C: Packet>(ctx: &C) -> u32 {
 #[inline(always)]
 fn run_too_big<C: Packet>(ctx: &C) -> u32 {
     match icmp::take_too_big() {
-        Some(mtu) => icmp::too_big(ctx, mtu),
+        Some(mtu) => logged(ctx, icmp::too_big(ctx, mtu)),
         None => C::PASS,
     }
 }
@@ -160,6 +174,12 @@ pub fn bgswitch_too_big(ctx: XdpContext) -> u32 {
     run_too_big(&ctx)
 }
 
+#[xdp]
+#[inline(always)]
+pub fn bgswitch_log(ctx: XdpContext) -> u32 {
+    events::log(&ctx)
+}
+
 #[classifier]
 #[inline(always)]
 pub fn bgswitch_tc_ipv6(ctx: TcContext) -> i32 {
@@ -176,6 +196,12 @@ pub fn bgswitch_tc_icmp(ctx: TcContext) -> i32 {
 #[inline(always)]
 pub fn bgswitch_tc_too_big(ctx: TcContext) -> i32 {
     run_too_big(&ctx) as i32
+}
+
+#[classifier]
+#[inline(always)]
+pub fn bgswitch_tc_log(ctx: TcContext) -> i32 {
+    events::log(&ctx) as i32
 }
 
 /// The data plane's clock, for userspace: `jiffies` and CLOCK_MONOTONIC side

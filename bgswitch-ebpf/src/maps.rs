@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use bgswitch_common::tail;
 use bgswitch_common::{
-    global, Backend, BackendHop, BackendStats, CachedFlow, CachedFlow6, ColourStats, FlowEntry,
-    FlowEntry6, FlowKey, FlowKey4, HalfOpen4, HalfOpen6, PreviewKey, ReplySource, ServiceKey,
-    ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES,
+    global, Backend, BackendHop, BackendStats, CachedFlow, CachedFlow6, ColourStats, Event,
+    FlowEntry, FlowEntry6, FlowKey, FlowKey4, HalfOpen4, HalfOpen6, PreviewKey, ReplySource,
+    ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES,
     DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
     POOL_SLOTS, STATELESS_SLOTS,
 };
@@ -95,6 +95,11 @@ pub static TAIL_TC: ProgramArray = ProgramArray::with_max_entries(tail::COUNT, 0
 /// `icmp::too_big`). Not pinned.
 #[map]
 pub static TOO_BIG: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// A rare event noted on this CPU's path, for the log program to write
+/// once the frame's verdict is known (`events.rs`). Not pinned.
+#[map]
+pub static EVENT: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
 
 /// Room for an IPv6 packet's `bpf_fib_lookup` parameters, one per CPU (off
 /// the IPv6 program's stack). Not pinned.

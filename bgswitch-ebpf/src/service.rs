@@ -9,8 +9,6 @@ use bgswitch_common::{
     Addr, Backend, FlowKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS,
 };
 
-use aya_log_ebpf::warn;
-
 use crate::{
     context::Packet,
     events,
@@ -74,13 +72,6 @@ pub fn vip_source(f: &Frame) -> bool {
 #[inline(always)]
 pub fn no_backend<C: Packet>(ctx: &C, service: u32, colour: u32) -> u32 {
     count(global::NO_BACKEND);
-    if events::gate(global::NO_BACKEND) {
-        warn!(
-            ctx,
-            "data plane: service {} has no backend in its pool of colour {} (0 blue, 1 green): new flows pass to the kernel stack untouched (counter no_backend)",
-            service,
-            colour
-        );
-    }
-    C::PASS
+    events::note(global::NO_BACKEND, &[0; 4], false, service, colour as u16);
+    events::flush(ctx, C::PASS)
 }

@@ -13,9 +13,7 @@ use aya_ebpf::{
     },
     helpers::bpf_fib_lookup,
 };
-use bgswitch_common::{csum::Delta, global, tail, BackendHop, FlowEntry};
-
-use aya_log_ebpf::warn;
+use bgswitch_common::{csum::Delta, global, tail, Addr, BackendHop, FlowEntry};
 
 use crate::{
     context::Packet,
@@ -286,8 +284,8 @@ pub fn resolve_as<C: Packet>(ctx: &C, f: &Frame, defer: bool) -> Result<Hop, Opt
     };
     p.l4_protocol = f.proto;
     p.__bindgen_anon_1.tot_len = f.tot_len;
-    // The IPv4 destination, for the rare-event logs (0 for IPv6).
-    let dst = if f.v6() {
+    // The destination, for the rare-event logs.
+    let dst: Addr = if f.v6() {
         let (vcf, src, dst) = ctx.ip6_fields(f).ok_or(None)?;
         p.family = AF_INET6;
         // The traffic class and flow label, as the kernel's own lookup
@@ -295,14 +293,14 @@ pub fn resolve_as<C: Packet>(ctx: &C, f: &Frame, defer: bool) -> Result<Hop, Opt
         p.__bindgen_anon_2.flowinfo = vcf & u32::from_be(0x0fff_ffff);
         p.__bindgen_anon_3.ipv6_src = src;
         p.__bindgen_anon_4.ipv6_dst = dst;
-        0
+        dst
     } else {
         let (tos, src, dst) = ctx.ip_fields(f).ok_or(None)?;
         p.family = AF_INET;
         p.__bindgen_anon_2.tos = tos;
         p.__bindgen_anon_3.ipv4_src = src;
         p.__bindgen_anon_4.ipv4_dst = dst;
-        dst
+        [dst, 0, 0, 0]
     };
     let ingress = ctx.ingress();
     p.ifindex = ingress;
@@ -350,19 +348,11 @@ pub fn resolve_as<C: Packet>(ctx: &C, f: &Frame, defer: bool) -> Result<Hop, Opt
         }
         {
             count(global::FIB_OTHER);
-            if events::gate(global::FIB_OTHER) {
-                let dst = dst.to_ne_bytes();
-                warn!(
-                    ctx,
-                    "data plane: no usable route towards {:i} (bpf_fib_lookup: {}; no route, unreachable, forwarding off, or over the MTU): rewritten frames go to the kernel stack (counter fib_other)",
-                    dst,
-                    rc
-                );
-            }
+            events::note(global::FIB_OTHER, &dst, f.v6(), rc as u32, 0);
         }
         return Err(None);
     }
-    if !sendable(ctx, ingress, egress, dst) {
+    if !sendable(ctx, ingress, egress, &dst, f.v6()) {
         return Err(None);
     }
     Ok(Hop {
@@ -376,20 +366,12 @@ pub fn resolve_as<C: Packet>(ctx: &C, f: &Frame, defer: bool) -> Result<Hop, Opt
 /// interface, or one the context may send to); counted and logged (rarely)
 /// when not.
 #[inline(always)]
-fn sendable<C: Packet>(ctx: &C, ingress: u32, egress: u32, dst: u32) -> bool {
+fn sendable<C: Packet>(ctx: &C, ingress: u32, egress: u32, dst: &Addr, v6: bool) -> bool {
     if egress == ingress || ctx.may_send_to(egress) {
         return true;
     }
     count(global::EGRESS_UNKNOWN);
-    if events::gate(global::EGRESS_UNKNOWN) {
-        let dst = dst.to_ne_bytes();
-        warn!(
-            ctx,
-            "data plane: the route towards {:i} leaves through ifindex {}, which this program cannot send to (bgswitch does not serve it, or serves it with TC where XDP cannot redirect): rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
-            dst,
-            egress
-        );
-    }
+    events::note(global::EGRESS_UNKNOWN, dst, v6, egress, 0);
     false
 }
 

@@ -82,9 +82,10 @@ Measured but not adopted: `BPF_F_NO_COMMON_LRU` makes an LRU update slower here
 → 1.46–1.50 Mpps with 1 000 000 flows, too little for 64 MiB per CPU — a direct-mapped cache
 at one flow per slot holds only about 1/e of them, and each hit is still a cold line.
 
-The data plane's own log (aya-log, this round) adds nothing to the established path: its calls
-sit on the rare branches only (no usable route, an egress interface bgswitch is not attached to,
-a flow not recorded, an empty pool), behind a once-a-second gate per kind.
+The data plane's own log (aya-log) adds nothing to the established path: its events sit on the
+rare branches only (no usable route, an egress interface bgswitch is not attached to, a flow not
+recorded, an empty pool), behind a once-a-second gate per kind, and are written by a program of
+their own (a tail call once the verdict is known), so the packet programs carry no formatting.
 
 The previous round (on the data plane of commit 9d96570) removed a byte-loop `memset` of the FIB
 parameters ({part_fib_zeroed - part_fib_words} ns), looked up `FLOWS` before `SERVICES`, and shrank

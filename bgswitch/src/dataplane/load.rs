@@ -492,6 +492,23 @@ impl Dataplane {
             .map_err(|e| DataplaneError::Invalid(format!("the data plane's log (AYA_LOGS): {e}")))
     }
 
+    /// The instructions the kernel's verifier processed for each program
+    /// loaded so far (name, count; kernel 5.16 and later report it): the
+    /// verifier refuses a program past one million, and the XDP and TC
+    /// programs are large, so tests watch the headroom.
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        let mut out: Vec<(String, u32)> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let n = prog.info().ok()?.verified_instruction_count()?;
+                Some((name.to_owned(), n))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Slots of the per-CPU flow cache (64 bytes each, on every possible CPU).
     pub fn flow_cache_slots(&self) -> u32 {
         self.cache_slots
