@@ -763,7 +763,9 @@ pub const fn cache6_slot(
 /// hold the VIP addresses, the next `ADDR_FILTER_WORDS` the backend
 /// addresses (65 536 bits each, indexed by [`addr_bit`]); after them come
 /// [`STATELESS_SLOTS`] words of stateless services in their stable period
-/// (see [`stateless_entry`]). A clear bit means
+/// (see [`stateless_entry`]), then [`STATELESS_SLOTS`] words of the IPv4
+/// services' index (see [`service_entry`]); [`ADDR_FILTER_LEN`] words in
+/// all. A clear bit means
 /// "certainly not one": the program skips the flow-table and `SERVICES`
 /// lookups for a destination that is no VIP, and the `REPLY_SOURCES` lookup
 /// for a source that is no backend. A bit stays set while the address may
@@ -806,6 +808,29 @@ pub const fn stateless_entry(addr: u32, port: u16, id: u32) -> u64 {
 }
 
 const _: () = assert!(STATELESS_SLOTS == 1 << (32 - 20));
+
+/// The words of `ADDR_FILTER`: the two bitmaps, the stateless slots, the
+/// services' index.
+pub const ADDR_FILTER_LEN: u32 = 2 * ADDR_FILTER_WORDS + 2 * STATELESS_SLOTS;
+/// Where the IPv4 services' index starts in `ADDR_FILTER`: a direct-mapped
+/// table by VIP and port ([`stateless_slot`]) of every IPv4 service, so a
+/// new flow finds its service with one 64-bit load instead of a `SERVICES`
+/// hash lookup. A slot two services share holds [`SERVICE_SHARED`]: their
+/// packets look in `SERVICES`.
+pub const SERVICE_INDEX: u32 = 2 * ADDR_FILTER_WORDS + STATELESS_SLOTS;
+/// A UDP service's entry in the index (TCP: clear).
+pub const SERVICE_UDP: u64 = 1 << 62;
+/// A slot of the index that two services or more share.
+pub const SERVICE_SHARED: u64 = STATELESS_VALID | 1 << 61;
+
+/// An IPv4 service's entry in the index: valid bit, protocol bit, service
+/// id, port and address, stored with one 64-bit store (the program
+/// compares all but the id in one go).
+#[inline(always)]
+pub const fn service_entry(addr: u32, port: u16, proto: u8, id: u32) -> u64 {
+    let udp = if proto == PROTO_UDP { SERVICE_UDP } else { 0 };
+    stateless_entry(addr, port, id) | udp
+}
 
 /// The next hop towards one backend, kept per CPU for stateless services
 /// (`BACKEND_HOPS`, indexed like `BACKEND_STATS`): the same fields and

@@ -10,9 +10,9 @@ use bgswitch_common::tail;
 use bgswitch_common::{
     global, Backend, BackendHop, BackendStats, CachedFlow, CachedFlow6, ColourStats, Event,
     FlowEntry, FlowEntry6, FlowKey, FlowKey4, HalfOpen4, HalfOpen6, PreviewKey, ReplySource,
-    ServiceKey, ServiceValue, Settings, ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES,
+    ServiceKey, ServiceValue, Settings, ADDR_FILTER_LEN, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES,
     DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
-    POOL_SLOTS, STATELESS_SLOTS,
+    POOL_SLOTS,
 };
 
 /// Virtual address → service id.
@@ -112,10 +112,10 @@ pub static FIB6: PerCpuArray<[u32; 16]> = PerCpuArray::with_max_entries(1, 0);
 pub static NEW_FLOW6: PerCpuArray<FlowEntry6> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bitmaps of VIP and backend addresses (see `bgswitch_common::addr_bit`),
-/// then the stateless services' slots (`bgswitch_common::stateless_entry`).
+/// then the stateless services' slots (`bgswitch_common::stateless_entry`)
+/// and the IPv4 services' index (`bgswitch_common::service_entry`).
 #[map]
-pub static ADDR_FILTER: Array<u64> =
-    Array::with_max_entries(2 * ADDR_FILTER_WORDS + STATELESS_SLOTS, BPF_F_MMAPABLE);
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_LEN, BPF_F_MMAPABLE);
 
 /// The next hop towards each backend (index as `BACKEND_STATS`), for
 /// stateless services: one FIB lookup per backend and refresh, not per flow.

@@ -21,7 +21,7 @@ use crate::{
     half_open,
     maps::{count, FLOWS, FLOWS6, FLOW_CACHE, REPLY_SOURCES, SERVICES, SETTINGS},
     reply::{from_backend, hashed_here, stateless_reply},
-    service::{control_word, maybe},
+    service::{control_word, maybe, service4},
     stateless::{stateless, stateless_service},
     transmit::Fresh,
 };
@@ -115,15 +115,8 @@ pub fn handle<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             let service = entry.service;
             return to_backend::<_, V4>(ctx, f, &key, service, Some(entry), held, now, &cache);
         }
-        let skey = ServiceKey {
-            addr: f.dst,
-            port: f.dport,
-            proto: f.proto,
-            family: f.family,
-        };
-        // SAFETY: the value is a plain Copy integer read once.
-        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            return to_backend::<_, V4>(ctx, f, &key, svc.id, None, Held::Table, now, &cache);
+        if let Some(id) = service4(f) {
+            return to_backend::<_, V4>(ctx, f, &key, id, None, Held::Table, now, &cache);
         }
     }
     if !maybe(ADDR_FILTER_WORDS, &f.src) {

@@ -1,12 +1,14 @@
 //! What every stage reads of a service: the address filter that skips the
-//! lookups of addresses bgswitch does not serve, the control word, the
+//! lookups of addresses bgswitch does not serve, the IPv4 services' index
+//! (an IPv4 packet's service without a hash lookup), the control word, the
 //! backend a pool chooses, whether a source is a VIP (spoofed), and the
 //! rare event of an empty pool.
 
 use bgswitch_common::{
     addr_bit, global,
     hash::{flow_hash, reduce, BACKEND_SEED},
-    Addr, Backend, FlowKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS,
+    service_entry, stateless_slot, Addr, Backend, FlowKey, ServiceKey, MAX_BACKENDS, POOL_SLOTS,
+    SERVICE_INDEX, SERVICE_SHARED, STATELESS_ID_MASK,
 };
 
 use crate::{
@@ -26,6 +28,31 @@ pub fn maybe(base: u32, addr: &Addr) -> bool {
         Some(w) => (unsafe { core::ptr::read_volatile(w) }) & mask != 0,
         None => true,
     }
+}
+
+/// The service of an IPv4 packet's VIP, port and protocol: one 64-bit load
+/// of its slot in the services' index (`bgswitch_common::SERVICE_INDEX`);
+/// a slot that services share sends the packet to `SERVICES`.
+#[inline(always)]
+pub fn service4(f: &Frame) -> Option<u32> {
+    let slot = stateless_slot(f.dst[0], f.dport);
+    let p = ADDR_FILTER.get_ptr(SERVICE_INDEX + slot)?;
+    // SAFETY: an aligned 64-bit load of an array slot (stored whole).
+    let e = unsafe { core::ptr::read_volatile(p) };
+    if e & !STATELESS_ID_MASK == service_entry(f.dst[0], f.dport, f.proto, 0) {
+        return Some(((e & STATELESS_ID_MASK) >> 48) as u32);
+    }
+    if e != SERVICE_SHARED {
+        return None;
+    }
+    let key = ServiceKey {
+        addr: f.dst,
+        port: f.dport,
+        proto: f.proto,
+        family: f.family,
+    };
+    // SAFETY: the value is a plain Copy integer read once.
+    unsafe { SERVICES.get(&key) }.map(|s| s.id)
 }
 
 /// The control word of a service (0, disabled, if there is none).

@@ -357,6 +357,99 @@ fn removing_a_service_keeps_the_other_services_flows_and_replies() {
     });
 }
 
+/// Word `i` of the newest loaded `ADDR_FILTER` map (the fixture's).
+fn filter_word(i: u32) -> u64 {
+    use aya::maps::{loaded_maps, Array, Map, MapData};
+    let id = loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some(bgswitch_common::maps::ADDR_FILTER))
+        .map(|m| m.id())
+        .max()
+        .expect("a loaded ADDR_FILTER map");
+    let words: Array<_, u64> = Array::try_from(Map::Array(MapData::from_id(id).unwrap())).unwrap();
+    words.get(&i, 0).unwrap()
+}
+
+/// The IPv4 services' index (`bgswitch_common::SERVICE_INDEX`): a new flow
+/// finds its service by one load of its VIP and port's slot; two services
+/// on one slot share it and are found through `SERVICES`; a removed service
+/// and a moved VIP leave their slot, so their old VIP passes untouched.
+#[test]
+fn the_services_index_follows_shared_slots_removals_and_moved_vips() {
+    use bgswitch_common::{service_entry, stateless_slot, SERVICE_INDEX, SERVICE_SHARED};
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let vip = SocketAddrV4::new(VIP, 80);
+        let slot_of = |a: SocketAddrV4| {
+            SERVICE_INDEX + stateless_slot(u32::from(*a.ip()).to_be(), a.port().to_be())
+        };
+        let entry_of = |a: SocketAddrV4, proto, id| {
+            service_entry(u32::from(*a.ip()).to_be(), a.port().to_be(), proto, id)
+        };
+        assert_eq!(filter_word(slot_of(vip)), entry_of(vip, PROTO_TCP, 0));
+        let udp = SocketAddrV4::new(VIP, 53);
+        assert_eq!(filter_word(slot_of(udp)), entry_of(udp, PROTO_UDP, 1));
+        // A VIP and port on the same slot as VIP:80, served by service 5.
+        let other = (1024..u16::MAX)
+            .map(|p| SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 30), p))
+            .find(|a| slot_of(*a) == slot_of(vip))
+            .expect("a port sharing VIP:80's slot");
+        let b5: SocketAddr = "198.18.1.51:8080".parse().unwrap();
+        fx.dp
+            .write_service(
+                5,
+                service_key(SocketAddr::V4(other), PROTO_TCP),
+                &[backend_of(b5, backend_stat_id(5, Colour::Blue, 0))],
+                &[backend_of(b5, backend_stat_id(5, Colour::Green, 0))],
+                Colour::Blue,
+            )
+            .unwrap();
+        assert_eq!(filter_word(slot_of(vip)), SERVICE_SHARED);
+        let c = SocketAddrV4::new(CLIENT, 40200);
+        let (_, out) = fx.run(&frame(c, other, L4::Syn, 64, b""));
+        assert_eq!(
+            verify(&out).1,
+            v4("198.18.1.51:8080"),
+            "found through SERVICES"
+        );
+        let (_, out) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(c, vip, PROTO_TCP, &blue()));
+        // Service 5 goes: the slot is VIP:80's alone again.
+        fx.dp
+            .remove_service(5, &service_key(SocketAddr::V4(other), PROTO_TCP))
+            .unwrap();
+        assert_eq!(filter_word(slot_of(vip)), entry_of(vip, PROTO_TCP, 0));
+        let syn = frame(SocketAddrV4::new(CLIENT, 40201), other, L4::Syn, 64, b"");
+        assert_eq!(
+            fx.run(&syn),
+            (XDP_PASS, syn.clone()),
+            "a removed VIP passes"
+        );
+        // Service 0 moves to another VIP (written there, then its old VIP's
+        // entry removed, as the daemon does).
+        let moved = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 31), 80);
+        fx.dp
+            .write_service(
+                0,
+                service_key(SocketAddr::V4(moved), PROTO_TCP),
+                &pool(0, Colour::Blue, &blue()),
+                &pool(0, Colour::Green, &green()),
+                Colour::Blue,
+            )
+            .unwrap();
+        fx.dp
+            .remove_service_key(&service_key(SocketAddr::V4(vip), PROTO_TCP))
+            .unwrap();
+        assert_eq!(filter_word(slot_of(vip)), 0);
+        assert_eq!(filter_word(slot_of(moved)), entry_of(moved, PROTO_TCP, 0));
+        let c2 = SocketAddrV4::new(CLIENT, 40202);
+        let syn = frame(c2, vip, L4::Syn, 64, b"");
+        assert_eq!(fx.run(&syn), (XDP_PASS, syn.clone()), "the old VIP passes");
+        let (_, out) = fx.run(&frame(c2, moved, L4::Syn, 64, b""));
+        assert_eq!(verify(&out).1, predicted(c2, moved, PROTO_TCP, &blue()));
+    });
+}
+
 #[test]
 fn open_flows_stay_on_blue_across_a_flip_while_new_flows_go_green() {
     in_scratch_ns(|_| {

@@ -92,8 +92,10 @@ parameters ({part_fib_zeroed - part_fib_words} ns), looked up `FLOWS` before `SE
 the flow key to 16 B (IPv4 in its own table).
 
 **New flows.** A new TCP flow's SYN looks up `FLOWS` and misses (a cold bucket), reads its
-half-open bucket (one cold cache line of seals and keys) and writes one way of it, looks up
-`SERVICES` ({part_hash20} ns when warm) and takes its backend's kept next hop (`BACKEND_HOPS`,
+half-open bucket (one cold cache line of seals and keys) and writes one way of it, finds its
+service with one 64-bit load of its VIP and port's slot in the IPv4 services' index in
+`ADDR_FILTER` (a `SERVICES` lookup, {part_hash20} ns when warm, only for a slot two services
+share; IPv6 looks up `SERVICES`) and takes its backend's kept next hop (`BACKEND_HOPS`,
 per backend and CPU, under the same freshness, generation and MTU rules as a flow's; only while
 the host's routing rules select by destination alone, which the daemon reads once a second): no
 `bpf_fib_lookup` per flow (four interleaved pairs of part 1 with it on and off, in an earlier
@@ -119,9 +121,14 @@ pushed out 2 925 of 60 000 frames' records, the flow hash none). Part 1 alone (`
 interleaved runs of the same phase: the new TCP flow 407 and 428 ns with the LRU table, 289 and
 286 ns with one record per slot, 267 and 275 ns with the two-way buckets (276 and 274 ns for
 one-way in the same pair of rounds); the IPv6 new flow 675–726 → 483–508 ns; the completing ACK
-511–516 → 417–453 ns. Tried and dropped: an index of the services in `ADDR_FILTER` (one 64-bit
-load instead of the `SERVICES` lookup, {part_hash20} ns) made the XDP program exceed the
-verifier's million processed instructions in the bench's configuration.
+511–516 → 417–453 ns. The services' index was tried then and dropped: it made the XDP program
+exceed the verifier's million processed instructions. Nine tenths of what the verifier walked was
+aya-log's formatting, inlined at the five rare-event sites (840 000 instructions for the XDP
+program, 945 000 for TC); the messages are written by a program of their own now, reached by a
+tail call once the verdict is known (89 000 and 91 000), and the index is in. Three interleaved
+pairs of part 1 alone (`--only cost`): the new TCP flow 254, 287 and 302 ns with the index
+against 289 and 298 ns (and one run in a slow phase) without; established packets unchanged
+(26–27 ns in both).
 
 The flow table is full in steady state (entries age out by eviction), so in the forwarding
 pipeline every new flow also evicts; part 2's "a new flow in every packet" row (UDP) is what

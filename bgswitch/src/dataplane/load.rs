@@ -20,8 +20,8 @@ use aya::{
 use bgswitch_common::{
     global, maps as names, Backend, BackendStats, ColourStats, FlowEntry, FlowEntry6, FlowKey,
     FlowKey4, HalfOpen4, HalfOpen6, PreviewKey, ReplySource, ServiceKey, ServiceValue, Settings,
-    ADDR_FILTER_WORDS, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, MAX_INTERFACES, MAX_PREVIEW_PREFIXES,
-    MAX_SERVICES, POOL_SLOTS, STATELESS_SLOTS,
+    ADDR_FILTER_LEN, BACKEND_ENTRIES, BACKEND_STAT_ENTRIES, MAX_INTERFACES, MAX_PREVIEW_PREFIXES,
+    MAX_SERVICES, POOL_SLOTS,
 };
 
 use super::{
@@ -188,7 +188,7 @@ fn expected_maps(max_flows: u32) -> [(&'static str, MapType, u32, u32, u32, u32)
             MapType::Array,
             4,
             8,
-            2 * ADDR_FILTER_WORDS + STATELESS_SLOTS,
+            ADDR_FILTER_LEN,
             BPF_F_MMAPABLE,
         ),
     ]
@@ -355,12 +355,13 @@ impl Dataplane {
         let filter_map = take(names::ADDR_FILTER)?;
         let addr_filter = match &filter_map {
             Map::Array(data) => {
-                { MappedArray::map(data.fd().as_fd(), 2 * ADDR_FILTER_WORDS + STATELESS_SLOTS) }
-                    .map_err(|e| DataplaneError::Io {
+                MappedArray::map(data.fd().as_fd(), ADDR_FILTER_LEN).map_err(|e| {
+                    DataplaneError::Io {
                         op: "mmap",
                         path: names::ADDR_FILTER.into(),
                         source: e,
-                    })?
+                    }
+                })?
             }
             _ => {
                 return Err(DataplaneError::Invalid(

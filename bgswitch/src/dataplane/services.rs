@@ -214,7 +214,9 @@ impl Dataplane {
         }
         self.services
             .insert(key, ServiceValue { id }, 0)
-            .map_err(map_err(names::SERVICES, "insert"))
+            .map_err(map_err(names::SERVICES, "insert"))?;
+        self.sync_service_index();
+        Ok(())
     }
 
     /// A slot not selected now nor by the new word, least recently freed;
@@ -379,9 +381,11 @@ impl Dataplane {
     /// Removes only the `SERVICES` entry of `key`.
     pub fn remove_service_key(&mut self, key: &ServiceKey) -> Result<()> {
         match self.services.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(names::SERVICES, "remove")(e)),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(names::SERVICES, "remove")(e)),
         }
+        self.sync_service_index();
+        Ok(())
     }
 
     /// The VIPs the data plane serves now, with their service ids.
