@@ -14,6 +14,8 @@
 //! packet programs' verification (840 000 of the XDP program's million
 //! instructions), leaving no room for a new branch.
 
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use aya_log_ebpf::{error, warn};
 use bgswitch_common::{global, tail, Addr, Event, LOG_INTERVAL_REFRESHES};
 
@@ -108,23 +110,20 @@ pub fn log<C: Packet>(ctx: &C) -> u32 {
     let slot = unsafe { &mut *e };
     let e: Event = *slot;
     slot.kind = 0;
-    let ip4 = e.addr[0].to_ne_bytes();
-    let mut ip6 = [0u8; 16];
-    for (i, w) in e.addr.iter().enumerate() {
-        ip6[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    let v6 = e.v6 != 0;
+    let ip = if e.v6 != 0 {
+        let mut o = [0u8; 16];
+        for (i, w) in e.addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(e.addr[0].to_ne_bytes()))
+    };
     match e.kind.wrapping_sub(1) {
-        global::FLOW_INSERT_FAILED if v6 => error!(
-            ctx,
-            "data plane: a new flow to {:i} could not be recorded in the IPv6 flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
-            ip6,
-            e.arg as i32
-        ),
         global::FLOW_INSERT_FAILED => error!(
             ctx,
             "data plane: a new flow to {:i} could not be recorded in the flow table (error {}): it is forwarded but not pinned to its backend (counter flow_insert_failed)",
-            ip4,
+            ip,
             e.arg as i32
         ),
         global::NO_BACKEND => warn!(
@@ -133,28 +132,16 @@ pub fn log<C: Packet>(ctx: &C) -> u32 {
             e.arg,
             e.arg2
         ),
-        global::FIB_OTHER if v6 => warn!(
-            ctx,
-            "data plane: no usable route towards {:i} (bpf_fib_lookup: {}; no route, unreachable, forwarding off, or over the MTU): rewritten frames go to the kernel stack (counter fib_other)",
-            ip6,
-            e.arg as i32
-        ),
         global::FIB_OTHER => warn!(
             ctx,
             "data plane: no usable route towards {:i} (bpf_fib_lookup: {}; no route, unreachable, forwarding off, or over the MTU): rewritten frames go to the kernel stack (counter fib_other)",
-            ip4,
+            ip,
             e.arg as i32
-        ),
-        global::EGRESS_UNKNOWN if v6 => warn!(
-            ctx,
-            "data plane: the route towards {:i} leaves through ifindex {}, which this program cannot send to (bgswitch does not serve it, or serves it with TC where XDP cannot redirect): rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
-            ip6,
-            e.arg
         ),
         global::EGRESS_UNKNOWN => warn!(
             ctx,
             "data plane: the route towards {:i} leaves through ifindex {}, which this program cannot send to (bgswitch does not serve it, or serves it with TC where XDP cannot redirect): rewritten frames go to the kernel stack (counter egress_unknown); add that interface to `interfaces`",
-            ip4,
+            ip,
             e.arg
         ),
         _ => {}

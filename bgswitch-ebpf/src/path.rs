@@ -19,9 +19,9 @@ use crate::{
     forward::{to_backend, Held},
     frame::{Frame, TCP_FIN, TCP_RST, TCP_SYN},
     half_open,
-    maps::{count, FLOWS, FLOWS6, FLOW_CACHE, REPLY_SOURCES, SERVICES, SETTINGS},
+    maps::{count, FLOWS, FLOWS6, FLOW_CACHE, REPLY_SOURCES, SETTINGS},
     reply::{from_backend, hashed_here, stateless_reply},
-    service::{control_word, maybe, service4},
+    service::{control_word, maybe, service4, service_at},
     stateless::{stateless, stateless_service},
     transmit::Fresh,
 };
@@ -223,15 +223,8 @@ pub fn handle6<C: Packet>(ctx: &C, f: &Frame) -> u32 {
             let service = entry.e.service;
             return to_backend::<_, V6>(ctx, f, &key, service, Some(entry), held, now, &cache);
         }
-        let skey = ServiceKey {
-            addr: f.dst,
-            port: f.dport,
-            proto: f.proto,
-            family: f.family,
-        };
-        // SAFETY: the value is a plain Copy integer read once.
-        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            return to_backend::<_, V6>(ctx, f, &key, svc.id, None, Held::Table, now, &cache);
+        if let Some(id) = service_at(f, f.dst, f.dport) {
+            return to_backend::<_, V6>(ctx, f, &key, id, None, Held::Table, now, &cache);
         }
     }
     if !maybe(ADDR_FILTER_WORDS, &f.src) {

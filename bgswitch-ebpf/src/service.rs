@@ -45,9 +45,16 @@ pub fn service4(f: &Frame) -> Option<u32> {
     if e != SERVICE_SHARED {
         return None;
     }
+    service_at(f, f.dst, f.dport)
+}
+
+/// The service `SERVICES` has for `addr:port` with the frame's protocol
+/// and family.
+#[inline(always)]
+pub fn service_at(f: &Frame, addr: Addr, port: u16) -> Option<u32> {
     let key = ServiceKey {
-        addr: f.dst,
-        port: f.dport,
+        addr,
+        port,
         proto: f.proto,
         family: f.family,
     };
@@ -82,17 +89,7 @@ pub fn pick(service: u32, slot: u32, key: &FlowKey) -> Option<Backend> {
 #[inline(always)]
 pub fn vip_source(f: &Frame) -> bool {
     // The key only for a source in the VIP bitmap.
-    if !maybe(0, &f.src) {
-        return false;
-    }
-    let own = ServiceKey {
-        addr: f.src,
-        port: f.sport,
-        proto: f.proto,
-        family: f.family,
-    };
-    // SAFETY: only presence is read.
-    unsafe { SERVICES.get(&own) }.is_some()
+    maybe(0, &f.src) && service_at(f, f.src, f.sport).is_some()
 }
 
 /// An empty pool: counted, logged (rarely), and passed untouched.

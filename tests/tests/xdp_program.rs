@@ -1225,7 +1225,7 @@ fn every_rare_event_reaches_the_log_with_what_it_names() {
             &[&towards6, "(counter fib_other)"],
         );
         let failed6 = format!(
-            "a new flow to {} could not be recorded in the IPv6 flow table (error -7)",
+            "a new flow to {} could not be recorded in the flow table (error -7)",
             backend6.ip()
         );
         contains(&run(&syn6), log::Level::Error, &[&failed6]);
