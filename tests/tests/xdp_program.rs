@@ -357,15 +357,10 @@ fn removing_a_service_keeps_the_other_services_flows_and_replies() {
     });
 }
 
-/// Word `i` of the newest loaded `ADDR_FILTER` map (the fixture's).
-fn filter_word(i: u32) -> u64 {
-    use aya::maps::{loaded_maps, Array, Map, MapData};
-    let id = loaded_maps()
-        .filter_map(Result::ok)
-        .filter(|m| m.name_as_str() == Some(bgswitch_common::maps::ADDR_FILTER))
-        .map(|m| m.id())
-        .max()
-        .expect("a loaded ADDR_FILTER map");
+/// Word `i` of `dp`'s `ADDR_FILTER` map.
+fn filter_word(dp: &mut Dataplane, i: u32) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let id = dp.map_id(bgswitch_common::maps::ADDR_FILTER).unwrap();
     let words: Array<_, u64> = Array::try_from(Map::Array(MapData::from_id(id).unwrap())).unwrap();
     words.get(&i, 0).unwrap()
 }
@@ -386,9 +381,15 @@ fn the_services_index_follows_shared_slots_removals_and_moved_vips() {
         let entry_of = |a: SocketAddrV4, proto, id| {
             service_entry(u32::from(*a.ip()).to_be(), a.port().to_be(), proto, id)
         };
-        assert_eq!(filter_word(slot_of(vip)), entry_of(vip, PROTO_TCP, 0));
+        assert_eq!(
+            filter_word(&mut fx.dp, slot_of(vip)),
+            entry_of(vip, PROTO_TCP, 0)
+        );
         let udp = SocketAddrV4::new(VIP, 53);
-        assert_eq!(filter_word(slot_of(udp)), entry_of(udp, PROTO_UDP, 1));
+        assert_eq!(
+            filter_word(&mut fx.dp, slot_of(udp)),
+            entry_of(udp, PROTO_UDP, 1)
+        );
         // A VIP and port on the same slot as VIP:80, served by service 5.
         let other = (1024..u16::MAX)
             .map(|p| SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 30), p))
@@ -404,7 +405,7 @@ fn the_services_index_follows_shared_slots_removals_and_moved_vips() {
                 Colour::Blue,
             )
             .unwrap();
-        assert_eq!(filter_word(slot_of(vip)), SERVICE_SHARED);
+        assert_eq!(filter_word(&mut fx.dp, slot_of(vip)), SERVICE_SHARED);
         let c = SocketAddrV4::new(CLIENT, 40200);
         let (_, out) = fx.run(&frame(c, other, L4::Syn, 64, b""));
         assert_eq!(
@@ -418,7 +419,10 @@ fn the_services_index_follows_shared_slots_removals_and_moved_vips() {
         fx.dp
             .remove_service(5, &service_key(SocketAddr::V4(other), PROTO_TCP))
             .unwrap();
-        assert_eq!(filter_word(slot_of(vip)), entry_of(vip, PROTO_TCP, 0));
+        assert_eq!(
+            filter_word(&mut fx.dp, slot_of(vip)),
+            entry_of(vip, PROTO_TCP, 0)
+        );
         let syn = frame(SocketAddrV4::new(CLIENT, 40201), other, L4::Syn, 64, b"");
         assert_eq!(
             fx.run(&syn),
@@ -440,8 +444,11 @@ fn the_services_index_follows_shared_slots_removals_and_moved_vips() {
         fx.dp
             .remove_service_key(&service_key(SocketAddr::V4(vip), PROTO_TCP))
             .unwrap();
-        assert_eq!(filter_word(slot_of(vip)), 0);
-        assert_eq!(filter_word(slot_of(moved)), entry_of(moved, PROTO_TCP, 0));
+        assert_eq!(filter_word(&mut fx.dp, slot_of(vip)), 0);
+        assert_eq!(
+            filter_word(&mut fx.dp, slot_of(moved)),
+            entry_of(moved, PROTO_TCP, 0)
+        );
         let c2 = SocketAddrV4::new(CLIENT, 40202);
         let syn = frame(c2, vip, L4::Syn, 64, b"");
         assert_eq!(fx.run(&syn), (XDP_PASS, syn.clone()), "the old VIP passes");
@@ -1091,16 +1098,10 @@ fn rare_events_reach_the_log_once_per_kind_and_second_across_cpus() {
     });
 }
 
-/// Sets pool `index`'s size to 0 in the newest loaded `POOL_SIZES` map
-/// (the fixture's, loaded last by this thread's test).
-fn empty_pool(index: u32) {
-    use aya::maps::{loaded_maps, Array, Map, MapData};
-    let id = loaded_maps()
-        .filter_map(Result::ok)
-        .filter(|m| m.name_as_str() == Some(bgswitch_common::maps::POOL_SIZES))
-        .map(|m| m.id())
-        .max()
-        .expect("a loaded POOL_SIZES map");
+/// Sets pool `index`'s size to 0 in `dp`'s `POOL_SIZES` map.
+fn empty_pool(dp: &mut Dataplane, index: u32) {
+    use aya::maps::{Array, Map, MapData};
+    let id = dp.map_id(bgswitch_common::maps::POOL_SIZES).unwrap();
     let mut sizes: Array<_, u32> =
         Array::try_from(Map::Array(MapData::from_id(id).unwrap())).unwrap();
     sizes.set(index, 0, 0).unwrap();
@@ -1141,7 +1142,7 @@ fn every_rare_event_reaches_the_log_with_what_it_names() {
             )
             .unwrap();
         let slot = bgswitch_common::control::slot(fx.dp.control_word(4), 0);
-        empty_pool(4 * bgswitch_common::POOL_SLOTS + slot);
+        empty_pool(&mut fx.dp, 4 * bgswitch_common::POOL_SLOTS + slot);
         let logs = Collect::default();
         let mut reader = fx.dp.kernel_log(logs.clone()).unwrap();
         let (action, _) = fx.run(&frame(c, vip, L4::Syn, 64, b""));
