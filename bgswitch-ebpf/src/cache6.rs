@@ -13,6 +13,7 @@ use bgswitch_common::{
 
 use crate::{
     context::{Packet, Side},
+    flow::set_addr,
     frame::Frame,
     maps::{account, count, CONTROL, FLOW_CACHE6},
     transmit::{transmit, Fresh},
@@ -201,13 +202,13 @@ pub fn fill6(t: Tuple, cache_shift: u32, fresh: Fresh, e: &FlowEntry, dir: Dir6)
         return;
     }
     count(global::FLOW_CACHE_FILLS);
-    c.key.src = *t.src;
-    c.key.dst = *t.dst;
+    set_addr(&mut c.key.src, t.src);
+    set_addr(&mut c.key.dst, t.dst);
     c.key.sport = t.sport;
     c.key.dport = t.dport;
     c.key.proto = t.proto;
     c.key.family = FAMILY_IPV6;
-    c.peer = *peer;
+    set_addr(&mut c.peer, peer);
     c.gen = fresh.gen;
     // Fresh while neither the record's last-seen stamp nor this
     // direction's next hop is due for its refresh.

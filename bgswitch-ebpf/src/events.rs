@@ -22,6 +22,7 @@ use bgswitch_common::{global, tail, Addr, Event, LOG_INTERVAL_REFRESHES};
 use crate::{
     clock::now,
     context::Packet,
+    flow::set_addr,
     maps::{EVENT, LOG_GATE, SETTINGS},
 };
 
@@ -72,7 +73,7 @@ pub fn note(kind: u32, addr: &Addr, v6: bool, arg: u32, arg2: u16) -> bool {
         return false;
     }
     e.kind = kind + 1;
-    e.addr = *addr;
+    set_addr(&mut e.addr, addr);
     e.arg = arg;
     e.arg2 = arg2;
     e.v6 = u16::from(v6);

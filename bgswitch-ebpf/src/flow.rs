@@ -1,8 +1,20 @@
 //! Flow keys and the TCP state a flow record keeps (FIN each way, RST).
 
-use bgswitch_common::{flow_flags, FlowKey, FlowKey4};
+use bgswitch_common::{flow_flags, Addr, FlowKey, FlowKey4};
 
 use crate::frame::{Frame, TCP_FIN, TCP_RST};
+
+/// Copies an address word by word: a plain `*dst = *src` into map memory
+/// became a call to the byte-at-a-time `memmove` (or, for a constant,
+/// `memset`) subprogram on this target (found with `llvm-objdump -dr -l`).
+#[inline(always)]
+pub fn set_addr(dst: &mut Addr, src: &Addr) {
+    for i in 0..4 {
+        // SAFETY: in-bounds aligned 32-bit stores (volatile, so they are
+        // not merged back into a call).
+        unsafe { core::ptr::write_volatile(&mut dst[i], src[i]) };
+    }
+}
 
 /// The `FLOWS` key of a 5-tuple (IPv4: the first address word).
 #[inline(always)]

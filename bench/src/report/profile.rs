@@ -71,8 +71,10 @@ redirect ({part_devmap_redirect} ns alone in the component table).
 9. **A new flow's entry is built in place with ten 8-byte stores**: the struct literal's four
    `[0; 6]` MAC fields had each become a call to the byte-at-a-time `memset` subprogram
    (found with `bpftool prog dump xlated … linum`). Interleaved `--spin newflow`: 1 248–1 304 →
-   1 205–1 237 ns; `--spin-fwd new`: 0.85–0.89 → 0.88–0.91 Mpps. The only `memset`/`memcpy`
-   subprogram call left in the program is aya-log's copy, on the logging branches.
+   1 205–1 237 ns; `--spin-fwd new`: 0.85–0.89 → 0.88–0.91 Mpps. No `memset`, `memmove`
+   or `memcpy` subprogram call is left in the packet programs (`llvm-objdump -dr -l`): aya-log's
+   copies are in the log program, and the IPv6 cache fill's and a noted event's address copies
+   (a byte-at-a-time `memmove` or `memset` each) are word stores since this round.
 
 Measured but not adopted: `BPF_F_NO_COMMON_LRU` makes an LRU update slower here
 ({part_lru16_update_pcpu} ns against {part_lru16_update} ns), and cold new flows too (interleaved
