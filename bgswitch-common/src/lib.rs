@@ -945,9 +945,16 @@ pub struct Event {
     pub addr: Addr,
     /// The message's number (an error code, an ifindex, a service).
     pub arg: u32,
-    /// The second one (a colour, a service); 1 in `v6` for IPv6's `addr`.
+    /// The second one (a colour, a service).
     pub arg2: u16,
+    /// 1: `addr` is an IPv6 address.
     pub v6: u16,
+    /// When it was noted (kernel ticks, low 32 bits): a note left by a
+    /// packet whose verdict was not flushed (rare: a too-big packet
+    /// answered with an ICMP error) is replaced from the next tick on,
+    /// never blocking the slot.
+    pub at: u32,
+    pub _pad: u32,
 }
 
 /// The clock program (a socket filter run through BPF_PROG_TEST_RUN by the

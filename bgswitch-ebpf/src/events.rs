@@ -60,8 +60,9 @@ pub fn gate(kind: u32) -> bool {
 /// Notes an event of `kind` (a `global` counter index) for [`flush`], if
 /// its gate is open: the address and numbers its message names (`v6`:
 /// `addr` is an IPv6 address). The slot holds one event: a second one on
-/// the same packet's path is left to the next packet that has it (its gate
-/// stays open).
+/// the same packet's path (a note of the same tick) is left to the next
+/// packet that has it (its gate stays open); an older note, whose packet
+/// left without a flush, is replaced.
 #[inline(always)]
 pub fn note(kind: u32, addr: &Addr, v6: bool, arg: u32, arg2: u16) -> bool {
     let Some(e) = EVENT.get_ptr_mut(0) else {
@@ -69,9 +70,11 @@ pub fn note(kind: u32, addr: &Addr, v6: bool, arg: u32, arg2: u16) -> bool {
     };
     // SAFETY: this CPU's slot; runs are not nested on one CPU.
     let e = unsafe { &mut *e };
-    if e.kind != 0 || !gate(kind) {
+    let at = now() as u32;
+    if (e.kind != 0 && e.at == at) || !gate(kind) {
         return false;
     }
+    e.at = at;
     e.kind = kind + 1;
     set_addr(&mut e.addr, addr);
     e.arg = arg;

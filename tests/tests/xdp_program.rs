@@ -17,6 +17,7 @@ use bgswitch_common::{PROTO_TCP, PROTO_UDP};
 use bgswitch_tests::{flowhash, in_netns, ip, TempNetns};
 use etherparse::{IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
@@ -1230,6 +1231,70 @@ fn every_rare_event_reaches_the_log_with_what_it_names() {
             backend6.ip()
         );
         contains(&run(&syn6), log::Level::Error, &[&failed6]);
+    });
+}
+
+/// A noted event whose packet leaves without its verdict flushed (a new
+/// flow that could not be recorded, too long for its next hop: the too-big
+/// program takes it, and drops it) does not hold this CPU's slot: a later
+/// packet's event, from the next tick on, is logged.
+#[test]
+fn an_event_left_by_a_too_big_answer_does_not_block_later_messages() {
+    in_scratch_ns(|ns| {
+        bgswitch_tests::pin_to_cpu(0);
+        let v0 = veth_v0(ns, &["198.18.1.1/24"]);
+        neigh(ns, "198.18.1.11", "02:00:00:00:01:11");
+        neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
+        ip(&["-n", ns, "link", "set", "v0", "mtu", "1000"]).unwrap();
+        // Without settings: no half-open table, so a SYN's record fails.
+        let mut dp = Dataplane::load(&LoadOptions {
+            bpffs: None,
+            max_flows: 4096,
+        })
+        .unwrap();
+        let vip = SocketAddrV4::new(VIP, 80);
+        dp.write_service(
+            0,
+            service_key(SocketAddr::V4(vip), PROTO_TCP),
+            &pool(0, Colour::Blue, &blue()),
+            &pool(0, Colour::Green, &green()),
+            Colour::Blue,
+        )
+        .unwrap();
+        // A second service whose backend has no route.
+        let vip2 = SocketAddrV4::new(VIP, 81);
+        let far: SocketAddr = "198.18.9.9:8080".parse().unwrap();
+        dp.write_service(
+            6,
+            service_key(SocketAddr::V4(vip2), PROTO_TCP),
+            &[backend_of(far, backend_stat_id(6, Colour::Blue, 0))],
+            &[backend_of(far, backend_stat_id(6, Colour::Green, 0))],
+            Colour::Blue,
+        )
+        .unwrap();
+        let logs = Collect::default();
+        let mut reader = dp.kernel_log(logs.clone()).unwrap();
+        let c = SocketAddrV4::new(CLIENT, 40300);
+        let (action, _, _) = dp
+            .test_run(&frame(c, vip, L4::Syn, 64, &[0u8; 1200]), Some(v0), 1)
+            .unwrap();
+        assert_eq!(
+            action, XDP_DROP,
+            "no record to translate its error through: dropped, as a router would"
+        );
+        reader.flush();
+        assert_eq!(logs.take(), vec![], "its event is left unflushed");
+        std::thread::sleep(Duration::from_millis(20));
+        let (action, _, _) = dp
+            .test_run(&frame(c, vip2, L4::Syn, 64, b""), Some(v0), 1)
+            .unwrap();
+        assert_eq!(action, XDP_PASS);
+        reader.flush();
+        let msgs = logs.take();
+        assert!(
+            msgs.len() == 1 && msgs[0].1.contains("no usable route towards 198.18.9.9 "),
+            "the later event's message: {msgs:?}"
+        );
     });
 }
 
