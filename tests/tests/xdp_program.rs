@@ -52,16 +52,24 @@ impl Fixture {
     }
 
     fn with_max_flows(max_flows: u32) -> Fixture {
+        let mut fx = Fixture::without_settings(max_flows);
+        fx.dp
+            .set_settings(
+                std::time::Duration::from_secs(30),
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+        fx
+    }
+
+    /// The services, before the daemon wrote the settings: no half-open
+    /// table (a SYN's record fails, E2BIG), the log gates' fallback interval.
+    fn without_settings(max_flows: u32) -> Fixture {
         let mut dp = Dataplane::load(&LoadOptions {
             bpffs: None,
             max_flows,
         })
         .expect("load the XDP program (verifier)");
-        dp.set_settings(
-            std::time::Duration::from_secs(30),
-            std::time::Duration::from_secs(3600),
-        )
-        .unwrap();
         let pool = |id, c: Colour, addrs: &[SocketAddr]| {
             addrs
                 .iter()
@@ -1108,25 +1116,6 @@ fn empty_pool(dp: &mut Dataplane, index: u32) {
     sizes.set(index, 0, 0).unwrap();
 }
 
-/// A data plane without settings (so without a half-open table: a SYN's
-/// record fails, E2BIG) serving the fixture's TCP service on VIP:80.
-fn without_settings() -> Dataplane {
-    let mut dp = Dataplane::load(&LoadOptions {
-        bpffs: None,
-        max_flows: 4096,
-    })
-    .unwrap();
-    dp.write_service(
-        0,
-        service_key(SocketAddr::V4(SocketAddrV4::new(VIP, 80)), PROTO_TCP),
-        &pool(0, Colour::Blue, &blue()),
-        &pool(0, Colour::Green, &green()),
-        Colour::Blue,
-    )
-    .unwrap();
-    dp
-}
-
 /// Each kind of rare event's message, with the numbers it names, written
 /// by the log program once the frame's verdict is known (`events.rs`): no
 /// route (IPv4 and IPv6), an empty pool, a flow that could not be recorded
@@ -1189,7 +1178,7 @@ fn every_rare_event_reaches_the_log_with_what_it_names() {
         // Without settings: no half-open table, so a SYN's record fails
         // (E2BIG). Its first SYN logs the missing route, the second the
         // record; IPv6 after the gates' interval.
-        let mut dp = without_settings();
+        let mut dp = Fixture::without_settings(4096).dp;
         let vip6 = SocketAddrV6::new(VIP6, 80, 0, 0);
         dp.write_service(
             TCP6,
@@ -1254,7 +1243,7 @@ fn an_event_left_by_a_too_big_answer_does_not_block_later_messages() {
         neigh(ns, "198.18.1.12", "02:00:00:00:01:12");
         ip(&["-n", ns, "link", "set", "v0", "mtu", "1000"]).unwrap();
         // Without settings: no half-open table, so a SYN's record fails.
-        let mut dp = without_settings();
+        let mut dp = Fixture::without_settings(4096).dp;
         let vip = SocketAddrV4::new(VIP, 80);
         // A second service whose backend has no route.
         let vip2 = SocketAddrV4::new(VIP, 81);
