@@ -179,7 +179,7 @@ pub fn to_backend<C: Packet, F: Family>(
         }
     };
     let Some(b) = pick(service, slot, key) else {
-        return no_backend(ctx, service, colour);
+        return no_backend::<C>(service, colour);
     };
     account(b.stat_id, f.frame_len, true, false);
     if ctx.rewrite(f, Side::Dst, &b.addr, b.port).is_none() {

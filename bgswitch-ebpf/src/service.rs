@@ -94,8 +94,9 @@ pub fn vip_source(f: &Frame) -> bool {
 
 /// An empty pool: counted, logged (rarely), and passed untouched.
 #[inline(always)]
-pub fn no_backend<C: Packet>(ctx: &C, service: u32, colour: u32) -> u32 {
+pub fn no_backend<C: Packet>(service: u32, colour: u32) -> u32 {
     count(global::NO_BACKEND);
+    // Written once the entry point has the verdict (`main.rs::logged`).
     events::note(global::NO_BACKEND, &[0; 4], false, service, colour as u16);
-    events::flush(ctx, C::PASS)
+    C::PASS
 }

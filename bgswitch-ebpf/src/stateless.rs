@@ -54,7 +54,7 @@ pub fn stateless<C: Packet>(
     let key = flow_key(f);
     let active = control::active(word);
     let Some(b) = pick(service, control::slot(word, active), &key) else {
-        return no_backend(ctx, service, active);
+        return no_backend::<C>(service, active);
     };
     let Some(hop) = BACKEND_HOPS.get_ptr_mut(b.stat_id) else {
         count(global::PASS_NOT_SERVICE);

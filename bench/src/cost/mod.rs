@@ -22,7 +22,6 @@
 //! new flow adds over an established packet when both run cold.
 
 use std::{
-    collections::HashSet,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd as _, AsRawFd as _},
     time::Duration,
@@ -30,7 +29,7 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 use aya::{
-    maps::{loaded_maps, Array, HashMap, Map, MapData, MapInfo},
+    maps::{Array, HashMap, Map, MapData, MapInfo},
     programs::{TestRun as _, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
@@ -332,25 +331,6 @@ impl PassProgram {
     }
 }
 
-/// Ids of the maps named `name` loaded now.
-fn map_ids(name: &str) -> HashSet<u32> {
-    loaded_maps()
-        .flatten()
-        .filter(|m| m.name_as_str() == Some(name))
-        .map(|m| m.id())
-        .collect()
-}
-
-/// The map named `name` with `max_entries` that is not in `before`: the one a
-/// data plane loaded just now created.
-fn new_map(name: &str, max_entries: u32, before: &HashSet<u32>) -> Option<MapInfo> {
-    loaded_maps()
-        .flatten()
-        .filter(|m| m.name_as_str() == Some(name))
-        .filter(|m| m.max_entries() == max_entries && !before.contains(&m.id()))
-        .max_by_key(|m| m.id())
-}
-
 /// The kernel's accounting of a map's memory (`memlock` in fdinfo).
 fn memlock(info: &MapInfo) -> Option<u64> {
     let fd = info.fd().ok()?;
@@ -431,28 +411,20 @@ pub struct Loaded {
 }
 
 pub fn load_identity(bed: &Bed, max_flows: u32) -> Result<Loaded> {
-    let before = map_ids(names::FLOWS);
-    let before6 = map_ids(names::FLOWS6);
-    let before_half = map_ids(names::HALF_OPEN);
-    let before_half6 = map_ids(names::HALF_OPEN6);
     let mut dp = Dataplane::load(&LoadOptions {
         bpffs: None,
         max_flows,
     })
     .context("loading the bgswitch XDP program")?;
-    let flows = new_map(names::FLOWS, max_flows, &before);
-    let flows_memlock = flows.as_ref().and_then(memlock);
-    let flows_id = flows.as_ref().map(MapInfo::id);
-    let flows6 = new_map(names::FLOWS6, max_flows, &before6);
-    let flows6_memlock = flows6.as_ref().and_then(memlock);
-    let flows6_id = flows6.as_ref().map(MapInfo::id);
-    let half = bgswitch::dataplane::half_open_buckets(max_flows);
-    let half_open_id = new_map(names::HALF_OPEN, half, &before_half)
-        .as_ref()
-        .map(MapInfo::id);
-    let half_open6_id = new_map(names::HALF_OPEN6, half, &before_half6)
-        .as_ref()
-        .map(MapInfo::id);
+    // This load's own maps (the XDP program's), by id.
+    let mut id_of = |name| dp.map_id(name).ok();
+    let flows_id = id_of(names::FLOWS);
+    let flows6_id = id_of(names::FLOWS6);
+    let half_open_id = id_of(names::HALF_OPEN);
+    let half_open6_id = id_of(names::HALF_OPEN6);
+    let memlock_of = |id: Option<u32>| MapInfo::from_id(id?).ok().as_ref().and_then(memlock);
+    let flows_memlock = memlock_of(flows_id);
+    let flows6_memlock = memlock_of(flows6_id);
     dp.set_settings(Duration::from_secs(30), Duration::from_secs(3600))?;
     // As the daemon does: new flows take their backend's kept next hop
     // while the routing rules select by destination alone.

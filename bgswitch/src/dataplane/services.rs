@@ -215,8 +215,7 @@ impl Dataplane {
         self.services
             .insert(key, ServiceValue { id }, 0)
             .map_err(map_err(names::SERVICES, "insert"))?;
-        self.sync_service_index();
-        Ok(())
+        self.sync_service_index()
     }
 
     /// A slot not selected now nor by the new word, least recently freed;
@@ -372,6 +371,7 @@ impl Dataplane {
             }
         }
         self.rebuild_filter();
+        self.sync_service_index()?;
         if !self.any_stable() {
             self.set_stateless_flag(false)?;
         }
@@ -384,8 +384,7 @@ impl Dataplane {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(names::SERVICES, "remove")(e)),
         }
-        self.sync_service_index();
-        Ok(())
+        self.sync_service_index()
     }
 
     /// The VIPs the data plane serves now, with their service ids.

@@ -5,8 +5,8 @@
 use std::{sync::atomic::Ordering, time::Instant};
 
 use bgswitch_common::{
-    control, maps as names, ServiceKey, Settings, ADDR_FILTER_LEN, ADDR_FILTER_WORDS, FAMILY_IPV4,
-    SERVICE_INDEX, SERVICE_SHARED, STATELESS_SLOTS,
+    control, maps as names, ServiceKey, Settings, ADDR_FILTER_WORDS, FAMILY_IPV4, SERVICE_INDEX,
+    SERVICE_SHARED, STATELESS_SLOTS,
 };
 
 use super::{map_err, Dataplane, DataplaneError, Result};
@@ -225,7 +225,8 @@ impl Dataplane {
     /// period: each word is stored whole, and a bit still needed is set
     /// before and after, so no packet ever sees it clear.
     pub(super) fn rebuild_filter(&self) {
-        let mut bits = vec![0u64; ADDR_FILTER_LEN as usize];
+        // Up to the services' index, which `sync_service_index` keeps.
+        let mut bits = vec![0u64; SERVICE_INDEX as usize];
         let mut services: Vec<(ServiceKey, u32)> = self
             .services
             .iter()
@@ -252,48 +253,42 @@ impl Dataplane {
             let (w, m) = bgswitch_common::addr_bit(&k.addr);
             bits[(ADDR_FILTER_WORDS + w) as usize] |= m;
         }
-        for (i, b) in self.service_index() {
-            bits[i as usize] = b;
-        }
         for (i, b) in bits.into_iter().enumerate() {
             self.addr_filter.word64(i as u32).store(b, Ordering::SeqCst);
         }
     }
 
-    /// The IPv4 services' index as `SERVICES` has it now: (word, entry) of
-    /// each slot in use, a slot of two services or more shared
-    /// (`bgswitch_common::SERVICE_INDEX`).
-    fn service_index(&self) -> Vec<(u32, u64)> {
-        let mut slots: std::collections::BTreeMap<u32, u64> = Default::default();
-        for (k, v) in self.services.iter().flatten() {
+    /// The IPv4 services' index as `SERVICES` has it now, one word per slot
+    /// (`bgswitch_common::SERVICE_INDEX`): a slot of two services or more
+    /// is shared. An error reading `SERVICES` is returned, never taken for
+    /// an empty table (that would stop serving the services it missed).
+    fn service_index(&self) -> Result<Vec<u64>> {
+        let mut words = vec![0u64; STATELESS_SLOTS as usize];
+        for (k, id) in self.service_keys()? {
             if k.family != FAMILY_IPV4 {
                 continue;
             }
-            let i = SERVICE_INDEX + bgswitch_common::stateless_slot(k.addr[0], k.port);
-            let entry = bgswitch_common::service_entry(k.addr[0], k.port, k.proto, v.id);
-            slots
-                .entry(i)
-                .and_modify(|e| *e = SERVICE_SHARED)
-                .or_insert(entry);
+            let w = &mut words[bgswitch_common::stateless_slot(k.addr[0], k.port) as usize];
+            *w = if *w == 0 {
+                bgswitch_common::service_entry(k.addr[0], k.port, k.proto, id)
+            } else {
+                SERVICE_SHARED
+            };
         }
-        slots.into_iter().collect()
+        Ok(words)
     }
 
     /// Brings the services' index in line with `SERVICES` (after a service
-    /// was written, or one of its VIPs removed): each slot that changes is
-    /// stored whole. A service is found through it only once `SERVICES`
-    /// has it, and is no longer found once its entry went.
-    pub(super) fn sync_service_index(&self) {
-        let want = self.service_index();
-        for slot in 0..STATELESS_SLOTS {
-            let i = SERVICE_INDEX + slot;
-            let e = want
-                .binary_search_by_key(&i, |(w, _)| *w)
-                .map_or(0, |j| want[j].1);
-            let word = self.addr_filter.word64(i);
+    /// was written or went, or one of its VIPs was removed): each slot that
+    /// changes is stored whole. A service is found through it only once
+    /// `SERVICES` has it, and is no longer found once its entry went.
+    pub(super) fn sync_service_index(&self) -> Result<()> {
+        for (slot, e) in (0..).zip(self.service_index()?) {
+            let word = self.addr_filter.word64(SERVICE_INDEX + slot);
             if word.load(Ordering::SeqCst) != e {
                 word.store(e, Ordering::SeqCst);
             }
         }
+        Ok(())
     }
 }
