@@ -511,17 +511,25 @@ impl Dataplane {
     }
 
     /// The kernel's id of this data plane's map `name`, among the maps its
-    /// XDP program uses (loaded on first use): how a test or the bench opens
-    /// one map of this load, when other loads may be alive beside it.
+    /// XDP programs use (the entry point and the programs it tail-calls,
+    /// loaded on first use): how a test or the bench opens one map of this
+    /// load, when other loads may be alive beside it.
     pub fn map_id(&mut self, name: &str) -> Result<u32> {
-        let prog = hook::xdp_program(&mut self.ebpf)?;
-        let ids = prog
-            .info()?
-            .map_ids()?
-            .ok_or_else(|| DataplaneError::Invalid("the kernel lists no map ids".into()))?;
-        ids.into_iter()
-            .find(|id| MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(name)))
-            .ok_or_else(|| DataplaneError::Invalid(format!("the XDP program uses no map {name}")))
+        hook::xdp_program(&mut self.ebpf)?;
+        for (_, prog) in self.ebpf.programs() {
+            let Ok(info) = prog.info() else {
+                // Not loaded (TC, not used yet).
+                continue;
+            };
+            for id in info.map_ids()?.unwrap_or_default() {
+                if MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some(name)) {
+                    return Ok(id);
+                }
+            }
+        }
+        Err(DataplaneError::Invalid(format!(
+            "no loaded program of this data plane uses a map {name}"
+        )))
     }
 
     /// Slots of the per-CPU flow cache (64 bytes each, on every possible CPU).
