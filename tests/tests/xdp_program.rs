@@ -3180,3 +3180,35 @@ fn the_programs_load_with_verifier_headroom_at_every_table_size() {
         }
     });
 }
+
+/// The flow caches' slots start on cache lines: the kernel puts a
+/// memory-mapped array's values on a page boundary and a plain one's after
+/// its header (56 mod 64 on Linux 6.18), where each 64-B slot would take two
+/// cold lines to read instead of one.
+#[test]
+fn the_flow_caches_are_page_aligned_so_a_slot_is_one_cache_line() {
+    const BPF_F_MMAPABLE: u32 = 1 << 10;
+    in_scratch_ns(|_| {
+        let mut fx = Fixture::new();
+        let syn = frame(
+            SocketAddrV4::new(CLIENT, 40000),
+            SocketAddrV4::new(VIP, 80),
+            L4::Syn,
+            64,
+            b"",
+        );
+        fx.dp.test_run(&syn, None, 1).unwrap();
+        for name in [
+            bgswitch_common::maps::FLOW_CACHE,
+            bgswitch_common::maps::FLOW_CACHE6,
+        ] {
+            let id = fx.dp.map_id(name).unwrap();
+            let info = aya::maps::MapInfo::from_id(id).unwrap();
+            assert_ne!(
+                info.map_flags() & BPF_F_MMAPABLE,
+                0,
+                "{name} is created memory-mapped (page-aligned values)"
+            );
+        }
+    });
+}
