@@ -58,7 +58,7 @@ struct Args {
     seconds: f64,
     /// Profiling aid: run one forwarding configuration (floor, redirect, bgswitch:N,
     /// kernel:N, nft:N, stateless:N, nfttcp:N, new, floor6, bgswitch6:N, kernel6:N; two CPUs:
-    /// bgswitch2:N, stateless2:N, N flows per CPU) repeatedly for
+    /// bgswitch2:N, stateless2:N, N flows per CPU; floor2, redirect2) repeatedly for
     /// --seconds, then exit.
     #[arg(long)]
     spin_fwd: Option<String>,

@@ -26,7 +26,9 @@
 //! own (`GenConfig::spread`): a frame is sent, forwarded and received on
 //! its generator's CPU, as RSS keeps a flow on one queue; bgswitch's table
 //! path and a stateless service, 10 000 flows per CPU, against the same
-//! with one generator. Each round runs every configuration once (the order rotates),
+//! with one generator, and the floor and the redirect ceiling with two
+//! generators (what the machine gives a second CPU on this path, without
+//! bgswitch; the two-CPU rows' share of the floor is of this one). Each round runs every configuration once (the order rotates),
 //! counting generated frames (the run's `repeat`) and frames delivered to the
 //! sink; rates are delivered frames over the run's wall time.
 
@@ -289,6 +291,8 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
     // IPv6 rows against the IPv6 generator's floor (its frames cost the
     // generator more to write), and against the kernel's IPv6 forwarding.
     let floor6 = rate(Config::Floor6);
+    // Two-CPU rows against the floor with two generators.
+    let floor2 = rate(Config::Floor2);
     let kernel6 = opts.kernel6_flows.and_then(|n| rate(Config::Kernel6(n)));
     let nft10k = rate(Config::Nft(10_000))
         .or_else(|| opts.nft_flows.last().and_then(|&n| rate(Config::Nft(n))));
@@ -301,7 +305,13 @@ pub fn run(opts: &FwdOptions) -> Result<Value> {
         let delivered: u64 = v.iter().map(|s| s.delivered).sum();
         let m = median(&rates);
         let hit = v.iter().filter_map(|s| s.hit_ratio).collect::<Vec<_>>();
-        let floor = if c.ipv6() { floor6 } else { floor };
+        let floor = if c.ipv6() {
+            floor6
+        } else if c.two_cpus() {
+            floor2
+        } else {
+            floor
+        };
         rows.push(json!({
             "config": c.key(),
             "label": c.label(),

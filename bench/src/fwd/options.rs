@@ -73,6 +73,12 @@ impl FwdOptions {
         }
         v.extend(self.scale_flows.iter().map(|&n| Config::Scale(n)));
         if sys::cpus() >= 2 {
+            // What the path gives two CPUs without bgswitch: the floor and
+            // the redirect ceiling, with two generators as well.
+            if self.floor && !self.two_cpu_flows.is_empty() {
+                v.push(Config::Floor2);
+                v.push(Config::Redirect2);
+            }
             for &n in &self.two_cpu_flows {
                 v.push(Config::Bgswitch2(n));
                 v.push(Config::Stateless2(n));
@@ -163,6 +169,9 @@ pub(super) enum Config {
     /// Two generators at once, on CPUs 0 and 1 (two-queue veths: each
     /// CPU's frames are received and forwarded on that CPU), each with
     /// flows of its own: bgswitch's table path, and a stateless service.
+    /// The floor and the redirect ceiling with two generators at once.
+    Floor2,
+    Redirect2,
     Bgswitch2(u32),
     Stateless2(u32),
 }
@@ -193,6 +202,8 @@ impl Config {
             Config::Kernel6(n) => format!("ipv6_kernel_forwarding_{n}_flows"),
             Config::Bgswitch2(n) => format!("bgswitch_{n}_flows_two_cpus"),
             Config::Stateless2(n) => format!("bgswitch_stateless_{n}_flows_two_cpus"),
+            Config::Floor2 => "generator_to_drop_floor_two_cpus".into(),
+            Config::Redirect2 => "xdp_redirect_ceiling_two_cpus".into(),
         }
     }
     pub(super) fn label(self) -> String {
@@ -215,10 +226,15 @@ impl Config {
             Config::Stateless2(n) => {
                 format!("two CPUs: bgswitch stateless (TCP), {} per CPU", flows(n))
             }
+            Config::Floor2 => "two CPUs: generator → drop (floor)".into(),
+            Config::Redirect2 => "two CPUs: XDP redirect alone (ceiling)".into(),
         }
     }
     pub(super) fn two_cpus(self) -> bool {
-        matches!(self, Config::Bgswitch2(_) | Config::Stateless2(_))
+        matches!(
+            self,
+            Config::Bgswitch2(_) | Config::Stateless2(_) | Config::Floor2 | Config::Redirect2
+        )
     }
     pub(super) fn ipv6(self) -> bool {
         matches!(
@@ -248,7 +264,11 @@ impl Config {
     }
     pub(super) fn flows(self) -> u32 {
         match self {
-            Config::Floor | Config::Redirect | Config::Floor6 => 1,
+            Config::Floor
+            | Config::Redirect
+            | Config::Floor6
+            | Config::Floor2
+            | Config::Redirect2 => 1,
             Config::Bgswitch(n)
             | Config::BgswitchTc(n)
             | Config::Kernel(n)

@@ -490,11 +490,11 @@ impl Rig {
             AttachSetting::Xdp
         };
         let lb = self.lb_name();
-        let want_floor = matches!(c, Config::Floor | Config::Floor6);
+        let want_floor = matches!(c, Config::Floor | Config::Floor6 | Config::Floor2);
         if !want_floor {
             detach(&mut self.sinkp, "xdp_sink", &mut self.floor_link)?;
         }
-        let want_redirect = c == Config::Redirect;
+        let want_redirect = matches!(c, Config::Redirect | Config::Redirect2);
         if !want_redirect {
             detach(&mut self.redirp, "xdp_redirect", &mut self.redirect_link)?;
         }

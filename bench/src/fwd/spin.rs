@@ -10,7 +10,7 @@ use crate::stats::median;
 
 /// Profiling aid: runs one configuration (`floor`, `redirect`, `bgswitch:N`, `tc:N`, `kernel:N`,
 /// `nft:N`, `stateless:N`, `nfttcp:N`, `new`, `floor6`, `bgswitch6:N`, `kernel6:N`, `bgswitch2:N`,
-/// `stateless2:N`) repeatedly for `seconds` (warmed up first); returns the median
+/// `stateless2:N`, `floor2`, `redirect2`) repeatedly for `seconds` (warmed up first); returns the median
 /// rate in Mpps.
 pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
     let (kind, n) = spec.split_once(':').unwrap_or((spec, "1"));
@@ -26,6 +26,8 @@ pub fn spin(spec: &str, seconds: f64, cpu: usize) -> Result<f64> {
         "new" => Config::NewFlows,
         "stateless" => Config::Stateless(n),
         "floor6" => Config::Floor6,
+        "floor2" => Config::Floor2,
+        "redirect2" => Config::Redirect2,
         "bgswitch6" => Config::Bgswitch6(n),
         "kernel6" => Config::Kernel6(n),
         "bgswitch2" => Config::Bgswitch2(n),

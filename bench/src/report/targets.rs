@@ -338,13 +338,22 @@ pub fn targets(r: &Value) -> Vec<Value> {
         ),
     ] {
         let ratio = rate_ratio(r, two, one);
+        // What the machine gives the second CPU on this path without
+        // bgswitch, in the same rounds.
+        let x = |a: &str, b: &str| {
+            rate_ratio(r, a, b).map_or("—".to_string(), |v| format!("{v:.2}×"))
+        };
         t.push(target(
             &format!("two CPUs against one, {what}, 10 000 flows per CPU"),
             "≥ 1.8×",
             ratio,
             "×",
             ratio.map(|v| v >= 1.8),
-            "part 2 (median of the per-round ratios); two-queue veths, one generator per CPU, each with flows of its own",
+            &format!(
+                "part 2 (median of the per-round ratios); two-queue veths, one generator per CPU, each with flows of its own; the same with nothing but the path, in the same rounds: the generator-to-drop floor {}, the redirect ceiling {}",
+                x("generator_to_drop_floor_two_cpus", "generator_to_drop_floor"),
+                x("xdp_redirect_ceiling_two_cpus", "xdp_redirect_ceiling"),
+            ),
         ));
     }
     let (sc, sc_note) = of_ceiling(s10k);
