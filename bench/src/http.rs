@@ -23,6 +23,10 @@ pub struct HttpOptions {
     pub seconds: u32,
     pub connections: u32,
     pub threads: u32,
+    /// The paced keep-alive mode: connections, each waiting `paced_gap_ms`
+    /// after an answer before its next request.
+    pub paced_connections: u32,
+    pub paced_gap_ms: u32,
 }
 
 impl HttpOptions {
@@ -32,6 +36,34 @@ impl HttpOptions {
             seconds: 5,
             connections: 16,
             threads: 1,
+            paced_connections: 64,
+            paced_gap_ms: 1,
+        }
+    }
+}
+
+/// How wrk loads the VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Keep-alive connections, each sending its next request as soon as
+    /// the answer is in (closed loop: as fast as the path allows).
+    KeepAlive,
+    /// A new connection per request, as fast as the path allows.
+    Close,
+    /// Keep-alive connections that wait a fixed gap after each answer
+    /// (wrk's `delay()`): nearly the same offered load for every system,
+    /// below what any of them saturates at, so latencies compare at equal
+    /// load (a saturated closed loop's p99 grows with the load it reached).
+    Paced,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::KeepAlive, Mode::Close, Mode::Paced];
+    fn key(self) -> &'static str {
+        match self {
+            Mode::KeepAlive => "keepalive",
+            Mode::Close => "new_connection_per_request",
+            Mode::Paced => "keepalive_paced",
         }
     }
 }
@@ -93,12 +125,29 @@ fn parse_wrk(out: &str) -> Result<Wrk> {
     Ok(w)
 }
 
-fn wrk(s: &System, o: &HttpOptions, close: bool) -> Result<Wrk> {
+/// wrk's script for [`Mode::Paced`]: `gap_ms` between an answer and the
+/// connection's next request.
+fn paced_script(gap_ms: u32) -> Result<std::path::PathBuf> {
+    let path = std::env::temp_dir().join(format!(
+        "bgswitch-bench-{}-paced-{gap_ms}.lua",
+        std::process::id()
+    ));
+    std::fs::write(&path, format!("function delay()\n  return {gap_ms}\nend\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn wrk(s: &System, o: &HttpOptions, mode: Mode, script: &std::path::Path) -> Result<Wrk> {
     let wrk = sys::have("wrk").context("wrk is not installed")?;
     let url = format!("http://{}/", vip());
+    let conns = if mode == Mode::Paced {
+        o.paced_connections
+    } else {
+        o.connections
+    };
     let (t, c, d) = (
         format!("-t{}", o.threads),
-        format!("-c{}", o.connections),
+        format!("-c{conns}"),
         format!("-d{}s", o.seconds),
     );
     let mut args = vec![
@@ -110,8 +159,10 @@ fn wrk(s: &System, o: &HttpOptions, close: bool) -> Result<Wrk> {
         "--timeout",
         "2s",
     ];
-    if close {
-        args.extend(["-H", "Connection: close"]);
+    match mode {
+        Mode::KeepAlive => {}
+        Mode::Close => args.extend(["-H", "Connection: close"]),
+        Mode::Paced => args.extend(["-s", script.to_str().context("script path")?]),
     }
     args.push(&url);
     let out = sys::ns_run(s.topo.client_ns(), args[0], &args[1..])?;
@@ -136,12 +187,13 @@ pub fn run(o: &HttpOptions) -> Result<Value> {
             }
         }
     }
-    let mut res: Vec<[Vec<Wrk>; 2]> = systems.iter().map(|_| [Vec::new(), Vec::new()]).collect();
+    let script = paced_script(o.paced_gap_ms)?;
+    let mut res: Vec<[Vec<Wrk>; 3]> = systems.iter().map(|_| Default::default()).collect();
     for round in 0..o.rounds {
         for k in 0..systems.len() {
             let i = (k + round) % systems.len();
-            for (m, close) in [false, true].into_iter().enumerate() {
-                let w = wrk(&systems[i], o, close)
+            for (m, mode) in Mode::ALL.into_iter().enumerate() {
+                let w = wrk(&systems[i], o, mode, &script)
                     .with_context(|| format!("wrk against {}", systems[i].kind.label()))?;
                 res[i][m].push(w);
                 std::thread::sleep(Duration::from_millis(500));
@@ -151,7 +203,7 @@ pub fn run(o: &HttpOptions) -> Result<Value> {
     }
     let mut out = skipped;
     for (i, s) in systems.iter().enumerate() {
-        let mode = |m: usize| {
+        let summary = |m: usize| {
             let v = &res[i][m];
             let rps: Vec<f64> = v.iter().map(|w| w.rps).collect();
             json!({
@@ -162,13 +214,15 @@ pub fn run(o: &HttpOptions) -> Result<Value> {
                 "errors": v.iter().map(|w| w.errors).sum::<u64>(),
             })
         };
-        out.insert(
-            s.kind.key().into(),
-            json!({"status": "measured", "keepalive": mode(0), "new_connection_per_request": mode(1)}),
-        );
+        let mut v = json!({"status": "measured"});
+        for (m, mode) in Mode::ALL.into_iter().enumerate() {
+            v[mode.key()] = summary(m);
+        }
+        out.insert(s.kind.key().into(), v);
     }
+    let _ = std::fs::remove_file(&script);
     Ok(json!({
-        "method": format!("wrk -t{} -c{} -d{}s --latency (new connection per request: -H 'Connection: close') from the client namespace to VIP:8080; {} interleaved rounds; medians over rounds (requests/s with min–max)", o.threads, o.connections, o.seconds, o.rounds),
+        "method": format!("wrk -t{} -c{} -d{}s --latency (new connection per request: -H 'Connection: close'; paced keep-alive: -c{} with a script whose delay() makes each connection wait {} ms after an answer before its next request, the same offered load for every system, below saturation) from the client namespace to VIP:8080; {} interleaved rounds; medians over rounds (requests/s with min–max)", o.threads, o.connections, o.seconds, o.paced_connections, o.paced_gap_ms, o.rounds),
         "backends": "4 (2 blue, 2 green) HTTP servers of the test bed, thread per connection; only blue serves",
         "veth_offload_caveat": "every veth keeps the kernel's default offloads (TSO, GRO off, partial checksums), as in containers: bgswitch serves them with TC (what `attach = \"auto\"` takes there), nftables and HAProxy run on the same path. The XDP row stands in for physical NICs (senders compute complete checksums, the peers of the load balancer's veths have GRO on, and XDP on a veth removes TSO/GSO from its peer): it segments otherwise and is shown for what the XDP path costs, not against the peers. Everything (wrk, load balancer, backends) shares the machine's 2 CPUs.",
         "systems": out,

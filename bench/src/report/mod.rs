@@ -303,6 +303,7 @@ pub fn markdown(all: &Value) -> String {
             for (mode, label) in [
                 ("keepalive", "keep-alive"),
                 ("new_connection_per_request", "new connection per request"),
+                ("keepalive_paced", "keep-alive, paced (equal load)"),
             ] {
                 let x = &s[mode];
                 let _ = writeln!(
