@@ -320,6 +320,59 @@ pub struct Status {
     /// Configured interfaces the program does not serve now.
     #[serde(default)]
     pub unserved: Vec<String>,
+    /// How long this daemon took to make its changes durable.
+    #[serde(default)]
+    pub durable_writes: DurableWrites,
+}
+
+/// Upper bounds (seconds) of [`DurableWrites`]' buckets: 100 µs doubling
+/// to 6.6 s, the range of a disk's cache flush up to an etcd that barely
+/// answers.
+pub const DURABLE_WRITE_BUCKETS: [f64; 17] = {
+    let mut b = [0.0001; 17];
+    let mut i = 1;
+    while i < b.len() {
+        b[i] = b[i - 1] * 2.0;
+        i += 1;
+    }
+    b
+};
+
+/// The time each change took to become durable before the data plane
+/// followed it — the desired-state store's record: the local journal's
+/// line written and fdatasynced, or a fleet's etcd transaction — since the
+/// daemon started. A flip waits for it; a slow disk or etcd shows here
+/// first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DurableWrites {
+    pub count: u64,
+    pub sum_seconds: f64,
+    /// Changes per bucket of [`DURABLE_WRITE_BUCKETS`] (not cumulative),
+    /// and a last one for longer ones.
+    pub buckets: Vec<u64>,
+    pub last_seconds: Option<f64>,
+}
+
+impl DurableWrites {
+    pub fn observe(&mut self, took: std::time::Duration) {
+        let s = took.as_secs_f64();
+        if self.buckets.len() != DURABLE_WRITE_BUCKETS.len() + 1 {
+            self.buckets = vec![0; DURABLE_WRITE_BUCKETS.len() + 1];
+        }
+        let i = DURABLE_WRITE_BUCKETS
+            .iter()
+            .position(|&le| s <= le)
+            .unwrap_or(DURABLE_WRITE_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.count += 1;
+        self.sum_seconds += s;
+        self.last_seconds = Some(s);
+    }
+
+    /// The mean over the changes, in seconds.
+    pub fn mean_seconds(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum_seconds / self.count as f64)
+    }
 }
 
 /// Where the data plane is pinned.

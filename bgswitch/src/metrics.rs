@@ -4,13 +4,39 @@
 //! pinned) and reset only when the pins are removed.
 
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{text::encode, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType},
     registry::Registry,
 };
 use std::sync::atomic::AtomicU64;
 
-use crate::{api::Status, health::Health};
+use crate::{
+    api::{DurableWrites, Status, DURABLE_WRITE_BUCKETS},
+    health::Health,
+};
+
+/// [`DurableWrites`] as a histogram: a snapshot's counts, encoded as they
+/// are (prometheus-client's own histogram only counts what it observes).
+#[derive(Debug)]
+struct WriteTimes(DurableWrites);
+
+impl EncodeMetric for WriteTimes {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let w = &self.0;
+        let buckets: Vec<(f64, u64)> = DURABLE_WRITE_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .enumerate()
+            .map(|(i, le)| (le, w.buckets.get(i).copied().unwrap_or(0)))
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(w.sum_seconds, w.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
 
 type Labels = Vec<(String, String)>;
 
@@ -364,6 +390,11 @@ pub fn render(status: &Status) -> String {
             ]))
             .set(1);
     }
+    f.registry.register(
+        "bgswitch_durable_write_duration_seconds",
+        help("How long each change took to become durable before the data plane followed it (the journal line written and fdatasynced, or a fleet's etcd transaction), since the daemon started."),
+        WriteTimes(status.durable_writes.clone()),
+    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &f.registry);
@@ -405,6 +436,41 @@ mod tests {
             to_prometheus_text(om),
             "# HELP a_b_total Packets switched.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 5\n# HELP g Live.\n# TYPE g gauge\ng 0\n"
         );
+    }
+
+    #[test]
+    fn durable_writes_are_a_cumulative_histogram_in_seconds() {
+        use std::time::Duration;
+        let mut status = Status::default();
+        for us in [50, 300, 350, 10_000_000] {
+            status.durable_writes.observe(Duration::from_micros(us));
+        }
+        let text = render(&status);
+        let name = "bgswitch_durable_write_duration_seconds";
+        for want in [
+            format!("# TYPE {name} histogram"),
+            format!("{name}_count 4"),
+            format!("{name}_bucket{{le=\"0.0001\"}} 1"),
+            format!("{name}_bucket{{le=\"0.0002\"}} 1"),
+            format!("{name}_bucket{{le=\"0.0004\"}} 3"),
+            format!("{name}_bucket{{le=\"6.5536\"}} 3"),
+            format!("{name}_bucket{{le=\"+Inf\"}} 4"),
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} in:\n{text}");
+        }
+        let sum = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_sum ")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap();
+        assert!((sum - 10.0007).abs() < 1e-9, "{sum}");
+        // The Prometheus text format keeps it as it is.
+        assert!(to_prometheus_text(&text).contains(&format!("# TYPE {name} histogram")));
+        // A daemon without changes yet: zero counts in every bucket.
+        let empty = render(&Status::default());
+        assert!(empty
+            .lines()
+            .any(|l| l == format!("{name}_bucket{{le=\"+Inf\"}} 0")));
     }
 
     #[test]

@@ -519,6 +519,9 @@ fn the_metrics_endpoint_serves_the_documented_series() {
         "bgswitch_interface_attachment{interface=\"lbc\",mode=\"tc\",reason=\"auto: a virtual device",
         "\nbgswitch_flow_table_scans_total ",
         "bgswitch_transition_disagreeing_connections{service=\"web\"} 0",
+        // The shift was made durable once.
+        "\nbgswitch_durable_write_duration_seconds_count 1\n",
+        "\nbgswitch_durable_write_duration_seconds_bucket{le=\"+Inf\"} 1\n",
         "# TYPE bgswitch_packets counter",
         "# EOF",
     ] {
@@ -551,6 +554,11 @@ fn the_metrics_endpoint_serves_the_documented_series() {
             "dashboard queries {n}, which /metrics does not serve"
         );
     }
+    let st = sw.cli_ok(&["status"]).unwrap();
+    assert!(
+        st.contains("durable writes: 1 change made durable in "),
+        "{st}"
+    );
     let nf = http_get(topo.lb_ns(), addr, "/other").unwrap();
     assert_eq!(nf.status, 404);
 }

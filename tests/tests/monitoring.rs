@@ -46,7 +46,7 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     let out = promtool(&["check", "rules", "prometheus-rules.yml"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 7 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 8 rules found"),
         "{out:?}"
     );
     let out = promtool(&["test", "rules", "prometheus-rules.test.yml"], None);

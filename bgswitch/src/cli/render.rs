@@ -361,6 +361,16 @@ pub fn render_status(s: &Status) -> String {
             }
         );
     }
+    let w = &s.durable_writes;
+    if let (Some(mean), Some(last)) = (w.mean_seconds(), w.last_seconds) {
+        out += &format!(
+            "durable writes: {} change{} made durable in {:.2} ms on average, the last in {:.2} ms\n",
+            w.count,
+            if w.count == 1 { "" } else { "s" },
+            mean * 1e3,
+            last * 1e3
+        );
+    }
     out += if s.backend_hops {
         "next hops: new IPv4 flows take their backend's (the routing rules select by destination)\n"
     } else {

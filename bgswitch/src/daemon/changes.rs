@@ -384,6 +384,7 @@ impl Daemon {
             return Response::error(format!("no service named '{service}'"));
         };
         let id = after.id;
+        let started = std::time::Instant::now();
         let recorded = if change.local {
             self.store.record_local(service, &change, &after)
         } else {
@@ -402,6 +403,7 @@ impl Daemon {
         if let Err(e) = recorded {
             return Response::error(format!("{e}; nothing changed"));
         }
+        self.durable_writes.observe(started.elapsed());
         if let Some(d) = *FAULT_DELAY_COMMIT {
             // Fault injection for tests: widen the window between the durable
             // write and the data plane, where a crash must not split a change.

@@ -416,6 +416,7 @@ impl Daemon {
             scan_running: false,
             scan_waiting: Vec::new(),
             rules_by_destination: false,
+            durable_writes: Default::default(),
             transition_scan_at: None,
             pressure: Default::default(),
             checks: Default::default(),

@@ -197,6 +197,7 @@ impl Daemon {
             pid: std::process::id(),
             fleet: self.store.fleet_local(),
             unserved,
+            durable_writes: self.durable_writes.clone(),
         })
     }
 }
