@@ -57,10 +57,22 @@ fn ms(ns: u64) -> f64 {
 }
 
 /// Flips one system `opts.flips` times under load.
+/// The mean of the durable writes bgswitch's daemon made between two
+/// reads of its account, in ms (None for the peers).
+fn durable_mean_ms(
+    before: Option<bgswitch::api::DurableWrites>,
+    after: Option<bgswitch::api::DurableWrites>,
+) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    let n = a.count.checked_sub(b.count).filter(|&n| n > 0)?;
+    Some((a.sum_seconds - b.sum_seconds) / n as f64 * 1e3)
+}
+
 pub fn measure(sys_: &mut System, opts: &FlipOptions) -> Result<Value> {
     let cli = sys_.topo.client_ns().to_string();
     let load = Load::start(&cli, vip(), opts.keepalive)?;
     std::thread::sleep(Duration::from_millis(300));
+    let writes_before = sys_.durable_writes();
     let mut flips: Vec<(Colour, FlipTiming)> = Vec::with_capacity(opts.flips);
     let mut error = None;
     for _ in 0..opts.flips {
@@ -74,6 +86,7 @@ pub fn measure(sys_: &mut System, opts: &FlipOptions) -> Result<Value> {
         }
         std::thread::sleep(opts.gap);
     }
+    let durable_ms = durable_mean_ms(writes_before, sys_.durable_writes());
     std::thread::sleep(Duration::from_millis(200));
     let ka_requests = load.ka_requests.load(std::sync::atomic::Ordering::Relaxed);
     let ka_failures = load.ka_failures.load(std::sync::atomic::Ordering::Relaxed);
@@ -151,6 +164,7 @@ pub fn measure(sys_: &mut System, opts: &FlipOptions) -> Result<Value> {
         "keepalive_failures": ka_failures,
         "failed_requests": probe_failures + ka_failures,
         "first_error": first_error,
+        "durable_write_mean_ms": durable_ms,
     }))
 }
 
@@ -158,6 +172,7 @@ pub fn measure(sys_: &mut System, opts: &FlipOptions) -> Result<Value> {
 pub fn measure_idle(sys_: &mut System, flips: usize) -> Result<Value> {
     let mut command = Vec::new();
     let mut applied = Vec::new();
+    let writes_before = sys_.durable_writes();
     for _ in 0..flips {
         let to = sys_.active().other();
         let t = sys_.flip(to)?;
@@ -173,6 +188,7 @@ pub fn measure_idle(sys_: &mut System, flips: usize) -> Result<Value> {
         "flips": flips,
         "command_ms": Summary::of(&command),
         "applied_ms": Summary::of(&applied),
+        "durable_write_mean_ms": durable_mean_ms(writes_before, sys_.durable_writes()),
     }))
 }
 

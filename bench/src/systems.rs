@@ -220,6 +220,18 @@ impl System {
         self.active
     }
 
+    /// bgswitch's own account of its durable writes (its status), for
+    /// the flips between two reads; None for the peers.
+    pub fn durable_writes(&self) -> Option<bgswitch::api::DurableWrites> {
+        let sw = self.switcher.as_ref()?;
+        let r = bgswitch::cli::call(
+            &sw.socket(),
+            &bgswitch::api::Request::Status { service: None },
+        )
+        .ok()?;
+        Some(r.status?.durable_writes)
+    }
+
     /// Switches new flows to `to`, timing the whole command.
     pub fn flip(&mut self, to: Colour) -> Result<FlipTiming> {
         let t = match self.kind {
