@@ -3151,13 +3151,7 @@ fn the_programs_load_with_verifier_headroom_at_every_table_size() {
             1 << 21,
         ] {
             let mut fx = Fixture::with_max_flows(max_flows);
-            let syn = frame(
-                SocketAddrV4::new(CLIENT, 40000),
-                SocketAddrV4::new(VIP, 80),
-                L4::Syn,
-                64,
-                b"",
-            );
+            let syn = client_syn();
             fx.dp
                 .test_run(&syn, None, 1)
                 .expect("the XDP program loads");
@@ -3190,14 +3184,7 @@ fn the_flow_caches_are_page_aligned_so_a_slot_is_one_cache_line() {
     const BPF_F_MMAPABLE: u32 = 1 << 10;
     in_scratch_ns(|_| {
         let mut fx = Fixture::new();
-        let syn = frame(
-            SocketAddrV4::new(CLIENT, 40000),
-            SocketAddrV4::new(VIP, 80),
-            L4::Syn,
-            64,
-            b"",
-        );
-        fx.dp.test_run(&syn, None, 1).unwrap();
+        fx.dp.test_run(&client_syn(), None, 1).unwrap();
         for name in [
             bgswitch_common::maps::FLOW_CACHE,
             bgswitch_common::maps::FLOW_CACHE6,
@@ -3211,4 +3198,15 @@ fn the_flow_caches_are_page_aligned_so_a_slot_is_one_cache_line() {
             );
         }
     });
+}
+
+/// A client's SYN to the VIP's port 80: what loads the programs.
+fn client_syn() -> Vec<u8> {
+    frame(
+        SocketAddrV4::new(CLIENT, 40000),
+        SocketAddrV4::new(VIP, 80),
+        L4::Syn,
+        64,
+        b"",
+    )
 }
