@@ -43,9 +43,10 @@ pub static FLOW_GEN: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// Memory-mapped for its alignment, not for userspace: the kernel puts a
 /// mappable array's first value on a page boundary, a plain one's right
 /// after its header (312 B into a page-aligned allocation on Linux 6.18,
-/// 56 mod 64), where every 64-B slot would straddle two cache lines — a cold
-/// slot, two misses (with 10 000 flows, 24 ns more per packet than one flow
-/// against 12 ns aligned).
+/// 56 mod 64), where every 64-B slot straddles two cache lines: a slot is
+/// one line instead of two, and 10 000 flows' slots half the lines. No
+/// change in the forwarding rate was measured (the two lines of a straddling
+/// slot are adjacent and missed together; see bench/RESULTS.md).
 #[map]
 pub static FLOW_CACHE: Array<CachedFlow> =
     Array::with_max_entries(FLOW_CACHE_SLOTS, BPF_F_MMAPABLE);

@@ -219,15 +219,15 @@ below).
 `FLOWS` buckets, are spread over memory that misses the CPU caches and (in this VM, with nested
 paging) the TLB: in a profile of the 10 000-flow pipeline nearly all of the program's time over
 the 1-flow case sits on one instruction, the load of the slot's key (one cold line per packet,
-the generator cycling through the flows). It was two lines until this round: a plain BPF array
-keeps its values right after its 312-B header, 56 bytes into a cache line, so each 64-B slot
-straddled two lines, and a cold slot missed twice. The cache is now created memory-mapped
-(`BPF_F_MMAPABLE`), for which the kernel puts the first value on a page boundary (the
-half-open table had been made so for its buckets already): ten interleaved rounds of
-`--spin-fwd bgswitch:10000` and `bgswitch:1` per build took 10 000 flows from 23.9 ns to
-11.6 ns per packet over one flow (median), 8.18 → 8.70 Mpps; in this run
-{table_10k_over_1} ns. The IPv6 cache's 96-B slots span two lines either way (no change
-measured). Beyond 65 536 flows per CPU most packets take the
+the generator cycling through the flows); {table_10k_over_1} ns per packet in this run. A
+plain BPF array keeps its values right after its 312-B header, 56 bytes into a cache line, so
+each 64-B slot straddled two lines; the cache is now created memory-mapped (`BPF_F_MMAPABLE`),
+for which the kernel puts the first value on a page boundary (as the half-open table's buckets
+were already), so a slot is one line. It did not measurably move the rate: a first A/B (ten
+interleaved rounds of `--spin-fwd bgswitch:10000` and `bgswitch:1` per build) gave 23.9 → 11.6 ns
+per packet for 10 000 flows over one, but a second (six rounds, the old build and two aligned
+ones) gave 11.6–23.9 ns old against 9.7–21.9 and 10.8–31.5 ns aligned: the two adjacent
+lines of a straddling slot were missed together, at about the cost of one. It is kept (half the lines for the same flows, never more work). Beyond 65 536 flows per CPU most packets take the
 `FLOWS` path and refill a slot. Cost is therefore not flat from 1 to 1 000 000 flows (part 5); the bucket walk of a large
 `FLOWS` table (`lookup_nulls_elem_raw`, 34–41 % of CPU samples with 10 000 or more flows in the
 previous round's profile) is the dominant cost at that end. Size `max_flows` to the expected
