@@ -227,7 +227,17 @@ were already), so a slot is one line. It did not measurably move the rate: a fir
 interleaved rounds of `--spin-fwd bgswitch:10000` and `bgswitch:1` per build) gave 23.9 → 11.6 ns
 per packet for 10 000 flows over one, but a second (six rounds, the old build and two aligned
 ones) gave 11.6–23.9 ns old against 9.7–21.9 and 10.8–31.5 ns aligned: the two adjacent
-lines of a straddling slot were missed together, at about the cost of one. It is kept (half the lines for the same flows, never more work). Beyond 65 536 flows per CPU most packets take the
+lines of a straddling slot were missed together, at about the cost of one. It is kept (half the lines for the same flows, never more work).
+What the cold slot costs is its page more than its line: a sweep of the flow count
+(`--spin-fwd bgswitch:N`, three interleaved rounds, ns per packet over one flow, medians)
+gave 100 flows −2, 300 flows 18.6, 1 000 flows 21.2, 3 000 flows 14.4, 10 000 flows 23.8 and
+30 000 flows 23.8: the cost is there in full at 300 flows, whose slots (19 KB) fit the L1 data
+cache but lie on about 300 different 4-KiB pages of the 4-MiB region. BPF maps larger than
+32 KB are vmalloc'd in 4-KiB pages (no huge mapping; the kernel's own direct map here is in
+1-GiB pages), and in this VM every TLB miss is a nested page walk. Packing the live flows into
+fewer pages would need fewer slots (a direct-mapped cache of 10 000 flows in 16 384 slots
+leaves 46 % of them sharing a slot, each packet of theirs a miss) or huge pages, which no BPF map gets;
+aya has no map-of-maps (whose small inner arrays would be kmalloc'd in the direct map). Beyond 65 536 flows per CPU most packets take the
 `FLOWS` path and refill a slot. Cost is therefore not flat from 1 to 1 000 000 flows (part 5); the bucket walk of a large
 `FLOWS` table (`lookup_nulls_elem_raw`, 34–41 % of CPU samples with 10 000 or more flows in the
 previous round's profile) is the dominant cost at that end. Size `max_flows` to the expected
