@@ -79,21 +79,6 @@ struct Translation {
     bport: u16,
 }
 
-/// Whether an IPv4 or IPv6 frame (EtherType checked by the caller) is an
-/// ICMP message: the program hands those to [`run_icmp`].
-#[inline(always)]
-pub fn is_icmp<C: Packet>(ctx: &C, v6: bool) -> bool {
-    // The protocol byte: IPv4's at 9, IPv6's next header at 6 (an ICMPv6
-    // message behind extension headers passes untouched).
-    let off = IP_OFF + if v6 { 6 } else { 9 };
-    let want = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
-    match ptr_at::<_, u8>(ctx, off) {
-        // SAFETY: bounds-checked by ptr_at.
-        Some(p) => (unsafe { *p }) == want,
-        None => false,
-    }
-}
-
 /// An ICMP frame: a translated error is forwarded, everything else passes
 /// untouched (counted as not a service's).
 #[inline(always)]

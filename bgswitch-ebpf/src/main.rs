@@ -87,15 +87,14 @@ fn logged<C: Packet>(ctx: &C, action: u32) -> u32 {
     }
 }
 
-/// The IPv6 programs' path: ICMPv6 to the ICMP program, the rest parsed
-/// (extension headers walked), then `path::handle6`.
+/// The IPv6 programs' path: parsed (extension headers walked), then
+/// `path::handle6`; ICMPv6 to the ICMP program (found by the parse, not by
+/// a read of its own before it).
 #[inline(always)]
 fn run6<C: Packet>(ctx: &C) -> u32 {
-    if icmp::is_icmp(ctx, true) {
-        return tail(ctx, tail::ICMP);
-    }
     let frame = match parse::parse6(ctx) {
         Ok(f) => f,
+        Err(Skip::Icmp) => return tail(ctx, tail::ICMP),
         Err(skip) => return skipped::<C>(skip),
     };
     logged(ctx, path::handle6(ctx, &frame))

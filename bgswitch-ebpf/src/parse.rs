@@ -1,7 +1,7 @@
 //! Bounds-checked header access and the parse of one frame into what the
 //! rest of the program needs. Nothing here writes to the packet.
 
-use bgswitch_common::{FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use bgswitch_common::{FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -28,7 +28,8 @@ pub enum Skip {
     Malformed,
     /// IPv6: for the IPv6 program (`parse6`).
     Ipv6,
-    /// ICMP (IPv4 here): for the ICMP program.
+    /// ICMP (IPv4), or ICMPv6 right after the IPv6 header: for the ICMP
+    /// program.
     Icmp,
 }
 
@@ -252,6 +253,9 @@ pub fn parse6<C: Packet>(ctx: &C) -> Result<Frame, Skip> {
                 }
             }
             IPV6_FRAGMENT => return Err(Skip::Fragment),
+            // ICMPv6 right after the fixed header: for the ICMP program (one
+            // behind extension headers passes untouched).
+            PROTO_ICMPV6 if l4 == first => return Err(Skip::Icmp),
             _ => return Err(Skip::NotTcpUdp),
         }
     }
