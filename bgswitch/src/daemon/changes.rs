@@ -12,7 +12,7 @@ use crate::{
     dataplane,
     health::Health,
     model::{self, Colour, DesiredState, FlipGuards, FlipOutcome},
-    state::{ExternalChange, HistoryReader},
+    state::{DesiredStore, ExternalChange, HistoryReader, StateError},
 };
 
 /// Fault injection (tests only): `BGSWITCH_FAULT_DELAY_COMMIT_MS` makes every
@@ -370,6 +370,20 @@ impl Daemon {
         self.change(service, |s| s.undo(service, &req))
     }
 
+    /// A record made durable by the store (`f`), its time kept in the
+    /// durable writes' account when it succeeds.
+    pub(super) fn durably<T>(
+        &mut self,
+        f: impl FnOnce(&mut dyn DesiredStore) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let started = std::time::Instant::now();
+        let r = f(self.store.as_mut());
+        if r.is_ok() {
+            self.durable_writes.observe(started.elapsed());
+        }
+        r
+    }
+
     /// Journals the change with the service's new state (durable once that
     /// line is), then moves the data plane; the snapshot follows on a tick.
     /// `next` holds the changed service (see `scratch`).
@@ -384,26 +398,25 @@ impl Daemon {
             return Response::error(format!("no service named '{service}'"));
         };
         let id = after.id;
-        let started = std::time::Instant::now();
-        let recorded = if change.local {
-            self.store.record_local(service, &change, &after)
-        } else {
-            match self.store.record(service, &change, &after) {
+        let recorded = self.durably(|store| {
+            if change.local {
+                return store.record_local(service, &change, &after);
+            }
+            match store.record(service, &change, &after) {
                 // A rollback never waits for a quorum: the daemon's own
                 // goes ahead on this host alone while etcd does not answer.
                 Err(e) if e.unreachable() && change.kind == model::ChangeKind::AutoRollback => {
                     log::warn!("{service}: {e}: rolling back on this host alone");
                     let mut change = change.clone();
                     change.local = true;
-                    self.store.record_local(service, &change, &after)
+                    store.record_local(service, &change, &after)
                 }
                 r => r,
             }
-        };
+        });
         if let Err(e) = recorded {
             return Response::error(format!("{e}; nothing changed"));
         }
-        self.durable_writes.observe(started.elapsed());
         if let Some(d) = *FAULT_DELAY_COMMIT {
             // Fault injection for tests: widen the window between the durable
             // write and the data plane, where a crash must not split a change.
@@ -550,7 +563,7 @@ impl Daemon {
                 ));
                 change.local = false;
                 mine.history = vec![change.clone()];
-                match self.store.record(&ext.service, &change, &mine) {
+                match self.durably(|store| store.record(&ext.service, &change, &mine)) {
                     Ok(()) => {
                         log::warn!(
                             "fleet: {}: the change made on this host alone ({}) is now the fleet's (generation {} → {})",

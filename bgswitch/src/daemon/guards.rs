@@ -188,7 +188,7 @@ impl Daemon {
         let Some(after) = next.services.remove(name) else {
             return;
         };
-        if let Err(e) = self.store.record(name, &change, &after) {
+        if let Err(e) = self.durably(|store| store.record(name, &change, &after)) {
             log::error!(
                 "{name}: journalling \"{}\": {e}; ended in memory only (a restart would end it again)",
                 change.kind

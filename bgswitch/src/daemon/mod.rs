@@ -77,7 +77,7 @@ pub struct Daemon {
     transition_scan_at: Option<std::time::Instant>,
     /// The flow-table counters as last read (`pressure`).
     pressure: pressure::Pressure,
-    /// How long each change took to become durable (`commit`).
+    /// How long each change took to become durable (`Daemon::durably`).
     durable_writes: crate::api::DurableWrites,
     /// The user's checks: runs under way, last results (`gates`).
     checks: gates::CheckBook,
