@@ -317,6 +317,41 @@ fn echo_to_a_vip_goes_to_the_stack_unchanged() {
     });
 }
 
+/// An ICMPv6 error about a switched flow is translated only right after the
+/// IPv6 header (the parse finds it there and hands it to the ICMP program);
+/// behind an extension header (here 8 bytes of destination options) it
+/// passes untouched, as every ICMPv6 message there does.
+#[test]
+fn an_icmpv6_error_behind_an_extension_header_passes_untouched() {
+    in_scratch_ns(|| {
+        let n = v6();
+        let mut dp = load();
+        for prog in [Program::Xdp, Program::Tc] {
+            let syn = tcp(n.client, n.vip, false);
+            let (_, to_backend) = run(&mut dp, prog, &syn);
+            let plain = error(n.backend.ip(), n.client.ip(), ip(&to_backend), false);
+            // Next header 60 (destination options) in the IPv6 header, the
+            // options header (next header 58, length 0: 8 bytes, a PadN of
+            // four) before the ICMPv6 message, the payload length 8 more.
+            // The ICMPv6 checksum's pseudo-header is the same.
+            let mut behind = plain[..14 + 40].to_vec();
+            behind[14 + 6] = 60;
+            let len = u16::from_be_bytes([behind[14 + 4], behind[14 + 5]]) + 8;
+            behind[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+            behind.extend_from_slice(&[58, 0, 1, 4, 0, 0, 0, 0]);
+            behind.extend_from_slice(&plain[14 + 40..]);
+            let before = counter(&dp, "icmp_translated");
+            let (action, out) = run(&mut dp, prog, &behind);
+            assert_eq!(action, prog.pass(), "{prog:?}");
+            assert_eq!(out, behind, "{prog:?}: untouched");
+            assert_eq!(counter(&dp, "icmp_translated"), before, "{prog:?}");
+            let (_, out) = run(&mut dp, prog, &plain);
+            assert_ne!(out, plain, "{prog:?}: right after the header, translated");
+            assert_eq!(counter(&dp, "icmp_translated"), before + 1, "{prog:?}");
+        }
+    });
+}
+
 /// The expected error for a packet too big for the next hop: from the VIP
 /// (IPv4 without DF, as the program builds it), to `to`, quoting the first
 /// 504 bytes of what the sender sent, TTL or hop limit 63 (forwarded once),
