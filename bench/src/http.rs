@@ -189,18 +189,24 @@ pub fn run(o: &HttpOptions) -> Result<Value> {
     }
     let script = paced_script(o.paced_gap_ms)?;
     let mut res: Vec<[Vec<Wrk>; 3]> = systems.iter().map(|_| Default::default()).collect();
-    for round in 0..o.rounds {
-        for k in 0..systems.len() {
-            let i = (k + round) % systems.len();
-            for (m, mode) in Mode::ALL.into_iter().enumerate() {
-                let w = wrk(&systems[i], o, mode, &script)
-                    .with_context(|| format!("wrk against {}", systems[i].kind.label()))?;
-                res[i][m].push(w);
-                std::thread::sleep(Duration::from_millis(500));
+    let ran = (|| -> Result<()> {
+        for round in 0..o.rounds {
+            for k in 0..systems.len() {
+                let i = (k + round) % systems.len();
+                for (m, mode) in Mode::ALL.into_iter().enumerate() {
+                    let w = wrk(&systems[i], o, mode, &script)
+                        .with_context(|| format!("wrk against {}", systems[i].kind.label()))?;
+                    res[i][m].push(w);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
             }
+            eprintln!("bench: http: round {} of {} done", round + 1, o.rounds);
         }
-        eprintln!("bench: http: round {} of {} done", round + 1, o.rounds);
-    }
+        Ok(())
+    })();
+    // The script goes whether the runs did or not.
+    let _ = std::fs::remove_file(&script);
+    ran?;
     let mut out = skipped;
     for (i, s) in systems.iter().enumerate() {
         let summary = |m: usize| {
@@ -220,7 +226,6 @@ pub fn run(o: &HttpOptions) -> Result<Value> {
         }
         out.insert(s.kind.key().into(), v);
     }
-    let _ = std::fs::remove_file(&script);
     Ok(json!({
         "method": format!("wrk -t{} -c{} -d{}s --latency (new connection per request: -H 'Connection: close'; paced keep-alive: -c{} with a script whose delay() makes each connection wait {} ms after an answer before its next request, the same offered load for every system, below saturation) from the client namespace to VIP:8080; {} interleaved rounds; medians over rounds (requests/s with min–max)", o.threads, o.connections, o.seconds, o.paced_connections, o.paced_gap_ms, o.rounds),
         "backends": "4 (2 blue, 2 green) HTTP servers of the test bed, thread per connection; only blue serves",

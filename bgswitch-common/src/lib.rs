@@ -61,6 +61,13 @@ pub const BLUE: u32 = 0;
 pub const GREEN: u32 = 1;
 
 /// Map names, shared so userspace can find, size and pin them.
+/// `BPF_F_MMAPABLE`, a map flag: userspace may map the array (`CONTROL`:
+/// a flip is one aligned 32-bit store through the mapping, where a map
+/// update is a memcpy of unspecified width), and the kernel puts its first
+/// value on a page boundary (the flow caches and half-open tables are made
+/// so for that: every slot or bucket then starts a cache line).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const CONTROL: &str = "CONTROL";

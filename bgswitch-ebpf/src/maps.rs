@@ -6,7 +6,6 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
-use bgswitch_common::tail;
 use bgswitch_common::{
     global, Backend, BackendHop, BackendStats, CachedFlow, CachedFlow6, ColourStats, Event,
     FlowEntry, FlowEntry6, FlowKey, FlowKey4, HalfOpen4, HalfOpen6, PreviewKey, ReplySource,
@@ -14,15 +13,11 @@ use bgswitch_common::{
     DEFAULT_MAX_FLOWS, FLOW_CACHE_SLOTS, MAX_INTERFACES, MAX_PREVIEW_PREFIXES, MAX_SERVICES,
     POOL_SLOTS,
 };
+use bgswitch_common::{tail, BPF_F_MMAPABLE};
 
 /// Virtual address → service id.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
-
-/// `BPF_F_MMAPABLE`: userspace maps this array (`CONTROL`: it flips with one
-/// aligned 32-bit store; a map update is a memcpy of unspecified width), or
-/// its values must start on a page (and so cache-line) boundary.
-const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Per-service control word (see `bgswitch_common::control`).
 #[map]

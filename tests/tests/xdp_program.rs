@@ -3181,7 +3181,7 @@ fn the_programs_load_with_verifier_headroom_at_every_table_size() {
 /// cold lines to read instead of one.
 #[test]
 fn the_flow_caches_are_page_aligned_so_a_slot_is_one_cache_line() {
-    const BPF_F_MMAPABLE: u32 = 1 << 10;
+    use bgswitch_common::BPF_F_MMAPABLE;
     in_scratch_ns(|_| {
         let mut fx = Fixture::new();
         fx.dp.test_run(&client_syn(), None, 1).unwrap();

@@ -74,7 +74,7 @@ use flow_gen::GenCounter;
 use hook::Held;
 use mapped::MappedArray;
 
-const BPF_F_MMAPABLE: u32 = 1 << 10;
+use bgswitch_common::BPF_F_MMAPABLE;
 
 /// Errors of the data plane, each naming what failed and on which object.
 #[derive(Debug, thiserror::Error)]
